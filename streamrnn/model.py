@@ -1,0 +1,270 @@
+"""A loaded streamrnn model: ``initial_state`` and a pure ``step``.
+
+>>> import numpy as np, streamrnn
+>>> m = streamrnn.load(streamrnn.DEFAULT_MODEL)
+>>> state = m.initial_state(batch=2)
+>>> out, state = m.step(np.array([[72, 105], [84, 111]]), state)   # B=2, T=2
+>>> out["logprobs"].shape
+(2, 2, 256)
+>>> state["h"].shape == (m.spec.layers, 2, m.spec.hidden)
+True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputError, ModelLoadError, StateError
+from .runtime import CUDA, ProviderArg, SessionConfig, create_session
+from .spec import SPEC_KEY, ModelSpec
+
+class State:
+    """Recurrent state of B sequences: one tensor per spec state, ``[layers, B, hidden]``.
+
+    For an LSTM ``state["h"]`` and ``state["c"]``; ``tuple(state)`` gives them in
+    spec order. On the CUDA provider the tensors are ``OrtValue``s that stay on the
+    device between steps; :meth:`numpy` copies them to the host. A State is never
+    modified in place.
+    """
+
+    __slots__ = ("_t", "_names")
+
+    def __init__(self, tensors: Mapping[str, Any], names: Sequence[str]):
+        self._t = dict(tensors)
+        self._names = tuple(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        v = self._t[name]
+        return v if isinstance(v, np.ndarray) else v.numpy()
+
+    def __iter__(self):
+        return (self[n] for n in self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def raw(self, name: str) -> Any:
+        """The stored tensor, a numpy array or a device ``OrtValue``, without copying."""
+        return self._t[name]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._names
+
+    @property
+    def on_device(self) -> bool:
+        return any(not isinstance(v, np.ndarray) for v in self._t.values())
+
+    @property
+    def batch(self) -> int:
+        v = self._t[self._names[0]]
+        return int(v.shape[1] if isinstance(v, np.ndarray) else v.shape()[1])
+
+    def numpy(self) -> State:
+        """A host copy (numpy arrays)."""
+        return State({n: np.array(self[n]) for n in self._names}, self._names)
+
+    def __repr__(self) -> str:
+        where = "device" if self.on_device else "host"
+        return f"State({', '.join(self._names)}; batch={self.batch}; {where})"
+
+
+class Model:
+    """A streamrnn ONNX model on an ONNX Runtime session. Create with :func:`load`.
+
+    Thread-safe: ``step`` keeps no state of its own, and ONNX Runtime allows
+    concurrent ``run`` calls on one session.
+    """
+
+    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, *, source: str = "model"):
+        self.session = session
+        self.spec = spec
+        self.source = source
+        self.provider = session.get_providers()[0]
+        self._state_names = tuple(s.name for s in spec.state)
+        self._state_outputs = [s.output for s in spec.state]
+        self._task_outputs = [o.name for o in spec.outputs]
+        self._output_names = self._task_outputs + self._state_outputs
+        self._tokens = spec.input.kind == "tokens"
+        self._vocab = spec.input.vocab_size
+        self._nfeat = spec.input.n_features
+        self._shape_tail = tuple(int(d) for d in spec.state[0].shape[2:])
+        self._layers = int(spec.state[0].shape[0])
+        self._check_graph()
+
+    def _check_graph(self) -> None:
+        want = {"x", self.spec.lengths_input, *self._state_names}
+        got = {i.name for i in self.session.get_inputs()}
+        if want != got:
+            raise ModelLoadError(f"{self.source}: graph inputs: expected {sorted(want)} (from its spec), got {sorted(got)}")
+        want_out = set(self._output_names)
+        got_out = {o.name for o in self.session.get_outputs()}
+        if want_out != got_out:
+            raise ModelLoadError(f"{self.source}: graph outputs: expected {sorted(want_out)}, got {sorted(got_out)}")
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return f"Model({s.name} v{s.version}: {s.layers}x{s.hidden} {s.cell}, task={s.task}, provider={self.provider})"
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA
+
+    # -- state -----------------------------------------------------------------
+    def initial_state(self, batch: int = 1) -> State:
+        """Zero state for ``batch`` sequences: each tensor ``[layers, batch, hidden]``."""
+        if not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise InputError(f"initial_state: batch: expected an int >= 1, got {batch!r}")
+        z = {n: np.zeros((self._layers, int(batch), *self._shape_tail), np.float32) for n in self._state_names}
+        return State(z, self._state_names)
+
+    def as_state(self, state: Any, batch: int | None = None) -> State:
+        """Validate and wrap ``state`` (a State, a dict by name, or a tuple in spec order)."""
+        if isinstance(state, State):
+            tensors = {n: state.raw(n) for n in state.names}
+        elif isinstance(state, Mapping):
+            tensors = dict(state)
+        elif isinstance(state, (tuple, list)):
+            if len(state) != len(self._state_names):
+                raise StateError(f"{self.source}: state: expected {len(self._state_names)} tensors "
+                                 f"{self._state_names}, got {len(state)}")
+            tensors = dict(zip(self._state_names, state, strict=True))
+        else:
+            raise StateError(f"{self.source}: state: expected a State, dict or tuple of arrays, got {type(state).__name__}")
+        if set(tensors) != set(self._state_names):
+            raise StateError(f"{self.source}: state names: expected {list(self._state_names)}, got {sorted(tensors)}")
+        out = {}
+        for n in self._state_names:
+            v = tensors[n]
+            if isinstance(v, ort.OrtValue):
+                shape, dtype = tuple(v.shape()), v.data_type()
+                ok_dtype = dtype == "tensor(float)"
+            else:
+                v = np.ascontiguousarray(v)
+                shape, dtype = v.shape, v.dtype
+                ok_dtype = dtype == np.float32
+            b = batch if batch is not None else (shape[1] if len(shape) == 3 else -1)
+            want = (self._layers, b, *self._shape_tail)
+            if tuple(shape) != want:
+                raise StateError(f"{self.source}: state '{n}' shape: expected {list(want)} "
+                                 f"[layers, batch, hidden], got {list(shape)}")
+            if not ok_dtype:
+                raise StateError(f"{self.source}: state '{n}' dtype: expected float32, got {dtype}")
+            out[n] = v
+        return State(out, self._state_names)
+
+    # -- inputs ----------------------------------------------------------------
+    def check_x(self, x: Any) -> np.ndarray:
+        """Validate ``x`` and return it as a contiguous int64 ``[B, T]`` / float32 ``[B, T, F]`` array."""
+        x = np.asarray(x)
+        if self._tokens:
+            if x.dtype.kind not in "iu":
+                raise InputError(f"{self.source}: x dtype: expected integer tokens, got {x.dtype}")
+            if x.ndim != 2:
+                raise InputError(f"{self.source}: x rank: expected 2 [batch, time], got shape {list(x.shape)}")
+            if x.size and (x.min() < 0 or x.max() >= self._vocab):
+                bad = x[(x < 0) | (x >= self._vocab)].ravel()[0]
+                raise InputError(f"{self.source}: x token: expected 0 <= token < {self._vocab}, got {int(bad)}")
+            x = np.ascontiguousarray(x, dtype=np.int64)
+        else:
+            if x.dtype.kind != "f":
+                raise InputError(f"{self.source}: x dtype: expected float features, got {x.dtype}")
+            if x.ndim != 3 or x.shape[2] != self._nfeat:
+                raise InputError(f"{self.source}: x shape: expected [batch, time, {self._nfeat}], got {list(x.shape)}")
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if not np.isfinite(x).all():
+                b, t, f = np.argwhere(~np.isfinite(x))[0]
+                name = self.spec.input.feature_names[f] if self.spec.input.feature_names else f"#{f}"
+                raise InputError(f"{self.source}: x feature {name} at [{b}, {t}]: expected a finite number, "
+                                 f"got {x[b, t, f]}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise InputError(f"{self.source}: x shape: expected batch >= 1 and time >= 1, got {list(x.shape)}")
+        return x
+
+    def _lengths(self, lengths: Any, B: int, T: int) -> np.ndarray:
+        if lengths is None:
+            return np.full(B, T, np.int32)
+        lengths = np.asarray(lengths)
+        if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+            raise InputError(f"{self.source}: lengths: expected int [{B}], got {lengths.dtype} {list(lengths.shape)}")
+        if lengths.min() < 1 or lengths.max() > T:
+            raise InputError(f"{self.source}: lengths: expected values in 1..{T}, got "
+                             f"{int(lengths.min())}..{int(lengths.max())}")
+        return lengths.astype(np.int32, copy=False)
+
+    # -- running ---------------------------------------------------------------
+    def step(self, x: Any, state: Any = None, *, lengths: Any = None) -> tuple[dict[str, np.ndarray], State]:
+        """Advance B independent sequences by T steps.
+
+        Args:
+          x: int tokens ``[B, T]`` or float features ``[B, T, F]``.
+          state: the state before ``x`` (``[layers, B, hidden]`` tensors); None means
+            :meth:`initial_state`. It is not modified.
+          lengths: optional int ``[B]``, valid steps per row (rows right-padded). Each
+            row's new state is taken after its own last valid step; outputs past it
+            are padding.
+
+        Returns:
+          ``(outputs, new_state)``: outputs maps each task output name (e.g.
+          ``"logprobs"``) to a ``[B, T, ...]`` array.
+        """
+        x = self.check_x(x)
+        B, T = x.shape[:2]
+        st = self.initial_state(B) if state is None else self.as_state(state, B)
+        lens = self._lengths(lengths, B, T)
+        if self.on_cuda:
+            return self._step_iobinding(x, lens, st)
+        return self.run_unchecked(x, lens, st)
+
+    def run_unchecked(self, x: np.ndarray, lengths: np.ndarray, state: State) -> tuple[dict[str, np.ndarray], State]:
+        """``step`` without validation, for callers that validated already (host state only)."""
+        feeds = {"x": x, self.spec.lengths_input: lengths}
+        for n in self._state_names:
+            feeds[n] = state.raw(n)
+        res = self.session.run(self._output_names, feeds)
+        k = len(self._task_outputs)
+        return dict(zip(self._task_outputs, res[:k], strict=True)), State(
+            dict(zip(self._state_names, res[k:], strict=True)), self._state_names)
+
+    def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State):
+        """CUDA path: the state stays on the device; only task outputs come to the host."""
+        io = self.session.io_binding()
+        io.bind_cpu_input("x", x)
+        io.bind_cpu_input(self.spec.lengths_input, lengths)
+        for n, out in zip(self._state_names, self._state_outputs, strict=True):
+            v = state.raw(n)
+            if isinstance(v, ort.OrtValue):
+                io.bind_ortvalue_input(n, v)
+            else:
+                io.bind_cpu_input(n, np.ascontiguousarray(v))
+            io.bind_output(out, "cuda")
+        for name in self._task_outputs:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        vals = io.get_outputs()
+        k = len(self._task_outputs)
+        outputs = {n: vals[i].numpy() for i, n in enumerate(self._task_outputs)}
+        return outputs, State(dict(zip(self._state_names, vals[k:], strict=True)), self._state_names)
+
+
+def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
+         session_config: SessionConfig | None = None) -> Model:
+    """Load a streamrnn ONNX model.
+
+    ``providers="auto"`` picks CUDA when it really loads, else the CPU (one log line
+    says which); an explicit list such as ``["CPUExecutionProvider"]`` is honoured.
+    Raises :class:`~streamrnn.errors.ModelLoadError` for a missing or corrupt file or
+    a file without a streamrnn spec.
+    """
+    source = os.fspath(path)
+    sess = create_session(source, providers, session_config, what=source)
+    meta = sess.get_modelmeta().custom_metadata_map
+    if SPEC_KEY not in meta:
+        raise ModelLoadError(f"{source}: metadata: expected key '{SPEC_KEY}' (a streamrnn model), "
+                             f"got keys {sorted(meta)}")
+    return Model(sess, ModelSpec.from_json(meta[SPEC_KEY], source=source), source=source)

@@ -1,0 +1,217 @@
+"""Train a byte-level language model with truncated BPTT, carrying state.
+
+The training text (UTF-8 bytes, vocab 256) is cut into ``batch`` contiguous
+streams. Each step feeds the next ``bptt`` bytes of every stream and starts
+from the state the previous step ended with (detached), the way the model is
+used online. Every epoch shifts the streams by a seeded random offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .nets import NetConfig, RecurrentNet
+
+
+@dataclass
+class LMTrainConfig:
+    """Settings of ``streamrnn train lm`` (mirrored in the exported model's metadata)."""
+
+    cell: str = "lstm"
+    hidden: int = 512
+    layers: int = 2
+    embed_dim: int = 64
+    dropout: float = 0.2
+    batch: int = 64
+    bptt: int = 128
+    steps: int = 2000
+    lr: float = 2e-3
+    min_lr_frac: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.05
+    clip: float = 1.0
+    val_frac: float = 0.1
+    eval_every: int = 250
+    seed: int = 1337
+    threads: int = 0
+    max_minutes: float = 0.0
+
+
+def split_bytes(data: bytes, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
+    """First ``1 - val_frac`` of the bytes train, the rest validate (nanoGPT's char split)."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    n = int(len(arr) * (1 - val_frac))
+    return arr[:n], arr[n:]
+
+
+def progress(step: int, elapsed_s: float, cfg: LMTrainConfig) -> float:
+    """Fraction of the run done: by steps, or by wall time when ``max_minutes`` binds first.
+
+    A binding time cap makes the schedule depend on machine speed, so such a run is
+    reproducible only up to timing; a pure step budget is bit-for-bit reproducible.
+    """
+    p = step / cfg.steps
+    if cfg.max_minutes > 0:
+        p = max(p, elapsed_s / (60 * cfg.max_minutes))
+    return min(1.0, p)
+
+
+def lr_at(step: int, cfg: LMTrainConfig, frac: float | None = None) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_frac * lr`` over the run's progress ``frac``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup) if frac is None else frac
+    p = min(1.0, p)
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def _streams(data: np.ndarray, batch: int, offset: int) -> torch.Tensor:
+    n = (len(data) - offset) // batch
+    return torch.from_numpy(data[offset:offset + n * batch].astype(np.int64).reshape(batch, n))
+
+
+@torch.no_grad()
+def evaluate(net: RecurrentNet, data: np.ndarray, *, streams: int = 16, chunk: int = 256) -> float:
+    """Mean nats/byte over ``data`` cut into ``streams`` contiguous pieces, state carried within each."""
+    net.eval()
+    s = _streams(data, streams, 0)
+    state = net.initial_state(streams)
+    total, count = 0.0, 0
+    for t0 in range(0, s.shape[1] - 1, chunk):
+        x = s[:, t0:min(t0 + chunk, s.shape[1] - 1)]
+        y = s[:, t0 + 1:t0 + 1 + x.shape[1]]
+        logits, state = net(x, state)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
+        count += y.numel()
+    net.train()
+    return total / count
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with the train extra
+        return None
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=None)
+
+
+def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: str | os.PathLike,
+             resume: bool = True, log=print) -> tuple[RecurrentNet, dict]:
+    """Train (or resume) and return the net and a summary dict (metrics, data hash, timing)."""
+    data = Path(text_path).read_bytes()
+    data_hash = hashlib.sha256(data).hexdigest()
+    train, val = split_bytes(data, cfg.val_frac)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    net_cfg = NetConfig(cell=cfg.cell, hidden=cfg.hidden, layers=cfg.layers, embed_dim=cfg.embed_dim,
+                        dropout=cfg.dropout, vocab_size=256, task="lm", input_kind="tokens")
+    net = RecurrentNet(net_cfg)
+    decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and not n.startswith("embed")]
+    no_decay = [p for n, p in net.named_parameters() if not (p.dim() >= 2 and not n.startswith("embed"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.99))
+    step, epoch, pos, elapsed = 0, 0, 0, 0.0
+    offset = int(rng.integers(0, cfg.bptt))
+    state = net.initial_state(cfg.batch)
+    history: list[dict] = []
+    ckpt = Path(checkpoint)
+    if resume and ckpt.exists():
+        blob = torch.load(ckpt, weights_only=False)
+        free = ("steps", "max_minutes", "threads", "eval_every")
+        theirs = {k: v for k, v in blob["config"].items() if k not in free}
+        ours = {k: v for k, v in asdict(cfg).items() if k not in free}
+        if theirs != ours:
+            raise ValueError(f"checkpoint {ckpt}: settings: expected {theirs}, got {ours} "
+                             f"(only {', '.join(free)} may change on resume)")
+        net.load_state_dict(blob["net"])
+        opt.load_state_dict(blob["opt"])
+        torch.set_rng_state(blob["torch_rng"])
+        rng.bit_generator.state = blob["np_rng"]
+        step, epoch, pos, elapsed, history, offset = (
+            blob[k] for k in ("step", "epoch", "pos", "elapsed", "history", "offset"))
+        state = tuple(blob["state"])
+        log(f"resumed from {ckpt} at step {step}")
+
+    def save() -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "config": asdict(cfg),
+                    "torch_rng": torch.get_rng_state(), "np_rng": rng.bit_generator.state,
+                    "step": step, "epoch": epoch, "pos": pos, "elapsed": elapsed, "history": history,
+                    "offset": offset, "state": state}, tmp)
+        os.replace(tmp, ckpt)
+
+    streams = _streams(train, cfg.batch, offset)
+    bar = _progress(cfg.steps, step)
+    net.train()
+    t_start = time.perf_counter() - elapsed
+    train_loss_ema = None
+    while progress(step, time.perf_counter() - t_start, cfg) < 1.0:
+        if pos + cfg.bptt + 1 > streams.shape[1]:
+            epoch += 1
+            pos = 0
+            offset = int(rng.integers(0, cfg.bptt))
+            streams = _streams(train, cfg.batch, offset)
+            state = net.initial_state(cfg.batch)
+        x = streams[:, pos:pos + cfg.bptt]
+        y = streams[:, pos + 1:pos + 1 + cfg.bptt]
+        frac = progress(step, time.perf_counter() - t_start, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg, frac)
+        logits, state = net(x, state)
+        state = tuple(s.detach() for s in state)
+        loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
+        opt.step()
+        step += 1
+        pos += cfg.bptt
+        lv = loss.item()
+        train_loss_ema = lv if train_loss_ema is None else 0.98 * train_loss_ema + 0.02 * lv
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        done = progress(step, time.perf_counter() - t_start, cfg) >= 1.0
+        if step % cfg.eval_every == 0 or done:
+            val_loss = evaluate(net, val)
+            elapsed = time.perf_counter() - t_start
+            history.append({"step": step, "epoch": epoch, "train_loss": train_loss_ema,
+                            "val_loss": val_loss, "elapsed_s": round(elapsed, 1)})
+            msg = (f"step {step}/{cfg.steps} epoch {epoch} train {train_loss_ema:.4f} "
+                   f"val {val_loss:.4f} nats/byte ({val_loss / math.log(2):.3f} bits) {elapsed / 60:.1f} min")
+            if bar is not None:
+                bar.write(msg)
+            else:
+                log(msg)
+            save()
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    save()
+    last = history[-1] if history else {}
+    summary = {
+        "data_file": Path(text_path).name, "data_sha256": data_hash, "data_bytes": len(data),
+        "train_bytes": int(len(train)), "val_bytes": int(len(val)), "split": f"first {1 - cfg.val_frac:.0%} train",
+        "steps": step, "epochs": round(step * cfg.bptt * cfg.batch / len(train), 2),
+        "train_seconds": round(elapsed, 1), "settings": json.dumps(asdict(cfg), sort_keys=True),
+        "train_loss": round(last.get("train_loss", float("nan")), 4),
+        "val_loss_streams16": round(last.get("val_loss", float("nan")), 4),
+        "history": json.dumps(history),
+    }
+    net.eval()
+    return net, summary
