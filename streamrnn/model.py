@@ -23,6 +23,7 @@ from .errors import InputError, ModelLoadError, StateError
 from .runtime import CUDA, ProviderArg, SessionConfig, create_session
 from .spec import SPEC_KEY, ModelSpec
 
+
 class State:
     """Recurrent state of B sequences: one tensor per spec state, ``[layers, B, hidden]``.
 
@@ -32,7 +33,7 @@ class State:
     modified in place.
     """
 
-    __slots__ = ("_t", "_names")
+    __slots__ = ("_names", "_t")
 
     def __init__(self, tensors: Mapping[str, Any], names: Sequence[str]):
         self._t = dict(tensors)
@@ -101,7 +102,8 @@ class Model:
         want = {"x", self.spec.lengths_input, *self._state_names}
         got = {i.name for i in self.session.get_inputs()}
         if want != got:
-            raise ModelLoadError(f"{self.source}: graph inputs: expected {sorted(want)} (from its spec), got {sorted(got)}")
+            raise ModelLoadError(
+                f"{self.source}: graph inputs: expected {sorted(want)} (from its spec), got {sorted(got)}")
         want_out = set(self._output_names)
         got_out = {o.name for o in self.session.get_outputs()}
         if want_out != got_out:
@@ -135,7 +137,8 @@ class Model:
                                  f"{self._state_names}, got {len(state)}")
             tensors = dict(zip(self._state_names, state, strict=True))
         else:
-            raise StateError(f"{self.source}: state: expected a State, dict or tuple of arrays, got {type(state).__name__}")
+            raise StateError(
+                f"{self.source}: state: expected a State, dict or tuple of arrays, got {type(state).__name__}")
         if set(tensors) != set(self._state_names):
             raise StateError(f"{self.source}: state names: expected {list(self._state_names)}, got {sorted(tensors)}")
         out = {}

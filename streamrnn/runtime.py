@@ -100,7 +100,8 @@ def cuda_usable() -> tuple[bool, str]:
     try:
         sess = ort.InferenceSession(_probe.identity_model(), providers=[CUDA, CPU])
         ok = CUDA in sess.get_providers()
-        reason = "CUDA provider loaded" if ok else "CUDA provider failed to load (no usable CUDA/cuDNN libraries or GPU)"
+        reason = ("CUDA provider loaded" if ok
+                  else "CUDA provider failed to load (no usable CUDA/cuDNN libraries or GPU)")
     except Exception as e:  # pragma: no cover - depends on the machine
         ok, reason = False, f"CUDA provider failed to load: {str(e).splitlines()[0]}"
     finally:

@@ -30,7 +30,8 @@ def _input_spec(net: RecurrentNet, feature_names=(), mean=None, std=None) -> Inp
         return InputSpec(kind="tokens", vocab_size=c.vocab_size,
                          encoding="utf-8 bytes" if c.vocab_size == 256 else "token ids")
     F = c.n_features
-    return InputSpec(kind="features", n_features=F, feature_names=tuple(feature_names) or tuple(f"f{i}" for i in range(F)),
+    names = tuple(feature_names) or tuple(f"f{i}" for i in range(F))
+    return InputSpec(kind="features", n_features=F, feature_names=names,
                      mean=tuple(float(v) for v in (mean if mean is not None else np.zeros(F))),
                      std=tuple(float(v) for v in (std if std is not None else np.ones(F))))
 

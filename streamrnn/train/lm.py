@@ -206,7 +206,7 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
     last = history[-1] if history else {}
     summary = {
         "data_file": Path(text_path).name, "data_sha256": data_hash, "data_bytes": len(data),
-        "train_bytes": int(len(train)), "val_bytes": int(len(val)), "split": f"first {1 - cfg.val_frac:.0%} train",
+        "train_bytes": len(train), "val_bytes": len(val), "split": f"first {1 - cfg.val_frac:.0%} train",
         "steps": step, "epochs": round(step * cfg.bptt * cfg.batch / len(train), 2),
         "train_seconds": round(elapsed, 1), "settings": json.dumps(asdict(cfg), sort_keys=True),
         "train_loss": round(last.get("train_loss", float("nan")), 4),

@@ -1,0 +1,33 @@
+# Quickstart:  make demo   (runs the main job)     make test   (runs the test suite)
+# Both create .venv by themselves on a machine with Python 3.11+.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CI and tests pin the CPU build of torch (users may install any torch >= 2.4).
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e '.[train,test]'
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(PY) -m beam_jobs.next_token --demo --output runs/demo
+
+test: $(VENV)/.dev
+	$(PY) -m ruff check streamrnn beam_jobs tests benchmarks
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.dev
+	$(PY) -m streamrnn.cli bench operator --json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -1,0 +1,182 @@
+"""The ``streamrnn`` command line: info, train lm, eval lm, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import StreamRNNError
+
+
+def _info(a: argparse.Namespace) -> int:
+    from .model import load
+    from .spec import describe
+
+    m = load(a.model, providers=a.providers)
+    if a.json:
+        print(json.dumps({**json.loads(m.spec.to_json()), "provider": m.provider}, indent=2))
+    else:
+        print(describe(m.spec))
+        print(f"provider  {m.provider}")
+    return 0
+
+
+def _train_lm(a: argparse.Namespace) -> int:
+    from .train.export import export
+    from .train.lm import LMTrainConfig, train_lm
+
+    cfg = LMTrainConfig(cell=a.cell, hidden=a.hidden, layers=a.layers, embed_dim=a.embed, dropout=a.dropout,
+                        batch=a.batch, bptt=a.bptt, steps=a.steps, lr=a.lr, weight_decay=a.weight_decay,
+                        val_frac=a.val_frac, eval_every=a.eval_every, seed=a.seed, threads=a.threads,
+                        max_minutes=a.max_minutes)
+    out = Path(a.out)
+    ckpt = Path(a.checkpoint) if a.checkpoint else out.with_suffix(".ckpt.pt")
+    net, summary = train_lm(a.text, cfg, checkpoint=ckpt, resume=not a.restart, log=print)
+    metrics = {k: summary.pop(k) for k in ("train_loss", "val_loss_streams16")}
+    spec = export(net, out, name=a.name or out.stem, version=a.version, training=summary, metrics=metrics)
+    print(f"wrote {out} (weights sha256 {spec.fingerprint[:16]}; parity "
+          f"{spec.metrics['export_parity_torch_vs_ort']:.2e}); checkpoint {ckpt}")
+    print(f"train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss_streams16']:.4f} nats/byte")
+    return 0
+
+
+def _eval_lm(a: argparse.Namespace) -> int:
+    from .evaluate import eval_lm
+    from .model import load
+
+    data = Path(a.text).read_bytes()
+    if a.last_frac:
+        data = data[int(len(data) * (1 - a.last_frac)):]
+    m = load(a.model, providers=a.providers)
+    r = eval_lm(m, data, chunk=a.chunk, reset_every=a.reset_every, parity_bytes=a.parity_bytes)
+    if a.json:
+        print(json.dumps({"model": a.model, "text": a.text, "last_frac": a.last_frac, **r.to_dict()}))
+    else:
+        print(f"{r.n_bytes} bytes, state carried in chunks of {r.chunk}: "
+              f"{r.bits_per_char:.4f} bits/char ({r.nats_per_char:.4f} nats)")
+        print(f"state reset every {r.reset_every} bytes:      "
+              f"{r.bits_per_char_reset:.4f} bits/char ({r.nats_per_char_reset:.4f} nats)")
+        print(f"chunked vs whole-sequence parity over {r.parity_bytes} bytes: max |dlogprob| {r.parity_max_abs:.2e}")
+    return 0
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from . import lm
+    from .model import load
+
+    m = load(a.model, providers=a.providers)
+    prompt = lm.encode(a.prompt)
+    if len(prompt) == 0:
+        prompt = lm.encode("\n")
+    o, st = m.step(prompt[None])
+    text = lm.generate(m, st, o["logprobs"][0, -1], a.n, temperature=a.temperature, top_k=a.top_k,
+                       greedy=a.greedy, seed=a.seed)
+    sys.stdout.write(a.prompt + text + "\n")
+    return 0
+
+
+def _bench(a: argparse.Namespace, rest: list[str]) -> int:
+    if a.what == "operator":
+        from .bench.operator import main
+    else:
+        from .bench.beam import main
+    return main(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog="streamrnn", description="Stateful recurrent models in streams.")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' INFO logs")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(q: argparse.ArgumentParser, positional: bool = False) -> None:
+        if positional:
+            q.add_argument("model", help="path to a streamrnn .onnx model")
+        else:
+            q.add_argument("--model", default=DEFAULT_MODEL, help="streamrnn .onnx model (default: shipped charlm)")
+        q.add_argument("--providers", default="auto", type=lambda s: s if s == "auto" else s.split(","),
+                       help="'auto' (CUDA if it loads, else CPU) or a comma-separated ORT provider list")
+
+    q = sub.add_parser("info", help="show a model's spec")
+    model_args(q, positional=True)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(fn=_info)
+
+    q = sub.add_parser("train", help="train a model")
+    tsub = q.add_subparsers(dest="task", required=True)
+    t = tsub.add_parser("lm", help="byte-level language model with truncated BPTT")
+    t.add_argument("--text", required=True, help="UTF-8 text file; first 1-val_frac trains, the rest validates")
+    t.add_argument("--out", required=True, help="output .onnx path")
+    t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
+    t.add_argument("--hidden", type=int, default=512)
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--embed", type=int, default=64)
+    t.add_argument("--dropout", type=float, default=0.25)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--bptt", type=int, default=128)
+    t.add_argument("--steps", type=int, default=5000)
+    t.add_argument("--max-minutes", type=float, default=0.0, help="also stop (and finish the schedule) by time")
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--weight-decay", type=float, default=0.05)
+    t.add_argument("--val-frac", type=float, default=0.1)
+    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--name", help="model name in the metadata (default: OUT's stem)")
+    t.add_argument("--version", default="1.0.0")
+    t.set_defaults(fn=_train_lm)
+
+    q = sub.add_parser("eval", help="evaluate a model")
+    esub = q.add_subparsers(dest="task", required=True)
+    e = esub.add_parser("lm", help="bits/char with carried state vs reset-every-N, and streaming parity")
+    model_args(e)
+    e.add_argument("--text", required=True)
+    e.add_argument("--last-frac", type=float, default=0.0,
+                   help="evaluate only the last fraction of the file (0.1 = the validation split)")
+    e.add_argument("--chunk", type=int, default=1024, help="bytes per call with carried state")
+    e.add_argument("--reset-every", type=int, default=64)
+    e.add_argument("--parity-bytes", type=int, default=100_000, help="prefix length for the whole-sequence run")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_eval_lm)
+
+    q = sub.add_parser("generate", help="generate text from a prompt")
+    model_args(q)
+    q.add_argument("--prompt", default="")
+    q.add_argument("-n", type=int, default=200)
+    q.add_argument("--temperature", type=float, default=0.8)
+    q.add_argument("--top-k", type=int)
+    q.add_argument("--greedy", action="store_true")
+    q.add_argument("--seed", type=int)
+    q.set_defaults(fn=_generate)
+
+    q = sub.add_parser("bench", help="benchmarks (print JSON with --json); see --help of each")
+    q.add_argument("what", choices=["operator", "beam"])
+    q.set_defaults(fn=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = build_parser()
+    a, rest = p.parse_known_args(argv)
+    if rest and a.cmd != "bench":
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
+    try:
+        if a.cmd == "bench":
+            return _bench(a, rest)
+        return a.fn(a)
+    except StreamRNNError as e:
+        print(f"streamrnn {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
