@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from .nets import NetConfig, RecurrentNet
 
 
@@ -135,7 +136,7 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
         theirs = {k: v for k, v in blob["config"].items() if k not in free}
         ours = {k: v for k, v in asdict(cfg).items() if k not in free}
         if theirs != ours:
-            raise ValueError(f"checkpoint {ckpt}: settings: expected {theirs}, got {ours} "
+            raise InputError(f"checkpoint {ckpt}: settings: expected {theirs}, got {ours} "
                              f"(only {', '.join(free)} may change on resume)")
         net.load_state_dict(blob["net"])
         opt.load_state_dict(blob["opt"])

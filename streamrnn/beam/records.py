@@ -1,0 +1,137 @@
+"""Typed records of the Beam layer and their columnar (Arrow) forms.
+
+Events travel through the pipeline as columnar ``pyarrow.RecordBatch`` blocks (one
+Beam element carries many events), so per-element Beam overhead is paid per block,
+not per event. :class:`Event` is the convenient one-event-per-element input form;
+it is converted to columns at the first step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import zlib
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+#: Event columns inside the pipeline (payload column ``x`` is added per model input kind).
+KEY, TS, SEQ, SUB, X, EVENT = "key", "ts", "seq", "sub", "x", "event"
+#: Internal columns added by the intake step.
+WEND, FIRE, ARRIVAL = "_wend", "_fire", "_arrival"
+
+
+class Event(NamedTuple):
+    """One input event for :class:`~streamrnn.beam.StatefulInference`.
+
+    ``x`` is a token (int) or a feature vector (sequence of floats). ``ts`` is event
+    time in seconds since the epoch (None: the element's Beam timestamp). Events of a
+    key are applied in ``(ts, seq, sub)`` order; ``(key, seq, sub)`` identifies an
+    event for de-duplication (``sub`` orders the bytes of one text record).
+    """
+
+    key: str
+    ts: float | None
+    seq: int
+    x: Any
+    sub: int = 0
+
+
+class ModelUpdate(NamedTuple):
+    """A model update (side input): ``path`` serves events with ``ts >= effective_ts``.
+
+    An update is applied in event time, so a replay gives the same outputs. An update
+    that reaches a shard after it already applied events past ``effective_ts`` takes
+    effect at that shard's next flush.
+    """
+
+    path: str
+    effective_ts: float = -math.inf
+
+
+class Prediction(NamedTuple):
+    """One output per applied event.
+
+    ``pos`` is the event's 0-based position in its key's stream since the state was
+    last fresh; ``fresh`` is True where this event started from the initial state and
+    ``reset`` says why: ``"new"`` (first time seen), ``"expired"`` (idle past the TTL),
+    ``"model_update"`` (the model changed state shapes), else ``""``.
+    ``outputs`` maps output names (the model's task outputs, or the columns a
+    postprocess made) to this event's values.
+    """
+
+    key: str
+    ts: float
+    seq: int
+    sub: int
+    pos: int
+    fresh: bool
+    reset: str
+    model_version: str
+    outputs: dict[str, Any]
+
+
+class DeadLetter(NamedTuple):
+    """An event that was not applied, with why.
+
+    ``kind`` is ``"invalid"`` (bad input), ``"late"``, ``"duplicate"`` or ``"error"``;
+    ``reason`` is ``"late"`` / ``"duplicate"``, or names the field with what was
+    expected and what was got (``"x: expected a token in [0, 256), got 300"``), or
+    the error. ``event`` is the original event as JSON.
+    """
+
+    key: str | None
+    ts: float | None
+    seq: int | None
+    sub: int | None
+    kind: str
+    reason: str
+    event: str
+
+
+DEAD_LETTER_SCHEMA = pa.schema([("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()),
+                                ("sub", pa.int64()), ("kind", pa.string()), ("reason", pa.string()),
+                                ("event", pa.string())])
+
+
+def shard_of(key: str, num_shards: int) -> int:
+    """The stable shard of a key (crc32; the same in every process)."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return repr(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(i) for i in v]
+    return v
+
+
+def event_json(d: dict[str, Any]) -> str:
+    """The JSON of an original event (numpy values and non-finite floats made readable)."""
+    return json.dumps({k: _jsonable(v) for k, v in d.items()}, sort_keys=True, default=repr)
+
+
+def to_ipc(batch: pa.RecordBatch | pa.Table) -> bytes:
+    """Arrow IPC stream bytes (how state and event blocks are stored; no pickle)."""
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write(batch)
+    return sink.getvalue()
+
+
+def from_ipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(blob).read_all()
+
+
+def dead_letters_table(rows: list[DeadLetter]) -> pa.Table:
+    """Dead letters as an Arrow table (``DEAD_LETTER_SCHEMA``)."""
+    return pa.Table.from_pylist([r._asdict() for r in rows], schema=DEAD_LETTER_SCHEMA)
