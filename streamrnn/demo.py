@@ -16,14 +16,17 @@ import time
 
 import numpy as np
 
-from . import DEFAULT_MODEL, lm
+from . import DEFAULT_MODEL
 from .lm import NextTokenOperator
 from .model import load
 
 SESSIONS = {
-    "session-romeo": "ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n",
-    "session-hamlet": "HAMLET:\nTo be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n",
-    "session-king": "KING RICHARD III:\nNow is the winter of our discontent\nMade glorious summer by this sun of York;\n",
+    "session-romeo": "ROMEO:\nBut soft, what light through yonder window breaks?\n"
+                     "It is the east, and Juliet is the sun.\n",
+    "session-hamlet": "HAMLET:\nTo be, or not to be, that is the question:\n"
+                      "Whether 'tis nobler in the mind to suffer\n",
+    "session-king": "KING RICHARD III:\nNow is the winter of our discontent\n"
+                    "Made glorious summer by this sun of York;\n",
     "session-user": "I will go to the market tomorrow morning and buy some bread and cheese for the journey.\n",
 }
 
