@@ -23,7 +23,7 @@ demo: $(VENV)/.runtime
 	$(PY) -m streamrnn.demo
 
 test: $(VENV)/.dev
-	$(PY) -m ruff check streamrnn beam_jobs tests benchmarks
+	$(PY) -m ruff check streamrnn beam_jobs tests
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.dev

@@ -33,11 +33,12 @@ class State:
     modified in place.
     """
 
-    __slots__ = ("_names", "_t")
+    __slots__ = ("_names", "_sig", "_t")
 
-    def __init__(self, tensors: Mapping[str, Any], names: Sequence[str]):
+    def __init__(self, tensors: Mapping[str, Any], names: Sequence[str], signature: tuple | None = None):
         self._t = dict(tensors)
         self._names = tuple(names)
+        self._sig = signature  # set by a Model once shapes are validated against its spec
 
     def __getitem__(self, name: str) -> np.ndarray:
         v = self._t[name]
@@ -96,6 +97,7 @@ class Model:
         self._nfeat = spec.input.n_features
         self._shape_tail = tuple(int(d) for d in spec.state[0].shape[2:])
         self._layers = int(spec.state[0].shape[0])
+        self._sig = spec.state_signature
         self._check_graph()
 
     def _check_graph(self) -> None:
@@ -123,11 +125,13 @@ class Model:
         if not isinstance(batch, (int, np.integer)) or batch < 1:
             raise InputError(f"initial_state: batch: expected an int >= 1, got {batch!r}")
         z = {n: np.zeros((self._layers, int(batch), *self._shape_tail), np.float32) for n in self._state_names}
-        return State(z, self._state_names)
+        return State(z, self._state_names, self._sig)
 
     def as_state(self, state: Any, batch: int | None = None) -> State:
         """Validate and wrap ``state`` (a State, a dict by name, or a tuple in spec order)."""
         if isinstance(state, State):
+            if state._sig == self._sig and (batch is None or state.batch == batch):
+                return state  # made by a model with this state signature: shapes already checked
             tensors = {n: state.raw(n) for n in state.names}
         elif isinstance(state, Mapping):
             tensors = dict(state)
@@ -159,7 +163,7 @@ class Model:
             if not ok_dtype:
                 raise StateError(f"{self.source}: state '{n}' dtype: expected float32, got {dtype}")
             out[n] = v
-        return State(out, self._state_names)
+        return State(out, self._state_names, self._sig)
 
     # -- inputs ----------------------------------------------------------------
     def check_x(self, x: Any) -> np.ndarray:
@@ -232,27 +236,32 @@ class Model:
         res = self.session.run(self._output_names, feeds)
         k = len(self._task_outputs)
         return dict(zip(self._task_outputs, res[:k], strict=True)), State(
-            dict(zip(self._state_names, res[k:], strict=True)), self._state_names)
+            dict(zip(self._state_names, res[k:], strict=True)), self._state_names, self._sig)
 
-    def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State):
-        """CUDA path: the state stays on the device; only task outputs come to the host."""
+    def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State, device: str = "cuda"):
+        """CUDA path: the state stays on ``device`` as OrtValues; only task outputs come to the host.
+
+        ``device="cpu"`` runs the same binding logic on the CPU provider (used by tests).
+        """
         io = self.session.io_binding()
         io.bind_cpu_input("x", x)
         io.bind_cpu_input(self.spec.lengths_input, lengths)
-        for n, out in zip(self._state_names, self._state_outputs, strict=True):
+        for n in self._state_names:
             v = state.raw(n)
             if isinstance(v, ort.OrtValue):
                 io.bind_ortvalue_input(n, v)
             else:
                 io.bind_cpu_input(n, np.ascontiguousarray(v))
-            io.bind_output(out, "cuda")
+        # get_outputs() follows binding order: task outputs first, then state, as indexed below
         for name in self._task_outputs:
             io.bind_output(name, "cpu")
+        for out in self._state_outputs:
+            io.bind_output(out, device)
         self.session.run_with_iobinding(io)
         vals = io.get_outputs()
         k = len(self._task_outputs)
         outputs = {n: vals[i].numpy() for i, n in enumerate(self._task_outputs)}
-        return outputs, State(dict(zip(self._state_names, vals[k:], strict=True)), self._state_names)
+        return outputs, State(dict(zip(self._state_names, vals[k:], strict=True)), self._state_names, self._sig)
 
 
 def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,

@@ -218,3 +218,18 @@ def test_cuda_state_stays_on_device_and_matches_cpu(lstm_path, rng):
         assert s_gpu.on_device
         np.testing.assert_allclose(og["logprobs"], oc["logprobs"], atol=1e-4)
     np.testing.assert_allclose(s_gpu.numpy()["h"], s_cpu["h"], atol=1e-4)
+
+
+def test_iobinding_path_carries_ortvalue_state(lstm, rng):
+    """The device-resident-state code path, exercised on the CPU provider: OrtValues in, OrtValues out."""
+    x = rng.integers(0, 256, (3, 9))
+    lens = np.full(3, 3, np.int32)
+    st = lstm.initial_state(3)
+    ref_state = st
+    for t in range(0, 9, 3):
+        out, st = lstm._step_iobinding(np.ascontiguousarray(x[:, t:t + 3]), lens, st, device="cpu")
+        ref, ref_state = lstm.step(x[:, t:t + 3], ref_state)
+        assert st.on_device and not ref_state.on_device
+        np.testing.assert_array_equal(out["logprobs"], ref["logprobs"])
+    np.testing.assert_array_equal(st.numpy()["c"], ref_state["c"])
+    assert not st.numpy().on_device
