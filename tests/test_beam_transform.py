@@ -1,0 +1,251 @@
+"""StatefulInference: parity with the offline operator on every runner, ordering, dedupe, dead letters, metrics.
+
+The reference is independent of the pipeline: each key's applied events, sorted by
+(ts, seq, sub), run through ``Model.step`` from the initial state in one call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.util import assert_that
+from conftest import make_net
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamrnn import InputError
+from streamrnn.beam import NAMESPACE, DeadLetter, Event, StatefulInference
+from streamrnn.model import load
+from streamrnn.runtime import CPU
+from streamrnn.train.export import export
+
+RUNNERS = {
+    "batch": [],
+    "multi_processing": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    "portable": ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"],
+}
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------------------- helpers
+@pytest.fixture(scope="session")
+def beam_models(tmp_path_factory):
+    """tiny LSTM LM, same-shape other weights, wider (incompatible) LSTM, features forecaster."""
+    d = tmp_path_factory.mktemp("beam_models")
+    paths = {"tiny": d / "tiny.onnx", "other": d / "other.onnx", "wide": d / "wide.onnx", "feat": d / "feat.onnx"}
+    export(make_net("lstm"), paths["tiny"], name="tiny")
+    export(make_net("lstm", seed=1), paths["other"], name="tiny-other", version="2")
+    export(make_net("lstm", hidden=24), paths["wide"], name="tiny-wide", version="3")
+    export(make_net("lstm", kind="features"), paths["feat"], name="tiny-feat")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def make_events(rng, n_keys=4, per_key=25, span=600.0, t0=1_000.0):
+    """Events of several keys spread over ``span`` seconds (many windows), unique (key, seq)."""
+    evs = []
+    for k in range(n_keys):
+        ts = np.sort(rng.uniform(t0, t0 + span, per_key))
+        for i in range(per_key):
+            evs.append(Event(f"k{k}", float(ts[i]), i, int(rng.integers(0, 256))))
+    return evs
+
+
+def offline(model, events, segments=None):
+    """{(key, seq, sub): (pos, logprobs)} running each key's events, (ts, seq, sub)-sorted, from zero state."""
+    by_key: dict[str, list] = {}
+    for e in events:
+        by_key.setdefault(e.key, []).append(e)
+    want = {}
+    for k, es in by_key.items():
+        es.sort(key=lambda e: (e.ts, e.seq, e.sub))
+        parts = segments(k, es) if segments else [es]
+        for part in parts:
+            x = np.array([[e.x for e in part]], np.int64)
+            out, _ = model.step(x)
+            for i, e in enumerate(part):
+                want[(e.key, e.seq, e.sub)] = (i, out["logprobs"][0, i])
+    return want
+
+
+def check_outputs(want, *, fresh_reason=None):
+    """An assert_that matcher: exactly the expected events, each within TOL of the reference."""
+
+    def _check(preds):
+        got = {(p.key, p.seq, p.sub): p for p in preds}
+        if len(got) != len(preds):
+            raise AssertionError(f"outputs: expected each event once, got {len(preds) - len(got)} repeats")
+        if set(got) != set(want):
+            raise AssertionError(f"outputs: missing {sorted(set(want) - set(got))[:5]}, "
+                                 f"unexpected {sorted(set(got) - set(want))[:5]}")
+        for k, (pos, lp) in want.items():
+            p = got[k]
+            if p.pos != pos:
+                raise AssertionError(f"{k}: pos expected {pos}, got {p.pos}")
+            err = float(np.max(np.abs(p.outputs["logprobs"] - lp)))
+            if not err <= TOL:
+                raise AssertionError(f"{k}: logprobs differ from the offline run by {err:.3g}")
+            if p.fresh != (pos == 0):
+                raise AssertionError(f"{k}: fresh expected {pos == 0}, got {p.fresh}")
+            if fresh_reason and p.fresh and p.reset != fresh_reason(p):
+                raise AssertionError(f"{k}: reset expected {fresh_reason(p)!r}, got {p.reset!r}")
+
+    return _check
+
+
+def check_dead(want: dict):
+    """Matcher: dead letters as a multiset of (key, seq, kind)."""
+
+    def _check(dls):
+        got: dict = {}
+        for d in dls:
+            got[(d.key, d.seq, d.kind)] = got.get((d.key, d.seq, d.kind), 0) + 1
+        if got != want:
+            raise AssertionError(f"dead letters: expected {want}, got {got}")
+
+    return _check
+
+
+def counters(result) -> dict[str, int]:
+    q = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+    out: dict[str, int] = {}
+    for c in q["counters"]:  # one entry per step: sum them
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + c.committed
+    return out
+
+
+# ---------------------------------------------------------------------------- parity on every runner
+def worker_path(monkeypatch):
+    """Worker subprocesses (multi_processing, portable) import this test module's matchers by name."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(here)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("runner", list(RUNNERS))
+def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner, monkeypatch):
+    worker_path(monkeypatch)
+    rng = np.random.default_rng(7)
+    events = make_events(rng, n_keys=5, per_key=30)
+    model = load(beam_models["tiny"], providers=[CPU])
+    want = offline(model, events)
+    dups = [events[i] for i in rng.choice(len(events), 6, replace=False)]
+    bad = [Event("k0", math.nan, 999, 1), Event("k1", 1001.0, 998, 300), Event("", 1002.0, 997, 1)]
+    arrived = [*events, *dups, *bad]
+    arrived = [arrived[i] for i in rng.permutation(len(arrived))]
+    want_dead: dict = {}
+    for d in dups:
+        want_dead[(d.key, d.seq, "duplicate")] = want_dead.get((d.key, d.seq, "duplicate"), 0) + 1
+    want_dead.update({("k0", 999, "invalid"): 1, ("k1", 998, "invalid"): 1, ("", 997, "invalid"): 1})
+    p = beam.Pipeline(options=PipelineOptions(RUNNERS[runner]))
+    out, dead = p | beam.Create(arrived, reshuffle=False) | StatefulInference(
+        model=beam_models["tiny"], num_shards=3, window_size=45.0, providers=[CPU])
+    assert_that(out, check_outputs(want, fresh_reason=lambda _p: "new"), label="outputs")
+    assert_that(dead, check_dead(want_dead), label="dead")
+    reasons = dead | beam.Filter(lambda d: d.kind == "invalid") | beam.Map(lambda d: d.reason)
+    assert_that(reasons, lambda rs: _check_reasons(sorted(rs)), label="reasons")
+    result = p.run()
+    result.wait_until_finish()
+    if runner == "batch":
+        c = counters(result)
+        assert c["events_applied"] == len(events)
+        assert c["duplicates"] == len(dups) and c["invalid"] == 3 and c["dead_letters"] == len(dups) + 3
+        assert c.get("late", 0) == 0 and c["batches"] >= 1
+
+
+def _check_reasons(rs):
+    want = ["key: expected a non-empty string, got ''", "ts: expected finite seconds since the epoch, got nan",
+            "x: expected a token in [0, 256), got 300"]
+    if rs != want:
+        raise AssertionError(f"reasons: expected {want}, got {rs}")
+
+
+# ---------------------------------------------------------------------------- hypothesis parity (batch)
+@given(seed=st.integers(0, 2**16), n_keys=st.integers(1, 5), per_key=st.integers(1, 30),
+       window=st.sampled_from([1.0, 7.0, 60.0, 1e4]), shards=st.integers(1, 4), n_dups=st.integers(0, 8),
+       flush_at_once=st.booleans())
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_parity_random_permutations_windows_duplicates(beam_models, seed, n_keys, per_key, window, shards, n_dups,
+                                                        flush_at_once):
+    rng = np.random.default_rng(seed)
+    events = make_events(rng, n_keys=n_keys, per_key=per_key, span=300.0)
+    # ties in ts are broken by seq
+    if len(events) > 2:
+        events[1] = events[1]._replace(ts=events[0].ts) if events[1].key == events[0].key else events[1]
+    model = load(beam_models["tiny"], providers=[CPU])
+    want = offline(model, events)
+    dups = [events[i] for i in rng.integers(0, len(events), n_dups)]
+    arrived = [*events, *dups]
+    arrived = [arrived[i] for i in rng.permutation(len(arrived))]
+    want_dead: dict = {}
+    for d in dups:
+        want_dead[(d.key, d.seq, "duplicate")] = want_dead.get((d.key, d.seq, "duplicate"), 0) + 1
+    with beam.Pipeline() as p:
+        out, dead = p | beam.Create(arrived) | StatefulInference(
+            model=beam_models["tiny"], num_shards=shards, window_size=window, providers=[CPU],
+            max_steps_per_call=int(rng.integers(1, 40)), max_batch=int(rng.integers(1, 6)),
+            flush_bounded_at_once=flush_at_once)
+        assert_that(out, check_outputs(want), label="outputs")
+        assert_that(dead, check_dead(want_dead), label="dead")
+
+
+# ---------------------------------------------------------------------------- payloads and forms
+def test_feature_payload_and_arrow_blocks_in_and_out(beam_models):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(3)
+    model = load(beam_models["feat"], providers=[CPU])
+    keys = ["a", "b", "a", "c", "b", "a", "a"]
+    ts = [10.0, 11.0, 70.0, 71.0, 130.0, 131.0, 500.0]
+    x = rng.normal(size=(len(keys), 3)).astype(np.float32)
+    block = pa.RecordBatch.from_pydict({
+        "key": keys, "ts": ts, "seq": list(range(len(keys))),
+        "x": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 3)})
+    bad = pa.RecordBatch.from_pydict({"key": ["a"], "ts": [9.0], "seq": [99],
+                                      "x": pa.array([[1.0, float("nan"), 2.0]], pa.list_(pa.float32()))})
+    want = {}
+    for k in set(keys):
+        idx = [i for i, kk in enumerate(keys) if kk == k]
+        out, _ = model.step(x[idx][None])
+        for j, i in enumerate(idx):
+            want[(k, i)] = (j, out["mean"][0, j], out["log_scale"][0, j])
+
+    def check(batches):
+        t = pa.Table.from_batches(batches)
+        assert t.num_rows == len(keys)
+        for r in t.to_pylist():
+            pos, mean, ls = want[(r["key"], r["seq"])]
+            assert r["pos"] == pos and r["model_version"].startswith("tiny-feat-1.0.0+")
+            np.testing.assert_allclose(r["mean"], mean, atol=TOL)
+            np.testing.assert_allclose(r["log_scale"], ls, atol=TOL)
+
+    with beam.Pipeline() as p:
+        out, dead = p | beam.Create([block, bad]) | StatefulInference(
+            model=beam_models["feat"], num_shards=2, window_size=60.0, output="arrow", providers=[CPU])
+        assert_that(out, check, label="outputs")
+        assert_that(dead | beam.Map(lambda d: (d.kind, d.reason)),
+                    lambda ds: _eq(ds, [("invalid", "x: expected 3 finite floats, got [1.0, nan, 2.0]")]),
+                    label="dead")
+
+
+def _eq(got, want):
+    if sorted(got) != sorted(want):
+        raise AssertionError(f"expected {want}, got {got}")
+
+
+def test_config_is_keyword_only_and_validated(beam_models):
+    with pytest.raises(TypeError):
+        StatefulInference(beam_models["tiny"])  # type: ignore[misc]
+    for bad in ({"num_shards": 0}, {"window_size": 0}, {"allowed_lateness": -1}, {"ttl": 0},
+                {"output": "pandas"}, {"max_batch": 0}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            StatefulInference(model=beam_models["tiny"], **bad)
+
+
+def test_dead_letter_is_typed():
+    assert DeadLetter._fields == ("key", "ts", "seq", "sub", "kind", "reason", "event")
