@@ -152,12 +152,17 @@ def describe(spec: ModelSpec) -> str:
         f"input     {x}",
         f"lengths   {spec.lengths_input} int32 [batch]",
     ]
+    def shape(s: tuple) -> str:
+        return "[" + ", ".join(str(d) for d in s) + "]"
+
     for s in spec.state:
-        lines.append(f"state     {s.name} -> {s.output} {s.dtype} {list(s.shape)}")
+        lines.append(f"state     {s.name} -> {s.output} {s.dtype} {shape(s.shape)}")
     for o in spec.outputs:
-        lines.append(f"output    {o.name} {o.dtype} {list(o.shape)}: {o.semantics}")
+        lines.append(f"output    {o.name} {o.dtype} {shape(o.shape)}: {o.semantics}")
     lines.append(f"weights   sha256 {spec.fingerprint}")
     for k, v in sorted(spec.training.items()):
+        if k == "history":  # long: a JSON list of evaluations; see `streamrnn info --json`
+            v = f"{len(json.loads(v)) if isinstance(v, str) else len(v)} evaluations (see --json)"
         lines.append(f"training  {k}: {v}")
     for k, v in sorted(spec.metrics.items()):
         lines.append(f"metric    {k}: {v}")

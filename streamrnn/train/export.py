@@ -15,16 +15,18 @@ implementations, or torch float32 against float64, already differ by more than
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from ..errors import ExportError
 from ..model import Model
 from ..runtime import CPU, create_session
-from ..spec import InputSpec, ModelSpec, OutputTensor
-from .graph import build_model
+from ..spec import SPEC_KEY, InputSpec, ModelSpec, OutputTensor
+from .graph import build_model, set_spec
 from .nets import RecurrentNet
 
 VERIFY_SHAPES = ((1, 1), (3, 7), (2, 33), (5, 1))
@@ -141,9 +143,7 @@ def export(net: RecurrentNet, path: str | os.PathLike, *, name: str, version: st
     blob = onnx_model.SerializeToString()
     model = Model(create_session(blob, [CPU], what=f"export of {name}"), spec, source=f"export of {name}")
     worst = verify(net, model, tol=tol)
-    spec = _with_metrics(spec, {f"export_parity_{k}": v for k, v in worst.items()})
-    from .graph import set_spec
-
+    spec = replace(spec, metrics={**spec.metrics, **{f"export_parity_{k}": v for k, v in worst.items()}})
     set_spec(onnx_model, spec)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,25 +153,11 @@ def export(net: RecurrentNet, path: str | os.PathLike, *, name: str, version: st
     return spec
 
 
-def _with_metrics(spec: ModelSpec, extra: dict) -> ModelSpec:
-    from dataclasses import replace
-
-    return replace(spec, metrics={**spec.metrics, **extra})
-
-
 def update_metadata(path: str | os.PathLike, *, metrics: dict | None = None, training: dict | None = None) -> ModelSpec:
     """Add metrics/training facts to an exported model's spec in place."""
-    import onnx
-
-    from .graph import set_spec
-
     m = onnx.load(os.fspath(path))
     meta = {p.key: p.value for p in m.metadata_props}
-    from ..spec import SPEC_KEY
-
     spec = ModelSpec.from_json(meta[SPEC_KEY], source=os.fspath(path))
-    from dataclasses import replace
-
     spec = replace(spec, metrics={**spec.metrics, **(metrics or {})}, training={**spec.training, **(training or {})})
     set_spec(m, spec)
     onnx.save(m, os.fspath(path))
