@@ -247,9 +247,9 @@ class _Intake(beam.DoFn):
                 orig = ev[i].as_py() if ev is not None else event_json(
                     {c: t.column(c)[int(i)].as_py() for c in t.column_names})
                 k = keys_py[i] if isinstance(keys_py[i], str) else None
+                sq = None if SEQ in cols and seq_null[i] else int(seq[i])
                 yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(
-                    k, float(ts[i]) if np.isfinite(ts[i]) else None, None if SEQ in cols and seq_null[i] else int(seq[i]),
-                    int(sub[i]), "invalid", reasons[i], orig))
+                    k, float(ts[i]) if np.isfinite(ts[i]) else None, sq, int(sub[i]), "invalid", reasons[i], orig))
         good = ~bad
         if not good.any():
             return
@@ -580,14 +580,11 @@ class _OrderAndApply(beam.DoFn):
                     gap[i] = True
         new_seg = first | gap
         new_seg[1:] |= epoch[1:] != epoch[:-1]
-        idx_in_seg = np.zeros(N, np.int64)
         run = 0
         for i in range(N):  # chunk long segments
             run = 0 if new_seg[i] else run + 1
             if run == self.max_steps:
                 new_seg[i], run = True, 0
-            idx_in_seg[i] = run
-        seg_id = np.cumsum(new_seg) - 1
         seg_start = np.flatnonzero(new_seg)
         seg_key_rank = np.zeros(len(seg_start), np.int64)  # rank of the segment within its key
         for j in range(1, len(seg_start)):
