@@ -7,17 +7,19 @@ import os
 import apache_beam as beam
 import numpy as np
 import pytest
+import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
-from test_beam_transform import beam_models, check_dead, check_outputs, counters, offline  # noqa: F401
+from test_beam_transform import check_dead, check_outputs, counters, offline
 
 from streamrnn.beam import Event, ModelUpdate, StatefulInference
 from streamrnn.model import load
 from streamrnn.runtime import CPU
 
 STREAMING = PipelineOptions(["--streaming"])
+beam_models = tbt.beam_models  # the session fixture of tiny models
 
 
 def _stream(steps):
