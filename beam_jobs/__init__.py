@@ -1,0 +1,1 @@
+"""Deployable Beam jobs built on streamrnn.beam."""
