@@ -116,7 +116,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, parts: str) -> None:
      | "WriteDeadLetters" >> beam.ParDo(_WriteParts(parts, "dead")))
 
 
-def _progress(parts: str, total: int, stop: threading.Event, out=sys.stderr) -> None:
+def _progress(parts: str, total: int, stop: threading.Event, out=None) -> None:
+    out = out or sys.stderr
     t0 = time.monotonic()
     while not stop.wait(0.5):
         done = dead = 0
@@ -197,7 +198,9 @@ def _lists(col: pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
                                                        dtype=np.int32)), arr.flatten().cast(typ))
 
 
-def print_summary(summary: dict, out=sys.stdout, *, top: int = 20) -> None:
+def print_summary(summary: dict, out=None, *, top: int = 20) -> None:
+    """The readable end-of-job summary."""
+    out = out or sys.stdout
     keys = summary["keys"]
     out.write(f"\nonline next-byte loss per key (bits/char; lower is better), {len(keys)} keys\n")
     out.write(f"  {'key':<24} {'bytes':>8} {'bits/char':>10}\n")
@@ -235,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(parts, ignore_errors=True)
     from streamrnn.beam.io import read_events
 
-    total = read_events(args.input)[0].num_rows + len(read_events(args.input)[1])
+    table, unreadable = read_events(args.input)
+    total = table.num_rows + len(unreadable)
+    del table
     mode = "replay (streaming)" if args.replay else "batch"
     print(f"next_token: {args.input} -> {args.output}: {total:,} events, {mode}, model {args.model}", file=sys.stderr)
     stop = threading.Event()
