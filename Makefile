@@ -20,7 +20,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(PY) -m streamrnn.demo
+	$(PY) -m beam_jobs.next_token --demo --output runs/demo
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check streamrnn beam_jobs tests
