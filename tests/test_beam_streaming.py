@@ -11,10 +11,11 @@ import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that
-from apache_beam.transforms.window import TimestampedValue
-from test_beam_transform import check_dead, check_outputs, counters, offline
+from apache_beam.transforms.window import FixedWindows, TimestampedValue
+from test_beam_transform import check_dead, check_next, check_outputs, counters, offline, offline_next
 
-from streamrnn.beam import Event, ModelUpdate, StatefulInference
+from streamrnn.beam import Event, ModelUpdate, NextTokenPostprocess, StatefulInference
+from streamrnn.beam.records import END_OF_INPUT
 from streamrnn.model import load
 from streamrnn.runtime import CPU
 
@@ -31,8 +32,9 @@ def _stream(steps):
         else:
             ts = ts.advance_watermark_to(arg)
     # The legacy DirectRunner does not hold the output watermark for timers that fire on the jump to
-    # infinity, so a downstream GroupByKey (assert_that) could drop what they emit: end at a finite time first.
-    return ts.advance_watermark_to(1e6).advance_watermark_to_infinity()
+    # infinity, so a downstream GroupByKey (assert_that) could drop what they emit: end at a finite time
+    # first, the end of the input (where held-back rows are released).
+    return ts.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
 
 
 def _scenario(rng):
@@ -199,3 +201,52 @@ def test_failed_bundles_are_retried_without_double_applying(beam_models, tmp_pat
         assert_that(out, check_outputs(want, fresh_reason=lambda _p: "new"), label="outputs")
         assert_that(dead, check_dead(dead_want), label="dead")
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # the failures really happened
+
+
+# ---------------------------------------------------------------------------- logprob_next across flushes
+def _next_ti(model_path, **kw):
+    return StatefulInference(model=model_path, providers=[CPU], postprocess=NextTokenPostprocess(3),
+                             next_fields=("logprob",), **kw)
+
+
+def test_logprob_next_held_back_across_windows_in_streaming(beam_models):
+    """Keys span many windows and flushes: each flush's last row per key waits for the key's next flush."""
+    rng = np.random.default_rng(11)
+    steps, applied, dead_want = _scenario(rng)
+    want = offline_next(load(beam_models["tiny"], providers=[CPU]), applied)
+    with beam.Pipeline(options=STREAMING) as p:
+        out, dead = p | _stream(steps) | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0,
+                                                  allowed_lateness=5.0)
+        assert_that(out, check_next(want), label="outputs")
+        assert_that(dead, check_dead(dead_want), label="dead")
+
+
+def test_logprob_next_released_on_ttl_expiry_and_fresh_restart(beam_models):
+    rng = np.random.default_rng(2)
+    a1 = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([1, 2, 3])]
+    b = [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([2, 150])]
+    a2 = [Event("a", float(t), 10 + i, int(rng.integers(0, 256))) for i, t in enumerate([1500, 1501, 1502])]
+    model = load(beam_models["tiny"], providers=[CPU])
+    want = offline_next(model, a1 + b + a2, segments=lambda k, es: [es[:3], es[3:]] if k == "a" else [es])
+    assert want[("a", 2, 0)] is None and want[("a", 11, 0)] is not None
+    # no flush runs between the expiry timers (a at 203, b at 350) and a's next events
+    steps = [("add", a1 + b[:1]), ("wm", 20.0), ("add", b[1:]), ("wm", 200.0), ("wm", 400.0), ("wm", 1200.0),
+             ("add", a2), ("wm", 3000.0)]
+    with beam.Pipeline(options=STREAMING) as p:
+        out, _ = p | _stream(steps) | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0, ttl=200.0)
+        assert_that(out, check_next(want), label="outputs")
+        # a's held row (seq 2) is released by the expire timer at 203 (watermark 400), b's (seq 1) at 350,
+        # while window [0, 1000) is still open downstream. Held until a's next event (applied after the
+        # watermark passed 1200) or the end of the input, they would be late for that window and dropped.
+        early = (out | beam.Filter(lambda pr: pr.ts < 1000) | beam.WindowInto(FixedWindows(1000))
+                 | beam.Map(lambda pr: (pr.key, pr.seq)) | beam.GroupByKey()
+                 | beam.MapTuple(lambda k, seqs: (k, sorted(seqs))))
+        assert_that(early, lambda got: _eq_set(got, [("a", [0, 1, 2]), ("b", [0, 1])]), label="released_in_time")
+        assert_that(out | beam.Filter(lambda pr: pr.fresh) | beam.Map(lambda pr: (pr.key, pr.seq, pr.reset)),
+                    lambda got: _eq_set(got, [("a", 0, "new"), ("b", 0, "new"), ("a", 10, "expired")]),
+                    label="fresh")
+
+
+def _eq_set(got, want):
+    if sorted(got) != sorted(want):
+        raise AssertionError(f"expected {sorted(want)}, got {sorted(got)}")

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrnn import InputError
-from streamrnn.beam import NAMESPACE, DeadLetter, Event, StatefulInference
+from streamrnn.beam import NAMESPACE, DeadLetter, Event, NextTokenPostprocess, StatefulInference
 from streamrnn.model import load
 from streamrnn.runtime import CPU
 from streamrnn.train.export import export
@@ -94,6 +94,43 @@ def check_outputs(want, *, fresh_reason=None):
                 raise AssertionError(f"{k}: fresh expected {pos == 0}, got {p.fresh}")
             if fresh_reason and p.fresh and p.reset != fresh_reason(p):
                 raise AssertionError(f"{k}: reset expected {fresh_reason(p)!r}, got {p.reset!r}")
+
+    return _check
+
+
+def offline_next(model, events, segments=None):
+    """{(key, seq, sub): logprob_next} per key, (ts, seq, sub)-sorted, each stream run from the initial state.
+
+    ``logprob_next`` of event i is the log-prob the model gave, at i, to the byte of event i + 1 of the
+    same stream (None for a stream's last event).
+    """
+    by_key: dict[str, list] = {}
+    for e in events:
+        by_key.setdefault(e.key, []).append(e)
+    want = {}
+    for k, es in by_key.items():
+        es.sort(key=lambda e: (e.ts, e.seq, e.sub))
+        for part in (segments(k, es) if segments else [es]):
+            x = np.array([[e.x for e in part]], np.int64)
+            lp = model.step(x)[0]["logprobs"][0]
+            for i, e in enumerate(part):
+                want[(e.key, e.seq, e.sub)] = float(lp[i, x[0, i + 1]]) if i + 1 < len(part) else None
+    return want
+
+
+def check_next(want):
+    """Matcher: each event once; ``logprob_next`` equals the offline reference (None where a stream ended)."""
+
+    def _check(preds):
+        got = {(p.key, p.seq, p.sub): p.outputs["logprob_next"] for p in preds}
+        if len(got) != len(preds) or set(got) != set(want):
+            raise AssertionError(f"outputs: expected each of {len(want)} events once, got {len(preds)} rows, "
+                                 f"missing {sorted(set(want) - set(got))[:5]}")
+        for k, v in want.items():
+            g = got[k]
+            g = None if g is None or (isinstance(g, float) and math.isnan(g)) else float(g)
+            if (v is None) != (g is None) or (v is not None and not abs(g - v) <= TOL):
+                raise AssertionError(f"{k}: logprob_next expected {v}, got {g}")
 
     return _check
 
@@ -249,3 +286,40 @@ def test_config_is_keyword_only_and_validated(beam_models):
 
 def test_dead_letter_is_typed():
     assert DeadLetter._fields == ("key", "ts", "seq", "sub", "kind", "reason", "event")
+
+
+# ---------------------------------------------------------------------------- logprob_next (pair with next event)
+@pytest.mark.parametrize("runner,at_once", [("batch", True), ("batch", False), ("multi_processing", False),
+                                            ("portable", False)])
+def test_logprob_next_matches_offline(beam_models, runner, at_once, monkeypatch):
+    """at_once: the bounded flush resolves every row; otherwise rows are held back per key across
+    windows and the last ones are released by the end-of-input timer."""
+    worker_path(monkeypatch)
+    rng = np.random.default_rng(21)
+    events = make_events(rng, n_keys=4, per_key=20)
+    events.append(Event("solo", 1_100.0, 0, 65))  # a one-event key: its only row has no next
+    want = offline_next(load(beam_models["tiny"], providers=[CPU]), events)
+    dups = [events[i] for i in rng.choice(len(events), 4, replace=False)]
+    arrived = [*events, *dups]
+    arrived = [arrived[i] for i in rng.permutation(len(arrived))]
+    with beam.Pipeline(options=PipelineOptions(RUNNERS[runner])) as p:
+        out, _ = p | beam.Create(arrived, reshuffle=False) | StatefulInference(
+            model=beam_models["tiny"], num_shards=2, window_size=45.0, providers=[CPU],
+            postprocess=NextTokenPostprocess(3), next_fields=("logprob",), flush_bounded_at_once=at_once,
+            max_steps_per_call=7)
+        assert_that(out, check_next(want))
+
+
+def test_logprob_next_ttl_gaps_in_batch(beam_models):
+    rng = np.random.default_rng(4)
+    evs = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 5, 500, 510, 2000])]
+    evs += [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 50, 100])]
+    want = offline_next(load(beam_models["tiny"], providers=[CPU]), evs,
+                        segments=lambda k, es: [es[:2], es[2:4], es[4:]] if k == "a" else [es])
+    assert want[("a", 1, 0)] is None and want[("a", 2, 0)] is not None  # a stream ends at each gap
+    for at_once in (True, False):
+        with beam.Pipeline() as p:
+            out, _ = p | beam.Create(evs) | StatefulInference(
+                model=beam_models["tiny"], num_shards=1, window_size=20.0, ttl=100.0, providers=[CPU],
+                postprocess=NextTokenPostprocess(), next_fields=("logprob",), flush_bounded_at_once=at_once)
+            assert_that(out, check_next(want))

@@ -27,7 +27,7 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from ..errors import InputError
-from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json
+from .records import END_OF_INPUT, EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json
 from .transform import DEAD
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
@@ -263,7 +263,7 @@ class ReplayEvents(beam.PTransform):
                 stream = stream.advance_watermark_to(t0 + (step_of[a] + 1) * self.step - self.ooo)
         else:
             t0 = 0.0
-        stream = stream.advance_watermark_to(1e12).advance_watermark_to_infinity()
+        stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
         events = pbegin | "Stream" >> stream | "Pace" >> beam.ParDo(_Pace(t0, self.speedup))
         dl = pbegin | "UnreadableRows" >> beam.Create(dead) if n_dead else (
             pbegin | "UnreadableRows" >> beam.Create([]))

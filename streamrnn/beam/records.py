@@ -23,6 +23,23 @@ KEY, TS, SEQ, SUB, X, EVENT = "key", "ts", "seq", "sub", "x", "event"
 WEND, FIRE, ARRIVAL = "_wend", "_fire", "_arrival"
 
 
+def _end_of_input():
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.timestamp import Timestamp
+
+    # whole milliseconds (TestStream watermarks must be), just before the global window's end
+    return Timestamp(micros=(GlobalWindow().max_timestamp().micros // 1000 - 1) * 1000)
+
+
+#: The event time at which the stateful step releases what it still holds back (the end of
+#: the input). A finite time just before the end of the global window: runners advance the
+#: watermark there when a bounded input ends. A TestStream should advance the watermark to it
+#: before ``advance_watermark_to_infinity()`` (the legacy DirectRunner does not hold the output
+#: watermark for timers that fire on the jump to infinity, so a downstream GroupByKey could
+#: drop what they emit).
+END_OF_INPUT = _end_of_input()
+
+
 class Event(NamedTuple):
     """One input event for :class:`~streamrnn.beam.StatefulInference`.
 

@@ -45,6 +45,7 @@ from ..spec import ModelSpec
 from .postprocess import Postprocess
 from .records import (
     ARRIVAL,
+    END_OF_INPUT,
     EVENT,
     FIRE,
     KEY,
@@ -318,13 +319,16 @@ class _OrderAndApply(beam.DoFn):
     META = ReadModifyWriteStateSpec("meta", BytesCoder())
     RECENT = ReadModifyWriteStateSpec("recent", BytesCoder())
     CTRL = ReadModifyWriteStateSpec("ctrl", StrUtf8Coder())
+    HELD = ReadModifyWriteStateSpec("held", BytesCoder())
     FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
     EXPIRE = TimerSpec("expire", TimeDomain.WATERMARK)
+    END = TimerSpec("end", TimeDomain.WATERMARK)
 
     def __init__(self, *, model_path: str, spec_json: str, ttl: float | None, dedupe_horizon: float,
                  postprocess: Postprocess | None, keep_last_output: bool, output: str, providers: Any,
                  max_steps_per_call: int, max_batch: int, flush_all: bool,
-                 fault_injector: Callable[[int, list[str]], None] | None):
+                 fault_injector: Callable[[int, list[str]], None] | None, next_fields: Sequence[str] = ()):
+        self.next_fields = tuple(next_fields)
         self.model_path = model_path
         self.spec_json = spec_json
         self.ttl = ttl
@@ -368,8 +372,10 @@ class _OrderAndApply(beam.DoFn):
     # -- intake -------------------------------------------------------------------------
     def process(self, element, buffer=beam.DoFn.StateParam(BUFFER), recent_state=beam.DoFn.StateParam(RECENT),
                 ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH),
-                updates: Sequence[ModelUpdate] | None = None):
+                end_timer=beam.DoFn.TimerParam(END), updates: Sequence[ModelUpdate] | None = None):
         _shard, blob = element
+        if self.next_fields and not self.flush_all:
+            end_timer.set(END_OF_INPUT)  # releases the rows still held back when the input ends
         ctrl = _read_ctrl(ctrl_state, self.model_path)
         if updates:
             self._merge_updates(ctrl, updates)
@@ -433,8 +439,25 @@ class _OrderAndApply(beam.DoFn):
                  buffer=beam.DoFn.StateParam(BUFFER), keys_state=beam.DoFn.StateParam(KEYS),
                  meta_state=beam.DoFn.StateParam(META), recent_state=beam.DoFn.StateParam(RECENT),
                  ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH),
-                 expire_timer=beam.DoFn.TimerParam(EXPIRE)):
-        T = float(fire_ts.micros) / 1e6
+                 expire_timer=beam.DoFn.TimerParam(EXPIRE), held_state=beam.DoFn.StateParam(HELD)):
+        yield from self._flush(key, float(fire_ts.micros) / 1e6, buffer, keys_state, meta_state, recent_state,
+                               ctrl_state, flush_timer, expire_timer, held_state, final=self.flush_all)
+
+    @on_timer(END)
+    def on_end(self, key=beam.DoFn.KeyParam, fire_ts=beam.DoFn.TimestampParam,
+               buffer=beam.DoFn.StateParam(BUFFER), keys_state=beam.DoFn.StateParam(KEYS),
+               meta_state=beam.DoFn.StateParam(META), recent_state=beam.DoFn.StateParam(RECENT),
+               ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH),
+               expire_timer=beam.DoFn.TimerParam(EXPIRE), held_state=beam.DoFn.StateParam(HELD)):
+        """The input ended: apply whatever is still buffered, then release every held-back row."""
+        outs = list(self._flush(key, float(fire_ts.micros) / 1e6, buffer, keys_state, meta_state, recent_state,
+                                ctrl_state, flush_timer, expire_timer, held_state, final=True))
+        # whatever is still held (keys with nothing buffered) ends its stream here
+        outs += list(self._emit_table(self._pair(None, held_state, set(), final=True)))
+        yield from outs
+
+    def _flush(self, key, T: float, buffer, keys_state, meta_state, recent_state, ctrl_state, flush_timer,
+               expire_timer, held_state, *, final: bool):
         ctrl = _read_ctrl(ctrl_state, self.model_path)
         blobs = list(buffer.read())
         pending = pa.concat_tables([from_ipc(b) for b in blobs]) if blobs else None
@@ -443,7 +466,7 @@ class _OrderAndApply(beam.DoFn):
             ctrl_state.write(ctrl.to_json())
             return
         fire = pending.column(FIRE).to_numpy()
-        due_m = np.ones(len(fire), bool) if self.flush_all else fire <= T
+        due_m = np.ones(len(fire), bool) if final else fire <= T
         due, rest = pending.filter(pa.array(due_m)), pending.filter(pa.array(~due_m))
         buffer.clear()
         if rest.num_rows:
@@ -452,9 +475,9 @@ class _OrderAndApply(beam.DoFn):
             flush_timer.set(Timestamp.of(ctrl.flush_at))
         else:
             ctrl.flush_at = None
-        ctrl.fired = max(ctrl.fired, float(fire[due_m].max()) if self.flush_all else T)
+        ctrl.fired = max(ctrl.fired, float(fire[due_m].max()) if final else T)
         self.m.flushes.inc()
-        outs = list(self._apply(key, due, ctrl, keys_state, meta_state, recent_state, T))
+        outs = list(self._apply(key, due, ctrl, keys_state, meta_state, recent_state, T, held_state, final))
         ctrl_state.write(ctrl.to_json())
         self._set_expire(keys_state, meta_state, expire_timer)
         if self.fault_injector is not None:
@@ -464,7 +487,8 @@ class _OrderAndApply(beam.DoFn):
     @on_timer(EXPIRE)
     def on_expire(self, fire_ts=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
                   keys_state=beam.DoFn.StateParam(KEYS), meta_state=beam.DoFn.StateParam(META),
-                  ctrl_state=beam.DoFn.StateParam(CTRL), expire_timer=beam.DoFn.TimerParam(EXPIRE)):
+                  ctrl_state=beam.DoFn.StateParam(CTRL), expire_timer=beam.DoFn.TimerParam(EXPIRE),
+                  held_state=beam.DoFn.StateParam(HELD)):
         if self.ttl is None:
             return
         E = float(fire_ts.micros) / 1e6
@@ -491,6 +515,8 @@ class _OrderAndApply(beam.DoFn):
             self.m.expired.inc(n)
             keys_state.write(to_ipc(op.snapshot()))
             self._write_meta(meta_state, meta)
+            if self.next_fields:  # the expired keys' streams ended: their held rows go out with no next
+                yield from self._emit_table(self._pair(None, held_state, set(op.keys()), final=False))
         self._set_expire(keys_state, meta_state, expire_timer, after=E)
 
     def _set_expire(self, keys_state, meta_state, expire_timer, after: float = -math.inf) -> None:
@@ -531,7 +557,8 @@ class _OrderAndApply(beam.DoFn):
                                           "reason": pa.array([meta[k][1] for k in keys], pa.string())})))
 
     # -- the flush ------------------------------------------------------------------------
-    def _apply(self, shard: int, due: pa.Table, ctrl: _Ctrl, keys_state, meta_state, recent_state, T: float):
+    def _apply(self, shard: int, due: pa.Table, ctrl: _Ctrl, keys_state, meta_state, recent_state, T: float,
+               held_state=None, final: bool = True):
         n = due.num_rows
         keys_py = due.column(KEY).to_pylist()
         ts = due.column(TS).to_numpy()
@@ -660,7 +687,11 @@ class _OrderAndApply(beam.DoFn):
         meta = {k: v for k, v in meta.items() if k in op or v[0] + 2 * horizon >= T}
         self._write_meta(meta_state, meta)
         self._append_recent(recent_state, due.take(pa.array(order[applied])), ctrl.applied_max)
-        yield from self._emit(due, order, applied, ok, ots, pos, fresh, reset, version, results)
+        if self.next_fields:
+            rows = self._rows_table(due, order, applied, ok, ots, pos, fresh, reset, version, results)
+            yield from self._emit_table(self._pair(rows, held_state, set(op.keys()), final=final))
+        else:
+            yield from self._emit(due, order, applied, ok, ots, pos, fresh, reset, version, results)
 
     def _switch(self, op: KeyedOperator, ctrl: _Ctrl, path: str, meta: dict[str, list]) -> KeyedOperator:
         new_model = self._model(path)
@@ -707,6 +738,94 @@ class _OrderAndApply(beam.DoFn):
                                               {n: v[i] for n, v in results.items()}), float(ots[i]))
 
 
+    # -- pairing each row with its key's next event (next_fields) -----------------------------
+    def _rows_table(self, due, order, applied, ok, ots, pos, fresh, reset, version, results) -> pa.Table | None:
+        idx = np.flatnonzero(applied)
+        if not len(idx):
+            return None
+        src = order[idx]
+        cols: dict[str, pa.Array] = {
+            KEY: pa.array([ok[i] for i in idx], pa.string()), TS: pa.array(ots[idx]),
+            SEQ: pa.array(due.column(SEQ).to_numpy()[src]), SUB: pa.array(due.column(SUB).to_numpy()[src]),
+            "pos": pa.array(pos[idx]), "fresh": pa.array(fresh[idx]),
+            "reset": pa.array(reset[idx].tolist(), pa.string()),
+            "model_version": pa.array(version[idx].tolist(), pa.string())}
+        for name, v in results.items():
+            cols[name] = _to_arrow(v[idx])
+        return pa.table(cols)
+
+    def _pair(self, rows: pa.Table | None, held_state, live: set[str], *, final: bool) -> pa.Table | None:
+        """Rows ready to go out, each with ``<field>_next`` = that field on its key's next event.
+
+        ``rows``: this flush's applied rows, grouped by key in stream order. The row held back
+        per key from earlier flushes (Arrow in ``held_state``) precedes them. A row's next is
+        the following row of its key unless that one started fresh (the stream ended: TTL,
+        model-update reset). A key's last row is held back again, unless ``final`` (the input
+        ended) or its key has no state any more (``live``): then it goes out with null.
+        """
+        raw = held_state.read()
+        held = from_ipc(raw) if raw else None
+        parts = [t for t in (held, rows) if t is not None and t.num_rows]
+        if not parts:
+            return None
+        t = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+        n = t.num_rows
+        grp = np.zeros(n, np.int64)
+        if held is not None and rows is not None and held.num_rows:
+            grp[held.num_rows:] = 1
+        keys = t.column(KEY)
+        kc = pc.index_in(keys, pc.unique(keys)).to_numpy(zero_copy_only=False)
+        o = np.lexsort((np.arange(n), grp, kc))
+        t, kc = t.take(pa.array(o)), kc[o]
+        fresh = t.column("fresh").to_numpy(zero_copy_only=False).astype(bool)
+        cont = np.zeros(n, bool)
+        cont[:-1] = (kc[1:] == kc[:-1]) & ~fresh[1:]
+        last = np.ones(n, bool)
+        last[:-1] = kc[1:] != kc[:-1]
+        if final:
+            hold = np.zeros(n, bool)
+        else:
+            keys_py = t.column(KEY).to_pylist()
+            hold = last & np.array([k in live for k in keys_py], bool)
+        nxt_idx = pa.array(np.minimum(np.arange(1, n + 1), n - 1))
+        out = t
+        for f in self.next_fields:
+            col = t.column(f).combine_chunks()
+            out = out.append_column(f + "_next", pc.if_else(pa.array(cont), col.take(nxt_idx),
+                                                            pa.nulls(n, col.type)))
+        if hold.any():
+            held_state.write(to_ipc(t.filter(pa.array(hold))))
+        else:
+            held_state.clear()
+        out = out.filter(pa.array(~hold))
+        return out if out.num_rows else None
+
+    def _emit_table(self, t: pa.Table | None):
+        if t is None or not t.num_rows:
+            return
+        ts = t.column(TS).to_numpy()
+        if self.output == "arrow":
+            for b in t.combine_chunks().to_batches():
+                yield TimestampedValue(b, float(ts.min()))
+            return
+        base = {KEY, TS, SEQ, SUB, "pos", "fresh", "reset", "model_version"}
+        names = [c for c in t.column_names if c not in base]
+        vals = {}
+        for name in names:
+            col = t.column(name).combine_chunks()
+            if pa.types.is_fixed_size_list(col.type):
+                vals[name] = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+            elif col.null_count:
+                vals[name] = col.to_pylist()
+            else:
+                vals[name] = col.to_numpy(zero_copy_only=False)
+        cols = {c: t.column(c).to_pylist() for c in base}
+        for i in range(t.num_rows):
+            yield TimestampedValue(Prediction(cols[KEY][i], cols[TS][i], cols[SEQ][i], cols[SUB][i], cols["pos"][i],
+                                              cols["fresh"][i], cols["reset"][i], cols["model_version"][i],
+                                              {n: v[i] for n, v in vals.items()}), float(ts[i]))
+
+
 def _to_arrow(v: np.ndarray) -> pa.Array:
     if v.ndim == 1:
         return pa.array(v)
@@ -751,6 +870,12 @@ class StatefulInference(beam.PTransform):
       max_steps_per_call / max_batch: caps on T and B of one ORT call.
       flush_bounded_at_once: for bounded input (batch), one flush per shard with all
         windows (same results; far bigger batches).
+      next_fields: output columns to pair with each key's *next* event: each output gets
+        ``<name>_next``, that column's value on the key's next applied event of the same
+        stream (null where the stream ended: TTL expiry, a reset, the end of the input).
+        A key's latest row is held back (Arrow, in Beam state) until its next event is
+        applied or its stream ends, so it comes out that much later. E.g.
+        ``next_fields=("logprob",)`` with :class:`NextTokenPostprocess` gives ``logprob_next``.
       fault_injector: testing hook ``f(shard, keys)`` called after a flush's state
         writes, before its bundle commits.
     """
@@ -760,7 +885,7 @@ class StatefulInference(beam.PTransform):
                  model_updates: beam.PCollection | None = None, postprocess: Postprocess | None = None,
                  keep_last_output: bool = False, output: Literal["records", "arrow"] = "records",
                  providers: Any = "auto", max_steps_per_call: int = 256, max_batch: int = 4096,
-                 flush_bounded_at_once: bool = True,
+                 flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
                  label: str | None = None):
         super().__init__(label)
@@ -796,6 +921,9 @@ class StatefulInference(beam.PTransform):
         self.max_batch = max_batch
         self.flush_bounded_at_once = flush_bounded_at_once
         self.fault_injector = fault_injector
+        self.next_fields = tuple(next_fields)
+        if any(not isinstance(f, str) or not f for f in self.next_fields):
+            raise InputError(f"StatefulInference: next_fields: expected output column names, got {next_fields!r}")
 
     def expand(self, events: beam.PCollection) -> StatefulResult:
         spec_json = self.spec.to_json()
@@ -815,7 +943,8 @@ class StatefulInference(beam.PTransform):
             model_path=self.model, spec_json=spec_json, ttl=self.ttl, dedupe_horizon=self.dedupe_horizon,
             postprocess=self.postprocess, keep_last_output=self.keep_last_output, output=self.output,
             providers=self.providers, max_steps_per_call=self.max_steps_per_call, max_batch=self.max_batch,
-            flush_all=flush_all, fault_injector=self.fault_injector), **side).with_outputs(DEAD, main="outputs")
+            flush_all=flush_all, fault_injector=self.fault_injector, next_fields=self.next_fields),
+            **side).with_outputs(DEAD, main="outputs")
         dead = ((intake[DEAD], applied[DEAD]) | "DeadLetters" >> beam.Flatten()
                 | "DeadLettersGlobal" >> beam.WindowInto(GlobalWindows()))
         return StatefulResult(applied.outputs, dead)
