@@ -77,7 +77,7 @@ def test_resume_with_other_settings_is_refused(text, tmp_path, capsys):
 def test_bench_operator_smoke():
     from streamrnn.bench.operator import run
 
-    res = run(hidden=16, shapes=((2, 1), (1, 3)), repeats=1, min_s=0.001)
+    res = run(hidden=16, shapes=((2, 1), (1, 3)), seconds=0.01, min_calls=2)
     for r in res["results"]:
         for k in ("raw", "step", "keyed", "torch"):
             assert r[k]["key_steps_per_s"] > 0

@@ -8,9 +8,12 @@ One run measures, on a 2-layer H=256 LSTM LM with random weights, for each (B, T
   state gather/scatter);
 * ``torch``: torch eager ``RecurrentNet`` (``nn.LSTM``) under ``no_grad``.
 
-Variants are interleaved round-robin in every repeat so machine noise hits all of
-them alike; medians are reported as key-steps/s, with ratios and GFLOP/s against the
-SGEMM peak measured in the same run.
+The three ONNX Runtime variants are interleaved call by call, in a fresh random order
+every round, and every call is timed on its own, so machine noise hits them alike.
+torch is timed in its own block right after: its OpenMP threads keep spinning after a
+call and would slow whichever ORT call came next. The median call time of each variant
+is reported as key-steps/s, with ratios and GFLOP/s against the SGEMM peak measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -52,18 +55,25 @@ def flops_per_key_step(layers: int, hidden: int, in_dim: int, out_dim: int, gate
     return f + 2 * hidden * out_dim
 
 
-def _time(fn: Callable[[], object], min_s: float) -> float:
-    """Seconds per call: repeat ``fn`` for at least ``min_s`` and divide."""
-    n, t0 = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_s:
-            return dt / n
+def _interleaved(variants: dict[str, Callable[[], object]], seconds: float, min_calls: int,
+                 seed: int = 0) -> dict[str, list[float]]:
+    """Per-call times of each variant, one call of each per round in a random order, until
+    ``seconds`` have passed and every variant has ``min_calls`` samples."""
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    names = list(variants)
+    rng = np.random.default_rng(seed)
+    perf = time.perf_counter
+    t_end = perf() + seconds
+    while len(samples[names[0]]) < min_calls or perf() < t_end:
+        for i in rng.permutation(len(names)):
+            fn = variants[names[i]]
+            t = perf()
+            fn()
+            samples[names[i]].append(perf() - t)
+    return samples
 
 
-def run(*, hidden: int = 256, layers: int = 2, repeats: int = 7, min_s: float = 0.2, threads: int = 0,
+def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: int = 15, threads: int = 0,
         shapes=SHAPES, seed: int = 0) -> dict:
     import torch
 
@@ -107,16 +117,13 @@ def run(*, hidden: int = 256, layers: int = 2, repeats: int = 7, min_s: float = 
             "raw": lambda feeds=feeds, names=out_names: sess.run(names, feeds),
             "step": lambda x=x, st=st: model.step(x, st),
             "keyed": lambda ev_keys=ev_keys, ev_x=ev_x, op=op: op.process(ev_keys, ev_x),
-            "torch": torch_call,
         }
-        for fn in variants.values():
+        for fn in (*variants.values(), torch_call):
             fn()
-        samples: dict[str, list[float]] = {k: [] for k in variants}
-        for _ in range(repeats):
-            for name, fn in variants.items():
-                samples[name].append(_time(fn, min_s))
+        samples = _interleaved(variants, seconds, min_calls, seed)
+        samples.update(_interleaved({"torch": torch_call}, seconds / 3, min_calls, seed))
         med = {k: statistics.median(v) for k, v in samples.items()}
-        row = {"B": B, "T": T}
+        row = {"B": B, "T": T, "calls_per_variant": len(samples["raw"])}
         for k, v in med.items():
             ks = B * T / v
             row[k] = {"median_s_per_call": v, "key_steps_per_s": ks, "us_per_key_step": 1e6 / ks,
@@ -140,7 +147,8 @@ def run(*, hidden: int = 256, layers: int = 2, repeats: int = 7, min_s: float = 
         goals["b1_step_latency_le_1.1x_raw"] = {"value": lat, "met": lat <= 1.1}
     return {
         "benchmark": "operator", "model": f"{layers}x{hidden} LSTM LM (vocab 256, embed 64, random weights)",
-        "flops_per_key_step": flops, "sgemm_peak_gflops": peak, "repeats": repeats, "stat": "median",
+        "flops_per_key_step": flops, "sgemm_peak_gflops": peak, "stat": "median of per-call times",
+        "seconds_per_shape": seconds,
         "threads": threads or "ort/torch default", "torch_threads": torch.get_num_threads(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
@@ -149,7 +157,7 @@ def run(*, hidden: int = 256, layers: int = 2, repeats: int = 7, min_s: float = 
 
 
 def _human(res: dict) -> str:
-    lines = [f"{res['model']}; SGEMM peak {res['sgemm_peak_gflops']:.1f} GFLOP/s; medians of {res['repeats']}"]
+    lines = [f"{res['model']}; SGEMM peak {res['sgemm_peak_gflops']:.1f} GFLOP/s; medians of per-call times"]
     lines.append(f"{'B,T':>8} {'variant':>7} {'key-steps/s':>12} {'us/key-step':>12} {'GFLOP/s':>8} {'%peak':>6}")
     for r in res["results"]:
         for k in ("raw", "step", "keyed", "torch"):
@@ -168,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--min-seconds", type=float, default=0.2, help="time each sample for at least this long")
+    p.add_argument("--seconds", type=float, default=4.0, help="time budget per shape (variants interleaved)")
+    p.add_argument("--min-calls", type=int, default=15, help="at least this many timed calls per variant")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads for ORT and torch (0: defaults)")
     a = p.parse_args(argv)
-    res = run(hidden=a.hidden, layers=a.layers, repeats=a.repeats, min_s=a.min_seconds, threads=a.threads)
+    res = run(hidden=a.hidden, layers=a.layers, seconds=a.seconds, min_calls=a.min_calls, threads=a.threads)
     print(json.dumps(res, indent=2) if a.json else _human(res), file=sys.stdout)
     return 0
