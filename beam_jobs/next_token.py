@@ -3,11 +3,14 @@
     python -m beam_jobs.next_token --input EVENTS --output DIR [--replay] [Beam pipeline options]
     python -m beam_jobs.next_token --demo --output DIR            # makes demo events, replays them
 
-Writes ``DIR/predictions-*.parquet`` (one row per input byte: key, ts, seq, offset,
-pos, topk_tokens, topk_probs, logprob_next, model_version, fresh, reset),
-``DIR/dead_letters-*.parquet`` (original event + reason) and ``DIR/summary.json``, and
-prints a per-key online bits/char summary. ``--replay`` plays the file as an unbounded
-stream on the DirectRunner (``--streaming``) with a progress line.
+The pipeline itself writes, through Beam's filesystems (local, gs://, s3://, ...),
+``DIR/predictions-*.parquet`` (one row per input byte: key, ts, seq, offset, pos,
+topk_tokens, topk_probs, logprob, logprob_next, model_version, fresh, reset),
+``DIR/dead_letters-*.parquet`` (original event + reason) and ``DIR/summary.json`` (per-key
+online bits/char, combined in the pipeline). ``logprob_next`` is paired inside the stateful
+step (each key's latest row waits for the key's next byte or the end of its stream); the
+launcher only reads the small summary back and prints it. ``--replay`` plays the file as an
+unbounded stream on the DirectRunner (``--streaming``) with a progress line.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import threading
 import time
@@ -26,27 +28,61 @@ from collections.abc import Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindows
 
 import streamrnn
 from streamrnn.beam import NextTokenPostprocess, StatefulInference
 from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA
 
-PARTS = "_parts"
 LN2 = math.log(2.0)
+PREDICTIONS, DEAD_LETTERS, SUMMARY = "predictions", "dead_letters", "summary.json"
+
+PREDICTION_SCHEMA = pa.schema([
+    ("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()), ("offset", pa.int64()), ("pos", pa.int64()),
+    ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
+    ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
 
 
-class _WriteParts(beam.DoFn):
-    """Writes each bundle's Arrow blocks (or dead letters) to one Parquet part.
+def job_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The transform's Arrow block (with ``logprob_next`` paired in the pipeline) in the job's columns.
 
-    The file name is a hash of the rows' identities, so a retried bundle rewrites the
-    same file instead of adding a second copy; it also carries the row count (progress).
+    ``logprob`` (this byte's log-prob given the previous ones) is null where the key's stream
+    started fresh; ``logprob_next`` is null for a stream's last byte.
+    """
+    lp = batch.column("logprob").cast(pa.float64())
+    lp = pc.if_else(pc.is_nan(lp), pa.nulls(len(lp), pa.float64()), lp)
+    cols = {"key": batch.column("key"), "ts": batch.column("ts"), "seq": batch.column("seq"),
+            "offset": batch.column("sub"), "pos": batch.column("pos"),
+            "topk_tokens": _lists(batch.column("topk_tokens"), pa.int64()),
+            "topk_probs": _lists(batch.column("topk_probs"), pa.float32()), "logprob": lp,
+            "logprob_next": batch.column("logprob_next").cast(pa.float64()),
+            "model_version": batch.column("model_version"), "fresh": batch.column("fresh"),
+            "reset": batch.column("reset")}
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
+
+
+def _lists(arr: pa.Array, typ: pa.DataType) -> pa.Array:
+    n = arr.type.list_size
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(arr) * n + 1, n, dtype=np.int32)),
+                                    arr.flatten().cast(typ))
+
+
+class _WriteParquet(beam.DoFn):
+    """Writes each bundle's rows to one Parquet file through Beam's filesystems (local, gs://, s3://, ...).
+
+    ``DIR/<prefix>-<hash>-<rows>.parquet``: the hash is of the rows' identities, so a retried
+    bundle rewrites the same file instead of adding a second copy; the row count in the name
+    lets the launcher show progress without reading the files.
     """
 
-    def __init__(self, root: str, kind: str):
-        self.root, self.kind = root, kind
+    def __init__(self, root: str, prefix: str):
+        self.root, self.prefix = root, prefix
 
     def start_bundle(self):
         self._items: list = []
@@ -57,20 +93,74 @@ class _WriteParts(beam.DoFn):
     def finish_bundle(self):
         if not self._items:
             return
-        if self.kind == "pred":
-            t = pa.Table.from_batches(self._items)
+        if self.prefix == PREDICTIONS:
+            t = pa.Table.from_batches(self._items, schema=PREDICTION_SCHEMA)
         else:
             t = pa.Table.from_pylist([d._asdict() for d in self._items], schema=DEAD_LETTER_SCHEMA)
         self._items = []
         h = hashlib.sha1()
-        for c in ("key", "seq", "sub", "kind"):
+        for c in ("key", "seq", "offset", "sub", "kind"):
             if c in t.column_names:
                 h.update(repr(t.column(c).to_pylist()).encode())
-        os.makedirs(self.root, exist_ok=True)
-        name = f"{self.kind}-{h.hexdigest()[:16]}-{t.num_rows}.parquet"
-        tmp = os.path.join(self.root, "." + name + f".{os.getpid()}.tmp")
-        pq.write_table(t, tmp)
-        os.replace(tmp, os.path.join(self.root, name))
+        path = FileSystems.join(self.root, f"{self.prefix}-{h.hexdigest()[:16]}-{t.num_rows}.parquet")
+        with FileSystems.create(path) as f:
+            pq.write_table(t, f)
+
+
+def _key_stats(batch: pa.RecordBatch):
+    """(key, (bytes, scored bytes, sum of logprob_next)) for each key of a block."""
+    g = pa.Table.from_batches([batch]).group_by("key").aggregate(
+        [("key", "count"), ("logprob_next", "count"), ("logprob_next", "sum")])
+    for k, n, m, s in zip(g.column("key").to_pylist(), g.column("key_count").to_pylist(),
+                          g.column("logprob_next_count").to_pylist(), g.column("logprob_next_sum").to_pylist(),
+                          strict=True):
+        yield k, (int(n), int(m), float(s or 0.0))
+
+
+def _sum3(vs):
+    b = m = 0
+    s = 0.0
+    for n, c, v in vs:
+        b, m, s = b + n, m + c, s + v
+    return b, m, s
+
+
+def _at_end(label: str):
+    # one final pane per key when the input ends (also for an unbounded replay: global window, watermark trigger)
+    return label >> beam.WindowInto(GlobalWindows(), trigger=trigger.AfterWatermark(),
+                                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
+
+
+def _bpc(scored: int, total: float) -> float | None:
+    return -total / scored / LN2 if scored else None
+
+
+class _WriteSummary(beam.DoFn):
+    """Assembles ``summary.json`` from the pipeline's small aggregates and writes it via Beam's filesystems."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def process(self, items):
+        summary: dict = {"keys": {}, "events": 0, "dead_letters": {}, "model_version": []}
+        scored = 0
+        total = 0.0
+        for kind, v in items:
+            if kind == "key":
+                k, (n, m, s) = v
+                summary["keys"][k] = {"bytes": n, "scored": m, "bits_per_char": _bpc(m, s)}
+                summary["events"] += n
+                scored, total = scored + m, total + s
+            elif kind == "dead":
+                summary["dead_letters"][v[0]] = int(v[1])
+            else:
+                summary["model_version"].append(v)
+        summary["keys"] = dict(sorted(summary["keys"].items()))
+        summary["dead_letters"] = dict(sorted(summary["dead_letters"].items()))
+        summary["model_version"].sort()
+        summary["bits_per_char"] = _bpc(scored, total)
+        with FileSystems.create(FileSystems.join(self.root, SUMMARY), mime_type="application/json") as f:
+            f.write(json.dumps(summary, indent=2).encode())
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -101,34 +191,53 @@ def _providers(s: str):
     return {"auto": "auto", "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(s, s)
 
 
-def build(p: beam.Pipeline, args: argparse.Namespace, parts: str) -> None:
-    """The job's pipeline: events → StatefulInference (next-token postprocess) → Parquet parts."""
+def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
+    """events → StatefulInference (next-token postprocess, ``logprob_next`` paired in the pipeline)
+    → Parquet predictions and dead letters, and the per-key summary, all written by the pipeline."""
     if args.replay:
         events, unread = p | "ReplayEvents" >> ReplayEvents(args.input, speedup=args.speedup, step=args.step)
     else:
         events, unread = p | "ReadEvents" >> ReadEvents(args.input)
     out, dead = events | "NextToken" >> StatefulInference(
         model=args.model, num_shards=args.shards, window_size=args.window, allowed_lateness=args.allowed_lateness,
-        ttl=args.ttl, postprocess=NextTokenPostprocess(args.topk), output="arrow",
+        ttl=args.ttl, postprocess=NextTokenPostprocess(args.topk), next_fields=("logprob",), output="arrow",
         providers=_providers(args.providers))
-    out | "WritePredictions" >> beam.ParDo(_WriteParts(parts, "pred"))
-    ((dead, unread) | "AllDeadLetters" >> beam.Flatten()
-     | "WriteDeadLetters" >> beam.ParDo(_WriteParts(parts, "dead")))
+    preds = out | "JobColumns" >> beam.Map(job_columns)
+    preds | "WritePredictions" >> beam.ParDo(_WriteParquet(args.output, PREDICTIONS))
+    dead_all = (dead, unread) | "AllDeadLetters" >> beam.Flatten()
+    dead_all | "WriteDeadLetters" >> beam.ParDo(_WriteParquet(args.output, DEAD_LETTERS))
+    per_key = (preds | "KeyStats" >> beam.FlatMap(_key_stats) | _at_end("KeyStatsAtEnd")
+               | "SumPerKey" >> beam.CombinePerKey(_sum3) | "TagKeys" >> beam.Map(lambda kv: ("key", kv)))
+    dead_n = (dead_all | "DeadKind" >> beam.Map(lambda d: d.kind) | _at_end("DeadAtEnd")
+              | "CountDead" >> beam.combiners.Count.PerElement() | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
+    versions = (preds | "Versions" >> beam.FlatMap(lambda b: set(b.column("model_version").to_pylist()))
+                | _at_end("VersionsAtEnd") | "DistinctVersions" >> beam.Distinct()
+                | "TagVersions" >> beam.Map(lambda v: ("model", v)))
+    ((per_key, dead_n, versions) | "SummaryParts" >> beam.Flatten()
+     | "SummaryList" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
+     | "WriteSummary" >> beam.ParDo(_WriteSummary(args.output)))
 
 
-def _progress(parts: str, total: int, stop: threading.Event, out=None) -> None:
+def _count_rows(output: str, prefix: str) -> int:
+    try:
+        res = FileSystems.match([FileSystems.join(output, f"{prefix}-*.parquet")])[0]
+    except Exception:  # nothing written yet, or a filesystem that cannot list now
+        return 0
+    n = 0
+    for m in res.metadata_list:
+        try:
+            n += int(m.path.rsplit("-", 1)[1].split(".")[0])
+        except (IndexError, ValueError):
+            pass
+    return n
+
+
+def _progress(output: str, total: int, stop: threading.Event, out=None) -> None:
+    """Progress from the files the pipeline has written (their names carry their row counts)."""
     out = out or sys.stderr
     t0 = time.monotonic()
     while not stop.wait(0.5):
-        done = dead = 0
-        if os.path.isdir(parts):
-            for f in os.listdir(parts):
-                if f.endswith(".parquet"):
-                    n = int(f.rsplit("-", 1)[1].split(".")[0])
-                    if f.startswith("pred-"):
-                        done += n
-                    else:
-                        dead += n
+        done, dead = _count_rows(output, PREDICTIONS), _count_rows(output, DEAD_LETTERS)
         dt = time.monotonic() - t0
         pct = 100.0 * (done + dead) / total if total else 0.0
         out.write(f"\r  {done:,} predictions, {dead:,} dead letters ({pct:5.1f}% of {total:,} events), "
@@ -137,65 +246,23 @@ def _progress(parts: str, total: int, stop: threading.Event, out=None) -> None:
     out.write("\n")
 
 
-def finalize(parts: str, output: str, *, rows_per_file: int = 1_000_000) -> dict:
-    """Turn the pipeline's parts into the job's Parquet files and the per-key summary."""
-    pred_files = sorted(f for f in os.listdir(parts) if f.startswith("pred-")) if os.path.isdir(parts) else []
-    dead_files = sorted(f for f in os.listdir(parts) if f.startswith("dead-")) if os.path.isdir(parts) else []
-    for f in os.listdir(output):
-        if (f.startswith("predictions-") or f.startswith("dead_letters-")) and f.endswith(".parquet"):
-            os.remove(os.path.join(output, f))
-    if pred_files:
-        t = pa.concat_tables([pq.read_table(os.path.join(parts, f)) for f in pred_files])
-    else:
-        t = None
-    summary: dict = {"keys": {}, "events": 0}
-    if t is not None and t.num_rows:
-        # one stream per (key, fresh-start): order by key, ts, seq, offset
-        order = np.lexsort((t.column("sub").to_numpy(), t.column("seq").to_numpy(), t.column("ts").to_numpy(),
-                            np.asarray(t.column("key").to_pylist(), dtype=object).astype(str)))
-        t = t.take(pa.array(order))
-        keys = np.asarray(t.column("key").to_pylist(), dtype=object)
-        lp = t.column("logprob").to_numpy(zero_copy_only=False).astype(np.float64)
-        fresh = t.column("fresh").to_numpy(zero_copy_only=False)
-        nxt = np.full(len(lp), np.nan)
-        same = (keys[1:] == keys[:-1]) & ~fresh[1:]
-        nxt[:-1][same] = lp[1:][same]
-        pred = pa.table({
-            "key": t.column("key"), "ts": t.column("ts"), "seq": t.column("seq"), "offset": t.column("sub"),
-            "pos": t.column("pos"), "topk_tokens": _lists(t.column("topk_tokens"), pa.int64()),
-            "topk_probs": _lists(t.column("topk_probs"), pa.float32()),
-            "logprob_next": pa.array(nxt, pa.float64(), mask=np.isnan(nxt)),
-            "model_version": t.column("model_version"), "fresh": t.column("fresh"), "reset": t.column("reset")})
-        n_files = max(1, math.ceil(pred.num_rows / rows_per_file))
-        for i in range(n_files):
-            pq.write_table(pred.slice(i * rows_per_file, rows_per_file),
-                           os.path.join(output, f"predictions-{i:05d}-of-{n_files:05d}.parquet"))
-        summary["events"] = pred.num_rows
-        uk, inv = np.unique(keys.astype(str), return_inverse=True)
-        for j, k in enumerate(uk):
-            m = inv == j
-            scored = nxt[m][~np.isnan(nxt[m])]
-            summary["keys"][str(k)] = {"bytes": int(m.sum()), "scored": len(scored),
-                                       "bits_per_char": float(-scored.mean() / LN2) if len(scored) else None}
-        allv = nxt[~np.isnan(nxt)]
-        summary["bits_per_char"] = float(-allv.mean() / LN2) if len(allv) else None
-        summary["model_version"] = sorted(set(t.column("model_version").to_pylist()))
-    dead = (pa.concat_tables([pq.read_table(os.path.join(parts, f)) for f in dead_files]) if dead_files
-            else DEAD_LETTER_SCHEMA.empty_table())
-    pq.write_table(dead, os.path.join(output, "dead_letters-00000-of-00001.parquet"))
-    summary["dead_letters"] = {k: int(v) for k, v in zip(*np.unique(
-        np.asarray(dead.column("kind").to_pylist(), dtype=str), return_counts=True), strict=True)} if dead.num_rows \
-        else {}
-    with open(os.path.join(output, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    shutil.rmtree(parts, ignore_errors=True)
-    return summary
+def _clear_outputs(output: str) -> None:
+    """Remove a previous run's outputs (the job names its files by content, so old ones would mix in)."""
+    pats = [FileSystems.join(output, f"{p}-*.parquet") for p in (PREDICTIONS, DEAD_LETTERS)]
+    pats.append(FileSystems.join(output, SUMMARY))
+    for res in FileSystems.match(pats):
+        paths = [m.path for m in res.metadata_list]
+        if paths:
+            FileSystems.delete(paths)
 
 
-def _lists(col: pa.ChunkedArray, typ: pa.DataType) -> pa.Array:
-    arr = col.combine_chunks()
-    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(arr) * arr.type.list_size + 1, arr.type.list_size,
-                                                       dtype=np.int32)), arr.flatten().cast(typ))
+def read_summary(output: str) -> dict | None:
+    """The summary the pipeline wrote (small; read through Beam's filesystems), or None."""
+    path = FileSystems.join(output, SUMMARY)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path) as f:
+        return json.loads(f.read().decode())
 
 
 def print_summary(summary: dict, out=None, *, top: int = 20) -> None:
@@ -221,7 +288,8 @@ def print_summary(summary: dict, out=None, *, top: int = 20) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = _parse(argv)
-    os.makedirs(args.output, exist_ok=True)
+    if "://" not in args.output:
+        os.makedirs(args.output, exist_ok=True)
     if args.demo:
         args.input = demo_events(os.path.join(args.output, "demo_events.jsonl"))
         args.replay = True
@@ -234,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     opts = PipelineOptions(beam_args)
     if args.replay:
         opts.view_as(StandardOptions).streaming = True
-    parts = os.path.join(args.output, PARTS)
-    shutil.rmtree(parts, ignore_errors=True)
+    _clear_outputs(args.output)
     from streamrnn.beam.io import read_events
 
     table, unreadable = read_events(args.input)
@@ -246,21 +313,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     bar = None
     if not args.quiet:
-        bar = threading.Thread(target=_progress, args=(parts, total, stop), daemon=True)
+        bar = threading.Thread(target=_progress, args=(args.output, total, stop), daemon=True)
         bar.start()
     t0 = time.monotonic()
     try:
         with beam.Pipeline(options=opts) as p:
-            build(p, args, parts)
+            build(p, args)
     finally:
         stop.set()
         if bar is not None:
             bar.join()
-    summary = finalize(parts, args.output)
-    summary["seconds"] = round(time.monotonic() - t0, 3)
-    print_summary(summary)
-    print(f"wrote {args.output}/predictions-*.parquet, dead_letters-*.parquet, summary.json "
-          f"in {summary['seconds']:.1f} s", file=sys.stderr)
+    seconds = time.monotonic() - t0
+    summary = read_summary(args.output)
+    if summary is None:
+        print(f"next_token: {args.output}/{SUMMARY}: expected the pipeline's summary, got no file "
+              "(no events were read?)", file=sys.stderr)
+    else:
+        print_summary(summary)
+    print(f"wrote {args.output}/predictions-*.parquet, dead_letters-*.parquet, summary.json in {seconds:.1f} s",
+          file=sys.stderr)
     return 0
 
 

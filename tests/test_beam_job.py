@@ -66,7 +66,7 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     argv = ["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--window", "60",
             "--providers", "cpu", "--quiet", "--shards", "2"]
     assert next_token.main([*argv, "--replay", "--step", "40"] if replay else argv) == 0
-    pred = pq.read_table(str(next(out.glob("predictions-*.parquet")))).to_pylist()
+    pred = pa.concat_tables([pq.read_table(str(f)) for f in sorted(out.glob("predictions-*.parquet"))]).to_pylist()
     want = _reference(load(beam_models["tiny"], providers=[CPU]), ROWS)
     assert len(pred) == len(want)
     for r in pred:
@@ -75,18 +75,34 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
             assert r["logprob_next"] is None
         else:
             assert abs(r["logprob_next"] - nxt) <= 1e-5
+        if r["pos"] == 0:  # the streaming-native score of this byte: none for a key's first byte
+            assert r["logprob"] is None and r["fresh"] and r["reset"] == "new"
+        else:
+            assert abs(r["logprob"] - float(want[(r["key"], r["pos"] - 1)][1][_byte(r)])) <= 1e-5
         top = np.argsort(-lp, kind="stable")[:5]
         assert r["topk_tokens"][0] == top[0]
         np.testing.assert_allclose(r["topk_probs"], np.exp(lp[r["topk_tokens"]]), atol=1e-5)
         assert r["model_version"].startswith("tiny-1.0.0+")
-    dead = pq.read_table(str(next(out.glob("dead_letters-*.parquet")))).to_pylist()
+    dead = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("dead_letters-*.parquet")]).to_pylist()
     kinds = sorted((d["kind"], d["reason"].split(":")[0]) for d in dead)
     assert kinds == [("duplicate", "duplicate")] * len("Hello, ") + [("invalid", "ts")]
     assert json.loads(next(d for d in dead if d["kind"] == "invalid")["event"])["ts"] == "yesterday"
+    assert len({(r["key"], r["pos"]) for r in pred}) == len(pred)  # each byte once
     summary = json.loads((out / "summary.json").read_text())
     u1 = [v[0] for (k, _), v in want.items() if k == "u1" and v[0] is not None]
     assert math.isclose(summary["keys"]["u1"]["bits_per_char"], -np.mean(u1) / math.log(2), rel_tol=1e-5)
+    every = [v[0] for v in want.values() if v[0] is not None]
+    assert math.isclose(summary["bits_per_char"], -np.mean(every) / math.log(2), rel_tol=1e-5)
+    assert summary["events"] == len(want) and summary["keys"]["u2"]["bytes"] == len("héllo".encode())
+    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 1}
+    assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
     assert "bits/char" in capsys.readouterr().out
+
+
+def _byte(r):
+    """The byte of a prediction row (its text row's byte at ``offset``)."""
+    by = {(row["key"], row["seq"]): row["text"].encode() for row in ROWS if row["ts"] != "yesterday"}
+    return by[(r["key"], r["seq"])][r["offset"]]
 
 
 def test_read_events_reasons(tmp_path):
