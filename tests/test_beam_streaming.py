@@ -250,3 +250,35 @@ def test_logprob_next_released_on_ttl_expiry_and_fresh_restart(beam_models):
 def _eq_set(got, want):
     if sorted(got) != sorted(want):
         raise AssertionError(f"expected {sorted(want)}, got {sorted(got)}")
+
+
+@pytest.mark.parametrize("which", ["other", "wide"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_logprob_next_across_a_model_update(beam_models, which, streaming):
+    """A same-shape update continues each stream (the last old-model row pairs with the first new-model
+    byte); an incompatible one resets it: the old stream's last row goes out with no next."""
+    rng = np.random.default_rng(9)
+    evs = [Event(k, float(t), i, int(rng.integers(0, 256))) for k in ("a", "b") for i, t in enumerate(range(0, 40, 4))]
+    T = 20.0
+    old, new = load(beam_models["tiny"], providers=[CPU]), load(beam_models[which], providers=[CPU])
+    want = {}
+    for k in ("a", "b"):
+        es = sorted((e for e in evs if e.key == k), key=lambda e: e.ts)
+        before, after = [e for e in es if e.ts < T], [e for e in es if e.ts >= T]
+        xb, xa = np.array([[e.x for e in before]]), np.array([[e.x for e in after]])
+        o, state = old.step(xb)
+        carry = which == "other"
+        o2, _ = new.step(xa, state if carry else None)
+        for i, e in enumerate(before):
+            want[(k, e.seq, 0)] = (float(o["logprobs"][0, i, xb[0, i + 1]]) if i + 1 < len(before)
+                                   else float(o["logprobs"][0, i, xa[0, 0]]) if carry else None)
+        for i, e in enumerate(after):
+            want[(k, e.seq, 0)] = float(o2["logprobs"][0, i, xa[0, i + 1]]) if i + 1 < len(after) else None
+    assert (want[("a", 4, 0)] is None) == (which == "wide")
+    p = beam.Pipeline(options=STREAMING if streaming else None)
+    updates = p | "Updates" >> beam.Create([ModelUpdate(beam_models[which], T)])
+    src = (p | _stream([("add", evs[:5] + evs[10:15]), ("wm", 25.0), ("add", evs[5:10] + evs[15:])]) if streaming
+           else p | beam.Create(evs))
+    out, _ = src | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0, model_updates=updates)
+    assert_that(out, check_next(want))
+    p.run().wait_until_finish()
