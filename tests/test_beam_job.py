@@ -99,6 +99,32 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     assert "bits/char" in capsys.readouterr().out
 
 
+def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
+    """Replay with --ttl: a key idle past the TTL ends its stream (null logprob_next), then restarts fresh."""
+    path = tmp_path / "events.jsonl"
+    rows = [{"key": "t", "ts": 100.0, "seq": 0, "text": "abc"}, {"key": "t", "ts": 5000.0, "seq": 1, "text": "de"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert next_token.main(["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--replay",
+                            "--ttl", "1000", "--providers", "cpu", "--quiet", "--shards", "1"]) == 0
+    pred = sorted(pa.concat_tables([pq.read_table(str(f)) for f in out.glob("predictions-*.parquet")]).to_pylist(),
+                  key=lambda r: (r["ts"], r["offset"]))
+    model = load(beam_models["tiny"], providers=[CPU])
+    want = []
+    for text in ("abc", "de"):
+        toks = lm.encode(text.encode())
+        lp = model.step(toks[None])[0]["logprobs"][0]
+        want += [float(lp[i, toks[i + 1]]) if i + 1 < len(toks) else None for i in range(len(toks))]
+    assert [r["pos"] for r in pred] == [0, 1, 2, 0, 1]
+    assert [r["reset"] for r in pred if r["fresh"]] == ["new", "expired"]
+    for r, w in zip(pred, want, strict=True):
+        assert (r["logprob_next"] is None) == (w is None)
+        if w is not None:
+            assert abs(r["logprob_next"] - w) <= 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["keys"]["t"]["bytes"] == 5 and summary["keys"]["t"]["scored"] == 3
+
+
 def _byte(r):
     """The byte of a prediction row (its text row's byte at ``offset``)."""
     by = {(row["key"], row["seq"]): row["text"].encode() for row in ROWS if row["ts"] != "yesterday"}

@@ -782,11 +782,10 @@ class _OrderAndApply(beam.DoFn):
         cont[:-1] = (kc[1:] == kc[:-1]) & ~fresh[1:]
         last = np.ones(n, bool)
         last[:-1] = kc[1:] != kc[:-1]
-        if final:
-            hold = np.zeros(n, bool)
-        else:
-            keys_py = t.column(KEY).to_pylist()
-            hold = last & np.array([k in live for k in keys_py], bool)
+        hold = np.zeros(n, bool)
+        if not final:
+            li = np.flatnonzero(last)
+            hold[li] = [k in live for k in t.column(KEY).take(pa.array(li)).to_pylist()]
         nxt_idx = pa.array(np.minimum(np.arange(1, n + 1), n - 1))
         out = t
         for f in self.next_fields:
