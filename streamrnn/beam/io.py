@@ -207,18 +207,20 @@ class ReadEvents(beam.PTransform):
 
 
 class _Pace(beam.DoFn):
-    """Releases each block no earlier than its event time scaled by ``speedup`` (wall clock)."""
+    """Releases each block no earlier than ``wall0 + (event time - t0) / speedup`` on the wall clock.
 
-    def __init__(self, t0: float, speedup: float):
-        self.t0, self.speedup = t0, speedup
+    ``wall0`` is fixed when the pipeline is built: the DirectRunner may set up a fresh
+    DoFn instance per bundle, so a start time taken in ``setup()`` would restart the
+    schedule at every bundle and the delays would add up.
+    """
 
-    def setup(self) -> None:
-        self.start = time.monotonic()
+    def __init__(self, t0: float, speedup: float, wall0: float):
+        self.t0, self.speedup, self.wall0 = t0, speedup, wall0
 
     def process(self, block: pa.RecordBatch):
         if self.speedup > 0 and block.num_rows:
-            due = self.start + (float(pc.min(block.column(TS)).as_py()) - self.t0) / self.speedup
-            wait = due - time.monotonic()
+            due = self.wall0 + (float(pc.min(block.column(TS)).as_py()) - self.t0) / self.speedup
+            wait = due - time.time()
             if wait > 0:
                 time.sleep(min(wait, 60.0))
         yield block
@@ -264,7 +266,7 @@ class ReplayEvents(beam.PTransform):
         else:
             t0 = 0.0
         stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
-        events = pbegin | "Stream" >> stream | "Pace" >> beam.ParDo(_Pace(t0, self.speedup))
+        events = pbegin | "Stream" >> stream | "Pace" >> beam.ParDo(_Pace(t0, self.speedup, time.time()))
         dl = pbegin | "UnreadableRows" >> beam.Create(dead) if n_dead else (
             pbegin | "UnreadableRows" >> beam.Create([]))
         return events, dl
