@@ -4,7 +4,7 @@
 >>> outputs, dead = events | StatefulInference(model="exported/charlm.onnx", num_shards=8,
 ...                                            window_size=60, allowed_lateness=30)   # doctest: +SKIP
 
-See ``docs/beam.md`` for the semantics and how to run on Flink, Spark or Dataflow.
+See the README section "Apache Beam" for the semantics and how to run on Flink, Spark or Dataflow.
 """
 
 from __future__ import annotations

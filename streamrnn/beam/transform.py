@@ -1,6 +1,6 @@
 """``StatefulInference``: per-key recurrent state carried across windows, batched across keys.
 
-Event flow (see ``docs/beam.md``)::
+Event flow (see the README section "Apache Beam")::
 
   events ─► Intake ─► GlobalWindow ─► OrderAndApply (state per shard) ─► outputs
    (user     validate,   re-window       buffer until window end + lateness,
