@@ -280,7 +280,7 @@ def demo_events(path: str | os.PathLike, *, keys: int = 6, seed: int = 0) -> str
     rows = []
     t0 = 1_700_000_000.0
     for k in range(keys):
-        start = (5 * k + int(rng.integers(0, 3))) % len(lines)  # different text per key
+        start = (k * len(lines) // keys) % len(lines)  # a different passage per key
         chunk = [lines[(start + j) % len(lines)] + "\n" for j in range(6)]
         t = t0 + float(rng.uniform(0, 20))
         for s, text in enumerate(chunk):
