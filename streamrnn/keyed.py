@@ -97,6 +97,11 @@ class KeyedOperator:
         self._state_names = tuple(s.name for s in spec.state)
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
+        self._reset_storage(min(initial_capacity, max_keys))
+
+    # -- storage -----------------------------------------------------------------
+    def _reset_storage(self, capacity: int) -> None:
+        """Drop every key and allocate empty slabs for ``capacity`` keys."""
         self._cap = 0
         self._slab: dict[str, np.ndarray] = {}
         self._last: dict[str, np.ndarray] = {}
@@ -104,9 +109,8 @@ class KeyedOperator:
         self._seen = np.zeros(0, np.float64)
         self._slots: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
         self._free: list[int] = []
-        self._grow(min(initial_capacity, max_keys))
+        self._grow(capacity)
 
-    # -- storage -----------------------------------------------------------------
     def _grow(self, cap: int) -> None:
         old = self._cap
         if cap <= old:
@@ -371,13 +375,7 @@ class KeyedOperator:
                 last[o] = (_from_fixed_list(table.column(name), n).reshape(n, *tail) if name in table.column_names
                            else np.full((n, *tail), np.nan, np.float32))
         with self._lock:
-            self._slots.clear()
-            self._cap = 0
-            self._slab, self._last = {}, {}
-            self._steps = np.zeros(0, np.int64)
-            self._seen = np.zeros(0, np.float64)
-            self._free = []
-            self._grow(max(min(self.max_keys, 16), n))
+            self._reset_storage(max(min(self.max_keys, 16), n))
             for k in keys:
                 self._slots[k] = self._free.pop()
             slots = np.fromiter(self._slots.values(), np.int64, n)
