@@ -38,7 +38,8 @@ class KeyedResult:
 
     ``outputs[name]`` is ``[N, ...]`` (the task output after that event's step);
     ``pos`` is the event's 0-based position in its key's stream; ``fresh`` is True
-    where the key had no state before this call (new, or evicted earlier).
+    for the event that started its key from the initial state (a new key, or one
+    evicted earlier: no state is ever reset silently).
     ``prev_outputs[name]`` (only with ``keep_last_output``) is the output of the
     step before each event (NaN where there was none), i.e. the model's prediction
     for this event.
