@@ -216,13 +216,6 @@ class KeyedOperator:
         slot = self._slots.get(key)
         return 0 if slot is None else int(self._steps[slot])
 
-    def _check_keys(self, keys: Sequence[Any], n: int) -> None:
-        if len(keys) != n:
-            raise InputError(f"process: keys: expected {n} keys (one per event in x), got {len(keys)}")
-        for i, k in enumerate(keys):
-            if not isinstance(k, (str, bytes)):
-                raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}")
-
     def process(self, keys: Sequence[Key], x: Any) -> KeyedResult:
         """Apply one step per event, in order, in ONE batched model call.
 
@@ -241,7 +234,8 @@ class KeyedOperator:
             shape = "[N]" if tokens else f"[N, {self.model.spec.input.n_features}]"
             raise InputError(f"process: x rank: expected {shape} (one step per event), got shape {list(x.shape)}")
         N = x.shape[0]
-        self._check_keys(keys, N)
+        if len(keys) != N:
+            raise InputError(f"process: keys: expected {N} keys (one per event in x), got {len(keys)}")
         if N == 0:
             return KeyedResult({n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()},
                                np.zeros(0, np.int64), np.zeros(0, bool))
@@ -251,8 +245,13 @@ class KeyedOperator:
         cols = np.empty(N, np.int64)
         counts: list[int] = []
         for i, k in enumerate(keys):
-            r = row_of.get(k)
-            if r is None:
+            try:
+                r = row_of.get(k)
+            except TypeError:  # unhashable: rejected just below
+                r = None
+            if r is None:  # a key not seen yet in this call: check its type once
+                if not isinstance(k, (str, bytes)):
+                    raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}")
                 r = row_of[k] = len(counts)
                 counts.append(0)
             rows[i] = r
@@ -266,15 +265,18 @@ class KeyedOperator:
             self._expire_locked(now)
             slots = np.empty(B, np.int64)
             fresh_row = np.zeros(B, bool)
-            for k in row_of:
-                if k in self._slots:
-                    self._slots.move_to_end(k)
+            held = self._slots
+            new_keys = []
             for k, r in row_of.items():
-                s = self._slots.get(k)
+                s = held.get(k)
                 if s is None:
-                    s = self._allocate(k, now)
-                    fresh_row[r] = True
-                slots[r] = s
+                    new_keys.append((k, r))
+                else:
+                    held.move_to_end(k)  # most recently used: never evicted for this call's new keys
+                    slots[r] = s
+            for k, r in new_keys:
+                slots[r] = self._allocate(k, now)
+                fresh_row[r] = True
             self._seen[slots] = now
             if T == 1:  # every key once: events are already the batch rows, in order
                 xb = x[:, None]

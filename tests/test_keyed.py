@@ -136,6 +136,7 @@ def test_explicit_evict(lstm):
     [
         ([1, "b"], [1, 2], r"keys\[0\]: expected str or bytes, got int 1"),
         ([None], [1], r"keys\[0\]: expected str or bytes, got NoneType"),
+        (["a", ["b"]], [1, 2], r"keys\[1\]: expected str or bytes, got list"),
         (["a"], [1, 2], "keys: expected 2 keys"),
         (["a"], [[1, 2]], r"x rank: expected \[N\] \(one step per event\)"),
         (["a", "b"], [1, 999], "x token: expected 0 <= token < 256, got 999"),
