@@ -56,21 +56,23 @@ def make_events(rng, n_keys=4, per_key=25, span=600.0, t0=1_000.0):
     return evs
 
 
-def offline(model, events, segments=None):
-    """{(key, seq, sub): (pos, logprobs)} running each key's events, (ts, seq, sub)-sorted, from zero state."""
+def offline_streams(model, events, segments=None):
+    """Each key's events, (ts, seq, sub)-sorted and cut by ``segments``: yields (part, tokens [1, T], logprobs [T, V])
+    with every part run alone from the initial state."""
     by_key: dict[str, list] = {}
     for e in events:
         by_key.setdefault(e.key, []).append(e)
-    want = {}
     for k, es in by_key.items():
         es.sort(key=lambda e: (e.ts, e.seq, e.sub))
-        parts = segments(k, es) if segments else [es]
-        for part in parts:
+        for part in (segments(k, es) if segments else [es]):
             x = np.array([[e.x for e in part]], np.int64)
-            out, _ = model.step(x)
-            for i, e in enumerate(part):
-                want[(e.key, e.seq, e.sub)] = (i, out["logprobs"][0, i])
-    return want
+            yield part, x, model.step(x)[0]["logprobs"][0]
+
+
+def offline(model, events, segments=None):
+    """{(key, seq, sub): (pos, logprobs)} running each key's events, (ts, seq, sub)-sorted, from zero state."""
+    return {(e.key, e.seq, e.sub): (i, lp[i])
+            for part, _, lp in offline_streams(model, events, segments) for i, e in enumerate(part)}
 
 
 def check_outputs(want, *, fresh_reason=None):
@@ -104,18 +106,8 @@ def offline_next(model, events, segments=None):
     ``logprob_next`` of event i is the log-prob the model gave, at i, to the byte of event i + 1 of the
     same stream (None for a stream's last event).
     """
-    by_key: dict[str, list] = {}
-    for e in events:
-        by_key.setdefault(e.key, []).append(e)
-    want = {}
-    for k, es in by_key.items():
-        es.sort(key=lambda e: (e.ts, e.seq, e.sub))
-        for part in (segments(k, es) if segments else [es]):
-            x = np.array([[e.x for e in part]], np.int64)
-            lp = model.step(x)[0]["logprobs"][0]
-            for i, e in enumerate(part):
-                want[(e.key, e.seq, e.sub)] = float(lp[i, x[0, i + 1]]) if i + 1 < len(part) else None
-    return want
+    return {(e.key, e.seq, e.sub): float(lp[i, x[0, i + 1]]) if i + 1 < len(part) else None
+            for part, x, lp in offline_streams(model, events, segments) for i, e in enumerate(part)}
 
 
 def check_next(want):
