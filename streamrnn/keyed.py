@@ -304,8 +304,10 @@ class KeyedOperator:
         return KeyedResult(per_event, pos, fresh_row[rows] & (cols == 0), prev)
 
     # -- snapshot / restore ------------------------------------------------------
-    def snapshot(self) -> pa.Table:
-        """All key state as an Arrow table (no pickle); restore with :meth:`restore`.
+    def snapshot(self, keys: Sequence[Key] | None = None) -> pa.Table:
+        """All key state (or only ``keys``, skipping unknown ones) as an Arrow table (no pickle).
+
+        Restore with :meth:`restore`.
 
         One row per key: ``key`` (binary), ``key_is_str``, ``steps``, ``last_seen``, one
         ``state_<name>`` float32 list column per state tensor (``[layers * hidden]``,
@@ -313,8 +315,11 @@ class KeyedOperator:
         schema metadata names the model (fingerprint, state shapes).
         """
         with self._lock:
-            keys = list(self._slots)
-            slots = np.fromiter(self._slots.values(), np.int64, len(keys))
+            if keys is None:
+                keys = list(self._slots)
+            else:
+                keys = [k for k in dict.fromkeys(keys) if k in self._slots]
+            slots = np.fromiter((self._slots[k] for k in keys), np.int64, len(keys))
             cols: dict[str, pa.Array] = {
                 "key": pa.array([k.encode() if isinstance(k, str) else k for k in keys], pa.binary()),
                 "key_is_str": pa.array([isinstance(k, str) for k in keys], pa.bool_()),
