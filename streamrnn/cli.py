@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("bench", help="benchmarks (print JSON with --json); see --help of each")
     q.add_argument("what", choices=["operator", "beam"])
     q.set_defaults(fn=None)
+    from .forecast.cli import register as register_forecast
+    register_forecast(tsub, esub)  # train forecast / eval forecast
     return p
 
 
