@@ -11,10 +11,9 @@
 
 from __future__ import annotations
 
-import json
+import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError, SnapshotError
+from . import snapshot as snap
+from .errors import InputError
 from .model import Model, State
+from .packing import group, pack
+from .slab import SlotStore
 
 Key = str | bytes
-SNAPSHOT_KEY = b"streamrnn.snapshot"
-SNAPSHOT_FORMAT = "streamrnn-snapshot/1"
+SNAPSHOT_KEY = snap.SNAPSHOT_KEY
+SNAPSHOT_FORMAT = snap.SNAPSHOT_FORMAT
 
 
 @dataclass
@@ -69,273 +71,269 @@ class KeyedOperator:
 
     Args:
       model: the loaded model.
-      max_keys: most keys held; past it the least recently used key is evicted.
+      max_keys: most keys held; past it the least recently used keys are evicted.
       ttl: seconds (of ``clock``) a key may stay idle before its state is dropped; None keeps keys forever.
+        Every idle key expires, wherever it is in recency order (event-time clocks may go back).
       clock: returns the current time in seconds; inject a fake in tests, or event time in streams.
+        A reading that is not a finite number is an :class:`InputError` (and changes nothing).
       keep_last_output: also keep each key's last task output (needed to score or sample
         the next token between calls).
+      pack_factor, pack_slack: keys of one call are packed into model calls whose padded
+        volume (keys x steps) stays within ``pack_factor`` x the events (+ ``pack_slack``),
+        so one busy key does not make every other key pay for its length.
 
-    State is host memory: ``[layers, capacity, hidden]`` slabs per state tensor, so a
-    batch is gathered and scattered with one fancy index each. Thread-safe (one lock
-    per operator).
+    State is host memory: ``[layers, capacity, hidden]`` slabs per state tensor (see
+    :mod:`streamrnn.slab`). Every state change is all-or-nothing: ``process`` and
+    ``restore`` compute everything first and commit only when nothing failed. Thread-safe
+    (one lock per operator).
     """
 
     def __init__(self, model: Model, *, max_keys: int = 1_000_000, ttl: float | None = None,
                  clock: Callable[[], float] = time.time, keep_last_output: bool = False,
-                 initial_capacity: int = 1024):
-        if max_keys < 1:
-            raise InputError(f"KeyedOperator: max_keys: expected >= 1, got {max_keys}")
-        if ttl is not None and not ttl > 0:
-            raise InputError(f"KeyedOperator: ttl: expected a positive number of seconds or None, got {ttl}")
+                 initial_capacity: int = 1024, pack_factor: float = 1.5, pack_slack: int = 256):
+        if not isinstance(max_keys, (int, np.integer)) or isinstance(max_keys, bool) or max_keys < 1:
+            raise InputError(f"KeyedOperator: max_keys: expected an int >= 1, got {max_keys!r}")
+        if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < math.inf):
+            raise InputError(f"KeyedOperator: ttl: expected a positive number of seconds or None, got {ttl!r}")
+        if not (isinstance(initial_capacity, (int, np.integer)) and initial_capacity >= 1):
+            raise InputError(f"KeyedOperator: initial_capacity: expected an int >= 1, got {initial_capacity!r}")
+        if not pack_factor >= 1 or not pack_slack >= 0:
+            raise InputError(f"KeyedOperator: pack_factor, pack_slack: expected >= 1 and >= 0, "
+                             f"got {pack_factor!r}, {pack_slack!r}")
         self.model = model
-        self.max_keys = max_keys
+        self.max_keys = int(max_keys)
         self.ttl = ttl
         self.clock = clock
         self.keep_last_output = keep_last_output
+        self.pack_factor, self.pack_slack = pack_factor, pack_slack
         self.evictions = Evictions()
         self._lock = threading.Lock()
         spec = model.spec
         self._state_names = tuple(s.name for s in spec.state)
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
-        self._reset_storage(min(initial_capacity, max_keys))
+        self._initial_capacity = int(initial_capacity)
+        self._store = self._new_store(self._initial_capacity)
 
-    # -- storage -----------------------------------------------------------------
-    def _reset_storage(self, capacity: int) -> None:
-        """Drop every key and allocate empty slabs for ``capacity`` keys."""
-        self._cap = 0
-        self._slab: dict[str, np.ndarray] = {}
-        self._last: dict[str, np.ndarray] = {}
-        self._steps = np.zeros(0, np.int64)
-        self._seen = np.zeros(0, np.float64)
-        self._slots: OrderedDict[Key, int] = OrderedDict()  # LRU order: oldest first
-        self._free: list[int] = []
-        self._grow(capacity)
+    def _new_store(self, capacity: int) -> SlotStore:
+        return SlotStore(self._state_tail, self._out_tail if self.keep_last_output else None,
+                         min(capacity, self.max_keys), self.max_keys)
 
-    def _grow(self, cap: int) -> None:
-        old = self._cap
-        if cap <= old:
-            return
-        for n in self._state_names:
-            L, H = self._state_tail[n][0], self._state_tail[n][1:]
-            new = np.zeros((L, cap, *H), np.float32)
-            if old:
-                new[:, :old] = self._slab[n]
-            self._slab[n] = new
-        if self.keep_last_output:
-            for n, tail in self._out_tail.items():
-                new = np.full((cap, *tail), np.nan, np.float32)
-                if old:
-                    new[:old] = self._last[n]
-                self._last[n] = new
-        self._steps = np.concatenate([self._steps, np.zeros(cap - old, np.int64)])
-        self._seen = np.concatenate([self._seen, np.zeros(cap - old, np.float64)])
-        self._free.extend(range(cap - 1, old - 1, -1))
-        self._cap = cap
-
-    def _release(self, slot: int) -> None:
-        for n in self._state_names:
-            self._slab[n][:, slot] = 0.0
-        for a in self._last.values():
-            a[slot] = np.nan
-        self._steps[slot] = 0
-        self._free.append(slot)
-
-    def _allocate(self, key: Key, now: float) -> int:
-        if not self._free:
-            if self._cap < self.max_keys:
-                self._grow(min(self.max_keys, max(2 * self._cap, 16)))
-            else:
-                _, slot = self._slots.popitem(last=False)
-                self._release(slot)
-                self.evictions.capacity += 1
-        slot = self._free.pop()
-        self._slots[key] = slot
-        self._seen[slot] = now
-        return slot
-
-    def _expire_locked(self, now: float) -> int:
-        if self.ttl is None:
-            return 0
-        n = 0
-        limit = now - self.ttl
-        while self._slots:
-            slot = next(iter(self._slots.values()))
-            if self._seen[slot] >= limit:
-                break
-            self._slots.popitem(last=False)
-            self._release(slot)
-            n += 1
-        self.evictions.ttl += n
-        return n
+    def _now(self, what: str) -> float:
+        t = self.clock()
+        try:
+            now = float(t)
+        except (TypeError, ValueError):
+            now = math.nan
+        if not math.isfinite(now):
+            raise InputError(f"{what}: clock: expected a finite time in seconds, got {t!r}")
+        return now
 
     # -- public API --------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._slots)
+        return len(self._store.slots)
 
     def __contains__(self, key: Hashable) -> bool:
-        return key in self._slots
+        try:
+            return key in self._store.slots
+        except TypeError:
+            return False
 
     def keys(self) -> list[Key]:
         """Held keys, least recently used first."""
-        return list(self._slots)
+        with self._lock:
+            return self._store.lru_order()
 
     def expire(self) -> int:
         """Drop keys idle longer than ``ttl`` now; returns how many. ``process`` does this too."""
         with self._lock:
-            return self._expire_locked(self.clock())
+            now = self._now("expire")
+            if self.ttl is None:
+                return 0
+            n = self._store.expire(now - self.ttl)
+            self.evictions.ttl += n
+            return n
 
     def evict(self, key: Key) -> bool:
         """Drop one key's state (counted as ``explicit``); False if it was not held."""
         with self._lock:
-            slot = self._slots.pop(key, None)
+            slot = self._store.slots.get(key) if isinstance(key, (str, bytes)) else None
             if slot is None:
                 return False
-            self._release(slot)
+            self._store.release(np.array([slot]))
             self.evictions.explicit += 1
             return True
 
     def state_of(self, key: Key) -> State:
         """A copy of one key's state, batch 1 (the initial state for an unknown key)."""
         with self._lock:
-            slot = self._slots.get(key)
+            slot = self._store.slots.get(key)
             if slot is None:
                 return self.model.initial_state(1)
-            return State({n: self._slab[n][:, slot:slot + 1].copy() for n in self._state_names}, self._state_names)
+            slab = self._store.slab
+            return State({n: slab[n][:, slot:slot + 1].copy() for n in self._state_names}, self._state_names)
 
     def last_output(self, key: Key) -> dict[str, np.ndarray] | None:
         """Copy of a key's last task output (needs ``keep_last_output``); None for an unknown key."""
         if not self.keep_last_output:
             raise InputError("last_output: expected an operator built with keep_last_output=True, got False")
         with self._lock:
-            slot = self._slots.get(key)
-            return None if slot is None else {n: a[slot].copy() for n, a in self._last.items()}
+            slot = self._store.slots.get(key)
+            return None if slot is None else {n: a[slot].copy() for n, a in self._store.last.items()}
 
     def steps_of(self, key: Key) -> int:
         """How many steps the key's state has absorbed (0 for an unknown key)."""
-        slot = self._slots.get(key)
-        return 0 if slot is None else int(self._steps[slot])
+        with self._lock:
+            slot = self._store.slots.get(key)
+            return 0 if slot is None else int(self._store.steps[slot])
 
     def process(self, keys: Sequence[Key], x: Any) -> KeyedResult:
-        """Apply one step per event, in order, in ONE batched model call.
+        """Apply one step per event, in order; all-or-nothing.
 
         Args:
           keys: N keys (str or bytes); a key may repeat, its events apply in list order.
+            A single str or bytes is an error (it is not a list of one-character keys).
           x: one step per event: int tokens ``[N]`` or float features ``[N, F]``.
 
-        Events of one key become one row of the batch (right-padded to the longest
-        row, with ``lengths`` giving each row's real length), so B = distinct keys
-        and T = the most events any key has in this call.
+        Events of one key become one row (right-padded, with ``lengths`` giving each
+        row's real length). Rows are packed into as few model calls as keep the padded
+        volume near the event count (see :mod:`streamrnn.packing`). If anything fails
+        (bad input, the clock, ONNX Runtime), no state, recency, counter or eviction changes.
         """
+        if isinstance(keys, (str, bytes)):
+            raise InputError(f"process: keys: expected a sequence of str/bytes keys (one per event), got a single "
+                             f"{type(keys).__name__} {keys[:40]!r}; pass [{keys[:40]!r}] for one key")
         x = np.asarray(x)
         tokens = self.model.spec.input.kind == "tokens"
-        want_rank = 1 if tokens else 2
-        if x.ndim != want_rank:
+        if x.ndim != (1 if tokens else 2):
             shape = "[N]" if tokens else f"[N, {self.model.spec.input.n_features}]"
             raise InputError(f"process: x rank: expected {shape} (one step per event), got shape {list(x.shape)}")
         N = x.shape[0]
-        if len(keys) != N:
-            raise InputError(f"process: keys: expected {N} keys (one per event in x), got {len(keys)}")
+        try:
+            n_keys = len(keys)
+        except TypeError:
+            raise InputError(f"process: keys: expected a sequence of {N} keys, got {type(keys).__name__}") from None
+        if n_keys != N:
+            raise InputError(f"process: keys: expected {N} keys (one per event in x), got {n_keys}")
         if N == 0:
             return KeyedResult({n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()},
-                               np.zeros(0, np.int64), np.zeros(0, bool))
+                               np.zeros(0, np.int64), np.zeros(0, bool),
+                               {n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()}
+                               if self.keep_last_output else {})
         x = self.model.check_x(x[:, None])[:, 0]
-        row_of: dict[Key, int] = {}
-        rows = np.empty(N, np.int64)
-        cols = np.empty(N, np.int64)
-        counts: list[int] = []
-        for i, k in enumerate(keys):
-            try:
-                r = row_of.get(k)
-            except TypeError:  # unhashable: rejected just below
-                r = None
-            if r is None:  # a key not seen yet in this call: check its type once
-                if not isinstance(k, (str, bytes)):
-                    raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}")
-                r = row_of[k] = len(counts)
-                counts.append(0)
-            rows[i] = r
-            cols[i] = counts[r]
-            counts[r] += 1
-        B, T = len(counts), max(counts)
+        g = group(keys)
+        B = len(g.keys)
         if B > self.max_keys:
             raise InputError(f"process: distinct keys in one call: expected <= max_keys={self.max_keys}, got {B}")
         with self._lock:
-            now = float(self.clock())
-            self._expire_locked(now)
-            slots = np.empty(B, np.int64)
-            fresh_row = np.zeros(B, bool)
-            held = self._slots
-            new_keys = []
-            for k, r in row_of.items():
-                s = held.get(k)
-                if s is None:
-                    new_keys.append((k, r))
-                else:
-                    held.move_to_end(k)  # most recently used: never evicted for this call's new keys
-                    slots[r] = s
-            for k, r in new_keys:
-                slots[r] = self._allocate(k, now)
-                fresh_row[r] = True
-            self._seen[slots] = now
-            if T == 1:  # every key once: events are already the batch rows, in order
+            now = self._now("process")
+            store = self._store
+            slot_of = store.slots
+            held = np.fromiter((slot_of.get(k, -1) for k in g.keys), np.int64, B)
+            fresh = held < 0
+            if self.ttl is not None:  # a held key idle past the TTL starts fresh (it expires at commit)
+                fresh |= store.seen[np.maximum(held, 0)] < now - self.ttl
+            hs = np.where(fresh, 0, held)
+            steps_before = np.where(fresh, 0, store.steps[hs])
+            outs, new_state, last_row, prev = self._run(g, x, hs, fresh)
+            # -- commit: nothing below can fail on valid data ------------------------
+            if self.ttl is not None:
+                self.evictions.ttl += store.expire(now - self.ttl)
+            slots = np.where(fresh, -1, held)
+            store.touch(slots[~fresh], now)
+            new_rows = np.flatnonzero(fresh)
+            if len(new_rows):
+                slots[new_rows], evicted = store.allocate([g.keys[i] for i in new_rows.tolist()])
+                self.evictions.capacity += evicted
+                store.touch(slots[new_rows], now)
+            for n in self._state_names:
+                store.slab[n][:, slots] = new_state[n]
+            for n, a in last_row.items():
+                store.last[n][slots] = a
+            store.steps[slots] = steps_before + g.counts
+        return KeyedResult(outs, steps_before[g.rows] + g.cols, fresh[g.rows] & (g.cols == 0), prev)
+
+    def _run(self, g, x: np.ndarray, hs: np.ndarray, fresh: np.ndarray):
+        """All model calls of one ``process``; reads the store, writes nothing."""
+        store = self._store
+        N, B = len(g.rows), len(g.keys)
+        groups = pack(g.counts, factor=self.pack_factor, slack=self.pack_slack)
+        outs: dict[str, np.ndarray] = {}
+        new_state: dict[str, np.ndarray] = {}
+        last_row: dict[str, np.ndarray] = {}
+        prev: dict[str, np.ndarray] = {}
+        for grp in groups:
+            whole = len(groups) == 1
+            counts = g.counts if whole else g.counts[grp]
+            T = int(counts.max())
+            if whole:
+                ev, lr = slice(None), g.rows
+            else:
+                local = np.full(B, -1, np.int64)
+                local[grp] = np.arange(len(grp))
+                lr = local[g.rows]
+                ev = np.flatnonzero(lr >= 0)
+                lr = lr[ev]
+            c = g.cols[ev]
+            if whole and T == 1:  # every key once: events are already the batch rows, in order
                 xb = x[:, None]
             else:
-                xb = np.zeros((B, T, *x.shape[1:]), x.dtype)
-                xb[rows, cols] = x
-            lengths = np.asarray(counts, np.int32)
-            state = State({n: self._slab[n][:, slots] for n in self._state_names}, self._state_names)
-            outs, new = self.model.run_unchecked(xb, lengths, state)
+                xb = np.zeros((len(counts), T, *x.shape[1:]), x.dtype)
+                xb[lr, c] = x[ev]
+            gh, gf = hs[grp], fresh[grp]
+            st = {}
             for n in self._state_names:
-                self._slab[n][:, slots] = new.raw(n)
-            pos = self._steps[slots][rows] + cols
-            self._steps[slots] += lengths
-            prev: dict[str, np.ndarray] = {}
-            if self.keep_last_output:
-                for n, o in outs.items():
-                    before = self._last[n][slots]  # [B, ...], NaN for fresh keys
-                    p = np.empty((N, *o.shape[2:]), np.float32)
-                    first = cols == 0
-                    p[first] = before[rows[first]]
-                    p[~first] = o[rows[~first], cols[~first] - 1]
-                    prev[n] = p
-                    self._last[n][slots] = o[np.arange(B), lengths - 1]
-        per_event = {n: o[rows, cols] for n, o in outs.items()}
-        return KeyedResult(per_event, pos, fresh_row[rows] & (cols == 0), prev)
+                a = store.slab[n][:, gh]
+                if gf.any():
+                    a[:, gf] = 0.0
+                st[n] = a
+            o, new = self.model.run_unchecked(xb, counts.astype(np.int32), State(st, self._state_names))
+            for n, v in o.items():
+                if whole and T == 1:
+                    outs[n] = v[:, 0]
+                else:
+                    outs.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = v[lr, c]
+                if self.keep_last_output:
+                    last = v[np.arange(len(counts)), counts - 1]
+                    before = store.last[n][gh]
+                    before[gf] = np.nan
+                    first = c == 0
+                    p = np.empty((len(c), *v.shape[2:]), np.float32)
+                    p[first] = before[lr[first]]
+                    p[~first] = v[lr[~first], c[~first] - 1]
+                    if whole:
+                        last_row[n], prev[n] = last, p
+                    else:
+                        last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
+                        prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
+            for n in self._state_names:
+                if whole:
+                    new_state[n] = new.raw(n)
+                else:
+                    new_state.setdefault(n, np.empty_like(store.slab[n][:, :B]))[:, grp] = new.raw(n)
+        return outs, new_state, last_row, prev
 
     # -- snapshot / restore ------------------------------------------------------
     def snapshot(self, keys: Sequence[Key] | None = None) -> pa.Table:
         """All key state (or only ``keys``, skipping unknown ones) as an Arrow table (no pickle).
 
-        Restore with :meth:`restore`.
-
-        One row per key: ``key`` (binary), ``key_is_str``, ``steps``, ``last_seen``, one
-        ``state_<name>`` float32 list column per state tensor (``[layers * hidden]``,
-        row-major), and ``last_<output>`` columns with ``keep_last_output``. The
-        schema metadata names the model (fingerprint, state shapes).
+        Rows are in recency order (least recent first). Restore with :meth:`restore`;
+        the format is described in :mod:`streamrnn.snapshot`.
         """
+        if isinstance(keys, (str, bytes)):
+            raise InputError(f"snapshot: keys: expected a sequence of keys, got a single {type(keys).__name__}")
         with self._lock:
+            store = self._store
             if keys is None:
-                keys = list(self._slots)
+                keys = store.lru_order()
             else:
-                keys = [k for k in dict.fromkeys(keys) if k in self._slots]
-            slots = np.fromiter((self._slots[k] for k in keys), np.int64, len(keys))
-            cols: dict[str, pa.Array] = {
-                "key": pa.array([k.encode() if isinstance(k, str) else k for k in keys], pa.binary()),
-                "key_is_str": pa.array([isinstance(k, str) for k in keys], pa.bool_()),
-                "steps": pa.array(self._steps[slots]),
-                "last_seen": pa.array(self._seen[slots]),
-            }
-            for n in self._state_names:
-                per_key = np.moveaxis(self._slab[n][:, slots], 1, 0)  # [keys, layers, hidden]
-                cols[f"state_{n}"] = _fixed_list(per_key)
-            for n, a in self._last.items():
-                cols[f"last_{n}"] = _fixed_list(a[slots])
-        spec = self.model.spec
-        meta = {"format": SNAPSHOT_FORMAT, "model": spec.name, "version": spec.version,
-                "fingerprint": spec.fingerprint, "state": [list(s) for s in _sig(spec)],
-                "keep_last_output": self.keep_last_output}
-        return pa.table(cols).replace_schema_metadata({SNAPSHOT_KEY: json.dumps(meta).encode()})
+                keys = [k for k in dict.fromkeys(k for k in keys if isinstance(k, (str, bytes)))
+                        if k in store.slots]
+            slots = np.fromiter((store.slots[k] for k in keys), np.int64, len(keys))
+            states = {n: np.moveaxis(store.slab[n][:, slots], 1, 0) for n in self._state_names}
+            last = {n: a[slots] for n, a in store.last.items()}
+            steps, seen = store.steps[slots], store.seen[slots]
+        return snap.encode(keys, steps, seen, states, last, self.model.spec, self.keep_last_output)
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`snapshot` to a Parquet file."""
@@ -346,75 +344,25 @@ class KeyedOperator:
 
         A snapshot of a different model (other weights fingerprint) is refused unless
         ``allow_other_model`` and its state shapes match; other shapes are always refused.
+        The snapshot is validated in full first (:class:`SnapshotError`, or
+        :class:`StateError` for NaN/inf state); on any error the current state is kept.
         """
-        table = source if isinstance(source, pa.Table) else _read_parquet(source)
-        meta_raw = (table.schema.metadata or {}).get(SNAPSHOT_KEY)
-        if meta_raw is None:
-            raise SnapshotError(f"restore: schema metadata: expected key {SNAPSHOT_KEY.decode()!r}, "
-                                "got a table that is not a streamrnn snapshot")
-        meta = json.loads(meta_raw)
-        spec = self.model.spec
-        if meta.get("format") != SNAPSHOT_FORMAT:
-            raise SnapshotError(f"restore: format: expected {SNAPSHOT_FORMAT!r}, got {meta.get('format')!r}")
-        want_sig = [list(s) for s in _sig(spec)]
-        if meta["state"] != want_sig:
-            raise SnapshotError(f"restore: state shapes: expected {want_sig} (model {spec.name}), "
-                                f"got {meta['state']} (model {meta.get('model')})")
-        if meta["fingerprint"] != spec.fingerprint and not allow_other_model:
-            raise SnapshotError(
-                f"restore: model: expected a snapshot of {spec.name} v{spec.version} "
-                f"(weights {spec.fingerprint[:12]}), got one of {meta.get('model')} v{meta.get('version')} "
-                f"(weights {meta['fingerprint'][:12]}); "
-                "pass allow_other_model=True to continue compatible state under new weights")
-        n = table.num_rows
-        if n > self.max_keys:
-            raise SnapshotError(f"restore: keys: expected <= max_keys={self.max_keys}, got {n}")
-        keys = [k.decode() if is_str else k for k, is_str in
-                zip(table.column("key").to_pylist(), table.column("key_is_str").to_pylist(), strict=True)]
-        states = {}
-        for s in self._state_names:
-            L, H = self._state_tail[s][0], self._state_tail[s][1:]
-            flat = _from_fixed_list(table.column(f"state_{s}"), n)
-            states[s] = np.moveaxis(flat.reshape(n, L, *H), 0, 1)
-        last = {}
-        if self.keep_last_output:
-            for o, tail in self._out_tail.items():
-                name = f"last_{o}"
-                last[o] = (_from_fixed_list(table.column(name), n).reshape(n, *tail) if name in table.column_names
-                           else np.full((n, *tail), np.nan, np.float32))
+        table = snap.read(source)
+        d = snap.decode(table, self.model.spec, self._state_tail, self._out_tail,
+                        keep_last_output=self.keep_last_output, allow_other_model=allow_other_model,
+                        max_keys=self.max_keys)
+        n = len(d.keys)
+        store = self._new_store(max(self._initial_capacity, n))
+        if n:
+            slots, _ = store.allocate(d.keys)
+            store.touch(slots, 0.0)
+            for s, a in d.states.items():
+                store.slab[s][:, slots] = np.moveaxis(a, 0, 1)
+            for o, a in d.last.items():
+                store.last[o][slots] = a
+            store.steps[slots] = d.steps
+            store.seen[slots] = d.seen
+            store.min_seen = float(d.seen.min())
         with self._lock:
-            self._reset_storage(max(min(self.max_keys, 16), n))
-            for k in keys:
-                self._slots[k] = self._free.pop()
-            slots = np.fromiter(self._slots.values(), np.int64, n)
-            for s in self._state_names:
-                self._slab[s][:, slots] = states[s]
-            for o, a in last.items():
-                self._last[o][slots] = a
-            self._steps[slots] = table.column("steps").to_numpy()
-            self._seen[slots] = table.column("last_seen").to_numpy()
+            self._store = store
         return n
-
-
-def _sig(spec) -> list[tuple]:
-    return [(s.name, list(s.shape), s.dtype) for s in spec.state]
-
-
-def _fixed_list(a: np.ndarray) -> pa.Array:
-    """``[n, ...]`` float32 -> a fixed-size list column of width ``prod(...)`` (row-major)."""
-    a = np.ascontiguousarray(a, np.float32)
-    width = int(np.prod(a.shape[1:]))
-    return pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1)), width)
-
-
-def _from_fixed_list(col: pa.ChunkedArray, n: int) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    width = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)
-
-
-def _read_parquet(path: str | Path) -> pa.Table:
-    try:
-        return pq.read_table(str(path))
-    except (OSError, pa.ArrowInvalid) as e:
-        raise SnapshotError(f"restore: expected a Parquet snapshot at {str(path)!r}, got: {e}") from e

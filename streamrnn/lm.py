@@ -125,7 +125,10 @@ class NextTokenOperator:
                  clock=None):
         if model.spec.task != "lm":
             raise InputError(f"NextTokenOperator: model task: expected 'lm', got {model.spec.task!r}")
-        self.k = k
+        V = model.spec.input.vocab_size
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= V:
+            raise InputError(f"NextTokenOperator: k: expected an int in 1..{V}, got {k!r}")
+        self.k = int(k)
         kw = {} if clock is None else {"clock": clock}
         self.keyed = KeyedOperator(model, max_keys=max_keys, ttl=ttl, keep_last_output=True, **kw)
 

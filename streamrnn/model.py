@@ -22,6 +22,7 @@ import onnxruntime as ort
 from .errors import InputError, ModelLoadError, StateError
 from .runtime import CUDA, ProviderArg, SessionConfig, create_session
 from .spec import SPEC_KEY, ModelSpec
+from .weights import Initializer, fingerprint, read_initializers
 
 
 class State:
@@ -83,7 +84,8 @@ class Model:
     concurrent ``run`` calls on one session.
     """
 
-    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, *, source: str = "model"):
+    def __init__(self, session: ort.InferenceSession, spec: ModelSpec, *, source: str = "model",
+                 initializers: Mapping[str, Initializer] | None = None):
         self.session = session
         self.spec = spec
         self.source = source
@@ -99,6 +101,8 @@ class Model:
         self._layers = int(spec.state[0].shape[0])
         self._sig = spec.state_signature
         self._check_graph()
+        if initializers is not None:
+            self._check_weights(initializers)
 
     def _check_graph(self) -> None:
         want = {"x", self.spec.lengths_input, *self._state_names}
@@ -110,6 +114,43 @@ class Model:
         got_out = {o.name for o in self.session.get_outputs()}
         if want_out != got_out:
             raise ModelLoadError(f"{self.source}: graph outputs: expected {sorted(want_out)}, got {sorted(got_out)}")
+        declared = {i.name: list(i.shape) for i in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        for s in self.spec.state:
+            for name in (s.name, s.output):
+                got = declared[name]
+                if len(got) != 3 or got[0] != self._layers or got[2:] != list(self._shape_tail):
+                    raise ModelLoadError(f"{self.source}: graph {name} shape: expected "
+                                         f"[{self._layers}, batch, {', '.join(map(str, self._shape_tail))}] "
+                                         f"(layers, hidden of its spec), got {got}")
+        if not self._tokens:
+            got = declared["x"]
+            if len(got) != 3 or got[2] != self._nfeat:
+                raise ModelLoadError(f"{self.source}: graph x shape: expected [batch, time, {self._nfeat}] "
+                                     f"(n_features of its spec), got {got}")
+        for o in self.spec.outputs:
+            got = declared[o.name]
+            if got[2:] != list(o.shape[2:]):
+                raise ModelLoadError(f"{self.source}: graph output {o.name} shape: expected {list(o.shape)}, "
+                                     f"got {got}")
+
+    def _check_weights(self, inits: Mapping[str, Initializer]) -> None:
+        """The weights themselves: fingerprint, and the shapes the spec implies (vocab rows, hidden)."""
+        got = fingerprint(dict(inits))
+        if got != self.spec.fingerprint:
+            raise ModelLoadError(
+                f"{self.source}: weights fingerprint: expected {self.spec.fingerprint} (its spec), got {got} "
+                "(sha256 of the file's initializers): the weights were changed after export")
+        if self._tokens:
+            emb = inits.get("embed")
+            if emb is None or len(emb.dims) != 2 or emb.dims[0] != self._vocab:
+                raise ModelLoadError(f"{self.source}: embedding rows: expected {self._vocab} (vocab_size of its "
+                                     f"spec), got {None if emb is None else list(emb.dims)}")
+        H = self.spec.hidden
+        for li in range(self.spec.layers):
+            r = inits.get(f"R{li}")
+            if r is None or r.dims[-1:] != (H,):
+                raise ModelLoadError(f"{self.source}: layer {li} recurrent weights: expected [1, gates*{H}, {H}] "
+                                     f"(hidden of its spec), got {None if r is None else list(r.dims)}")
 
     def __repr__(self) -> str:
         s = self.spec
@@ -162,6 +203,9 @@ class Model:
                                  f"[layers, batch, hidden], got {list(shape)}")
             if not ok_dtype:
                 raise StateError(f"{self.source}: state '{n}' dtype: expected float32, got {dtype}")
+            if isinstance(v, np.ndarray) and not np.isfinite(v).all():
+                bad = np.argwhere(~np.isfinite(v))[0].tolist()
+                raise StateError(f"{self.source}: state '{n}' at {bad}: expected finite values, got {v[tuple(bad)]}")
             out[n] = v
         return State(out, self._state_names, self._sig)
 
@@ -274,13 +318,23 @@ def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
 
     ``providers="auto"`` picks CUDA when it really loads, else the CPU (one log line
     says which); an explicit list such as ``["CPUExecutionProvider"]`` is honoured.
-    Raises :class:`~streamrnn.errors.ModelLoadError` for a missing or corrupt file or
-    a file without a streamrnn spec.
+    Raises :class:`~streamrnn.errors.ModelLoadError` for a missing or corrupt file, a
+    file without a streamrnn spec, a spec that does not match the graph, and weights
+    whose sha256 (recomputed from the file's initializers) differs from the spec's
+    ``fingerprint``.
     """
     source = os.fspath(path)
-    sess = create_session(source, providers, session_config, what=source)
+    try:
+        with open(source, "rb") as f:
+            blob = f.read()  # one read: the session is built from these bytes
+    except FileNotFoundError:
+        raise ModelLoadError(f"{source}: expected an ONNX file at {source!r}, got no such file") from None
+    except OSError as e:
+        raise ModelLoadError(f"{source}: expected a readable ONNX file at {source!r}, got {e.strerror or e}") from e
+    sess = create_session(blob, providers, session_config, what=source)
     meta = sess.get_modelmeta().custom_metadata_map
     if SPEC_KEY not in meta:
         raise ModelLoadError(f"{source}: metadata: expected key '{SPEC_KEY}' (a streamrnn model), "
                              f"got keys {sorted(meta)}")
-    return Model(sess, ModelSpec.from_json(meta[SPEC_KEY], source=source), source=source)
+    spec = ModelSpec.from_json(meta[SPEC_KEY], source=source)
+    return Model(sess, spec, source=source, initializers=read_initializers(blob, source=source))

@@ -111,26 +111,99 @@ class ModelSpec:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "model") -> ModelSpec:
+    def from_json(cls, text: str | bytes, *, source: str = "model") -> ModelSpec:
+        """Parse and validate a spec; any defect is a :class:`ModelLoadError` naming the field."""
         try:
             d = json.loads(text)
+            if not isinstance(d, dict):
+                raise _Bad(f"expected a JSON object, got {type(d).__name__}")
             if d.get("format") != FORMAT:
                 raise ModelLoadError(
                     f"{source}: metadata '{SPEC_KEY}' format: expected {FORMAT!r}, got {d.get('format')!r}"
                 )
-            inp = d["input"]
+            inp = _obj(d, "input")
             inp = InputSpec(
-                **{**inp, "feature_names": tuple(inp.get("feature_names", ())),
-                   "mean": tuple(inp.get("mean", ())), "std": tuple(inp.get("std", ()))}
+                **{**inp, "feature_names": tuple(_list(inp, "feature_names")),
+                   "mean": tuple(_list(inp, "mean")), "std": tuple(_list(inp, "std"))}
             )
-            state = tuple(StateTensor(**{**s, "shape": tuple(s["shape"])}) for s in d["state"])
-            outputs = tuple(OutputTensor(**{**o, "shape": tuple(o["shape"])}) for o in d["outputs"])
+            state = tuple(StateTensor(**{**_as_obj(s, "state[]"), "shape": tuple(_list(s, "shape"))})
+                          for s in _list(d, "state"))
+            outputs = tuple(OutputTensor(**{**_as_obj(o, "outputs[]"), "shape": tuple(_list(o, "shape"))})
+                            for o in _list(d, "outputs"))
             rest = {k: v for k, v in d.items() if k not in ("input", "state", "outputs")}
-            return cls(input=inp, state=state, outputs=outputs, **rest)
+            spec = cls(input=inp, state=state, outputs=outputs, **rest)
+            _validate(spec)
+            return spec
         except ModelLoadError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelLoadError(f"{source}: metadata '{SPEC_KEY}' is not a valid streamrnn spec: {e!r}") from e
+        except (_Bad, KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            raise ModelLoadError(f"{source}: metadata '{SPEC_KEY}' is not a valid streamrnn spec: {e}") from e
+
+
+class _Bad(Exception):
+    pass
+
+
+def _as_obj(v: Any, what: str) -> dict:
+    if not isinstance(v, dict):
+        raise _Bad(f"{what}: expected an object, got {type(v).__name__}")
+    return v
+
+
+def _obj(d: dict, key: str) -> dict:
+    if key not in d:
+        raise _Bad(f"{key}: expected an object, got nothing")
+    return _as_obj(d[key], key)
+
+
+def _list(d: dict, key: str) -> list:
+    v = d.get(key, [])
+    if not isinstance(v, list):
+        raise _Bad(f"{key}: expected a list, got {type(v).__name__}")
+    return v
+
+
+def _posint(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _validate(s: ModelSpec) -> None:
+    """Field types and cross-field consistency (the graph itself is checked at load)."""
+    def need(ok: bool, what: str, want: str, got: Any) -> None:
+        if not ok:
+            raise _Bad(f"{what}: expected {want}, got {got!r}")
+
+    for f in ("name", "version", "task", "fingerprint", "lengths_input"):
+        need(isinstance(getattr(s, f), str), f, "a string", getattr(s, f))
+    need(s.cell in STATE_NAMES, "cell", f"one of {sorted(STATE_NAMES)}", s.cell)
+    need(_posint(s.layers), "layers", "an int >= 1", s.layers)
+    need(_posint(s.hidden), "hidden", "an int >= 1", s.hidden)
+    need(isinstance(s.training, dict) and isinstance(s.metrics, dict), "training/metrics", "objects",
+         (type(s.training).__name__, type(s.metrics).__name__))
+    i = s.input
+    need(i.kind in ("tokens", "features"), "input.kind", "'tokens' or 'features'", i.kind)
+    if i.kind == "tokens":
+        need(_posint(i.vocab_size), "input.vocab_size", "an int >= 1", i.vocab_size)
+    else:
+        F = i.n_features
+        need(_posint(F), "input.n_features", "an int >= 1", F)
+        need(len(i.mean) == F and len(i.std) == F, "input.mean/std", f"{F} values each", (len(i.mean), len(i.std)))
+        need(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*i.mean, *i.std)),
+             "input.mean/std", "numbers", (i.mean, i.std))
+        need(all(v > 0 and v != float("inf") for v in i.std), "input.std", "finite values > 0", i.std)
+        need(not i.feature_names or len(i.feature_names) == F, "input.feature_names", f"{F} names",
+             i.feature_names)
+    names = tuple(t.name for t in s.state)
+    need(names == STATE_NAMES[s.cell], "state", f"tensors {list(STATE_NAMES[s.cell])} for a {s.cell}", list(names))
+    for t in s.state:
+        need(t.shape == (s.layers, "batch", s.hidden) and t.dtype == "float32" and isinstance(t.output, str),
+             f"state {t.name}", f"float32 [{s.layers}, 'batch', {s.hidden}] with an output name",
+             (list(t.shape), t.dtype, t.output))
+    need(len(s.outputs) >= 1, "outputs", "at least one", len(s.outputs))
+    for o in s.outputs:
+        need(isinstance(o.name, str) and len(o.shape) >= 2 and o.shape[:2] == ("batch", "time")
+             and all(_posint(d) for d in o.shape[2:]), f"output {o.name}", "shape ['batch', 'time', ints >= 1]",
+             list(o.shape))
 
 
 def state_tensors(cell: str, layers: int, hidden: int) -> tuple[StateTensor, ...]:

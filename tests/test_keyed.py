@@ -155,7 +155,7 @@ def test_bad_input_leaves_state_untouched(lstm, keys, x, match):
 def test_bad_config(lstm):
     with pytest.raises(InputError, match="ttl: expected a positive number"):
         KeyedOperator(lstm, ttl=0)
-    with pytest.raises(InputError, match="max_keys: expected >= 1"):
+    with pytest.raises(InputError, match="max_keys: expected an int >= 1, got 0"):
         KeyedOperator(lstm, max_keys=0)
 
 

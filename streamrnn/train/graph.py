@@ -12,7 +12,6 @@ checks it against torch before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +25,7 @@ from ..spec import (
     OutputTensor,
     state_tensors,
 )
+from ..weights import fingerprint, read_initializers
 
 OPSET = 17
 # torch gate order -> ONNX gate order, as row blocks of the stacked weights.
@@ -60,16 +60,6 @@ class NetWeights:
     @property
     def hidden(self) -> int:
         return self.layers[0].w_hh.shape[1]
-
-    def fingerprint(self) -> str:
-        h = hashlib.sha256(self.cell.encode())
-        arrays = [self.embed] if self.embed is not None else []
-        for lw in self.layers:
-            arrays += [lw.w_ih, lw.w_hh, lw.b_ih, lw.b_hh]
-        arrays += [self.head_w, self.head_b]
-        for a in arrays:
-            h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
-        return h.hexdigest()
 
 
 def _reorder(w: np.ndarray, cell: str, hidden: int) -> np.ndarray:
@@ -185,7 +175,8 @@ def build_model(
     model.ir_version = 8
     spec = ModelSpec(
         name=name, version=version, task=task, cell=cell, layers=L, hidden=H,
-        input=input_spec, state=states, outputs=outputs, fingerprint=weights.fingerprint(),
+        input=input_spec, state=states, outputs=outputs,
+        fingerprint=fingerprint(read_initializers(model.SerializeToString(), source=name)),
         training=dict(training or {}), metrics=dict(metrics or {}),
     )
     set_spec(model, spec)
