@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .errors import StreamRNNError
+from .cliargs import OneLineParser, at_least, fraction, read_file
+from .errors import InputError, StreamRNNError
 
 
 def _info(a: argparse.Namespace) -> int:
@@ -47,7 +48,7 @@ def _eval_lm(a: argparse.Namespace) -> int:
     from .evaluate import eval_lm
     from .model import load
 
-    data = Path(a.text).read_bytes()
+    data = read_file("--text", a.text)
     if a.last_frac:
         data = data[int(len(data) * (1 - a.last_frac)):]
     m = load(a.model, providers=a.providers)
@@ -68,6 +69,11 @@ def _generate(a: argparse.Namespace) -> int:
     from .model import load
 
     m = load(a.model, providers=a.providers)
+    V = m.spec.input.vocab_size or 0
+    if a.top_k is not None and not 1 <= a.top_k <= V:
+        raise InputError(f"--top-k: expected an int in 1..{V} (the vocabulary size), got {a.top_k}")
+    if m.spec.task != "lm":
+        raise InputError(f"--model: expected a language model (task 'lm'), got task {m.spec.task!r}")
     prompt = lm.encode(a.prompt)
     if len(prompt) == 0:
         prompt = lm.encode("\n")
@@ -89,7 +95,7 @@ def _bench(a: argparse.Namespace, rest: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="streamrnn", description="Stateful recurrent models in streams.")
+    p = OneLineParser(prog="streamrnn", description="Stateful recurrent models in streams.")
     p.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' INFO logs")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -98,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("model", help="path to a streamrnn .onnx model")
         else:
             q.add_argument("--model", default=DEFAULT_MODEL, help="streamrnn .onnx model (default: shipped charlm)")
-        q.add_argument("--providers", default="auto", type=lambda s: s if s == "auto" else s.split(","),
-                       help="'auto' (CUDA if it loads, else CPU) or a comma-separated ORT provider list")
+        q.add_argument("--providers", default="auto",
+                       help="'auto' (CUDA if it loads, else CPU), 'cpu', 'cuda', 'cuda:N', or a comma-separated "
+                            "list of those or ORT provider names")
 
     q = sub.add_parser("info", help="show a model's spec")
     model_args(q, positional=True)
@@ -114,20 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
-    t.add_argument("--hidden", type=int, default=512)
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--embed", type=int, default=64)
-    t.add_argument("--dropout", type=float, default=0.25)
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--bptt", type=int, default=128)
-    t.add_argument("--steps", type=int, default=5000)
-    t.add_argument("--max-minutes", type=float, default=0.0, help="also stop (and finish the schedule) by time")
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--weight-decay", type=float, default=0.05)
-    t.add_argument("--val-frac", type=float, default=0.1)
-    t.add_argument("--eval-every", type=int, default=200)
+    t.add_argument("--hidden", type=at_least(1), default=512)
+    t.add_argument("--layers", type=at_least(1), default=2)
+    t.add_argument("--embed", type=at_least(1), default=64)
+    t.add_argument("--dropout", type=fraction(0, 1, hi_open=True), default=0.25)
+    t.add_argument("--batch", type=at_least(1), default=64)
+    t.add_argument("--bptt", type=at_least(1), default=128)
+    t.add_argument("--steps", type=at_least(1), default=5000)
+    t.add_argument("--max-minutes", type=at_least(0.0), default=0.0, help="also stop (and finish the schedule) by time")
+    t.add_argument("--lr", type=at_least(0.0, open_=True), default=2e-3)
+    t.add_argument("--weight-decay", type=at_least(0.0), default=0.05)
+    t.add_argument("--val-frac", type=fraction(0, 1, lo_open=True, hi_open=True), default=0.1)
+    t.add_argument("--eval-every", type=at_least(1), default=200)
     t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--threads", type=at_least(0), default=0)
     t.add_argument("--name", help="model name in the metadata (default: OUT's stem)")
     t.add_argument("--version", default="1.0.0")
     t.set_defaults(fn=_train_lm)
@@ -137,20 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     e = esub.add_parser("lm", help="bits/char with carried state vs reset-every-N, and streaming parity")
     model_args(e)
     e.add_argument("--text", required=True)
-    e.add_argument("--last-frac", type=float, default=0.0,
+    e.add_argument("--last-frac", type=fraction(0, 1), default=0.0,
                    help="evaluate only the last fraction of the file (0.1 = the validation split)")
-    e.add_argument("--chunk", type=int, default=1024, help="bytes per call with carried state")
-    e.add_argument("--reset-every", type=int, default=64)
-    e.add_argument("--parity-bytes", type=int, default=100_000, help="prefix length for the whole-sequence run")
+    e.add_argument("--chunk", type=at_least(1), default=1024, help="bytes per call with carried state")
+    e.add_argument("--reset-every", type=at_least(1), default=64)
+    e.add_argument("--parity-bytes", type=at_least(2), default=100_000, help="prefix length for the whole-sequence run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval_lm)
 
     q = sub.add_parser("generate", help="generate text from a prompt")
     model_args(q)
     q.add_argument("--prompt", default="")
-    q.add_argument("-n", type=int, default=200)
-    q.add_argument("--temperature", type=float, default=0.8)
-    q.add_argument("--top-k", type=int)
+    q.add_argument("-n", type=at_least(0), default=200)
+    q.add_argument("--temperature", type=at_least(0.0, open_=True), default=0.8)
+    q.add_argument("--top-k", type=at_least(1))
     q.add_argument("--greedy", action="store_true")
     q.add_argument("--seed", type=int)
     q.set_defaults(fn=_generate)
@@ -164,19 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a user's mistake prints one line ``streamrnn CMD: error: ...`` and returns 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
-    a, rest = p.parse_known_args(argv)
-    if rest and a.cmd != "bench":
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        a, rest = p.parse_known_args(argv)
+        if rest and a.cmd != "bench":
+            p.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed in one line)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
     try:
         if a.cmd == "bench":
             return _bench(a, rest)
         return a.fn(a)
+    except SystemExit as e:  # a bench sub-command's own argument parser
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     except StreamRNNError as e:
         print(f"streamrnn {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path given on the command line cannot be read or written
+        print(f"streamrnn {a.cmd}: error: {e.filename or ''}: expected a usable path, got {e.strerror or e}",
+              file=sys.stderr)
         return 2
 
 

@@ -57,3 +57,17 @@ def test_feature_normalisation_is_part_of_the_model(tmp_path, rng):
     with torch.no_grad():
         ref, _ = net(torch.from_numpy(((x - mean) / std).astype(np.float32)))
     np.testing.assert_allclose(out["mean"], ref[..., :2].numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("std", "mean", "match"), [
+    ([2.0, 0.0, 4.0], [0.0, 0.0, 0.0], r"std of feature 'vol': expected a finite number > 0 .* got 0.0"),
+    ([2.0, 1.0, np.inf], [0.0, 0.0, 0.0], r"std of feature 'range': expected a finite number > 0 .* got inf"),
+    ([2.0, 1.0, 1.0], [0.0, np.nan, 0.0], r"mean of feature 'vol': expected a finite number, got nan"),
+    ([2.0, 1.0], [0.0, 0.0, 0.0], r"std: expected 3 values \(one per feature\), got shape \[2\]"),
+])
+def test_export_refuses_unusable_normalisation(tmp_path, std, mean, match):
+    """std = 0 became 1/std = inf inside the graph."""
+    with pytest.raises(ExportError, match=match):
+        export(make_net("lstm", kind="features"), tmp_path / "f.onnx", name="feat",
+               feature_names=("ret", "vol", "range"), mean=np.array(mean), std=np.array(std))
+    assert not (tmp_path / "f.onnx").exists()

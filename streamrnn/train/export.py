@@ -39,6 +39,19 @@ def _input_spec(net: RecurrentNet, feature_names=(), mean=None, std=None) -> Inp
                          encoding="utf-8 bytes" if c.vocab_size == 256 else "token ids")
     F = c.n_features
     names = tuple(feature_names) or tuple(f"f{i}" for i in range(F))
+    if len(names) != F:
+        raise ExportError(f"export: feature_names: expected {F} names, got {len(names)}")
+    for what, v in (("mean", mean), ("std", std)):
+        if v is not None and np.shape(v) != (F,):
+            raise ExportError(f"export: {what}: expected {F} values (one per feature), got shape {list(np.shape(v))}")
+    for i, n in enumerate(names):
+        m = float(mean[i]) if mean is not None else 0.0
+        sd = float(std[i]) if std is not None else 1.0
+        if not np.isfinite(m):
+            raise ExportError(f"export: mean of feature {n!r}: expected a finite number, got {m}")
+        if not (sd > 0 and np.isfinite(sd)):
+            raise ExportError(f"export: std of feature {n!r}: expected a finite number > 0 (the graph divides by "
+                              f"it; a constant feature carries no signal: drop it), got {sd}")
     return InputSpec(kind="features", n_features=F, feature_names=names,
                      mean=tuple(float(v) for v in (mean if mean is not None else np.zeros(F))),
                      std=tuple(float(v) for v in (std if std is not None else np.ones(F))))

@@ -48,6 +48,68 @@ class LMTrainConfig:
     threads: int = 0
     max_minutes: float = 0.0
 
+    def validate(self) -> None:
+        """InputError naming the CLI flag of the first bad setting."""
+        def bad(flag: str, want: str, got) -> InputError:
+            return InputError(f"--{flag}: expected {want}, got {got!r}")
+
+        for name in ("hidden", "layers", "embed_dim", "batch", "bptt", "steps", "eval_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad({"embed_dim": "embed"}.get(name, name).replace("_", "-"), "an int >= 1", v)
+        if self.cell not in ("lstm", "gru", "rnn"):
+            raise bad("cell", "lstm, gru or rnn", self.cell)
+        if not 0 < self.val_frac < 1:
+            raise bad("val-frac", "a fraction in (0, 1)", self.val_frac)
+        if not 0 <= self.dropout < 1:
+            raise bad("dropout", "a fraction in [0, 1)", self.dropout)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "a finite number > 0", self.lr)
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise bad("weight-decay", "a finite number >= 0", self.weight_decay)
+        if not (self.max_minutes >= 0 and math.isfinite(self.max_minutes)):
+            raise bad("max-minutes", "a number >= 0 (0: no time cap)", self.max_minutes)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise bad("threads", "an int >= 0 (0: torch's default)", self.threads)
+
+
+CKPT_FORMAT = "streamrnn-lm-checkpoint/2"
+VAL_STREAMS = 16
+# settings that may change when a run is resumed (the rest must match the checkpoint)
+RESUMABLE = ("steps", "max_minutes", "threads", "eval_every")
+
+
+def load_checkpoint(ckpt: Path, cfg: LMTrainConfig, data_hash: str, text_path) -> dict:
+    """Load a checkpoint without unpickling code (``weights_only``) and check it belongs to this run.
+
+    The checkpoint is bound to the training data's sha256 and to every setting but
+    :data:`RESUMABLE`; any mismatch is an :class:`InputError` naming what differs.
+    """
+    try:
+        blob = torch.load(ckpt, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for a bad file
+        raise InputError(f"--checkpoint {ckpt}: expected a streamrnn training checkpoint, got an unreadable "
+                         f"file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         "pass --restart to train from scratch") from e
+    if not isinstance(blob, dict) or blob.get("format") != CKPT_FORMAT:
+        got = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise InputError(f"--checkpoint {ckpt}: format: expected {CKPT_FORMAT!r}, got {got!r}; "
+                         "pass --restart to train from scratch")
+    if blob.get("data_sha256") != data_hash:
+        raise InputError(f"--checkpoint {ckpt}: training data: expected the text it was trained on "
+                         f"(sha256 {str(blob.get('data_sha256'))[:16]}), got {os.fspath(text_path)!r} "
+                         f"(sha256 {data_hash[:16]}); pass --restart to train on this text from scratch")
+    saved = blob.get("config")
+    theirs = {k: v for k, v in (saved if isinstance(saved, dict) else {}).items() if k not in RESUMABLE}
+    ours = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+    if theirs != ours:
+        diff = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))
+                if theirs.get(k) != ours.get(k)}
+        raise InputError(f"--checkpoint {ckpt}: settings: expected {theirs}, got {ours} "
+                         f"(differs in {', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}; "
+                         f"only {', '.join(RESUMABLE)} may change on resume)")
+    return blob
+
 
 def split_bytes(data: bytes, val_frac: float) -> tuple[np.ndarray, np.ndarray]:
     """First ``1 - val_frac`` of the bytes train, the rest validate (nanoGPT's char split)."""
@@ -83,7 +145,7 @@ def _streams(data: np.ndarray, batch: int, offset: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(net: RecurrentNet, data: np.ndarray, *, streams: int = 16, chunk: int = 256) -> float:
+def evaluate(net: RecurrentNet, data: np.ndarray, *, streams: int = VAL_STREAMS, chunk: int = 256) -> float:
     """Mean nats/byte over ``data`` cut into ``streams`` contiguous pieces, state carried within each."""
     net.eval()
     s = _streams(data, streams, 0)
@@ -111,9 +173,20 @@ def _progress(total: int, initial: int):
 def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: str | os.PathLike,
              resume: bool = True, log=print) -> tuple[RecurrentNet, dict]:
     """Train (or resume) and return the net and a summary dict (metrics, data hash, timing)."""
-    data = Path(text_path).read_bytes()
+    cfg.validate()
+    try:
+        data = Path(text_path).read_bytes()
+    except OSError as e:
+        raise InputError(f"--text: expected a readable text file, got {os.fspath(text_path)!r} "
+                         f"({e.strerror or e})") from e
     data_hash = hashlib.sha256(data).hexdigest()
     train, val = split_bytes(data, cfg.val_frac)
+    need_train = cfg.batch * (2 * cfg.bptt + 1)
+    if len(train) < need_train or len(val) < 2 * VAL_STREAMS:
+        raise InputError(
+            f"--text: expected at least {need_train} training bytes (--batch x (2 x --bptt + 1)) and "
+            f"{2 * VAL_STREAMS} validation bytes (--val-frac {cfg.val_frac}), got {len(train)} and {len(val)} "
+            f"from {len(data)} bytes in {os.fspath(text_path)!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -131,13 +204,7 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
     history: list[dict] = []
     ckpt = Path(checkpoint)
     if resume and ckpt.exists():
-        blob = torch.load(ckpt, weights_only=False)
-        free = ("steps", "max_minutes", "threads", "eval_every")
-        theirs = {k: v for k, v in blob["config"].items() if k not in free}
-        ours = {k: v for k, v in asdict(cfg).items() if k not in free}
-        if theirs != ours:
-            raise InputError(f"checkpoint {ckpt}: settings: expected {theirs}, got {ours} "
-                             f"(only {', '.join(free)} may change on resume)")
+        blob = load_checkpoint(ckpt, cfg, data_hash, text_path)
         net.load_state_dict(blob["net"])
         opt.load_state_dict(blob["opt"])
         torch.set_rng_state(blob["torch_rng"])
@@ -150,7 +217,8 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
     def save() -> None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "config": asdict(cfg),
+        torch.save({"format": CKPT_FORMAT, "data_sha256": data_hash, "net": net.state_dict(),
+                    "opt": opt.state_dict(), "config": asdict(cfg),
                     "torch_rng": torch.get_rng_state(), "np_rng": rng.bit_generator.state,
                     "step": step, "epoch": epoch, "pos": pos, "elapsed": elapsed, "history": history,
                     "offset": offset, "state": state}, tmp)

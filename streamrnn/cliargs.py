@@ -1,0 +1,71 @@
+"""Command-line helpers: a parser whose errors are one line, and value checkers that name the flag.
+
+``argparse`` reports a bad value as ``argument --steps: expected an int >= 1, got '0'``;
+:class:`OneLineParser` prints just that (no usage block) and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Callable
+from typing import NoReturn
+
+from .errors import InputError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _number(s: str, integer: bool) -> float:
+    try:
+        v = int(s) if integer else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an int' if integer else 'a number'}, got {s!r}") from None
+    if not integer and not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def at_least(lo: float, *, open_: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: an int (if ``lo`` is an int) or a number ``>= lo`` (``> lo`` if ``open_``)."""
+    integer = isinstance(lo, int)
+
+    def parse(s: str) -> float:
+        v = _number(s, integer)
+        if v < lo or (open_ and v == lo):
+            kind = "an int" if integer else "a number"
+            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if open_ else '>='} {lo}, got {s!r}")
+        return v
+
+    parse.__name__ = f"at_least_{lo}"
+    return parse
+
+
+def fraction(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: a number in the interval from ``lo`` to ``hi``."""
+    def parse(s: str) -> float:
+        v = _number(s, False)
+        if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+            interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"expected a fraction in {interval}, got {s!r}")
+        return v
+
+    parse.__name__ = "fraction"
+    return parse
+
+
+def read_file(flag: str, path: str | os.PathLike) -> bytes:
+    """The bytes of a file named on the command line; InputError naming ``flag`` if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{flag}: expected a readable file, got {os.fspath(path)!r} ({e.strerror or e})") from e
+
+
