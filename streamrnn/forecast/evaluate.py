@@ -1,0 +1,233 @@
+"""``streamrnn eval forecast``: the forecaster and every baseline scored on the same bars.
+
+Scored points: forecast origins at or after the model's ``test_start`` with a
+valid target (no corporate-action jump inside it), on symbols with at least
+``MIN_TRAIN`` returns before ``test_start`` (GARCH and the naive scale are fitted
+on those). ``period="validation"`` scores ``[fit_end, val_end)`` instead, with
+every baseline fitted before ``fit_end``: the period to compare designs on
+without reading the test period. Symbols are reported together (``metrics``) and in two groups
+(``groups.seen_symbols``: trained-on tickers in the held-out period;
+``groups.heldout_symbols``: tickers never seen in training).
+
+``parity_max_abs``: the largest difference between the model's outputs when the
+raw bars are streamed bar by bar (online features, then one
+:class:`~streamrnn.keyed.KeyedOperator` call per timestamp with state carried
+per symbol) and when each symbol's whole sequence of offline features runs in
+one call.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from ..errors import InputError
+from ..keyed import KeyedOperator
+from ..model import Model, load
+from . import baselines
+from .dataset import Prepared, Split, check_frequency
+from .dataset import load as load_data
+from .features import DeadLetter, FeatureConfig, OnlineFeatures
+from .metrics import summarize
+
+MIN_TRAIN = 250
+METHODS = ("lstm", "naive", "ewma", "garch_normal", "garch_t", "tcn")
+
+
+def forecast_meta(model: Model) -> dict:
+    meta = model.spec.training.get("forecast")
+    if model.spec.task != "forecast" or not isinstance(meta, Mapping):
+        raise InputError(f"{model.source}: model task: expected a forecast model (training.forecast in its spec), "
+                         f"got task {model.spec.task!r}")
+    return dict(meta)
+
+
+def model_outputs(model: Model, data: list[Prepared], batch: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Whole-sequence (loc, log_scale) ``[n, H]`` per symbol: each symbol's bars in one call (padded batches)."""
+    out = []
+    F = model.spec.input.n_features
+    for s in range(0, len(data), batch):
+        part = data[s:s + batch]
+        lens = np.array([max(1, len(p.series)) for p in part], np.int32)
+        x = np.zeros((len(part), int(lens.max()), F), np.float32)
+        for i, p in enumerate(part):
+            x[i, :len(p.series)] = p.series.x
+        o, _ = model.step(x, lengths=lens)
+        out += [(o["mean"][i, :n].astype(np.float64), o["log_scale"][i, :n].astype(np.float64))
+                for i, n in enumerate(lens)]
+    return out
+
+
+def streaming_parity(model: Model, data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
+                     features: FeatureConfig) -> tuple[float, int]:
+    """Stream raw bars through online features and a KeyedOperator, one call per timestamp; max |diff|."""
+    rows = []
+    for k, p in enumerate(data):
+        s = p.series
+        for i in range(len(s)):
+            rows.append((s.ts[i], k, i))
+    rows.sort()
+    online = OnlineFeatures(features)
+    op = KeyedOperator(model)
+    worst, n = 0.0, 0
+    j = 0
+    while j < len(rows):
+        ts = rows[j][0]
+        keys, xs, where = [], [], []
+        while j < len(rows) and rows[j][0] == ts:
+            _, k, i = rows[j]
+            s = data[k].series
+            bar = {"symbol": s.symbol, "ts": float(s.ts[i]), "open": float(_raw(s, i, "open")),
+                   "high": float(_raw(s, i, "high")), "low": float(_raw(s, i, "low")),
+                   "close": float(s.close[i]), "volume": float(_raw(s, i, "volume"))}
+            r = online.update(bar)
+            if isinstance(r, DeadLetter):
+                raise InputError(f"streaming parity: {s.symbol} bar {i} was accepted offline but not online: "
+                                 f"{r.reason}")
+            keys.append(s.symbol)
+            xs.append(r.x)
+            where.append((k, i))
+            j += 1
+        res = op.process(keys, np.asarray(xs, np.float32))
+        for e, (k, i) in enumerate(where):
+            loc, ls = whole[k]
+            worst = max(worst, float(np.abs(res.outputs["mean"][e] - loc[i]).max()),
+                        float(np.abs(res.outputs["log_scale"][e] - ls[i]).max()))
+            n += 1
+    return worst, n
+
+
+def _raw(s, i: int, c: str) -> float:
+    return s.raw[c][i]
+
+
+def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | None = None, tcn: str | None = None,
+                  symbols=None, allow_frequency: bool = False, garch: bool = True, progress: bool = False,
+                  parity_symbols: int = 100, period: str = "test") -> dict:
+    """Score the model and the baselines; returns the JSON-ready result (see module doc)."""
+    t0 = time.perf_counter()
+    model = load(model_path, providers=["CPUExecutionProvider"])
+    meta = forecast_meta(model)
+    H = int(meta["horizons"])
+    fcfg = FeatureConfig(**meta["features"])
+    split = Split(**meta["split"])
+    df_model = np.asarray(meta["df"], np.float64)
+    data = load_data(bars, H, columns=columns, features=fcfg, symbols=symbols)
+    interval = check_frequency(data, fcfg.bar_seconds, allow=allow_frequency)
+    if period not in ("test", "validation"):
+        raise InputError(f"eval forecast: period: expected 'test' or 'validation', got {period!r}")
+    start = split.test_start if period == "test" else split.fit_end
+    end = None if period == "test" else split.val_end
+    test_ts = float(np.datetime64(start, "s").astype(np.int64))
+    whole = model_outputs(model, data)
+    parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg)
+    tcn_out = _tcn_outputs(tcn, data, H) if tcn else None
+    preds: dict[str, list] = {m: [] for m in METHODS}
+    ys, masks, groups, heldout = [], [], [], []
+    skipped = []
+    for k, p in enumerate(data):
+        s = p.series
+        n_train = int((s.ts < test_ts).sum())
+        train_ret = s.ret[1:n_train][~s.jump[1:n_train]]
+        window = p.window(start, end)
+        origins = np.flatnonzero(window.any(axis=1))
+        if len(train_ret) < MIN_TRAIN or len(origins) == 0:
+            skipped.append(s.symbol)
+            continue
+        if progress:
+            print(f"\r{k + 1}/{len(data)} {s.symbol:8s}", end="", file=sys.stderr, flush=True)
+        loc, ls = whole[k]
+        preds["lstm"].append((loc[origins], np.exp(ls[origins]), np.broadcast_to(df_model, (len(origins), H))))
+        preds["naive"].append(baselines.naive(baselines.sd(train_ret), len(origins), H))
+        preds["ewma"].append(baselines.ewma(s.var[origins], H))
+        if garch:
+            # arch sees returns 1..n-1 (index j is bar j+1); it fits on those before test_start
+            for name, dist in (("garch_normal", "normal"), ("garch_t", "t")):
+                f, _ = baselines.garch(s.ret[1:], n_train - 1, origins - 1, H, dist)
+                preds[name].append(f)
+        if tcn_out is not None:
+            tl, ts_, tdf = tcn_out
+            preds["tcn"].append((tl[k][origins], np.exp(ts_[k][origins]), np.broadcast_to(tdf, (len(origins), H))))
+        ys.append(p.y[origins])
+        masks.append(window[origins])
+        groups.append(np.full(len(origins), s.symbol, dtype=object))
+        heldout.append(np.full(len(origins), split.held_out(s.symbol)))
+    if progress:
+        print(file=sys.stderr)
+    if not ys:
+        raise InputError(f"eval forecast: bars: expected symbols with >= {MIN_TRAIN} returns before "
+                         f"{start} and bars after it, got none (of {len(data)} symbols)")
+    Y, M = np.concatenate(ys), np.concatenate(masks)
+    G, HO = np.concatenate(groups), np.concatenate(heldout)
+    cat = {m: tuple(np.concatenate([f[j] for f in v]) for j in range(3)) for m, v in preds.items() if v}
+
+    def table(sel: np.ndarray) -> dict:
+        res = {}
+        for m in METHODS:
+            res[m] = {}
+            for h in range(H):
+                pts = sel & M[:, h]
+                if m in cat:
+                    loc, scale, df = (a[pts, h] for a in cat[m])
+                    res[m][f"h{h + 1}"] = summarize(Y[pts, h], loc, scale, df, G[pts])
+                else:
+                    res[m][f"h{h + 1}"] = dict.fromkeys(
+                        ("nll", "crps", "mae", "mase", "coverage_80", "coverage_95"), None)
+        return res
+
+    everything = np.ones(len(Y), bool)
+    dead = [d for p in data for d in p.series.dead]
+    return {
+        "model": model_path, "bars": bars, "n_bars": int(sum(len(p.series) for p in data)),
+        "n_symbols": len(data) - len(skipped), "n_symbols_heldout": len(set(G[HO])),
+        "skipped_symbols": skipped, "period": period, "start": start, "end": end, "horizons": H,
+        "bar_interval_s": interval, "parity_max_abs": parity, "parity_bars": parity_n,
+        "dead_letters": len(dead), "dead_letter_examples": [
+            {"symbol": d.symbol, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
+        "jumps_flagged": int(sum(int(p.series.jump.sum()) for p in data)),
+        "metrics": table(everything),
+        "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _tcn_outputs(path: str, data: list[Prepared], H: int):
+    import torch
+
+    from ..train.forecast import load_tcn
+
+    net, blob = load_tcn(path)
+    mean, std = np.asarray(blob["feature_mean"]), np.asarray(blob["feature_std"])
+    locs, lss = [], []
+    with torch.no_grad():
+        for p in data:
+            x = torch.from_numpy(((p.series.x - mean) / std).astype(np.float32))[None]
+            out, _ = net(x)
+            locs.append(out[0, :, :H].double().numpy())
+            lss.append(out[0, :, H:].double().numpy())
+    return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
+
+
+def render_table(r: dict) -> str:
+    """A plain-text table of every group, method and horizon."""
+    lines = [f"{r['n_bars']} bars, {r['n_symbols']} symbols scored ({r['n_symbols_heldout']} held out), "
+             f"{r['period']} period {r['start']}..{r['end'] or 'end'}; streaming vs whole parity "
+             f"{r['parity_max_abs']:.2e} over {r['parity_bars']} bars; "
+             f"{r['dead_letters']} dead letters, {r['jumps_flagged']} jumps flagged"]
+
+    def fmt(v) -> str:
+        return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    for gname, tab in (("all", r["metrics"]), *r["groups"].items()):
+        lines.append(f"\n[{gname}]  method h   nll     crps    mae     mase    cov80   cov95")
+        for m, hs in tab.items():
+            if all(v["nll"] is None and v["mae"] is None for v in hs.values()):
+                continue
+            for h, v in hs.items():
+                lines.append(f"  {m:13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
+                    "nll", "crps", "mae", "mase", "coverage_80", "coverage_95")))
+    return "\n".join(lines) + "\n"
