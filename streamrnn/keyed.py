@@ -78,9 +78,10 @@ class KeyedOperator:
         A reading that is not a finite number is an :class:`InputError` (and changes nothing).
       keep_last_output: also keep each key's last task output (needed to score or sample
         the next token between calls).
-      pack_factor, pack_slack: keys of one call are packed into model calls whose padded
-        volume (keys x steps) stays within ``pack_factor`` x the events (+ ``pack_slack``),
-        so one busy key does not make every other key pay for its length.
+      pack_step_cost: keys of one call are packed into model calls by length (see
+        :func:`streamrnn.packing.pack`), so one busy key does not make every other key pay
+        for its length; the fixed cost of one recurrent step in key-steps. ``math.inf``
+        runs every call as one padded batch.
 
     State is host memory: ``[layers, capacity, hidden]`` slabs per state tensor (see
     :mod:`streamrnn.slab`). Every state change is all-or-nothing: ``process`` and
@@ -90,22 +91,21 @@ class KeyedOperator:
 
     def __init__(self, model: Model, *, max_keys: int = 1_000_000, ttl: float | None = None,
                  clock: Callable[[], float] = time.time, keep_last_output: bool = False,
-                 initial_capacity: int = 1024, pack_factor: float = 1.5, pack_slack: int = 256):
+                 initial_capacity: int = 1024, pack_step_cost: float = 4.0):
         if not isinstance(max_keys, (int, np.integer)) or isinstance(max_keys, bool) or max_keys < 1:
             raise InputError(f"KeyedOperator: max_keys: expected an int >= 1, got {max_keys!r}")
         if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < math.inf):
             raise InputError(f"KeyedOperator: ttl: expected a positive number of seconds or None, got {ttl!r}")
         if not (isinstance(initial_capacity, (int, np.integer)) and initial_capacity >= 1):
             raise InputError(f"KeyedOperator: initial_capacity: expected an int >= 1, got {initial_capacity!r}")
-        if not pack_factor >= 1 or not pack_slack >= 0:
-            raise InputError(f"KeyedOperator: pack_factor, pack_slack: expected >= 1 and >= 0, "
-                             f"got {pack_factor!r}, {pack_slack!r}")
+        if not (isinstance(pack_step_cost, (int, float)) and pack_step_cost >= 0):
+            raise InputError(f"KeyedOperator: pack_step_cost: expected a number >= 0, got {pack_step_cost!r}")
         self.model = model
         self.max_keys = int(max_keys)
         self.ttl = ttl
         self.clock = clock
         self.keep_last_output = keep_last_output
-        self.pack_factor, self.pack_slack = pack_factor, pack_slack
+        self.pack_step_cost = pack_step_cost
         self.evictions = Evictions()
         self._lock = threading.Lock()
         spec = model.spec
@@ -257,7 +257,7 @@ class KeyedOperator:
         """All model calls of one ``process``; reads the store, writes nothing."""
         store = self._store
         N, B = len(g.rows), len(g.keys)
-        groups = pack(g.counts, factor=self.pack_factor, slack=self.pack_slack)
+        groups = pack(g.counts, step_cost=self.pack_step_cost)
         outs: dict[str, np.ndarray] = {}
         new_state: dict[str, np.ndarray] = {}
         last_row: dict[str, np.ndarray] = {}

@@ -3,15 +3,14 @@
 A call's events form one row per distinct key (that key's events, in order). Running
 all rows as one ``[B, T]`` batch costs ``B * max(len)``: one busy key among many quiet
 ones makes that ``keys x busiest key``. :func:`pack` instead sorts rows by length and
-cuts them into a few groups, each one model call, such that every group's padded volume
-stays within ``factor`` of its events (plus a small ``slack`` that keeps tiny groups
-merged, since every call has a fixed cost).
+cuts them into a few groups, each one model call, minimising a cost model of padded
+rows plus a fixed cost per sequential step.
 
 >>> import numpy as np
 >>> g = group(["a", "b", "a", "c", "a"])
 >>> g.keys, g.rows.tolist(), g.cols.tolist(), g.counts.tolist()
 (['a', 'b', 'c'], [0, 1, 0, 2, 0], [0, 0, 1, 0, 2], [3, 1, 1])
->>> [len(p) for p in pack(np.array([300] + [1] * 300), factor=1.5, slack=0)]  # the busy key alone
+>>> [len(p) for p in pack(np.array([300] + [1] * 300))]  # the busy key alone
 [1, 300]
 """
 
@@ -60,27 +59,35 @@ def group(keys: Sequence[Hashable]) -> Grouping:
     return Grouping(distinct, rows, cols, counts)
 
 
-def pack(counts: np.ndarray, *, factor: float = 1.5, slack: int = 256) -> list[np.ndarray]:
-    """Split rows (by their event ``counts``) into groups, longest first.
+def pack(counts: np.ndarray, *, step_cost: float = 4.0) -> list[np.ndarray]:
+    """Split rows (by their event ``counts``) into groups, one model call each, longest rows first.
 
-    Each group's padded volume ``len(group) * max(counts[group])`` is at most
-    ``factor * events(group) + slack``. One group when the whole call already fits.
+    A group of B rows padded to T steps is costed ``T * (step_cost + B)`` key-steps:
+    every step of a call has a fixed cost (``step_cost``, in units of one key-step, the
+    latency of the recurrence at batch 1) plus one per padded row. The split minimising
+    the total is found exactly by dynamic programming over the distinct counts (rows of
+    equal length never gain from being split apart), so it is cheap: at most about
+    ``sqrt(2 * events)`` distinct counts. ``step_cost=inf`` gives one padded call.
     """
     n = len(counts)
-    total = int(counts.sum())
-    if n * int(counts.max()) <= factor * total + slack:
+    c_max, c_min = int(counts.max()), int(counts.min())
+    if c_max == c_min or not np.isfinite(step_cost):
         return [np.arange(n)]
     order = np.argsort(-counts, kind="stable")
-    c = counts[order]
-    cum = np.concatenate([[0], np.cumsum(c)])
-    groups = []
-    i = 0
-    while i < n:
-        T = c[i]
-        j = np.arange(i, n)
-        fits = (j - i + 1) * T <= factor * (cum[j + 1] - cum[i]) + slack
-        end = i + (int(np.argmin(fits)) if not fits.all() else n - i)
-        end = max(end, i + 1)
-        groups.append(np.sort(order[i:end]))
-        i = end
-    return groups
+    vals, first, mult = np.unique(-counts[order], return_index=True, return_counts=True)
+    u = -vals.astype(np.float64)  # distinct counts, descending
+    m = len(u)
+    cum = np.concatenate([[0], np.cumsum(mult)]).astype(np.float64)
+    best = np.empty(m + 1)
+    best[0] = 0.0
+    cut = np.zeros(m + 1, np.int64)
+    for j in range(1, m + 1):  # best[j]: rows of the first j distinct counts, last group starting at i
+        cand = best[:j] + u[:j] * (step_cost + cum[j] - cum[:j])
+        i = int(np.argmin(cand))
+        best[j], cut[j] = cand[i], i
+    bounds = []
+    j = m
+    while j > 0:
+        bounds.append((cut[j], j))
+        j = cut[j]
+    return [np.sort(order[first[i]:first[j - 1] + mult[j - 1]]) for i, j in reversed(bounds)]

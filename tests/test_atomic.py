@@ -59,7 +59,7 @@ def test_failed_process_evicts_nothing(lstm, monkeypatch):
 def test_failure_in_a_later_packed_call_changes_nothing(lstm, monkeypatch, rng):
     """A skewed call runs as several packed model calls; a failure in the 2nd leaves the 1st uncommitted."""
     clock = FakeClock()
-    op = KeyedOperator(lstm, max_keys=50, ttl=10.0, clock=clock, pack_factor=1.0, pack_slack=0)
+    op = KeyedOperator(lstm, max_keys=50, ttl=10.0, clock=clock, pack_step_cost=0.0)
     op.process(["old"], [1])
     clock.advance(20)  # "old" is now past its TTL: expiring it is part of the next process
     op_keys = ["busy"] * 40 + [f"k{i}" for i in range(30)]

@@ -114,7 +114,7 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
         x = rng.integers(0, 256, len(keys))
         g = group(keys)
         ops = {"packed": KeyedOperator(model, max_keys=len(g.keys) + 16),
-               "unpacked": KeyedOperator(model, max_keys=len(g.keys) + 16, pack_factor=1e12)}
+               "unpacked": KeyedOperator(model, max_keys=len(g.keys) + 16, pack_step_cost=float("inf"))}
         variants = {v: (lambda op=op, keys=keys, x=x: op.process(keys, x)) for v, op in ops.items()}
         for fn in variants.values():
             fn()
