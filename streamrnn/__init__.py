@@ -34,9 +34,10 @@ from .spec import ModelSpec
 
 __version__ = "0.1.0"
 
-#: The shipped byte-level language model (override with STREAMRNN_MODEL).
+#: The shipped byte-level language model (override with STREAMRNN_MODEL). ``streamrnn/exported``
+#: links to the repository's ``exported/`` folder, and is package data in the wheel.
 DEFAULT_MODEL = os.environ.get(
-    "STREAMRNN_MODEL", str(Path(__file__).resolve().parent.parent / "exported" / "charlm.onnx"))
+    "STREAMRNN_MODEL", str(Path(__file__).resolve().parent / "exported" / "charlm.onnx"))
 
 __all__ = [
     "DEFAULT_MODEL",

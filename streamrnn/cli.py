@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_args(q: argparse.ArgumentParser, positional: bool = False) -> None:
         if positional:
-            q.add_argument("model", help="path to a streamrnn .onnx model")
+            q.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                           help="path to a streamrnn .onnx model (default: the shipped charlm)")
         else:
             q.add_argument("--model", default=DEFAULT_MODEL, help="streamrnn .onnx model (default: shipped charlm)")
         q.add_argument("--providers", default="auto",

@@ -157,7 +157,7 @@ def _cases(tmp):
         (["generate", "--providers", "tpu"], "providers: expected 'auto', 'cpu', 'cuda'"),
         (["info", str(d)], "expected a readable ONNX file"),
         (["info", str(ok_text)], "expected a valid ONNX model"),
-        (["info"], "the following arguments are required: model"),
+        (["info", "--providers", ""], "providers: expected"),
         (["nope"], "invalid choice: 'nope'"),
         (["info", "m.onnx", "--bogus"], "unrecognized arguments: --bogus"),
         (["bench", "operator", "--hidden", "0"], "--hidden: expected an int >= 1, got '0'"),
