@@ -226,9 +226,9 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
     prev_c = np.concatenate([[np.nan], c[:-1]])
     prev_v = np.concatenate([[np.nan], v[:-1]])
     first = np.arange(m) == 0
-    jump = ~first & (np.abs(c / np.where(first, 1.0, prev_c) - 1.0) > cfg.jump)
-    clean = ~first & ~jump
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(all="ignore"):  # prev_c is NaN on the first bar (masked below)
+        jump = ~first & (np.abs(c / np.where(first, 1.0, prev_c) - 1.0) > cfg.jump)
+        clean = ~first & ~jump
         ret = np.where(clean, 100.0 * np.log(c / prev_c), 0.0)
         gap = np.where(clean, 100.0 * np.log(o / prev_c), 0.0)
         dvol = np.where(first, 0.0, np.clip(np.log((v + 1.0) / (prev_v + 1.0)), -5.0, 5.0))

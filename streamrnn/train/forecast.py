@@ -210,9 +210,9 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
                             "val_nll_h": [round(v, 4) for v in per], "elapsed_s": round(elapsed, 1)})
             if val < best["val"]:
                 best = {"val": val, "step": step, "net": {k: v.clone() for k, v in net.state_dict().items()}}
-            msg = f"step {step}/{cfg.steps} train {ema:.4f} val {val:.4f} (h1 {per[0]:.4f}) {elapsed / 60:.1f} min"
-            (bar.write if bar is not None else log)(msg)
             save()
+            msg = f"step {step}/{cfg.steps} train {ema:.4f} val {val:.4f} (h1 {per[0]:.4f}) {elapsed / 60:.1f} min"
+            (bar.write if bar is not None and not bar.disable else log)(msg)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - t0

@@ -1,0 +1,54 @@
+"""A simulated market (labelled as simulated): GARCH(1,1) Student-t daily bars, for tests and demos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .bars import Bars
+
+
+def simulate(symbols: list[str], *, start: str = "2014-01-01", end: str = "2017-07-01", seed: int = 0,
+             omega: float = 0.05, alpha: float = 0.08, beta: float = 0.9, nu: float = 5.0) -> list[Bars]:
+    """Business-day OHLCV bars per symbol; % log returns follow GARCH(1,1) with t(nu) shocks."""
+    rng = np.random.default_rng(seed)
+    days = np.arange(np.datetime64(start, "D"), np.datetime64(end, "D"))
+    days = days[np.is_busday(days)]
+    ts = days.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+    out = []
+    for sym in symbols:
+        n = len(days)
+        z = rng.standard_t(nu, n) * np.sqrt((nu - 2) / nu)
+        r = np.empty(n)
+        v = omega / (1 - alpha - beta)
+        for i in range(n):
+            r[i] = np.sqrt(v) * z[i]
+            v = omega + alpha * r[i] ** 2 + beta * v
+        close = 50.0 * np.exp(np.cumsum(r) / 100.0)
+        prev = np.concatenate([[50.0], close[:-1]])
+        opn = prev * np.exp(rng.normal(0, 0.2, n) / 100.0)
+        wig = np.abs(rng.normal(0, 0.5, (2, n))) / 100.0
+        high = np.maximum(opn, close) * np.exp(wig[0])
+        low = np.minimum(opn, close) * np.exp(-wig[1])
+        vol = np.round(rng.lognormal(13, 0.3, n))
+        out.append(Bars(sym, ts.copy(), opn, high, low, close, vol, source="simulated"))
+    return out
+
+
+def write_sp500_layout(bars: list[Bars], folder: str | os.PathLike) -> list[Path]:
+    """One ``<SYM>_data.csv`` per symbol in the S&P 500 set's layout (``date,open,high,low,close,volume,Name``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for b in bars:
+        lines = ["date,open,high,low,close,volume,Name"]
+        for i in range(len(b)):
+            d = str(np.datetime64(int(b.ts[i]), "s").astype("datetime64[D]"))
+            lines.append(f"{d},{b.open[i]:.4f},{b.high[i]:.4f},{b.low[i]:.4f},{b.close[i]:.4f},"
+                         f"{int(b.volume[i])},{b.symbol}")
+        p = folder / f"{b.symbol}_data.csv"
+        p.write_text("\n".join(lines) + "\n")
+        paths.append(p)
+    return paths
