@@ -153,3 +153,38 @@ def test_cli_user_errors_one_line_exit_2(case, trained, market, tmp_path, capsys
     assert len(err) == 1 and err[0].startswith("streamrnn eval: error:")
     want = {"no_path": "--bars", "intraday": "frequency", "lm_model": "forecast model", "bad_columns": "--columns"}
     assert want[case] in err[0]
+
+
+def test_forecast_operator_bands_and_bad_bars_do_not_poison_state(trained, market):
+    from scipy import stats
+
+    from streamrnn.forecast.serve import ForecastOperator
+
+    m = load(trained, providers=["CPUExecutionProvider"])
+    s = dataset.load(str(market), 3, symbols=["AAA"])[0].series
+    bars = [{"symbol": "AAA", "ts": s.ts[j], "close": s.close[j], **{k: v[j] for k, v in s.raw.items()}}
+            for j in range(60)]
+    clean_rows, dead = ForecastOperator(m).process(bars)
+    assert not dead and len(clean_rows) == 60
+    noisy = list(bars)
+    for at, bad in ((40, {"symbol": "A A"}), (30, {"ts": bars[29]["ts"]}), (20, {"high": 1.0, "low": 2.0}),
+                    (10, {"close": float("nan")})):  # each bad bar goes right before original bar `at`
+        noisy.insert(at, {**bars[at - 1], **bad, "ts": bad.get("ts", bars[at - 1]["ts"] + 1.0)})
+    op = ForecastOperator(m)
+    rows = []
+    for chunk in range(0, len(noisy), 9):  # several calls: state carried between them
+        r, d = op.process(noisy[chunk:chunk + 9])
+        rows += r
+        dead += d
+    assert len(dead) == 4 and len(rows) == 60
+    for a, b in zip(rows, clean_rows, strict=True):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in a if k.startswith("h")], [b[k] for k in b if k.startswith("h")],
+                                   rtol=1e-6)
+    whole, _ = m.step(s.x[None, :60].astype(np.float32))
+    df = m.spec.training["forecast"]["df"]
+    r = rows[59]
+    loc, scale = float(whole["mean"][0, 59, 0]), float(np.exp(whole["log_scale"][0, 59, 0]))
+    assert r["h1_median"] == pytest.approx(s.close[59] * np.exp(loc / 100), rel=1e-5)
+    assert r["h1_hi95"] == pytest.approx(s.close[59] * np.exp(stats.t.ppf(0.975, df[0], loc, scale) / 100), rel=1e-5)
+    assert r["h1_lo80"] < r["h1_median"] < r["h1_hi80"] and r["h1_lo95"] < r["h1_lo80"]
