@@ -3,26 +3,27 @@
     python -m beam_jobs.next_token --input EVENTS --output DIR [--replay] [Beam pipeline options]
     python -m beam_jobs.next_token --demo --output DIR            # makes demo events, replays them
 
-The pipeline itself writes, through Beam's filesystems (local, gs://, s3://, ...),
-``DIR/predictions-*.parquet`` (one row per input byte: key, ts, seq, offset, pos,
-topk_tokens, topk_probs, logprob, logprob_next, model_version, fresh, reset),
-``DIR/dead_letters-*.parquet`` (original event + reason) and ``DIR/summary.json`` (per-key
-online bits/char, combined in the pipeline). ``logprob_next`` is paired inside the stateful
-step (each key's latest row waits for the key's next byte or the end of its stream); the
-launcher only reads the small summary back and prints it. ``--replay`` plays the file as an
-unbounded stream on the DirectRunner (``--streaming``) with a progress line.
+``EVENTS`` is a file or glob (.jsonl, .csv, .parquet, .arrow) on any Beam filesystem
+(local, gs://, s3://, hdfs://); workers read it, the launcher only lists it. The pipeline
+writes, through Beam's file sinks (temporary files, finalized per event-time window, so a
+retried bundle never leaves a second copy): ``DIR/predictions-*.parquet`` (one row per
+input byte: key, ts, seq, offset, pos, topk_tokens, topk_probs, logprob, logprob_next,
+model_version, fresh, reset), ``DIR/dead_letters-*.parquet`` (original row + reason) and
+``DIR/summary.json`` (per-key online bits/char, combined in the pipeline). Rows that cannot
+be read are dead letters; a missing or empty input, a missing model or an unwritable
+output is a one-line error with exit code 2. ``--replay`` plays the file as an unbounded
+stream on the DirectRunner (``--streaming``).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
@@ -31,22 +32,28 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.transforms import trigger
-from apache_beam.transforms.window import GlobalWindows
 
 import streamrnn
 from streamrnn.beam import NextTokenPostprocess, StatefulInference
-from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events
+from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy, match_inputs
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA
+from streamrnn.beam.sinks import WriteParquet
+from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary
+from streamrnn.errors import InputError, ModelLoadError
 
-LN2 = math.log(2.0)
-PREDICTIONS, DEAD_LETTERS, SUMMARY = "predictions", "dead_letters", "summary.json"
+PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"
+BITS_PER_CHAR = MeanMetric("bits_per_char", "logprob_next", scale=-1.0 / math.log(2.0), count_name="bytes")
 
 PREDICTION_SCHEMA = pa.schema([
     ("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()), ("offset", pa.int64()), ("pos", pa.int64()),
     ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
     ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
+
+
+class JobError(Exception):
+    """A user's mistake the launcher reports in one line (exit code 2)."""
 
 
 def job_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -73,100 +80,11 @@ def _lists(arr: pa.Array, typ: pa.DataType) -> pa.Array:
                                     arr.flatten().cast(typ))
 
 
-class _WriteParquet(beam.DoFn):
-    """Writes each bundle's rows to one Parquet file through Beam's filesystems (local, gs://, s3://, ...).
-
-    ``DIR/<prefix>-<hash>-<rows>.parquet``: the hash is of the rows' identities, so a retried
-    bundle rewrites the same file instead of adding a second copy; the row count in the name
-    lets the launcher show progress without reading the files.
-    """
-
-    def __init__(self, root: str, prefix: str):
-        self.root, self.prefix = root, prefix
-
-    def start_bundle(self):
-        self._items: list = []
-
-    def process(self, item):
-        self._items.append(item)
-
-    def finish_bundle(self):
-        if not self._items:
-            return
-        if self.prefix == PREDICTIONS:
-            t = pa.Table.from_batches(self._items, schema=PREDICTION_SCHEMA)
-        else:
-            t = pa.Table.from_pylist([d._asdict() for d in self._items], schema=DEAD_LETTER_SCHEMA)
-        self._items = []
-        h = hashlib.sha1()
-        for c in ("key", "seq", "offset", "sub", "kind"):
-            if c in t.column_names:
-                h.update(repr(t.column(c).to_pylist()).encode())
-        path = FileSystems.join(self.root, f"{self.prefix}-{h.hexdigest()[:16]}-{t.num_rows}.parquet")
-        with FileSystems.create(path) as f:
-            pq.write_table(t, f)
-
-
-def _key_stats(batch: pa.RecordBatch):
-    """(key, (bytes, scored bytes, sum of logprob_next)) for each key of a block."""
-    g = pa.Table.from_batches([batch]).group_by("key").aggregate(
-        [("key", "count"), ("logprob_next", "count"), ("logprob_next", "sum")])
-    for k, n, m, s in zip(g.column("key").to_pylist(), g.column("key_count").to_pylist(),
-                          g.column("logprob_next_count").to_pylist(), g.column("logprob_next_sum").to_pylist(),
-                          strict=True):
-        yield k, (int(n), int(m), float(s or 0.0))
-
-
-def _sum3(vs):
-    b = m = 0
-    s = 0.0
-    for n, c, v in vs:
-        b, m, s = b + n, m + c, s + v
-    return b, m, s
-
-
-def _at_end(label: str):
-    # one final pane per key when the input ends (also for an unbounded replay: global window, watermark trigger)
-    return label >> beam.WindowInto(GlobalWindows(), trigger=trigger.AfterWatermark(),
-                                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
-
-
-def _bpc(scored: int, total: float) -> float | None:
-    return -total / scored / LN2 if scored else None
-
-
-class _WriteSummary(beam.DoFn):
-    """Assembles ``summary.json`` from the pipeline's small aggregates and writes it via Beam's filesystems."""
-
-    def __init__(self, root: str):
-        self.root = root
-
-    def process(self, items):
-        summary: dict = {"keys": {}, "events": 0, "dead_letters": {}, "model_version": []}
-        scored = 0
-        total = 0.0
-        for kind, v in items:
-            if kind == "key":
-                k, (n, m, s) = v
-                summary["keys"][k] = {"bytes": n, "scored": m, "bits_per_char": _bpc(m, s)}
-                summary["events"] += n
-                scored, total = scored + m, total + s
-            elif kind == "dead":
-                summary["dead_letters"][v[0]] = int(v[1])
-            else:
-                summary["model_version"].append(v)
-        summary["keys"] = dict(sorted(summary["keys"].items()))
-        summary["dead_letters"] = dict(sorted(summary["dead_letters"].items()))
-        summary["model_version"].sort()
-        summary["bits_per_char"] = _bpc(scored, total)
-        with FileSystems.create(FileSystems.join(self.root, SUMMARY), mime_type="application/json") as f:
-            f.write(json.dumps(summary, indent=2).encode())
-
-
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(prog="python -m beam_jobs.next_token", description=__doc__.split("\n")[0])
-    ap.add_argument("--input", help="events file (.parquet, .jsonl, .csv) with key, ts, [seq], text|token")
-    ap.add_argument("--output", required=True, help="output directory")
+    ap.add_argument("--input", help="events file or glob (.parquet, .jsonl, .csv, .arrow) with key, ts, [seq], "
+                                    "text|token, on any Beam filesystem")
+    ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true", help="make demo events in DIR/demo_events.jsonl and use them")
     ap.add_argument("--model", default=streamrnn.DEFAULT_MODEL, help="streamrnn LM (default: %(default)s)")
     ap.add_argument("--replay", action="store_true",
@@ -174,7 +92,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--speedup", type=float, default=0.0,
                     help="replay pace: event-time seconds per wall second (0: as fast as possible)")
     ap.add_argument("--step", type=float, default=30.0, help="replay: event-time seconds per watermark step")
-    ap.add_argument("--window", type=float, default=60.0, help="event-time window (s) (default: %(default)s)")
+    ap.add_argument("--window", type=float, default=60.0,
+                    help="event-time window (s): flush cadence and output file windows (default: %(default)s)")
     ap.add_argument("--allowed-lateness", type=float, default=0.0, help="seconds (default: %(default)s)")
     ap.add_argument("--ttl", type=float, default=None, help="idle seconds (event time) before a key's state drops")
     ap.add_argument("--shards", type=int, default=16, help="state shards (default: %(default)s)")
@@ -191,148 +110,159 @@ def _providers(s: str):
     return {"auto": "auto", "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(s, s)
 
 
-def build(p: beam.Pipeline, args: argparse.Namespace) -> None:
+def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInference, temp_dir: str) -> None:
     """events → StatefulInference (next-token postprocess, ``logprob_next`` paired in the pipeline)
-    → Parquet predictions and dead letters, and the per-key summary, all written by the pipeline."""
+    → Parquet predictions and dead letters (Beam file sinks), and the per-key summary."""
     if args.replay:
         events, unread = p | "ReplayEvents" >> ReplayEvents(args.input, speedup=args.speedup, step=args.step)
     else:
         events, unread = p | "ReadEvents" >> ReadEvents(args.input)
-    out, dead = events | "NextToken" >> StatefulInference(
-        model=args.model, num_shards=args.shards, window_size=args.window, allowed_lateness=args.allowed_lateness,
-        ttl=args.ttl, postprocess=NextTokenPostprocess(args.topk), next_fields=("logprob",), output="arrow",
-        providers=_providers(args.providers))
+    out, dead = events | "NextToken" >> inference
     preds = out | "JobColumns" >> beam.Map(job_columns)
-    preds | "WritePredictions" >> beam.ParDo(_WriteParquet(args.output, PREDICTIONS))
     dead_all = (dead, unread) | "AllDeadLetters" >> beam.Flatten()
-    dead_all | "WriteDeadLetters" >> beam.ParDo(_WriteParquet(args.output, DEAD_LETTERS))
-    per_key = (preds | "KeyStats" >> beam.FlatMap(_key_stats) | _at_end("KeyStatsAtEnd")
-               | "SumPerKey" >> beam.CombinePerKey(_sum3) | "TagKeys" >> beam.Map(lambda kv: ("key", kv)))
-    dead_n = (dead_all | "DeadKind" >> beam.Map(lambda d: d.kind) | _at_end("DeadAtEnd")
-              | "CountDead" >> beam.combiners.Count.PerElement() | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
-    versions = (preds | "Versions" >> beam.FlatMap(lambda b: set(b.column("model_version").to_pylist()))
-                | _at_end("VersionsAtEnd") | "DistinctVersions" >> beam.Distinct()
-                | "TagVersions" >> beam.Map(lambda v: ("model", v)))
-    ((per_key, dead_n, versions) | "SummaryParts" >> beam.Flatten()
-     | "SummaryList" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-     | "WriteSummary" >> beam.ParDo(_WriteSummary(args.output)))
+    preds | "WritePredictions" >> WriteParquet(args.output, prefix=PREDICTIONS, schema=PREDICTION_SCHEMA,
+                                               temp_directory=temp_dir)
+    dead_all | "WriteDeadLetters" >> WriteParquet(args.output, prefix=DEAD_LETTERS, schema=DEAD_LETTER_SCHEMA,
+                                                  temp_directory=temp_dir)
+    (preds, dead_all) | "Summary" >> WriteSummary(args.output, BITS_PER_CHAR)
 
 
-def _count_rows(output: str, prefix: str) -> int:
+def _files(output: str, prefix: str) -> list[str]:
     try:
-        res = FileSystems.match([FileSystems.join(output, f"{prefix}-*.parquet")])[0]
+        return [m.path for r in FileSystems.match([FileSystems.join(output, f"{prefix}-*.parquet")])
+                for m in r.metadata_list]
     except Exception:  # nothing written yet, or a filesystem that cannot list now
-        return 0
-    n = 0
-    for m in res.metadata_list:
-        try:
-            n += int(m.path.rsplit("-", 1)[1].split(".")[0])
-        except (IndexError, ValueError):
-            pass
-    return n
+        return []
 
 
-def _progress(output: str, total: int, stop: threading.Event, out=None) -> None:
-    """Progress from the files the pipeline has written (their names carry their row counts)."""
+def _progress(output: str, stop: threading.Event, out=None) -> None:
+    """Progress from the files the pipeline has finalized (their Parquet footers give the row counts)."""
     out = out or sys.stderr
+    seen: dict[str, int] = {}
     t0 = time.monotonic()
-    while not stop.wait(0.5):
-        done, dead = _count_rows(output, PREDICTIONS), _count_rows(output, DEAD_LETTERS)
+    while not stop.wait(1.0):
+        for path in _files(output, PREDICTIONS) + _files(output, DEAD_LETTERS):
+            if path not in seen:
+                try:
+                    with FileSystems.open(path, compression_type="uncompressed") as f:
+                        seen[path] = pq.read_metadata(f).num_rows
+                except Exception:  # being renamed into place; next time
+                    continue
+        done = sum(n for p, n in seen.items() if p.rsplit("/", 1)[-1].startswith(PREDICTIONS))
+        dead = sum(seen.values()) - done
         dt = time.monotonic() - t0
-        pct = 100.0 * (done + dead) / total if total else 0.0
-        out.write(f"\r  {done:,} predictions, {dead:,} dead letters ({pct:5.1f}% of {total:,} events), "
-                  f"{done / dt if dt else 0:,.0f} events/s, {dt:5.1f} s ")
+        out.write(f"\r  {done:,} predictions, {dead:,} dead letters written, {dt:5.1f} s ")
         out.flush()
     out.write("\n")
 
 
-def _clear_outputs(output: str) -> None:
-    """Remove a previous run's outputs (the job names its files by content, so old ones would mix in)."""
-    pats = [FileSystems.join(output, f"{p}-*.parquet") for p in (PREDICTIONS, DEAD_LETTERS)]
-    pats.append(FileSystems.join(output, SUMMARY))
-    for res in FileSystems.match(pats):
+def _delete(pattern: str) -> None:
+    for res in FileSystems.match([pattern]):
         paths = [m.path for m in res.metadata_list]
         if paths:
             FileSystems.delete(paths)
 
 
-def read_summary(output: str) -> dict | None:
-    """The summary the pipeline wrote (small; read through Beam's filesystems), or None."""
-    path = FileSystems.join(output, SUMMARY)
-    if not FileSystems.exists(path):
-        return None
-    with FileSystems.open(path) as f:
-        return json.loads(f.read().decode())
+def _remove_temp(temp_dir: str) -> None:
+    """Delete the sinks' temporary folder: orphans of retried bundles, then the folder itself."""
+    try:
+        _delete(FileSystems.join(temp_dir, "*"))
+        if FileSystems.exists(temp_dir):
+            FileSystems.delete([temp_dir])
+    except Exception:  # nothing there (it is made on the first write)
+        pass
 
 
-def print_summary(summary: dict, out=None, *, top: int = 20) -> None:
-    """The readable end-of-job summary."""
-    out = out or sys.stdout
-    keys = summary["keys"]
-    out.write(f"\nonline next-byte loss per key (bits/char; lower is better), {len(keys)} keys\n")
-    out.write(f"  {'key':<24} {'bytes':>8} {'bits/char':>10}\n")
-    rows = sorted(keys.items(), key=lambda kv: -kv[1]["bytes"])
-    for k, v in rows[:top]:
-        bpc = "-" if v["bits_per_char"] is None else f"{v['bits_per_char']:.3f}"
-        out.write(f"  {k:<24} {v['bytes']:>8,} {bpc:>10}\n")
-    if len(rows) > top:
-        out.write(f"  ... {len(rows) - top} more keys in summary.json\n")
-    total = summary.get("bits_per_char")
-    out.write(f"  {'all':<24} {summary['events']:>8,} {'-' if total is None else f'{total:.3f}':>10}\n")
-    dl = summary["dead_letters"]
-    out.write(f"dead letters: {sum(dl.values())} " + (f"({', '.join(f'{k} {v}' for k, v in sorted(dl.items()))})"
-                                                      if dl else "") + "\n")
-    if summary.get("model_version"):
-        out.write(f"model: {', '.join(summary['model_version'])}\n")
+def _clear_outputs(output: str) -> None:
+    """Remove a previous run's outputs (so old files do not mix in)."""
+    for p in (PREDICTIONS, DEAD_LETTERS):
+        _delete(FileSystems.join(output, f"{p}-*.parquet"))
+    _delete(FileSystems.join(output, SUMMARY))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args, beam_args = _parse(argv)
-    if "://" not in args.output:
-        os.makedirs(args.output, exist_ok=True)
+def _is_local(path: str) -> bool:
+    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def _check_writable(output: str) -> None:
+    probe = FileSystems.join(output, f".write-check-{uuid.uuid4().hex}")
+    try:
+        with FileSystems.create(probe) as f:
+            f.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JobError(f"output: expected a writable directory at {output!r}, got: {first}") from None
+
+
+def _inference(args: argparse.Namespace) -> StatefulInference:
+    if not FileSystems.exists(args.model):
+        raise JobError(f"model: expected a streamrnn LM at {args.model!r}, got no such file (train one, or pass "
+                       "--model)")
+    try:
+        return StatefulInference(
+            model=local_copy(args.model), num_shards=args.shards, window_size=args.window,
+            allowed_lateness=args.allowed_lateness, ttl=args.ttl, postprocess=NextTokenPostprocess(args.topk),
+            next_fields=("logprob",), output="arrow", providers=_providers(args.providers))
+    except (InputError, ModelLoadError) as e:
+        raise JobError(str(e).splitlines()[0]) from None
+
+
+def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | None) -> int:
     if args.demo:
         args.input = demo_events(os.path.join(args.output, "demo_events.jsonl"))
         args.replay = True
         if args.speedup == 0.0 and "--speedup" not in (argv or sys.argv):
             args.speedup = 20.0
-    if not os.path.exists(args.model):
-        print(f"next_token: model: expected a streamrnn LM at {args.model!r}, got no such file "
-              "(train one, or pass --model)", file=sys.stderr)
-        return 2
+    try:
+        files = match_inputs(args.input)
+    except InputError as e:
+        raise JobError(str(e)) from None
+    inference = _inference(args)
+    _check_writable(args.output)
     opts = PipelineOptions(beam_args)
     if args.replay:
         opts.view_as(StandardOptions).streaming = True
     _clear_outputs(args.output)
-    from streamrnn.beam.io import read_events
-
-    table, unreadable = read_events(args.input)
-    total = table.num_rows + len(unreadable)
-    del table
     mode = "replay (streaming)" if args.replay else "batch"
-    print(f"next_token: {args.input} -> {args.output}: {total:,} events, {mode}, model {args.model}", file=sys.stderr)
+    size = sum(m.size_in_bytes for m in files)
+    print(f"next_token: {args.input} ({len(files)} file(s), {size:,} bytes) -> {args.output}, {mode}, "
+          f"model {args.model}", file=sys.stderr)
+    temp_dir = FileSystems.join(args.output, f".temp-{uuid.uuid4().hex}")
     stop = threading.Event()
-    bar = None
-    if not args.quiet:
-        bar = threading.Thread(target=_progress, args=(args.output, total, stop), daemon=True)
+    bar = None if args.quiet else threading.Thread(target=_progress, args=(args.output, stop), daemon=True)
+    if bar is not None:
         bar.start()
     t0 = time.monotonic()
     try:
         with beam.Pipeline(options=opts) as p:
-            build(p, args)
+            build(p, args, inference, temp_dir)
     finally:
         stop.set()
         if bar is not None:
             bar.join()
+        _remove_temp(temp_dir)
     seconds = time.monotonic() - t0
     summary = read_summary(args.output)
     if summary is None:
-        print(f"next_token: {args.output}/{SUMMARY}: expected the pipeline's summary, got no file "
-              "(no events were read?)", file=sys.stderr)
-    else:
-        print_summary(summary)
-    print(f"wrote {args.output}/predictions-*.parquet, dead_letters-*.parquet, summary.json in {seconds:.1f} s",
+        raise JobError(f"input: expected events in {args.input!r}, got none")
+    print_summary(summary, BITS_PER_CHAR, title="online next-byte loss per key (bits/char; lower is better)",
+                  unit="bits/char")
+    print(f"wrote {args.output}/predictions-*.parquet, dead_letters-*.parquet, {SUMMARY} in {seconds:.1f} s",
           file=sys.stderr)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, beam_args = _parse(argv)
+    existed = not _is_local(args.output) or os.path.exists(args.output)
+    try:
+        return _run(args, beam_args, argv)
+    except JobError as e:
+        print(f"next_token: {e}", file=sys.stderr)
+        if not existed and os.path.isdir(args.output):  # leave no folder behind that this run made
+            FileSystems.delete([args.output])
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import pathlib
+import subprocess
+import sys
 
+import beam_memfs
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -54,21 +59,44 @@ def _reference(model, rows):
     return want
 
 
-@pytest.mark.parametrize("fmt,replay", [("jsonl", True), ("csv", False), ("parquet", False)])
+@pytest.mark.parametrize("fmt,replay", [("jsonl", True), ("csv", False), ("parquet", False), ("arrow", True)])
 def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     path = tmp_path / f"events.{fmt}"
     if fmt == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
     else:
         t = pa.Table.from_pylist([{**r, "ts": str(r["ts"])} for r in ROWS])
-        (pq.write_table if fmt == "parquet" else pcsv.write_csv)(t, str(path))
+        if fmt == "arrow":
+            with pa.ipc.new_file(str(path), t.schema) as w:
+                w.write_table(t, max_chunksize=3)
+        else:
+            (pq.write_table if fmt == "parquet" else pcsv.write_csv)(t, str(path))
     out = tmp_path / "out"
     argv = ["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--window", "60",
             "--providers", "cpu", "--quiet", "--shards", "2"]
     assert next_token.main([*argv, "--replay", "--step", "40"] if replay else argv) == 0
     pred = pa.concat_tables([pq.read_table(str(f)) for f in sorted(out.glob("predictions-*.parquet"))]).to_pylist()
     want = _reference(load(beam_models["tiny"], providers=[CPU]), ROWS)
+    _assert_offline(pred, want)
+    dead = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("dead_letters-*.parquet")]).to_pylist()
+    kinds = sorted((d["kind"], d["reason"].split(":")[0]) for d in dead)
+    assert kinds == [("duplicate", "duplicate")] * len("Hello, ") + [("invalid", "ts")]
+    assert json.loads(next(d for d in dead if d["kind"] == "invalid")["event"])["ts"] == "yesterday"
+    summary = json.loads((out / "summary.json").read_text())
+    u1 = [v[0] for (k, _), v in want.items() if k == "u1" and v[0] is not None]
+    assert math.isclose(summary["keys"]["u1"]["bits_per_char"], -np.mean(u1) / math.log(2), rel_tol=1e-5)
+    every = [v[0] for v in want.values() if v[0] is not None]
+    assert math.isclose(summary["bits_per_char"], -np.mean(every) / math.log(2), rel_tol=1e-5)
+    assert summary["events"] == len(want) and summary["keys"]["u2"]["bytes"] == len("héllo".encode())
+    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 1}
+    assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
+    assert "bits/char" in capsys.readouterr().out
+
+
+def _assert_offline(pred: list[dict], want: dict) -> None:
+    """Every prediction row equals the offline per-key run, and every byte came out exactly once."""
     assert len(pred) == len(want)
+    assert len({(r["key"], r["pos"]) for r in pred}) == len(pred)
     for r in pred:
         nxt, lp = want[(r["key"], r["pos"])]
         if nxt is None:
@@ -83,20 +111,6 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
         assert r["topk_tokens"][0] == top[0]
         np.testing.assert_allclose(r["topk_probs"], np.exp(lp[r["topk_tokens"]]), atol=1e-5)
         assert r["model_version"].startswith("tiny-1.0.0+")
-    dead = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("dead_letters-*.parquet")]).to_pylist()
-    kinds = sorted((d["kind"], d["reason"].split(":")[0]) for d in dead)
-    assert kinds == [("duplicate", "duplicate")] * len("Hello, ") + [("invalid", "ts")]
-    assert json.loads(next(d for d in dead if d["kind"] == "invalid")["event"])["ts"] == "yesterday"
-    assert len({(r["key"], r["pos"]) for r in pred}) == len(pred)  # each byte once
-    summary = json.loads((out / "summary.json").read_text())
-    u1 = [v[0] for (k, _), v in want.items() if k == "u1" and v[0] is not None]
-    assert math.isclose(summary["keys"]["u1"]["bits_per_char"], -np.mean(u1) / math.log(2), rel_tol=1e-5)
-    every = [v[0] for v in want.values() if v[0] is not None]
-    assert math.isclose(summary["bits_per_char"], -np.mean(every) / math.log(2), rel_tol=1e-5)
-    assert summary["events"] == len(want) and summary["keys"]["u2"]["bytes"] == len("héllo".encode())
-    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 1}
-    assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
-    assert "bits/char" in capsys.readouterr().out
 
 
 def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
@@ -139,3 +153,104 @@ def test_read_events_reasons(tmp_path):
     assert table.num_rows == 1 and table.column("seq").to_pylist() == [2]  # seq defaults to the row position
     assert sorted(d.reason for d in dead) == ["key: expected a non-empty string, got ''",
                                               "token: expected an int in [0, 256), got 300"]
+
+
+# ---- remote paths, user errors, retries ---------------------------------------------------------
+
+@pytest.fixture()
+def memfs():
+    beam_memfs.reset()
+    yield beam_memfs.FILES
+    beam_memfs.reset()
+
+
+def _memfs_table(files: dict, prefix: str) -> list[dict]:
+    parts = [pq.read_table(io.BytesIO(b)) for p, b in sorted(files.items()) if p.startswith(prefix)]
+    return pa.concat_tables(parts).to_pylist() if parts else []
+
+
+def _put_rows(memfs: dict) -> None:
+    """ROWS split over two files of a glob (JSONL and Parquet) on the memfs:// scheme."""
+    half = len(ROWS) // 2
+    memfs["memfs://in/events-0.jsonl"] = ("\n".join(json.dumps(r) for r in ROWS[:half]) + "\n").encode()
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{**r, "ts": str(r["ts"])} for r in ROWS[half:]]), sink)
+    memfs["memfs://in/events-1.parquet"] = sink.getvalue()
+
+
+@pytest.mark.parametrize("replay", [False, True])
+def test_job_on_a_remote_filesystem(beam_models, memfs, replay):
+    """Input (a glob), model and output all on a scheme that is not the local one."""
+    _put_rows(memfs)
+    with open(beam_models["tiny"], "rb") as f:
+        memfs["memfs://models/tiny.onnx"] = f.read()
+    argv = ["--input", "memfs://in/events-*", "--output", "memfs://out/run", "--model", "memfs://models/tiny.onnx",
+            "--providers", "cpu", "--quiet", "--shards", "2"]
+    assert next_token.main([*argv, "--replay", "--step", "40"] if replay else argv) == 0
+    _assert_offline(_memfs_table(memfs, "memfs://out/run/predictions-"),
+                    _reference(load(beam_models["tiny"], providers=[CPU]), ROWS))
+    dead = _memfs_table(memfs, "memfs://out/run/dead_letters-")
+    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"]
+    assert json.loads(memfs["memfs://out/run/summary.json"])["events"] == len(_reference(
+        load(beam_models["tiny"], providers=[CPU]), ROWS))
+    assert not [p for p in memfs if "/.temp-" in p or "/.write-check" in p]  # no temporary files left
+
+
+def test_retried_writes_leave_one_copy_of_every_row(beam_models, memfs, tmp_path):
+    """Writes of data files fail half-way on their first tries; the DirectRunner (--streaming replay)
+    retries the bundles; every row is in exactly one final file, and no partial file is ever under a
+    final name. (The legacy batch runner cannot run the job; batch retries are tested on the sink in
+    test_beam_sinks.py.)"""
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    want = _reference(load(beam_models["tiny"], providers=[CPU]), ROWS)
+    faults = beam_memfs.fail_writes(lambda p: p.startswith("memfs://out/") and ("/.temp-" in p or p.endswith(
+        ".parquet")), times=3)  # data files, temporary or final
+    assert next_token.main(["--input", str(path), "--output", "memfs://out", "--model", beam_models["tiny"],
+                            "--providers", "cpu", "--quiet", "--shards", "2", "--replay", "--step", "40"]) == 0
+    assert faults[1] == 0 and len(beam_memfs.FAULTED) == 3  # the failures did happen
+    assert not [f for f in beam_memfs.FAULTED if "/.temp-" not in f]  # never under a final name
+    _assert_offline(_memfs_table(memfs, "memfs://out/predictions-"), want)
+    dead = _memfs_table(memfs, "memfs://out/dead_letters-")
+    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"]
+    assert not [p for p in memfs if "/.temp-" in p]  # the partial files of the failed tries are gone
+
+
+def _one_line_error(capsys, rc: int, what: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("next_token: ") and what in err[-1], err
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "header only", "model", "unwritable"])
+def test_user_errors_exit_2_and_leave_no_output_folder(beam_models, tmp_path, capsys, case):
+    path = tmp_path / ("events.csv" if case == "header only" else "events.jsonl")
+    path.write_text({"missing": "", "empty": "", "header only": "key,ts,text\n"}.get(case, json.dumps(ROWS[0])))
+    if case == "missing":
+        path.unlink()
+    out = tmp_path / "out"
+    model = beam_models["tiny"]
+    if case == "model":
+        model = str(tmp_path / "no-model.onnx")
+    if case == "unwritable":
+        (tmp_path / "a-file").write_text("x")
+        out = tmp_path / "a-file" / "out"
+    rc = next_token.main(["--input", str(path), "--output", str(out), "--model", model, "--providers", "cpu",
+                          "--quiet", "--shards", "1"])
+    what = {"missing": "got no such file", "empty": "got an empty file", "header only": "got none",
+            "model": "model: expected a streamrnn LM", "unwritable": "output: expected a writable directory"}[case]
+    _one_line_error(capsys, rc, what)
+    assert not out.exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    """As users run it: python -m beam_jobs.next_token, a missing input: one line on stderr, exit code 2."""
+    r = subprocess.run([sys.executable, "-m", "beam_jobs.next_token", "--input", str(tmp_path / "none.jsonl"),
+                        "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       cwd=str(pathlib.Path(__file__).resolve().parents[1]))
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.startswith("next_token")]
+    missing = str(tmp_path / "none.jsonl")
+    assert lines == [f"next_token: input: expected an events file at {missing!r}, got no such file"]
+    assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

@@ -1,175 +1,92 @@
-"""Event files (Parquet, JSONL, CSV) read with pyarrow into columnar event blocks; replay as a stream.
+"""Sources of the Beam layer: event files read inside the pipeline, or replayed as a stream.
 
-Columns: ``key`` (string), ``ts`` (float seconds since the epoch, or ISO-8601),
-``seq`` (int, optional: defaults to the row's position in the file), and a payload:
-``text`` (UTF-8, expanded into one event per byte, in order; ``sub`` is the byte
-offset) or ``token`` (int). Rows that cannot be read become dead letters naming the
-field, what was expected and what was got.
+Every read goes through Beam's filesystems (``apache_beam.io.filesystems.FileSystems``),
+so ``gs://``, ``s3://``, ``hdfs://`` and any registered scheme work as local paths do.
+The file formats and the per-row rules are in :mod:`streamrnn.beam.event_files`: a row
+that cannot be used is a dead letter, never an error that stops the job.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-import pyarrow.json as pjson
-import pyarrow.parquet as pq
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
 
 from ..errors import InputError
-from .records import END_OF_INPUT, EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json
-from .transform import DEAD
+from .event_files import FORMATS, format_of, parse_events
+from .records import END_OF_INPUT, TS, DeadLetter
 
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-           ".csv": "csv"}
+#: Output tag of the rows that cannot be used (dead letters).
+DEAD = "dead_letters"
+
+__all__ = ["FORMATS", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy", "match_inputs",
+           "read_events"]
 
 
-def read_table(path: str | os.PathLike) -> pa.Table:
-    """Read an event file by its extension (all columns as read; ``ts`` and ``key`` as strings for CSV)."""
-    path = os.fspath(path)
-    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
-    if fmt is None:
-        raise InputError(f"events file {path!r}: extension: expected one of {sorted(FORMATS)}, got "
-                         f"{os.path.splitext(path)[1]!r}")
-    if not os.path.exists(path):
-        raise InputError(f"events file: expected a file at {path!r}, got no such file")
+def match_inputs(pattern: str) -> list[FileMetadata]:
+    """The files an input path or glob names, by metadata only (nothing is opened).
+
+    InputError (one line) when nothing matches, when every match is empty, or when a
+    match has an extension that is not an events format.
+    """
     try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        if fmt == "jsonl":
-            try:
-                return pjson.read_json(path)
-            except pa.ArrowInvalid:
-                return _read_jsonl_mixed(path)
-        return pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(
-            column_types={"key": pa.string(), "text": pa.string()}, strings_can_be_null=False))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"events file {path!r}: expected valid {fmt}, got: {e}") from e
-
-
-def _read_jsonl_mixed(path: str) -> pa.Table:
-    """JSONL whose columns mix types (e.g. ts as numbers and ISO strings): mixed columns become strings."""
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    rows.append({"_unreadable": f"line {i + 1}: {e}"})
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    cols = {}
-    for n in names:
-        vals = [r.get(n) for r in rows]
-        kinds = {type(v) for v in vals if v is not None}
-        if len(kinds) > 1 and not kinds <= {int, float}:
-            vals = [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in vals]
-        cols[n] = pa.array(vals)
-    return pa.table(cols)
-
-
-def _parse_ts(col: pa.ChunkedArray) -> tuple[np.ndarray, list[str | None]]:
-    """Float seconds; ISO-8601 strings parsed; NaN + a reason where neither."""
-    n = len(col)
-    why: list[str | None] = [None] * n
-    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-        ts = pc.fill_null(col.cast(pa.float64()), math.nan).to_numpy(zero_copy_only=False).astype(np.float64)
-    elif pa.types.is_timestamp(col.type):
-        ts = col.cast(pa.int64()).to_numpy(zero_copy_only=False).astype(np.float64)
-        ts /= {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[col.type.unit]
-    else:
-        ts = np.full(n, math.nan)
-        for i, v in enumerate(col.to_pylist()):
-            try:
-                ts[i] = float(v)
-            except (TypeError, ValueError):
-                try:
-                    d = datetime.fromisoformat(str(v).replace("Z", "+00:00"))
-                    if d.tzinfo is None:
-                        d = d.replace(tzinfo=UTC)
-                    ts[i] = d.timestamp()
-                except ValueError:
-                    pass
-    for i in np.flatnonzero(~np.isfinite(ts)):
-        why[i] = f"ts: expected float seconds since the epoch or an ISO-8601 time, got {col[int(i)].as_py()!r}"
-    return ts, why
+        found = [m for r in FileSystems.match([pattern]) for m in r.metadata_list]
+    except Exception as e:  # BeamIOError for a missing path; anything a remote filesystem raises
+        raise InputError(f"input: expected an events file at {pattern!r}, got no such file "
+                         f"({type(e).__name__})") from None
+    if not found:
+        raise InputError(f"input: expected an events file at {pattern!r}, got no such file")
+    for m in found:
+        format_of(m.path)
+    if all(m.size_in_bytes == 0 for m in found):
+        raise InputError(f"input: expected events in {pattern!r}, got an empty file")
+    return sorted(found, key=lambda m: m.path)
 
 
 def read_events(path: str | os.PathLike, *, vocab_size: int = 256) -> tuple[pa.Table, list[DeadLetter]]:
-    """Events of a file as one table (``key, ts, seq, sub, x, event``) and the rows that could not be read.
+    """Events of one file (``key, ts, seq, sub, x, event``) and its unusable rows, read through Beam's filesystems."""
+    path = os.fspath(path)
+    format_of(path)
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        data = f.read()
+    return parse_events(data, path, vocab_size=vocab_size)
 
-    ``text`` rows expand to one event per UTF-8 byte (``sub`` = byte offset, same ts and seq);
-    ``token`` rows are one event each. ``event`` is left null for good rows (the transform
-    rebuilds it from the columns if that event is dead-lettered).
+
+def local_copy(path: str | os.PathLike) -> str:
+    """A local path for a file on any Beam filesystem (the path itself when it is local).
+
+    A remote file is copied once into the temp directory, named by its path and size, so
+    ONNX Runtime (which reads local files only) can load e.g. ``--model gs://b/charlm.onnx``.
     """
-    t = read_table(path)
-    n = t.num_rows
-    cols = set(t.column_names)
-    if "key" not in cols or "ts" not in cols or not ({"text", "token"} & cols):
-        raise InputError(f"events file {os.fspath(path)!r}: columns: expected key, ts and text or token, got "
-                         f"{sorted(cols)}")
-    dead: list[DeadLetter] = []
-    keys = t.column("key").cast(pa.string()).to_pylist()
-    ts, why = _parse_ts(t.column("ts"))
-    if "seq" in cols:
-        seq_raw = t.column("seq").to_pylist()
-    else:
-        seq_raw = list(range(n))
-    texts = t.column("text").to_pylist() if "text" in cols else [None] * n
-    toks = t.column("token").to_pylist() if "token" in cols else [None] * n
-    out_key, out_ts, out_seq, out_sub, out_x = [], [], [], [], []
-    for i in range(n):
-        reason = None
-        k, s, tx, tk = keys[i], seq_raw[i], texts[i], toks[i]
-        if not isinstance(k, str) or not k:
-            reason = f"key: expected a non-empty string, got {k!r}"
-        elif why[i]:
-            reason = why[i]
-        elif isinstance(s, bool) or not isinstance(s, int):
-            reason = f"seq: expected an int, got {s!r}"
-        elif tx is None and tk is None:
-            reason = "text/token: expected a UTF-8 string in text or an int in token, got neither"
-        elif tx is not None and not isinstance(tx, str):
-            reason = f"text: expected a UTF-8 string, got {tx!r}"
-        elif tx is None and (isinstance(tk, bool) or not isinstance(tk, int) or not 0 <= tk < vocab_size):
-            reason = f"token: expected an int in [0, {vocab_size}), got {tk!r}"
-        elif tx is not None and not tx:
-            reason = "text: expected a non-empty string, got ''"
-        if reason is not None:
-            row = {c: t.column(c)[i].as_py() for c in t.column_names}
-            dead.append(DeadLetter(k if isinstance(k, str) else None, float(ts[i]) if np.isfinite(ts[i]) else None,
-                                   s if isinstance(s, int) and not isinstance(s, bool) else None, None, "invalid",
-                                   reason, event_json(row)))
-            continue
-        if tx is not None:
-            b = np.frombuffer(tx.encode("utf-8"), np.uint8)
-            m = len(b)
-            out_key.extend([k] * m)
-            out_ts.extend([float(ts[i])] * m)
-            out_seq.extend([s] * m)
-            out_sub.extend(range(m))
-            out_x.append(b.astype(np.int64))
-        else:
-            out_key.append(k)
-            out_ts.append(float(ts[i]))
-            out_seq.append(s)
-            out_sub.append(0)
-            out_x.append(np.array([tk], np.int64))
-    x = np.concatenate(out_x) if out_x else np.zeros(0, np.int64)
-    table = pa.table({KEY: pa.array(out_key, pa.string()), TS: pa.array(out_ts, pa.float64()),
-                      SEQ: pa.array(out_seq, pa.int64()), SUB: pa.array(out_sub, pa.int64()), "x": pa.array(x),
-                      EVENT: pa.nulls(len(out_key), pa.string())})
-    return table, dead
+    path = os.fspath(path)
+    if isinstance(FileSystems.get_filesystem(path), LocalFileSystem):
+        return path
+    size = FileSystems.match([path])[0].metadata_list[0].size_in_bytes
+    name = hashlib.sha1(f"{path}:{size}".encode()).hexdigest()[:16] + "-" + path.rsplit("/", 1)[-1]
+    local = os.path.join(tempfile.gettempdir(), "streamrnn-files", name)
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        part = f"{local}.{os.getpid()}.part"
+        with FileSystems.open(path, compression_type="uncompressed") as src, open(part, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(part, local)
+    return local
 
 
 def blocks(table: pa.Table, rows: int = 4096) -> list[pa.RecordBatch]:
@@ -177,22 +94,30 @@ def blocks(table: pa.Table, rows: int = 4096) -> list[pa.RecordBatch]:
     return table.combine_chunks().to_batches(max_chunksize=rows) if table.num_rows else []
 
 
+def _first_ts(table: pa.Table) -> float:
+    """Event time for a file's dead letters: its earliest event (0.0 when it has none)."""
+    return float(pc.min(table.column(TS)).as_py()) if table.num_rows else 0.0
+
+
 class _ReadFile(beam.DoFn):
+    """One matched file -> its event blocks (timestamped by their earliest event) and dead letters."""
+
     def __init__(self, block_rows: int):
         self.block_rows = block_rows
 
-    def process(self, path: str) -> Iterator:
-        table, dead = read_events(path)
+    def process(self, f: fileio.ReadableFile) -> Iterator:
+        table, dead = parse_events(f.read(), f.metadata.path)
+        t0 = _first_ts(table)
         for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        yield from blocks(table, self.block_rows)
+            yield beam.pvalue.TaggedOutput(DEAD, TimestampedValue(d, t0))
+        for b in blocks(table, self.block_rows):
+            yield TimestampedValue(b, float(pc.min(b.column(TS)).as_py()))
 
 
 class ReadEvents(beam.PTransform):
-    """Read an event file inside the pipeline: ``(blocks, dead_letters)``.
+    """Read event files (a path or a glob, on any Beam filesystem) inside the pipeline: ``(blocks, dead_letters)``.
 
-    The file is read by a worker (not the launching process), so this works on
-    distributed runners where the path is visible to workers.
+    Workers list and read the files; the launching process opens nothing.
     """
 
     def __init__(self, path: str | os.PathLike, *, block_rows: int = 4096, label: str | None = None):
@@ -201,8 +126,9 @@ class ReadEvents(beam.PTransform):
         self.block_rows = block_rows
 
     def expand(self, pbegin):
-        res = (pbegin | "Path" >> beam.Create([self.path])
-               | "Read" >> beam.ParDo(_ReadFile(self.block_rows)).with_outputs(DEAD, main="blocks"))
+        res = (pbegin | "Match" >> fileio.MatchFiles(self.path)
+               | "Open" >> fileio.ReadMatches(compression="uncompressed")
+               | "Parse" >> beam.ParDo(_ReadFile(self.block_rows)).with_outputs(DEAD, main="blocks"))
         return res.blocks, res[DEAD]
 
 
@@ -217,8 +143,8 @@ class _Pace(beam.DoFn):
     def __init__(self, t0: float, speedup: float, wall0: float):
         self.t0, self.speedup, self.wall0 = t0, speedup, wall0
 
-    def process(self, block: pa.RecordBatch):
-        if self.speedup > 0 and block.num_rows:
+    def process(self, block):
+        if self.speedup > 0 and isinstance(block, pa.RecordBatch) and block.num_rows:
             due = self.wall0 + (float(pc.min(block.column(TS)).as_py()) - self.t0) / self.speedup
             wait = due - time.time()
             if wait > 0:
@@ -226,15 +152,21 @@ class _Pace(beam.DoFn):
         yield block
 
 
+class _SplitDead(beam.DoFn):
+    def process(self, item):
+        yield beam.pvalue.TaggedOutput(DEAD, item) if isinstance(item, DeadLetter) else item
+
+
 class ReplayEvents(beam.PTransform):
-    """Play a recorded event file as an unbounded stream, in event-time order, with advancing watermarks.
+    """Play recorded event files as an unbounded stream, in event-time order, with advancing watermarks.
 
     Events are cut into steps of ``step`` event-time seconds; each step is added to a
     TestStream and the watermark then advances to the step's end (minus
     ``out_of_orderness``). With ``speedup > 0`` blocks are released at
     ``event time / speedup`` on the wall clock (``speedup=0``: as fast as possible).
-    Runs on the DirectRunner with ``--streaming`` (TestStream is not on the portable path).
-    Returns ``(blocks, dead_letters)``; unreadable rows are dead letters from the start.
+    Runs on the DirectRunner with ``--streaming``. A TestStream holds its elements from
+    the start, so the files are read (through Beam's filesystems) when the pipeline is
+    built. Returns ``(blocks, dead_letters)``; unusable rows are dead letters in the first step.
     """
 
     def __init__(self, path: str | os.PathLike, *, speedup: float = 0.0, step: float = 10.0,
@@ -246,30 +178,36 @@ class ReplayEvents(beam.PTransform):
         self.speedup, self.step, self.ooo, self.block_rows = speedup, step, out_of_orderness, block_rows
 
     def expand(self, pbegin):
-        table, dead = read_events(self.path)
+        tables, dead = [], []
+        for m in match_inputs(self.path):
+            t, d = read_events(m.path)
+            tables.append(t)
+            dead.extend(d)
+        table = pa.concat_tables(tables)
+        t0 = _first_ts(table)
         stream = TestStream()
-        n_dead = len(dead)
+        first = [TimestampedValue(d, t0) for d in dead]
         if table.num_rows:
             order = np.argsort(table.column(TS).to_numpy(), kind="stable")
             table = table.take(pa.array(order))
             ts = table.column(TS).to_numpy()
-            t0 = float(ts[0])
             step_of = np.floor((ts - t0) / self.step).astype(np.int64)
             bounds = np.flatnonzero(np.diff(step_of)) + 1
             starts = np.concatenate([[0], bounds])
             ends = np.concatenate([bounds, [len(ts)]])
             for a, b in zip(starts, ends, strict=True):
                 part = table.slice(int(a), int(b - a))
-                stream = stream.add_elements([TimestampedValue(rb, float(rb.column(TS)[0].as_py()))
-                                              for rb in blocks(part, self.block_rows)])
+                stream = stream.add_elements(first + [TimestampedValue(rb, float(rb.column(TS)[0].as_py()))
+                                                      for rb in blocks(part, self.block_rows)])
+                first = []
                 stream = stream.advance_watermark_to(t0 + (step_of[a] + 1) * self.step - self.ooo)
-        else:
-            t0 = 0.0
+        if first:
+            stream = stream.add_elements(first)
         stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
-        events = pbegin | "Stream" >> stream | "Pace" >> beam.ParDo(_Pace(t0, self.speedup, time.time()))
-        dl = pbegin | "UnreadableRows" >> beam.Create(dead) if n_dead else (
-            pbegin | "UnreadableRows" >> beam.Create([]))
-        return events, dl
+        out = (pbegin | "Stream" >> stream
+               | "Split" >> beam.ParDo(_SplitDead()).with_outputs(DEAD, main="events"))
+        events = out.events | "Pace" >> beam.ParDo(_Pace(t0, self.speedup, time.time()))
+        return events, out[DEAD]
 
 
 def demo_events(path: str | os.PathLike, *, keys: int = 6, seed: int = 0) -> str:

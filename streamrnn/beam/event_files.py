@@ -1,0 +1,334 @@
+"""Event files (JSONL, CSV, Parquet, Arrow IPC) parsed into columnar events, row by row forgiving.
+
+A file is read as bytes through Beam's filesystems (local, gs://, s3://, hdfs://, any
+registered scheme). Columns: ``key`` (string), ``ts`` (seconds since the epoch, or an
+ISO-8601 time), ``seq`` (int, optional: defaults to the row's position in the file,
+counting rows from 0), and a payload: ``text`` (UTF-8, one event per byte, ``sub`` = the
+byte offset) or ``token`` (int).
+
+Nothing in a file aborts the read: every row that cannot be used becomes a
+:class:`~streamrnn.beam.records.DeadLetter` of kind ``"invalid"`` with the row (as JSON)
+and a reason naming the field, what was expected and what was got. That covers bytes
+that are not UTF-8, CSV rows with the wrong number of fields, JSON that does not parse,
+keys that are not strings (``123`` is not the key ``"123"``), times outside years
+1..9999 (e.g. epoch milliseconds), and Arrow/Parquet blocks that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterator
+from datetime import UTC, date, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.ipc as ipc
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+           ".csv": "csv", ".arrow": "arrow", ".arrows": "arrow", ".feather": "arrow", ".ipc": "arrow"}
+
+#: Valid event times: years 1 to 9999 (what ISO-8601 can write; far inside Beam's timestamp range).
+TS_MIN = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+
+#: One block of a file: its columns (name -> Python values) and each row's position in the file.
+Block = tuple[dict[str, list], list[int]]
+
+
+def format_of(path: str) -> str:
+    """The format of an events file by its extension; InputError naming the extension otherwise."""
+    name = path.rsplit("/", 1)[-1]
+    ext = "." + name.rsplit(".", 1)[-1].lower() if "." in name else ""
+    if ext not in FORMATS:
+        raise InputError(f"events file {path!r}: extension: expected one of {sorted(FORMATS)}, got {ext!r}")
+    return FORMATS[ext]
+
+
+def _dead(reason: str, row: dict[str, Any], key: Any = None, ts: Any = None, seq: Any = None) -> DeadLetter:
+    return DeadLetter(key if isinstance(key, str) else None, ts, seq, None, "invalid", reason, event_json(row))
+
+
+def _raw(b: bytes) -> str:
+    return b.decode("utf-8", "backslashreplace")
+
+
+def _utf8_error(field: str, e: UnicodeDecodeError) -> str:
+    return (f"{field}: expected UTF-8 text, got the byte 0x{e.object[e.start]:02x} at byte offset {e.start}, "
+            "which is not UTF-8")
+
+
+# ---- formats: bytes -> blocks of rows (+ dead letters for rows that cannot even be split) ----
+
+def _jsonl_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
+    try:
+        data.decode("utf-8")
+        t = pjson.read_json(io.BytesIO(data))  # fast path: clean UTF-8, one type per column
+        yield {c: t.column(c).to_pylist() for c in t.column_names}, list(range(t.num_rows))
+        return
+    except (UnicodeDecodeError, pa.ArrowInvalid):
+        pass
+    rows: list[dict] = []
+    pos: list[int] = []
+    n = 0
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.strip():
+            continue
+        here = {"line": i + 1, "raw": _raw(line)}
+        try:
+            r = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            dead.append(_dead(_utf8_error(f"line {i + 1}", e), here))
+        except json.JSONDecodeError as e:
+            dead.append(_dead(f"line {i + 1}: expected a JSON object, got invalid JSON ({e.msg})", here))
+        else:
+            if isinstance(r, dict):
+                rows.append(r)
+                pos.append(n)
+            else:
+                dead.append(_dead(f"line {i + 1}: expected a JSON object, got {type(r).__name__}", here))
+        n += 1
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    yield {c: [r.get(c) for r in rows] for c in names}, pos
+
+
+def _csv_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
+    header = data.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        names = next(csv.reader([header.decode("utf-8")]), [])
+    except UnicodeDecodeError as e:
+        dead.append(_dead(_utf8_error("CSV header", e), {"line": 1, "raw": _raw(header)}))
+        return
+    bad: list[int] = []
+
+    def skip(row) -> str:
+        bad.append(row.number - 2)
+        dead.append(_dead(f"CSV row {row.number - 1}: expected {row.expected_columns} fields, got "
+                          f"{row.actual_columns}", {"row": row.number - 1, "raw": row.text}))
+        return "skip"
+
+    try:  # every cell as bytes: no type inference that could reject a whole column
+        t = pcsv.read_csv(io.BytesIO(data), read_options=pcsv.ReadOptions(use_threads=False),
+                          parse_options=pcsv.ParseOptions(invalid_row_handler=skip, newlines_in_values=True),
+                          convert_options=pcsv.ConvertOptions(column_types={n: pa.binary() for n in names}))
+    except pa.ArrowInvalid as e:
+        dead.append(_dead(f"CSV: expected a readable CSV file, got: {e}", {"file": "csv"}))
+        return
+    skipped = set(bad)
+    pos = [i for i in range(t.num_rows + len(skipped)) if i not in skipped]
+    yield {c: [None if v == b"" else v for v in t.column(c).to_pylist()] for c in t.column_names}, pos
+
+
+def _table_block(t: pa.Table | pa.RecordBatch, start: int) -> Block:
+    cols = {}
+    for name, col in zip(t.schema.names, t.columns, strict=True):
+        if pa.types.is_timestamp(col.type):  # seconds as floats, exactly as the column says
+            unit = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[col.type.unit]
+            cols[name] = [None if v is None else v / unit for v in col.cast(pa.int64()).to_pylist()]
+        else:
+            cols[name] = col.to_pylist()
+    return cols, list(range(start, start + t.num_rows))
+
+
+def _parquet_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
+    try:
+        f = pq.ParquetFile(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        dead.append(_dead(f"parquet: expected a readable Parquet file, got: {e}", {"file": "parquet"}))
+        return
+    start = 0
+    for g in range(f.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        try:
+            yield _table_block(f.read_row_group(g), start)
+        except (pa.ArrowException, OSError) as e:
+            dead.append(_dead(f"parquet row group {g}: expected a readable row group, got: {e}",
+                              {"row_group": g, "rows": n}))
+        start += n
+
+
+def _arrow_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
+    start = 0
+    try:
+        reader = ipc.open_file(pa.BufferReader(data))
+    except (pa.ArrowException, OSError):
+        reader = None
+    if reader is not None:  # file format: each block can be read (or fail) on its own
+        for b in range(reader.num_record_batches):
+            rb = None
+            try:
+                rb = reader.get_batch(b)
+                rb.validate(full=True)
+            except (pa.ArrowException, OSError) as e:
+                dead.append(_dead(f"arrow block {b}: expected a readable record batch, got: {e}", {"block": b}))
+            else:
+                yield _table_block(rb, start)
+            start += rb.num_rows if rb is not None else 0  # rows after an unreadable block keep their positions
+        return
+    try:  # stream format: blocks in sequence; what follows a broken block cannot be found
+        stream = ipc.open_stream(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as e:
+        dead.append(_dead(f"arrow: expected an Arrow IPC file or stream, got: {e}", {"block": 0}))
+        return
+    b = 0
+    while True:
+        try:
+            rb = stream.read_next_batch()
+            rb.validate(full=True)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            dead.append(_dead(f"arrow block {b}: expected a readable record batch, got: {e} (the rest of the "
+                              "stream is unreadable)", {"block": b}))
+            return
+        yield _table_block(rb, start)
+        start += rb.num_rows
+        b += 1
+
+
+_READERS = {"jsonl": _jsonl_blocks, "csv": _csv_blocks, "parquet": _parquet_blocks, "arrow": _arrow_blocks}
+
+
+# ---- rows -> events ------------------------------------------------------------------
+
+def _as_text(field: str, v: Any) -> tuple[str | None, str | None]:
+    """(str, None) or (None, reason) for a text-like cell (str, or bytes that must be UTF-8)."""
+    if isinstance(v, bytes):
+        try:
+            return v.decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            return None, _utf8_error(field, e)
+    if isinstance(v, str):
+        return v, None
+    return None, f"{field}: expected a string, got {v!r}"
+
+
+def parse_ts(v: Any) -> tuple[float | None, str | None]:
+    """Seconds since the epoch of a cell (a number, or an ISO-8601 time), or a reason."""
+    if isinstance(v, bytes):
+        v, why = _as_text("ts", v)
+        if why:
+            return None, why
+    got = v
+    t: float | None = None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        t = float(v)
+    elif isinstance(v, datetime):
+        t = (v if v.tzinfo else v.replace(tzinfo=UTC)).timestamp()
+    elif isinstance(v, date):
+        t = datetime(v.year, v.month, v.day, tzinfo=UTC).timestamp()
+    elif isinstance(v, str):
+        try:
+            t = float(v)
+        except ValueError:
+            try:
+                d = datetime.fromisoformat(v.strip().replace("Z", "+00:00"))
+                t = (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
+            except ValueError:
+                pass
+    if t is None or not math.isfinite(t):
+        return None, f"ts: expected float seconds since the epoch or an ISO-8601 time, got {got!r}"
+    if not TS_MIN <= t <= TS_MAX:
+        hint = " (epoch milliseconds? give seconds)" if TS_MAX < t <= TS_MAX * 1e3 else ""
+        return None, (f"ts: expected seconds since the epoch in years 1..9999 ({TS_MIN:.0f}..{TS_MAX:.0f}), "
+                      f"got {got!r}{hint}")
+    return t, None
+
+
+def _as_int(field: str, v: Any, from_text: bool) -> tuple[int | None, str | None]:
+    if from_text and isinstance(v, bytes):
+        try:
+            return int(v.decode("ascii").strip()), None
+        except (UnicodeDecodeError, ValueError):
+            return None, f"{field}: expected an int, got {_raw(v)!r}"
+    if isinstance(v, bool) or not isinstance(v, int):
+        return None, f"{field}: expected an int, got {v!r}"
+    return v, None
+
+
+def _row(cols: dict[str, list], i: int) -> dict[str, Any]:
+    return {c: (_raw(v[i]) if isinstance(v[i], bytes) else v[i]) for c, v in cols.items()}
+
+
+def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from_text: bool,
+                 path: str) -> tuple[dict[str, list], list[DeadLetter]]:
+    """Validate one block's rows; good rows expand to events (lists ``key, ts, seq, sub, x``)."""
+    names = set(cols)
+    if "key" not in names or "ts" not in names or not ({"text", "token"} & names):
+        n = len(pos)
+        if n == 0:
+            return {c: [] for c in (KEY, TS, SEQ, SUB, "x")}, []
+        why = (f"events file {path!r}: columns: expected key, ts and text or token, got {sorted(names)}")
+        return {c: [] for c in (KEY, TS, SEQ, SUB, "x")}, [_dead(why, _row(cols, i)) for i in range(n)]
+    none = [None] * len(pos)
+    keys, tss, texts, toks = cols["key"], cols["ts"], cols.get("text", none), cols.get("token", none)
+    seqs = cols.get("seq")
+    out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
+    dead: list[DeadLetter] = []
+    for i, p in enumerate(pos):
+        key, why = _as_text("key", keys[i])
+        if why is None and not key:
+            why = f"key: expected a non-empty string, got {key!r}"
+        elif why is not None and not isinstance(keys[i], bytes):
+            why = f"key: expected a non-empty string, got {keys[i]!r}"
+        ts, w = parse_ts(tss[i])
+        why = why or w
+        seq, w = (p, None) if seqs is None else _as_int("seq", seqs[i], from_text)
+        why = why or w
+        payload = None
+        if why is None:
+            if texts[i] is not None:
+                text, why = _as_text("text", texts[i])
+                if why is None and not text:
+                    why = "text: expected a non-empty string, got ''"
+                if why is None:
+                    payload = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)
+            elif toks[i] is not None:
+                tok, why = _as_int("token", toks[i], from_text)
+                if why is None and not 0 <= tok < vocab_size:
+                    why = f"token: expected an int in [0, {vocab_size}), got {tok!r}"
+                if why is None:
+                    payload = np.array([tok], np.int64)
+            else:
+                why = "text/token: expected a UTF-8 string in text or an int in token, got neither"
+        if why is not None:
+            dead.append(_dead(why, _row(cols, i), key, ts, seq))
+            continue
+        m = len(payload)
+        out[KEY].extend([key] * m)
+        out[TS].extend([ts] * m)
+        out[SEQ].extend([seq] * m)
+        out[SUB].extend(range(m))
+        out["x"].append(payload)
+    return out, dead
+
+
+def parse_events(data: bytes, path: str, *, vocab_size: int = 256) -> tuple[pa.Table, list[DeadLetter]]:
+    """Events of a file's bytes as one table (``key, ts, seq, sub, x, event``) and its unusable rows.
+
+    ``text`` rows expand to one event per UTF-8 byte (``sub`` = byte offset, same ts and
+    seq); ``token`` rows are one event each. ``event`` is null for good rows.
+    """
+    fmt = format_of(path)
+    dead: list[DeadLetter] = []
+    parts: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
+    for cols, pos in _READERS[fmt](data, dead):
+        ev, bad = block_events(cols, pos, vocab_size=vocab_size, from_text=fmt == "csv", path=path)
+        dead.extend(bad)
+        for c, v in ev.items():
+            parts[c].extend(v)
+    x = np.concatenate(parts["x"]) if parts["x"] else np.zeros(0, np.int64)
+    n = len(parts[KEY])
+    table = pa.table({KEY: pa.array(parts[KEY], pa.string()), TS: pa.array(parts[TS], pa.float64()),
+                      SEQ: pa.array(parts[SEQ], pa.int64()), SUB: pa.array(parts[SUB], pa.int64()),
+                      "x": pa.array(x, pa.int64()), EVENT: pa.nulls(n, pa.string())})
+    return table, dead
