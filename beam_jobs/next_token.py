@@ -210,6 +210,9 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
 
 def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | None) -> int:
     if args.demo:
+        if not _is_local(args.output):
+            raise JobError(f"--demo: expected a local --output folder, got {args.output!r}")
+        os.makedirs(args.output, exist_ok=True)
         args.input = demo_events(os.path.join(args.output, "demo_events.jsonl"))
         args.replay = True
         if args.speedup == 0.0 and "--speedup" not in (argv or sys.argv):
