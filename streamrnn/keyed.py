@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import snapshot as snap
+from .device_slab import DeviceSlabs
 from .errors import InputError
 from .model import Model, State
 from .packing import group, pack
@@ -83,15 +85,17 @@ class KeyedOperator:
         for its length; the fixed cost of one recurrent step in key-steps. ``math.inf``
         runs every call as one padded batch.
 
-    State is host memory: ``[layers, capacity, hidden]`` slabs per state tensor (see
-    :mod:`streamrnn.slab`). Every state change is all-or-nothing: ``process`` and
+    State lives in ``[layers, capacity, hidden]`` slabs per state tensor (see
+    :mod:`streamrnn.slab`): host memory, or ``OrtValue`` slabs on the model's device when
+    ``state_on_device`` (the default with the CUDA provider; see :mod:`streamrnn.device_slab`),
+    with a host copy only for snapshots and ``state_of``. Every state change is all-or-nothing: ``process`` and
     ``restore`` compute everything first and commit only when nothing failed. Thread-safe
     (one lock per operator).
     """
 
     def __init__(self, model: Model, *, max_keys: int = 1_000_000, ttl: float | None = None,
                  clock: Callable[[], float] = time.time, keep_last_output: bool = False,
-                 initial_capacity: int = 1024, pack_step_cost: float = 4.0):
+                 initial_capacity: int = 1024, pack_step_cost: float = 4.0, state_on_device: bool | None = None):
         if not isinstance(max_keys, (int, np.integer)) or isinstance(max_keys, bool) or max_keys < 1:
             raise InputError(f"KeyedOperator: max_keys: expected an int >= 1, got {max_keys!r}")
         if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < math.inf):
@@ -113,11 +117,24 @@ class KeyedOperator:
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
         self._initial_capacity = int(initial_capacity)
-        self._store = self._new_store(self._initial_capacity)
+        on_device = model.on_cuda if state_on_device is None else bool(state_on_device)
+        self._store = self._new_store(self._initial_capacity, on_device)
+        self._dev = DeviceSlabs(model.session, self._state_tail, self._store.cap) if on_device else None
 
-    def _new_store(self, capacity: int) -> SlotStore:
-        return SlotStore(self._state_tail, self._out_tail if self.keep_last_output else None,
+    @property
+    def state_on_device(self) -> bool:
+        """Whether key state lives in ``OrtValue`` slabs on the model's device (IOBinding)."""
+        return self._dev is not None
+
+    def _new_store(self, capacity: int, on_device: bool) -> SlotStore:
+        return SlotStore({} if on_device else self._state_tail, self._out_tail if self.keep_last_output else None,
                          min(capacity, self.max_keys), self.max_keys)
+
+    def _host_state(self, name: str, slots: np.ndarray) -> np.ndarray:
+        """``[layers, len(slots), ...]`` host copy of held slots' state."""
+        if self._dev is not None:
+            return self._dev.host(name, slots)
+        return np.take(self._store.slab[name], slots, axis=1)
 
     def _now(self, what: str) -> float:
         t = self.clock()
@@ -170,8 +187,8 @@ class KeyedOperator:
             slot = self._store.slots.get(key)
             if slot is None:
                 return self.model.initial_state(1)
-            slab = self._store.slab
-            return State({n: slab[n][:, slot:slot + 1].copy() for n in self._state_names}, self._state_names)
+            one = np.array([slot])
+            return State({n: self._host_state(n, one) for n in self._state_names}, self._state_names)
 
     def last_output(self, key: Key) -> dict[str, np.ndarray] | None:
         """Copy of a key's last task output (needs ``keep_last_output``); None for an unknown key."""
@@ -229,29 +246,46 @@ class KeyedOperator:
             now = self._now("process")
             store = self._store
             slot_of = store.slots
-            held = np.fromiter((slot_of.get(k, -1) for k in g.keys), np.int64, B)
+            held = np.fromiter(map(slot_of.get, g.keys, repeat(-1, B)), np.int64, B)
             fresh = held < 0
             if self.ttl is not None:  # a held key idle past the TTL starts fresh (it expires at commit)
                 fresh |= store.seen[np.maximum(held, 0)] < now - self.ttl
             hs = np.where(fresh, 0, held)
             steps_before = np.where(fresh, 0, store.steps[hs])
             outs, new_state, last_row, prev = self._run(g, x, hs, fresh)
-            # -- commit: nothing below can fail on valid data ------------------------
-            if self.ttl is not None:
-                self.evictions.ttl += store.expire(now - self.ttl)
-            slots = np.where(fresh, -1, held)
-            store.touch(slots[~fresh], now)
+            # -- commit: plan where new keys go, build new device slabs, then change the store
             new_rows = np.flatnonzero(fresh)
-            if len(new_rows):
-                slots[new_rows], evicted = store.allocate([g.keys[i] for i in new_rows.tolist()])
-                self.evictions.capacity += evicted
-                store.touch(slots[new_rows], now)
-            for n in self._state_names:
-                store.slab[n][:, slots] = new_state[n]
+            plan = store.plan(held[~fresh], len(new_rows), None if self.ttl is None else now - self.ttl)
+            slots = held.copy()
+            slots[new_rows] = plan.new_slots
+            dev_slabs = self._scattered_slabs(plan.grow_to, slots, new_state) if self._dev is not None else None
+            # nothing below can fail on valid data
+            store.apply(plan, [g.keys[i] for i in new_rows.tolist()])
+            self.evictions.ttl += len(plan.expired)
+            self.evictions.capacity += len(plan.victims)
+            store.touch(slots[~fresh], now)
+            store.touch(slots[new_rows], now)
+            if dev_slabs is not None:
+                self._dev.slab, self._dev.cap = dev_slabs, plan.grow_to
+            else:
+                for grp, values in new_state:
+                    for n, v in values.items():
+                        store.slab[n][:, slots[grp]] = v
             for n, a in last_row.items():
                 store.last[n][slots] = a
             store.steps[slots] = steps_before + g.counts
         return KeyedResult(outs, steps_before[g.rows] + g.cols, fresh[g.rows] & (g.cols == 0), prev)
+
+    def _scattered_slabs(self, cap: int, slots: np.ndarray, new_state: list) -> dict:
+        """New device slabs with this call's states written at ``slots`` (the current ones untouched)."""
+        dev = self._dev
+        out = {}
+        for n in self._state_names:
+            slab = dev.slab[n] if cap <= dev.cap else dev.grown(dev.slab[n], cap)
+            for grp, values in new_state:
+                slab = dev.scattered(slab, slots[grp], values[n])
+            out[n] = slab
+        return out
 
     def _run(self, g, x: np.ndarray, hs: np.ndarray, fresh: np.ndarray):
         """All model calls of one ``process``; reads the store, writes nothing."""
@@ -259,7 +293,7 @@ class KeyedOperator:
         N, B = len(g.rows), len(g.keys)
         groups = pack(g.counts, step_cost=self.pack_step_cost)
         outs: dict[str, np.ndarray] = {}
-        new_state: dict[str, np.ndarray] = {}
+        new_state: list[tuple[np.ndarray, dict]] = []  # (rows, {state name: [layers, rows, ...]})
         last_row: dict[str, np.ndarray] = {}
         prev: dict[str, np.ndarray] = {}
         for grp in groups:
@@ -281,13 +315,20 @@ class KeyedOperator:
                 xb = np.zeros((len(counts), T, *x.shape[1:]), x.dtype)
                 xb[lr, c] = x[ev]
             gh, gf = hs[grp], fresh[grp]
-            st = {}
-            for n in self._state_names:
-                a = store.slab[n][:, gh]
-                if gf.any():
-                    a[:, gf] = 0.0
-                st[n] = a
-            o, new = self.model.run_unchecked(xb, counts.astype(np.int32), State(st, self._state_names))
+            lengths = counts.astype(np.int32)
+            if self._dev is not None:
+                st = State({n: self._dev.gather(n, gh, gf) for n in self._state_names}, self._state_names)
+                o, new = self.model._step_iobinding(xb, lengths, st, device=self._dev.device,
+                                                    device_id=self._dev.device_id)
+            else:
+                st = {}
+                any_fresh = bool(gf.any())
+                for n in self._state_names:
+                    a = np.take(store.slab[n], gh, axis=1)
+                    if any_fresh:
+                        a[:, gf] = 0.0
+                    st[n] = a
+                o, new = self.model.run_unchecked(xb, lengths, State(st, self._state_names))
             for n, v in o.items():
                 if whole and T == 1:
                     outs[n] = v[:, 0]
@@ -306,11 +347,7 @@ class KeyedOperator:
                     else:
                         last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
                         prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
-            for n in self._state_names:
-                if whole:
-                    new_state[n] = new.raw(n)
-                else:
-                    new_state.setdefault(n, np.empty_like(store.slab[n][:, :B]))[:, grp] = new.raw(n)
+            new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
         return outs, new_state, last_row, prev
 
     # -- snapshot / restore ------------------------------------------------------
@@ -330,7 +367,7 @@ class KeyedOperator:
                 keys = [k for k in dict.fromkeys(k for k in keys if isinstance(k, (str, bytes)))
                         if k in store.slots]
             slots = np.fromiter((store.slots[k] for k in keys), np.int64, len(keys))
-            states = {n: np.moveaxis(store.slab[n][:, slots], 1, 0) for n in self._state_names}
+            states = {n: np.moveaxis(self._host_state(n, slots), 1, 0) for n in self._state_names}
             last = {n: a[slots] for n, a in store.last.items()}
             steps, seen = store.steps[slots], store.seen[slots]
         return snap.encode(keys, steps, seen, states, last, self.model.spec, self.keep_last_output)
@@ -352,17 +389,25 @@ class KeyedOperator:
                         keep_last_output=self.keep_last_output, allow_other_model=allow_other_model,
                         max_keys=self.max_keys)
         n = len(d.keys)
-        store = self._new_store(max(self._initial_capacity, n))
+        store = self._new_store(max(self._initial_capacity, n), self._dev is not None)
+        host = {s: np.zeros((t[0], store.cap, *t[1:]), np.float32) for s, t in self._state_tail.items()}
         if n:
-            slots, _ = store.allocate(d.keys)
+            slots = store.allocate(d.keys)
             store.touch(slots, 0.0)
             for s, a in d.states.items():
-                store.slab[s][:, slots] = np.moveaxis(a, 0, 1)
+                host[s][:, slots] = np.moveaxis(a, 0, 1)
             for o, a in d.last.items():
                 store.last[o][slots] = a
             store.steps[slots] = d.steps
             store.seen[slots] = d.seen
             store.min_seen = float(d.seen.min())
+        if self._dev is None:
+            store.slab = host
+            dev_slabs = None
+        else:
+            dev_slabs = {s: self._dev.from_host(a) for s, a in host.items()}
         with self._lock:
             self._store = store
+            if dev_slabs is not None:
+                self._dev.slab, self._dev.cap = dev_slabs, store.cap
         return n

@@ -90,6 +90,7 @@ class Model:
         self.spec = spec
         self.source = source
         self.provider = session.get_providers()[0]
+        self.device_id = int(session.get_provider_options().get(CUDA, {}).get("device_id", 0))
         self._state_names = tuple(s.name for s in spec.state)
         self._state_outputs = [s.output for s in spec.state]
         self._task_outputs = [o.name for o in spec.outputs]
@@ -273,7 +274,7 @@ class Model:
         st = self.initial_state(B) if state is None else self.as_state(state, B)
         lens = self._lengths(lengths, B, T)
         if self.on_cuda:
-            return self._step_iobinding(x, lens, st)
+            return self._step_iobinding(x, lens, st, device_id=self.device_id)
         return self.run_unchecked(x, lens, st)
 
     def run_unchecked(self, x: np.ndarray, lengths: np.ndarray, state: State) -> tuple[dict[str, np.ndarray], State]:
@@ -286,7 +287,8 @@ class Model:
         return dict(zip(self._task_outputs, res[:k], strict=True)), State(
             dict(zip(self._state_names, res[k:], strict=True)), self._state_names, self._sig)
 
-    def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State, device: str = "cuda"):
+    def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State, device: str = "cuda",
+                        device_id: int = 0):
         """CUDA path: the state stays on ``device`` as OrtValues; only task outputs come to the host.
 
         ``device="cpu"`` runs the same binding logic on the CPU provider (used by tests).
@@ -304,7 +306,7 @@ class Model:
         for name in self._task_outputs:
             io.bind_output(name, "cpu")
         for out in self._state_outputs:
-            io.bind_output(out, device)
+            io.bind_output(out, device, device_id)
         self.session.run_with_iobinding(io)
         vals = io.get_outputs()
         k = len(self._task_outputs)

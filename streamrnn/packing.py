@@ -35,28 +35,31 @@ class Grouping:
 
 
 def group(keys: Sequence[Hashable]) -> Grouping:
-    """Rows in order of first appearance; one dict pass, the rest vectorised."""
-    row_of: dict = {}
+    """Rows in order of first appearance; C-speed passes (dict, map), the rest vectorised."""
+    n = len(keys)
     try:
-        rows = np.fromiter((row_of.setdefault(k, len(row_of)) for k in keys), np.int64, len(keys))
+        first = dict.fromkeys(keys)
     except TypeError:
-        for i, k in enumerate(keys):  # find the unhashable key for the message
-            try:
-                hash(k)
-            except TypeError:
-                raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}") from None
-        raise
-    distinct = list(row_of)
-    for k in distinct:
-        if not isinstance(k, (str, bytes)):
-            i = keys.index(k) if isinstance(keys, list) else list(keys).index(k)
-            raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}")
+        first = None
+    if first is None or not set(map(type, first)) <= {str, bytes}:
+        _check_keys(keys)  # raises for the first key that is not a str or bytes (subclasses are fine)
+    distinct = list(first)
+    if len(distinct) == n:  # every key once: rows are the events
+        return Grouping(distinct, np.arange(n), np.zeros(n, np.int64), np.ones(n, np.int64))
+    index = {k: i for i, k in enumerate(distinct)}
+    rows = np.fromiter(map(index.__getitem__, keys), np.int64, n)
     counts = np.bincount(rows, minlength=len(distinct))
     order = np.argsort(rows, kind="stable")
     starts = np.cumsum(counts) - counts
-    cols = np.empty(len(rows), np.int64)
-    cols[order] = np.arange(len(rows)) - np.repeat(starts, counts)
+    cols = np.empty(n, np.int64)
+    cols[order] = np.arange(n) - np.repeat(starts, counts)
     return Grouping(distinct, rows, cols, counts)
+
+
+def _check_keys(keys: Sequence[Hashable]) -> None:
+    for i, k in enumerate(keys):
+        if not isinstance(k, (str, bytes)):
+            raise InputError(f"process: keys[{i}]: expected str or bytes, got {type(k).__name__} {k!r}")
 
 
 def pack(counts: np.ndarray, *, step_cost: float = 4.0) -> list[np.ndarray]:

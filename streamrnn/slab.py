@@ -10,6 +10,7 @@ caller holds the operator's lock; nothing here locks.
 from __future__ import annotations
 
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,8 +56,8 @@ class SlotStore:
         self.free.extend(range(cap - 1, old - 1, -1))
         self.cap = cap
 
-    def release(self, slots: np.ndarray) -> None:
-        """Drop the keys in ``slots`` (state zeroed, slots freed)."""
+    def _drop(self, slots: np.ndarray) -> None:
+        """Forget the keys in ``slots`` (state zeroed); the caller decides where the slots go."""
         if not len(slots):
             return
         for k in self.key_of[slots].tolist():
@@ -68,16 +69,22 @@ class SlotStore:
         self.steps[slots] = 0
         self.in_use[slots] = False
         self.key_of[slots] = None
+
+    def release(self, slots: np.ndarray) -> None:
+        """Drop the keys in ``slots`` and free the slots."""
+        self._drop(slots)
         self.free.extend(np.asarray(slots).tolist())
 
     def expire(self, limit: float) -> int:
         """Drop every key last seen before ``limit`` (any position in recency order); returns how many."""
-        if not limit > self.min_seen:
-            return 0
-        old = np.flatnonzero(self.in_use & (self.seen < limit))
-        self.release(old)
-        self.min_seen = float(self.seen[self.in_use].min()) if self.slots else np.inf
-        return len(old)
+        p = self.plan(np.zeros(0, np.int64), 0, limit)
+        self.apply(p, [])
+        return len(p.expired)
+
+    def _expired(self, limit: float | None) -> np.ndarray:
+        if limit is None or not limit > self.min_seen:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(self.in_use & (self.seen < limit))
 
     def lru_order(self) -> list[Hashable]:
         used = np.flatnonzero(self.in_use)
@@ -90,28 +97,70 @@ class SlotStore:
         self.seen[slots] = now
         self.min_seen = min(self.min_seen, now)
 
-    def allocate(self, keys: list[Hashable]) -> tuple[np.ndarray, int]:
-        """Slots for new ``keys``, evicting least recently used keys past ``max_keys``.
+    def plan(self, keep: np.ndarray, n_new: int, limit: float | None) -> Plan:
+        """Where ``n_new`` new keys will go, without changing anything.
 
-        Returns the slots and how many keys were evicted. The caller must have touched
-        the slots of this call's held keys first (so they are never the ones evicted).
+        Keys last seen before ``limit`` expire; then free slots are used, then the slabs
+        grow (up to ``max_keys``), then the least recently used keys not in ``keep``
+        (this call's held slots) are evicted.
         """
-        k = len(keys)
-        evicted = 0
-        if len(self.free) < k and self.cap < self.max_keys:
-            self.grow(min(self.max_keys, max(2 * self.cap, self.cap + k - len(self.free), 16)))
-        if len(self.free) < k:
-            need = k - len(self.free)
-            used = np.flatnonzero(self.in_use)
-            victims = used[np.argpartition(self.tick[used], need - 1)[:need]] if need < len(used) else used
-            self.release(victims)
-            evicted = need
-        slots = np.array(self.free[len(self.free) - k:][::-1], np.int64)
-        del self.free[len(self.free) - k:]
-        self.slots.update(zip(keys, slots.tolist(), strict=True))
-        self.key_of[slots] = _object_array(keys)
-        self.in_use[slots] = True
-        return slots, evicted
+        expired = self._expired(limit)
+        from_free = min(n_new, len(self.free))
+        pool = self.free[len(self.free) - from_free:][::-1]
+        from_expired = min(n_new - len(pool), len(expired))
+        pool += expired[:from_expired].tolist()
+        grow_to = self.cap
+        if len(pool) < n_new and self.cap < self.max_keys:
+            grow_to = min(self.max_keys, max(2 * self.cap, self.cap + n_new - len(pool), 16))
+        from_grown = min(n_new - len(pool), grow_to - self.cap)
+        pool += list(range(self.cap, self.cap + from_grown))
+        victims = np.zeros(0, np.int64)
+        if len(pool) < n_new:
+            need = n_new - len(pool)
+            mask = self.in_use.copy()
+            mask[expired] = False
+            mask[keep] = False
+            cand = np.flatnonzero(mask)
+            victims = cand[np.argpartition(self.tick[cand], need - 1)[:need]] if need < len(cand) else cand
+            pool += victims.tolist()
+        return Plan(np.array(pool, np.int64), expired, from_free, from_expired, grow_to, from_grown, victims)
+
+    def apply(self, p: Plan, keys: list[Hashable]) -> None:
+        """Carry out a :meth:`plan` made on this unchanged store, giving ``keys`` its new slots."""
+        del self.free[len(self.free) - p.from_free:]
+        self._drop(p.expired)
+        self.free.extend(p.expired[p.from_expired:].tolist())
+        if p.grow_to > self.cap:
+            old = self.cap
+            self.grow(p.grow_to)  # pushes the new slots; take back the ones used
+            used = set(range(old, old + p.from_grown))
+            self.free = [s for s in self.free if s not in used] if used else self.free
+        self._drop(p.victims)
+        if len(p.expired):
+            self.min_seen = float(self.seen[self.in_use].min()) if self.in_use.any() else np.inf
+        if len(p.new_slots):
+            self.slots.update(zip(keys, p.new_slots.tolist(), strict=True))
+            self.key_of[p.new_slots] = _object_array(keys)
+            self.in_use[p.new_slots] = True
+
+    def allocate(self, keys: list[Hashable]) -> np.ndarray:
+        """Slots for new ``keys`` (evicting the least recently used past ``max_keys``)."""
+        p = self.plan(np.zeros(0, np.int64), len(keys), None)
+        self.apply(p, keys)
+        return p.new_slots
+
+
+@dataclass
+class Plan:
+    """The outcome of admitting new keys: their slots, and the keys expired / evicted to make room."""
+
+    new_slots: np.ndarray
+    expired: np.ndarray
+    from_free: int
+    from_expired: int
+    grow_to: int
+    from_grown: int
+    victims: np.ndarray
 
 
 def _object_array(items: list) -> np.ndarray:
