@@ -84,6 +84,38 @@ def test_formats_read_the_same_events(fmt, rows, with_seq):
     assert events(table) == expand(rows)
 
 
+def _line(r: dict) -> bytes:
+    return json.dumps({"key": r["key"], "ts": r["ts"], "text": r["text"]}, ensure_ascii=False).encode()
+
+
+_BAD = {  # a corrupted JSONL line made from a row, and the field its dead letter names
+    "byte": (lambda r: _line(r).replace(b'"text": "', b'"text": "\xff', 1), "line"),  # not UTF-8
+    "ms": (lambda r: _line({**r, "ts": r["ts"] * 1000}), "ts"),  # epoch milliseconds
+    "empty": (lambda r: _line({**r, "text": ""}), "text"),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.lists(st.tuples(_row, st.sampled_from([None, None, "byte", "ms", "empty"])), min_size=1, max_size=10),
+       big=st.booleans())
+def test_bad_rows_among_good_ones(rows, big):
+    """Any mix of good and corrupted JSONL lines: the good rows' events exactly, one dead letter per bad line."""
+    if big:  # a huge event among them
+        rows = [*rows, ({"key": "big", "ts": T0, "text": "ü" * 50_000}, None)]
+    lines, good, want_dead = [], [], []
+    for pos, (r, bad) in enumerate(rows):
+        if bad is None:
+            good.append({**r, "seq": pos})
+            lines.append(_line(r))
+        else:
+            lines.append(_BAD[bad][0](r))
+            want_dead.append(_BAD[bad][1])
+    table, dead = parse_events(b"\n".join(lines), "e.jsonl")
+    assert events(table) == expand(good)
+    assert sorted(d.reason.split(" ")[0].rstrip(":") for d in dead) == sorted(want_dead)
+    assert all(d.kind == "invalid" and d.event for d in dead)
+
+
 def _bad_reasons(dead) -> list[str]:
     return sorted(d.reason.split(":")[0] for d in dead)
 
@@ -215,3 +247,11 @@ def test_sources_read_remote_globs_in_the_pipeline(memfs, replay):
         assert_that(blocks | beam.FlatMap(lambda b: events(pa.Table.from_batches([b]))), equal_to(want))
         assert_that(dead | beam.Map(lambda d: (d.kind, d.reason.split(":")[0])),
                     equal_to([("invalid", "line 3")]), label="dead")
+
+
+@pytest.mark.parametrize("fmt", list(EXT))
+def test_an_empty_file_has_no_rows(fmt):
+    """An empty file (e.g. one part of a glob) has no rows and no dead letters; a header-only CSV neither."""
+    for data in (b"", b"\n") + ((b"key,ts,text\n",) if fmt == "csv" else ()):
+        table, dead = parse_events(data, f"e.{EXT[fmt]}")
+        assert table.num_rows == 0 and dead == []

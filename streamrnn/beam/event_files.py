@@ -321,7 +321,8 @@ def parse_events(data: bytes, path: str, *, vocab_size: int = 256) -> tuple[pa.T
     fmt = format_of(path)
     dead: list[DeadLetter] = []
     parts: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
-    for cols, pos in _READERS[fmt](data, dead):
+    blocks = _READERS[fmt](data, dead) if data.strip() else ()  # an empty file (e.g. in a glob) has no rows
+    for cols, pos in blocks:
         ev, bad = block_events(cols, pos, vocab_size=vocab_size, from_text=fmt == "csv", path=path)
         dead.extend(bad)
         for c, v in ev.items():
