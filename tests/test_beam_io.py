@@ -255,3 +255,10 @@ def test_an_empty_file_has_no_rows(fmt):
     for data in (b"", b"\n") + ((b"key,ts,text\n",) if fmt == "csv" else ()):
         table, dead = parse_events(data, f"e.{EXT[fmt]}")
         assert table.num_rows == 0 and dead == []
+
+
+def test_a_file_without_the_needed_columns_dead_letters_each_row():
+    table, dead = parse_events(b'{"user": "a", "ts": 1, "text": "x"}\n{"user": "b", "ts": 2, "text": "y"}\n', "e.jsonl")
+    assert table.num_rows == 0 and len(dead) == 2
+    assert all("columns: expected key, ts and text or token, got ['text', 'ts', 'user']" in d.reason for d in dead)
+    assert [json.loads(d.event)["user"] for d in dead] == ["a", "b"]

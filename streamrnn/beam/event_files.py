@@ -201,23 +201,24 @@ _READERS = {"jsonl": _jsonl_blocks, "csv": _csv_blocks, "parquet": _parquet_bloc
 # ---- rows -> events ------------------------------------------------------------------
 
 def _as_text(field: str, v: Any) -> tuple[str | None, str | None]:
-    """(str, None) or (None, reason) for a text-like cell (str, or bytes that must be UTF-8)."""
+    """(str, None) or (None, reason) for a text cell: a non-empty str, or bytes that are UTF-8."""
     if isinstance(v, bytes):
         try:
-            return v.decode("utf-8"), None
+            v = v.decode("utf-8")
         except UnicodeDecodeError as e:
             return None, _utf8_error(field, e)
-    if isinstance(v, str):
+    if isinstance(v, str) and v:
         return v, None
-    return None, f"{field}: expected a string, got {v!r}"
+    return None, f"{field}: expected a non-empty string, got {v!r}"
 
 
 def parse_ts(v: Any) -> tuple[float | None, str | None]:
     """Seconds since the epoch of a cell (a number, or an ISO-8601 time), or a reason."""
     if isinstance(v, bytes):
-        v, why = _as_text("ts", v)
-        if why:
-            return None, why
+        try:
+            v = v.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return None, _utf8_error("ts", e)
     got = v
     t: float | None = None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -259,47 +260,39 @@ def _row(cols: dict[str, list], i: int) -> dict[str, Any]:
     return {c: (_raw(v[i]) if isinstance(v[i], bytes) else v[i]) for c, v in cols.items()}
 
 
+def _payload(text: Any, tok: Any, vocab_size: int, from_text: bool) -> tuple[np.ndarray | None, str | None]:
+    """The events of a row's payload: its text's UTF-8 bytes, or its one token."""
+    if text is not None:
+        t, why = _as_text("text", text)
+        return (None, why) if why else (np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int64), None)
+    if tok is not None:
+        v, why = _as_int("token", tok, from_text)
+        if why is None and not 0 <= v < vocab_size:
+            why = f"token: expected an int in [0, {vocab_size}), got {v!r}"
+        return (None, why) if why else (np.array([v], np.int64), None)
+    return None, "text/token: expected a UTF-8 string in text or an int in token, got neither"
+
+
 def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from_text: bool,
                  path: str) -> tuple[dict[str, list], list[DeadLetter]]:
     """Validate one block's rows; good rows expand to events (lists ``key, ts, seq, sub, x``)."""
     names = set(cols)
+    out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
     if "key" not in names or "ts" not in names or not ({"text", "token"} & names):
-        n = len(pos)
-        if n == 0:
-            return {c: [] for c in (KEY, TS, SEQ, SUB, "x")}, []
-        why = (f"events file {path!r}: columns: expected key, ts and text or token, got {sorted(names)}")
-        return {c: [] for c in (KEY, TS, SEQ, SUB, "x")}, [_dead(why, _row(cols, i)) for i in range(n)]
+        why = f"events file {path!r}: columns: expected key, ts and text or token, got {sorted(names)}"
+        return out, [_dead(why, _row(cols, i)) for i in range(len(pos))]
     none = [None] * len(pos)
     keys, tss, texts, toks = cols["key"], cols["ts"], cols.get("text", none), cols.get("token", none)
     seqs = cols.get("seq")
-    out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
     dead: list[DeadLetter] = []
     for i, p in enumerate(pos):
         key, why = _as_text("key", keys[i])
-        if why is None and not key:
-            why = f"key: expected a non-empty string, got {key!r}"
-        elif why is not None and not isinstance(keys[i], bytes):
-            why = f"key: expected a non-empty string, got {keys[i]!r}"
         ts, w = parse_ts(tss[i])
         why = why or w
         seq, w = (p, None) if seqs is None else _as_int("seq", seqs[i], from_text)
         why = why or w
-        payload = None
         if why is None:
-            if texts[i] is not None:
-                text, why = _as_text("text", texts[i])
-                if why is None and not text:
-                    why = "text: expected a non-empty string, got ''"
-                if why is None:
-                    payload = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)
-            elif toks[i] is not None:
-                tok, why = _as_int("token", toks[i], from_text)
-                if why is None and not 0 <= tok < vocab_size:
-                    why = f"token: expected an int in [0, {vocab_size}), got {tok!r}"
-                if why is None:
-                    payload = np.array([tok], np.int64)
-            else:
-                why = "text/token: expected a UTF-8 string in text or an int in token, got neither"
+            payload, why = _payload(texts[i], toks[i], vocab_size, from_text)
         if why is not None:
             dead.append(_dead(why, _row(cols, i), key, ts, seq))
             continue
