@@ -95,12 +95,14 @@ class Model:
         self._state_outputs = [s.output for s in spec.state]
         self._task_outputs = [o.name for o in spec.outputs]
         self._output_names = self._task_outputs + self._state_outputs
+        self._n_task = len(self._task_outputs)
         self._tokens = spec.input.kind == "tokens"
         self._vocab = spec.input.vocab_size
         self._nfeat = spec.input.n_features
         self._shape_tail = tuple(int(d) for d in spec.state[0].shape[2:])
         self._layers = int(spec.state[0].shape[0])
         self._sig = spec.state_signature
+        self._full_lengths: dict[tuple[int, int], np.ndarray] = {}
         self._check_graph()
         if initializers is not None:
             self._check_weights(initializers)
@@ -244,7 +246,13 @@ class Model:
 
     def _lengths(self, lengths: Any, B: int, T: int) -> np.ndarray:
         if lengths is None:
-            return np.full(B, T, np.int32)
+            full = self._full_lengths.get((B, T))
+            if full is None:  # a small read-only cache: the latency path reuses one array per shape
+                if len(self._full_lengths) > 64:
+                    self._full_lengths.clear()
+                full = self._full_lengths[(B, T)] = np.full(B, T, np.int32)
+                full.flags.writeable = False
+            return full
         lengths = np.asarray(lengths)
         if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
             raise InputError(f"{self.source}: lengths: expected int [{B}], got {lengths.dtype} {list(lengths.shape)}")
@@ -283,9 +291,9 @@ class Model:
         for n in self._state_names:
             feeds[n] = state.raw(n)
         res = self.session.run(self._output_names, feeds)
-        k = len(self._task_outputs)
-        return dict(zip(self._task_outputs, res[:k], strict=True)), State(
-            dict(zip(self._state_names, res[k:], strict=True)), self._state_names, self._sig)
+        k = self._n_task
+        return dict(zip(self._task_outputs, res)), State(  # noqa: B905 - res has task + state outputs
+            dict(zip(self._state_names, res[k:])), self._state_names, self._sig)  # noqa: B905
 
     def _step_iobinding(self, x: np.ndarray, lengths: np.ndarray, state: State, device: str = "cuda",
                         device_id: int = 0):
