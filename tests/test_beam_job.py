@@ -33,13 +33,15 @@ ROWS = [
     {"key": "u1", "ts": 100.0, "seq": 0, "text": "Hello, "},         # duplicate row
     {"key": "u3", "ts": "1970-01-01T00:01:45Z", "seq": 0, "text": "ISO time"},
     {"key": "u2", "ts": "yesterday", "seq": 1, "text": "bad"},       # unreadable ts
+    {"key": "u3", "ts": 1_700_000_000_000, "seq": 1, "text": "ms"},  # epoch milliseconds
 ]
+BAD_TS = ("yesterday", 1_700_000_000_000)
 
 
 def _reference(model, rows):
     """Per key: bytes in (ts, seq) order run once from the initial state; logprob_next per byte."""
     want = {}
-    ok = [r for r in rows if r["ts"] != "yesterday"]
+    ok = [r for r in rows if r["ts"] not in BAD_TS]
     seen = set()
     by_key: dict = {}
     for r in ok:
@@ -80,15 +82,16 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     _assert_offline(pred, want)
     dead = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("dead_letters-*.parquet")]).to_pylist()
     kinds = sorted((d["kind"], d["reason"].split(":")[0]) for d in dead)
-    assert kinds == [("duplicate", "duplicate")] * len("Hello, ") + [("invalid", "ts")]
-    assert json.loads(next(d for d in dead if d["kind"] == "invalid")["event"])["ts"] == "yesterday"
+    assert kinds == [("duplicate", "duplicate")] * len("Hello, ") + [("invalid", "ts")] * 2
+    assert sorted(str(json.loads(d["event"])["ts"]) for d in dead if d["kind"] == "invalid") == sorted(
+        str(t) for t in BAD_TS)  # the rows as they were
     summary = json.loads((out / "summary.json").read_text())
     u1 = [v[0] for (k, _), v in want.items() if k == "u1" and v[0] is not None]
     assert math.isclose(summary["keys"]["u1"]["bits_per_char"], -np.mean(u1) / math.log(2), rel_tol=1e-5)
     every = [v[0] for v in want.values() if v[0] is not None]
     assert math.isclose(summary["bits_per_char"], -np.mean(every) / math.log(2), rel_tol=1e-5)
     assert summary["events"] == len(want) and summary["keys"]["u2"]["bytes"] == len("héllo".encode())
-    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 1}
+    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 2}
     assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
     assert "bits/char" in capsys.readouterr().out
 
@@ -141,7 +144,7 @@ def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
 
 def _byte(r):
     """The byte of a prediction row (its text row's byte at ``offset``)."""
-    by = {(row["key"], row["seq"]): row["text"].encode() for row in ROWS if row["ts"] != "yesterday"}
+    by = {(row["key"], row["seq"]): row["text"].encode() for row in ROWS if row["ts"] not in BAD_TS}
     return by[(r["key"], r["seq"])][r["offset"]]
 
 
@@ -190,7 +193,7 @@ def test_job_on_a_remote_filesystem(beam_models, memfs, replay):
     _assert_offline(_memfs_table(memfs, "memfs://out/run/predictions-"),
                     _reference(load(beam_models["tiny"], providers=[CPU]), ROWS))
     dead = _memfs_table(memfs, "memfs://out/run/dead_letters-")
-    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"]
+    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"] * 2
     assert json.loads(memfs["memfs://out/run/summary.json"])["events"] == len(_reference(
         load(beam_models["tiny"], providers=[CPU]), ROWS))
     assert not [p for p in memfs if "/.temp-" in p or "/.write-check" in p]  # no temporary files left
@@ -212,7 +215,7 @@ def test_retried_writes_leave_one_copy_of_every_row(beam_models, memfs, tmp_path
     assert not [f for f in beam_memfs.FAULTED if "/.temp-" not in f]  # never under a final name
     _assert_offline(_memfs_table(memfs, "memfs://out/predictions-"), want)
     dead = _memfs_table(memfs, "memfs://out/dead_letters-")
-    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"]
+    assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"] * 2
     assert not [p for p in memfs if "/.temp-" in p]  # the partial files of the failed tries are gone
 
 

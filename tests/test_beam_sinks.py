@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing import test_stream
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
@@ -54,7 +54,7 @@ def test_retried_bundles_leave_one_copy_of_every_row(memfs, streaming):
         if streaming:
             # timestamps on time, behind the watermark (late for any event-time window), at Beam's minimum
             # timestamp and at the end of the input: the sink must take them all
-            s = TestStream()
+            s = test_stream.TestStream()
             for i, b in enumerate(blocks):
                 s = s.add_elements([TimestampedValue(b, 100.0 + 25 * i if i % 3 else 0.0)])
                 s = s.advance_watermark_to(100.0 + 25 * (i + 1))
