@@ -21,23 +21,19 @@ import argparse
 import math
 import os
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Sequence
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 import streamrnn
-from streamrnn.beam import NextTokenPostprocess, StatefulInference
-from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy, match_inputs
+from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher
+from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy
+from streamrnn.beam.launcher import JobError, Output
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA
 from streamrnn.beam.sinks import WriteParquet
 from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary
@@ -50,10 +46,6 @@ PREDICTION_SCHEMA = pa.schema([
     ("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()), ("offset", pa.int64()), ("pos", pa.int64()),
     ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
     ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
-
-
-class JobError(Exception):
-    """A user's mistake the launcher reports in one line (exit code 2)."""
 
 
 def job_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -127,78 +119,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInferen
     (preds, dead_all) | "Summary" >> WriteSummary(args.output, BITS_PER_CHAR)
 
 
-def _files(output: str, prefix: str) -> list[str]:
-    try:
-        return [m.path for r in FileSystems.match([FileSystems.join(output, f"{prefix}-*.parquet")])
-                for m in r.metadata_list]
-    except Exception:  # nothing written yet, or a filesystem that cannot list now
-        return []
-
-
-def _progress(output: str, stop: threading.Event, out=None) -> None:
-    """Progress from the files the pipeline has finalized (their Parquet footers give the row counts)."""
-    out = out or sys.stderr
-    seen: dict[str, int] = {}
-    t0 = time.monotonic()
-    while not stop.wait(1.0):
-        for path in _files(output, PREDICTIONS) + _files(output, DEAD_LETTERS):
-            if path not in seen:
-                try:
-                    with FileSystems.open(path, compression_type="uncompressed") as f:
-                        seen[path] = pq.read_metadata(f).num_rows
-                except Exception:  # being renamed into place; next time
-                    continue
-        done = sum(n for p, n in seen.items() if p.rsplit("/", 1)[-1].startswith(PREDICTIONS))
-        dead = sum(seen.values()) - done
-        dt = time.monotonic() - t0
-        out.write(f"\r  {done:,} predictions, {dead:,} dead letters written, {dt:5.1f} s ")
-        out.flush()
-    out.write("\n")
-
-
-def _delete(pattern: str) -> None:
-    for res in FileSystems.match([pattern]):
-        paths = [m.path for m in res.metadata_list]
-        if paths:
-            FileSystems.delete(paths)
-
-
-def _remove_temp(temp_dir: str) -> None:
-    """Delete the sinks' temporary folder: orphans of retried bundles, then the folder itself."""
-    try:
-        _delete(FileSystems.join(temp_dir, "*"))
-        if FileSystems.exists(temp_dir):
-            FileSystems.delete([temp_dir])
-    except Exception:  # nothing there (it is made on the first write)
-        pass
-
-
-def _clear_outputs(output: str) -> None:
-    """Remove a previous run's outputs (so old files do not mix in)."""
-    for p in (PREDICTIONS, DEAD_LETTERS):
-        _delete(FileSystems.join(output, f"{p}-*.parquet"))
-    _delete(FileSystems.join(output, SUMMARY))
-
-
-def _is_local(path: str) -> bool:
-    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
-
-
-def _check_writable(output: str) -> None:
-    probe = FileSystems.join(output, f".write-check-{uuid.uuid4().hex}")
-    try:
-        with FileSystems.create(probe) as f:
-            f.write(b"ok")
-        FileSystems.delete([probe])
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JobError(f"output: expected a writable directory at {output!r}, got: {first}") from None
-
-
 def _inference(args: argparse.Namespace) -> StatefulInference:
-    if not FileSystems.exists(args.model):
-        raise JobError(f"model: expected a streamrnn LM at {args.model!r}, got no such file (train one, or pass "
-                       "--model)")
+    launcher.require_file(args.model, "model", "a streamrnn LM", " (train one, or pass --model)")
     try:
         return StatefulInference(
             model=local_copy(args.model), num_shards=args.shards, window_size=args.window,
@@ -208,43 +130,29 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
         raise JobError(str(e).splitlines()[0]) from None
 
 
-def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | None) -> int:
+def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | None, out: Output) -> int:
     if args.demo:
-        if not _is_local(args.output):
+        if not launcher.is_local(args.output):
             raise JobError(f"--demo: expected a local --output folder, got {args.output!r}")
         os.makedirs(args.output, exist_ok=True)
         args.input = demo_events(os.path.join(args.output, "demo_events.jsonl"))
         args.replay = True
         if args.speedup == 0.0 and "--speedup" not in (argv or sys.argv):
             args.speedup = 20.0
-    try:
-        files = match_inputs(args.input)
-    except InputError as e:
-        raise JobError(str(e)) from None
+    files = launcher.input_files(args.input)
     inference = _inference(args)
-    _check_writable(args.output)
+    out.check_writable()
     opts = PipelineOptions(beam_args)
     if args.replay:
         opts.view_as(StandardOptions).streaming = True
-    _clear_outputs(args.output)
+    out.clear()
     mode = "replay (streaming)" if args.replay else "batch"
-    size = sum(m.size_in_bytes for m in files)
-    print(f"next_token: {args.input} ({len(files)} file(s), {size:,} bytes) -> {args.output}, {mode}, "
-          f"model {args.model}", file=sys.stderr)
-    temp_dir = FileSystems.join(args.output, f".temp-{uuid.uuid4().hex}")
-    stop = threading.Event()
-    bar = None if args.quiet else threading.Thread(target=_progress, args=(args.output, stop), daemon=True)
-    if bar is not None:
-        bar.start()
+    print(f"next_token: {args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes) -> "
+          f"{args.output}, {mode}, model {args.model}", file=sys.stderr)
     t0 = time.monotonic()
-    try:
-        with beam.Pipeline(options=opts) as p:
-            build(p, args, inference, temp_dir)
-    finally:
-        stop.set()
-        if bar is not None:
-            bar.join()
-        _remove_temp(temp_dir)
+    with out.progress({PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"}, quiet=args.quiet), \
+            beam.Pipeline(options=opts) as p:
+        build(p, args, inference, out.temp)
     seconds = time.monotonic() - t0
     summary = read_summary(args.output)
     if summary is None:
@@ -258,14 +166,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = _parse(argv)
-    existed = not _is_local(args.output) or os.path.exists(args.output)
-    try:
-        return _run(args, beam_args, argv)
-    except JobError as e:
-        print(f"next_token: {e}", file=sys.stderr)
-        if not existed and os.path.isdir(args.output):  # leave no folder behind that this run made
-            FileSystems.delete([args.output])
-        return 2
+    out = Output(args.output, (PREDICTIONS, DEAD_LETTERS), (SUMMARY,))
+    return launcher.run("next_token", out, lambda: _run(args, beam_args, argv, out))
 
 
 if __name__ == "__main__":
