@@ -188,7 +188,8 @@ def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner, mon
 
 
 def _check_reasons(rs):
-    want = ["key: expected a non-empty string, got ''", "ts: expected finite seconds since the epoch, got nan",
+    want = ["key: expected a non-empty string, got str ''",
+            "ts: expected finite seconds since the epoch within ±1e+11, got nan",
             "x: expected a token in [0, 256), got 300"]
     if rs != want:
         raise AssertionError(f"reasons: expected {want}, got {rs}")

@@ -4,14 +4,19 @@
 >>> outputs, dead = events | StatefulInference(model="exported/charlm.onnx", num_shards=8,
 ...                                            window_size=60, allowed_lateness=30)   # doctest: +SKIP
 
-See the README section "Apache Beam" for the semantics and how to run on Flink, Spark or Dataflow.
+Modules, one concern each: ``intake`` (validation, one copy per event), ``clock`` (event
+time in integer micros), ``apply`` (dedupe, order, TTL, batched ORT calls), ``store``
+(per-shard state as a delta log with a verified cache), ``pairing`` (next-event fields),
+``stateful`` (the timers), ``transform`` (the PTransform). See docs/beam.md.
 """
 
 from __future__ import annotations
 
+from .counters import NAMESPACE
+from .models import model_version
 from .postprocess import NextTokenPostprocess, Postprocess
 from .records import DeadLetter, Event, ModelUpdate, Prediction, shard_of
-from .transform import NAMESPACE, StatefulInference, StatefulResult, model_version
+from .transform import StatefulInference, StatefulResult
 
 __all__ = [
     "NAMESPACE",

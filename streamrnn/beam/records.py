@@ -19,24 +19,20 @@ import pyarrow as pa
 
 #: Event columns inside the pipeline (payload column ``x`` is added per model input kind).
 KEY, TS, SEQ, SUB, X, EVENT = "key", "ts", "seq", "sub", "x", "event"
-#: Internal columns added by the intake step.
-WEND, FIRE, ARRIVAL = "_wend", "_fire", "_arrival"
 
 
 def _end_of_input():
-    from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.timestamp import Timestamp
 
-    # whole milliseconds (TestStream watermarks must be), just before the global window's end
-    return Timestamp(micros=(GlobalWindow().max_timestamp().micros // 1000 - 1) * 1000)
+    from .clock import END_OF_INPUT_MICROS
+
+    return Timestamp(micros=END_OF_INPUT_MICROS)
 
 
 #: The event time at which the stateful step releases what it still holds back (the end of
 #: the input). A finite time just before the end of the global window: runners advance the
 #: watermark there when a bounded input ends. A TestStream should advance the watermark to it
-#: before ``advance_watermark_to_infinity()`` (the legacy DirectRunner does not hold the output
-#: watermark for timers that fire on the jump to infinity, so a downstream GroupByKey could
-#: drop what they emit).
+#: before ``advance_watermark_to_infinity()``.
 END_OF_INPUT = _end_of_input()
 
 

@@ -1,0 +1,68 @@
+"""Next-event pairing: each output row gets ``<field>_next``, that field on its key's next event.
+
+A row's next is the following applied row of its key, unless that one started fresh (the
+stream ended: TTL, a model-update reset). A key's latest row is held back in the shard
+store until its next event is applied or its stream ends (expiry, end of input); then it
+goes out with null.
+
+Output timestamps: a row is final once its next event is known, so it goes out at the
+later of its own release time and its next event's release time (``_rel`` column).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .intake import REL
+from .records import KEY
+from .store import ShardStore
+
+
+def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, final: bool,
+         released: Sequence[str] = ()) -> pa.Table | None:
+    """Rows ready to go out with their ``*_next`` columns; holds back each live key's last row.
+
+    ``rows``: this flush's applied rows in key / stream order. ``released``: keys whose
+    stream ended without a new row (expired): their held row goes out with null.
+    """
+    keys = [] if rows is None else list(dict.fromkeys(rows.column(KEY).to_pylist()))
+    held = [store.held[k] for k in (*keys, *released) if k in store.held]
+    parts = [*held, *([rows] if rows is not None and rows.num_rows else [])]
+    if not parts:
+        return None
+    t = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    n = t.num_rows
+    grp = np.zeros(n, np.int64)
+    nh = sum(h.num_rows for h in held)
+    grp[nh:] = 1  # held rows precede this flush's rows of the same key
+    kcol = t.column(KEY)
+    kc = pc.index_in(kcol, pc.unique(kcol)).to_numpy(zero_copy_only=False)
+    o = np.lexsort((np.arange(n), grp, kc))
+    t, kc = t.take(pa.array(o)), kc[o]
+    fresh = t.column("fresh").to_numpy(zero_copy_only=False).astype(bool)
+    cont = np.zeros(n, bool)
+    cont[:-1] = (kc[1:] == kc[:-1]) & ~fresh[1:]
+    last = np.ones(n, bool)
+    last[:-1] = kc[1:] != kc[:-1]
+    klist = t.column(KEY).to_pylist()
+    hold = np.zeros(n, bool)
+    if not final:
+        for i in np.flatnonzero(last):
+            hold[i] = klist[i] in store.op
+    nxt = pa.array(np.minimum(np.arange(1, n + 1), n - 1))
+    rel = t.column(REL).to_numpy()
+    known = np.where(cont, np.maximum(rel, rel[np.minimum(np.arange(1, n + 1), n - 1)]), rel)
+    out = t.set_column(t.column_names.index(REL), REL, pa.array(known))
+    for f in fields:
+        col = t.column(f).combine_chunks()
+        out = out.append_column(f + "_next", pc.if_else(pa.array(cont), col.take(nxt), pa.nulls(n, col.type)))
+    for k in {*keys, *released}:
+        store.set_held(k, None)
+    for i in np.flatnonzero(hold):
+        store.set_held(klist[i], t.slice(int(i), 1))
+    out = out.filter(pa.array(~hold))
+    return out if out.num_rows else None

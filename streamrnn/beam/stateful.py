@@ -1,0 +1,314 @@
+"""The stateful step: one Beam key per shard, a timer at each release time.
+
+``process`` receives the panes of the release-time windows (see ``transform.py``): on-time
+panes are buffered until the watermark passes their release time; late panes (the
+watermark had already passed) become ``late`` or ``duplicate`` dead letters. The flush
+timer applies what is due, then drops the state of keys idle past the TTL, then writes
+one delta of the shard store (``store.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.coders import BytesCoder, StrUtf8Coder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils import shared
+
+from ..errors import InputError
+from ..model import Model
+from ..spec import ModelSpec
+from .apply import Applied, Config, apply_due, dead_event_json
+from .clock import END_OF_INPUT_MICROS, timestamp, to_micros
+from .counters import Counters
+from .intake import DEAD, EVENTS, REL, TSU
+from .models import load_model, model_version
+from .outputs import emit
+from .pairing import pair
+from .records import KEY, SEQ, SUB, TS, DeadLetter, from_ipc, to_ipc
+from .store import KeyMeta, ShardStore, new_store, new_token, put_cached, rebuild, take_cached
+
+
+class _Loaded:
+    """Weak-referenceable holder for :class:`apache_beam.utils.shared.Shared`."""
+
+    def __init__(self, model: Model):
+        self.model = model
+
+
+class Ctrl:
+    """Small per-shard control state (JSON)."""
+
+    def __init__(self, d: dict | None, model_path: str):
+        d = d or {}
+        self.token: str | None = d.get("token")
+        self.num_shards: int | None = d.get("num_shards")
+        self.armed: int | None = d.get("armed")
+        self.model: str = d.get("model", model_path)
+        self.updates: list[list] = d.get("updates", [])  # [[path, effective micros], ...] sorted
+        self.seen: list[list] = d.get("seen", [])
+        self.applied_max: int = d.get("applied_max", -(2**62))
+        self.end_set: bool = d.get("end_set", False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+class ShardStep(beam.DoFn):
+    PENDING = BagStateSpec("pending", BytesCoder())
+    LOG = BagStateSpec("log", BytesCoder())
+    CTRL = ReadModifyWriteStateSpec("ctrl", StrUtf8Coder())
+    FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
+    END = TimerSpec("end", TimeDomain.WATERMARK)
+
+    def __init__(self, *, transform_id: str, model_path: str, spec_json: str, num_shards: int, cfg: Config,
+                 dedupe_horizon: int, keep_last_output: bool, output: str, providers: Any, flush_all: bool,
+                 next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None):
+        self.transform_id = transform_id
+        self.model_path = model_path
+        self.spec_json = spec_json
+        self.num_shards = num_shards
+        self.cfg = cfg
+        self.horizon = dedupe_horizon
+        self.keep_last_output = keep_last_output
+        self.output = output
+        self.providers = providers
+        self.flush_all = flush_all
+        self.next_fields = tuple(next_fields)
+        self.fault_injector = fault_injector
+        self._shared = shared.Shared()
+
+    def setup(self) -> None:
+        self.m = Counters()
+        self.spec = ModelSpec.from_json(self.spec_json)
+        self._models: dict[str, Model] = {}
+        self._holders: list[_Loaded] = []
+        self._model(self.model_path)
+
+    def _model(self, path: str) -> Model:
+        m = self._models.get(path)
+        if m is None:
+            providers = self.providers
+            holder = self._shared.acquire(lambda: _Loaded(load_model(path, providers)), tag=path)
+            m = self._models[path] = holder.model
+            self._holders.append(holder)  # keep the weak-ref'd holder alive
+        return m
+
+    # -- state ------------------------------------------------------------------------------
+    def _ctrl(self, ctrl_state) -> Ctrl:
+        raw = ctrl_state.read()
+        ctrl = Ctrl(json.loads(raw) if raw else None, self.model_path)
+        if ctrl.num_shards is not None and ctrl.num_shards != self.num_shards:
+            raise InputError(
+                f"StatefulInference: num_shards: expected {ctrl.num_shards} (the value this pipeline's state was "
+                f"written with), got {self.num_shards}; changing it would restart every key as new. Drain the "
+                "job and start it fresh to re-shard.")
+        ctrl.num_shards = self.num_shards
+        return ctrl
+
+    def _store(self, shard: int, ctrl: Ctrl, log_state) -> ShardStore:
+        store = take_cached(self.transform_id, shard, ctrl.token)
+        if store is not None:
+            return store
+        blobs = list(log_state.read())
+        if not blobs:
+            return new_store(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
+        self.m.rebuilds.inc()
+        return rebuild(blobs, self._model, keep_last_output=self.keep_last_output, default_path=ctrl.model)
+
+    def _save(self, shard: int, store: ShardStore, ctrl: Ctrl, log_state) -> None:
+        compact = store.should_compact()
+        blob, full = store.delta(compact=compact)
+        if full:
+            log_state.clear()
+            self.m.compactions.inc(int(compact))
+        log_state.add(blob)
+        self.m.state_bytes_written.inc(len(blob))
+        self.m.flush_state_bytes.update(len(blob))
+        store.token = ctrl.token = new_token()
+        ctrl.model = store.model_path
+        put_cached(self.transform_id, shard, store)
+
+    def _arm(self, ctrl: Ctrl, timer, at: int | None, *, after: int | None = None) -> None:
+        """Set the flush timer to ``at`` if that is earlier than what is armed (or nothing is)."""
+        if at is None:
+            return
+        if ctrl.armed is None or at < ctrl.armed or (after is not None and ctrl.armed <= after):
+            ctrl.armed = at
+            timer.set(timestamp(at))
+
+    # -- input --------------------------------------------------------------------------------
+    def process(self, element, pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
+                ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH),
+                end_timer=beam.DoFn.TimerParam(END)) -> Iterator:
+        shard, (late, rel, payloads) = element
+        ctrl = self._ctrl(ctrl_state)
+        if not ctrl.end_set and self.next_fields and not self.flush_all:
+            end_timer.set(timestamp(END_OF_INPUT_MICROS))  # releases the rows still held back at the end
+            ctrl.end_set = True
+        late_blocks = []
+        for kind, blob in payloads:
+            if kind == EVENTS:
+                if late:
+                    late_blocks.append(from_ipc(blob))
+                else:
+                    pending.add(blob)
+                    self._arm(ctrl, flush_timer, rel)
+            else:
+                self._merge_update(ctrl, json.loads(blob))
+                self._arm(ctrl, flush_timer, rel)
+        if late_blocks:
+            yield from self._late(shard, pa.concat_tables(late_blocks), ctrl, pending, log_state)
+        ctrl_state.write(ctrl.to_json())
+
+    def _merge_update(self, ctrl: Ctrl, u: dict) -> None:
+        key = [u["path"], u["effective_micros"]]
+        if key in ctrl.seen:
+            return
+        ctrl.seen.append(key)
+        # Never rewrite history: an update behind what this shard applied starts just after it.
+        ctrl.updates.append([u["path"], max(int(u["effective_micros"]), ctrl.applied_max + 1)])
+        ctrl.updates.sort(key=lambda p: p[1])
+
+    def _late(self, shard: int, t: pa.Table, ctrl: Ctrl, pending, log_state) -> Iterator:
+        """Events of windows the watermark had passed: duplicates of applied/pending rows, else late."""
+        store = self._store(shard, ctrl, log_state)
+        put_cached(self.transform_id, shard, store)  # read-only use: still valid for this token
+        seen = set(store.ids)
+        for b in pending.read():
+            p = from_ipc(b)
+            seen.update(zip(p.column(KEY).to_pylist(), p.column(SEQ).to_pylist(), strict=True))
+        ids = zip(t.column(KEY).to_pylist(), t.column(SEQ).to_pylist(), strict=True)
+        for i, ident in enumerate(ids):
+            kind = "duplicate" if ident in seen else "late"
+            yield self._dead(t, i, kind, kind)
+
+    def _dead(self, t: pa.Table, i: int, kind: str, reason: str, at: int | None = None):
+        self.m.dead(kind)
+        ts = t.column(TS)[i].as_py()
+        dl = DeadLetter(t.column(KEY)[i].as_py(), ts, t.column(SEQ)[i].as_py(), t.column(SUB)[i].as_py(), kind,
+                        reason, dead_event_json(t, i))
+        if at is None:
+            return beam.pvalue.TaggedOutput(DEAD, dl)
+        return beam.pvalue.TaggedOutput(DEAD, TimestampedValue(dl, timestamp(at)))
+
+    # -- timers -------------------------------------------------------------------------------
+    @on_timer(FLUSH)
+    def on_flush(self, key=beam.DoFn.KeyParam, fire=beam.DoFn.TimestampParam,
+                 pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
+                 ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, final=self.flush_all)
+
+    @on_timer(END)
+    def on_end(self, key=beam.DoFn.KeyParam, fire=beam.DoFn.TimestampParam,
+               pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
+               ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+        """The input ended: apply whatever is still buffered, then release every held-back row."""
+        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, final=True)
+
+    def _flush(self, shard: int, T: int, pending, log_state, ctrl_state, flush_timer, *, final: bool) -> Iterator:
+        ctrl = self._ctrl(ctrl_state)
+        # Runners may fire a timer at a truncated time (whole milliseconds in batch): the timer that
+        # fired is the one armed last, so its armed time is what the watermark has passed.
+        T = max(T, ctrl.armed if ctrl.armed is not None else T)
+        ctrl.armed = None
+        store = self._store(shard, ctrl, log_state)
+        blobs = list(pending.read())
+        t = pa.concat_tables([from_ipc(b) for b in blobs]) if blobs else None
+        rest_min = None
+        due = None
+        if t is not None and t.num_rows:
+            rel = t.column(REL).to_numpy()
+            due_m = np.ones(len(rel), bool) if final else rel <= T
+            due = t.filter(pa.array(due_m)) if not due_m.all() else t
+            pending.clear()
+            if not due_m.all():
+                rest = t.filter(pa.array(~due_m))
+                pending.add(to_ipc(rest))
+                rest_min = int(rest.column(REL).to_numpy().min())
+        self.m.flushes.inc()
+        out = Applied(None)
+        if due is not None and due.num_rows:
+            out = apply_due(due, store, self.cfg, epoch_models=lambda tsu: self._epochs(ctrl, tsu),
+                            switch=self._switch, version=lambda s: model_version(s.op.model.spec), m=self.m)
+            if out.rows is not None:
+                ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
+        self._switch_due_updates(ctrl, store, T)
+        released = self._expire(store, T)
+        if final:  # the input ended: every held-back row goes out
+            released = list(dict.fromkeys([*released, *store.held]))
+        self._forget_old(store, T)
+        rows = out.rows
+        if self.next_fields:
+            rows = pair(rows, store, self.next_fields, final=final, released=released)
+        self._save(shard, store, ctrl, log_state)
+        nxt = [v for v in (rest_min, store.next_expiry(), self._next_update(ctrl, T)) if v is not None]
+        if nxt:
+            self._arm(ctrl, flush_timer, max(min(nxt), T + 1))
+        ctrl_state.write(ctrl.to_json())
+        if self.fault_injector is not None and due is not None:
+            self.fault_injector(shard, sorted(set(due.column(KEY).to_pylist())))
+        for tbl, i, kind, reason in out.dead:
+            yield self._dead(tbl, i, kind, reason, at=T)
+        yield from emit(rows, self.output, floor=T)
+
+    # -- model updates --------------------------------------------------------------------------
+    def _epochs(self, ctrl: Ctrl, tsu: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        effs = np.asarray([u[1] for u in ctrl.updates], np.int64)
+        epoch = np.searchsorted(effs, tsu, side="right") if len(effs) else np.zeros(len(tsu), np.int64)
+        return epoch, [self.model_path] + [u[0] for u in ctrl.updates]
+
+    def _next_update(self, ctrl: Ctrl, T: int) -> int | None:
+        later = [u[1] for u in ctrl.updates if u[1] > T]
+        return min(later) if later else None
+
+    def _switch_due_updates(self, ctrl: Ctrl, store: ShardStore, T: int) -> None:
+        """An update whose effective time has passed takes effect even if no event of this shard needed it."""
+        due = [u[0] for u in ctrl.updates if u[1] <= T]
+        if due and due[-1] != store.model_path:
+            self._switch(store, due[-1])
+
+    def _switch(self, store: ShardStore, path: str) -> None:
+        new_model = self._model(path)
+        self.m.model_switches.inc()
+        snap = store.op.snapshot()
+        old_sig = store.op.model.spec.state_signature
+        fresh = new_store(new_model, path, keep_last_output=self.keep_last_output)
+        if new_model.spec.state_signature == old_sig:
+            fresh.op.restore(snap, allow_other_model=True)
+        else:
+            for k in store.op.keys():
+                mk = store.meta[k]
+                store.meta[k] = KeyMeta(mk.last_ts, mk.expiry, "model_update", False)
+            self.m.model_resets.inc(len(store.op))
+        store.op, store.model_path, store.full = fresh.op, path, True
+
+    # -- TTL ------------------------------------------------------------------------------------
+    def _expire(self, store: ShardStore, T: int) -> list[str]:
+        if self.cfg.ttl is None:
+            return []
+        keys = store.due_expiries(T)
+        for k in keys:
+            store.op.evict(k)
+            mk = store.meta[k]
+            store.set_meta(k, KeyMeta(mk.last_ts, mk.expiry, "expired", False))
+        self.m.expired.inc(len(keys))
+        return keys
+
+    def _forget_old(self, store: ShardStore, T: int) -> None:
+        """Bound state by event time: applied ids and tombstones older than the horizon go."""
+        floor = T - self.horizon
+        store.prune_ids(floor)
+        if len(store.meta) > len(store.op) and T - store.tombstones_swept > self.horizon:
+            store.tombstones_swept = T  # a scan at most once per horizon of event time
+            for k in [k for k, m in store.meta.items() if not m.live and to_micros(m.last_ts) < floor
+                      and k not in store.held]:
+                store.forget(k)
