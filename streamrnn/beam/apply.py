@@ -161,7 +161,7 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, epoch_models: Ca
         for name, val in results.items():
             cols[name] = to_arrow(val[idx])
         out.rows = pa.table(cols)
-    m.events.inc(len(idx))
+    m.applied(store.op.model, len(idx))
     return out
 
 
@@ -201,10 +201,9 @@ def _call(segs, seg_start, seg_end, seg_kc, ok, ts, tsu, gap, xv, store: ShardSt
         for s in segs:
             failed_keys[int(seg_kc[s])] = f"error: {type(ex).__name__}: {ex}"
         return
-    m.batch_latency.update(int((time.perf_counter() - t0) * 1e6))
-    m.batches.inc()
-    m.batch_size.update(len(rows))
+    m.batch(store.op.model, time.perf_counter() - t0, len(rows))
     post = cfg.postprocess(xv[rows], res.outputs, res.prev_outputs) if cfg.postprocess is not None else res.outputs
+    m.scored(store.op.model, post)
     for name, val in post.items():
         if name not in results:
             results[name] = np.zeros((len(pos), *val.shape[1:]), val.dtype)

@@ -100,6 +100,7 @@ class ShardStep(beam.DoFn):
             holder = self._shared.acquire(lambda: _Loaded(load_model(path, providers)), tag=path)
             m = self._models[path] = holder.model
             self._holders.append(holder)  # keep the weak-ref'd holder alive
+            self.m.model_loaded(m, providers)
         return m
 
     # -- state ------------------------------------------------------------------------------
@@ -250,6 +251,7 @@ class ShardStep(beam.DoFn):
         if self.next_fields:
             rows = pair(rows, store, self.next_fields, final=final, released=released)
         self._save(shard, store, ctrl, log_state)
+        self.m.shard_state((self.transform_id, shard), store)
         nxt = [v for v in (rest_min, store.next_expiry(), self._next_update(ctrl, T)) if v is not None]
         if nxt:
             self._arm(ctrl, flush_timer, max(min(nxt), T + 1))

@@ -1,0 +1,222 @@
+"""Exporting the catalogue: a worker's HTTP ``/metrics``, multiprocess mode, a Pushgateway push.
+
+**Worker exporter.** :func:`start_exporter` serves ``/metrics`` from a daemon thread, once
+per process (a second call returns the first exporter). Port ``0`` disables it; the bind
+address defaults to ``127.0.0.1``. Beam workers start it from ``DoFn.setup()`` with the
+settings in the environment (:func:`exporter_from_env`; the job CLI sets them from its
+``--metrics-*`` flags): ``STREAMRNN_METRICS_PORT``, ``STREAMRNN_METRICS_BIND``,
+``STREAMRNN_METRICS_JOB``.
+
+**Port rule.** Without ``PROMETHEUS_MULTIPROC_DIR`` every process serves its own metrics:
+when the port is taken, the next of ``port+1 .. port+15`` that is free is used and the
+port is logged (a multi-process runner's workers are then at consecutive ports). With
+``PROMETHEUS_MULTIPROC_DIR`` every process writes its values to files in that directory
+and one exporter serves them all, summed: the process that binds the port serves it and the
+others, finding the port taken, serve nothing (no double counting). No free port: an
+error is logged and the job goes on without an exporter.
+
+**Gauges in multiprocess mode.** Counters and histograms add up over processes. Gauge modes
+are set per metric in the catalogue: ``livesum`` for active keys and state bytes (each key's
+state is in one live process; a dead process's shards move elsewhere), ``livemax`` for the
+info gauges (1 per model and provider, whatever the number of processes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, push_to_gateway, start_http_server
+
+from .errors import InputError
+
+log = logging.getLogger("streamrnn.metrics")
+
+ENV_PORT, ENV_BIND, ENV_JOB = "STREAMRNN_METRICS_PORT", "STREAMRNN_METRICS_BIND", "STREAMRNN_METRICS_JOB"
+MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+DEFAULT_BIND = "127.0.0.1"
+PORT_TRIES = 16
+
+
+def multiproc_dir() -> str | None:
+    return os.environ.get(MULTIPROC) or None
+
+
+def check_multiproc_dir(path: str) -> None:
+    """InputError naming the variable unless ``path`` is a writable directory."""
+    if not os.path.isdir(path):
+        raise InputError(f"{MULTIPROC}: expected a writable directory, got {path!r} (no such directory)")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{MULTIPROC}: expected a writable directory, got {path!r} (not writable)")
+
+
+def multiprocess_ready() -> bool:
+    """Whether multiprocess mode is on; makes prometheus_client's values follow the environment.
+
+    prometheus_client decides at import time; a variable set later (by the job CLI) is taken
+    up here, before the catalogue's metrics are created.
+    """
+    path = multiproc_dir()
+    if path is None:
+        return False
+    check_multiproc_dir(path)
+    from prometheus_client import values
+
+    if values.ValueClass is values.MutexValue:
+        values.ValueClass = values.get_value_class()
+    return True
+
+
+def serving_registry() -> CollectorRegistry:
+    """What ``/metrics`` serves: the global registry, or in multiprocess mode all processes' files."""
+    if not multiprocess_ready():
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg)
+    return reg
+
+
+@dataclass
+class Exporter:
+    port: int
+    bind: str
+    server: Any
+    pid: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.bind}:{self.port}/metrics"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+_EXPORTER: Exporter | None = None
+_STARTED_PID: int | None = None
+_LOCK = threading.Lock()
+
+
+def port_free(port: int, bind: str) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((bind, port))
+        except OSError:
+            return False
+        return True
+
+
+def _serve(port: int, bind: str, registry: CollectorRegistry) -> Any | None:
+    try:
+        server, _thread = start_http_server(port, addr=bind, registry=registry)
+        return server
+    except OSError:
+        return None
+
+
+def start_exporter(port: int, bind: str = DEFAULT_BIND, *, registry: CollectorRegistry | None = None,
+                   fallback: bool = True) -> Exporter | None:
+    """Serve ``/metrics`` on ``bind:port`` once per process (see the module's port rule); None if disabled.
+
+    ``registry`` defaults to what :func:`serving_registry` gives. With ``fallback=False`` a
+    taken port is an InputError naming it.
+    """
+    global _EXPORTER, _STARTED_PID
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InputError(f"metrics port: expected an int in [0, 65535] (0 disables), got {port!r}")
+    if port == 0:
+        return None
+    with _LOCK:
+        if _STARTED_PID == os.getpid():
+            return _EXPORTER
+        reg = registry if registry is not None else serving_registry()
+        shared = multiproc_dir() is not None and registry is None
+        tries = [port] if (shared or not fallback) else [p for p in range(port, port + PORT_TRIES) if p <= 65535]
+        server, used = None, port
+        for p in tries:
+            server = _serve(p, bind, reg)
+            if server is not None:
+                used = p
+                break
+        _STARTED_PID = os.getpid()
+        if server is None:
+            _EXPORTER = None
+            if shared:
+                log.info("streamrnn metrics: port %d taken; another process serves %s", port, multiproc_dir())
+                return None
+            if not fallback:
+                raise InputError(f"metrics port: expected a free port on {bind}, got {port} (in use)")
+            log.error("streamrnn metrics: no free port in %d..%d on %s; no /metrics for this process",
+                      port, tries[-1], bind)
+            return None
+        if used != port:
+            log.warning("streamrnn metrics: port %d in use; serving http://%s:%d/metrics", port, bind, used)
+        else:
+            log.info("streamrnn metrics: serving http://%s:%d/metrics", bind, used)
+        _EXPORTER = Exporter(used, bind, server, os.getpid())
+        if shared:
+            import atexit
+
+            from prometheus_client import multiprocess
+
+            atexit.register(multiprocess.mark_process_dead, os.getpid())
+        return _EXPORTER
+
+
+def exporter_settings(env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
+    """(port, bind, job) from the environment; port 0 (disabled) when unset."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_PORT, "0").strip() or "0"
+    try:
+        port = int(raw)
+    except ValueError:
+        raise InputError(f"{ENV_PORT}: expected a port number (0 disables), got {raw!r}") from None
+    return port, env.get(ENV_BIND, DEFAULT_BIND) or DEFAULT_BIND, env.get(ENV_JOB, "streamrnn") or "streamrnn"
+
+
+def exporter_from_env() -> Exporter | None:
+    """What ``DoFn.setup()`` calls: start the exporter the environment asks for; never raises."""
+    try:
+        port, bind, _job = exporter_settings()
+        return start_exporter(port, bind)
+    except Exception as e:  # metrics must never crash a pipeline
+        log.error("streamrnn metrics: exporter not started (%s)", e)
+        return None
+
+
+def configure_env(port: int, bind: str, job: str, env: dict[str, str] | None = None) -> None:
+    """Set the exporter settings for this process and the worker processes it starts."""
+    env = os.environ if env is None else env
+    env[ENV_PORT], env[ENV_BIND], env[ENV_JOB] = str(port), bind, job
+
+
+def push(gateway: str, job: str, *, registry: CollectorRegistry | None = None, timeout: float = 10.0) -> str | None:
+    """Push the metrics to a Pushgateway (``host:port`` or URL) under ``job``; the error text, or None if pushed."""
+    try:
+        push_to_gateway(gateway, job=job, registry=registry if registry is not None else serving_registry(),
+                        timeout=timeout)
+        return None
+    except Exception as e:  # an unreachable gateway must not fail a finished job
+        return f"{type(e).__name__}: {e}"
+
+
+def totals(registry: CollectorRegistry | None = None) -> dict[str, float]:
+    """Each sample name summed over its label sets (``name{reason=r}`` kept per reason for dead letters)."""
+    reg = registry if registry is not None else serving_registry()
+    out: dict[str, float] = {}
+    for fam in reg.collect():
+        if not fam.name.startswith("streamrnn_"):
+            continue
+        for s in fam.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+            if "reason" in s.labels:
+                k = f"{s.name}{{reason={s.labels['reason']}}}"
+                out[k] = out.get(k, 0.0) + s.value
+    return out
