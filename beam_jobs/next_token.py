@@ -24,20 +24,25 @@ import sys
 import time
 from collections.abc import Sequence
 
-import apache_beam as beam
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from streamrnn.metrics_logging import guard_imports, quiet_job_logging
 
-import streamrnn
-from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher
-from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy
-from streamrnn.beam.launcher import JobError, Output
-from streamrnn.beam.records import DEAD_LETTER_SCHEMA
-from streamrnn.beam.sinks import WriteParquet
-from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary
-from streamrnn.errors import InputError, ModelLoadError
+guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
+
+import apache_beam as beam  # noqa: E402
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
+
+import streamrnn  # noqa: E402
+from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # noqa: E402
+from streamrnn.beam.counters import CountUnread  # noqa: E402
+from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy  # noqa: E402
+from streamrnn.beam.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
+from streamrnn.beam.sinks import WriteParquet  # noqa: E402
+from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
+from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 
 PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"
 BITS_PER_CHAR = MeanMetric("bits_per_char", "logprob_next", scale=-1.0 / math.log(2.0), count_name="bytes")
@@ -92,6 +97,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--topk", type=int, default=5, help="top-k next bytes per event (default: %(default)s)")
     ap.add_argument("--providers", default="auto", help="'auto', 'cpu' or 'cuda'")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
+    ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
+    launcher.add_metrics_args(ap, "next_token")
     args, beam_args = ap.parse_known_args(argv)
     if not args.input and not args.demo:
         ap.error("--input: expected an events file (or --demo), got neither")
@@ -111,6 +118,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInferen
         events, unread = p | "ReadEvents" >> ReadEvents(args.input)
     out, dead = events | "NextToken" >> inference
     preds = out | "JobColumns" >> beam.Map(job_columns)
+    unread = unread | "CountUnread" >> beam.ParDo(CountUnread())
     dead_all = (dead, unread) | "AllDeadLetters" >> beam.Flatten()
     preds | "WritePredictions" >> WriteParquet(args.output, prefix=PREDICTIONS, schema=PREDICTION_SCHEMA,
                                                temp_directory=temp_dir)
@@ -150,10 +158,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
     print(f"next_token: {args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes) -> "
           f"{args.output}, {mode}, model {args.model}", file=sys.stderr)
     t0 = time.monotonic()
-    with out.progress({PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"}, quiet=args.quiet), \
-            beam.Pipeline(options=opts) as p:
-        build(p, args, inference, out.temp)
-    seconds = time.monotonic() - t0
+    with launcher.metrics(args, beam_args) as status:
+        with out.progress({PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"}, quiet=args.quiet,
+                          status=status, every=args.log_every), beam.Pipeline(options=opts) as p:
+            build(p, args, inference, out.temp)
+        seconds = time.monotonic() - t0
     summary = read_summary(args.output)
     if summary is None:
         raise JobError(f"input: expected events in {args.input!r}, got none")
@@ -166,6 +175,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = _parse(argv)
+    quiet_job_logging("next_token", verbose=args.verbose)
     out = Output(args.output, (PREDICTIONS, DEAD_LETTERS), (SUMMARY,))
     return launcher.run("next_token", out, lambda: _run(args, beam_args, argv, out))
 

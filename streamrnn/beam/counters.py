@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
@@ -132,3 +133,19 @@ class Counters:
 
         keys = len(store.op)
         self.prom.shard_state(shard, keys, keys * state_bytes_per_key(store.op.model))
+
+
+class CountUnread(beam.DoFn):
+    """Passes the dead letters of rows the reader could not read, counting each as an input row and a dead letter.
+
+    Rows that fail before the transform's intake (bad JSON, an unreadable Parquet block)
+    are counted here, so ``events_in`` and ``dead_letters`` cover every input row.
+    """
+
+    def setup(self) -> None:
+        self.m = Counters()
+
+    def process(self, dead: Any):
+        self.m.events_in.inc()
+        self.m.dead(dead.kind if dead.kind in DEAD_KINDS else "invalid")
+        yield dead

@@ -8,8 +8,11 @@ local output folder that this run created is removed again.
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -22,8 +25,10 @@ from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
+from .. import metrics_export
 from ..errors import InputError
 from .io import match_inputs
+from .summary import live_line
 
 
 class JobError(Exception):
@@ -105,38 +110,70 @@ class Output:
         except Exception:  # nothing written yet, or a filesystem that cannot list now
             return []
 
-    def _watch(self, labels: dict[str, str], stop: threading.Event, out: IO[str]) -> None:
+    def _written(self, labels: dict[str, str], seen: dict[str, tuple[str, int]]) -> str:
+        for prefix in labels:
+            for path in self._files(prefix):
+                if path not in seen:
+                    try:
+                        with FileSystems.open(path, compression_type="uncompressed") as f:
+                            seen[path] = (prefix, pq.read_metadata(f).num_rows)
+                    except Exception:  # being renamed into place; next time
+                        continue
+        return ", ".join(f"{sum(n for p, n in seen.values() if p == prefix):,} {label}"
+                         for prefix, label in labels.items())
+
+    def _watch(self, labels: dict[str, str], stop: threading.Event, out: IO[str], status: Callable[[], str] | None,
+               every: float, tty: bool) -> None:
         seen: dict[str, tuple[str, int]] = {}
         t0 = time.monotonic()
+        last = t0
         while not stop.wait(1.0):
-            for prefix in labels:
-                for path in self._files(prefix):
-                    if path not in seen:
-                        try:
-                            with FileSystems.open(path, compression_type="uncompressed") as f:
-                                seen[path] = (prefix, pq.read_metadata(f).num_rows)
-                        except Exception:  # being renamed into place; next time
-                            continue
-            counts = ", ".join(f"{sum(n for p, n in seen.values() if p == prefix):,} {label}"
-                               for prefix, label in labels.items())
-            out.write(f"\r  {counts} written, {time.monotonic() - t0:5.1f} s ")
+            counts = self._written(labels, seen)
+            now = time.monotonic()
+            if tty:  # one line rewritten in place, plus a kept line every ``every`` seconds
+                out.write(f"\r  {counts} written, {now - t0:5.1f} s ")
+            if every > 0 and now - last >= every:
+                last = now
+                extra = _status(status)
+                out.write(("\r" if tty else "") + f"  [{now - t0:6.1f} s] {counts} written"
+                          + (f"; {extra}" if extra else "") + "\n")
             out.flush()
-        out.write("\n")
+        if tty:
+            out.write("\n")
 
     @contextmanager
-    def progress(self, labels: dict[str, str], *, quiet: bool = False, out: IO[str] | None = None) -> Iterator[None]:
-        """A progress line from the files finalized so far (their Parquet footers give the row counts)."""
+    def progress(self, labels: dict[str, str], *, quiet: bool = False, out: IO[str] | None = None,
+                 status: Callable[[], str] | None = None, every: float = 10.0,
+                 tty: bool | None = None) -> Iterator[None]:
+        """Progress from the files finalized so far (their Parquet footers give the row counts).
+
+        On a terminal: a line rewritten in place each second. Every ``every`` seconds (0: never),
+        also a plain line with ``status()`` (the running job's figures); off a terminal (CI, a
+        container or Dataflow log) only those plain lines, never ``\\r``.
+        """
         if quiet:
             yield
             return
+        out = out or sys.stderr
+        if tty is None:
+            tty = bool(getattr(out, "isatty", lambda: False)())
         stop = threading.Event()
-        t = threading.Thread(target=self._watch, args=(labels, stop, out or sys.stderr), daemon=True)
+        t = threading.Thread(target=self._watch, args=(labels, stop, out, status, every, tty), daemon=True)
         t.start()
         try:
             yield
         finally:
             stop.set()
             t.join()
+
+
+def _status(status: Callable[[], str] | None) -> str:
+    if status is None:
+        return ""
+    try:
+        return status()
+    except Exception as e:  # the figures are a courtesy: never fail the job for them
+        return f"(figures unavailable: {type(e).__name__})"
 
 
 def run(prog: str, output: Output, body: Callable[[], int]) -> int:
@@ -149,3 +186,59 @@ def run(prog: str, output: Output, body: Callable[[], int]) -> int:
         return 2
     finally:
         output.remove_temp()
+
+
+# -- metrics: the same flags and set-up for every job ----------------------------------------------
+def add_metrics_args(ap: argparse.ArgumentParser, job: str) -> None:
+    g = ap.add_argument_group("metrics (Prometheus; see docs/metrics.md)")
+    g.add_argument("--metrics-port", type=int, default=9464,
+                   help="each worker process serves /metrics here (taken: the next free port, logged; "
+                        "0 disables; default: %(default)s)")
+    g.add_argument("--metrics-bind", default=metrics_export.DEFAULT_BIND,
+                   help="address the exporter binds (default: %(default)s; 0.0.0.0 for every interface)")
+    g.add_argument("--metrics-job", default=job, help="the 'job' label (default: %(default)s)")
+    g.add_argument("--pushgateway", default=None, metavar="HOST:PORT",
+                   help="push the final metrics to this Prometheus Pushgateway when the job ends")
+    g.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="keep /metrics up this long after the input ends, so a last scrape sees the final "
+                        "figures (default: %(default)s)")
+    g.add_argument("--log-every", type=float, default=10.0,
+                   help="seconds between the running job's summary lines (0: none; default: %(default)s)")
+
+
+@contextmanager
+def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Callable[[], str]]:
+    """Checks the metrics settings (JobError), sets them for the workers, yields the live summary line.
+
+    A multi_processing DirectRunner with no ``PROMETHEUS_MULTIPROC_DIR`` gets a temporary one
+    (removed afterwards), so its workers' metrics add up behind one exporter.
+    """
+    if not 0 <= args.metrics_port <= 65535:
+        raise JobError(f"--metrics-port: expected a port in [0, 65535] (0 disables), got {args.metrics_port}")
+    made = None
+    env_dir = metrics_export.multiproc_dir()
+    if env_dir is not None:
+        try:
+            metrics_export.check_multiproc_dir(env_dir)
+        except InputError as e:
+            raise JobError(str(e)) from None
+    elif any("multi_processing" in a for a in beam_args):
+        made = tempfile.mkdtemp(prefix="streamrnn-prom-")
+        os.environ[metrics_export.MULTIPROC] = made
+    if args.metrics_port and env_dir is None and made is None \
+            and not metrics_export.port_free(args.metrics_port, args.metrics_bind):
+        print(f"{args.metrics_job}: metrics port {args.metrics_port} on {args.metrics_bind} is in use; the "
+              f"exporter takes the next free port (logged when it starts)", file=sys.stderr)
+    metrics_export.configure_env(args.metrics_port, args.metrics_bind, args.metrics_job)
+    try:
+        yield lambda: live_line(metrics_export.totals())
+        if args.metrics_port and args.metrics_linger > 0:
+            time.sleep(args.metrics_linger)
+        if args.pushgateway:
+            err = metrics_export.push(args.pushgateway, args.metrics_job)
+            print(f"{args.metrics_job}: " + (f"metrics pushed to {args.pushgateway}" if err is None else
+                                             f"metrics not pushed to {args.pushgateway} ({err})"), file=sys.stderr)
+    finally:
+        if made is not None:
+            os.environ.pop(metrics_export.MULTIPROC, None)
+            shutil.rmtree(made, ignore_errors=True)

@@ -14,9 +14,10 @@ write never leaves a partial file under the final name.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 import apache_beam as beam
@@ -157,3 +158,32 @@ def print_summary(summary: dict, metric: MeanMetric, *, title: str, unit: str, o
                                                       if dl else "") + "\n")
     if summary.get("model_version"):
         out.write(f"model: {', '.join(summary['model_version'])}\n")
+
+
+def live_line(t: Mapping[str, float]) -> str:
+    """The running job's figures from its metrics (:func:`streamrnn.metrics_export.totals`), in one line.
+
+    Events in and applied, active keys and their state bytes, the online loss so far in
+    bits per event (bits/char for a byte LM), dead letters by reason, model calls.
+    """
+    def n(name: str) -> float:
+        return t.get(name, 0.0)
+
+    parts = [f"{n('streamrnn_events_in_total'):,.0f} events in", f"{n('streamrnn_events_applied_total'):,.0f} applied",
+             f"{n('streamrnn_active_keys'):,.0f} keys ({_bytes(n('streamrnn_state_bytes'))} state)"]
+    scored = n("streamrnn_online_scored_events_total")
+    if scored:
+        parts.append(f"{n('streamrnn_online_loss_nats_total') / scored / math.log(2.0):.3f} bits/event online")
+    dead = {k.split("reason=")[1].rstrip("}"): v for k, v in t.items()
+            if k.startswith("streamrnn_dead_letters_total{") and v}
+    parts.append(f"{sum(dead.values()):,.0f} dead letters"
+                 + (f" ({', '.join(f'{k} {v:,.0f}' for k, v in sorted(dead.items()))})" if dead else ""))
+    parts.append(f"{n('streamrnn_batches_total'):,.0f} model calls")
+    return ", ".join(parts)
+
+
+def _bytes(b: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if b >= size:
+            return f"{b / size:,.1f} {unit}"
+    return f"{b:,.0f} B"
