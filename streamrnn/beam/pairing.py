@@ -29,8 +29,8 @@ def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, fin
     ``rows``: this flush's applied rows in key / stream order. ``released``: keys whose
     stream ended without a new row (expired): their held row goes out with null.
     """
-    keys = [] if rows is None else list(dict.fromkeys(rows.column(KEY).to_pylist()))
-    held = [store.held[k] for k in (*keys, *released) if k in store.held]
+    keys = list(dict.fromkeys([*([] if rows is None else rows.column(KEY).to_pylist()), *released]))
+    held = [store.held[k] for k in keys if k in store.held]
     parts = [*held, *([rows] if rows is not None and rows.num_rows else [])]
     if not parts:
         return None
@@ -60,7 +60,7 @@ def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, fin
     for f in fields:
         col = t.column(f).combine_chunks()
         out = out.append_column(f + "_next", pc.if_else(pa.array(cont), col.take(nxt), pa.nulls(n, col.type)))
-    for k in {*keys, *released}:
+    for k in keys:
         store.set_held(k, None)
     for i in np.flatnonzero(hold):
         store.set_held(klist[i], t.slice(int(i), 1))
