@@ -10,8 +10,18 @@ H=256 LSTM LM with random weights unless ``--model``):
 * ``c``: the (a) pipeline with the model call replaced by identity (framework ceiling);
 * ``d``: pure batched ONNX Runtime over the same events (compute ceiling).
 
+Two more sections (``--variants`` letters ``s`` and ``k``):
+
+* ``s``: streaming. The same events replayed window by window with 30+ watermark steps
+  through DirectRunner ``--streaming`` (TestStream): StatefulInference against a
+  streaming identity pipeline with the same windows and shards (``beam_stream.py``);
+* ``k``: key-count sweep of one shard's flush (1k, 10k, 100k keys held, the same events
+  per flush), below Beam through the DoFn's own flush code, with the shipped charlm
+  model: events/s and state bytes written per flush (``beam_sweep.py``).
+
 Each variant runs in its own subprocess (so peak RSS is its own); times are medians
-over ``--repeats``. JSON goes to stdout with ``--json``.
+over ``--repeats``. JSON goes to stdout with ``--json``. ``--quick`` runs every
+section at a toy size (a smoke test, not a measurement).
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import time
 
 import numpy as np
 
-VARIANTS = ("a", "b", "c", "d")
+VARIANTS = ("a", "b", "c", "d", "s", "k")
 
 
 def _events(keys: int, per_key: int, seed: int = 0):
@@ -109,13 +119,13 @@ def _run_a(model_path, events_path, shards, identity=False):
     import apache_beam as beam
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam import transform as tr
+    from ..beam import stateful as st
     from ..beam.io import ReadEvents
 
     sink = _Sink(tempfile.mkdtemp(prefix="bench-a-"))
-    if identity:
-        real = tr.load
-        tr.load = lambda path, providers="auto": _IdentityModel(real(path, providers=providers))
+    if identity:  # the DoFn loads its models through this name (same process: DirectRunner in-process)
+        real = st.load_model
+        st.load_model = lambda path, providers="auto": _IdentityModel(real(path, providers))
     try:
         t0 = time.perf_counter()
         with beam.Pipeline() as p:
@@ -128,7 +138,7 @@ def _run_a(model_path, events_path, shards, identity=False):
         dt = time.perf_counter() - t0
     finally:
         if identity:
-            tr.load = real
+            st.load_model = real
     got = sink.read()
     shutil.rmtree(sink.root, ignore_errors=True)
     return dt, got
@@ -192,7 +202,21 @@ def _run_d(model_path, tok):
 
 
 def _one(args) -> dict:
-    """Run one variant ``repeats`` times in this process; a JSON-able result."""
+    """Run one variant (``repeats`` times for a-d) in this process; a JSON-able result."""
+    if args.variant == "k":
+        from .beam_sweep import run as sweep
+
+        res = sweep(args.sweep_model, _ints(args.sweep_keys), keys_per_flush=args.sweep_keys_per_flush,
+                    events_per_key=args.sweep_events_per_key, flushes=args.sweep_flushes,
+                    warmup=args.sweep_warmup, rebuild_max_keys=args.sweep_rebuild_max_keys)
+        return {**res, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if args.variant == "s":
+        from .beam_stream import run as stream
+
+        tok, ts = _events(args.stream_keys or args.keys, args.stream_events or args.events)
+        res = stream(args.model, tok, ts, windows=args.stream_windows, shards=args.shards,
+                     repeats=args.stream_repeats)
+        return {**res, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     tok, ts = _events(args.keys, args.events)
     n = tok.size
     times, extra = [], {}
@@ -200,6 +224,13 @@ def _one(args) -> dict:
     for r in range(args.repeats if args.variant != "b" else args.repeats_b):
         if args.variant == "a" or args.variant == "c":
             dt, got = _run_a(args.model, events_path, args.shards, identity=args.variant == "c")
+            n_out = sum(len(k) for k, _, _ in got)
+            if n_out != n:
+                raise RuntimeError(f"bench ({args.variant}): expected {n} outputs, got {n_out}")
+            if args.variant == "c" and r == 0:  # the identity model ran: every logprob is 0 (NaN where fresh)
+                lps = np.concatenate([lp for _, _, lp in got])
+                if not np.all((lps == 0) | np.isnan(lps)):
+                    raise RuntimeError("bench (c): the identity model was not used")
             if args.variant == "a" and r == 0 and args.quality_out:
                 lp = np.full(tok.shape, np.nan)
                 for keys, seq, logprob in got:
@@ -217,10 +248,26 @@ def _one(args) -> dict:
         else:
             dt = _run_d(args.model, tok)
         times.append(dt)
+    shutil.rmtree(os.path.dirname(events_path), ignore_errors=True)
     med = statistics.median(times)
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"variant": args.variant, "events": n, "seconds_median": med, "seconds_all": times,
             "events_per_s": n / med, "peak_rss_mb": rss_kb / 1024, **extra}
+
+
+def _key_counts(text: str) -> str:
+    """``--sweep-keys``: comma-separated ints >= 1 (kept as text: it travels to the variant's subprocess)."""
+    try:
+        ok = all(int(v) >= 1 for v in text.split(",")) and bool(text.strip())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected comma-separated key counts >= 1, got {text!r}")
+    return text
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 def _make_model(path: str, hidden: int, layers: int) -> None:
@@ -235,80 +282,89 @@ def _make_model(path: str, hidden: int, layers: int) -> None:
     export(RecurrentNet(NetConfig(hidden=hidden, layers=layers)), path, name=f"bench-lm-{layers}x{hidden}")
 
 
+#: ``--quick``: every section at a toy size (a smoke test; the numbers mean nothing).
+QUICK = {"keys": 12, "events": 40, "repeats": 1, "repeats_b": 1, "hidden": 32, "layers": 1, "stream_repeats": 1,
+         "sweep_keys": "50,500", "sweep_keys_per_flush": 16, "sweep_flushes": 3, "sweep_warmup": 1}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .. import DEFAULT_MODEL
+    from ..cliargs import OneLineParser, at_least
+
+    ap = OneLineParser(prog="streamrnn bench beam", description=__doc__.splitlines()[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add, one, zero = ap.add_argument, at_least(1), at_least(0)
+    add("--keys", type=one, default=100, help="keys of a-d and s (the issue's full size: 1000)")
+    add("--events", type=one, default=100, help="events per key (full size: 200)")
+    add("--shards", type=one, default=4, help="state shards of (a)/(c)/(s)")
+    add("--repeats", type=one, default=3, help="runs of a, c, d (median)")
+    add("--repeats-b", type=one, default=1, help="runs of b, the slow one")
+    add("--model", default=None, help="LM of a-d and s (default: a random-weight 2x256 LSTM LM)")
+    add("--hidden", type=one, default=256)
+    add("--layers", type=one, default=2)
+    add("--variants", default="abcdsk", help="subset to run")
+    add("--stream-keys", type=zero, default=0, help="keys of (s) (0: --keys)")
+    add("--stream-events", type=zero, default=0, help="events per key of (s) (0: --events)")
+    add("--stream-windows", type=at_least(2), default=32, help="windows, so watermark steps, of (s)")
+    add("--stream-repeats", type=one, default=3, help="runs of each (s) pipeline (median)")
+    add("--sweep-model", default=DEFAULT_MODEL, help="model of (k) (default: the shipped charlm)")
+    add("--sweep-keys", type=_key_counts, default="1000,10000,100000", help="keys held per shard in (k)")
+    add("--sweep-keys-per-flush", type=one, default=256, help="keys touched per flush in (k)")
+    add("--sweep-events-per-key", type=one, default=4, help="events per touched key per flush in (k)")
+    add("--sweep-flushes", type=one, default=12, help="timed flushes per key count in (k)")
+    add("--sweep-warmup", type=zero, default=2, help="untimed flushes first in (k)")
+    add("--sweep-rebuild-max-keys", type=one, default=10_000, help="time a cache-miss rebuild up to this many keys")
+    add("--quick", action="store_true", help="every section at a toy size (a smoke test, < 30 s)")
+    add("--json", action="store_true", help="print the JSON result to stdout")
+    add("--variant", help=argparse.SUPPRESS)
+    add("--quality-out", help=argparse.SUPPRESS)
+    return ap
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="streamrnn bench beam", description=__doc__.splitlines()[0])
-    ap.add_argument("--keys", type=int, default=100, help="keys (default %(default)s; the issue's full size: 1000)")
-    ap.add_argument("--events", type=int, default=100, help="events per key (default %(default)s; full: 200)")
-    ap.add_argument("--shards", type=int, default=4, help="state shards of (a)/(c) (default %(default)s)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs of a, c, d (median) (default %(default)s)")
-    ap.add_argument("--repeats-b", type=int, default=1, help="runs of b, the slow one (default %(default)s)")
-    ap.add_argument("--model", default=None, help="LM to use (default: a random-weight 2x256 LSTM LM)")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--variants", default="abcd", help="subset to run (default %(default)s)")
-    ap.add_argument("--json", action="store_true", help="print the JSON result to stdout")
-    ap.add_argument("--variant", help=argparse.SUPPRESS)
-    ap.add_argument("--quality-out", help=argparse.SUPPRESS)
+    from .beam_report import report, text
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = _parser()
+    if "--quick" in argv:
+        ap.set_defaults(**QUICK)
     args = ap.parse_args(argv)
     if args.variant:
         print(json.dumps(_one(args)))
         return 0
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad or not args.variants:
+        ap.error(f"--variants: expected letters from {''.join(VARIANTS)}, got {args.variants!r}")
     tmp = tempfile.mkdtemp(prefix="streamrnn-bench-beam-")
     try:
+        load_before = os.getloadavg()
         model = args.model
-        if model is None:
+        if model is None and set(args.variants) - {"k"}:
             model = os.path.join(tmp, "bench.onnx")
             _make_model(model, args.hidden, args.layers)
         results = {}
         for v in args.variants:
-            if v not in VARIANTS:
-                ap.error(f"--variants: expected letters from {VARIANTS}, got {v!r}")
-            cmd = [sys.executable, "-m", "streamrnn.bench.beam", "--variant", v, "--model", model,
-                   "--keys", str(args.keys), "--events", str(args.events), "--shards", str(args.shards),
-                   "--repeats", str(args.repeats), "--repeats-b", str(args.repeats_b)]
-            if v in "ab":
-                cmd += ["--quality-out", os.path.join(tmp, f"lp_{v}.npy")]
+            quality = os.path.join(tmp, f"lp_{v}.npy") if v in "ab" else None
             print(f"streamrnn bench beam: running ({v}) ...", file=sys.stderr)
+            if args.quick:  # one process: at a toy size, start-up would dominate (peak RSS is then shared)
+                results[v] = _one(argparse.Namespace(**{**vars(args), "variant": v, "model": model,
+                                                        "quality_out": quality}))
+                continue
+            cmd = [sys.executable, "-m", "streamrnn.bench.beam", *argv, "--variant", v, "--model", model or ""]
+            if quality:
+                cmd += ["--quality-out", quality]
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
             if r.returncode != 0:
                 print(r.stderr[-4000:], file=sys.stderr)
                 return r.returncode
             results[v] = json.loads(r.stdout.strip().splitlines()[-1])
-        out: dict = {"config": {"keys": args.keys, "events_per_key": args.events, "shards": args.shards,
-                                "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM",
-                                "runner": "DirectRunner (batch)", "window_b": 64, "repeats": args.repeats,
-                                "cpus": os.cpu_count()},
-                     "variants": results}
-        eps = {v: r["events_per_s"] for v, r in results.items()}
-        ratios = {}
-        if "a" in eps and "b" in eps:
-            ratios["a_over_b"] = eps["a"] / eps["b"]
-        if "a" in eps and "c" in eps and "d" in eps:
-            ratios["a_over_min_c_d"] = eps["a"] / min(eps["c"], eps["d"])
-        out["ratios"] = ratios
-        qa, qb = os.path.join(tmp, "lp_a.npy"), os.path.join(tmp, "lp_b.npy")
-        if os.path.exists(qa) and os.path.exists(qb):
-            a, b = np.load(qa), np.load(qb)
-            m = ~np.isnan(a) & ~np.isnan(b)
-            ln2 = np.log(2.0)
-            out["quality_b_vs_a"] = {
-                "bits_per_char_a": float(-a[m].mean() / ln2), "bits_per_char_b": float(-b[m].mean() / ln2),
-                "mean_abs_logprob_diff": float(np.abs(a[m] - b[m]).mean()),
-                "events_beyond_window": int(m[:, 64:].sum()),
-                "mean_abs_logprob_diff_beyond_window": float(np.abs(a[:, 64:][m[:, 64:]] - b[:, 64:][m[:, 64:]]).mean())
-                if m[:, 64:].any() else None,
-            }
-        text = json.dumps(out, indent=2)
-        if args.json:
-            print(text)
-        else:
-            for v, r in results.items():
-                print(f"({v}) {r['events_per_s']:>12,.0f} events/s  median {r['seconds_median']:.3f} s  "
-                      f"peak RSS {r['peak_rss_mb']:.0f} MB")
-            for k, v in ratios.items():
-                print(f"{k}: {v:.2f}")
-            if "quality_b_vs_a" in out:
-                print(json.dumps(out["quality_b_vs_a"]))
+        config = {"keys": args.keys, "events_per_key": args.events, "shards": args.shards,
+                  "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM", "sweep_model": args.sweep_model,
+                  "runner": "DirectRunner (batch) for a-d", "window_b": 64, "repeats": args.repeats,
+                  "quick": args.quick, "cpus": os.cpu_count(),
+                  "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
+        out = report(results, config, (os.path.join(tmp, "lp_a.npy"), os.path.join(tmp, "lp_b.npy")))
+        print(json.dumps(out, indent=2) if args.json else text(out))
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""Smoke test of ``streamrnn bench beam --quick --json``: every section runs and reports sane numbers.
+
+No timing is asserted (speed targets live in the bench's own JSON); what is checked is
+the report's shape, that every number is finite and positive, that the ratios are the
+quotients of the reported throughputs, and one property that does not depend on timing:
+the state bytes a flush writes follow the keys it touches, not the keys the shard holds
+(while a full snapshot grows with the keys held).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from streamrnn.cli import main as cli
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick():
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli(["bench", "beam", "--quick", "--json"])
+    assert rc == 0
+    return json.loads(buf.getvalue())
+
+
+def test_batch_variants_and_their_ratios(quick):
+    v = quick["variants"]
+    assert set(v) == {"a", "b", "c", "d"}
+    n = quick["config"]["keys"] * quick["config"]["events_per_key"]
+    for name, r in v.items():
+        assert r["events"] == n, name
+        assert _positive(r["seconds_median"]) and _positive(r["events_per_s"]) and _positive(r["peak_rss_mb"])
+        assert r["events_per_s"] == pytest.approx(n / r["seconds_median"])
+    eps = {k: r["events_per_s"] for k, r in v.items()}
+    assert quick["ratios"]["a_over_b"] == pytest.approx(eps["a"] / eps["b"])
+    assert quick["ratios"]["a_over_min_c_d"] == pytest.approx(eps["a"] / min(eps["c"], eps["d"]))
+    q = quick["quality_b_vs_a"]
+    assert _positive(q["bits_per_char_a"]) and _positive(q["bits_per_char_b"])
+
+
+def test_streaming_section(quick):
+    s = quick["stream"]
+    assert s["events"] == quick["config"]["keys"] * quick["config"]["events_per_key"]
+    assert s["watermark_steps"] >= 30
+    assert set(s["variants"]) == {"stateful_inference", "identity"}
+    for r in s["variants"].values():
+        assert _positive(r["seconds_median"]) and _positive(r["events_per_s"])
+    want = s["variants"]["stateful_inference"]["events_per_s"] / s["variants"]["identity"]["events_per_s"]
+    assert s["ratio_stateful_over_identity"] == pytest.approx(want)
+    assert quick["ratios"]["stream_over_identity"] == pytest.approx(want)
+
+
+def test_key_sweep_section(quick):
+    k = quick["key_sweep"]
+    by = k["by_keys"]
+    assert sorted(int(n) for n in by) == [50, 500]
+    for r in by.values():
+        for f in ("flush_seconds_median", "events_per_s", "events_per_s_amortized", "populate_seconds",
+                  "state_bytes_per_flush_median", "compaction_seconds", "compaction_bytes", "rebuild_seconds",
+                  "flushes_between_compactions_est"):
+            assert _positive(r[f]), f
+        assert len(r["flush_seconds_all"]) == k["flushes_timed"]
+        assert r["events_per_s"] == pytest.approx(k["events_per_flush"] / r["flush_seconds_median"])
+    small, big = by["50"], by["500"]
+    # the same events per flush write about the same state, whatever the keys held ...
+    assert big["state_bytes_per_flush_median"] <= 1.1 * small["state_bytes_per_flush_median"]
+    # ... while a full snapshot follows the keys held
+    assert big["compaction_bytes"] > 5 * small["compaction_bytes"]
+    assert quick["ratios"]["sweep_max_over_min_keys"] == pytest.approx(big["events_per_s"] / small["events_per_s"])
+    assert set(quick["goals"]) == {"a_over_b", "a_over_min_c_d", "stream_over_identity", "sweep_max_over_min_keys"}
+
+
+def test_bad_variant_is_a_one_line_error(capsys):
+    assert cli(["bench", "beam", "--variants", "az"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 2 and "--variants" in err[-1] and "'az'" in err[-1]
