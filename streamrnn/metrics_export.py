@@ -123,51 +123,40 @@ def _serve(port: int, bind: str, registry: CollectorRegistry) -> Any | None:
 
 def start_exporter(port: int, bind: str = DEFAULT_BIND, *, registry: CollectorRegistry | None = None,
                    fallback: bool = True) -> Exporter | None:
-    """Serve ``/metrics`` on ``bind:port`` once per process (see the module's port rule); None if disabled.
+    """Serve ``/metrics`` on ``bind:port`` (see the module's port rule); None if disabled or not started.
 
     ``registry`` defaults to what :func:`serving_registry` gives. With ``fallback=False`` a
-    taken port is an InputError naming it.
+    taken port is an InputError naming it. Each call starts a server; Beam workers go through
+    :func:`exporter_from_env`, which starts one per process.
     """
-    global _EXPORTER, _STARTED_PID
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InputError(f"metrics port: expected an int in [0, 65535] (0 disables), got {port!r}")
     if port == 0:
         return None
-    with _LOCK:
-        if _STARTED_PID == os.getpid():
-            return _EXPORTER
-        reg = registry if registry is not None else serving_registry()
-        shared = multiproc_dir() is not None and registry is None
-        tries = [port] if (shared or not fallback) else [p for p in range(port, port + PORT_TRIES) if p <= 65535]
-        server, used = None, port
-        for p in tries:
-            server = _serve(p, bind, reg)
-            if server is not None:
-                used = p
-                break
-        _STARTED_PID = os.getpid()
-        if server is None:
-            _EXPORTER = None
+    reg = registry if registry is not None else serving_registry()
+    shared = registry is None and multiproc_dir() is not None
+    tries = [port] if (shared or not fallback) else list(range(port, min(port + PORT_TRIES, 65536)))
+    for p in tries:
+        server = _serve(p, bind, reg)
+        if server is not None:
+            if p != port:
+                log.warning("streamrnn metrics: port %d in use; serving http://%s:%d/metrics", port, bind, p)
+            else:
+                log.info("streamrnn metrics: serving http://%s:%d/metrics", bind, p)
             if shared:
-                log.info("streamrnn metrics: port %d taken; another process serves %s", port, multiproc_dir())
-                return None
-            if not fallback:
-                raise InputError(f"metrics port: expected a free port on {bind}, got {port} (in use)")
-            log.error("streamrnn metrics: no free port in %d..%d on %s; no /metrics for this process",
-                      port, tries[-1], bind)
-            return None
-        if used != port:
-            log.warning("streamrnn metrics: port %d in use; serving http://%s:%d/metrics", port, bind, used)
-        else:
-            log.info("streamrnn metrics: serving http://%s:%d/metrics", bind, used)
-        _EXPORTER = Exporter(used, bind, server, os.getpid())
-        if shared:
-            import atexit
+                import atexit
 
-            from prometheus_client import multiprocess
+                from prometheus_client import multiprocess
 
-            atexit.register(multiprocess.mark_process_dead, os.getpid())
-        return _EXPORTER
+                atexit.register(multiprocess.mark_process_dead, os.getpid())
+            return Exporter(p, bind, server, os.getpid())
+    if shared:
+        log.info("streamrnn metrics: port %d taken; another process serves %s", port, multiproc_dir())
+        return None
+    if not fallback:
+        raise InputError(f"metrics port: expected a free port on {bind}, got {port} (in use)")
+    log.error("streamrnn metrics: no free port in %d..%d on %s; no /metrics for this process", port, tries[-1], bind)
+    return None
 
 
 def exporter_settings(env: Mapping[str, str] | None = None) -> tuple[int, str, str]:
@@ -182,13 +171,19 @@ def exporter_settings(env: Mapping[str, str] | None = None) -> tuple[int, str, s
 
 
 def exporter_from_env() -> Exporter | None:
-    """What ``DoFn.setup()`` calls: start the exporter the environment asks for; never raises."""
-    try:
-        port, bind, _job = exporter_settings()
-        return start_exporter(port, bind)
-    except Exception as e:  # metrics must never crash a pipeline
-        log.error("streamrnn metrics: exporter not started (%s)", e)
-        return None
+    """What ``DoFn.setup()`` calls: the exporter the environment asks for, started once per process; never raises."""
+    global _EXPORTER, _STARTED_PID
+    with _LOCK:
+        if _STARTED_PID == os.getpid():
+            return _EXPORTER
+        _STARTED_PID = os.getpid()
+        try:
+            port, bind, _job = exporter_settings()
+            _EXPORTER = start_exporter(port, bind)
+        except Exception as e:  # metrics must never crash a pipeline
+            log.error("streamrnn metrics: exporter not started (%s)", e)
+            _EXPORTER = None
+        return _EXPORTER
 
 
 def configure_env(port: int, bind: str, job: str, env: dict[str, str] | None = None) -> None:
