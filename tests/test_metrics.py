@@ -1,0 +1,366 @@
+"""The metric catalogue, the Recorder, the exporter, multiprocess mode, Pushgateway push, the operator wrapper.
+
+Every test uses its own CollectorRegistry (never the global one). The real-server test is
+tests/test_metrics_prometheus.py.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import streamrnn
+from streamrnn.beam.summary import live_line
+from streamrnn.errors import InputError
+from streamrnn.metrics import (
+    BY_NAME,
+    CATALOGUE,
+    LATENCY_BUCKETS,
+    MODEL,
+    REASONS,
+    Recorder,
+    cuda_expected,
+    model_labels,
+    provider_label,
+    state_bytes_per_key,
+)
+from streamrnn.metrics_export import (
+    check_multiproc_dir,
+    exporter_settings,
+    push,
+    start_exporter,
+    totals,
+)
+from streamrnn.metrics_operator import MeteredOperator
+
+ROOT = Path(__file__).resolve().parents[1]
+ALLOWED_LABELS = {"job", "model", "model_version", "task", "provider", "reason"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return streamrnn.load(streamrnn.DEFAULT_MODEL, providers=["CPUExecutionProvider"])
+
+
+def _value(reg: CollectorRegistry, name: str, labels: dict) -> float | None:
+    return reg.get_sample_value(name, labels)
+
+
+# -- catalogue ------------------------------------------------------------------------------
+def test_catalogue_follows_prometheus_conventions():
+    names = [d.name for d in CATALOGUE]
+    assert len(names) == len(set(names))
+    for d in CATALOGUE:
+        assert re.fullmatch(r"streamrnn_[a-z][a-z0-9_]*", d.name), d.name
+        assert d.help.strip() and d.help.endswith("."), d.name
+        assert (d.kind == "counter") == d.name.endswith("_total"), d.name
+        assert set(d.labels) <= ALLOWED_LABELS and "key" not in d.labels, d.name
+        if "latency" in d.name:
+            assert d.name.endswith("_seconds") and d.kind == "histogram"
+        if "bytes" in d.name:
+            assert d.name.endswith(("_bytes", "_bytes_total"))
+        if d.kind == "gauge":
+            assert d.mode in ("livesum", "livemax"), d.name  # chosen per gauge, not the default "all"
+        if d.kind == "histogram":
+            assert list(d.buckets) == sorted(d.buckets) and len(d.buckets) >= 8
+
+
+def test_every_catalogued_metric_is_exposed_with_its_help_and_type(model):
+    reg = CollectorRegistry()
+    rec = Recorder("j", reg)
+    rec.bind(model, "cpu")
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    for d in CATALOGUE:
+        base = d.name[:-len("_total")] if d.kind == "counter" else d.name
+        assert base in fams, d.name
+        assert fams[base].type == d.kind and fams[base].documentation == d.help
+
+
+def test_model_labels_and_state_bytes_come_from_the_model(model):
+    lab = model_labels(model, "j")
+    spec = model.spec
+    version = f"{spec.name}-{spec.version}+{spec.fingerprint[:8]}"
+    assert lab == {"job": "j", "model": spec.name, "model_version": version, "task": spec.task, "provider": "CPU"}
+    # independent: the bytes of one key's state as the model itself makes it
+    st0 = model.initial_state(1)
+    assert state_bytes_per_key(model) == sum(st0[n].nbytes for n in st0.names)
+    assert provider_label("CUDAExecutionProvider") == "CUDA" and provider_label("Other") == "Other"
+
+
+@pytest.mark.parametrize("requested, expected", [
+    ("cuda", True), ("cuda:1", True), (["CUDAExecutionProvider"], True), (["CPUExecutionProvider"], False),
+    ("cpu", False)])
+def test_cuda_expected_from_the_request(requested, expected):
+    assert cuda_expected(requested) is expected
+
+
+def test_cuda_expected_for_auto_follows_what_onnxruntime_offers():
+    import onnxruntime as ort
+
+    assert cuda_expected("auto") is ("CUDAExecutionProvider" in ort.get_available_providers())
+
+
+# -- the Recorder against independent arithmetic ---------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(calls=st.lists(st.tuples(st.floats(1e-6, 20.0), st.integers(0, 20000)), min_size=1, max_size=20),
+       lps=st.lists(st.one_of(st.floats(-30.0, 0.0), st.just(float("nan"))), min_size=0, max_size=300))
+def test_recorder_counts_match_numpy(model, calls, lps):
+    reg = CollectorRegistry()
+    rec = Recorder("j", reg)
+    lab = model_labels(model, "j")
+    for sec, n in calls:
+        rec.batch(model, sec, n)
+        rec.applied(model, n)
+    rec.scored(model, np.array(lps))
+    secs = np.array([c[0] for c in calls])
+    ns = np.array([c[1] for c in calls])
+    assert _value(reg, "streamrnn_batches_total", lab) == len(calls)
+    assert _value(reg, "streamrnn_batch_latency_seconds_sum", lab) == pytest.approx(secs.sum())
+    for le in LATENCY_BUCKETS:
+        assert _value(reg, "streamrnn_batch_latency_seconds_bucket", {**lab, "le": str(le)}) == (secs <= le).sum()
+    assert _value(reg, "streamrnn_events_applied_total", lab) == ns.sum()
+    assert _value(reg, "streamrnn_batch_events_sum", lab) == ns.sum()
+    assert _value(reg, "streamrnn_event_latency_seconds_count", lab) == (ns > 0).sum()
+    arr = np.array(lps, np.float64)
+    ok = np.isfinite(arr)
+    scored = _value(reg, "streamrnn_online_scored_events_total", lab)
+    assert scored == ok.sum()
+    assert _value(reg, "streamrnn_online_loss_nats_total", lab) == pytest.approx(-arr[ok].sum(), abs=1e-9)
+
+
+def test_dead_letters_by_reason_and_gauges_sum_over_shards():
+    reg = CollectorRegistry()
+    rec = Recorder("j", reg)
+    for r in REASONS:
+        assert _value(reg, "streamrnn_dead_letters_total", {"job": "j", "reason": r}) == 0  # present from the start
+    rec.dead("late", 3)
+    rec.dead("invalid")
+    rec.shard_state(("t", 0), 5, 500)
+    rec.shard_state(("t", 1), 2, 200)
+    rec.shard_state(("t", 0), 4, 400)  # shard 0's latest report replaces its earlier one
+    assert _value(reg, "streamrnn_dead_letters_total", {"job": "j", "reason": "late"}) == 3
+    assert _value(reg, "streamrnn_active_keys", {"job": "j"}) == 6
+    assert _value(reg, "streamrnn_state_bytes", {"job": "j"}) == 600
+    t = totals(reg)
+    assert t["streamrnn_dead_letters_total"] == 4 and t["streamrnn_dead_letters_total{reason=late}"] == 3
+    line = live_line(t)
+    assert "6 keys (600 B state)" in line and "4 dead letters (invalid 1, late 3)" in line
+
+
+def test_a_failing_metric_update_is_logged_once_and_never_raises(monkeypatch, caplog):
+    from streamrnn import metrics
+
+    monkeypatch.setattr(metrics._Guard, "failed", False)
+    rec = Recorder("j", CollectorRegistry())
+    with caplog.at_level("ERROR", logger="streamrnn.metrics"):
+        metrics.guarded(rec.dead, "no-such-reason")  # a KeyError inside: swallowed
+        metrics.guarded(rec.dead, "no-such-reason")
+    assert caplog.text.count("an update failed (KeyError") == 1
+
+
+# -- operator API ------------------------------------------------------------------------------
+def test_metered_operator_reports_what_the_operator_did(model):
+    reg = CollectorRegistry()
+    op = MeteredOperator(streamrnn.KeyedOperator(model, keep_last_output=True), registry=reg, job="chat")
+    keys = ["a", "b", "a", "c", "a", "b"]
+    x = streamrnn.lm.encode("hello!")
+    r1 = op.process(keys, x)
+    r2 = op.process(["a", "d"], streamrnn.lm.encode("yo"))
+    lab = model_labels(model, "chat")
+    assert _value(reg, "streamrnn_events_applied_total", lab) == 8
+    assert _value(reg, "streamrnn_batches_total", lab) == 2
+    assert _value(reg, "streamrnn_active_keys", {"job": "chat"}) == len(op) == 4
+    assert _value(reg, "streamrnn_state_bytes", {"job": "chat"}) == 4 * state_bytes_per_key(model)
+    lp = np.concatenate([streamrnn.lm.token_logprob(r.prev_outputs["logprobs"], xx)
+                         for r, xx in ((r1, x), (r2, streamrnn.lm.encode("yo")))])
+    ok = np.isfinite(lp)
+    assert _value(reg, "streamrnn_online_scored_events_total", lab) == ok.sum() == 8 - 4  # 4 keys started fresh
+    assert _value(reg, "streamrnn_online_loss_nats_total", lab) == pytest.approx(-lp[ok].sum())
+    assert _value(reg, "streamrnn_model_info", lab) == 1
+    assert _value(reg, "streamrnn_model_reference_loss_nats", {k: lab[k] for k in MODEL if k != "provider"}) == \
+        pytest.approx(model.spec.metrics["val_nats_per_char"])
+
+
+def test_metered_operator_counts_ttl_expiries(model):
+    reg = CollectorRegistry()
+    now = [0.0]
+    op = MeteredOperator(streamrnn.KeyedOperator(model, ttl=10.0, clock=lambda: now[0]), registry=reg, job="t")
+    op.process(["a", "b"], streamrnn.lm.encode("hi"))
+    now[0] = 100.0
+    op.process(["c"], streamrnn.lm.encode("x"))
+    assert _value(reg, "streamrnn_expired_keys_total", {"job": "t"}) == op.evictions.ttl == 2
+    assert _value(reg, "streamrnn_active_keys", {"job": "t"}) == 1
+
+
+# -- exporter ------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def test_exporter_serves_the_registry_on_loopback_and_falls_back_to_the_next_free_port(caplog):
+    reg = CollectorRegistry()
+    Recorder("exp", reg).dead("error", 2)
+    port = _free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        with caplog.at_level("WARNING", logger="streamrnn.metrics"):
+            ex = start_exporter(port, registry=reg)
+        assert ex is not None and ex.port != port and port < ex.port < port + 16 and ex.bind == "127.0.0.1"
+        assert f"port {port} in use" in caplog.text and str(ex.port) in caplog.text
+        body = _get(ex.url)
+        assert 'streamrnn_dead_letters_total{job="exp",reason="error"} 2.0' in body
+        ex.close()
+        with pytest.raises(InputError, match=rf"expected a free port on 127.0.0.1, got {port} \(in use\)"):
+            start_exporter(port, registry=reg, fallback=False)
+    finally:
+        blocker.close()
+
+
+@pytest.mark.parametrize("port", [-1, 65536, "9464", True, 1.5])
+def test_exporter_rejects_a_bad_port(port):
+    with pytest.raises(InputError, match="metrics port: expected an int in \\[0, 65535\\]"):
+        start_exporter(port, registry=CollectorRegistry())
+
+
+def test_port_zero_disables_and_settings_come_from_the_environment():
+    assert start_exporter(0, registry=CollectorRegistry()) is None
+    assert exporter_settings({}) == (0, "127.0.0.1", "streamrnn")
+    assert exporter_settings({"STREAMRNN_METRICS_PORT": "9500", "STREAMRNN_METRICS_BIND": "0.0.0.0",
+                              "STREAMRNN_METRICS_JOB": "nt"}) == (9500, "0.0.0.0", "nt")
+    with pytest.raises(InputError, match="STREAMRNN_METRICS_PORT: expected a port number"):
+        exporter_settings({"STREAMRNN_METRICS_PORT": "http"})
+
+
+def test_multiproc_dir_must_be_a_writable_directory(tmp_path):
+    check_multiproc_dir(str(tmp_path))
+    with pytest.raises(InputError, match="PROMETHEUS_MULTIPROC_DIR: expected a writable directory.*no such"):
+        check_multiproc_dir(str(tmp_path / "missing"))
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InputError, match="PROMETHEUS_MULTIPROC_DIR: expected a writable directory"):
+        check_multiproc_dir(str(f))
+
+
+_WORKER = """
+import sys
+from streamrnn.metrics import recorder
+from streamrnn.metrics_export import serving_registry
+r = recorder("mp")
+r.dead("late", int(sys.argv[1]))
+r.shard_state(("t", sys.argv[1]), int(sys.argv[1]), 10 * int(sys.argv[1]))
+r.cat["streamrnn_cuda_expected"].labels(job="mp").set(int(sys.argv[2]))
+print(serving_registry().get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}))
+if sys.argv[3] == "dead":
+    from prometheus_client import multiprocess
+    import os
+    multiprocess.mark_process_dead(os.getpid())
+"""
+
+
+def test_multiprocess_mode_adds_counters_and_uses_live_gauge_modes(tmp_path):
+    """Three worker processes share PROMETHEUS_MULTIPROC_DIR: counters add up, gauges follow their modes."""
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    seen = []
+    for n, cuda, end in ((3, 0, "live"), (5, 1, "live"), (7, 0, "dead")):
+        out = subprocess.run([sys.executable, "-c", _WORKER, str(n), str(cuda), end], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        seen.append(float(out.stdout.strip()))
+    assert seen == [3, 8, 15]  # each worker's /metrics already serves the sum over the directory
+    from prometheus_client import multiprocess
+
+    reg = CollectorRegistry()
+    multiprocess.MultiProcessCollector(reg, path=str(tmp_path))
+    assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15
+    # livesum: the processes still "live" (their files remain) add; the one marked dead is gone
+    assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) == 3 + 5
+    assert reg.get_sample_value("streamrnn_state_bytes", {"job": "mp"}) == 80
+    assert reg.get_sample_value("streamrnn_cuda_expected", {"job": "mp"}) == 1  # livemax
+
+
+# -- Pushgateway --------------------------------------------------------------------------------
+def test_push_sends_the_registry_to_a_gateway_and_never_raises():
+    got: dict = {}
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            got["path"] = self.path
+            got["body"] = self.rfile.read(int(self.headers["Content-Length"])).decode()
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        reg = CollectorRegistry()
+        Recorder("batchjob", reg).dead("invalid", 4)
+        assert push(f"127.0.0.1:{srv.server_port}", "batchjob", registry=reg) is None
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert got["path"] == "/metrics/job/batchjob"
+    fams = {f.name: f for f in text_string_to_metric_families(got["body"])}
+    assert {s.labels["reason"]: s.value for s in fams["streamrnn_dead_letters"].samples
+            if s.name.endswith("_total")} == {"invalid": 4, "late": 0, "duplicate": 0, "error": 0}
+    err = push(f"127.0.0.1:{_free_port()}", "batchjob", registry=reg, timeout=2)
+    assert err is not None and "rror" in err
+
+
+# -- the dashboard is what its generator writes, and uses catalogued metrics only ----------------
+def test_dashboard_is_generated_and_uses_only_catalogued_metrics():
+    sys.path.insert(0, str(ROOT / "deploy" / "grafana"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    on_disk = json.loads((ROOT / "deploy" / "grafana" / "streamrnn.json").read_text())
+    assert on_disk == generate.dashboard(), "run: python deploy/grafana/generate.py"
+    known = set(BY_NAME) | {n[:-len("_total")] for n in BY_NAME}
+    hist = {d.name for d in CATALOGUE if d.kind == "histogram"}
+    for p in on_disk["panels"]:
+        for t in p["targets"]:
+            for m in re.findall(r"streamrnn_[a-z0-9_]+", t["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", m) if re.sub(r"_(bucket|sum|count)$", "", m) in hist else m
+                assert base in known, (m, t["expr"])
+            assert 'job=~"$job"' in t["expr"]
+
+
+def test_job_import_prints_no_beam_noise():
+    out = subprocess.run([sys.executable, "-c", "import beam_jobs.next_token"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+def test_live_line_bits_are_nats_over_scored_in_bits():
+    line = live_line({"streamrnn_online_loss_nats_total": 2 * math.log(2) * 10,
+                      "streamrnn_online_scored_events_total": 10})
+    assert "2.000 bits/event online" in line and "0 dead letters" in line
