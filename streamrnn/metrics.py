@@ -52,7 +52,8 @@ class MetricDef:
 
 
 CATALOGUE: tuple[MetricDef, ...] = (
-    MetricDef("streamrnn_events_in_total", "counter", "Events received by the intake (valid or not).", JOB),
+    MetricDef("streamrnn_events_in_total", "counter",
+              "Input events received: by the intake, or dead-lettered by the reader (valid or not).", JOB),
     MetricDef("streamrnn_events_applied_total", "counter", "Events applied to key state by the model.", MODEL),
     MetricDef("streamrnn_batches_total", "counter", "Model (ONNX Runtime) calls.", MODEL),
     MetricDef("streamrnn_batch_latency_seconds", "histogram", "Wall time of one model call (a batch of events).",

@@ -38,6 +38,8 @@ from .errors import InputError
 log = logging.getLogger("streamrnn.metrics")
 
 ENV_PORT, ENV_BIND, ENV_JOB = "STREAMRNN_METRICS_PORT", "STREAMRNN_METRICS_BIND", "STREAMRNN_METRICS_JOB"
+#: ``STREAMRNN_METRICS=off``: Beam workers record no Prometheus metrics (Beam's own counters still count).
+ENV_SWITCH = "STREAMRNN_METRICS"
 MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 DEFAULT_BIND = "127.0.0.1"
 PORT_TRIES = 16
@@ -168,6 +170,11 @@ def exporter_settings(env: Mapping[str, str] | None = None) -> tuple[int, str, s
     except ValueError:
         raise InputError(f"{ENV_PORT}: expected a port number (0 disables), got {raw!r}") from None
     return port, env.get(ENV_BIND, DEFAULT_BIND) or DEFAULT_BIND, env.get(ENV_JOB, "streamrnn") or "streamrnn"
+
+
+def prometheus_on(env: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return env.get(ENV_SWITCH, "on").strip().lower() not in ("off", "0", "false", "no")
 
 
 def exporter_from_env() -> Exporter | None:

@@ -364,3 +364,12 @@ def test_live_line_bits_are_nats_over_scored_in_bits():
     line = live_line({"streamrnn_online_loss_nats_total": 2 * math.log(2) * 10,
                       "streamrnn_online_scored_events_total": 10})
     assert "2.000 bits/event online" in line and "0 dead letters" in line
+
+
+def test_docs_catalogue_table_matches_the_catalogue():
+    doc = (ROOT / "docs" / "metrics.md").read_text()
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(streamrnn_[a-z0-9_]+)` \| [^|]+ \| [^|]+ \| (.+) \|$",
+                                                         doc, re.M)}
+    assert set(rows) == set(BY_NAME)
+    for d in CATALOGUE:
+        assert rows[d.name].replace("`", "'") == d.help, d.name

@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from ..metrics import Recorder, guarded, recorder
-from ..metrics_export import exporter_from_env, exporter_settings
+from ..metrics_export import exporter_from_env, exporter_settings, prometheus_on
 
 NAMESPACE = "streamrnn"
 
@@ -49,6 +49,8 @@ class _Mirrored:
 
 
 def _recorder() -> Recorder | None:
+    if not prometheus_on():
+        return None
     try:
         exporter_from_env()
         return recorder(exporter_settings()[2])
