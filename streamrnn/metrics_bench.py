@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--identity", action="store_true", help="identity model: the pipeline's own cost only")
     args = ap.parse_args(argv)
+    from .metrics_logging import guard_imports
+
+    guard_imports()
     print(json.dumps(run(args.keys, args.events, args.repeats, args.shards, args.identity), indent=2))
     return 0
 

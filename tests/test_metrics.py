@@ -373,3 +373,25 @@ def test_docs_catalogue_table_matches_the_catalogue():
     assert set(rows) == set(BY_NAME)
     for d in CATALOGUE:
         assert rows[d.name].replace("`", "'") == d.help, d.name
+
+
+def _job_args(tmp_path, *extra: str) -> list[str]:
+    ev = tmp_path / "ev.jsonl"
+    ev.write_text(json.dumps({"key": "a", "ts": 1.0, "seq": 0, "text": "hi"}) + "\n")
+    return ["--input", str(ev), "--output", str(tmp_path / "out"), "--providers", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda mp, tmp: None, "--metrics-port: expected a port in [0, 65535] (0 disables), got 70000"),
+    (lambda mp, tmp: mp.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp / "nope")),
+     "PROMETHEUS_MULTIPROC_DIR: expected a writable directory, got"),
+])
+def test_job_metrics_mistakes_are_one_line_exit_2(tmp_path, monkeypatch, capsys, setup, message):
+    from beam_jobs import next_token
+
+    setup(monkeypatch, tmp_path)
+    port = "70000" if "70000" in message else "0"
+    assert next_token.main(_job_args(tmp_path, "--metrics-port", port)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("next_token: ") and message in err[-1] and "Traceback" not in "\n".join(err)
+    assert not (tmp_path / "out").exists()  # the folder this run made is removed again
