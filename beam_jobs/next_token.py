@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from streamrnn.metrics_logging import guard_imports, quiet_job_logging
+from streamrnn.metrics_logging import guard_imports, quiet_job_logging, worker_log_args
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
@@ -150,7 +150,7 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
     files = launcher.input_files(args.input)
     inference = _inference(args)
     out.check_writable()
-    opts = PipelineOptions(beam_args)
+    opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
     if args.replay:
         opts.view_as(StandardOptions).streaming = True
     out.clear()

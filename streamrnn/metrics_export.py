@@ -71,7 +71,16 @@ def multiprocess_ready() -> bool:
 
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.get_value_class()
+    global _MARKED_PID
+    if _MARKED_PID != os.getpid():  # each process: its live gauges leave the directory when it exits
+        import atexit
+
+        _MARKED_PID = os.getpid()
+        atexit.register(_mark_dead, os.getpid(), path)
     return True
+
+
+_MARKED_PID: int | None = None
 
 
 def serving_registry() -> CollectorRegistry:
@@ -145,12 +154,6 @@ def start_exporter(port: int, bind: str = DEFAULT_BIND, *, registry: CollectorRe
                 log.warning("streamrnn metrics: port %d in use; serving http://%s:%d/metrics", port, bind, p)
             else:
                 log.info("streamrnn metrics: serving http://%s:%d/metrics", bind, p)
-            if shared:
-                import atexit
-
-                from prometheus_client import multiprocess
-
-                atexit.register(multiprocess.mark_process_dead, os.getpid())
             return Exporter(p, bind, server, os.getpid())
     if shared:
         log.info("streamrnn metrics: port %d taken; another process serves %s", port, multiproc_dir())
@@ -159,6 +162,14 @@ def start_exporter(port: int, bind: str = DEFAULT_BIND, *, registry: CollectorRe
         raise InputError(f"metrics port: expected a free port on {bind}, got {port} (in use)")
     log.error("streamrnn metrics: no free port in %d..%d on %s; no /metrics for this process", port, tries[-1], bind)
     return None
+
+
+def _mark_dead(pid: int, path: str | None) -> None:
+    """At exit: this process's live gauges leave the multiprocess directory (if it is still there)."""
+    from prometheus_client import multiprocess
+
+    if path and os.path.isdir(path):
+        multiprocess.mark_process_dead(pid, path)
 
 
 def exporter_settings(env: Mapping[str, str] | None = None) -> tuple[int, str, str]:

@@ -10,11 +10,15 @@ formats what remains as ``prog: LEVEL message``.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Sequence
 
-#: Messages that are noise on every run (start of the message).
-NOISE = ("apitools not found",)
+#: Messages that are noise on every run (also when a worker process forwards them).
+NOISE = ("apitools not found", "No semi_persistent_directory found", "Discarding unparseable args")
 
 
 class _DropNoise(logging.Filter):
@@ -23,7 +27,7 @@ class _DropNoise(logging.Filter):
             msg = record.getMessage()
         except Exception:  # a malformed record: let logging report it as usual
             return True
-        return not msg.startswith(NOISE)
+        return not any(n in msg for n in NOISE)
 
 
 def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
@@ -59,3 +63,38 @@ def guard_imports() -> None:
         h = logging.NullHandler()
         h._streamrnn_job = True  # type: ignore[attr-defined]
         root.addHandler(h)
+
+
+# -- worker processes (a multi_processing DirectRunner's SDK harnesses) -----------------------------
+_WORKER_SITE = """# streamrnn: a silent root handler, so the SDK harness prints nothing itself on the job's stderr;
+# its warnings and errors still reach the job through Beam's log forwarding.
+import logging
+_root = logging.getLogger()
+if not _root.handlers:
+    _root.addHandler(logging.NullHandler())
+"""
+
+
+def worker_log_args(beam_args: Sequence[str], *, verbose: bool) -> list[str]:
+    """``beam_args`` with the SDK harness log level at WARNING unless set (or ``verbose``)."""
+    args = list(beam_args)
+    if not verbose and not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    return args
+
+
+def quiet_worker_processes(env: dict[str, str] | None = None) -> str | None:
+    """Worker processes started from here print no INFO lines of their own; the folder to remove after, or None.
+
+    A ``sitecustomize`` on ``PYTHONPATH`` gives each new Python process a silent root handler
+    before Beam's import-time ``logging.warning`` installs one on stderr. Skipped (None) when the
+    environment already has a ``sitecustomize``, which this would hide.
+    """
+    env = os.environ if env is None else env
+    if importlib.util.find_spec("sitecustomize") is not None:
+        return None
+    d = tempfile.mkdtemp(prefix="streamrnn-site-")
+    with open(os.path.join(d, "sitecustomize.py"), "w") as f:
+        f.write(_WORKER_SITE)
+    env["PYTHONPATH"] = d + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return d

@@ -270,69 +270,131 @@ _WORKER = """
 import sys
 from streamrnn.metrics import recorder
 from streamrnn.metrics_export import serving_registry
+n, cuda, stay = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "stay"
 r = recorder("mp")
-r.dead("late", int(sys.argv[1]))
-r.shard_state(("t", sys.argv[1]), int(sys.argv[1]), 10 * int(sys.argv[1]))
-r.cat["streamrnn_cuda_expected"].labels(job="mp").set(int(sys.argv[2]))
-print(serving_registry().get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}))
-if sys.argv[3] == "dead":
-    from prometheus_client import multiprocess
-    import os
-    multiprocess.mark_process_dead(os.getpid())
+r.dead("late", n)
+r.shard_state(("t", n), n, 10 * n)
+r.cat["streamrnn_cuda_expected"].labels(job="mp").set(cuda)
+print(serving_registry().get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}), flush=True)
+if stay:
+    sys.stdin.read()  # alive until the test closes stdin; then it exits normally (atexit marks it dead)
 """
 
 
 def test_multiprocess_mode_adds_counters_and_uses_live_gauge_modes(tmp_path):
     """Three worker processes share PROMETHEUS_MULTIPROC_DIR: counters add up, gauges follow their modes."""
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    seen = []
-    for n, cuda, end in ((3, 0, "live"), (5, 1, "live"), (7, 0, "dead")):
-        out = subprocess.run([sys.executable, "-c", _WORKER, str(n), str(cuda), end], env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        seen.append(float(out.stdout.strip()))
-    assert seen == [3, 8, 15]  # each worker's /metrics already serves the sum over the directory
     from prometheus_client import multiprocess
 
-    reg = CollectorRegistry()
-    multiprocess.MultiProcessCollector(reg, path=str(tmp_path))
-    assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15
-    # livesum: the processes still "live" (their files remain) add; the one marked dead is gone
-    assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) == 3 + 5
-    assert reg.get_sample_value("streamrnn_state_bytes", {"job": "mp"}) == 80
-    assert reg.get_sample_value("streamrnn_cuda_expected", {"job": "mp"}) == 1  # livemax
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+
+    def collect() -> CollectorRegistry:
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg, path=str(tmp_path))
+        return reg
+
+    procs, seen = [], []
+    try:
+        for n, cuda, stay in ((3, 0, "stay"), (5, 1, "stay"), (7, 0, "exit")):
+            p = subprocess.Popen([sys.executable, "-c", _WORKER, str(n), str(cuda), stay], env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            procs.append(p)
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            seen.append(float(line))
+        assert procs[2].wait(timeout=60) == 0
+        assert seen == [3, 8, 15]  # what each worker's /metrics serves: the sum over the directory so far
+        reg = collect()
+        assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15
+        # livesum: the two live processes add up; the one that exited left
+        assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) == 3 + 5
+        assert reg.get_sample_value("streamrnn_state_bytes", {"job": "mp"}) == 80
+        assert reg.get_sample_value("streamrnn_cuda_expected", {"job": "mp"}) == 1  # livemax
+    finally:
+        for p in procs[:2]:
+            p.communicate(timeout=60)
+    assert all(p.returncode == 0 for p in procs)
+    reg = collect()
+    assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15  # counters stay
+    assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) is None  # no live process holds keys
 
 
 # -- Pushgateway --------------------------------------------------------------------------------
+class _Gateway:
+    """A local stand-in for a Pushgateway: records each PUT's path and body."""
+
+    def __init__(self):
+        got = self.got = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_PUT(self):
+                got.append((self.path, self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.srv = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.srv.server_port}"
+        threading.Thread(target=self.srv.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.srv.shutdown()
+        self.srv.server_close()
+
+    def samples(self) -> dict[str, float]:
+        """name{labels} -> value of the last push."""
+        out = {}
+        for fam in text_string_to_metric_families(self.got[-1][1]):
+            for smp in fam.samples:
+                out[smp.name + json.dumps(smp.labels, sort_keys=True)] = smp.value
+        return out
+
+
 def test_push_sends_the_registry_to_a_gateway_and_never_raises():
-    got: dict = {}
-
-    class Gateway(http.server.BaseHTTPRequestHandler):
-        def do_PUT(self):
-            got["path"] = self.path
-            got["body"] = self.rfile.read(int(self.headers["Content-Length"])).decode()
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *a):
-            pass
-
-    srv = http.server.HTTPServer(("127.0.0.1", 0), Gateway)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
+    gw = _Gateway()
     try:
         reg = CollectorRegistry()
         Recorder("batchjob", reg).dead("invalid", 4)
-        assert push(f"127.0.0.1:{srv.server_port}", "batchjob", registry=reg) is None
+        assert push(gw.address, "batchjob", registry=reg) is None
     finally:
-        srv.shutdown()
-        srv.server_close()
-    assert got["path"] == "/metrics/job/batchjob"
-    fams = {f.name: f for f in text_string_to_metric_families(got["body"])}
-    assert {s.labels["reason"]: s.value for s in fams["streamrnn_dead_letters"].samples
-            if s.name.endswith("_total")} == {"invalid": 4, "late": 0, "duplicate": 0, "error": 0}
+        gw.close()
+    assert gw.got[-1][0] == "/metrics/job/batchjob"
+    dead = {json.loads(k[len("streamrnn_dead_letters_total"):])["reason"]: v for k, v in gw.samples().items()
+            if k.startswith("streamrnn_dead_letters_total")}
+    assert dead == {"invalid": 4, "late": 0, "duplicate": 0, "error": 0}
     err = push(f"127.0.0.1:{_free_port()}", "batchjob", registry=reg, timeout=2)
     assert err is not None and "rror" in err
+
+
+def test_multi_processing_job_is_quiet_and_its_workers_metrics_add_up(tmp_path):
+    """A batch job on 2 worker processes: a few lines on stderr, and the pushed totals cover both workers."""
+    ev = tmp_path / "ev.jsonl"
+    ev.write_text("".join(json.dumps({"key": f"k{i % 4}", "ts": 100.0 + i, "seq": i, "text": f"line {i}\n"}) + "\n"
+                          for i in range(40)) + '{"key": "k0", "ts": "bad", "seq": 999, "text": "x"}\n')
+    gw = _Gateway()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "beam_jobs.next_token", "--input", str(ev), "--output", str(tmp_path / "out"),
+             "--providers", "cpu", "--shards", "2", "--metrics-port", str(_free_port()), "--metrics-job", "mpjob",
+             "--pushgateway", gw.address, "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        gw.close()
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert not [ln for ln in lines if "INFO" in ln or "WARNING" in ln or "apitools" in ln], out.stderr
+    assert len(lines) <= 6, out.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    got = gw.samples()
+
+    def total(prefix: str) -> float:
+        return sum(v for k, v in got.items() if k.startswith(prefix + "{"))
+
+    assert total("streamrnn_events_applied_total") == summary["events"] == sum(len(f"line {i}\n") for i in range(40))
+    assert total("streamrnn_dead_letters_total") == sum(summary["dead_letters"].values()) == 1
+    assert total("streamrnn_events_in_total") == summary["events"] + 1
+    assert "metrics pushed to" in out.stderr
 
 
 # -- the dashboard is what its generator writes, and uses catalogued metrics only ----------------

@@ -27,6 +27,7 @@ from apache_beam.io.localfilesystem import LocalFileSystem
 
 from .. import metrics_export
 from ..errors import InputError
+from ..metrics_logging import quiet_worker_processes
 from .io import match_inputs
 from .summary import live_line
 
@@ -225,6 +226,12 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     elif any("multi_processing" in a for a in beam_args):
         made = tempfile.mkdtemp(prefix="streamrnn-prom-")
         os.environ[metrics_export.MULTIPROC] = made
+    site, pythonpath = None, os.environ.get("PYTHONPATH")
+    if any("multi_processing" in a for a in beam_args) and not getattr(args, "verbose", False):
+        site = quiet_worker_processes()
+    if args.metrics_port and metrics_export.multiproc_dir() is not None:
+        print(f"{args.metrics_job}: worker processes share {metrics_export.multiproc_dir()}; one of them serves "
+              f"all on http://{args.metrics_bind}:{args.metrics_port}/metrics", file=sys.stderr)
     if args.metrics_port and env_dir is None and made is None \
             and not metrics_export.port_free(args.metrics_port, args.metrics_bind):
         print(f"{args.metrics_job}: metrics port {args.metrics_port} on {args.metrics_bind} is in use; the "
@@ -242,3 +249,9 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
         if made is not None:
             os.environ.pop(metrics_export.MULTIPROC, None)
             shutil.rmtree(made, ignore_errors=True)
+        if site is not None:
+            if pythonpath is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = pythonpath
+            shutil.rmtree(site, ignore_errors=True)
