@@ -89,6 +89,7 @@ def test_bench_operator_smoke():
     assert burst["padded_key_steps_packed"] <= 2 * burst["events"]
     assert burst["padded_key_steps_unpacked"] == 301 * 300
     assert {"zipf_key_steps_ge_0.8x_uniform", "zipf_peak_memory_le_2x_uniform"} <= set(res["goals"])
+    assert burst["unpacked"]["peak_rss_delta_bytes_fresh_session"] >= 0
 
 
 def test_resume_on_other_text_is_refused(text, tmp_path, capsys):
