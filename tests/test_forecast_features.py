@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,21 @@ def test_frequency_check_refuses_other_bar_intervals():
     with pytest.raises(InputError, match="frequency"):
         check_frequency(data, 86400.0)
     assert check_frequency(data, 86400.0, allow=True) == 60.0
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "market"
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the shared market data is not on this machine")
+def test_shared_market_files_read_with_no_flags():
+    """Each layout of shared/data/market: row counts from its README, no dead letters, daily vs intraday frequency."""
+    (aapl,) = read_bars(SHARED / "sp500_daily_2013_2018" / "AAPL_data.csv")
+    (aep,) = read_bars(SHARED / "us_daily_long_1970_2017" / "stocks" / "aep.us.txt")  # CRLF
+    (m1,) = read_bars(SHARED / "intraday_backtrader_2006" / "2006-01-02-volume-min-001.txt")  # 8 fields, 7 names
+    assert (aapl.symbol, len(aapl), aep.symbol, len(aep), len(m1)) == ("AAPL", 1259, "AEP", 12075, 30889)
+    daily = [prepare(offline_features(b), 1) for b in (aapl, aep)]
+    intraday = [prepare(offline_features(m1), 1)]
+    assert all(not p.series.dead for p in daily + intraday)
+    assert check_frequency(daily, 86400.0) == 86400.0
+    with pytest.raises(InputError, match="median interval of 60 s"):
+        check_frequency(intraday, 86400.0)

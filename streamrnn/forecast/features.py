@@ -48,7 +48,7 @@ from scipy.signal import lfilter
 from .bars import PRICE_COLUMNS, Bars
 
 FEATURE_NAMES = ("ret", "gap", "body", "range", "dvol", "log_vol", "days", "jump")
-SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/^=]{0,19}$")
+SYMBOL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/^=]{0,31}$")
 _CLIP = 100.0 * math.log(1.4)
 
 
