@@ -37,7 +37,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 import streamrnn  # noqa: E402
 from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # noqa: E402
 from streamrnn.beam.counters import CountUnread  # noqa: E402
-from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events, local_copy  # noqa: E402
+from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
 from streamrnn.beam.launcher import JobError, Output  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
@@ -92,7 +92,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--window", type=float, default=60.0,
                     help="event-time window (s): flush cadence and output file windows (default: %(default)s)")
     ap.add_argument("--allowed-lateness", type=float, default=0.0, help="seconds (default: %(default)s)")
-    ap.add_argument("--ttl", type=float, default=None, help="idle seconds (event time) before a key's state drops")
+    ap.add_argument("--ttl", type=float, default=1800.0,
+                    help="idle seconds (event time) that end a key's stream and drop its state; 0: never "
+                         "(default: %(default)s)")
     ap.add_argument("--shards", type=int, default=16, help="state shards (default: %(default)s)")
     ap.add_argument("--topk", type=int, default=5, help="top-k next bytes per event (default: %(default)s)")
     ap.add_argument("--providers", default="auto", help="'auto', 'cpu' or 'cuda'")
@@ -131,8 +133,8 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
     launcher.require_file(args.model, "model", "a streamrnn LM", " (train one, or pass --model)")
     try:
         return StatefulInference(
-            model=local_copy(args.model), num_shards=args.shards, window_size=args.window,
-            allowed_lateness=args.allowed_lateness, ttl=args.ttl, postprocess=NextTokenPostprocess(args.topk),
+            model=args.model, num_shards=args.shards, window_size=args.window,
+            allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
             next_fields=("logprob",), output="arrow", providers=_providers(args.providers))
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
