@@ -282,3 +282,32 @@ def test_logprob_next_across_a_model_update(beam_models, which, streaming):
     out, _ = src | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0, model_updates=updates)
     assert_that(out, check_next(want))
     p.run().wait_until_finish()
+
+
+def test_an_update_takes_effect_at_its_time_without_other_traffic(beam_models):
+    """a's shard gets nothing after the incompatible update at 20: its state still resets at 20, so a's held row
+    goes out then (null next), not at the end of the input, and a's next event restarts as 'model_update'."""
+    rng = np.random.default_rng(3)
+    a = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([1, 2, 3])]
+    a_late = Event("a", 200.0, 3, 9)
+    steps = (TestStream().add_elements([TimestampedValue(e, e.ts) for e in a]).advance_watermark_to(10)
+             .advance_watermark_to(30).advance_watermark_to(50)
+             .add_elements([TimestampedValue(a_late, a_late.ts)]).advance_watermark_to(300)
+             .advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity())
+    with beam.Pipeline(options=STREAMING) as p:
+        updates = p | "Updates" >> beam.Create([ModelUpdate(beam_models["wide"], 20.0)])
+        out, _ = p | steps | StatefulInference(
+            model=beam_models["tiny"], num_shards=1, window_size=10.0, model_updates=updates, providers=[CPU],
+            postprocess=NextTokenPostprocess(k=2), next_fields=("logprob",))
+        seen = out | beam.Map(lambda pr, t=beam.DoFn.TimestampParam: (
+            pr.seq, float(t), pr.reset, pr.model_version.split("+")[0], pr.outputs["logprob_next"] is None))
+        assert_that(seen, lambda rows: _update_rows(sorted(rows)))
+
+
+def _update_rows(rows):
+    (s2, t2, _, v2, none2), (s3, _, r3, v3, _) = rows[2], rows[3]
+    if not (s2 == 2 and none2 and 20.0 <= t2 < 50.0 and v2 == "tiny-1.0.0"):
+        raise AssertionError(f"a's last row before the update: expected out at [20, 50) with no next, got {rows[2]}")
+    if not (s3 == 3 and r3 == "model_update" and v3 == "tiny-wide-3"):
+        raise AssertionError(f"a's event after the update: expected a 'model_update' restart on tiny-wide, got "
+                             f"{rows[3]}")

@@ -236,6 +236,7 @@ class ShardStep(beam.DoFn):
                 pending.add(to_ipc(rest))
                 rest_min = int(rest.column(REL).to_numpy().min())
         self.m.flushes.inc()
+        self._ended: list[str] = []  # keys whose stream a model switch ended in this flush
         out = Applied(None)
         if due is not None and due.num_rows:
             out = apply_due(due, store, self.cfg, epoch_models=lambda tsu: self._epochs(ctrl, tsu),
@@ -243,7 +244,7 @@ class ShardStep(beam.DoFn):
             if out.rows is not None:
                 ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
         self._switch_due_updates(ctrl, store, T)
-        released = self._expire(store, T)
+        released = [*self._ended, *self._expire(store, T)]
         if final:  # the input ended: every held-back row goes out
             released = list(dict.fromkeys([*released, *store.held]))
         self._forget_old(store, T)
@@ -290,6 +291,7 @@ class ShardStep(beam.DoFn):
             for k in store.op.keys():
                 mk = store.meta[k]
                 store.meta[k] = KeyMeta(mk.last_ts, mk.expiry, "model_update", False)
+            self._ended.extend(store.op.keys())
             self.m.model_resets.inc(len(store.op))
         store.op, store.model_path, store.full = fresh.op, path, True
 
