@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -22,6 +23,17 @@ from streamrnn.train.tcn import CausalTCN, TCNConfig  # noqa: E402
 
 SYMBOLS = ["AAA", "BBB", "CCC", "HHH"]  # HHH is held out by the sha256 rule
 TINY = ["--hidden", "8", "--layers", "2", "--horizons", "3", "--batch", "3", "--eval-every", "5"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_log_handlers():
+    """``main`` calls logging.basicConfig, which binds a handler to the sys.stderr of that moment (an earlier
+    test's capture, closed since); give each test a root logger without handlers and restore it after."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    yield
+    root.handlers[:] = saved
 
 
 @pytest.fixture(scope="module")
