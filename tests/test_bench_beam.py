@@ -52,12 +52,15 @@ def test_streaming_section(quick):
     s = quick["stream"]
     assert s["events"] == quick["config"]["keys"] * quick["config"]["events_per_key"]
     assert s["watermark_steps"] >= 30
-    assert set(s["variants"]) == {"stateful_inference", "identity"}
+    assert set(s["variants"]) == {"stateful_inference", "stateful_identity_model", "identity"}
     for r in s["variants"].values():
         assert _positive(r["seconds_median"]) and _positive(r["events_per_s"])
-    want = s["variants"]["stateful_inference"]["events_per_s"] / s["variants"]["identity"]["events_per_s"]
-    assert s["ratio_stateful_over_identity"] == pytest.approx(want)
-    assert quick["ratios"]["stream_over_identity"] == pytest.approx(want)
+        assert r["events_per_s"] == pytest.approx(s["events"] / r["seconds_median"])
+    eps = {k: r["events_per_s"] for k, r in s["variants"].items()}
+    assert s["ratio_stateful_over_identity"] == pytest.approx(eps["stateful_inference"] / eps["identity"])
+    assert quick["ratios"]["stream_over_identity"] == pytest.approx(eps["stateful_inference"] / eps["identity"])
+    assert quick["ratios"]["stream_identity_model_over_identity"] == pytest.approx(
+        eps["stateful_identity_model"] / eps["identity"])
 
 
 def test_key_sweep_section(quick):
@@ -77,6 +80,8 @@ def test_key_sweep_section(quick):
     # ... while a full snapshot follows the keys held
     assert big["compaction_bytes"] > 5 * small["compaction_bytes"]
     assert quick["ratios"]["sweep_max_over_min_keys"] == pytest.approx(big["events_per_s"] / small["events_per_s"])
+    paired = sorted(a / b for a, b in zip(small["flush_seconds_all"], big["flush_seconds_all"], strict=True))
+    assert paired[0] <= quick["ratios"]["sweep_max_over_min_keys_paired"] <= paired[-1]
     assert set(quick["goals"]) == {"a_over_b", "a_over_min_c_d", "stream_over_identity", "sweep_max_over_min_keys"}
 
 

@@ -27,6 +27,7 @@ section at a toy size (a smoke test, not a measurement).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -115,18 +117,28 @@ class _IdentityModel:
         return {"logprobs": np.zeros((B, T, 256), np.float32)}, state
 
 
+@contextlib.contextmanager
+def identity_models() -> Iterator[None]:
+    """Within: the stateful DoFn loads :class:`_IdentityModel` s (it loads models through
+    ``stateful.load_model``; the DirectRunner runs it in this process)."""
+    from ..beam import stateful as st
+
+    real = st.load_model
+    st.load_model = lambda path, providers="auto": _IdentityModel(real(path, providers))
+    try:
+        yield
+    finally:
+        st.load_model = real
+
+
 def _run_a(model_path, events_path, shards, identity=False):
     import apache_beam as beam
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam import stateful as st
     from ..beam.io import ReadEvents
 
     sink = _Sink(tempfile.mkdtemp(prefix="bench-a-"))
-    if identity:  # the DoFn loads its models through this name (same process: DirectRunner in-process)
-        real = st.load_model
-        st.load_model = lambda path, providers="auto": _IdentityModel(real(path, providers))
-    try:
+    with identity_models() if identity else contextlib.nullcontext():
         t0 = time.perf_counter()
         with beam.Pipeline() as p:
             blocks, _unread = p | ReadEvents(events_path, block_rows=8192)
@@ -136,9 +148,6 @@ def _run_a(model_path, events_path, shards, identity=False):
             out | beam.Map(lambda b: (b.column("key").to_pylist(), b.column("seq").to_numpy(),
                                       b.column("logprob").to_numpy())) | beam.Map(sink)
         dt = time.perf_counter() - t0
-    finally:
-        if identity:
-            st.load_model = real
     got = sink.read()
     shutil.rmtree(sink.root, ignore_errors=True)
     return dt, got

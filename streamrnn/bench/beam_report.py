@@ -28,9 +28,11 @@ def report(results: dict[str, dict], config: dict, quality_paths: tuple[str, str
         ratios["a_over_min_c_d"] = eps["a"] / min(eps["c"], eps["d"])
     if "s" in results:
         ratios["stream_over_identity"] = results["s"]["ratio_stateful_over_identity"]
+        ratios["stream_identity_model_over_identity"] = results["s"]["ratio_stateful_identity_model_over_identity"]
     if "k" in results:
         ratios["sweep_max_over_min_keys"] = results["k"]["ratio_max_over_min_keys"]
         ratios["sweep_max_over_min_keys_amortized"] = results["k"]["ratio_max_over_min_keys_amortized"]
+        ratios["sweep_max_over_min_keys_paired"] = results["k"]["ratio_max_over_min_keys_paired"]
     out["ratios"] = ratios
     out["goals"] = {name: {"goal": f">= {goal}", "measured": ratios[name], "met": ratios[name] >= goal}
                     for name, goal in GOALS if name in ratios}

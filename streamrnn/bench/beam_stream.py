@@ -6,6 +6,8 @@ watermark step per window, 30+ windows), then to the end of the input.
 
 * ``s``: :class:`~streamrnn.beam.StatefulInference` as the next-token job runs it
   (next-token postprocess, ``logprob`` paired with the next event, Arrow output);
+* ``s`` with the model call replaced by identity (``stateful_identity_model``): the same
+  transform without model compute, to split the gap to ``t`` into compute and framework;
 * ``t``: a streaming identity pipeline with the same windows and shards: rows keyed by
   the same shard function and release time, the same ``GroupByKey`` on release-time
   windows with the same trigger, and a stateful DoFn (bag state + event-time timer) that
@@ -185,7 +187,17 @@ def _run_identity(blocks, size: int, shards: int, root: str) -> float:
     return time.perf_counter() - t0
 
 
-def _run_stateful(blocks, model: str, size: int, shards: int, root: str) -> tuple[float, int]:
+def _run_stateful(blocks, model: str, size: int, shards: int, root: str, *, identity: bool = False
+                  ) -> tuple[float, int]:
+    import contextlib
+
+    from .beam import identity_models
+
+    with identity_models() if identity else contextlib.nullcontext():
+        return _run_stateful_once(blocks, model, size, shards, root)
+
+
+def _run_stateful_once(blocks, model: str, size: int, shards: int, root: str) -> tuple[float, int]:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -214,13 +226,14 @@ def run(model: str, tok: np.ndarray, ts: np.ndarray, *, windows: int, shards: in
     size = max(1, int(span / (windows - 0.5) * 1000)) * 1000  # about ``windows`` windows, whole milliseconds
     blocks = _blocks(tok, ts, size)
     n = tok.size
-    times: dict[str, list[float]] = {"s": [], "t": []}
+    names = {"s": "stateful_inference", "si": "stateful_identity_model", "t": "identity"}
+    times: dict[str, list[float]] = {v: [] for v in names}
     for _ in range(repeats):
-        for v in ("s", "t"):  # alternating, so a change of machine load hits both alike
+        for v in names:  # alternating, so a change of machine load hits all alike
             root = tempfile.mkdtemp(prefix=f"bench-stream-{v}-")
             try:
-                if v == "s":
-                    dt, n_dead = _run_stateful(blocks, model, size, shards, root)
+                if v != "t":
+                    dt, n_dead = _run_stateful(blocks, model, size, shards, root, identity=v == "si")
                     if n_dead:
                         raise RuntimeError(f"bench stream: StatefulInference dead-lettered {n_dead} events")
                 else:
@@ -232,10 +245,12 @@ def run(model: str, tok: np.ndarray, ts: np.ndarray, *, windows: int, shards: in
                 shutil.rmtree(root, ignore_errors=True)
             times[v].append(dt)
     res = {}
-    for v, name in (("s", "stateful_inference"), ("t", "identity")):
+    for v, name in names.items():
         med = statistics.median(times[v])
         res[name] = {"seconds_median": med, "seconds_all": times[v], "events_per_s": n / med}
     return {"runner": "DirectRunner --streaming (TestStream)", "events": n, "keys": tok.shape[0],
             "watermark_steps": len(blocks), "window_s": size / 1e6, "shards": shards, "repeats": repeats,
             "variants": res,
-            "ratio_stateful_over_identity": res["stateful_inference"]["events_per_s"] / res["identity"]["events_per_s"]}
+            "ratio_stateful_over_identity": res["stateful_inference"]["events_per_s"] / res["identity"]["events_per_s"],
+            "ratio_stateful_identity_model_over_identity": (res["stateful_identity_model"]["events_per_s"]
+                                                            / res["identity"]["events_per_s"])}

@@ -245,4 +245,7 @@ def run(model: str, key_counts: list[int], *, keys_per_flush: int = 256, events_
     out["ratio_max_over_min_keys"] = out["by_keys"][hi]["events_per_s"] / out["by_keys"][lo]["events_per_s"]
     out["ratio_max_over_min_keys_amortized"] = (out["by_keys"][hi]["events_per_s_amortized"]
                                                 / out["by_keys"][lo]["events_per_s_amortized"])
+    # the same ratio per round (flushes of one round ran back to back), then the median: robust to load drift
+    t_lo, t_hi = out["by_keys"][lo]["flush_seconds_all"], out["by_keys"][hi]["flush_seconds_all"]
+    out["ratio_max_over_min_keys_paired"] = statistics.median(a / b for a, b in zip(t_lo, t_hi, strict=True))
     return out
