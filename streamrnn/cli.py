@@ -181,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed in one line)
         return int(e.code or 0)
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    # force: a handler bound to an earlier sys.stderr (a closed capture, a replaced stream) never lingers
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s", force=True)
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
     try:
         if a.cmd == "bench":

@@ -92,8 +92,6 @@ def _count_is(n):
 @pytest.mark.parametrize("runner", ["batch", "streaming", "multi_processing", "portable"])
 @pytest.mark.parametrize("windowing", list(WINDOWINGS))
 def test_windowed_input_on_every_runner_equals_offline(beam_models, runner, windowing, monkeypatch):
-    if runner in ("multi_processing", "portable") and windowing in ("global", "sessions"):
-        pytest.skip("covered: those two windowings take the same code path as fixed/sliding on these runners")
     worker_path(monkeypatch)
     events = _events()
     want = offline(load(beam_models["tiny"], providers=[CPU]), events)
