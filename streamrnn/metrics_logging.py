@@ -30,13 +30,28 @@ class _DropNoise(logging.Filter):
         return not any(n in msg for n in NOISE)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after the handler is made)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
     """One stderr handler on the root: WARNING and up (INFO with ``verbose``); the exporter's address always."""
     root = logging.getLogger()
     for h in root.handlers:
         if getattr(h, "_streamrnn_job", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler._streamrnn_job = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s %(message)s"))
     handler.addFilter(_DropNoise())
