@@ -1,0 +1,207 @@
+"""Market forecast job: per-bar forecasts (median, 80%/95% price bands) for many symbols, on Apache Beam.
+
+    python -m beam_jobs.market_forecast --input BARS --output DIR [--replay] [--plot PNG] [Beam options]
+    python -m beam_jobs.market_forecast --demo --output DIR [--plot PNG]   # a SIMULATED market
+
+``BARS``: CSV or Parquet bar files, directories of them or globs (comma-separated), on any
+Beam filesystem, with columns symbol, ts (date or timestamp), open, high, low, close, volume;
+the layouts of ``shared/data/market`` are recognised, others take ``--columns
+ts=When,symbol=Ticker``. Each symbol's bars go through online features (state: last close,
+volume, time, EWMA variance; applied in time order at each window's release) and then the
+forecaster's carried LSTM state in ``StatefulInference``. Outputs: ``DIR/forecasts-*.parquet``
+(one row per bar: symbol, ts, close, per-horizon median and interval prices, return
+distribution, and the realised next-bar return, error, NLL and interval hits once the next
+bar arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/summary.json``
+(live NLL and coverage per symbol). A missing input, a missing model or an unwritable output
+is a one-line error with exit code 2. ``--replay`` plays the bars as an unbounded stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from streamrnn.metrics_logging import guard_imports, quiet_job_logging, worker_log_args
+
+guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
+
+import apache_beam as beam  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
+
+from streamrnn.beam import StatefulInference, launcher  # noqa: E402
+from streamrnn.beam.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.models import load_model  # noqa: E402
+from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
+from streamrnn.beam.sinks import WriteParquet  # noqa: E402
+from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
+from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
+from streamrnn.forecast.bars import parse_columns  # noqa: E402
+from streamrnn.forecast.beam import ForecastPostprocess, Features, ReadBars, ReplayBars, bar_files  # noqa: E402
+from streamrnn.forecast.beam_output import (  # noqa: E402
+    WriteMarketSummary,
+    job_columns,
+    output_schema,
+    print_market_summary,
+)
+from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
+from streamrnn.forecast.features import FeatureConfig  # noqa: E402
+from streamrnn.runtime import CPU  # noqa: E402
+
+FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
+DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL",
+                               str(Path(__file__).resolve().parent.parent / "streamrnn" / "exported" / "market.onnx"))
+DAY = 86400.0
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    ap = argparse.ArgumentParser(prog="python -m beam_jobs.market_forecast", description=__doc__.split("\n")[0])
+    ap.add_argument("--input", help="bar files: CSV/Parquet files, directories or globs, comma-separated")
+    ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
+    ap.add_argument("--demo", action="store_true",
+                    help="simulate a market (GARCH-t bars, labelled SIMULATED) into DIR/simulated_bars and use it")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="forecast model (default: %(default)s)")
+    ap.add_argument("--columns", help="column mapping for other layouts, e.g. ts=When,symbol=Ticker")
+    ap.add_argument("--replay", action="store_true",
+                    help="play the bars as an unbounded stream in time order (DirectRunner --streaming)")
+    ap.add_argument("--window", type=float, default=7 * DAY,
+                    help="event-time window (s): bars are applied when the watermark passes a window's end plus "
+                         "the allowed lateness (default: %(default)s, a week)")
+    ap.add_argument("--step", type=float, default=0.0, help="replay: event-time seconds per watermark step "
+                                                             "(default: the window)")
+    ap.add_argument("--allowed-lateness", type=float, default=0.0,
+                    help="seconds a window's bars may still arrive out of order (default: %(default)s)")
+    ap.add_argument("--ttl", type=float, default=0.0,
+                    help="idle seconds (event time) that end a symbol's stream; 0: never (default: %(default)s)")
+    ap.add_argument("--shards", type=int, default=16, help="state shards (default: %(default)s)")
+    ap.add_argument("--providers", default="cpu", help="'auto', 'cpu' or 'cuda' (default: %(default)s)")
+    ap.add_argument("--plot", metavar="PNG", help="draw price, forecast bands and live error to this PNG")
+    ap.add_argument("--plot-symbols", type=lambda s: [x for x in s.split(",") if x],
+                    help="symbols to plot, comma-separated (default: the first 3 by bars)")
+    ap.add_argument("--quiet", action="store_true", help="no progress line")
+    ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
+    launcher.add_metrics_args(ap, "market_forecast")
+    args, beam_args = ap.parse_known_args(argv)
+    if not args.input and not args.demo:
+        ap.error("--input: expected bar files (or --demo), got neither")
+    return args, beam_args
+
+
+def _providers(s: str):
+    return {"auto": "auto", "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(s, s)
+
+
+def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
+    launcher.require_file(args.model, "model", "a streamrnn forecast model", " (pass --model)")
+    try:
+        meta = forecast_meta(load_model(args.model, [CPU]))
+        inf = StatefulInference(
+            model=args.model, num_shards=args.shards, window_size=args.window,
+            # the feature step releases a window at its end + lateness; one more window keeps those events on time
+            allowed_lateness=args.allowed_lateness + args.window, ttl=args.ttl or None,
+            postprocess=ForecastPostprocess(meta["df"]), next_fields=("ret", "jump"), output="arrow",
+            providers=_providers(args.providers))
+    except (InputError, ModelLoadError) as e:
+        raise JobError(str(e).splitlines()[0]) from None
+    return inf, meta
+
+
+def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inference: StatefulInference,
+          meta: dict, temp_dir: str) -> None:
+    """bars -> per-symbol features -> StatefulInference (Student-t -> quantiles, next bar's return paired)
+    -> Parquet forecasts and dead letters (Beam file sinks), and the live summary."""
+    columns = parse_columns(args.columns)
+    if args.replay:
+        bars, unread = p | "ReplayBars" >> ReplayBars(files, columns, step=args.step or args.window)
+    else:
+        bars, unread = p | "ReadBars" >> ReadBars(files, columns)
+    cfg = FeatureConfig(**meta["features"])
+    events, bad_bars = bars | "Features" >> Features(cfg, window=args.window, lateness=args.allowed_lateness)
+    out, dead = events | "Forecast" >> inference
+    df, gap_bars = [float(d) for d in meta["df"]], cfg.gap_bars
+    rows = out | "JobColumns" >> beam.Map(job_columns, df, gap_bars)
+    dead_all = (unread, bad_bars, dead) | "AllDeadLetters" >> beam.Flatten()
+    schema = output_schema(int(meta["horizons"]))
+    rows | "WriteForecasts" >> WriteParquet(args.output, prefix=FORECASTS, schema=schema, temp_directory=temp_dir)
+    dead_all | "WriteDeadLetters" >> WriteParquet(args.output, prefix=DEAD_LETTERS, schema=DEAD_LETTER_SCHEMA,
+                                                  temp_directory=temp_dir)
+    (rows, dead_all) | "Summary" >> WriteMarketSummary(args.output, simulated=bool(args.demo))
+
+
+def _demo_input(output: str) -> str:
+    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+
+    if not launcher.is_local(output):
+        raise JobError(f"--demo: expected a local --output folder, got {output!r}")
+    folder = Path(output) / "simulated_bars"
+    bars = simulate(["SIMA", "SIMB", "SIMC", "SIMD"], start="2016-01-01", end="2017-07-01", seed=7)
+    paths = write_sp500_layout(bars, folder)
+    with open(paths[0], "a") as f:  # what real feeds do: a repeated bar and a broken one (dead letters)
+        f.write(f"2017-06-30,{bars[0].open[-1]:.4f},{bars[0].high[-1]:.4f},{bars[0].low[-1]:.4f},"
+                f"{bars[0].close[-1]:.4f},{int(bars[0].volume[-1])},SIMA\n")
+        f.write("2017-07-03,10.0,9.0,11.0,10.0,1000,SIMA\n")
+    return str(folder)
+
+
+def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
+    if args.demo:
+        args.input = _demo_input(args.output)
+    if args.window < 0.001 or args.step < 0:
+        raise JobError(f"--window/--step: expected seconds > 0, got {args.window} / {args.step}")
+    try:
+        files = bar_files(args.input)
+        parse_columns(args.columns)
+    except InputError as e:
+        raise JobError(str(e)) from None
+    if args.plot:
+        from streamrnn.forecast.plot import check_plotting
+
+        try:
+            check_plotting(args.plot)
+        except InputError as e:
+            raise JobError(str(e)) from None
+    inference, meta = _inference(args)
+    out.check_writable()
+    opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
+    if args.replay:
+        opts.view_as(StandardOptions).streaming = True
+    out.clear()
+    mode = "replay (streaming)" if args.replay else "batch"
+    label = " [SIMULATED market]" if args.demo else ""
+    print(f"market_forecast: {args.input}{label} ({len(files)} file(s)) -> {args.output}, {mode}, "
+          f"model {args.model}", file=sys.stderr)
+    t0 = time.monotonic()
+    with launcher.metrics(args, beam_args) as status:
+        with out.progress({FORECASTS: "forecasts", DEAD_LETTERS: "dead letters"}, quiet=args.quiet,
+                          status=status, every=args.log_every), beam.Pipeline(options=opts) as p:
+            build(p, args, files, inference, meta, out.temp)
+        seconds = time.monotonic() - t0
+    summary = read_summary(args.output)
+    if summary is None:
+        raise JobError(f"input: expected bars in {args.input!r}, got none that could be used (see dead letters)")
+    print_market_summary(summary)
+    print(f"wrote {args.output}/{FORECASTS}-*.parquet, {DEAD_LETTERS}-*.parquet, {SUMMARY} in {seconds:.1f} s",
+          file=sys.stderr)
+    if args.plot:
+        from streamrnn.forecast.plot import plot_forecasts
+
+        try:
+            drawn = plot_forecasts(args.output, args.plot, symbols=args.plot_symbols, simulated=bool(args.demo))
+        except InputError as e:
+            raise JobError(str(e)) from None
+        print(f"wrote {args.plot} ({', '.join(drawn)})", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, beam_args = _parse(argv)
+    quiet_job_logging("market_forecast", verbose=args.verbose)
+    out = Output(args.output, (FORECASTS, DEAD_LETTERS), (SUMMARY,))
+    return launcher.run("market_forecast", out, lambda: _run(args, beam_args, out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,339 @@
+"""The market job's Beam steps: bar files in, per-symbol online features, forecast columns out.
+
+Flow (``beam_jobs/market_forecast.py`` composes it)::
+
+  bar files -> ReadBars / ReplayBars -> (symbol, bar) -> BarFeatures (stateful, per symbol)
+            -> Event(symbol, ts, seq, x) -> StatefulInference(postprocess=ForecastPostprocess)
+
+**Features before the model.** :class:`BarFeatures` keeps, per symbol, exactly the small
+state of :class:`~streamrnn.forecast.features.OnlineFeatures` (last close, volume, time, EWMA
+variance, bar count) and applies :func:`~streamrnn.forecast.features.step_features` to the
+symbol's bars in timestamp order, so each bar's feature vector is the one
+:class:`~streamrnn.forecast.serve.ForecastOperator` and ``eval forecast`` compute. Bars are
+buffered until the watermark passes their fixed event-time window's end plus the allowed
+lateness (the same release rule as :class:`~streamrnn.beam.StatefulInference`), then applied
+sorted by ``(ts, file, row)``. A bad bar (:func:`~streamrnn.forecast.features.bar_problem`)
+is a dead letter with the reason and touches no state; a bar older than, or at the time of,
+the symbol's last applied bar (out of order beyond the lateness, or a duplicate) too.
+
+**The close rides in ``sub``.** StatefulInference's outputs carry ``key, ts, seq, sub`` and
+the model's columns only, so the bar's close (needed to turn return quantiles into prices)
+travels as the float64 bits of ``sub`` (``seq``, the bar's index in its symbol's stream,
+alone names the event). :func:`close_of` decodes it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+from apache_beam.coders import StrUtf8Coder, VarIntCoder
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import BeamIOError
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.window import TimestampedValue
+
+from ..beam.clock import release_micros, timestamp, to_micros
+from ..beam.counters import Counters
+from ..beam.postprocess import Postprocess
+from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
+from ..errors import InputError
+from .bars import PRICE_COLUMNS, read_csv_text
+from .features import FeatureConfig, SymbolState, bar_problem, step_features
+from .metrics import quantile
+from .serve import LEVELS
+
+DEAD = "dead_letters"
+BAR_EXTENSIONS = (".csv", ".txt", ".parquet")
+_ORDER = "_order"  # (file index, row index within the file's symbol) for a deterministic tie-break
+
+
+# -- input -----------------------------------------------------------------------------------------
+def bar_files(spec: str) -> list[str]:
+    """The bar files a comma-separated list of files, directories or globs names (listed, not opened).
+
+    A directory means its ``*.csv``, ``*.txt`` and ``*.parquet`` files. InputError (one line)
+    when a part matches nothing, or nothing matched has bytes.
+    """
+    out: list[str] = []
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        pattern = FileSystems.join(part, "*") if FileSystems.exists(part) and os.path.isdir(part) else part
+        try:
+            found = [m for r in FileSystems.match([pattern]) for m in r.metadata_list]
+        except BeamIOError:
+            found = []
+        except Exception as e:  # a scheme whose filesystem is not installed
+            raise InputError(f"input: expected bar files at {part!r}, got: {str(e).splitlines()[0][:200]}") from None
+        found = [m for m in found if m.path.lower().endswith(BAR_EXTENSIONS)]
+        if not found:
+            raise InputError(f"input: expected bar files ({', '.join(BAR_EXTENSIONS)}) at {part!r}, got none")
+        out += [m.path for m in sorted(found, key=lambda m: m.path) if m.size_in_bytes > 0]
+    if not out:
+        raise InputError(f"input: expected bars in {spec!r}, got only empty files")
+    return list(dict.fromkeys(out))
+
+
+def parse_bar_file(data: bytes, path: str, file_index: int, columns: Mapping[str, str] | None = None
+                   ) -> tuple[list[dict], list[DeadLetter]]:
+    """Bars (dicts with the canonical columns) of one CSV or Parquet file, in file order per symbol.
+
+    A file that cannot be read as bars (a missing column, a ragged row, not Parquet) is one
+    dead letter naming the file and why.
+    """
+    try:
+        if path.lower().endswith(".parquet"):
+            sink = io.BytesIO()
+            pcsv.write_csv(pq.read_table(io.BytesIO(data)), sink)
+            data = sink.getvalue()
+        series = read_csv_text(data.decode("utf-8", errors="replace"), source=path, columns=columns)
+    except (InputError, pa.ArrowException, ValueError) as e:
+        reason = str(e).splitlines()[0]
+        return [], [DeadLetter(None, None, None, None, "invalid", reason, event_json({"file": path}))]
+    bars = []
+    for b in series:
+        for i in range(len(b)):
+            bars.append({**b.row(i), _ORDER: [file_index, i]})
+    return bars, []
+
+
+class _ReadFile(beam.DoFn):
+    def __init__(self, files: list[str], columns: Mapping[str, str] | None):
+        self.index = {f: i for i, f in enumerate(files)}
+        self.columns = dict(columns or {})
+
+    def process(self, f: fileio.ReadableFile) -> Iterator:
+        path = f.metadata.path
+        bars, dead = parse_bar_file(f.read(), path, self.index.get(path, len(self.index)), self.columns)
+        for d in dead:
+            yield beam.pvalue.TaggedOutput(DEAD, d)
+        yield from bars
+
+
+class ReadBars(beam.PTransform):
+    """Read bar files (``bar_files`` output) inside the pipeline: ``(bars, dead_letters)``."""
+
+    def __init__(self, files: list[str], columns: Mapping[str, str] | None = None, label: str | None = None):
+        super().__init__(label)
+        self.files, self.columns = list(files), dict(columns or {})
+
+    def expand(self, pbegin):
+        res = (pbegin | "Files" >> beam.Create(self.files) | "Match" >> fileio.MatchAll()
+               | "Open" >> fileio.ReadMatches(compression="uncompressed")
+               | "Parse" >> beam.ParDo(_ReadFile(self.files, self.columns)).with_outputs(DEAD, main="bars"))
+        return res.bars, res[DEAD]
+
+
+def _sort_ts(bar: dict) -> float:
+    t = bar["ts"]
+    return t if isinstance(t, float) and math.isfinite(t) else -math.inf
+
+
+class ReplayBars(beam.PTransform):
+    """Play bar files as an unbounded stream (TestStream, DirectRunner ``--streaming``), in time order.
+
+    Bars are cut into steps of ``step`` event-time seconds; after each step the watermark
+    advances to the step's end. The files are read when the pipeline is built (a TestStream
+    holds its elements from the start). Returns ``(bars, dead_letters)``.
+    """
+
+    def __init__(self, files: list[str], columns: Mapping[str, str] | None = None, *, step: float = 86400.0,
+                 label: str | None = None):
+        super().__init__(label)
+        if not step > 0:
+            raise InputError(f"ReplayBars: step: expected seconds > 0, got {step!r}")
+        self.files, self.columns, self.step = list(files), dict(columns or {}), float(step)
+
+    def expand(self, pbegin):
+        bars, dead = [], []
+        for i, path in enumerate(self.files):
+            with FileSystems.open(path, compression_type="uncompressed") as f:
+                b, d = parse_bar_file(f.read(), path, i, self.columns)
+            bars += b
+            dead += d
+        bars.sort(key=_sort_ts)
+        finite = [_sort_ts(b) for b in bars if math.isfinite(_sort_ts(b))]
+        t0 = finite[0] if finite else 0.0
+        stream = TestStream()
+        pending = [TimestampedValue(("dead", d), t0) for d in dead]
+        step_of = [math.floor((max(_sort_ts(b), t0) - t0) / self.step) for b in bars]
+        j = 0
+        while j < len(bars):
+            k = j
+            while k < len(bars) and step_of[k] == step_of[j]:
+                k += 1
+            pending += [TimestampedValue(("bar", b), max(_sort_ts(b), t0)) for b in bars[j:k]]
+            stream = stream.add_elements(pending).advance_watermark_to(t0 + (step_of[j] + 1) * self.step)
+            pending, j = [], k
+        if pending:
+            stream = stream.add_elements(pending)
+        stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
+        res = (pbegin | "Stream" >> stream
+               | "Split" >> beam.ParDo(_SplitDead()).with_outputs(DEAD, main="bars"))
+        return res.bars, res[DEAD]
+
+
+class _SplitDead(beam.DoFn):
+    def process(self, item):
+        kind, v = item
+        yield beam.pvalue.TaggedOutput(DEAD, v) if kind == "dead" else v
+
+
+# -- per-symbol features ---------------------------------------------------------------------------
+def close_bits(close: float) -> int:
+    """The float64 bits of a (positive) close as an int64, for the event's ``sub``."""
+    return int(np.float64(close).view(np.int64))
+
+
+def close_of(sub: np.ndarray) -> np.ndarray:
+    """Closes back from ``sub`` columns (:func:`close_bits`)."""
+    return np.asarray(sub, np.int64).view(np.float64)
+
+
+def _dead_bar(bar: Mapping, reason: str, kind: str = "invalid") -> DeadLetter:
+    sym = bar.get("symbol") if isinstance(bar, Mapping) else None
+    ts = bar.get("ts") if isinstance(bar, Mapping) else None
+    shown = {k: v for k, v in bar.items() if k != _ORDER} if isinstance(bar, Mapping) else {"bar": repr(bar)}
+    return DeadLetter(sym if isinstance(sym, str) else None,
+                      float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else None,
+                      None, None, kind, reason, event_json(shown))
+
+
+class KeyBars(beam.DoFn):
+    """Bars -> ``(symbol, bar)``; a bar that is bad whatever came before is a dead letter here."""
+
+    def setup(self) -> None:
+        self.m = Counters()
+
+    def process(self, bar) -> Iterator:
+        if not isinstance(bar, Mapping):
+            self.m.dead("invalid")
+            yield beam.pvalue.TaggedOutput(DEAD, _dead_bar({}, f"bar: expected a mapping of columns, got "
+                                                               f"{type(bar).__name__}"))
+            return
+        problem = bar_problem(bar, -math.inf)
+        if problem is not None:
+            self.m.dead("invalid")
+            yield beam.pvalue.TaggedOutput(DEAD, _dead_bar(bar, problem))
+            return
+        yield bar["symbol"], {**{c: float(bar[c]) for c in ("ts", *PRICE_COLUMNS)}, "symbol": bar["symbol"],
+                              _ORDER: list(bar.get(_ORDER, [0, 0]))}
+
+
+class BarFeatures(beam.DoFn):
+    """Stateful per symbol: buffered bars applied in time order at their release time -> feature Events.
+
+    State: the symbol's :class:`SymbolState` (JSON), the buffered bars (JSON) and the due
+    release time. Outputs are timestamped at the release time that applied them.
+    """
+
+    BARS = BagStateSpec("bars", StrUtf8Coder())
+    STATE = ReadModifyWriteStateSpec("state", StrUtf8Coder())
+    DUE = ReadModifyWriteStateSpec("due", VarIntCoder())
+    FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
+
+    def __init__(self, config: FeatureConfig, *, window: float, lateness: float, flush_all: bool = False):
+        self.config = config
+        self.size, self.lateness = to_micros(window), to_micros(lateness)
+        self.flush_all = flush_all
+
+    def setup(self) -> None:
+        self.m = Counters()
+
+    def _release(self, ts: float) -> int:
+        return int(release_micros(np.array([to_micros(ts)]), size=self.size, lateness=self.lateness)[0])
+
+    def process(self, kv, bars=beam.DoFn.StateParam(BARS), due=beam.DoFn.StateParam(DUE),
+                flush=beam.DoFn.TimerParam(FLUSH)) -> None:
+        _, bar = kv
+        bars.add(json.dumps(bar))
+        rel = self._release(bar["ts"])
+        cur = due.read()
+        if cur is None or rel < cur:
+            due.write(rel)
+            flush.set(timestamp(rel))
+
+    @on_timer(FLUSH)
+    def on_flush(self, key=beam.DoFn.KeyParam, now=beam.DoFn.TimestampParam, bars=beam.DoFn.StateParam(BARS),
+                 state=beam.DoFn.StateParam(STATE), due=beam.DoFn.StateParam(DUE),
+                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+        held = [json.loads(s) for s in bars.read()]
+        ready, rest = [], []
+        for b in held:
+            (ready if self.flush_all or self._release(b["ts"]) <= now.micros else rest).append(b)
+        raw = state.read()
+        st = SymbolState(**json.loads(raw)) if raw else SymbolState()
+        for b in sorted(ready, key=lambda b: (b["ts"], *b[_ORDER])):
+            problem = bar_problem(b, st.last_ts)
+            if problem is not None:
+                kind = "duplicate" if b["ts"] == st.last_ts else "late"
+                self.m.dead(kind)
+                yield beam.pvalue.TaggedOutput(DEAD, TimestampedValue(_dead_bar(b, problem, kind), now))
+                continue
+            row, st = step_features(st, b, self.config, key)
+            yield TimestampedValue(Event(key, row.ts, st.n - 1, row.x.tolist(), close_bits(row.close)), now)
+        state.write(json.dumps(asdict(st)))
+        bars.clear()
+        for b in rest:
+            bars.add(json.dumps(b))
+        if rest:
+            nxt = min(self._release(b["ts"]) for b in rest)
+            due.write(nxt)
+            flush.set(timestamp(nxt))
+        else:
+            due.clear()
+
+
+class Features(beam.PTransform):
+    """Bars -> ``(feature Events, dead letters)``: validation, then :class:`BarFeatures` per symbol."""
+
+    def __init__(self, config: FeatureConfig, *, window: float, lateness: float, label: str | None = None):
+        super().__init__(label)
+        self.config, self.window, self.lateness = config, window, lateness
+
+    def expand(self, bars):
+        keyed = bars | "KeyBars" >> beam.ParDo(KeyBars()).with_outputs(DEAD, main="keyed")
+        flush_all = bool(getattr(bars, "is_bounded", True))
+        step = beam.ParDo(BarFeatures(self.config, window=self.window, lateness=self.lateness, flush_all=flush_all))
+        step = step.with_input_types(beam.typehints.Tuple[str, beam.typehints.Any])
+        feats = keyed.keyed | "BarFeatures" >> step.with_outputs(DEAD, main="events")
+        dead = (keyed[DEAD], feats[DEAD]) | "FeatureDead" >> beam.Flatten()
+        return feats.events, dead
+
+
+# -- model outputs -> forecast columns ---------------------------------------------------------------
+QUANTILES = {f"{side}{name}": p for name, (lo, hi) in LEVELS.items() for side, p in (("lo", lo), ("hi", hi))}
+
+
+class ForecastPostprocess(Postprocess):
+    """Student-t outputs -> per-horizon return quantiles (% log), plus this bar's own return for pairing.
+
+    Columns ``[N, H]``: ``ret_loc`` (= the median), ``ret_scale``, and ``q_lo80 / q_hi80 /
+    q_lo95 / q_hi95``; ``[N]``: ``ret`` and ``jump`` (this bar's cleaned return and jump flag,
+    paired with the next bar as the realised one-bar-ahead return) and ``days``.
+    """
+
+    def __init__(self, df: list[float]):
+        self.df = [float(d) for d in df]
+
+    def __call__(self, x, outputs, prev_outputs):
+        loc = outputs["mean"].astype(np.float64)
+        scale = np.exp(outputs["log_scale"].astype(np.float64))
+        df = np.broadcast_to(np.asarray(self.df), loc.shape)
+        out = {"ret_loc": loc, "ret_scale": scale}
+        for name, p in QUANTILES.items():
+            out[f"q_{name}"] = quantile(p, loc, scale, df)
+        x = np.asarray(x, np.float64)
+        out.update(ret=x[:, 0], days=x[:, 6], jump=x[:, 7])
+        return out

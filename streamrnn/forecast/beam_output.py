@@ -1,0 +1,193 @@
+"""The market job's output rows (forecast prices, realised error) and its live summary.
+
+One Parquet row per accepted bar: ``symbol, ts, close, bar`` (its index in the symbol's
+stream), ``flags``, per horizon ``h`` the price forecasts ``h{h}_median, h{h}_lo80,
+h{h}_hi80, h{h}_lo95, h{h}_hi95`` and the Student-t over the cumulative % log return
+``h{h}_ret_loc, h{h}_ret_scale`` (df per horizon in the model card), and, once the symbol's
+next bar arrives, the realised one-bar-ahead outcome: ``realised_ret_h1`` (% log return),
+``realised_close_h1``, ``error_h1`` (realised minus median, % log), ``nll_h1`` and
+``in80_h1 / in95_h1``. They are null while unknown, at the end of the input, and where the
+next bar is a corporate-action jump (its return is not a return; the features' rule).
+
+``summary.json``: per symbol and overall, bars, scored bars, mean ``nll_h1``, ``mae_h1``,
+``coverage_80`` and ``coverage_95`` of the live one-bar-ahead forecasts; dead letters by kind.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import IO
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindows
+
+from ..beam.summary import SUMMARY, write_json
+from .beam import QUANTILES, close_of
+from .metrics import nll
+
+PRICE_NAMES = ("median", *QUANTILES)
+STATS = ("scored", "nll_h1", "abs_error_h1", "in80_h1", "in95_h1")
+
+
+def output_schema(horizons: int) -> pa.Schema:
+    fields = [("symbol", pa.string()), ("ts", pa.float64()), ("close", pa.float64()), ("bar", pa.int64()),
+              ("flags", pa.string())]
+    for h in range(1, horizons + 1):
+        fields += [(f"h{h}_{n}", pa.float64()) for n in PRICE_NAMES]
+        fields += [(f"h{h}_ret_loc", pa.float64()), (f"h{h}_ret_scale", pa.float64())]
+    fields += [("realised_ret_h1", pa.float64()), ("realised_close_h1", pa.float64()), ("error_h1", pa.float64()),
+               ("nll_h1", pa.float64()), ("in80_h1", pa.bool_()), ("in95_h1", pa.bool_()),
+               ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())]
+    return pa.schema(fields)
+
+
+def _matrix(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float64)
+
+
+def _nullable(values: np.ndarray, known: np.ndarray, typ: pa.DataType = pa.float64()) -> pa.Array:
+    return pa.array(values, typ, mask=~known)
+
+
+def job_columns(batch: pa.RecordBatch, df: list[float], gap_bars: float) -> pa.RecordBatch:
+    """A StatefulInference output block (ForecastPostprocess columns, ``ret``/``jump`` paired) as job rows."""
+    n = batch.num_rows
+    close = close_of(batch.column("sub").to_numpy(zero_copy_only=False))
+    loc, scale = _matrix(batch.column("ret_loc"), n), _matrix(batch.column("ret_scale"), n)
+    H = loc.shape[1]
+    seq = batch.column("seq").to_numpy(zero_copy_only=False)
+    jump = batch.column("jump").to_numpy(zero_copy_only=False) > 0.5
+    gap = batch.column("days").to_numpy(zero_copy_only=False) > gap_bars
+    flags = [",".join(f for f, on in (("first", s == 0), ("jump", j), ("gap", g and s > 0)) if on)
+             for s, j, g in zip(seq, jump, gap, strict=True)]
+    cols: dict[str, pa.Array] = {"symbol": batch.column("key"), "ts": batch.column("ts"), "close": pa.array(close),
+                                 "bar": batch.column("seq"), "flags": pa.array(flags, pa.string())}
+    prices = {"median": loc, **{q: _matrix(batch.column(f"q_{q}"), n) for q in QUANTILES}}
+    for h in range(H):
+        for name, q in prices.items():
+            cols[f"h{h + 1}_{name}"] = pa.array(close * np.exp(q[:, h] / 100.0))
+        cols[f"h{h + 1}_ret_loc"] = pa.array(loc[:, h])
+        cols[f"h{h + 1}_ret_scale"] = pa.array(scale[:, h])
+    nxt = batch.column("ret_next").cast(pa.float64())
+    jn = pc.fill_null(batch.column("jump_next").cast(pa.float64()), 1.0).to_numpy(zero_copy_only=False)
+    known = ~nxt.is_null().to_numpy(zero_copy_only=False) & (jn < 0.5)
+    y = pc.fill_null(nxt, 0.0).to_numpy(zero_copy_only=False)
+    lo80, hi80, lo95, hi95 = (prices[q][:, 0] for q in ("lo80", "hi80", "lo95", "hi95"))
+    cols["realised_ret_h1"] = _nullable(y, known)
+    cols["realised_close_h1"] = _nullable(close * np.exp(y / 100.0), known)
+    cols["error_h1"] = _nullable(y - loc[:, 0], known)
+    cols["nll_h1"] = _nullable(nll(y, loc[:, 0], scale[:, 0], np.full(n, df[0])), known)
+    cols["in80_h1"] = _nullable((y >= lo80) & (y <= hi80), known, pa.bool_())
+    cols["in95_h1"] = _nullable((y >= lo95) & (y <= hi95), known, pa.bool_())
+    for c in ("model_version", "fresh", "reset"):
+        cols[c] = batch.column(c)
+    schema = output_schema(H)
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+
+# -- summary ----------------------------------------------------------------------------------------
+class _SymbolStats(beam.DoFn):
+    """(symbol, (bars, scored, sum nll, sum |error|, n in 80%, n in 95%)) per symbol of a job block."""
+
+    def process(self, block: pa.RecordBatch):
+        t = pa.Table.from_batches([block]).select(["symbol", "nll_h1", "error_h1", "in80_h1", "in95_h1"])
+        t = t.set_column(2, "error_h1", pc.abs(t.column("error_h1")))
+        for c in ("in80_h1", "in95_h1"):
+            t = t.set_column(t.column_names.index(c), c, t.column(c).cast(pa.int64()))
+        g = t.group_by("symbol").aggregate([("symbol", "count"), ("nll_h1", "count"), ("nll_h1", "sum"),
+                                            ("error_h1", "sum"), ("in80_h1", "sum"), ("in95_h1", "sum")])
+        names = ("symbol", "symbol_count", "nll_h1_count", "nll_h1_sum", "error_h1_sum", "in80_h1_sum", "in95_h1_sum")
+        for k, *vals in zip(*(g.column(c).to_pylist() for c in names), strict=True):
+            yield k, tuple(float(v or 0.0) for v in vals)
+
+
+def _add(vs: Iterable[tuple]) -> tuple:
+    acc = [0.0] * 6
+    for v in vs:
+        acc = [a + b for a, b in zip(acc, v, strict=True)]
+    return tuple(acc)
+
+
+def _scores(v: tuple) -> dict:
+    bars, scored, s_nll, s_abs, n80, n95 = v
+    per = (lambda s: s / scored) if scored else (lambda s: None)
+    return {"bars": int(bars), "scored": int(scored), "nll_h1": per(s_nll), "mae_h1": per(s_abs),
+            "coverage_80": per(n80), "coverage_95": per(n95)}
+
+
+class _Write(beam.DoFn):
+    def __init__(self, root: str, simulated: bool):
+        self.root, self.simulated = root, simulated
+
+    def process(self, items):
+        per: dict = {}
+        dead: dict = {}
+        versions: set = set()
+        for kind, v in items:
+            if kind == "key":
+                per[v[0]] = v[1]
+            elif kind == "dead":
+                dead[v[0]] = int(v[1])
+            else:
+                versions.add(v)
+        total = _add(per.values())
+        write_json(FileSystems.join(self.root, SUMMARY), {
+            "simulated": self.simulated, "symbols": {k: _scores(v) for k, v in sorted(per.items())}, **_scores(total),
+            "dead_letters": dict(sorted(dead.items())), "model_version": sorted(versions)})
+
+
+def _at_end(label: str):
+    return label >> beam.WindowInto(GlobalWindows(), trigger=trigger.AfterWatermark(),
+                                    accumulation_mode=trigger.AccumulationMode.DISCARDING)
+
+
+class WriteMarketSummary(beam.PTransform):
+    """``(job rows, dead_letters) | WriteMarketSummary(root)``: ``root/summary.json`` when the input ends.
+
+    ``simulated`` labels a summary of the simulated demo market as such.
+    """
+
+    def __init__(self, root: str, *, simulated: bool = False, label: str | None = None):
+        super().__init__(label)
+        self.root, self.simulated = root, simulated
+
+    def expand(self, pcolls):
+        rows, dead = pcolls
+        per = (rows | "SymbolStats" >> beam.ParDo(_SymbolStats()) | _at_end("StatsAtEnd")
+               | "SumPerSymbol" >> beam.CombinePerKey(_add) | "TagKeys" >> beam.Map(lambda kv: ("key", kv)))
+        dead_n = (dead | "DeadKind" >> beam.Map(lambda d: d.kind) | _at_end("DeadAtEnd")
+                  | "CountDead" >> beam.combiners.Count.PerElement() | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
+        versions = (rows | "Versions" >> beam.FlatMap(lambda b: set(b.column("model_version").to_pylist()))
+                    | _at_end("VersionsAtEnd") | "Distinct" >> beam.Distinct()
+                    | "TagVersions" >> beam.Map(lambda v: ("model", v)))
+        return ((per, dead_n, versions) | "Parts" >> beam.Flatten()
+                | "AsList" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
+                | "Write" >> beam.ParDo(_Write(self.root, self.simulated)))
+
+
+def print_market_summary(s: dict, out: IO[str] | None = None, top: int = 20) -> None:
+    """The readable end-of-job table: the ``top`` symbols by bars, then all."""
+    out = out or sys.stdout
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    label = " (SIMULATED market)" if s.get("simulated") else ""
+    out.write(f"\nlive one-bar-ahead forecast scores{label}, {len(s['symbols'])} symbols\n")
+    out.write(f"  {'symbol':<12} {'bars':>7} {'scored':>7} {'nll':>7} {'mae%':>7} {'cov80':>6} {'cov95':>6}\n")
+    rows = sorted(s["symbols"].items(), key=lambda kv: -kv[1]["bars"])
+    for k, v in [*rows[:top], ("all", s)]:
+        out.write(f"  {k:<12} {v['bars']:>7,} {v['scored']:>7,} {f(v['nll_h1']):>7} {f(v['mae_h1']):>7} "
+                  f"{f(v['coverage_80']):>6} {f(v['coverage_95']):>6}\n")
+    if len(rows) > top:
+        out.write(f"  ... {len(rows) - top} more symbols in {SUMMARY}\n")
+    dl = s["dead_letters"]
+    out.write(f"dead letters: {sum(dl.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in dl.items())})"
+                                                      if dl else "") + "\n")
