@@ -264,6 +264,18 @@ def _one(args) -> dict:
             "events_per_s": n / med, "peak_rss_mb": rss_kb / 1024, **extra}
 
 
+def _code_state() -> dict:
+    """The commit measured, and which library files differed from it (others edit the same checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)
+        return r.stdout if r.returncode == 0 else ""
+
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "uncommitted": [ln[3:] for ln in git("status", "--porcelain", "--", "streamrnn").splitlines()]}
+
+
 def _key_counts(text: str) -> str:
     """``--sweep-keys``: comma-separated ints >= 1 (kept as text: it travels to the variant's subprocess)."""
     try:
@@ -370,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {"keys": args.keys, "events_per_key": args.events, "shards": args.shards,
                   "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM", "sweep_model": args.sweep_model,
                   "runner": "DirectRunner (batch) for a-d", "window_b": 64, "repeats": args.repeats,
-                  "quick": args.quick, "cpus": os.cpu_count(),
+                  "quick": args.quick, "cpus": os.cpu_count(), "code": _code_state(),
                   "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
         out = report(results, config, (os.path.join(tmp, "lp_a.npy"), os.path.join(tmp, "lp_b.npy")))
         print(json.dumps(out, indent=2) if args.json else text(out))
