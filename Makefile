@@ -21,6 +21,8 @@ $(VENV)/.dev: $(VENV)/.runtime
 
 demo: $(VENV)/.runtime
 	$(PY) -m beam_jobs.next_token --demo --output runs/demo
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[plot]'
+	$(PY) -m beam_jobs.market_forecast --demo --output runs/market --plot runs/market/forecast.png
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check streamrnn beam_jobs tests
