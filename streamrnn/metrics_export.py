@@ -204,6 +204,19 @@ def exporter_from_env() -> Exporter | None:
         return _EXPORTER
 
 
+def stop_exporter() -> None:
+    """Close this process's exporter (from :func:`exporter_from_env`), so scrapes end cleanly before exit."""
+    global _EXPORTER, _STARTED_PID
+    with _LOCK:
+        _STARTED_PID = None  # a later run in this process starts one again
+        if _EXPORTER is not None and _EXPORTER.pid == os.getpid():
+            try:
+                _EXPORTER.close()
+            except Exception as e:  # already closing: nothing more to do
+                log.info("streamrnn metrics: exporter close: %s", e)
+            _EXPORTER = None
+
+
 def configure_env(port: int, bind: str, job: str, env: dict[str, str] | None = None) -> None:
     """Set the exporter settings for this process and the worker processes it starts."""
     env = os.environ if env is None else env

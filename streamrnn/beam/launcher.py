@@ -246,6 +246,7 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
             print(f"{args.metrics_job}: " + (f"metrics pushed to {args.pushgateway}" if err is None else
                                              f"metrics not pushed to {args.pushgateway} ({err})"), file=sys.stderr)
     finally:
+        metrics_export.stop_exporter()
         if made is not None:
             os.environ.pop(metrics_export.MULTIPROC, None)
             shutil.rmtree(made, ignore_errors=True)
