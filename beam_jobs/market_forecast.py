@@ -40,7 +40,7 @@ from streamrnn.beam.sinks import WriteParquet  # noqa: E402
 from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
-from streamrnn.forecast.beam import ForecastPostprocess, Features, ReadBars, ReplayBars, bar_files  # noqa: E402
+from streamrnn.forecast.beam import Features, ForecastPostprocess, ReadBars, ReplayBars, bar_files  # noqa: E402
 from streamrnn.forecast.beam_output import (  # noqa: E402
     WriteMarketSummary,
     job_columns,
@@ -102,6 +102,7 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             model=args.model, num_shards=args.shards, window_size=args.window,
             # the feature step releases a window at its end + lateness; one more window keeps those events on time
             allowed_lateness=args.allowed_lateness + args.window, ttl=args.ttl or None,
+            dedupe_horizon=max(3600.0, 3 * args.window + args.allowed_lateness),
             postprocess=ForecastPostprocess(meta["df"]), next_fields=("ret", "jump"), output="arrow",
             providers=_providers(args.providers))
     except (InputError, ModelLoadError) as e:

@@ -231,17 +231,22 @@ class KeyBars(beam.DoFn):
                               _ORDER: list(bar.get(_ORDER, [0, 0]))}
 
 
+_BARS_SPEC = BagStateSpec("bars", StrUtf8Coder())
+_STATE_SPEC = ReadModifyWriteStateSpec("state", StrUtf8Coder())
+_DUE_SPEC = ReadModifyWriteStateSpec("due", VarIntCoder())
+_FLUSH_SPEC = TimerSpec("flush", TimeDomain.WATERMARK)
+# Beam's DoFn parameters, as module-level singletons
+_BARS, _STATE, _DUE = (beam.DoFn.StateParam(s) for s in (_BARS_SPEC, _STATE_SPEC, _DUE_SPEC))
+_FLUSH = beam.DoFn.TimerParam(_FLUSH_SPEC)
+_KEY, _NOW = beam.DoFn.KeyParam, beam.DoFn.TimestampParam
+
+
 class BarFeatures(beam.DoFn):
     """Stateful per symbol: buffered bars applied in time order at their release time -> feature Events.
 
     State: the symbol's :class:`SymbolState` (JSON), the buffered bars (JSON) and the due
     release time. Outputs are timestamped at the release time that applied them.
     """
-
-    BARS = BagStateSpec("bars", StrUtf8Coder())
-    STATE = ReadModifyWriteStateSpec("state", StrUtf8Coder())
-    DUE = ReadModifyWriteStateSpec("due", VarIntCoder())
-    FLUSH = TimerSpec("flush", TimeDomain.WATERMARK)
 
     def __init__(self, config: FeatureConfig, *, window: float, lateness: float, flush_all: bool = False):
         self.config = config
@@ -254,8 +259,7 @@ class BarFeatures(beam.DoFn):
     def _release(self, ts: float) -> int:
         return int(release_micros(np.array([to_micros(ts)]), size=self.size, lateness=self.lateness)[0])
 
-    def process(self, kv, bars=beam.DoFn.StateParam(BARS), due=beam.DoFn.StateParam(DUE),
-                flush=beam.DoFn.TimerParam(FLUSH)) -> None:
+    def process(self, kv, bars=_BARS, due=_DUE, flush=_FLUSH) -> None:
         _, bar = kv
         bars.add(json.dumps(bar))
         rel = self._release(bar["ts"])
@@ -264,10 +268,8 @@ class BarFeatures(beam.DoFn):
             due.write(rel)
             flush.set(timestamp(rel))
 
-    @on_timer(FLUSH)
-    def on_flush(self, key=beam.DoFn.KeyParam, now=beam.DoFn.TimestampParam, bars=beam.DoFn.StateParam(BARS),
-                 state=beam.DoFn.StateParam(STATE), due=beam.DoFn.StateParam(DUE),
-                 flush=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
+    @on_timer(_FLUSH_SPEC)
+    def on_flush(self, key=_KEY, now=_NOW, bars=_BARS, state=_STATE, due=_DUE, flush=_FLUSH) -> Iterator:
         held = [json.loads(s) for s in bars.read()]
         ready, rest = [], []
         for b in held:
@@ -306,7 +308,7 @@ class Features(beam.PTransform):
         keyed = bars | "KeyBars" >> beam.ParDo(KeyBars()).with_outputs(DEAD, main="keyed")
         flush_all = bool(getattr(bars, "is_bounded", True))
         step = beam.ParDo(BarFeatures(self.config, window=self.window, lateness=self.lateness, flush_all=flush_all))
-        step = step.with_input_types(beam.typehints.Tuple[str, beam.typehints.Any])
+        keyed.keyed.element_type = beam.typehints.Tuple[str, beam.typehints.Any]  # str keys: a deterministic coder
         feats = keyed.keyed | "BarFeatures" >> step.with_outputs(DEAD, main="events")
         dead = (keyed[DEAD], feats[DEAD]) | "FeatureDead" >> beam.Flatten()
         return feats.events, dead

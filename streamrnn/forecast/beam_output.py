@@ -52,8 +52,8 @@ def _matrix(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(n, -1).astype(np.float64)
 
 
-def _nullable(values: np.ndarray, known: np.ndarray, typ: pa.DataType = pa.float64()) -> pa.Array:
-    return pa.array(values, typ, mask=~known)
+def _nullable(values: np.ndarray, known: np.ndarray, typ: pa.DataType | None = None) -> pa.Array:
+    return pa.array(values, typ or pa.float64(), mask=~known)
 
 
 def job_columns(batch: pa.RecordBatch, df: list[float], gap_bars: float) -> pa.RecordBatch:

@@ -1,0 +1,256 @@
+"""The market_forecast job end to end (batch and --replay), against ForecastOperator and eval forecast per bar."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import sys
+from types import SimpleNamespace
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+
+from beam_jobs import market_forecast
+from streamrnn.beam.records import END_OF_INPUT
+from streamrnn.forecast import plot
+from streamrnn.forecast.bars import read_bars
+from streamrnn.forecast.beam import Features
+from streamrnn.forecast.evaluate import forecast_meta, model_outputs
+from streamrnn.forecast.features import FeatureConfig, OnlineFeatures, offline_features, targets
+from streamrnn.forecast.serve import ForecastOperator
+from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+from streamrnn.model import load
+from streamrnn.runtime import CPU
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODEL = str(ROOT / "exported" / "market.onnx")
+SP500 = ROOT.parent / "shared" / "data" / "market" / "sp500_daily_2013_2018"
+# EBAY: -57% at the PayPal spin-off (a corporate-action jump); NI: -63%; AAPL: plain
+REAL = ("AAPL", "EBAY", "NI")
+DAY = 86400.0
+COLS = ("open", "high", "low", "close", "volume")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(MODEL, providers=[CPU])
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("sim")
+    return [str(p) for p in write_sp500_layout(simulate(["AAA", "BB.B", "CCC"], start="2016-01-01",
+                                                        end="2016-08-01", seed=3), folder)]
+
+
+def _run(files, out: pathlib.Path, *extra: str) -> int:
+    return market_forecast.main(["--input", ",".join(files), "--output", str(out), "--quiet", "--metrics-port", "0",
+                                 "--shards", "3", *extra])
+
+
+def _table(out: pathlib.Path, prefix: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(str(f)) for f in sorted(out.glob(f"{prefix}-*.parquet"))])
+
+
+_REFS: dict = {}
+
+
+def _references(model, files):
+    key = tuple(files)
+    if key not in _REFS:  # the batch and replay runs of the same bars share their references
+        _REFS[key] = _compute_references(model, files)
+    return _REFS[key]
+
+
+def _compute_references(model, files):
+    """Per (symbol, ts): ForecastOperator rows (online features, carried state, one call per timestamp),
+    eval forecast's whole-sequence (loc, scale) on offline features, and each bar's next realised return."""
+    bars = [b for f in files for b in read_bars(f)]
+    rows = sorted(({"symbol": b.symbol, "ts": float(b.ts[i]), **{c: float(getattr(b, c)[i]) for c in COLS}}
+                   for b in bars for i in range(len(b))), key=lambda r: r["ts"])
+    at: dict[float, list] = {}
+    for r in rows:
+        at.setdefault(r["ts"] if math.isfinite(r["ts"]) else -math.inf, []).append(r)
+    fo, op, dead = ForecastOperator(model), {}, []
+    for ts in sorted(at):  # one call per timestamp, as the bars stream in
+        got, d = fo.process(at[ts])
+        op.update({(r["symbol"], r["ts"]): r for r in got})
+        dead += d
+    cfg = FeatureConfig(**forecast_meta(model)["features"])
+    series = [offline_features(b, cfg) for b in bars]
+    whole = model_outputs(model, [SimpleNamespace(series=s) for s in series])
+    ev, nxt = {}, {}
+    for s, (loc, ls) in zip(series, whole, strict=True):
+        y, m = targets(s.ret, s.jump, 1)
+        for i, t in enumerate(s.ts):
+            ev[(s.symbol, float(t))] = (loc[i], np.exp(ls[i]))
+            nxt[(s.symbol, float(t))] = y[i, 0] if m[i, 0] else None
+    return op, ev, nxt, dead
+
+
+def _parity(model, files, out: pathlib.Path) -> dict:
+    op, ev, nxt, _ = _references(model, files)
+    got = _table(out, "forecasts").to_pylist()
+    assert len(got) == len(op) == len(ev)
+    assert {(r["symbol"], r["ts"]) for r in got} == set(op)
+    H = len(next(iter(ev.values()))[0])
+    names = [f"h{h}_{n}" for h in range(1, H + 1) for n in ("median", "lo80", "hi80", "lo95", "hi95")]
+    worst = {"ret_vs_operator": 0.0, "ret_vs_eval": 0.0, "price_rel_vs_operator": 0.0, "realised": 0.0}
+    for r in got:
+        k = (r["symbol"], r["ts"])
+        ref = op[k]
+        assert r["close"] == ref["close"] and r["flags"] == ref["flags"]
+        loc = np.array([r[f"h{h}_ret_loc"] for h in range(1, H + 1)])
+        scale = np.array([r[f"h{h}_ret_scale"] for h in range(1, H + 1)])
+        worst["ret_vs_operator"] = max(worst["ret_vs_operator"], *np.abs(loc - [ref[f"h{h}_ret_loc"] for h in range(
+            1, H + 1)]), *np.abs(scale - [ref[f"h{h}_ret_scale"] for h in range(1, H + 1)]))
+        worst["ret_vs_eval"] = max(worst["ret_vs_eval"], *np.abs(loc - ev[k][0]), *np.abs(scale - ev[k][1]))
+        worst["price_rel_vs_operator"] = max(worst["price_rel_vs_operator"],
+                                             *(abs(r[n] / ref[n] - 1.0) for n in names))
+        if nxt[k] is None:
+            assert r["realised_ret_h1"] is None and r["nll_h1"] is None
+        else:
+            worst["realised"] = max(worst["realised"], abs(r["realised_ret_h1"] - nxt[k]))
+            assert math.isclose(r["error_h1"], r["realised_ret_h1"] - r["h1_ret_loc"], abs_tol=1e-12)
+            assert r["in80_h1"] == (r["h1_lo80"] <= r["realised_close_h1"] <= r["h1_hi80"])
+    print(f"parity {out.name}: {worst}", file=sys.stderr)
+    assert max(worst.values()) <= 1e-5, worst
+    return worst
+
+
+@pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
+def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
+    out = tmp_path / "out"
+    assert _run(synthetic, out, *(["--replay", "--window", str(14 * DAY)] if replay else [])) == 0
+    _parity(model, synthetic, out)
+    assert not list(out.glob("dead_letters-*.parquet")) or _table(out, "dead_letters").num_rows == 0
+    s = market_forecast.read_summary(str(out))
+    t = _table(out, "forecasts")
+    known = t.filter(pc.is_valid(t.column("nll_h1")))
+    assert s["bars"] == t.num_rows and s["scored"] == known.num_rows
+    assert math.isclose(s["nll_h1"], float(np.mean(known.column("nll_h1").to_numpy())), rel_tol=1e-9)
+    assert math.isclose(s["coverage_80"], float(np.mean(known.column("in80_h1").to_numpy(zero_copy_only=False))),
+                        rel_tol=1e-9)
+    assert s["simulated"] is False
+    assert "live one-bar-ahead forecast scores" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not SP500.is_dir(), reason="shared S&P 500 data not mounted")
+@pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
+def test_real_symbols_parity(model, tmp_path, replay):
+    files = [str(SP500 / f"{s}_data.csv") for s in REAL]
+    out = tmp_path / "out"
+    assert _run(files, out, *(["--replay", "--window", str(91 * DAY)] if replay else [])) == 0
+    _parity(model, files, out)
+    t = _table(out, "forecasts")
+    jumps = t.filter(pc.match_substring(t.column("flags"), "jump")).to_pylist()
+    assert {(r["symbol"], str(np.datetime64(int(r["ts"]), "s"))[:10]) for r in jumps} >= {
+        ("EBAY", "2015-07-20"), ("NI", "2015-07-02")}
+
+
+# -- bad bars --------------------------------------------------------------------------------------
+GOOD = {"symbol": "ABC", "open": 10.0, "high": 10.5, "low": 9.8, "close": 10.2, "volume": 1000.0}
+
+
+def _day(d: int) -> float:
+    return float(np.datetime64("2016-01-04", "s").astype(np.int64)) + d * DAY
+
+
+def test_bad_bars_are_dead_letters(model, tmp_path):
+    lines = ["date,open,high,low,close,volume,Name"]
+    rows = [(0, "10,10.5,9.8,10.2,1000,ABC"), (1, "10.2,10.6,10,10.4,1100,ABC"),
+            (2, "nan,10.6,10,10.4,1100,ABC"),     # NaN price
+            (2, "0,10.6,10,10.4,1100,ABC"),       # zero price
+            (2, "10.2,10.6,10,-10.4,1100,ABC"),   # negative price
+            (2, "10.2,9.0,10,10.4,1100,ABC"),     # high < low
+            (1, "10.2,10.6,10,10.4,1100,ABC"),    # duplicated timestamp
+            (2, "10.2,10.6,10,10.4,1100,AB C!"),  # unknown symbol format
+            (3, "10.4,10.9,10.3,10.8,900,ABC")]
+    for d, r in rows:
+        lines.append(f"{np.datetime64(int(_day(d)), 's').astype('datetime64[D]')},{r}")
+    good = tmp_path / "bars.csv"
+    good.write_text("\n".join(lines) + "\n")
+    nocol = tmp_path / "noclose.csv"
+    nocol.write_text("date,open,high,low,volume,Name\n2016-01-04,1,2,0.5,10,XYZ\n")
+    out = tmp_path / "out"
+    assert _run([str(good), str(nocol)], out) == 0
+    dead = _table(out, "dead_letters").to_pylist()
+    reasons = sorted(d["reason"].split(":")[0] for d in dead)
+    assert reasons == sorted(["open", "open", "close", "high/low", "ts", "symbol", f"{nocol}"]), dead
+    assert {d["kind"] for d in dead if d["reason"].startswith("ts")} == {"duplicate"}
+    assert any("'close'" in d["reason"] for d in dead if d["key"] is None)
+    # the reasons are ForecastOperator's own (same bars, time order), and the accepted bars' forecasts equal its
+    ref_dead = _references(model, [str(good)])[3]
+    assert sorted(d.reason for d in ref_dead) == sorted(d["reason"] for d in dead if d["key"] is not None)
+    fc = _table(out, "forecasts")
+    assert fc.column("ts").to_pylist() == [_day(0), _day(1), _day(3)]
+    _parity(model, [str(good)], out)
+
+
+def test_late_bar_beyond_lateness_is_dead_letter_and_state_unpoisoned():
+    """Streaming: a bar older than its symbol's last applied bar (its window released) is a `late` dead
+    letter; a bar out of order within its window is reordered; the features equal OnlineFeatures'."""
+    cfg = FeatureConfig()
+    bars = {d: {**GOOD, "ts": _day(d), "close": 10.0 + 0.1 * d, "high": 12.0} for d in range(12)}
+    stale = {**bars[3], "close": 99.0}
+    opts = PipelineOptions()
+    opts.view_as(StandardOptions).streaming = True
+    # epoch-aligned weeks: days 0-2 are one window, days 3-9 the next, day 10 on the one after
+    stream = (TestStream()
+              .add_elements([TimestampedValue(bars[d], bars[d]["ts"]) for d in (1, 0, 2, 4, 3)])
+              .advance_watermark_to(_day(10) + 1)  # both windows released: days 0..4 applied
+              .add_elements([TimestampedValue(b, b["ts"]) for b in (bars[11], stale, bars[5])])
+              .advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity())
+    on = OnlineFeatures(cfg)
+    want = [on.update(bars[d]) for d in (0, 1, 2, 3, 4, 5, 11)]
+    with beam.Pipeline(options=opts) as p:
+        events, dead = p | stream | Features(cfg, window=7 * DAY, lateness=0.0)
+        assert_that(events | beam.Map(lambda e: (e.ts, e.seq, tuple(np.round(e.x, 12)))),
+                    equal_to([(w.ts, i, tuple(np.round(w.x, 12))) for i, w in enumerate(want)]), label="events")
+        assert_that(dead | beam.Map(lambda d: (d.kind, d.ts, d.reason)),
+                    equal_to([("late", _day(3), f"ts: expected after the previous bar's {_day(4)}, got {_day(3)} "
+                               "(out of order)")]), label="dead")
+
+
+# -- the launcher ----------------------------------------------------------------------------------
+def _one_line_error(capsys, code: int, *words: str) -> None:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("market_forecast: "), err
+    assert all(w in err[0] for w in words), err
+
+
+def test_missing_input_unwritable_output_bad_flags(synthetic, tmp_path, capsys):
+    _one_line_error(capsys, _run([str(tmp_path / "nope.csv")], tmp_path / "o1"), "nope.csv")
+    assert not (tmp_path / "o1").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(capsys, _run(synthetic, blocker / "out"), "output")
+    _one_line_error(capsys, _run(synthetic, tmp_path / "o2", "--columns", "when"), "--columns")
+    _one_line_error(capsys, _run(synthetic, tmp_path / "o3", "--model", str(tmp_path / "m.onnx")), "model")
+    _one_line_error(capsys, _run(synthetic, tmp_path / "o4", "--plot", str(tmp_path / "x.jpg")), "--plot")
+
+
+def test_plot_writes_png(synthetic, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="needs the 'plot' extra")
+    out = tmp_path / "out"
+    png = tmp_path / "fig" / "f.png"
+    assert _run(synthetic, out, "--plot", str(png), "--plot-symbols", "BB.B,CCC") == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    assert "BB.B, CCC" in capsys.readouterr().err
+    with pytest.raises(plot.InputError, match="--plot-symbols"):
+        plot.plot_forecasts(str(out), str(png), symbols=["ZZZ"])
+
+
+def test_plot_without_matplotlib_is_one_line(monkeypatch, synthetic, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    _one_line_error(capsys, _run(synthetic, tmp_path / "o", "--plot", str(tmp_path / "f.png")), "matplotlib")
+    assert not (tmp_path / "o").exists()
