@@ -158,3 +158,47 @@ def test_a_huge_event_is_long_calls_not_a_step_per_call(beam_models):
     c = counters(result)
     assert c["events_applied"] == 3040
     assert c["batches"] <= 3000 // 256 + 2, c["batches"]  # 12 long calls (+1 for the short keys)
+
+
+# ---------------------------------------------------------------------------- bad rows never fail good ones
+def test_rows_that_do_not_fit_are_dead_letters_and_good_rows_still_apply(beam_models):
+    block = pa.RecordBatch.from_pydict({
+        "key": pa.array(["a", "a"]), "ts": pa.array([1.0, 2.0]), "seq": pa.array([1, 2**63 + 5], pa.uint64()),
+        "x": pa.array([3, 2**64 - 1], pa.uint64()), "event": pa.array([b"ok", b"\xff\xfe"], pa.binary())})
+    good = [Event("k", 2.0, 1, 5)]
+    evs = [block, Event("\ud800", 1.0, 0, 1), Event("k", 1.0, 2**70, 1), *good]
+    model = load(beam_models["tiny"], providers=[CPU])
+    want = offline(model, [Event("a", 1.0, 1, 3), *good])
+    p, out, dead = _run(evs, beam_models["tiny"], num_shards=2)
+    assert_that(out, check_outputs(want), label="outputs")
+    assert_that(dead | beam.Map(lambda d: d.reason.split(",")[0]), lambda rs: _equal(sorted(rs), [
+        "key: expected valid UTF-8 text", "seq: expected a 64-bit int", "seq: expected a 64-bit int"],
+        "reasons"), label="dead")
+    p.run().wait_until_finish()
+
+
+@pytest.mark.parametrize("which", ["missing", "features", "ts"])
+def test_a_bad_model_update_is_a_dead_letter_and_the_model_stays(beam_models, which, tmp_path):
+    from streamrnn.beam import ModelUpdate
+
+    update = {"missing": ModelUpdate(str(tmp_path / "nope.onnx"), 5.0),
+              "features": ModelUpdate(beam_models["feat"], 5.0),
+              "ts": ModelUpdate(beam_models["other"], 1e13)}[which]
+    evs = [Event("a", float(t), i, int(x)) for i, (t, x) in enumerate([(1, 3), (10, 4), (20, 5)])]
+    p = beam.Pipeline()
+    updates = p | "Updates" >> beam.Create([update])
+    out, dead = p | beam.Create(evs) | StatefulInference(model=beam_models["tiny"], providers=[CPU],
+                                                        model_updates=updates, window_size=10.0)
+    assert_that(out, check_outputs(offline(load(beam_models["tiny"], providers=[CPU]), evs)), label="outputs")
+    want = {"missing": "path: expected a loadable streamrnn model", "features": "model: expected input and outputs",
+            "ts": "effective_ts: expected seconds"}[which]
+    assert_that(dead | beam.Map(lambda d: (d.kind, d.reason.startswith(want))),
+                lambda rs: _equal(rs, [("invalid", True)], "dead letters"), label="dead")
+    p.run().wait_until_finish()
+
+
+def test_dedupe_horizon_must_cover_a_window_and_its_lateness(beam_models):
+    from streamrnn import InputError
+
+    with pytest.raises(InputError, match="dedupe_horizon: expected seconds >= window_size"):
+        StatefulInference(model=beam_models["tiny"], window_size=60, allowed_lateness=30, dedupe_horizon=0)

@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamrnn.beam import store as st_mod
+from streamrnn.beam.clock import NEVER
 from streamrnn.beam.stateful import Ctrl, ShardStep
 from streamrnn.errors import InputError
 from streamrnn.model import load
@@ -82,11 +83,11 @@ def test_delta_size_follows_the_keys_touched(lstm_path):
     keys = [f"k{i}" for i in range(2000)]
     store.op.process(keys, np.zeros(len(keys), np.int64))
     for k in keys:
-        store.set_meta(k, st_mod.KeyMeta(1.0, st_mod._NEVER, "", True))
+        store.set_meta(k, st_mod.KeyMeta(1.0, NEVER, "", True))
     full, _ = store.delta(compact=True)
     store.op.process(keys[:10], np.ones(10, np.int64))
     for k in keys[:10]:
-        store.set_meta(k, st_mod.KeyMeta(2.0, st_mod._NEVER, "", True))
+        store.set_meta(k, st_mod.KeyMeta(2.0, NEVER, "", True))
     small, is_full = store.delta(compact=False)
     assert not is_full
     assert len(small) * 50 < len(full), (len(small), len(full))

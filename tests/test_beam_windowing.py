@@ -172,3 +172,40 @@ def test_ttl_never_applies_a_late_event_fresh(beam_models):
         assert_that(out, check_outputs(want, fresh_reason=lambda pr: "new" if pr.seq == 0 else "expired"),
                     label="outputs")
         assert_that(dead, check_dead({("a", 1, "late"): 1}), label="dead")
+
+
+@pytest.mark.parametrize("shards", [1, 2, 5])
+def test_a_late_update_never_overrides_a_newer_one(beam_models, shards):
+    """U1 (eff 20) on time, then a late U0 (eff 5): events at 50 use U1 (the newest at or before 50) on every
+    shard count, though a's shard had applied up to 30 and the others only up to 1."""
+    from streamrnn.beam import ModelUpdate
+
+    rng = np.random.default_rng(4)
+    early = [Event(k, t, 0, int(rng.integers(0, 256))) for k, t in (("a", 30.0), ("b", 1.0), ("c", 1.0))]
+    later = [Event(k, 50.0, 1, int(rng.integers(0, 256))) for k in ("a", "b", "c")]
+    stream = (TestStream(output_tags={"events", "updates"})
+              .add_elements([W.TimestampedValue(e, e.ts) for e in early], tag="events")
+              .add_elements([W.TimestampedValue(ModelUpdate(beam_models["other"], 20.0), 20.0)], tag="updates")
+              .advance_watermark_to(46.0, tag="events").advance_watermark_to(46.0, tag="updates")
+              .add_elements([W.TimestampedValue(ModelUpdate(beam_models["tiny"], 5.0), 5.0)], tag="updates")
+              .add_elements([W.TimestampedValue(e, e.ts) for e in later], tag="events"))
+    for tag in ("events", "updates"):
+        stream = stream.advance_watermark_to(END_OF_INPUT, tag=tag)
+    for tag in ("events", "updates"):
+        stream = stream.advance_watermark_to_infinity(tag=tag)
+    with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
+        streams = p | stream
+        out, _ = streams["events"] | StatefulInference(
+            model=beam_models["tiny"], num_shards=shards, window_size=10.0, providers=[CPU],
+            model_updates=streams["updates"])
+        versions = out | beam.Map(lambda pr: (pr.ts, pr.model_version.split("+")[0]))
+        assert_that(versions, lambda vs: _versions_are(vs, {1.0: "tiny-1.0.0", 30.0: "tiny-other-2",
+                                                            50.0: "tiny-other-2"}))
+
+
+def _versions_are(vs, want):
+    got = {}
+    for ts, v in vs:
+        got.setdefault(ts, set()).add(v)
+    if got != {t: {v} for t, v in want.items()}:
+        raise AssertionError(f"model versions by ts: expected {want}, got {got}")

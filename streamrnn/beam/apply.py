@@ -2,9 +2,8 @@
 
 Rules, each in one place here:
 
-* **Duplicates.** ``(key, seq)`` names an input row. A row already applied is a duplicate.
-  Among copies in one flush, the copy with the smallest ``ts`` (then payload) wins, the
-  same on every worker; the others are duplicates.
+* **Duplicates.** ``(key, seq)`` names an input row, whose events share its ``ts``
+  (:func:`duplicates` has the rule).
 * **Order.** Each key's events apply in ``(ts, seq, sub)`` order.
 * **TTL.** An event more than ``ttl`` seconds (event time) after its key's previous event
   starts the key fresh (``reset="expired"``).
@@ -24,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .clock import release_micros, to_micros
+from .clock import NEVER, release_micros, to_micros
 from .counters import Counters
 from .intake import REL, TSU
 from .postprocess import Postprocess
 from .records import EVENT, KEY, SEQ, SUB, TS, event_json
-from .store import _NEVER, KeyMeta, ShardStore
+from .store import KeyMeta, ShardStore
 
 
 @dataclass
@@ -52,32 +51,43 @@ class Applied:
     dead: list[tuple[pa.Table, int, str, str]] = field(default_factory=list)  # (table, row, kind, reason)
 
 
-def dedupe(due: pa.Table, store: ShardStore) -> tuple[pa.Table, np.ndarray]:
-    """Split ``due`` into rows to apply and a mask of duplicates (of applied rows or of each other)."""
+def duplicates(due: pa.Table, store: ShardStore) -> np.ndarray:
+    """Mask of ``due`` rows that are duplicates (the one identity rule of the Beam layer).
+
+    ``(key, seq)`` names an input row; its events (``sub``) share the row's ``ts``. A row
+    already applied is a duplicate. Among copies released together, the copy with the
+    smallest ``ts`` wins (then the smallest payload, compared value by value), the same on
+    every worker whatever the arrival order; events carrying the row's id at another ``ts``
+    are duplicates too.
+    """
     n = due.num_rows
     keys = due.column(KEY)
     kc = pc.index_in(keys, pc.unique(keys)).to_numpy(zero_copy_only=False)
     seq = due.column(SEQ).to_numpy()
     sub = due.column(SUB).to_numpy()
     ts = due.column(TS).to_numpy()
-    xkey = _payload_order(due.column("x"))
-    order = np.lexsort((xkey, ts, sub, seq, kc))
-    same = np.zeros(n, bool)
-    same[1:] = (kc[order][1:] == kc[order][:-1]) & (seq[order][1:] == seq[order][:-1]) & (
-        sub[order][1:] == sub[order][:-1])
+    order = np.lexsort((*_payload_keys(due.column("x")), sub, ts, seq, kc))
+    k, q, t, b = kc[order], seq[order], ts[order], sub[order]
+    same_row = np.zeros(n, bool)
+    same_row[1:] = (k[1:] == k[:-1]) & (q[1:] == q[:-1])
+    row_start = np.flatnonzero(~same_row)
+    winner_ts = np.repeat(t[row_start], np.diff(np.append(row_start, n)))
+    again = np.zeros(n, bool)
+    again[1:] = same_row[1:] & (b[1:] == b[:-1]) & (t[1:] == t[:-1])
     dup = np.zeros(n, bool)
-    dup[order[same]] = True
+    dup[order[(t != winner_ts) | again]] = True
     if store.ids:
-        kp = keys.to_pylist()
-        dup |= np.fromiter(((k, s) in store.ids for k, s in zip(kp, seq.tolist(), strict=True)), bool, n)
-    return due, dup
+        dup |= np.fromiter(((kk, ss) in store.ids for kk, ss in zip(keys.to_pylist(), seq.tolist(), strict=True)),
+                           bool, n)
+    return dup
 
 
-def _payload_order(x: pa.ChunkedArray) -> np.ndarray:
+def _payload_keys(x: pa.ChunkedArray) -> list[np.ndarray]:
+    """Sort keys that order payloads value by value (last key most significant, as ``np.lexsort`` wants)."""
     if pa.types.is_integer(x.type):
-        return x.to_numpy()
+        return [x.to_numpy()]
     flat = pc.list_flatten(x).to_numpy(zero_copy_only=False).reshape(len(x), -1)
-    return np.ascontiguousarray(flat).view(np.uint8).reshape(len(x), -1).sum(axis=1, dtype=np.int64)
+    return [flat[:, j] for j in range(flat.shape[1] - 1, -1, -1)]
 
 
 def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, epoch_models: Callable[[np.ndarray], tuple],
@@ -85,7 +95,7 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, epoch_models: Ca
               m: Counters) -> Applied:
     """Apply deduplicated due events to ``store`` (see the module rules). Mutates ``store``."""
     out = Applied(None)
-    due, dup = dedupe(due, store)
+    dup = duplicates(due, store)
     for i in np.flatnonzero(dup):
         out.dead.append((due, int(i), "duplicate", "duplicate"))
     keep = np.flatnonzero(~dup)
@@ -217,7 +227,7 @@ def _call(segs, seg_start, seg_end, seg_kc, ok, ts, tsu, gap, xv, store: ShardSt
     for s in segs:
         end = seg_end[s] - 1
         last = float(ts[end])
-        exp = _NEVER if cfg.ttl is None else int(release_micros(np.array([to_micros(last + cfg.ttl)]),
+        exp = NEVER if cfg.ttl is None else int(release_micros(np.array([to_micros(last + cfg.ttl)]),
                                                                 size=cfg.size, lateness=cfg.lateness)[0])
         store.set_meta(ok[end], KeyMeta(last, exp, "", True))
 

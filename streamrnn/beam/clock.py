@@ -1,8 +1,9 @@
 """Event-time arithmetic in Beam's own unit: integer microseconds.
 
 Every quantity that feeds a timer (window ends, release times, expiry times) is an
-``int`` of microseconds, like :class:`apache_beam.utils.timestamp.Timestamp`. Floats
-never reach a timer, so a timer fires exactly at the time it was computed for.
+``int`` of microseconds, like :class:`apache_beam.utils.timestamp.Timestamp`; floats never
+reach a timer. Timers are set on the first whole millisecond at or after their time, since
+several runners keep timers in milliseconds.
 
 >>> to_micros(12.3456)
 12345600
@@ -20,6 +21,11 @@ MICROS = 1_000_000
 #: Event times the transform accepts, in seconds (about ±3,000 years around 1970). Epoch
 #: milliseconds or nanoseconds are out of this range and get a dead letter that says so.
 TS_LIMIT = 1e11
+
+
+#: Before / after any event time (sentinels for "from the start" and "never"); inside Beam's range.
+EARLIEST = -(2**53)
+NEVER = 2**62
 
 
 def _end_of_input_micros() -> int:
@@ -49,6 +55,11 @@ def release_micros(ts_micros: np.ndarray, *, size: int, lateness: int) -> np.nda
     """
     start = (np.asarray(ts_micros, np.int64) // size) * size
     return start + (size - 1) + lateness
+
+
+def ceil_millis(micros: int) -> int:
+    """The first whole millisecond at or after ``micros`` (what timers are set to)."""
+    return -(-int(micros) // 1000) * 1000
 
 
 def timestamp(micros: int) -> Timestamp:

@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.transforms.window import GlobalWindow, TimestampedValue, WindowFn
 
-from .clock import TS_LIMIT, release_micros, timestamp, to_micros_array
+from .clock import EARLIEST, TS_LIMIT, release_micros, timestamp, to_micros_array
 from .counters import Counters
-from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, ModelUpdate, event_json, shard_of, to_ipc
+from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json, shard_of, to_ipc
 
 DEAD = "dead_letters"
 #: Internal columns: event time in micros, and the release time of the event's window (micros).
@@ -63,6 +63,31 @@ def _reason_ts(v: Any) -> str:
     return f"ts: expected finite seconds since the epoch within ±{TS_LIMIT:.0e}, got {v!r}{hint}"
 
 
+def _utf8(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _int64(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """An integer column as int64 (nulls as 0) and the mask of values that do not fit."""
+    big = np.zeros(len(col), bool)
+    if col.type == pa.uint64():
+        big = pc.fill_null(pc.greater(col, pa.scalar(2**63 - 1, pa.uint64())), False).to_numpy(zero_copy_only=False)
+        col = pc.if_else(pa.array(big), pa.scalar(0, pa.uint64()), col)
+    return pc.fill_null(col, 0).cast(pa.int64()).to_numpy(zero_copy_only=False), big
+
+
+def _event_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
+    """The original-event column as text (bytes that are not UTF-8 are replaced, never fatal)."""
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        return pa.chunked_array([pa.array([None if v is None else v.decode("utf-8", "replace")
+                                           for v in col.to_pylist()], pa.string())])
+    return col.cast(pa.string())
+
+
 class Intake(beam.DoFn):
     """Validate events (``Event`` tuples or Arrow blocks) into per-(shard, release) Arrow blocks."""
 
@@ -90,15 +115,16 @@ class Intake(beam.DoFn):
         sub = e[4] if len(e) > 4 else 0
         if not isinstance(key, str) or not key:
             return None, f"key: expected a non-empty string, got {type(key).__name__} {key!r}"
+        if not _utf8(key):
+            return None, f"key: expected valid UTF-8 text, got {key!r}"
         if ts is None:
             ts = ts_default
         if isinstance(ts, bool) or not isinstance(ts, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(ts) or abs(ts) > TS_LIMIT:
             return None, _reason_ts(ts)
-        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)):
-            return None, f"seq: expected an int, got {seq!r}"
-        if isinstance(sub, bool) or not isinstance(sub, (int, np.integer)):
-            return None, f"sub: expected an int, got {sub!r}"
+        for name, v in (("seq", seq), ("sub", sub)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -(2**63) <= int(v) < 2**63:
+                return None, f"{name}: expected a 64-bit int, got {v!r}"
         if self.tokens:
             if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or not 0 <= x < self.vocab:
                 return None, f"x: expected a token in [0, {self.vocab}), got {x!r}"
@@ -128,10 +154,11 @@ class Intake(beam.DoFn):
         self.m.dead("invalid")
         fields = element._asdict() if hasattr(element, "_asdict") else {"element": repr(element)}
         get = fields.get
-        key = get("key") if isinstance(get("key"), str) else None
+        key = get("key") if isinstance(get("key"), str) and _utf8(get("key")) else None
         ts = get("ts")
         ts = float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) and math.isfinite(ts) else None
-        seq = get("seq") if isinstance(get("seq"), int) and not isinstance(get("seq"), bool) else None
+        seq = get("seq")
+        seq = seq if isinstance(seq, int) and not isinstance(seq, bool) and -(2**63) <= seq < 2**63 else None
         return beam.pvalue.TaggedOutput(DEAD, DeadLetter(key, ts, seq, None, "invalid", reason, event_json(fields)))
 
     # -- Arrow blocks -------------------------------------------------------------------
@@ -171,7 +198,7 @@ class Intake(beam.DoFn):
         seq = self._int_column(t, SEQ, required=True, mark=mark, column_error=column_error)
         sub = self._int_column(t, SUB, required=False, mark=mark, column_error=column_error)
         x_arr = self._payload(t, mark, column_error)
-        ev = t.column(EVENT).cast(pa.string()) if EVENT in cols else pa.nulls(n, pa.string())
+        ev = _event_text(t.column(EVENT)) if EVENT in cols else pa.chunked_array([pa.nulls(n, pa.string())])
         for i in np.flatnonzero(bad):
             self.m.dead("invalid")
             orig = ev[int(i)].as_py() or event_json({c: t.column(c)[int(i)].as_py() for c in t.column_names})
@@ -198,7 +225,9 @@ class Intake(beam.DoFn):
             return np.zeros(n, np.int64)
         null = col.is_null().to_numpy(zero_copy_only=False)
         mark(null, lambda _i: f"{name}: expected an int, got null")
-        return pc.fill_null(col, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        vals, big = _int64(col)
+        mark(big, lambda i: f"{name}: expected a 64-bit int, got {col[i].as_py()!r}")
+        return vals
 
     def _payload(self, t: pa.Table, mark, column_error) -> pa.Array:
         n = t.num_rows
@@ -212,8 +241,8 @@ class Intake(beam.DoFn):
             if not pa.types.is_integer(xcol.type):
                 column_error("x", "an integer column of tokens")
                 return pa.array(np.zeros(n, np.int64))
-            xv = pc.fill_null(xcol, 0).cast(pa.int64()).to_numpy(zero_copy_only=False)
-            mark(xnull | (xv < 0) | (xv >= self.vocab),
+            xv, big = _int64(xcol)
+            mark(xnull | big | (xv < 0) | (xv >= self.vocab),
                  lambda i: f"x: expected a token in [0, {self.vocab}), got {xcol[i].as_py()!r}")
             return pa.array(np.where((xv < 0) | (xv >= self.vocab), 0, xv))
         if not (pa.types.is_list(xcol.type) or pa.types.is_fixed_size_list(xcol.type)
@@ -260,21 +289,55 @@ class Intake(beam.DoFn):
 
 
 class UpdateIntake(beam.DoFn):
-    """A :class:`ModelUpdate` goes to every shard, released with the window of its effective time."""
+    """A valid :class:`ModelUpdate` goes to every shard, released with the window of its effective time.
 
-    def __init__(self, *, num_shards: int, size_micros: int, lateness_micros: int):
+    An update is checked before any shard sees it: its ``effective_ts``, and that its model
+    loads and takes the same input and gives the same outputs as the transform's model. A
+    bad update is an ``invalid`` dead letter and the current model stays.
+    """
+
+    def __init__(self, *, spec_json: str, num_shards: int, size_micros: int, lateness_micros: int):
+        self.spec_json = spec_json
         self.num_shards = num_shards
         self.size = size_micros
         self.lateness = lateness_micros
 
+    def setup(self) -> None:
+        self.m = Counters()
+
+    def _check(self, u: Any) -> tuple[str, float, str | None]:
+        from ..runtime import CPU
+        from ..spec import ModelSpec
+        from .models import load_model
+
+        if not isinstance(u, tuple) or not u or not isinstance(u[0], str):
+            return "", 0.0, f"model update: expected ModelUpdate(path, effective_ts), got {u!r}"
+        eff = u[1] if len(u) > 1 and u[1] is not None else -math.inf
+        if isinstance(eff, bool) or not isinstance(eff, (int, float)) or math.isnan(eff) or (
+                math.isfinite(eff) and abs(eff) > TS_LIMIT) or eff == math.inf:
+            return u[0], 0.0, f"effective_ts: expected seconds within ±{TS_LIMIT:.0e} (or -inf), got {eff!r}"
+        try:
+            spec = load_model(u[0], [CPU]).spec
+        except Exception as ex:  # any load failure is this update's, not the job's
+            return u[0], float(eff), f"path: expected a loadable streamrnn model, got {u[0]!r}: " + \
+                str(ex).splitlines()[0]
+        base = ModelSpec.from_json(self.spec_json)
+        want = (base.input.kind, base.input.vocab_size, base.input.n_features, [o.name for o in base.outputs])
+        got = (spec.input.kind, spec.input.vocab_size, spec.input.n_features, [o.name for o in spec.outputs])
+        if got != want:
+            return u[0], float(eff), (f"model: expected input and outputs like the running model "
+                                      f"(kind, vocab, features, outputs) {want}, got {got}")
+        return u[0], float(eff), None
+
     def process(self, u) -> Iterator:
-        path = str(u[0])
-        eff = float(u[1]) if len(u) > 1 and u[1] is not None else -math.inf
-        effu = -(2**62) if not math.isfinite(eff) else int(to_micros_array(np.array([eff]))[0])
-        if math.isfinite(eff) and abs(eff) > TS_LIMIT:
-            raise ValueError(f"ModelUpdate.effective_ts: expected seconds within ±{TS_LIMIT:.0e}, got {eff!r}")
-        rel = int(release_micros(np.array([max(effu, -(2**53))]), size=self.size, lateness=self.lateness)[0])
-        blob = ModelUpdate(path, eff)._asdict()
-        payload = (UPDATE, event_json({"path": blob["path"], "effective_ts": eff, "effective_micros": effu}).encode())
+        path, eff, reason = self._check(u)
+        if reason is not None:
+            self.m.dead("invalid")
+            yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(None, eff if math.isfinite(eff) else None, None, None,
+                                                            "invalid", reason, event_json({"update": repr(u)})))
+            return
+        effu = EARLIEST if not math.isfinite(eff) else int(to_micros_array(np.array([eff]))[0])
+        rel = int(release_micros(np.array([max(effu, EARLIEST)]), size=self.size, lateness=self.lateness)[0])
+        payload = (UPDATE, event_json({"path": path, "effective_ts": eff, "effective_micros": effu}).encode())
         for s in range(self.num_shards):
             yield TimestampedValue((s, payload), timestamp(rel))

@@ -27,14 +27,14 @@ from ..errors import InputError
 from ..model import Model
 from ..spec import ModelSpec
 from .apply import Applied, Config, apply_due, dead_event_json
-from .clock import END_OF_INPUT_MICROS, timestamp, to_micros
+from .clock import EARLIEST, END_OF_INPUT_MICROS, ceil_millis, timestamp, to_micros
 from .counters import Counters
 from .intake import DEAD, EVENTS, REL, TSU
 from .models import load_model, model_version
 from .outputs import emit
 from .pairing import pair
 from .records import KEY, SEQ, SUB, TS, DeadLetter, from_ipc, to_ipc
-from .store import KeyMeta, ShardStore, new_store, new_token, put_cached, rebuild, take_cached
+from .store import KeyMeta, ShardStore, drop_cached, new_store, new_token, put_cached, rebuild, take_cached
 
 
 class _Loaded:
@@ -55,7 +55,7 @@ class Ctrl:
         self.model: str = d.get("model", model_path)
         self.updates: list[list] = d.get("updates", [])  # [[path, effective micros], ...] sorted
         self.seen: list[list] = d.get("seen", [])
-        self.applied_max: int = d.get("applied_max", -(2**62))
+        self.applied_max: int = d.get("applied_max", EARLIEST)
         self.end_set: bool = d.get("end_set", False)
 
     def to_json(self) -> str:
@@ -93,6 +93,9 @@ class ShardStep(beam.DoFn):
         self._holders: list[_Loaded] = []
         self._model(self.model_path)
 
+    def teardown(self) -> None:
+        drop_cached(self.transform_id)  # a later run of the pipeline starts from Beam state
+
     def _model(self, path: str) -> Model:
         m = self._models.get(path)
         if m is None:
@@ -121,12 +124,18 @@ class ShardStep(beam.DoFn):
             return store
         blobs = list(log_state.read())
         if not blobs:
-            return new_store(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
-        self.m.rebuilds.inc()
-        return rebuild(blobs, self._model, keep_last_output=self.keep_last_output, default_path=ctrl.model)
+            store = new_store(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
+        else:
+            self.m.rebuilds.inc()
+            store = rebuild(blobs, self._model, keep_last_output=self.keep_last_output, default_path=ctrl.model)
+        store.token = ctrl.token or ""  # it now mirrors what Beam state holds
+        return store
 
     def _save(self, shard: int, store: ShardStore, ctrl: Ctrl, log_state) -> None:
         compact = store.should_compact()
+        if not compact and not store.changed:
+            put_cached(self.transform_id, shard, store)  # nothing to write: the token in state stays valid
+            return
         blob, full = store.delta(compact=compact)
         if full:
             log_state.clear()
@@ -138,11 +147,17 @@ class ShardStep(beam.DoFn):
         ctrl.model = store.model_path
         put_cached(self.transform_id, shard, store)
 
-    def _arm(self, ctrl: Ctrl, timer, at: int | None, *, after: int | None = None) -> None:
-        """Set the flush timer to ``at`` if that is earlier than what is armed (or nothing is)."""
+    def _arm(self, ctrl: Ctrl, timer, at: int | None) -> None:
+        """Set the flush timer for ``at`` if that is earlier than what is armed (or nothing is).
+
+        Timers are set on whole milliseconds (the first at or after ``at``): runners with
+        millisecond timers (batch FnApiRunner, Flink, Dataflow) then fire exactly when set,
+        so a firing always means the watermark passed ``at``.
+        """
         if at is None:
             return
-        if ctrl.armed is None or at < ctrl.armed or (after is not None and ctrl.armed <= after):
+        at = ceil_millis(at)
+        if ctrl.armed is None or at < ctrl.armed:
             ctrl.armed = at
             timer.set(timestamp(at))
 
@@ -175,21 +190,22 @@ class ShardStep(beam.DoFn):
         if key in ctrl.seen:
             return
         ctrl.seen.append(key)
-        # Never rewrite history: an update behind what this shard applied starts just after it.
-        ctrl.updates.append([u["path"], max(int(u["effective_micros"]), ctrl.applied_max + 1)])
+        # Applied events are final; an update (even a late one) serves the events after it that are
+        # applied from now on, as the newest update at or before their time: the same on every shard.
+        ctrl.updates.append([u["path"], int(u["effective_micros"])])
         ctrl.updates.sort(key=lambda p: p[1])
 
     def _late(self, shard: int, t: pa.Table, ctrl: Ctrl, pending, log_state) -> Iterator:
         """Events of windows the watermark had passed: duplicates of applied/pending rows, else late."""
         store = self._store(shard, ctrl, log_state)
         put_cached(self.transform_id, shard, store)  # read-only use: still valid for this token
-        seen = set(store.ids)
+        pending_ids = set()
         for b in pending.read():
             p = from_ipc(b)
-            seen.update(zip(p.column(KEY).to_pylist(), p.column(SEQ).to_pylist(), strict=True))
+            pending_ids.update(zip(p.column(KEY).to_pylist(), p.column(SEQ).to_pylist(), strict=True))
         ids = zip(t.column(KEY).to_pylist(), t.column(SEQ).to_pylist(), strict=True)
         for i, ident in enumerate(ids):
-            kind = "duplicate" if ident in seen else "late"
+            kind = "duplicate" if ident in store.ids or ident in pending_ids else "late"
             yield self._dead(t, i, kind, kind)
 
     def _dead(self, t: pa.Table, i: int, kind: str, reason: str, at: int | None = None):
@@ -243,7 +259,7 @@ class ShardStep(beam.DoFn):
                             switch=self._switch, version=lambda s: model_version(s.op.model.spec), m=self.m)
             if out.rows is not None:
                 ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
-        self._switch_due_updates(ctrl, store, T)
+        self._switch_due_updates(ctrl, store, max(T, ctrl.applied_max))
         released = [*self._ended, *self._expire(store, T)]
         if final:  # the input ended: every held-back row goes out
             released = list(dict.fromkeys([*released, *store.held]))
@@ -253,12 +269,13 @@ class ShardStep(beam.DoFn):
             rows = pair(rows, store, self.next_fields, final=final, released=released)
         self._save(shard, store, ctrl, log_state)
         self.m.shard_state((self.transform_id, shard), store)
-        nxt = [v for v in (rest_min, store.next_expiry(), self._next_update(ctrl, T)) if v is not None]
+        upd = self._next_update(ctrl, max(T, ctrl.applied_max))
+        nxt = [v for v in (rest_min, store.next_expiry(), upd) if v is not None]
         if nxt:
             self._arm(ctrl, flush_timer, max(min(nxt), T + 1))
         ctrl_state.write(ctrl.to_json())
-        if self.fault_injector is not None and due is not None:
-            self.fault_injector(shard, sorted(set(due.column(KEY).to_pylist())))
+        if self.fault_injector is not None:
+            self.fault_injector(shard, sorted(set(due.column(KEY).to_pylist())) if due is not None else [])
         for tbl, i, kind, reason in out.dead:
             yield self._dead(tbl, i, kind, reason, at=T)
         yield from emit(rows, self.output, floor=T)

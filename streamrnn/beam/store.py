@@ -2,10 +2,10 @@
 
 A flush reads and writes in proportion to the keys it advances, not the keys a shard holds:
 
-* Beam state keeps an append-only **log** of deltas (``BagState``): each flush appends the
-  keys it touched (their state rows and metadata), the ids it applied and the rows it
-  holds back. When the log grows past twice the live state it is compacted into one full
-  snapshot.
+* Beam state keeps an append-only **log** of deltas (``BagState``): each flush that changed
+  something appends the keys it touched (their state rows and metadata), the ids it applied
+  and the rows it holds back. When the log's bytes pass twice those of the last full
+  snapshot (plus 64 KiB), it is compacted into one full snapshot.
 * Each worker keeps the decoded store of a shard in memory (:data:`_CACHE`), tagged with a
   random **token** that is also written to Beam state with every flush. The cache is used
   only when the token in state matches it; a failed bundle leaves the old token in state,
@@ -31,10 +31,10 @@ import pyarrow as pa
 
 from ..keyed import KeyedOperator
 from ..model import Model
+from .clock import EARLIEST, NEVER
 from .records import KEY, SEQ
 
 _MAX_KEYS = 2**31 - 1
-_NEVER = 2**62
 
 
 @dataclass
@@ -63,14 +63,16 @@ class ShardStore:
     _touched: set[str] = field(default_factory=set)
     _held_touched: set[str] = field(default_factory=set)
     _new_ids: list[tuple[str, int, int]] = field(default_factory=list)
-    tombstones_swept: int = -(2**62)
+    tombstones_swept: int = EARLIEST
+    log_bytes: int = 0
+    full_bytes: int = 0
     full: bool = False  # the next write is a full snapshot (after a model switch)
 
     # -- changes -------------------------------------------------------------------------
     def set_meta(self, key: str, m: KeyMeta) -> None:
         self.meta[key] = m
         self._touched.add(key)
-        if m.live and m.expiry < _NEVER:
+        if m.live and m.expiry < NEVER:
             heapq.heappush(self._expiry_heap, (m.expiry, key))
 
     def forget(self, key: str) -> None:
@@ -145,14 +147,24 @@ class ShardStore:
         n = len(keys) + (len(self.ids) if full else len(self._new_ids)) + len(self.held if full else
                                                                                self._held_touched)
         self.log_rows = n if full else self.log_rows + n
+        if full:
+            self.full_bytes = self.log_bytes = len(blob)
+        else:
+            self.log_bytes += len(blob)
         self._touched.clear()
         self._held_touched.clear()
         self._new_ids = []
         self.full = False
         return blob, full
 
+    @property
+    def changed(self) -> bool:
+        """Anything to write since the last delta."""
+        return bool(self.full or self._touched or self._held_touched or self._new_ids)
+
     def should_compact(self) -> bool:
-        return self.log_rows > 2 * self.size_rows + 1024
+        """The log holds more than twice a full snapshot (bytes), plus slack: rewrite it as one."""
+        return self.log_bytes > 2 * self.full_bytes + (1 << 16) or self.log_rows > 2 * self.size_rows + 1024
 
 
 def _all_ids(ids: dict[tuple[str, int], int]):
@@ -170,6 +182,11 @@ def _ipc(t: pa.Table) -> bytes:
 def _pack(head: dict, parts: dict[str, bytes]) -> bytes:
     h = json.dumps({**head, "parts": {k: len(v) for k, v in parts.items()}}).encode()
     return struct.pack("<I", len(h)) + h + b"".join(parts.values())
+
+
+def _unpack_head(blob: bytes) -> dict:
+    (n,) = struct.unpack_from("<I", blob, 0)
+    return json.loads(blob[4:4 + n])
 
 
 def _unpack(blob: bytes) -> tuple[dict, dict[str, pa.Table]]:
@@ -251,11 +268,14 @@ def rebuild(blobs: list[bytes], load_model, *, keep_last_output: bool, default_p
     for at, i in sorted((at, i) for i, at in store.ids.items()):
         store._id_times.append((at, i))
     for k, m in store.meta.items():
-        if m.live and m.expiry < _NEVER:
+        if m.live and m.expiry < NEVER:
             store._expiry_heap.append((m.expiry, k))
     heapq.heapify(store._expiry_heap)
     store.log_seq = deltas[-1][0]["seq"] if deltas else 0
     store.log_rows = sum(p["meta"].num_rows + p["ids"].num_rows + p["held"].num_rows for _, p in deltas)
+    sizes = {h["seq"]: len(b) for b in blobs for h in [_unpack_head(b)]}
+    store.log_bytes = sum(sizes.get(h["seq"], 0) for h, _ in deltas)
+    store.full_bytes = sizes.get(deltas[0][0]["seq"], 0) if deltas and deltas[0][0]["full"] else 0
     return store
 
 
@@ -276,6 +296,13 @@ def take_cached(transform_id: str, shard: int, token: str | None) -> ShardStore 
 def put_cached(transform_id: str, shard: int, store: ShardStore) -> None:
     with _CACHE_LOCK:
         _CACHE[(transform_id, shard)] = store
+
+
+def drop_cached(transform_id: str) -> None:
+    """Forget every cached shard of one transform (its DoFn is torn down)."""
+    with _CACHE_LOCK:
+        for k in [k for k in _CACHE if k[0] == transform_id]:
+            del _CACHE[k]
 
 
 def new_token() -> str:

@@ -87,7 +87,8 @@ class StatefulInference(beam.PTransform):
       window_size: seconds; the flush cadence in event time.
       allowed_lateness: seconds after a window's end that its events still wait.
       ttl: event-time seconds a key may idle before its stream ends and its state is dropped (None: never).
-      dedupe_horizon: event-time seconds that applied ids are remembered (and late events still reported).
+      dedupe_horizon: event-time seconds that applied ids are remembered and late events still reported
+        (default: 1 h, at least a window plus its lateness).
       model_updates: PCollection of :class:`~streamrnn.beam.ModelUpdate`, applied at their effective time.
       postprocess: reduces raw outputs to columns inside the worker (e.g. ``NextTokenPostprocess``).
       keep_last_output: carry each key's last output (needed to score the next event).
@@ -101,7 +102,7 @@ class StatefulInference(beam.PTransform):
     """
 
     def __init__(self, *, model: str | os.PathLike, num_shards: int = 16, window_size: float = 60.0,
-                 allowed_lateness: float = 0.0, ttl: float | None = None, dedupe_horizon: float = 3600.0,
+                 allowed_lateness: float = 0.0, ttl: float | None = None, dedupe_horizon: float | None = None,
                  model_updates: beam.PCollection | None = None, postprocess: Postprocess | None = None,
                  keep_last_output: bool = False, output: Literal["records", "arrow"] = "records",
                  providers: Any = "auto", max_steps_per_call: int = 256, max_batch: int = 4096,
@@ -120,8 +121,11 @@ class StatefulInference(beam.PTransform):
         _check(num(allowed_lateness) and 0 <= allowed_lateness < 1e9, "allowed_lateness", "seconds >= 0",
                allowed_lateness)
         _check(ttl is None or (num(ttl) and 0 < ttl < 1e11), "ttl", "seconds > 0 or None", ttl)
-        _check(num(dedupe_horizon) and 0 <= dedupe_horizon < 1e11, "dedupe_horizon", "seconds >= 0",
-               dedupe_horizon)
+        if dedupe_horizon is None and num(window_size) and num(allowed_lateness):
+            dedupe_horizon = max(3600.0, float(window_size) + float(allowed_lateness))
+        _check(num(dedupe_horizon) and num(window_size) and num(allowed_lateness)
+               and window_size + allowed_lateness <= dedupe_horizon < 1e11, "dedupe_horizon",
+               "seconds >= window_size + allowed_lateness (late events are reported for that long)", dedupe_horizon)
         _check(output in ("records", "arrow"), "output", "'records' or 'arrow'", output)
         _check(isinstance(max_steps_per_call, int) and max_steps_per_call >= 1, "max_steps_per_call", ">= 1",
                max_steps_per_call)
@@ -160,11 +164,14 @@ class StatefulInference(beam.PTransform):
                       n_features=spec.input.n_features or 0, num_shards=self.num_shards, size_micros=size,
                       lateness_micros=late)).with_outputs(DEAD, main="blocks"))
         keyed = intake.blocks
+        bad_updates = []
         if self.model_updates is not None:
             updates = (self.model_updates | "UpdatesGlobal" >> beam.WindowInto(GlobalWindows())
                        | "UpdateIntake" >> beam.ParDo(UpdateIntake(
-                           num_shards=self.num_shards, size_micros=size, lateness_micros=late)))
-            keyed = (keyed, updates) | "WithUpdates" >> beam.Flatten()
+                           spec_json=spec.to_json(), num_shards=self.num_shards, size_micros=size,
+                           lateness_micros=late)).with_outputs(DEAD, main="updates"))
+            bad_updates.append(updates[DEAD])
+            keyed = (keyed, updates.updates) | "WithUpdates" >> beam.Flatten()
         keyed.element_type = beam.typehints.Tuple[int, beam.typehints.Tuple[int, bytes]]
         panes = (keyed
                  | "ReleaseWindows" >> beam.WindowInto(
@@ -190,6 +197,6 @@ class StatefulInference(beam.PTransform):
             outputs = outputs | "UserWindows" >> beam.WindowInto(
                 user.windowfn, trigger=user.triggerfn, accumulation_mode=user.accumulation_mode,
                 timestamp_combiner=user.timestamp_combiner, allowed_lateness=user.allowed_lateness)
-        dead = ((intake[DEAD], applied[DEAD]) | "DeadLetters" >> beam.Flatten()
+        dead = ((intake[DEAD], applied[DEAD], *bad_updates) | "DeadLetters" >> beam.Flatten()
                 | "DeadLettersGlobal" >> beam.WindowInto(GlobalWindows()))
         return StatefulResult(outputs, dead)
