@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.test_stream import TestStream as Stream  # (not collected as a test class)
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
@@ -148,12 +148,40 @@ def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
 def test_real_symbols_parity(model, tmp_path, replay):
     files = [str(SP500 / f"{s}_data.csv") for s in REAL]
     out = tmp_path / "out"
-    assert _run(files, out, *(["--replay", "--window", str(91 * DAY)] if replay else [])) == 0
+    assert _run(files, out, *(["--replay", "--window", str(182 * DAY)] if replay else [])) == 0
     _parity(model, files, out)
     t = _table(out, "forecasts")
     jumps = t.filter(pc.match_substring(t.column("flags"), "jump")).to_pylist()
     assert {(r["symbol"], str(np.datetime64(int(r["ts"]), "s"))[:10]) for r in jumps} >= {
         ("EBAY", "2015-07-20"), ("NI", "2015-07-02")}
+
+
+def _write_layout(bars, folder: pathlib.Path, form: str) -> tuple[list[str], list[str]]:
+    """The same bars as Parquet (other column names, a timestamp column) or the long-daily .txt layout."""
+    folder.mkdir()
+    if form == "parquet":
+        t = pa.table({"Ticker": [b.symbol for b in bars for _ in range(len(b))],
+                      "When": pa.array(np.concatenate([b.ts for b in bars]).astype("datetime64[s]")),
+                      **{c.title(): np.concatenate([np.round(getattr(b, c), 4) for b in bars]) for c in COLS}})
+        pq.write_table(t, str(folder / "bars.parquet"), row_group_size=50)
+        return [str(folder / "bars.parquet")], ["--columns", "ts=When,symbol=Ticker"]
+    for b in bars:  # Date,Open,High,Low,Close,Volume,OpenInt with CRLF; the symbol is the file name
+        lines = ["Date,Open,High,Low,Close,Volume,OpenInt"] + [
+            f"{np.datetime64(int(b.ts[i]), 's').astype('datetime64[D]')},"
+            + ",".join(f"{getattr(b, c)[i]:.4f}" for c in COLS[:4]) + f",{int(b.volume[i])},0" for i in range(len(b))]
+        (folder / f"{b.symbol.lower()}.us.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return [str(folder)], []
+
+
+@pytest.mark.parametrize("form", ["parquet", "long_daily_txt"])
+def test_input_layouts_give_the_same_forecasts(tmp_path, form):
+    bars = simulate(["PQA", "PQB"], start="2016-01-01", end="2016-05-01", seed=5)
+    csv = [str(p) for p in write_sp500_layout(bars, tmp_path / "csv")]
+    files, flags = _write_layout(bars, tmp_path / form, form)
+    assert _run(csv, tmp_path / "a") == 0 and _run(files, tmp_path / "b", *flags) == 0
+    a, b = (_table(tmp_path / o, "forecasts").sort_by([("symbol", "ascending"), ("ts", "ascending")]) for o in "ab")
+    assert a.num_rows == sum(len(x) for x in bars)
+    assert a.equals(b)
 
 
 # -- bad bars --------------------------------------------------------------------------------------
@@ -204,7 +232,7 @@ def test_late_bar_beyond_lateness_is_dead_letter_and_state_unpoisoned():
     opts = PipelineOptions()
     opts.view_as(StandardOptions).streaming = True
     # epoch-aligned weeks: days 0-2 are one window, days 3-9 the next, day 10 on the one after
-    stream = (TestStream()
+    stream = (Stream()
               .add_elements([TimestampedValue(bars[d], bars[d]["ts"]) for d in (1, 0, 2, 4, 3)])
               .advance_watermark_to(_day(10) + 1)  # both windows released: days 0..4 applied
               .add_elements([TimestampedValue(b, b["ts"]) for b in (bars[11], stale, bars[5])])

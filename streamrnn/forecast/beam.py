@@ -52,7 +52,7 @@ from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
 from ..errors import InputError
 from .bars import PRICE_COLUMNS, read_csv_text
 from .features import FeatureConfig, SymbolState, bar_problem, step_features
-from .metrics import quantile
+from .metrics import nll, quantile
 from .serve import LEVELS
 
 DEAD = "dead_letters"
@@ -323,8 +323,12 @@ class ForecastPostprocess(Postprocess):
 
     Columns ``[N, H]``: ``ret_loc`` (= the median), ``ret_scale``, and ``q_lo80 / q_hi80 /
     q_lo95 / q_hi95``; ``[N]``: ``ret`` and ``jump`` (this bar's cleaned return and jump flag,
-    paired with the next bar as the realised one-bar-ahead return) and ``days``.
+    paired with the next bar as the realised one-bar-ahead return), ``days``, and ``logprob``:
+    the log density of this bar's return under the previous bar's one-bar-ahead forecast (NaN
+    on a symbol's first bar and on jumps), which feeds the job's live loss metrics.
     """
+
+    needs_prev = True
 
     def __init__(self, df: list[float]):
         self.df = [float(d) for d in df]
@@ -338,4 +342,9 @@ class ForecastPostprocess(Postprocess):
             out[f"q_{name}"] = quantile(p, loc, scale, df)
         x = np.asarray(x, np.float64)
         out.update(ret=x[:, 0], days=x[:, 6], jump=x[:, 7])
+        prev_loc = prev_outputs["mean"][:, 0].astype(np.float64)
+        prev_scale = np.exp(prev_outputs["log_scale"][:, 0].astype(np.float64))
+        with np.errstate(invalid="ignore"):
+            lp = -nll(x[:, 0], prev_loc, prev_scale, np.full(len(x), self.df[0]))
+        out["logprob"] = np.where(x[:, 7] > 0.5, np.nan, lp)
         return out
