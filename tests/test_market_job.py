@@ -248,6 +248,16 @@ def test_late_bar_beyond_lateness_is_dead_letter_and_state_unpoisoned():
                                "(out of order)")]), label="dead")
 
 
+def test_epoch_millisecond_bar_is_a_dead_letter_not_a_crash():
+    ms = {**GOOD, "ts": _day(0) * 1000.0}
+    with beam.Pipeline() as p:
+        events, dead = p | beam.Create([ms, {**GOOD, "ts": _day(1)}]) | Features(FeatureConfig(), window=DAY,
+                                                                                  lateness=0.0)
+        assert_that(events | beam.Map(lambda e: (e.key, e.ts, e.seq)), equal_to([("ABC", _day(1), 0)]), label="ok")
+        assert_that(dead | beam.Map(lambda d: (d.kind, "epoch milliseconds" in d.reason)),
+                    equal_to([("invalid", True)]), label="dead")
+
+
 # -- the launcher ----------------------------------------------------------------------------------
 def _one_line_error(capsys, code: int, *words: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()

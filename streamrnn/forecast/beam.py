@@ -45,7 +45,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
-from ..beam.clock import release_micros, timestamp, to_micros
+from ..beam.clock import TS_LIMIT, release_micros, timestamp, to_micros
 from ..beam.counters import Counters
 from ..beam.postprocess import Postprocess
 from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
@@ -223,6 +223,9 @@ class KeyBars(beam.DoFn):
                                                                f"{type(bar).__name__}"))
             return
         problem = bar_problem(bar, -math.inf)
+        if problem is None and abs(float(bar["ts"])) > TS_LIMIT:
+            problem = (f"ts: expected seconds since the epoch within ±{TS_LIMIT:.0e}, got {bar['ts']!r} "
+                       "(epoch milliseconds or nanoseconds? ts is seconds)")
         if problem is not None:
             self.m.dead("invalid")
             yield beam.pvalue.TaggedOutput(DEAD, _dead_bar(bar, problem))
