@@ -13,8 +13,9 @@ symbol's bars in timestamp order, so each bar's feature vector is the one
 buffered until the watermark passes their fixed event-time window's end plus the allowed
 lateness (the same release rule as :class:`~streamrnn.beam.StatefulInference`), then applied
 sorted by ``(ts, file, row)``. A bad bar (:func:`~streamrnn.forecast.features.bar_problem`)
-is a dead letter with the reason and touches no state; a bar older than, or at the time of,
-the symbol's last applied bar (out of order beyond the lateness, or a duplicate) too.
+is a dead letter with the reason and touches no state; so is a bar of a window the symbol
+already released (``late``: beyond the allowed lateness), and a bar older than, or at the time
+of, the symbol's last applied bar (``late`` / ``duplicate``).
 
 **The close rides in ``sub``.** StatefulInference's outputs carry ``key, ts, seq, sub`` and
 the model's columns only, so the bar's close (needed to turn return quantiles into prices)
@@ -237,9 +238,10 @@ class KeyBars(beam.DoFn):
 _BARS_SPEC = BagStateSpec("bars", StrUtf8Coder())
 _STATE_SPEC = ReadModifyWriteStateSpec("state", StrUtf8Coder())
 _DUE_SPEC = ReadModifyWriteStateSpec("due", VarIntCoder())
+_DONE_SPEC = ReadModifyWriteStateSpec("released", VarIntCoder())  # the symbol's last release time applied
 _FLUSH_SPEC = TimerSpec("flush", TimeDomain.WATERMARK)
 # Beam's DoFn parameters, as module-level singletons
-_BARS, _STATE, _DUE = (beam.DoFn.StateParam(s) for s in (_BARS_SPEC, _STATE_SPEC, _DUE_SPEC))
+_BARS, _STATE, _DUE, _DONE = (beam.DoFn.StateParam(s) for s in (_BARS_SPEC, _STATE_SPEC, _DUE_SPEC, _DONE_SPEC))
 _FLUSH = beam.DoFn.TimerParam(_FLUSH_SPEC)
 _KEY, _NOW = beam.DoFn.KeyParam, beam.DoFn.TimestampParam
 
@@ -262,17 +264,25 @@ class BarFeatures(beam.DoFn):
     def _release(self, ts: float) -> int:
         return int(release_micros(np.array([to_micros(ts)]), size=self.size, lateness=self.lateness)[0])
 
-    def process(self, kv, bars=_BARS, due=_DUE, flush=_FLUSH) -> None:
+    def process(self, kv, bars=_BARS, due=_DUE, done=_DONE, flush=_FLUSH) -> Iterator:
         _, bar = kv
-        bars.add(json.dumps(bar))
         rel = self._release(bar["ts"])
+        released = done.read()
+        if released is not None and rel <= released:
+            self.m.dead("late")
+            yield beam.pvalue.TaggedOutput(DEAD, _dead_bar(bar, (
+                f"ts: expected a bar of a window not yet released, got {bar['ts']!r} after its window's end plus "
+                "the allowed lateness (late)"), "late"))
+            return
+        bars.add(json.dumps(bar))
         cur = due.read()
         if cur is None or rel < cur:
             due.write(rel)
             flush.set(timestamp(rel))
 
     @on_timer(_FLUSH_SPEC)
-    def on_flush(self, key=_KEY, now=_NOW, bars=_BARS, state=_STATE, due=_DUE, flush=_FLUSH) -> Iterator:
+    def on_flush(self, key=_KEY, now=_NOW, bars=_BARS, state=_STATE, due=_DUE, done=_DONE, flush=_FLUSH
+                 ) -> Iterator:
         held = [json.loads(s) for s in bars.read()]
         ready, rest = [], []
         for b in held:
@@ -289,6 +299,8 @@ class BarFeatures(beam.DoFn):
             row, st = step_features(st, b, self.config, key)
             yield TimestampedValue(Event(key, row.ts, st.n - 1, row.x.tolist(), close_bits(row.close)), now)
         state.write(json.dumps(asdict(st)))
+        if not self.flush_all:
+            done.write(max(now.micros, done.read() or now.micros))
         bars.clear()
         for b in rest:
             bars.add(json.dumps(b))
