@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Install a streamrnn Beam worker (SDK harness) into a Python environment: the pinned Beam
+# (deploy/versions.env), ONNX Runtime (GPU build, or the CPU build with --cpu), and streamrnn
+# itself from a source tree or a built wheel, with its shipped models. No torch: workers only
+# run the exported ONNX models. The Dockerfile RUNs this script; CI runs it into a fresh venv.
+#
+#   deploy/install_worker.sh [--python PY] [--cpu] [SOURCE]
+#
+#   --python PY  the interpreter to install into (default: python3); a venv's bin/python
+#                installs into that venv
+#   --cpu        onnxruntime (CPU) instead of onnxruntime-gpu, on every platform
+#   SOURCE       a streamrnn source tree or streamrnn-*.whl (default: this checkout)
+#
+# Extra pip flags come from the environment as usual (PIP_NO_INDEX, PIP_FIND_LINKS, ...).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(dirname "$here")"
+py=python3
+cpu=0
+src="$root"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --python) py="${2:?--python: expected an interpreter path}"; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -*) echo "install_worker.sh: unknown option $1" >&2; exit 2 ;;
+    *) src="$1"; shift ;;
+  esac
+done
+[ -e "$src" ] || { echo "install_worker.sh: SOURCE: expected a source tree or wheel, got no such path $src" >&2; exit 2; }
+# shellcheck source=versions.env
+. "$here/versions.env"
+: "${BEAM_VERSION:?deploy/versions.env sets no BEAM_VERSION}"
+
+have="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+if [ "$have" != "$PYTHON_VERSION" ]; then
+  echo "install_worker.sh: warning: $py is Python $have, the pinned worker Python is $PYTHON_VERSION" \
+       "(launcher and workers should share a minor version)" >&2
+fi
+
+pip=("$py" -m pip install --no-cache-dir --disable-pip-version-check -q)
+beam="apache-beam==$BEAM_VERSION"
+if [ "$cpu" = 1 ]; then
+  # streamrnn's own dependencies, with the CPU build of ONNX Runtime on every platform
+  mapfile -t deps < <("$py" - "$root/pyproject.toml" <<'PY'
+import sys, tomllib
+for d in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    name = d.split(";")[0].strip()
+    if name.startswith("onnxruntime-gpu"):
+        continue
+    print(name)  # the CPU build's line, without its platform marker
+PY
+  )
+  "${pip[@]}" "${deps[@]}" "$beam"
+  "${pip[@]}" --no-deps "$src"
+else
+  "${pip[@]}" "$src" "$beam"
+fi
+
+# what a worker needs, importable and at the pinned version
+"$py" - "$BEAM_VERSION" <<'PY'
+import sys
+import apache_beam, onnxruntime, streamrnn
+from streamrnn.beam import StatefulInference  # noqa: F401
+import os
+if apache_beam.__version__ != sys.argv[1]:
+    sys.exit(f"install_worker.sh: expected apache-beam {sys.argv[1]}, got {apache_beam.__version__}")
+if not os.path.exists(streamrnn.DEFAULT_MODEL):
+    sys.exit(f"install_worker.sh: expected the shipped model at {streamrnn.DEFAULT_MODEL}, got no such file")
+print(f"streamrnn worker: beam {apache_beam.__version__}, onnxruntime {onnxruntime.__version__} "
+      f"{onnxruntime.get_available_providers()}, streamrnn at {os.path.dirname(streamrnn.__file__)}")
+PY
