@@ -249,8 +249,9 @@ _KEY, _NOW = beam.DoFn.KeyParam, beam.DoFn.TimestampParam
 class BarFeatures(beam.DoFn):
     """Stateful per symbol: buffered bars applied in time order at their release time -> feature Events.
 
-    State: the symbol's :class:`SymbolState` (JSON), the buffered bars (JSON) and the due
-    release time. Outputs are timestamped at the release time that applied them.
+    State: the symbol's :class:`SymbolState` (JSON), the buffered bars (JSON), the due release
+    time and the last release time applied (a bar of a window at or before it is ``late``).
+    Outputs are timestamped at the release time that applied them.
     """
 
     def __init__(self, config: FeatureConfig, *, window: float, lateness: float, flush_all: bool = False):
