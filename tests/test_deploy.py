@@ -1,0 +1,267 @@
+"""Deploy: the worker install script (the Dockerfile's install steps) run into a fresh venv, the one
+Beam pin, and both jobs run distributed the way Flink on Kubernetes runs Python: a Beam job service
+and a separate worker pool process (from that venv) on loopback, ``--environment_type=EXTERNAL``,
+with outputs equal to the DirectRunner's for the same input."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "deploy" / "install_worker.sh"
+PIN_KEYS = ("BEAM_VERSION", "PYTHON_VERSION", "CUDA_IMAGE")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / "deploy" / "versions.env").read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _env_without_checkout() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("STREAMRNN_MODEL", "PYTHONPATH")}
+
+
+@pytest.fixture(scope="module")
+def worker_venv(tmp_path_factory) -> Path:
+    """A fresh venv with the worker installed by deploy/install_worker.sh from a clean copy of the source.
+
+    Offline and fast: the test venv's site-packages are appended (a .pth) so pip finds the pinned Beam
+    and the other dependencies already installed; streamrnn itself is built and installed into the new
+    venv (pip leaves the checkout's editable install, outside that venv, alone)."""
+    base = tmp_path_factory.mktemp("deploy")
+    src = base / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis", ".*_cache"))
+    venv = base / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {**_env_without_checkout(), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
+    r = subprocess.run(["bash", str(src / "deploy" / "install_worker.sh"), "--python", str(py), str(src)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=base)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"streamrnn worker: beam {versions()['BEAM_VERSION']}" in r.stdout, r.stdout
+    return venv
+
+
+def test_install_worker_builds_a_working_worker(worker_venv):
+    py = worker_venv / "bin" / "python"
+    code = ("import json, os, apache_beam, onnxruntime, streamrnn, beam_jobs.next_token; "
+            "print(json.dumps({'beam': apache_beam.__version__, 'streamrnn': streamrnn.__file__, "
+            "'jobs': beam_jobs.next_token.__file__, 'model': streamrnn.DEFAULT_MODEL, "
+            "'model_exists': os.path.exists(streamrnn.DEFAULT_MODEL)}))")
+    r = subprocess.run([str(py), "-c", code], capture_output=True, text=True, timeout=120, cwd=worker_venv,
+                       env=_env_without_checkout())
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["beam"] == versions()["BEAM_VERSION"]
+    # the installed copy (code and shipped model), not the checkout
+    for k in ("streamrnn", "jobs", "model"):
+        assert Path(got[k]).resolve().is_relative_to(worker_venv.resolve()), got
+    assert got["model_exists"]
+
+
+def test_install_worker_bad_source_is_one_line_exit_2(tmp_path):
+    r = subprocess.run(["bash", str(INSTALL), "--python", sys.executable, str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "SOURCE: expected" in r.stderr, r.stderr
+    r = subprocess.run(["bash", str(INSTALL), "--bogus"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+
+
+def test_one_pin_for_image_workers_and_launcher():
+    """versions.env is the pin; the Dockerfile's defaults and this (launcher) environment must agree with it."""
+    import apache_beam
+
+    pins = versions()
+    assert set(PIN_KEYS) <= set(pins), pins
+    assert apache_beam.__version__ == pins["BEAM_VERSION"]
+    assert f"{sys.version_info[0]}.{sys.version_info[1]}" == pins["PYTHON_VERSION"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for k in PIN_KEYS:
+        assert re.search(rf"^ARG {k}={re.escape(pins[k])}$", dockerfile, re.M), k
+    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-\S+", pins["CUDA_IMAGE"])
+    assert cuda and cuda.group(1) == "13", pins["CUDA_IMAGE"]  # onnxruntime-gpu 1.31: CUDA 13, cuDNN 9
+
+
+def test_dockerfile_is_a_beam_worker_image():
+    lines = [ln.strip() for ln in (ROOT / "Dockerfile").read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = "\n".join(lines)
+    assert re.search(r"^FROM apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\} AS beam_sdk$", text, re.M)
+    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in lines
+    assert lines[-1] == 'ENTRYPOINT ["/opt/apache/beam/boot"]'
+    users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] not in ("root", "0")
+    assert "./deploy/install_worker.sh" in text and "torch" not in text
+    assert re.search(r"^FROM base-\$\{VARIANT\} AS worker$", text, re.M) and "ARG VARIANT=gpu" in lines
+    assert "COPY exported ./exported" in lines
+
+
+# --- a distributed run: job service + worker pool on loopback -------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, deadline_s: float = 60.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"exited with {proc.returncode} before listening on {port}: {log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            proc_wait = min(0.1, max(0.0, end - time.monotonic()))
+            try:
+                proc.wait(timeout=proc_wait)  # returns early only if it died
+            except subprocess.TimeoutExpired:
+                pass
+    raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {deadline_s} s: {log.read_text()[-2000:]}")
+
+
+@contextmanager
+def _service(args: list[str], port: int, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with open(log, "w") as f:
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_for_port(port, proc, log)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=20)
+        # the pool's SDK harness children are in its session: none may outlive the test
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def portable(worker_venv, tmp_path_factory) -> Iterator[list[str]]:
+    """Pipeline options for the PortableRunner against a local job service and a worker pool whose
+    SDK harnesses run the venv that install_worker.sh built."""
+    logs = tmp_path_factory.mktemp("services")
+    job_port, pool_port = _free_port(), _free_port()
+    env = _env_without_checkout()
+    pool_env = {**env, "PATH": f"{worker_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
+                "VIRTUAL_ENV": str(worker_venv)}  # the pool starts each harness as `python` from PATH
+    job = [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)]
+    pool = [str(worker_venv / "bin" / "python"), "-m", "apache_beam.runners.worker.worker_pool_main",
+            "--service_port", str(pool_port)]
+    with _service(job, job_port, env, logs / "job_service.log"), \
+            _service(pool, pool_port, pool_env, logs / "worker_pool.log"):
+        yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
+               f"--environment_config=localhost:{pool_port}"]
+
+
+def _run_job(module: str, args: list[str], cwd: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", module, "--quiet", "--metrics-port", "0", *args], capture_output=True,
+                       text=True, timeout=240, cwd=cwd, env=_env_without_checkout())
+    assert r.returncode == 0, r.stderr[-4000:]
+
+
+def _table(folder: Path, prefix: str, sort: list[str]) -> pa.Table | None:
+    files = sorted(folder.glob(f"{prefix}-*.parquet"))
+    if not files:
+        return None
+    return pa.concat_tables([pq.read_table(f) for f in files]).sort_by([(c, "ascending") for c in sort])
+
+
+def _assert_json_close(a: object, b: object, where: str = "summary") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_json_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_json_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-5, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def _floats(col: pa.ChunkedArray) -> np.ndarray | None:
+    """A float column (or list-of-float column, flattened) as numpy with nulls as NaN; None for other types."""
+    if pa.types.is_list(col.type):
+        col = pc.list_flatten(col)
+    if not pa.types.is_floating(col.type):
+        return None
+    return col.cast(pa.float64()).fill_null(float("nan")).to_numpy()
+
+
+def _assert_tables_match(a: pa.Table, b: pa.Table) -> None:
+    """Same rows and columns; floats to 1e-5 (ONNX Runtime's batches may differ between runners)."""
+    assert a.schema == b.schema and a.num_rows == b.num_rows
+    for name in a.column_names:
+        fa, fb = _floats(a.column(name)), _floats(b.column(name))
+        if fa is not None:
+            np.testing.assert_allclose(fa, fb, rtol=1e-5, atol=1e-5, equal_nan=True, err_msg=name)
+        else:
+            assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
+
+
+def _assert_same_outputs(direct: Path, dist: Path, main: str, sort: list[str]) -> None:
+    a, b = _table(direct, main, sort), _table(dist, main, sort)
+    assert a is not None and b is not None and a.num_rows > 0, f"no {main} rows"
+    _assert_tables_match(a, b)
+    da, db = (_table(d, "dead_letters", ["reason"]) for d in (direct, dist))
+    assert (da is None) == (db is None)
+    if da is not None:
+        assert sorted(map(str, da.column("reason").to_pylist())) == sorted(map(str, db.column("reason").to_pylist()))
+    _assert_json_close(*(json.loads((d / "summary.json").read_text()) for d in (direct, dist)))
+
+
+@pytest.mark.slow
+def test_next_token_distributed_equals_direct(portable, tmp_path):
+    from streamrnn.beam.io import demo_events
+
+    events = demo_events(tmp_path / "events.jsonl", keys=4)
+    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "direct")], tmp_path)
+    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "dist"), *portable], tmp_path)
+    _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "predictions", ["key", "seq", "offset"])
+
+
+@pytest.mark.slow
+def test_market_forecast_distributed_equals_direct(portable, tmp_path):
+    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+
+    bars = tmp_path / "bars"
+    write_sp500_layout(simulate(["SIMA", "SIMB", "SIMC"], start="2016-01-01", end="2016-05-01", seed=3), bars)
+    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "direct")], tmp_path)
+    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "dist"), *portable],
+             tmp_path)
+    _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "forecasts", ["symbol", "ts"])
