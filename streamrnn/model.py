@@ -342,7 +342,10 @@ def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
     except OSError as e:
         raise ModelLoadError(f"{source}: expected a readable ONNX file at {source!r}, got {e.strerror or e}") from e
     sess = create_session(blob, providers, session_config, what=source)
-    meta = sess.get_modelmeta().custom_metadata_map
+    try:
+        meta = sess.get_modelmeta().custom_metadata_map
+    except UnicodeDecodeError as e:  # ORT decodes metadata strings itself: corrupt bytes surface here
+        raise ModelLoadError(f"{source}: metadata: expected UTF-8 text, got undecodable bytes ({e.reason})") from e
     if SPEC_KEY not in meta:
         raise ModelLoadError(f"{source}: metadata: expected key '{SPEC_KEY}' (a streamrnn model), "
                              f"got keys {sorted(meta)}")

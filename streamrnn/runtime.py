@@ -123,7 +123,7 @@ def create_session(source: str | bytes | os.PathLike, providers: ProviderArg = "
         why = cuda_failure_reason(log_text()) if CUDA in missing else "see ONNX Runtime's log"
         raise ModelLoadError(f"{what}: providers: expected {requested} to load, got {sess.get_providers()} "
                              f"({', '.join(missing)} failed to load: {why})")
-    log.info("streamrnn: %s runs on %s (requested explicitly)", what, sess.get_providers()[0])
+    log.debug("streamrnn: %s runs on %s (requested explicitly)", what, sess.get_providers()[0])  # no surprise
     return sess
 
 
