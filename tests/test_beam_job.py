@@ -142,6 +142,21 @@ def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
     assert summary["keys"]["t"]["bytes"] == 5 and summary["keys"]["t"]["scored"] == 3
 
 
+@pytest.mark.parametrize("t0", [1_700_000_000.1234, 12.3456])
+def test_replay_from_a_sub_millisecond_first_time(beam_models, tmp_path, t0):
+    """TestStream watermarks must be whole milliseconds: a replay starting at 12.3456 used to end in a traceback."""
+    path = tmp_path / "events.jsonl"
+    rows = [{"key": "a", "ts": t0, "seq": 0, "text": "hi"}, {"key": "b", "ts": t0 + 0.0007, "seq": 0, "text": "yo"},
+            {"key": "a", "ts": t0 + 45.0001, "seq": 1, "text": "!"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    assert next_token.main(["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--replay",
+                            "--providers", "cpu", "--quiet", "--shards", "2", "--step", "10"]) == 0
+    pred = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("predictions-*.parquet")])
+    assert sorted(zip(pred.column("key").to_pylist(), pred.column("pos").to_pylist(), strict=True)) == [
+        ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+
+
 def _byte(r):
     """The byte of a prediction row (its text row's byte at ``offset``)."""
     by = {(row["key"], row["seq"]): row["text"].encode() for row in ROWS if row["ts"] not in BAD_TS}

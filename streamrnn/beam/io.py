@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 
 from ..errors import InputError
 from .event_files import FORMATS, format_of, parse_events
@@ -202,7 +204,9 @@ class ReplayEvents(beam.PTransform):
                 stream = stream.add_elements(first + [TimestampedValue(rb, float(rb.column(TS)[0].as_py()))
                                                       for rb in blocks(part, self.block_rows)])
                 first = []
-                stream = stream.advance_watermark_to(t0 + (step_of[a] + 1) * self.step - self.ooo)
+                # TestStream watermarks are whole milliseconds: round down (never ahead of the step's end)
+                wm = math.floor((t0 + (step_of[a] + 1) * self.step - self.ooo) * 1000)
+                stream = stream.advance_watermark_to(Timestamp(micros=wm * 1000))
         if first:
             stream = stream.add_elements(first)
         stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
