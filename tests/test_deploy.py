@@ -43,28 +43,43 @@ def _env_without_checkout() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def worker_venv(tmp_path_factory) -> Path:
-    """A fresh venv with the worker installed by deploy/install_worker.sh from a clean copy of the source.
+def source(tmp_path_factory) -> Path:
+    """A clean copy of the checkout: no stale build/ or egg-info of an earlier build leaks into a package."""
+    src = tmp_path_factory.mktemp("deploy") / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis", ".*_cache"))
+    return src
+
+
+@pytest.fixture(scope="module")
+def worker_venv(source) -> Path:
+    """A fresh venv with the worker installed by deploy/install_worker.sh from the source, as the Dockerfile does.
 
     Offline and fast: the test venv's site-packages are appended (a .pth) so pip finds the pinned Beam
     and the other dependencies already installed; streamrnn itself is built and installed into the new
     venv (pip leaves the checkout's editable install, outside that venv, alone)."""
-    base = tmp_path_factory.mktemp("deploy")
-    src = base / "src"
-    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis", ".*_cache"))
-    venv = base / "venv"
+    venv = source.parent / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     env = {**_env_without_checkout(), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
-    r = subprocess.run(["bash", str(src / "deploy" / "install_worker.sh"), "--python", str(py), str(src)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=base)
+    r = subprocess.run(["bash", str(source / "deploy" / "install_worker.sh"), "--python", str(py), str(source)],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=source.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"streamrnn worker: beam {versions()['BEAM_VERSION']}" in r.stdout, r.stdout
     return venv
+
+
+@pytest.fixture(scope="module")
+def wheel(source) -> Path:
+    out = source.parent / "dist"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", "-w", str(out), str(source)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (whl,) = out.glob("streamrnn-*.whl")
+    return whl
 
 
 def test_install_worker_builds_a_working_worker(worker_venv):
@@ -169,21 +184,23 @@ def _service(args: list[str], port: int, env: dict[str, str], log: Path) -> Iter
 
 
 @pytest.fixture(scope="module")
-def portable(worker_venv, tmp_path_factory) -> Iterator[list[str]]:
+def portable(worker_venv, tmp_path_factory) -> Iterator[tuple[list[str], Path]]:
     """Pipeline options for the PortableRunner against a local job service and a worker pool whose
-    SDK harnesses run the venv that install_worker.sh built."""
+    SDK harnesses run the venv that install_worker.sh built; and the folder of the services' logs
+    and the job service's staged artifacts."""
     logs = tmp_path_factory.mktemp("services")
     job_port, pool_port = _free_port(), _free_port()
     env = _env_without_checkout()
     pool_env = {**env, "PATH": f"{worker_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
                 "VIRTUAL_ENV": str(worker_venv)}  # the pool starts each harness as `python` from PATH
-    job = [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port", str(job_port)]
+    job = [sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main", "--port", str(job_port),
+           "--staging_dir", str(logs / "staging")]
     pool = [str(worker_venv / "bin" / "python"), "-m", "apache_beam.runners.worker.worker_pool_main",
             "--service_port", str(pool_port)]
     with _service(job, job_port, env, logs / "job_service.log"), \
             _service(pool, pool_port, pool_env, logs / "worker_pool.log"):
         yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
-               f"--environment_config=localhost:{pool_port}"]
+               f"--environment_config=localhost:{pool_port}"], logs
 
 
 def _run_job(module: str, args: list[str], cwd: Path) -> None:
@@ -245,13 +262,26 @@ def _assert_same_outputs(direct: Path, dist: Path, main: str, sort: list[str]) -
     _assert_json_close(*(json.loads((d / "summary.json").read_text()) for d in (direct, dist)))
 
 
+def _harnesses_started(logs: Path) -> int:
+    return (logs / "worker_pool.log").read_text().count("Starting worker with command")
+
+
 @pytest.mark.slow
 def test_next_token_distributed_equals_direct(portable, tmp_path):
+    """The model on a shared filesystem (not the checkout), opened by the workers from --model."""
+    from streamrnn import DEFAULT_MODEL
     from streamrnn.beam.io import demo_events
 
+    options, logs = portable
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    model = shutil.copy(DEFAULT_MODEL, shared / "lm.onnx")
     events = demo_events(tmp_path / "events.jsonl", keys=4)
-    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "direct")], tmp_path)
-    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "dist"), *portable], tmp_path)
+    common = ["--input", events, "--model", str(model)]
+    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp_path / "direct")], tmp_path)
+    before = _harnesses_started(logs)
+    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp_path / "dist"), *options], tmp_path)
+    assert _harnesses_started(logs) > before  # the pool's SDK harnesses ran it, not the job service in-process
     _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "predictions", ["key", "seq", "offset"])
 
 
@@ -259,9 +289,29 @@ def test_next_token_distributed_equals_direct(portable, tmp_path):
 def test_market_forecast_distributed_equals_direct(portable, tmp_path):
     from streamrnn.forecast.synthetic import simulate, write_sp500_layout
 
+    options, logs = portable
     bars = tmp_path / "bars"
     write_sp500_layout(simulate(["SIMA", "SIMB", "SIMC"], start="2016-01-01", end="2016-05-01", seed=3), bars)
     _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "direct")], tmp_path)
-    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "dist"), *portable],
+    before = _harnesses_started(logs)
+    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "dist"), *options],
              tmp_path)
+    assert _harnesses_started(logs) > before
     _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "forecasts", ["symbol", "ts"])
+
+
+@pytest.mark.slow
+def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, tmp_path):
+    """``--extra_package dist/streamrnn-*.whl`` ships the code to the cluster: the job service receives the
+    wheel byte for byte. (An EXTERNAL worker pool does not install staged packages, only Beam's boot does
+    in a DOCKER/PROCESS environment; hence the worker image with streamrnn baked in.)"""
+    from streamrnn.beam.io import demo_events
+
+    options, logs = portable
+    events = demo_events(tmp_path / "events.jsonl", keys=2)
+    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "out"), *options,
+                                      "--extra_package", str(wheel)], tmp_path)
+    same = [p for p in (logs / "staging").rglob(f"*{wheel.name}") if p.read_bytes() == wheel.read_bytes()]
+    assert len(same) == 1, list((logs / "staging").rglob("*"))
+    (listing,) = same[0].parent.glob("*extra_packages.txt")
+    assert wheel.name in listing.read_text().split()
