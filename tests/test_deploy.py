@@ -303,8 +303,8 @@ def test_market_forecast_distributed_equals_direct(portable, tmp_path):
 @pytest.mark.slow
 def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, tmp_path):
     """``--extra_package dist/streamrnn-*.whl`` ships the code to the cluster: the job service receives the
-    wheel byte for byte. (An EXTERNAL worker pool does not install staged packages, only Beam's boot does
-    in a DOCKER/PROCESS environment; hence the worker image with streamrnn baked in.)"""
+    wheel byte for byte. (A bare worker_pool_main starts harnesses without Beam's boot, so nothing staged is
+    installed here; boot does that in DOCKER/PROCESS environments and in the image's --worker_pool mode.)"""
     from streamrnn.beam.io import demo_events
 
     options, logs = portable
