@@ -131,7 +131,7 @@ class ShardStore:
     # -- the log -------------------------------------------------------------------------
     def delta(self, *, compact: bool) -> tuple[bytes, bool]:
         """Encode what changed since the last write (or everything). Returns (blob, is_full)."""
-        full = compact or self.full
+        full = compact or self.full or self.log_seq == 0  # a shard's first write is its base snapshot
         keys = list(self.meta) if full else sorted(self._touched)
         live = [k for k in keys if k in self.op]
         parts = {
@@ -217,10 +217,10 @@ def _ids_table(rows) -> pa.Table:
 
 
 def _held_table(held: dict[str, pa.Table], only: set[str] | None) -> pa.Table:
-    rows = [t for k, t in held.items() if only is None or k in only]
+    rows = list(held.values()) if only is None else [held[k] for k in only if k in held]
     if not rows:
         return pa.table({KEY: pa.array([], pa.string())})
-    return pa.concat_tables(rows, promote_options="permissive")
+    return pa.concat_tables(rows, promote_options="permissive").combine_chunks()
 
 
 # -- building a store -------------------------------------------------------------------------
@@ -254,7 +254,7 @@ def rebuild(blobs: list[bytes], load_model, *, keep_last_output: bool, default_p
             store.ids[(k, s)] = at
         for k in head["held_cleared"]:
             store.held.pop(k, None)
-        h = parts["held"]
+        h = parts["held"].combine_chunks()  # one chunk: slicing a row stays O(1)
         if h.num_rows:
             for i, k in enumerate(h.column(KEY).to_pylist()):
                 store.held[k] = h.slice(i, 1)
