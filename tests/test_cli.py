@@ -170,10 +170,14 @@ def _cases(tmp):
         (["bench", "operator", "--zipf-s", "1.0"], "--zipf-s: expected a number > 1.0"),
         (["bench", "operator", "--bogus"], "unrecognized arguments: --bogus"),
         (["bench", "nope"], "invalid choice: 'nope'"),
+        (["bench", "beam", "--keys", "0"], "--keys: expected an int >= 1, got '0'"),
+        (["bench", "beam", "--shards", "x"], "--shards: expected an int, got 'x'"),
+        (["bench", "beam", "--bogus"], "unrecognized arguments: --bogus"),
+        (["bench", "gpu", "--budget", "1"], "--budget: expected a number >= 10.0, got '1'"),
     ]
 
 
-N_CASES = 33
+N_CASES = 37
 
 
 @pytest.mark.parametrize("i", range(N_CASES))
