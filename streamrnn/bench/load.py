@@ -21,7 +21,8 @@ reading the Prometheus gauges ``streamrnn_active_keys`` / ``streamrnn_state_byte
 ``streamrnn_events_applied_total`` from a ``PROMETHEUS_MULTIPROC_DIR`` and the RSS of
 the process tree from ``/proc`` (the launcher, which in batch mode also holds the runner's
 buffered PCollections, and the SDK worker processes). "Bounded" compares the first and
-last third of the apply phase (by events applied): keys held and worker RSS.
+last third of the apply phase (by events applied): keys held and worker RSS (the middle third
+too, to tell a one-off warm-up from steady growth).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def summarize(rows: list[tuple], n_events: int) -> dict:
     ok = a[~np.isnan(a[:, 4])] if len(a) else a
     applying = ok[(ok[:, 6] > 0) & (ok[:, 6] < n_events)] if len(ok) else ok
     third = {}
-    for name, lo, hi in (("first", 0, 1 / 3), ("last", 2 / 3, 1.0)):
+    for name, lo, hi in (("first", 0, 1 / 3), ("middle", 1 / 3, 2 / 3), ("last", 2 / 3, 1.0)):
         s = applying[(applying[:, 6] >= lo * n_events) & (applying[:, 6] < hi * n_events)]
         third[name] = {"samples": len(s), "keys_held_max": float(s[:, 4].max()) if len(s) else None,
                        "workers_rss_mb_max": float(s[:, 2].max() * mb) if len(s) else None,
