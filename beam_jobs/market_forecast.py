@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamrnn.metrics_logging import guard_imports, quiet_job_logging, worker_log_args
+from streamrnn.metrics_logging import guard_imports, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
 import apache_beam as beam  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
 
 from streamrnn.beam import StatefulInference, launcher  # noqa: E402
 from streamrnn.beam.launcher import JobError, Output  # noqa: E402
@@ -165,21 +163,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
         except InputError as e:
             raise JobError(str(e)) from None
     inference, meta = _inference(args)
-    out.check_writable()
-    opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
-    if args.replay:
-        opts.view_as(StandardOptions).streaming = True
-    out.clear()
-    mode = "replay (streaming)" if args.replay else "batch"
     label = " [SIMULATED market]" if args.demo else ""
-    print(f"market_forecast: {args.input}{label} ({len(files)} file(s)) -> {args.output}, {mode}, "
-          f"model {args.model}", file=sys.stderr)
-    t0 = time.monotonic()
-    with launcher.metrics(args, beam_args) as status:
-        with out.progress({FORECASTS: "forecasts", DEAD_LETTERS: "dead letters"}, quiet=args.quiet,
-                          status=status, every=args.log_every), beam.Pipeline(options=opts) as p:
-            build(p, args, files, inference, meta, out.temp)
-        seconds = time.monotonic() - t0
+    seconds = launcher.execute(
+        "market_forecast", args, beam_args, out, source=f"{args.input}{label} ({len(files)} file(s))",
+        outputs={FORECASTS: "forecasts", DEAD_LETTERS: "dead letters"},
+        build=lambda p: build(p, args, files, inference, meta, out.temp))
     summary = read_summary(args.output)
     if summary is None:
         raise JobError(f"input: expected bars in {args.input!r}, got none that could be used (see dead letters)")

@@ -21,10 +21,9 @@ import argparse
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 
-from streamrnn.metrics_logging import guard_imports, quiet_job_logging, worker_log_args
+from streamrnn.metrics_logging import guard_imports, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
@@ -32,7 +31,6 @@ import apache_beam as beam  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions  # noqa: E402
 
 import streamrnn  # noqa: E402
 from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # noqa: E402
@@ -151,20 +149,11 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
             args.speedup = 20.0
     files = launcher.input_files(args.input)
     inference = _inference(args)
-    out.check_writable()
-    opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
-    if args.replay:
-        opts.view_as(StandardOptions).streaming = True
-    out.clear()
-    mode = "replay (streaming)" if args.replay else "batch"
-    print(f"next_token: {args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes) -> "
-          f"{args.output}, {mode}, model {args.model}", file=sys.stderr)
-    t0 = time.monotonic()
-    with launcher.metrics(args, beam_args) as status:
-        with out.progress({PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"}, quiet=args.quiet,
-                          status=status, every=args.log_every), beam.Pipeline(options=opts) as p:
-            build(p, args, inference, out.temp)
-        seconds = time.monotonic() - t0
+    seconds = launcher.execute(
+        "next_token", args, beam_args, out,
+        source=f"{args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes)",
+        outputs={PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"},
+        build=lambda p: build(p, args, inference, out.temp))
     summary = read_summary(args.output)
     if summary is None:
         raise JobError(f"input: expected events in {args.input!r}, got none")

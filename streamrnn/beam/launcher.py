@@ -256,3 +256,30 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
             else:
                 os.environ["PYTHONPATH"] = pythonpath
             shutil.rmtree(site, ignore_errors=True)
+
+
+def execute(job: str, args: argparse.Namespace, beam_args: Sequence[str], out: Output, *, source: str,
+            outputs: dict[str, str], build: Callable[..., None]) -> float:
+    """Run a job's pipeline: check the output, clear old outputs, run with metrics and progress.
+
+    ``build(p)`` adds the job's transforms to the pipeline; ``outputs`` maps file prefixes to
+    the names the progress line shows. Returns the run's wall seconds.
+    """
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    from ..metrics_logging import worker_log_args
+
+    out.check_writable()
+    opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
+    if args.replay:
+        opts.view_as(StandardOptions).streaming = True
+    out.clear()
+    mode = "replay (streaming)" if args.replay else "batch"
+    print(f"{job}: {source} -> {args.output}, {mode}, model {args.model}", file=sys.stderr)
+    t0 = time.monotonic()
+    with metrics(args, beam_args) as status:
+        with out.progress(outputs, quiet=args.quiet, status=status, every=args.log_every), \
+                beam.Pipeline(options=opts) as p:
+            build(p)
+        return time.monotonic() - t0
