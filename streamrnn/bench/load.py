@@ -6,6 +6,8 @@ it). Each key has ``--events-per-key`` byte events ``--event-gap`` seconds apart
 idle for good; later waves are new keys. With ``--ttl``, an idle key's state is dropped
 once the watermark passes ``last event + ttl``, so the keys held at once stay near
 ``keys per wave x (activity + ttl + window) / wave gap`` however many keys the stream has.
+An expired key's metadata and its applied event ids stay for ``--dedupe-horizon`` of event
+time (duplicate detection), so memory is bounded by the keys seen within that horizon.
 
 The pipeline is a job's: Parquet events read by :class:`~streamrnn.beam.io.ReadEvents`,
 :class:`~streamrnn.beam.StatefulInference` with a next-token postprocess (Arrow output),
@@ -167,6 +169,7 @@ def _run(args: argparse.Namespace) -> dict:
         blocks, _unread = p | ReadEvents(args.events_path, block_rows=8192)
         out, dead = blocks | StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window, ttl=args.ttl,
+            dedupe_horizon=args.dedupe_horizon or None,
             postprocess=NextTokenPostprocess(1), output="arrow", providers=["CPUExecutionProvider"],
             flush_bounded_at_once=False)
         _ = out | "CountOutputs" >> beam.Map(_count)
@@ -263,6 +266,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--event-gap", type=pos, default=5.0, help="event-time seconds between a key's events")
     add("--window", type=pos, default=10.0, help="StatefulInference window_size (s)")
     add("--ttl", type=pos, default=60.0, help="StatefulInference ttl (s)")
+    add("--dedupe-horizon", type=at_least(0.0), default=300.0,
+        help="StatefulInference dedupe_horizon (s; 0: its default, 1 h). Applied ids and expired keys' "
+             "metadata are kept this long, so it bounds memory together with the ttl")
     add("--shards", type=one, default=8, help="StatefulInference num_shards")
     add("--workers", default="1,2", help="direct_num_workers values to run, comma-separated")
     add("--hidden", type=one, default=32, help="hidden size of the tiny bench LSTM")
@@ -322,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {"config": {"keys": args.keys, "events": n, "waves": args.waves, "wave_gap_s": args.wave_gap,
                           "events_per_key": args.events_per_key, "event_gap_s": args.event_gap,
                           "window_s": args.window, "ttl_s": args.ttl, "shards": args.shards,
+                          "dedupe_horizon_s": args.dedupe_horizon or 3600.0,
                           "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM (tiny, bench-built)",
                           "runner": "DirectRunner multi_processing (FnApiRunner), batch", "quick": args.quick,
                           "cpus": os.cpu_count(), "code": _code_state(),
