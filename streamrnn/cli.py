@@ -89,6 +89,8 @@ def _bench(a: argparse.Namespace, rest: list[str]) -> int:
         from .bench.operator import main
     elif a.what == "gpu":
         from .bench.gpu import main
+    elif a.what == "load":
+        from .bench.load import main
     else:
         from .bench.beam import main
     return main(rest)
@@ -166,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=_generate)
 
     q = sub.add_parser("bench", help="benchmarks (print JSON with --json); see --help of each")
-    q.add_argument("what", choices=["operator", "beam", "gpu"])
+    q.add_argument("what", choices=["operator", "beam", "gpu", "load"])
     q.set_defaults(fn=None)
     from .forecast.cli import register as register_forecast
     register_forecast(tsub, esub)  # train forecast / eval forecast
