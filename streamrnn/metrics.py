@@ -87,6 +87,14 @@ CATALOGUE: tuple[MetricDef, ...] = (
               "Online next-event loss: sum of -log p(actual event) in nats over scored events.", MODEL),
     MetricDef("streamrnn_online_scored_events_total", "counter",
               "Events scored online (the model had predicted them: not the first of a stream).", MODEL),
+    MetricDef("streamrnn_online_abs_error_total", "counter",
+              "Forecasts: absolute error of the median (realised minus median), summed over scored events "
+              "(% log return, one step ahead).",
+              MODEL),
+    MetricDef("streamrnn_online_in_interval_80_total", "counter",
+              "Forecasts: scored events whose realised value fell inside the previous 80% interval.", MODEL),
+    MetricDef("streamrnn_online_in_interval_95_total", "counter",
+              "Forecasts: scored events whose realised value fell inside the previous 95% interval.", MODEL),
     MetricDef("streamrnn_model_reference_loss_nats", "gauge",
               "The model's training-time validation loss per event in nats (from its metadata).",
               ("job", "model", "model_version", "task"), mode="livemax"),
@@ -234,8 +242,12 @@ class Recorder:
         if n:
             self.bind(model)["streamrnn_events_applied_total"].inc(n)
 
-    def scored(self, model: Any, logprob: np.ndarray) -> None:
-        """Online quality: ``logprob`` (natural log, NaN where unscored) of the events as they arrived."""
+    def scored(self, model: Any, logprob: np.ndarray, forecast: dict[str, np.ndarray] | None = None) -> None:
+        """Online quality: ``logprob`` (natural log, NaN where unscored) of the events as they arrived.
+
+        ``forecast`` (forecast tasks) holds ``abs_err``, ``in_80`` and ``in_95`` per event, NaN where
+        unscored: the previous forecast against the value that arrived.
+        """
         lp = np.asarray(logprob, np.float64)
         ok = np.isfinite(lp)
         n = int(ok.sum())
@@ -243,6 +255,15 @@ class Recorder:
             kids = self.bind(model)
             kids["streamrnn_online_loss_nats_total"].inc(float(-lp[ok].sum()))
             kids["streamrnn_online_scored_events_total"].inc(n)
+        for col, name in (("abs_err", "streamrnn_online_abs_error_total"),
+                          ("in_80", "streamrnn_online_in_interval_80_total"),
+                          ("in_95", "streamrnn_online_in_interval_95_total")):
+            v = None if forecast is None else forecast.get(col)
+            if v is not None:
+                v = np.asarray(v, np.float64)
+                total = float(v[np.isfinite(v)].sum())
+                if total:
+                    self.bind(model)[name].inc(total)
 
     # -- job-labelled -------------------------------------------------------------------
     def inc(self, name: str, n: float = 1) -> None:

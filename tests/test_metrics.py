@@ -141,6 +141,42 @@ def test_recorder_counts_match_numpy(model, calls, lps):
     assert _value(reg, "streamrnn_online_loss_nats_total", lab) == pytest.approx(-arr[ok].sum(), abs=1e-9)
 
 
+def test_forecast_quality_counters_score_the_previous_forecast_against_scipy(model):
+    """ForecastPostprocess scores the previous one-bar-ahead Student-t forecast against the arriving return:
+    |realised - median| and whether it fell inside the 80% / 95% intervals (reference: scipy.stats.t)."""
+    scipy_t = pytest.importorskip("scipy.stats").t
+    from streamrnn.beam.counters import Counters
+    from streamrnn.forecast.beam import ForecastPostprocess
+
+    rng = np.random.default_rng(0)
+    n, df = 400, 4.0
+    prev = {"mean": rng.normal(0, 0.5, (n, 5)).astype(np.float32),
+            "log_scale": rng.normal(0, 0.3, (n, 5)).astype(np.float32)}
+    x = np.zeros((n, 8), np.float32)
+    x[:, 0] = prev["mean"][:, 0] + np.exp(prev["log_scale"][:, 0]) * rng.standard_t(df, n)  # drawn from each forecast
+    x[:3, 7] = 1.0  # jumps: not scored
+    out = ForecastPostprocess([df] * 5)(x, prev, prev)
+    loc, scale = prev["mean"][:, 0].astype(np.float64), np.exp(prev["log_scale"][:, 0].astype(np.float64))
+    r = x[:, 0].astype(np.float64)
+    scored = np.ones(n, bool)
+    scored[:3] = False
+    for name, (lo, hi) in {"80": (0.10, 0.90), "95": (0.025, 0.975)}.items():
+        want = (scipy_t.ppf(lo, df, loc, scale) <= r) & (r <= scipy_t.ppf(hi, df, loc, scale))
+        assert np.array_equal(out[f"in_{name}"][scored] > 0.5, want[scored])
+        assert np.isnan(out[f"in_{name}"][~scored]).all()
+    assert np.allclose(out["abs_err"][scored], np.abs(r - loc)[scored], atol=1e-6)
+    reg = CollectorRegistry()
+    rec = Recorder("j", reg)
+    lab = model_labels(model, "j")
+    rec.scored(model, out["logprob"], {c: out[c] for c in ("abs_err", "in_80", "in_95")})
+    assert _value(reg, "streamrnn_online_scored_events_total", lab) == scored.sum()
+    assert _value(reg, "streamrnn_online_in_interval_80_total", lab) == float(np.nansum(out["in_80"]))
+    assert _value(reg, "streamrnn_online_in_interval_95_total", lab) == float(np.nansum(out["in_95"]))
+    assert _value(reg, "streamrnn_online_abs_error_total", lab) == pytest.approx(float(np.nansum(out["abs_err"])))
+    assert 0.72 < np.nanmean(out["in_80"]) < 0.88  # returns drawn from the forecasts: coverage near nominal
+    Counters().scored(model, out)  # the Beam path passes the same columns (no Prometheus recorder here)
+
+
 def test_dead_letters_by_reason_and_gauges_sum_over_shards():
     reg = CollectorRegistry()
     rec = Recorder("j", reg)

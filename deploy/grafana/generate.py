@@ -55,6 +55,17 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
          "{{job}} {{model_version}} online"),
         (f"max by (job, model_version) (streamrnn_model_reference_loss_nats{{{J}}}) / {LN2}",
          "{{job}} {{model_version}} training (validation)")], 12),
+    ("Forecasts: live interval coverage (scored events inside the previous interval)", "percentunit",
+     "timeseries", [
+        (f"sum by (job, model_version) (rate(streamrnn_online_in_interval_80_total{{{J}}}[{RI}])) / "
+         f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
+         "{{job}} {{model_version}} 80%"),
+        (f"sum by (job, model_version) (rate(streamrnn_online_in_interval_95_total{{{J}}}[{RI}])) / "
+         f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
+         "{{job}} {{model_version}} 95%"),
+        (f"sum by (job, model_version) (rate(streamrnn_online_abs_error_total{{{J}}}[{RI}])) / "
+         f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
+         "{{job}} {{model_version}} MAE of the median")], 12),
     ("Model version and provider in use", "short", "table", [
         (f"max by (job, model, model_version, task, provider) (streamrnn_model_info{{{J}}})", "")], 12),
     ("CUDA expected / state work", "short", "timeseries", [

@@ -123,7 +123,8 @@ class Counters:
             self.online_scored.inc(n)
             self.online_loss_micronats.inc(round(float(-lp[ok].sum()) * 1e6))
             if self.prom is not None:
-                guarded(self.prom.scored, model, lp)
+                guarded(self.prom.scored, model, lp,
+                        {c: outputs[c] for c in ("abs_err", "in_80", "in_95") if c in outputs})
 
     def shard_state(self, shard: Any, store: Any) -> None:
         """After a flush: the shard's active keys and their state bytes (process gauges)."""

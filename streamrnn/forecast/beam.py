@@ -341,7 +341,8 @@ class ForecastPostprocess(Postprocess):
     q_lo95 / q_hi95``; ``[N]``: ``ret`` and ``jump`` (this bar's cleaned return and jump flag,
     paired with the next bar as the realised one-bar-ahead return), ``days``, and ``logprob``:
     the log density of this bar's return under the previous bar's one-bar-ahead forecast (NaN
-    on a symbol's first bar and on jumps), which feeds the job's live loss metrics.
+    on a symbol's first bar and on jumps), which feeds the job's live loss metrics; ``abs_err``,
+    ``in_80`` and ``in_95`` score that previous forecast's median and intervals the same way.
     """
 
     needs_prev = True
@@ -363,4 +364,13 @@ class ForecastPostprocess(Postprocess):
         with np.errstate(invalid="ignore"):
             lp = -nll(x[:, 0], prev_loc, prev_scale, np.full(len(x), self.df[0]))
         out["logprob"] = np.where(x[:, 7] > 0.5, np.nan, lp)
+        # live forecast quality: the previous one-bar-ahead forecast against the return that arrived
+        scored = np.isfinite(out["logprob"])
+        out["abs_err"] = np.where(scored, np.abs(x[:, 0] - prev_loc), np.nan)
+        df0 = np.full(len(x), self.df[0])
+        for name, (lo, hi) in LEVELS.items():
+            with np.errstate(invalid="ignore"):
+                inside = (quantile(lo, prev_loc, prev_scale, df0) <= x[:, 0]) & (
+                    x[:, 0] <= quantile(hi, prev_loc, prev_scale, df0))
+            out[f"in_{name}"] = np.where(scored, inside.astype(np.float64), np.nan)
         return out
