@@ -88,10 +88,6 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, beam_args
 
 
-def _providers(s: str):
-    return {"auto": "auto", "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(s, s)
-
-
 def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
     launcher.require_file(args.model, "model", "a streamrnn forecast model", " (pass --model)")
     try:
@@ -102,7 +98,7 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             allowed_lateness=args.allowed_lateness + args.window, ttl=args.ttl or None,
             dedupe_horizon=max(3600.0, 3 * args.window + args.allowed_lateness),
             postprocess=ForecastPostprocess(meta["df"]), next_fields=("ret", "jump"), output="arrow",
-            providers=_providers(args.providers))
+            providers=args.providers)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
     return inf, meta

@@ -105,10 +105,6 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     return args, beam_args
 
 
-def _providers(s: str):
-    return {"auto": "auto", "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}.get(s, s)
-
-
 def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInference, temp_dir: str) -> None:
     """events → StatefulInference (next-token postprocess, ``logprob_next`` paired in the pipeline)
     → Parquet predictions and dead letters (Beam file sinks), and the per-key summary."""
@@ -133,7 +129,7 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
         return StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window,
             allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
-            next_fields=("logprob",), output="arrow", providers=_providers(args.providers))
+            next_fields=("logprob",), output="arrow", providers=args.providers)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
 

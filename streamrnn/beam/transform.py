@@ -31,7 +31,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from ..errors import InputError
-from ..runtime import CPU
+from ..runtime import CPU, resolve_providers
 from .apply import Config
 from .clock import to_micros
 from .counters import NAMESPACE
@@ -133,6 +133,7 @@ class StatefulInference(beam.PTransform):
         self.next_fields = tuple(next_fields) if not isinstance(next_fields, str) else (next_fields,)
         _check(all(isinstance(f, str) and f for f in self.next_fields), "next_fields", "output column names",
                next_fields)
+        resolve_providers(providers)  # a misspelt provider fails here, in one line, not on the workers
         self.model = os.fspath(model)
         self.spec = load_model(self.model, [CPU]).spec  # fails fast at construction on a bad model
         self.num_shards = num_shards
