@@ -154,7 +154,7 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, epoch_models: Ca
             for b in np.unique(bucket[in_r]):
                 segs = in_r[bucket[in_r] == b]
                 for c0 in range(0, len(segs), cfg.max_batch):
-                    _call(segs[c0:c0 + cfg.max_batch], seg_start, seg_end, seg_kc, ok, ts, tsu, gap, xv, store,
+                    _call(segs[c0:c0 + cfg.max_batch], seg_start, seg_end, seg_kc, ok, ts, gap, xv, store,
                           cfg, m, failed_keys, results, pos, fresh, reset, ver, v, applied)
     for i in np.flatnonzero(~applied):
         out.dead.append((t, int(i), "error", failed_keys.get(int(kc[i]), "error")))
@@ -186,7 +186,7 @@ def _chunk(new_seg: np.ndarray, max_steps: int) -> np.ndarray:
     return np.sort(np.concatenate([starts, *extra]))
 
 
-def _call(segs, seg_start, seg_end, seg_kc, ok, ts, tsu, gap, xv, store: ShardStore, cfg: Config, m: Counters,
+def _call(segs, seg_start, seg_end, seg_kc, ok, ts, gap, xv, store: ShardStore, cfg: Config, m: Counters,
           failed_keys, results, pos, fresh, reset, ver, v, applied) -> None:
     segs = [s for s in segs if int(seg_kc[s]) not in failed_keys]  # a key whose earlier batch failed stops
     if not segs:
