@@ -50,8 +50,7 @@ from streamrnn.forecast.features import FeatureConfig  # noqa: E402
 from streamrnn.runtime import CPU  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
-DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL",
-                               str(Path(__file__).resolve().parent.parent / "streamrnn" / "exported" / "market.onnx"))
+DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")
 DAY = 86400.0
 
 
@@ -61,7 +60,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true",
                     help="simulate a market (GARCH-t bars, labelled SIMULATED) into DIR/simulated_bars and use it")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="forecast model (default: %(default)s)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="forecast model: a path on any Beam filesystem, or shipped:NAME for a model shipped in the "
+                         "package, found by each worker in its own install (default: %(default)s)")
     ap.add_argument("--columns", help="column mapping for other layouts, e.g. ts=When,symbol=Ticker")
     ap.add_argument("--replay", action="store_true",
                     help="play the bars as an unbounded stream in time order (DirectRunner --streaming)")
@@ -89,7 +90,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
-    launcher.require_file(args.model, "model", "a streamrnn forecast model", " (pass --model)")
+    launcher.require_model(args.model, "a streamrnn forecast model", " (pass --model)")
     try:
         meta = forecast_meta(load_model(args.model, [CPU]))
         inf = StatefulInference(

@@ -32,7 +32,6 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-import streamrnn  # noqa: E402
 from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # noqa: E402
 from streamrnn.beam.counters import CountUnread  # noqa: E402
 from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
@@ -81,7 +80,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                                     "text|token, on any Beam filesystem")
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true", help="make demo events in DIR/demo_events.jsonl and use them")
-    ap.add_argument("--model", default=streamrnn.DEFAULT_MODEL, help="streamrnn LM (default: %(default)s)")
+    ap.add_argument("--model", default=os.environ.get("STREAMRNN_MODEL", "shipped:charlm"),
+                    help="streamrnn LM: a path on any Beam filesystem, or shipped:NAME for a model shipped in the "
+                         "package, found by each worker in its own install (default: %(default)s)")
     ap.add_argument("--replay", action="store_true",
                     help="play the file as an unbounded stream in event-time order (DirectRunner --streaming)")
     ap.add_argument("--speedup", type=float, default=0.0,
@@ -124,7 +125,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInferen
 
 
 def _inference(args: argparse.Namespace) -> StatefulInference:
-    launcher.require_file(args.model, "model", "a streamrnn LM", " (train one, or pass --model)")
+    launcher.require_model(args.model, "a streamrnn LM", " (train one, or pass --model)")
     try:
         return StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window,

@@ -4,12 +4,14 @@
 # itself from a source tree or a built wheel, with its shipped models. No torch: workers only
 # run the exported ONNX models. The Dockerfile RUNs this script; CI runs it into a fresh venv.
 #
-#   deploy/install_worker.sh [--python PY] [--cpu] [SOURCE]
+#   deploy/install_worker.sh [--python PY] [--cpu] [--beam-extras LIST] [SOURCE]
 #
-#   --python PY  the interpreter to install into (default: python3); a venv's bin/python
-#                installs into that venv
-#   --cpu        onnxruntime (CPU) instead of onnxruntime-gpu, on every platform
-#   SOURCE       a streamrnn source tree or streamrnn-*.whl (default: this checkout)
+#   --python PY         the interpreter to install into (default: python3); a venv's bin/python
+#                       installs into that venv
+#   --cpu               onnxruntime (CPU) instead of onnxruntime-gpu, on every platform
+#   --beam-extras LIST  Beam's extras, comma-separated, e.g. gcp,aws: the gs:// and s3://
+#                       filesystems and Pub/Sub need them on the workers (default: none)
+#   SOURCE              a streamrnn source tree or streamrnn-*.whl (default: this checkout)
 #
 # Extra pip flags come from the environment as usual (PIP_NO_INDEX, PIP_FIND_LINKS, ...).
 set -euo pipefail
@@ -17,16 +19,20 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 py=python3
 cpu=0
+extras=""
 src="$root"
 while [ $# -gt 0 ]; do
   case "$1" in
     --python) py="${2:?--python: expected an interpreter path}"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --beam-extras) extras="${2?--beam-extras: expected a comma-separated list such as gcp,aws}"; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "install_worker.sh: unknown option $1" >&2; exit 2 ;;
     *) src="$1"; shift ;;
   esac
 done
+[[ "$extras" =~ ^[a-z0-9_,-]*$ ]] || {
+  echo "install_worker.sh: --beam-extras: expected names such as gcp,aws, got '$extras'" >&2; exit 2; }
 [ -e "$src" ] || { echo "install_worker.sh: SOURCE: expected a source tree or wheel, got no such path $src" >&2; exit 2; }
 # shellcheck source=versions.env
 . "$here/versions.env"
@@ -39,7 +45,7 @@ if [ "$have" != "$PYTHON_VERSION" ]; then
 fi
 
 pip=("$py" -m pip install --no-cache-dir --disable-pip-version-check -q)
-beam="apache-beam==$BEAM_VERSION"
+beam="apache-beam${extras:+[$extras]}==$BEAM_VERSION"
 if [ "$cpu" = 1 ]; then
   # streamrnn's own dependencies, with the CPU build of ONNX Runtime on every platform
   mapfile -t deps < <("$py" - "$root/pyproject.toml" <<'PY'
@@ -58,13 +64,20 @@ else
 fi
 
 # what a worker needs, importable and at the pinned version
-"$py" - "$BEAM_VERSION" <<'PY'
+"$py" - "$BEAM_VERSION" "$extras" <<'PY'
 import sys
 import apache_beam, onnxruntime, streamrnn
+from apache_beam.io.filesystems import FileSystems
 from streamrnn.beam import StatefulInference  # noqa: F401
 import os
 if apache_beam.__version__ != sys.argv[1]:
     sys.exit(f"install_worker.sh: expected apache-beam {sys.argv[1]}, got {apache_beam.__version__}")
+for extra, url in (("gcp", "gs://bucket/x"), ("aws", "s3://bucket/x"), ("azure", "azfs://account/container/x")):
+    if extra in sys.argv[2].split(","):
+        try:
+            FileSystems.get_filesystem(url)
+        except ValueError as e:
+            sys.exit(f"install_worker.sh: --beam-extras {extra}: expected the {url.split(':')[0]}:// filesystem, got {e}")
 if not os.path.exists(streamrnn.DEFAULT_MODEL):
     sys.exit(f"install_worker.sh: expected the shipped model at {streamrnn.DEFAULT_MODEL}, got no such file")
 print(f"streamrnn worker: beam {apache_beam.__version__}, onnxruntime {onnxruntime.__version__} "

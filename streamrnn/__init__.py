@@ -19,6 +19,7 @@ from pathlib import Path
 
 from . import lm
 from .errors import (
+    DeployError,
     ExportError,
     InputError,
     ModelLoadError,
@@ -41,6 +42,7 @@ DEFAULT_MODEL = os.environ.get(
 
 __all__ = [
     "DEFAULT_MODEL",
+    "DeployError",
     "Evictions",
     "ExportError",
     "InputError",

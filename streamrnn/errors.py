@@ -30,3 +30,7 @@ class ExportError(StreamRNNError):
 def expected(what: str, want: object, got: object) -> str:
     """Format a uniform 'what: expected X, got Y' message."""
     return f"{what}: expected {want}, got {got}"
+
+
+class DeployError(StreamRNNError):
+    """A worker runs something other than what the launcher built the pipeline with (versions, model file)."""

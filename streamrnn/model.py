@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from . import shipped
 from .errors import InputError, ModelLoadError, StateError
 from .runtime import CUDA, ProviderArg, SessionConfig, create_session
 from .spec import SPEC_KEY, ModelSpec
@@ -331,9 +332,9 @@ def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
     Raises :class:`~streamrnn.errors.ModelLoadError` for a missing or corrupt file, a
     file without a streamrnn spec, a spec that does not match the graph, and weights
     whose sha256 (recomputed from the file's initializers) differs from the spec's
-    ``fingerprint``.
+    ``fingerprint``. ``shipped:NAME`` loads a model shipped in the package (:mod:`streamrnn.shipped`).
     """
-    source = os.fspath(path)
+    source = shipped.resolve(path)
     try:
         with open(source, "rb") as f:
             blob = f.read()  # one read: the session is built from these bytes

@@ -241,7 +241,7 @@ def _one_line_error(capsys, rc: int, what: str) -> None:
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "header only", "model", "unwritable"])
+@pytest.mark.parametrize("case", ["missing", "empty", "header only", "model", "shipped", "unwritable"])
 def test_user_errors_exit_2_and_leave_no_output_folder(beam_models, tmp_path, capsys, case):
     path = tmp_path / ("events.csv" if case == "header only" else "events.jsonl")
     path.write_text({"missing": "", "empty": "", "header only": "key,ts,text\n"}.get(case, json.dumps(ROWS[0])))
@@ -251,13 +251,16 @@ def test_user_errors_exit_2_and_leave_no_output_folder(beam_models, tmp_path, ca
     model = beam_models["tiny"]
     if case == "model":
         model = str(tmp_path / "no-model.onnx")
+    if case == "shipped":
+        model = "shipped:chartlm"
     if case == "unwritable":
         (tmp_path / "a-file").write_text("x")
         out = tmp_path / "a-file" / "out"
     rc = next_token.main(["--input", str(path), "--output", str(out), "--model", model, "--providers", "cpu",
                           "--quiet", "--shards", "1"])
     what = {"missing": "got no such file", "empty": "got an empty file", "header only": "got none",
-            "model": "model: expected a streamrnn LM", "unwritable": "output: expected a writable directory"}[case]
+            "model": "model: expected a streamrnn LM", "unwritable": "output: expected a writable directory",
+            "shipped": "model: expected one of shipped:charlm, shipped:market, got 'shipped:chartlm'"}[case]
     _one_line_error(capsys, rc, what)
     assert not out.exists()
 

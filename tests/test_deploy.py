@@ -58,18 +58,28 @@ def worker_venv(source) -> Path:
     Offline and fast: the test venv's site-packages are appended (a .pth) so pip finds the pinned Beam
     and the other dependencies already installed; streamrnn itself is built and installed into the new
     venv (pip leaves the checkout's editable install, outside that venv, alone)."""
-    venv = source.parent / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    venv, _ = _venv_over_test_env(source.parent / "venv")
     env = {**_env_without_checkout(), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
-    r = subprocess.run(["bash", str(source / "deploy" / "install_worker.sh"), "--python", str(py), str(source)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=source.parent)
+    _install_worker(source, venv, env)
+    return venv
+
+
+def _venv_over_test_env(venv: Path) -> tuple[Path, Path]:
+    """A fresh venv that also sees this test environment's packages (a .pth after its own site-packages)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    site = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv, Path(site)
+
+
+def _install_worker(source: Path, venv: Path, env: dict[str, str], *flags: str) -> str:
+    r = subprocess.run(["bash", str(source / "deploy" / "install_worker.sh"), "--python", str(venv / "bin" / "python"),
+                        *flags, str(source)], capture_output=True, text=True, timeout=300, env=env, cwd=source.parent)
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"streamrnn worker: beam {versions()['BEAM_VERSION']}" in r.stdout, r.stdout
-    return venv
+    return r.stdout
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +109,21 @@ def test_install_worker_builds_a_working_worker(worker_venv):
     assert got["model_exists"]
 
 
+@pytest.mark.slow
+def test_install_worker_cpu_builds_a_cpu_only_worker(source, tmp_path):
+    """``--cpu`` (the CPU image's install): ONNX Runtime's CPU build in the venv, no onnxruntime-gpu. This one
+    needs the package index: the CPU build is not in the test environment, which has the GPU build."""
+    venv, site = _venv_over_test_env(tmp_path / "venv")
+    out = _install_worker(source, venv, {**_env_without_checkout(), "PIP_NO_BUILD_ISOLATION": "0"}, "--cpu")
+    assert "CUDAExecutionProvider" not in out and "CPUExecutionProvider" in out, out
+    own = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
+    assert {"onnxruntime", "streamrnn"} <= own and "onnxruntime_gpu" not in own, own
+    code = "import onnxruntime; print(onnxruntime.__file__)"
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True,
+                       cwd=tmp_path, env=_env_without_checkout())
+    assert Path(r.stdout.strip()).resolve().is_relative_to(site.resolve())  # its own build, not the GPU one
+
+
 def test_install_worker_bad_source_is_one_line_exit_2(tmp_path):
     r = subprocess.run(["bash", str(INSTALL), "--python", sys.executable, str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=60)
@@ -106,6 +131,9 @@ def test_install_worker_bad_source_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "SOURCE: expected" in r.stderr, r.stderr
     r = subprocess.run(["bash", str(INSTALL), "--bogus"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
+    r = subprocess.run(["bash", str(INSTALL), "--beam-extras", "gcp;rm -rf /", str(ROOT)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--beam-extras: expected names such as gcp,aws, got 'gcp;rm -rf /'" in r.stderr
 
 
 def test_one_pin_for_image_workers_and_launcher():
@@ -133,7 +161,14 @@ def test_dockerfile_is_a_beam_worker_image():
     assert users and users[-1] not in ("root", "0")
     assert "./deploy/install_worker.sh" in text and "torch" not in text
     assert re.search(r"^FROM base-\$\{VARIANT\} AS worker$", text, re.M) and "ARG VARIANT=gpu" in lines
-    assert "COPY exported ./exported" in lines
+    assert "COPY --chown=streamrnn exported ./exported" in lines
+    # gs:// and s3:// on the workers (Dataflow reads gs://), through the install script's one option
+    assert "ARG BEAM_EXTRAS=gcp,aws" in lines and '--beam-extras "$BEAM_EXTRAS" . \\' in lines
+    # Beam's boot installs staged packages into the default environment as the worker user, who owns it
+    assert "ENV PATH=/opt/venv/bin:$PATH RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in lines
+    assert re.search(r"chown -R streamrnn [^\n]*/opt/venv", text)
+    install = next(i for i, ln in enumerate(lines) if "install_worker.sh --python" in ln)
+    assert lines.index(f"USER {users[-1]}") < install  # pip installs as that user
 
 
 # --- a distributed run: job service + worker pool on loopback -------------------------------------
@@ -164,7 +199,10 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, deadline_s: flo
 @contextmanager
 def _service(args: list[str], port: int, env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # cwd outside the checkout: `python -m` puts the cwd first on sys.path, and a worker started in the
+        # checkout would import its streamrnn instead of the venv's
+        proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                cwd=log.parent)
     try:
         _wait_for_port(port, proc, log)
         yield proc
@@ -315,3 +353,33 @@ def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, tmp_p
     assert len(same) == 1, list((logs / "staging").rglob("*"))
     (listing,) = same[0].parent.glob("*extra_packages.txt")
     assert wheel.name in listing.read_text().split()
+
+
+@pytest.mark.slow
+def test_workers_resolve_shipped_models_in_their_own_install(portable, worker_venv, tmp_path):
+    """``--model shipped:market`` (the default) is resolved by each worker in its venv, not at the launcher's
+    path: with the worker install's copy swapped for another model, the workers refuse to run (a one-line
+    DeployError naming both models) instead of forecasting with a model the launcher never read."""
+    from streamrnn import DEFAULT_MODEL
+    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+
+    options, _ = portable
+    code = "from streamrnn import shipped; print(shipped.resolve('shipped:market'))"
+    installed = Path(subprocess.run([str(worker_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
+                                    check=True, cwd=tmp_path, env=_env_without_checkout()).stdout.strip())
+    assert installed.resolve().is_relative_to(worker_venv.resolve()) and installed.is_file()
+    bars = tmp_path / "bars"
+    write_sp500_layout(simulate(["SIMA"], start="2016-01-01", end="2016-02-01", seed=4), bars)
+    kept = installed.read_bytes()
+    try:
+        shutil.copy(DEFAULT_MODEL, installed)  # the worker install now ships another model under that name
+        r = subprocess.run([sys.executable, "-m", "beam_jobs.market_forecast", "--quiet", "--metrics-port", "0",
+                            "--input", str(bars), "--output", str(tmp_path / "out"), *options], capture_output=True,
+                           text=True, timeout=240, cwd=tmp_path, env=_env_without_checkout())
+    finally:
+        installed.write_bytes(kept)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert re.fullmatch(r"market_forecast: StatefulInference: model 'shipped:market': expected market-\S+ \(what the "
+                        r"launcher read\), got charlm-\S+ on worker .*", lines[-1]), lines[-3:]
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -25,8 +26,8 @@ from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from .. import metrics_export
-from ..errors import InputError
+from .. import metrics_export, shipped
+from ..errors import DeployError, InputError, ModelLoadError
 from ..metrics_logging import quiet_worker_processes
 from .io import match_inputs
 from .summary import live_line
@@ -52,6 +53,18 @@ def require_file(path: str, what: str, kind: str = "a file", hint: str = "") -> 
     """JobError ``what: expected <kind> at <path>, got no such file<hint>`` unless the file exists."""
     if not FileSystems.exists(path):
         raise JobError(f"{what}: expected {kind} at {path!r}, got no such file{hint}")
+
+
+def require_model(path: str, kind: str, hint: str = "") -> None:
+    """``require_file`` for ``--model``: a ``shipped:NAME`` must name a model this install ships
+    (each worker then resolves it in its own install); any other path must exist."""
+    if shipped.is_shipped(path):
+        try:
+            shipped.resolve(path)
+        except ModelLoadError as e:
+            raise JobError(str(e)) from None
+        return
+    require_file(path, "model", kind, hint)
 
 
 def _first_line(e: Exception) -> str:
@@ -177,12 +190,27 @@ def _status(status: Callable[[], str] | None) -> str:
         return f"(figures unavailable: {type(e).__name__})"
 
 
+_DEPLOY_ERROR = re.compile(r"DeployError: (.+?)(?: \[while running [^\]]*\])*$", re.M)
+
+
+def deploy_error(e: BaseException) -> str | None:
+    """The message of a worker's DeployError, however the runner wrapped it (type kept, or as traceback text)."""
+    if isinstance(e, DeployError):
+        return str(e)
+    m = _DEPLOY_ERROR.search(str(e))
+    return m.group(1) if m else None
+
+
 def run(prog: str, output: Output, body: Callable[[], int]) -> int:
-    """``body()``'s exit code; a JobError from it is one line ``prog: message`` on stderr and exit code 2."""
+    """``body()``'s exit code. A JobError (a user's mistake) or a worker's DeployError (launcher and workers
+    disagree) is one line ``prog: message`` on stderr and exit code 2."""
     try:
         return body()
-    except JobError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    except Exception as e:
+        msg = str(e) if isinstance(e, JobError) else deploy_error(e)
+        if msg is None:
+            raise
+        print(f"{prog}: {msg}", file=sys.stderr)
         output.discard()
         return 2
     finally:

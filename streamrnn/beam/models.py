@@ -2,12 +2,14 @@
 
 A non-local model is copied once per machine into a temporary file (``io.local_copy``),
 then loaded with ONNX Runtime like a local one, on the launcher and on every worker.
+``shipped:NAME`` is resolved by each machine in its own install (:mod:`streamrnn.shipped`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .. import shipped
 from ..errors import InputError
 from ..model import Model, load
 from ..spec import ModelSpec
@@ -23,7 +25,7 @@ def local_path(path: str) -> str:
     from .io import local_copy
 
     try:
-        return local_copy(path)
+        return shipped.resolve(path) if shipped.is_shipped(path) else local_copy(path)
     except Exception as ex:  # any filesystem's error, in one line
         raise InputError(f"model: expected a readable ONNX file, got {path!r} ({type(ex).__name__}: {ex})") from ex
 

@@ -26,6 +26,7 @@ from apache_beam.utils import shared
 from ..errors import InputError
 from ..model import Model
 from ..spec import ModelSpec
+from . import worker_check
 from .apply import Applied, Config, apply_due, dead_event_json
 from .clock import EARLIEST, END_OF_INPUT_MICROS, ceil_millis, timestamp, to_micros
 from .counters import Counters
@@ -72,6 +73,7 @@ class ShardStep(beam.DoFn):
     def __init__(self, *, transform_id: str, model_path: str, spec_json: str, num_shards: int, cfg: Config,
                  dedupe_horizon: int, keep_last_output: bool, output: str, providers: Any, flush_all: bool,
                  next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None):
+        self.launcher_env = worker_check.environment()  # pickled with the DoFn: checked on the worker
         self.transform_id = transform_id
         self.model_path = model_path
         self.spec_json = spec_json
@@ -87,11 +89,13 @@ class ShardStep(beam.DoFn):
         self._shared = shared.Shared()
 
     def setup(self) -> None:
+        worker_check.require_environment(self.launcher_env, "StatefulInference")
         self.m = Counters()
         self.spec = ModelSpec.from_json(self.spec_json)
         self._models: dict[str, Model] = {}
         self._holders: list[_Loaded] = []
-        self._model(self.model_path)
+        model = self._model(self.model_path)
+        worker_check.require_model(self.spec, model.spec, self.model_path, "StatefulInference")
 
     def teardown(self) -> None:
         drop_cached(self.transform_id)  # a later run of the pipeline starts from Beam state

@@ -1,0 +1,45 @@
+"""What a Beam worker checks before it runs: that it has what the launcher built the pipeline with.
+
+A launcher and its workers are separate installs (a laptop and a worker image, say). When
+they differ, Beam may still unpickle the pipeline and run it, with another Beam's semantics or
+against another file at the same model path. Both are caught in ``setup()`` and fail the
+step with a :class:`~streamrnn.errors.DeployError` that names both sides, never a silent
+difference in outputs. Retrying cannot fix either, so the runner's retries end in that error.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Mapping
+
+from ..errors import DeployError
+from ..spec import ModelSpec
+from .models import model_version
+
+
+def environment() -> dict[str, str]:
+    """The versions a pipeline's launcher and workers must share."""
+    import apache_beam
+
+    import streamrnn
+
+    return {"apache-beam": apache_beam.__version__, "streamrnn": streamrnn.__version__}
+
+
+def require_environment(launcher: Mapping[str, str], step: str) -> None:
+    """DeployError unless this process runs the launcher's Beam and streamrnn versions."""
+    here = environment()
+    for name, want in launcher.items():
+        if here.get(name) != want:
+            raise DeployError(
+                f"{step}: {name}: expected {want} (the launcher's), got {here.get(name)} on worker "
+                f"{socket.gethostname()}; install the same version on both (deploy/versions.env pins Beam)")
+
+
+def require_model(launcher: ModelSpec, worker: ModelSpec, path: str, step: str) -> None:
+    """DeployError unless the worker's file at ``path`` is the model the launcher read there."""
+    if worker.fingerprint != launcher.fingerprint or worker.to_json() != launcher.to_json():
+        raise DeployError(
+            f"{step}: model {path!r}: expected {model_version(launcher)} (what the launcher read), got "
+            f"{model_version(worker)} on worker {socket.gethostname()}; the launcher and the workers must read "
+            "the same file (a shared filesystem, the same image, or shipped:NAME from the same streamrnn)")
