@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import integrate, stats
 
 from streamrnn.forecast import baselines
@@ -101,3 +103,35 @@ def test_garch_baseline_matches_arch_and_the_recursion(dist):
     np.testing.assert_allclose(var1, hand, rtol=1e-8)
     np.testing.assert_allclose(loc[:, 1], 2 * p["mu"])
     assert (np.isinf(df) if dist == "normal" else df == p["nu"]).all()
+
+
+# -- the serving path's own Student-t (no scipy) against scipy.stats.t ---------------------------------
+DFS = st.one_of(st.floats(2.0001, 50.0), st.floats(50.0, 1e12), st.just(math.inf))
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=st.floats(1e-6, 1 - 1e-6), df=DFS)
+def test_student_t_quantile_matches_scipy(p, df):
+    from streamrnn.forecast.distribution import std_quantile
+
+    want = stats.norm.ppf(p) if math.isinf(df) else stats.t.ppf(p, df)
+    assert std_quantile(p, df) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=100, deadline=None)
+@given(df=st.one_of(st.floats(2.0001, 1e4), st.just(math.inf)), loc=st.floats(-5, 5), scale=st.floats(0.01, 10),
+       seed=st.integers(0, 2**32 - 1))
+def test_student_t_nll_matches_scipy(df, loc, scale, seed):
+    """To df 1e4: beyond, the log-gamma difference loses ~1e-10 to cancellation (scipy's t.logpdf does better)."""
+    y = np.random.default_rng(seed).standard_normal(64) * 10
+    want = -(stats.norm.logpdf(y, loc, scale) if math.isinf(df) else stats.t.logpdf(y, df, loc, scale))
+    np.testing.assert_allclose(nll(y, loc, scale, df), want, rtol=1e-10, atol=1e-10)
+
+
+def test_student_t_quantile_edges():
+    from streamrnn.forecast.distribution import std_quantile
+
+    assert std_quantile(0.5, 4.0) == 0.0 and std_quantile(0.3, 4.0) == -std_quantile(0.7, 4.0)
+    assert all(math.isnan(std_quantile(p, df)) for p, df in ((0.0, 4.0), (1.0, 4.0), (0.5, 0.0), (0.5, math.nan)))
+    q = quantile(0.9, np.zeros((2, 3)), 2.0, np.array([3.0, 5.0, math.inf]))  # per-column df, broadcast
+    np.testing.assert_allclose(q[0], 2.0 * np.array([stats.t.ppf(0.9, 3), stats.t.ppf(0.9, 5), stats.norm.ppf(0.9)]))

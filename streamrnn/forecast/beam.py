@@ -52,8 +52,8 @@ from ..beam.postprocess import Postprocess
 from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
 from ..errors import InputError
 from .bars import PRICE_COLUMNS, read_csv_text
+from .distribution import nll, quantile
 from .features import FeatureConfig, SymbolState, bar_problem, step_features
-from .metrics import nll, quantile
 from .serve import LEVELS
 
 DEAD = "dead_letters"

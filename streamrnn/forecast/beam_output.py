@@ -29,7 +29,7 @@ from apache_beam.transforms.window import GlobalWindows
 
 from ..beam.summary import SUMMARY, write_json
 from .beam import QUANTILES, close_of
-from .metrics import nll
+from .distribution import nll
 
 PRICE_NAMES = ("median", *QUANTILES)
 STATS = ("scored", "nll_h1", "abs_error_h1", "in80_h1", "in95_h1")

@@ -43,7 +43,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from scipy.signal import lfilter
 
 from .bars import PRICE_COLUMNS, Bars
 
@@ -239,13 +238,23 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
     upd = np.flatnonzero(clean)
     var = np.full(m, cfg.prior_var)
     if len(upd):
-        v_upd = lfilter([1.0 - cfg.lam], [1.0, -cfg.lam], ret[upd] ** 2, zi=[cfg.lam * cfg.prior_var])[0]
+        v_upd = _ewma(ret[upd] ** 2, cfg.lam, cfg.prior_var)
         idx = np.searchsorted(upd, np.arange(m), side="right") - 1  # last update at or before each bar
         var = np.where(idx >= 0, v_upd[np.maximum(idx, 0)], cfg.prior_var)
     x = np.stack([ret, gap, body, rng, dvol, 0.5 * np.log(var), np.clip(days_raw, 0.0, 10.0),
                   jump.astype(np.float64)], axis=1)
     return SymbolSeries(bars.symbol, ts, c, x, ret, var, jump, ~first & (days_raw > cfg.gap_bars), dead,
                         {"open": o, "high": h, "low": lo, "volume": v})
+
+
+def _ewma(r2: np.ndarray, lam: float, v0: float) -> np.ndarray:
+    """``v_t = lam v_{t-1} + (1 - lam) r2_t`` from ``v_0``: the online step's arithmetic, value for value."""
+    out = np.empty(len(r2))
+    v = v0
+    for i, x in enumerate(r2.tolist()):
+        v = lam * v + (1.0 - lam) * x
+        out[i] = v
+    return out
 
 
 def targets(ret: np.ndarray, jump: np.ndarray, horizons: int) -> tuple[np.ndarray, np.ndarray]:

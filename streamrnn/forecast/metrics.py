@@ -9,6 +9,9 @@ Student-t, ``scale`` is the t scale parameter (the standard deviation is
 * MAE of the median; MASE = MAE / MAE of the naive forecast (median 0) on the same points,
   computed per symbol and summarised by the median over symbols;
 * coverage: share of ``y`` inside the central 80% / 95% interval.
+
+The density, quantiles and coverage come from :mod:`.distribution` (no scipy, for the serving
+path); CRPS here needs scipy.
 """
 
 from __future__ import annotations
@@ -16,33 +19,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special, stats
+
+from .distribution import covered, nll, quantile
+
+__all__ = ["LEVELS", "covered", "crps", "nll", "quantile", "summarize"]
 
 LEVELS = (0.80, 0.95)
 
 
-def _t(df: np.ndarray) -> np.ndarray:
-    return np.asarray(df, np.float64)
-
-
-def nll(y, loc, scale, df) -> np.ndarray:
-    """Negative log density of ``y`` per point."""
-    z = (np.asarray(y, np.float64) - loc) / scale
-    df = np.broadcast_to(_t(df), z.shape)
-    g = np.isinf(df)
-    out = np.empty_like(z)
-    out[g] = 0.5 * z[g] ** 2 + 0.5 * math.log(2 * math.pi)
-    v = df[~g]
-    zt = z[~g]
-    out[~g] = -(special.gammaln((v + 1) / 2) - special.gammaln(v / 2) - 0.5 * np.log(v * math.pi)
-                - (v + 1) / 2 * np.log1p(zt ** 2 / v))
-    return out + np.log(np.broadcast_to(scale, z.shape))
-
-
 def crps(y, loc, scale, df) -> np.ndarray:
-    """Continuous ranked probability score per point (same units as ``y``)."""
+    """Continuous ranked probability score per point (same units as ``y``). Needs scipy (the 'eval' extra)."""
+    from scipy import special, stats
+
     z = (np.asarray(y, np.float64) - loc) / scale
-    df = np.broadcast_to(_t(df), z.shape)
+    df = np.broadcast_to(np.asarray(df, np.float64), z.shape)
     g = np.isinf(df)
     out = np.empty_like(z)
     zg = z[g]
@@ -55,26 +45,12 @@ def crps(y, loc, scale, df) -> np.ndarray:
     return out * np.broadcast_to(scale, z.shape)
 
 
-def quantile(p: float, loc, scale, df) -> np.ndarray:
-    """The ``p`` quantile of each forecast."""
-    loc = np.asarray(loc, np.float64)
-    df = np.broadcast_to(_t(df), loc.shape)
-    q = np.where(np.isinf(df), stats.norm.ppf(p), stats.t.ppf(p, np.where(np.isinf(df), 1.0, df)))
-    return loc + q * scale
-
-
-def covered(level: float, y, loc, scale, df) -> np.ndarray:
-    """Whether each ``y`` lies in the central ``level`` interval."""
-    a = (1 - level) / 2
-    return (y >= quantile(a, loc, scale, df)) & (y <= quantile(1 - a, loc, scale, df))
-
-
 def summarize(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df, groups: np.ndarray) -> dict:
     """One horizon's scores over points ``y`` (1-d), ``groups`` the symbol of each point (for MASE)."""
     if len(y) == 0:
         return {"nll": None, "crps": None, "mae": None, "mase": None, "coverage_80": None, "coverage_95": None,
                 "n": 0}
-    df = np.broadcast_to(_t(df), y.shape)
+    df = np.broadcast_to(np.asarray(df, np.float64), y.shape)
     err = np.abs(y - loc)
     ratios = []
     for g in np.unique(groups):

@@ -21,9 +21,9 @@ import numpy as np
 
 from ..keyed import KeyedOperator
 from ..model import Model
+from .distribution import quantile
 from .evaluate import forecast_meta
 from .features import DeadLetter, FeatureConfig, FeatureRow, OnlineFeatures
-from .metrics import quantile
 
 LEVELS = {"80": (0.10, 0.90), "95": (0.025, 0.975)}
 
