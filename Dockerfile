@@ -61,4 +61,7 @@ RUN python -m pip install --no-cache-dir -q --upgrade pip \
  && rm -rf build *.egg-info
 
 COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
+# out of the source tree: `python -m` puts the working directory first on sys.path, and workers must
+# import the installed package (and any staged package boot installs over it), not /opt/streamrnn
+WORKDIR /home/streamrnn
 ENTRYPOINT ["/opt/apache/beam/boot"]

@@ -23,15 +23,19 @@ extras=""
 src="$root"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --python) py="${2:?--python: expected an interpreter path}"; shift 2 ;;
+    --python)
+      [ $# -ge 2 ] && [ -n "$2" ] || { echo "install_worker.sh: --python: expected an interpreter path, got none" >&2; exit 2; }
+      py="$2"; shift 2 ;;
     --cpu) cpu=1; shift ;;
-    --beam-extras) extras="${2?--beam-extras: expected a comma-separated list such as gcp,aws}"; shift 2 ;;
+    --beam-extras)
+      [ $# -ge 2 ] || { echo "install_worker.sh: --beam-extras: expected names such as gcp,aws, got none" >&2; exit 2; }
+      extras="$2"; shift 2 ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     -*) echo "install_worker.sh: unknown option $1" >&2; exit 2 ;;
     *) src="$1"; shift ;;
   esac
 done
-[[ "$extras" =~ ^[a-z0-9_,-]*$ ]] || {
+[[ "$extras" =~ ^([a-z0-9_]+(,[a-z0-9_]+)*)?$ ]] || {
   echo "install_worker.sh: --beam-extras: expected names such as gcp,aws, got '$extras'" >&2; exit 2; }
 [ -e "$src" ] || { echo "install_worker.sh: SOURCE: expected a source tree or wheel, got no such path $src" >&2; exit 2; }
 # shellcheck source=versions.env
@@ -64,7 +68,8 @@ else
 fi
 
 # what a worker needs, importable and at the pinned version
-"$py" - "$BEAM_VERSION" "$extras" <<'PY'
+# -I: the installed package, never a source tree in the working directory (the Docker build runs in one)
+"$py" -I - "$BEAM_VERSION" "$extras" <<'PY'
 import sys
 import apache_beam, onnxruntime, streamrnn
 from apache_beam.io.filesystems import FileSystems

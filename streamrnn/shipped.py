@@ -31,17 +31,18 @@ def names() -> list[str]:
     return sorted(p.stem for p in FOLDER.glob("*.onnx"))
 
 
-def is_shipped(path: str | os.PathLike) -> bool:
-    return os.fspath(path).startswith(PREFIX)
+def is_shipped(path: str | bytes | os.PathLike) -> bool:
+    source = os.fspath(path)
+    return isinstance(source, str) and source.startswith(PREFIX)
 
 
-def resolve(path: str | os.PathLike) -> str:
+def resolve(path: str | bytes | os.PathLike) -> str | bytes:
     """The local file for ``shipped:NAME`` in this process's install; any other path unchanged.
 
     Raises :class:`~streamrnn.errors.ModelLoadError` for a NAME that is not shipped.
     """
     source = os.fspath(path)
-    if not source.startswith(PREFIX):
+    if not is_shipped(source):
         return source
     name = source[len(PREFIX):].removesuffix(".onnx")
     known = names()

@@ -119,3 +119,37 @@ def test_a_changed_shard_count_is_refused(lstm_path):
     with pytest.raises(InputError, match=r"num_shards: expected 8 .*got 16"):
         step._ctrl(state)
     assert step._ctrl(_State(None)).num_shards == 16
+
+
+@pytest.mark.parametrize("other", ["other_lstm_path", "wide_lstm_path"])
+def test_a_model_file_changed_under_the_state_path_carries_or_ends_each_stream(lstm_path, other, request):
+    """State written under one model, rebuilt after the file at its path changed (a retrained shipped:NAME, an
+    overwritten bucket file): same state shapes carry on under the new weights; other shapes end every
+    key's stream (reason model_update), never a failed shard that retries forever."""
+    model = load(lstm_path, providers=[CPU])
+    new = load(request.getfixturevalue(other), providers=[CPU])
+    store = st_mod.new_store(model, "shipped:x", keep_last_output=False)
+    keys = ["a", "b", "c"]
+    store.op.process(keys * 3, np.arange(9, dtype=np.int64))
+    for k in keys:
+        store.set_meta(k, st_mod.KeyMeta(1.0, 9_000_000, "", True))
+    store.op.evict("c")
+    store.set_meta("c", st_mod.KeyMeta(1.0, 9_000_000, "expired", False))
+    blob, _ = store.delta(compact=False)
+    same = st_mod.rebuild([blob], lambda p: model, keep_last_output=False, default_path="shipped:x")
+    assert same.model_changed == "" and not same.reset_keys and not same.full
+    back = st_mod.rebuild([blob], lambda p: new, keep_last_output=False, default_path="shipped:x")
+    assert back.full  # the next write records the new model's state in full
+    if other == "other_lstm_path":
+        assert back.model_changed == "carried" and not back.reset_keys
+        got, want = _snapshot_dict(back), _snapshot_dict(store)
+        assert got.keys() == want.keys() == {"a", "b"}
+        assert sum(c.startswith("state_") for c in got["a"]) == 2  # h and c
+        for k in got:  # the same (h, c) and step counts, now under the new weights
+            assert {c: v for c, v in got[k].items() if c.startswith("state_") or c == "steps"} == {
+                c: v for c, v in want[k].items() if c.startswith("state_") or c == "steps"}
+    else:
+        assert back.model_changed == "reset" and back.reset_keys == ["a", "b"] and len(back.op) == 0
+        assert {k: (m.reason, m.live) for k, m in back.meta.items()} == {
+            "a": ("model_update", False), "b": ("model_update", False), "c": ("expired", False)}
+        assert back.next_expiry() is None or back.next_expiry() >= NEVER  # no expiry of ended streams

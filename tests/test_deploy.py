@@ -131,9 +131,12 @@ def test_install_worker_bad_source_is_one_line_exit_2(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "SOURCE: expected" in r.stderr, r.stderr
     r = subprocess.run(["bash", str(INSTALL), "--bogus"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown option --bogus" in r.stderr
-    r = subprocess.run(["bash", str(INSTALL), "--beam-extras", "gcp;rm -rf /", str(ROOT)], capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == 2 and "--beam-extras: expected names such as gcp,aws, got 'gcp;rm -rf /'" in r.stderr
+    for args, want in ((["--beam-extras", "gcp;rm -rf /", str(ROOT)], "got 'gcp;rm -rf /'"),
+                       (["--beam-extras", "--cpu", str(ROOT)], "got '--cpu'"),
+                       (["--beam-extras", "gcp,,aws", str(ROOT)], "got 'gcp,,aws'"),
+                       (["--beam-extras"], "got none"), (["--python"], "--python: expected an interpreter path")):
+        r = subprocess.run(["bash", str(INSTALL), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and want in r.stderr, (args, r.stderr)
 
 
 def test_one_pin_for_image_workers_and_launcher():
@@ -169,6 +172,9 @@ def test_dockerfile_is_a_beam_worker_image():
     assert re.search(r"chown -R streamrnn [^\n]*/opt/venv", text)
     install = next(i for i, ln in enumerate(lines) if "install_worker.sh --python" in ln)
     assert lines.index(f"USER {users[-1]}") < install  # pip installs as that user
+    # workers start outside the source tree, so they import the installed package
+    workdirs = [ln.split()[1] for ln in lines if ln.startswith("WORKDIR ")]
+    assert workdirs[-1] != "/opt/streamrnn" and lines.index(f"WORKDIR {workdirs[-1]}") > install
 
 
 # --- a distributed run: job service + worker pool on loopback -------------------------------------

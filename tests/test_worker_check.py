@@ -128,5 +128,26 @@ def test_launcher_reports_a_deploy_error_in_one_line(capsys, tmp_path, wrapped):
                            f"streamrnn.errors.DeployError: {msg} [while running 'Step/ParDo(ShardStep)']\n\nmore")
 
     out = launcher.Output(str(tmp_path / "out"), ["predictions"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions-0.parquet").write_bytes(b"written before the worker failed")
     assert launcher.run("next_token", out, body) == 2
     assert capsys.readouterr().err.strip().splitlines() == [f"next_token: {msg}"]
+    assert (tmp_path / "out" / "predictions-0.parquet").exists()  # what was written stays
+
+
+def test_deploy_error_is_only_a_deploy_errors_exception_line():
+    assert launcher.deploy_error(DeployError("m [while running 'Infer[v2]/ShardStep']")) == "m"
+    for quoted in (ValueError("bad column name 'DeployError: x' in csv"), RuntimeError("KeyError: 'DeployError: y'"),
+                   RuntimeError("Traceback ...\nValueError: DeployError: z")):
+        assert launcher.deploy_error(quoted) is None, quoted
+    with pytest.raises(RuntimeError):  # not a deploy error: re-raised as it was
+        launcher.run("job", launcher.Output("/nonexistent/out", []), lambda: (_ for _ in ()).throw(
+            RuntimeError("KeyError: 'DeployError: y'")))
+
+
+def test_code_digest_is_part_of_the_environment_and_load_keeps_bytes_paths():
+    env = worker_check.environment()
+    assert len(env["streamrnn code"]) == 12 and env["streamrnn"] == streamrnn.__version__
+    import os
+
+    assert load(os.fsencode(streamrnn.DEFAULT_MODEL), providers=[CPU]).spec.name == "charlm"

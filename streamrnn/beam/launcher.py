@@ -190,28 +190,40 @@ def _status(status: Callable[[], str] | None) -> str:
         return f"(figures unavailable: {type(e).__name__})"
 
 
-_DEPLOY_ERROR = re.compile(r"DeployError: (.+?)(?: \[while running [^\]]*\])*$", re.M)
+# the exception line of a traceback, or a DeployError's own text; Beam appends " [while running 'STEP']"
+_DEPLOY_ERROR = re.compile(r"^(?:[\w.]+\.)?DeployError: (.+?)\r?$", re.M)
+_WHILE_RUNNING = re.compile(r"(?: \[while running '.*'\])+$")
 
 
 def deploy_error(e: BaseException) -> str | None:
     """The message of a worker's DeployError, however the runner wrapped it (type kept, or as traceback text)."""
     if isinstance(e, DeployError):
-        return str(e)
-    m = _DEPLOY_ERROR.search(str(e))
-    return m.group(1) if m else None
+        msg = str(e).strip()
+    else:
+        m = _DEPLOY_ERROR.search(str(e))
+        if m is None:
+            return None
+        msg = m.group(1)
+    return _WHILE_RUNNING.sub("", msg) or None
 
 
 def run(prog: str, output: Output, body: Callable[[], int]) -> int:
-    """``body()``'s exit code. A JobError (a user's mistake) or a worker's DeployError (launcher and workers
-    disagree) is one line ``prog: message`` on stderr and exit code 2."""
+    """``body()``'s exit code, and one line ``prog: message`` on stderr with exit code 2 for:
+
+    * a JobError (a user's mistake, found before anything is written: a folder this run made is removed);
+    * a worker's DeployError (launcher and workers disagree; what was written stays).
+    """
     try:
         return body()
+    except JobError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        output.discard()
+        return 2
     except Exception as e:
-        msg = str(e) if isinstance(e, JobError) else deploy_error(e)
+        msg = deploy_error(e)
         if msg is None:
             raise
         print(f"{prog}: {msg}", file=sys.stderr)
-        output.discard()
         return 2
     finally:
         output.remove_temp()

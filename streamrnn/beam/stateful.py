@@ -256,7 +256,13 @@ class ShardStep(beam.DoFn):
                 pending.add(to_ipc(rest))
                 rest_min = int(rest.column(REL).to_numpy().min())
         self.m.flushes.inc()
-        self._ended: list[str] = []  # keys whose stream a model switch ended in this flush
+        # keys whose stream a model switch ended in this flush; first those of a model file that changed
+        # under the state's path since the state was written (counted once: this flush saves a full write)
+        self._ended: list[str] = store.reset_keys
+        if store.model_changed:
+            self.m.model_switches.inc()
+            self.m.model_resets.inc(len(store.reset_keys))
+            store.model_changed, store.reset_keys = "", []
         out = Applied(None)
         if due is not None and due.num_rows:
             out = apply_due(due, store, self.cfg, epoch_models=lambda tsu: self._epochs(ctrl, tsu),

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from .. import snapshot
 from ..keyed import KeyedOperator
 from ..model import Model
 from .clock import EARLIEST, NEVER
@@ -67,6 +68,10 @@ class ShardStore:
     log_bytes: int = 0
     full_bytes: int = 0
     full: bool = False  # the next write is a full snapshot (after a model switch)
+    # set by rebuild() when the file at the state's model path is no longer the model that wrote it
+    # (same path, other weights: "carried"; other state shapes: "reset", with the keys whose stream ended)
+    model_changed: str = ""
+    reset_keys: list[str] = field(default_factory=list)
 
     # -- changes -------------------------------------------------------------------------
     def set_meta(self, key: str, m: KeyMeta) -> None:
@@ -264,7 +269,20 @@ def rebuild(blobs: list[bytes], load_model, *, keep_last_output: bool, default_p
         last = {k: i for i, k in enumerate(keys)}  # the last write of each key wins
         keep = [i for k, i in last.items() if k in store.meta and store.meta[k].live]
         t = t.take(pa.array(sorted(keep), pa.int64())).replace_schema_metadata(schema_meta)
-        store.op.restore(t, allow_other_model=True)
+        written = json.loads((schema_meta or {}).get(snapshot.SNAPSHOT_KEY, b"{}"))
+        spec = store.op.model.spec
+        if written.get("state") != snapshot.signature(spec):
+            # The file at this path now holds a model of other state shapes (a retrained shipped:NAME, an
+            # overwritten file): every live key's stream ends here, as on a model update to such a model.
+            store.reset_keys = [keys[i] for i in sorted(keep)]
+            for k in store.reset_keys:
+                mk = store.meta[k]
+                store.meta[k] = KeyMeta(mk.last_ts, mk.expiry, "model_update", False)
+            store.model_changed, store.full = "reset", True
+        else:
+            if written.get("fingerprint") != spec.fingerprint:
+                store.model_changed, store.full = "carried", True  # same shapes: state goes on, new weights
+            store.op.restore(t, allow_other_model=True)
     for at, i in sorted((at, i) for i, at in store.ids.items()):
         store._id_times.append((at, i))
     for k, m in store.meta.items():

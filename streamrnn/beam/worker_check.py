@@ -4,17 +4,35 @@ A launcher and its workers are separate installs (a laptop and a worker image, s
 they differ, Beam may still unpickle the pipeline and run it, with another Beam's semantics or
 against another file at the same model path. Both are caught in ``setup()`` and fail the
 step with a :class:`~streamrnn.errors.DeployError` that names both sides, never a silent
-difference in outputs. Retrying cannot fix either, so the runner's retries end in that error.
+difference in outputs. Retrying cannot fix either: a batch runner's retries end in that error
+(one line on the launcher); a streaming runner (Dataflow streaming retries forever) shows it
+in the worker logs while the job makes no progress.
+
+streamrnn's version string alone would miss a changed but unreleased checkout, so the check also
+compares a digest of the package's source files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from collections.abc import Mapping
+from functools import cache
+from pathlib import Path
 
 from ..errors import DeployError
 from ..spec import ModelSpec
 from .models import model_version
+
+
+@cache
+def code_digest() -> str:
+    """sha256 (12 hex digits) of this install's streamrnn/**/*.py, by relative path and content."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def environment() -> dict[str, str]:
@@ -23,7 +41,8 @@ def environment() -> dict[str, str]:
 
     import streamrnn
 
-    return {"apache-beam": apache_beam.__version__, "streamrnn": streamrnn.__version__}
+    return {"apache-beam": apache_beam.__version__, "streamrnn": streamrnn.__version__,
+            "streamrnn code": code_digest()}
 
 
 def require_environment(launcher: Mapping[str, str], step: str) -> None:
