@@ -30,6 +30,19 @@ class _DropNoise(logging.Filter):
         return not any(n in msg for n in NOISE)
 
 
+class _DropDeployErrors(logging.Filter):
+    """A worker's DeployError, as the runner logs it (with tracebacks): the launcher reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += logging.Formatter().formatException(record.exc_info)
+        except Exception:
+            return True
+        return "DeployError: " not in text
+
+
 class _Stderr(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time (it may be replaced after the handler is made)."""
 
@@ -55,6 +68,8 @@ def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
     handler._streamrnn_job = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s %(message)s"))
     handler.addFilter(_DropNoise())
+    if not verbose:
+        handler.addFilter(_DropDeployErrors())
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in ("apache_beam", "root"):

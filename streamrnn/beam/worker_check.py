@@ -51,7 +51,8 @@ def require_environment(launcher: Mapping[str, str], step: str) -> None:
     for name, want in launcher.items():
         if here.get(name) != want:
             raise DeployError(
-                f"{step}: {name}: expected {want} (the launcher's), got {here.get(name)} on worker "
+                f"{step}: {name}: expected {want} (the launcher's), got {here.get(name, 'none (an older streamrnn)')} "
+                f"on worker "
                 f"{socket.gethostname()}; install the same version on both (deploy/versions.env pins Beam)")
 
 
