@@ -315,10 +315,7 @@ class ShardStep(beam.DoFn):
         if new_model.spec.state_signature == old_sig:
             fresh.op.restore(snap, allow_other_model=True)
         else:
-            for k in store.op.keys():
-                mk = store.meta[k]
-                store.meta[k] = KeyMeta(mk.last_ts, mk.expiry, "model_update", False)
-            self._ended.extend(store.op.keys())
+            self._ended.extend(store.end_streams(list(store.op.keys()), "model_update"))
             self.m.model_resets.inc(len(store.op))
         store.op, store.model_path, store.full = fresh.op, path, True
 

@@ -80,6 +80,14 @@ class ShardStore:
         if m.live and m.expiry < NEVER:
             heapq.heappush(self._expiry_heap, (m.expiry, key))
 
+    def end_streams(self, keys: list[str], reason: str) -> list[str]:
+        """Mark each key's stream ended for ``reason`` (a model change; the caller drops the state and writes
+        the store in full next). Returns ``keys``."""
+        for k in keys:
+            mk = self.meta[k]
+            self.meta[k] = KeyMeta(mk.last_ts, mk.expiry, reason, False)
+        return keys
+
     def forget(self, key: str) -> None:
         """Drop a key's record entirely (its tombstone aged out)."""
         if self.meta.pop(key, None) is not None:
@@ -274,10 +282,7 @@ def rebuild(blobs: list[bytes], load_model, *, keep_last_output: bool, default_p
         if written.get("state") != snapshot.signature(spec):
             # The file at this path now holds a model of other state shapes (a retrained shipped:NAME, an
             # overwritten file): every live key's stream ends here, as on a model update to such a model.
-            store.reset_keys = [keys[i] for i in sorted(keep)]
-            for k in store.reset_keys:
-                mk = store.meta[k]
-                store.meta[k] = KeyMeta(mk.last_ts, mk.expiry, "model_update", False)
+            store.reset_keys = store.end_streams([keys[i] for i in sorted(keep)], "model_update")
             store.model_changed, store.full = "reset", True
         else:
             if written.get("fingerprint") != spec.fingerprint:

@@ -58,7 +58,7 @@ def require_environment(launcher: Mapping[str, str], step: str) -> None:
 
 def require_model(launcher: ModelSpec, worker: ModelSpec, path: str, step: str) -> None:
     """DeployError unless the worker's file at ``path`` is the model the launcher read there."""
-    if worker.fingerprint != launcher.fingerprint or worker.to_json() != launcher.to_json():
+    if worker.to_json() != launcher.to_json():  # the whole spec, weights fingerprint included
         raise DeployError(
             f"{step}: model {path!r}: expected {model_version(launcher)} (what the launcher read), got "
             f"{model_version(worker)} on worker {socket.gethostname()}; the launcher and the workers must read "
