@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -69,3 +70,13 @@ def read_file(flag: str, path: str | os.PathLike) -> bytes:
         raise InputError(f"{flag}: expected a readable file, got {os.fspath(path)!r} ({e.strerror or e})") from e
 
 
+
+
+def parse_with_quick(ap: argparse.ArgumentParser, argv: list[str] | None,
+                     quick: dict) -> tuple[argparse.Namespace, list[str]]:
+    """Parse ``argv`` (default: the command line); with ``--quick``, ``quick`` holds the defaults (flags given
+    still win). Returns the arguments and the argv list, which benchmarks pass on to their child runs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--quick" in argv:
+        ap.set_defaults(**quick)
+    return ap.parse_args(argv), argv

@@ -343,13 +343,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cliargs import parse_with_quick
     from .beam_report import report, text
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()
-    if "--quick" in argv:
-        ap.set_defaults(**QUICK)
-    args = ap.parse_args(argv)
+    args, argv = parse_with_quick(ap, argv, QUICK)
     if args.variant:
         print(json.dumps(_one(args)))
         return 0

@@ -294,13 +294,11 @@ def _workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cliargs import parse_with_quick
     from .beam import _code_state, _make_model
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     ap = _parser()
-    if "--quick" in argv:
-        ap.set_defaults(**QUICK)
-    args = ap.parse_args(argv)
+    args, argv = parse_with_quick(ap, argv, QUICK)
     if args.run is not None:
         print(json.dumps(_run(argparse.Namespace(**{**vars(args), "workers": args.run}))))
         return 0
