@@ -61,6 +61,10 @@ class FeatureConfig:
     jump: float = 0.40
     gap_bars: float = 4.0
 
+    def ewma(self, var: float, r2: float) -> float:
+        """One step of the variance EWMA, ``lam var + (1 - lam) r2``: the one rule, online and offline."""
+        return self.lam * var + (1.0 - self.lam) * r2
+
     def to_dict(self) -> dict:
         return {"bar_seconds": self.bar_seconds, "lam": self.lam, "prior_var": self.prior_var,
                 "jump": self.jump, "gap_bars": self.gap_bars}
@@ -169,7 +173,7 @@ def step_features(st: SymbolState, b: Mapping[str, float], cfg: FeatureConfig, s
         gap = 0.0 if jump else 100.0 * math.log(o / st.last_close)
         dvol = min(5.0, max(-5.0, math.log((v + 1.0) / (st.last_volume + 1.0))))
         days = (ts - st.last_ts) / cfg.bar_seconds
-        var = st.var if jump else cfg.lam * st.var + (1.0 - cfg.lam) * ret * ret
+        var = st.var if jump else cfg.ewma(st.var, ret * ret)
         if jump:
             flags.append("jump")
         if days > cfg.gap_bars:
@@ -238,7 +242,7 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
     upd = np.flatnonzero(clean)
     var = np.full(m, cfg.prior_var)
     if len(upd):
-        v_upd = _ewma(ret[upd] ** 2, cfg.lam, cfg.prior_var)
+        v_upd = _ewma(ret[upd] ** 2, cfg)
         idx = np.searchsorted(upd, np.arange(m), side="right") - 1  # last update at or before each bar
         var = np.where(idx >= 0, v_upd[np.maximum(idx, 0)], cfg.prior_var)
     x = np.stack([ret, gap, body, rng, dvol, 0.5 * np.log(var), np.clip(days_raw, 0.0, 10.0),
@@ -247,13 +251,12 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
                         {"open": o, "high": h, "low": lo, "volume": v})
 
 
-def _ewma(r2: np.ndarray, lam: float, v0: float) -> np.ndarray:
-    """``v_t = lam v_{t-1} + (1 - lam) r2_t`` from ``v_0``: the online step's arithmetic, value for value."""
+def _ewma(r2: np.ndarray, cfg: FeatureConfig) -> np.ndarray:
+    """The variance EWMA over ``r2`` from ``prior_var``, step by step as the online features do it."""
     out = np.empty(len(r2))
-    v = v0
+    v = cfg.prior_var
     for i, x in enumerate(r2.tolist()):
-        v = lam * v + (1.0 - lam) * x
-        out[i] = v
+        v = out[i] = cfg.ewma(v, x)
     return out
 
 
