@@ -35,7 +35,7 @@ def _held_dict(store):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_log_replays_to_the_live_store(lstm_path, ops, compact_every):
     model = load(lstm_path, providers=[CPU])
-    store = st_mod.new_store(model, str(lstm_path), keep_last_output=True)
+    store = st_mod.ShardStore.new(model, str(lstm_path), keep_last_output=True)
     log: list[bytes] = []
     rng = np.random.default_rng(len(ops))
     t = 0
@@ -46,7 +46,7 @@ def test_log_replays_to_the_live_store(lstm_path, ops, compact_every):
         if op == "step":
             store.op.process([key] * n, rng.integers(0, 256, n))
             store.set_meta(key, st_mod.KeyMeta(t / 1e6, t + 5_000_000, "", True))
-            store.add_ids([key] * n, np.arange(t, t + n), t)
+            store.add_ids([key] * n, np.arange(t, t + n), np.full(n, t))
         elif op == "expire" and key in store.op:
             store.op.evict(key)
             m = store.meta[key]
@@ -59,7 +59,7 @@ def test_log_replays_to_the_live_store(lstm_path, ops, compact_every):
             store.set_held(key, None)
         elif op == "flush":
             flushes += 1
-            store.prune_ids(t - 20_000_000)
+            store.forget_old(t, 20_000_000)
             blob, full = store.delta(compact=flushes % compact_every == 0)
             if full:
                 log.clear()
@@ -68,18 +68,16 @@ def test_log_replays_to_the_live_store(lstm_path, ops, compact_every):
     if full:
         log.clear()
     log.append(blob)
-    back = st_mod.rebuild(list(reversed(log)), lambda p: model, keep_last_output=True, default_path=str(lstm_path))
+    back, change = st_mod.ShardStore.from_log(list(reversed(log)), lambda p: model, keep_last_output=True,
+                                              default_path=str(lstm_path))
+    assert change is None
     assert _snapshot_dict(back) == _snapshot_dict(store)
-    assert back.meta == store.meta
-    # ids pruned in memory are still in the log until compaction; replay keeps a superset, never loses one
-    assert set(store.ids) <= set(back.ids)
-    assert _held_dict(back) == _held_dict(store)
-    assert back.next_expiry() == store.next_expiry()
+    assert back.lasting() == store.lasting()  # ids the horizon forgot stay forgotten; the sweep mark too
 
 
 def test_delta_size_follows_the_keys_touched(lstm_path):
     model = load(lstm_path, providers=[CPU])
-    store = st_mod.new_store(model, str(lstm_path), keep_last_output=False)
+    store = st_mod.ShardStore.new(model, str(lstm_path), keep_last_output=False)
     keys = [f"k{i}" for i in range(2000)]
     store.op.process(keys, np.zeros(len(keys), np.int64))
     for k in keys:
@@ -95,13 +93,34 @@ def test_delta_size_follows_the_keys_touched(lstm_path):
 
 def test_the_cache_is_used_only_when_the_token_matches(lstm_path):
     model = load(lstm_path, providers=[CPU])
-    s = st_mod.new_store(model, str(lstm_path), keep_last_output=False)
+    s = st_mod.ShardStore.new(model, str(lstm_path), keep_last_output=False)
     s.token = "t1"
-    st_mod.put_cached("x", 3, s)
-    assert st_mod.take_cached("x", 3, "t0") is None  # a failed bundle left the old token in state: rebuild
-    st_mod.put_cached("x", 3, s)
-    assert st_mod.take_cached("x", 3, "t1") is s
-    assert st_mod.take_cached("x", 3, "t1") is None  # taken: owned by one flush at a time
+    cache = st_mod.ShardCache()
+    cache.put("x", 3, s, 1 << 20)
+    assert cache.take("x", 3, "t0") is None  # a failed bundle left the old token in state: rebuild
+    cache.put("x", 3, s, 1 << 20)
+    assert cache.take("x", 3, "t1") is s
+    assert cache.take("x", 3, "t1") is None  # taken: owned by one flush at a time
+    cache.put("x", 3, s, 0)
+    assert len(cache) == 0  # a budget of 0: no cache, every flush rebuilds
+
+
+def test_the_cache_is_bounded_by_bytes_least_recently_used_first(lstm_path):
+    model = load(lstm_path, providers=[CPU])
+    cache = st_mod.ShardCache()
+    stores = []
+    for i in range(4):
+        s = st_mod.ShardStore.new(model, str(lstm_path), keep_last_output=False)
+        s.op.process([f"k{j}" for j in range(50)], np.zeros(50, np.int64))
+        s.token = f"t{i}"
+        stores.append(s)
+    one = stores[0].nbytes()
+    assert one > 0
+    for i, s in enumerate(stores):
+        cache.put("x", i, s, int(2.5 * one))
+    assert len(cache) == 2 and cache.bytes <= 2.5 * one
+    assert cache.take("x", 0, "t0") is None and cache.take("x", 1, "t1") is None  # the oldest went first
+    assert cache.take("x", 3, "t3") is stores[3]
 
 
 class _State:
@@ -128,7 +147,7 @@ def test_a_model_file_changed_under_the_state_path_carries_or_ends_each_stream(l
     key's stream (reason model_update), never a failed shard that retries forever."""
     model = load(lstm_path, providers=[CPU])
     new = load(request.getfixturevalue(other), providers=[CPU])
-    store = st_mod.new_store(model, "shipped:x", keep_last_output=False)
+    store = st_mod.ShardStore.new(model, "shipped:x", keep_last_output=False)
     keys = ["a", "b", "c"]
     store.op.process(keys * 3, np.arange(9, dtype=np.int64))
     for k in keys:
@@ -136,12 +155,13 @@ def test_a_model_file_changed_under_the_state_path_carries_or_ends_each_stream(l
     store.op.evict("c")
     store.set_meta("c", st_mod.KeyMeta(1.0, 9_000_000, "expired", False))
     blob, _ = store.delta(compact=False)
-    same = st_mod.rebuild([blob], lambda p: model, keep_last_output=False, default_path="shipped:x")
-    assert same.model_changed == "" and not same.reset_keys and not same.full
-    back = st_mod.rebuild([blob], lambda p: new, keep_last_output=False, default_path="shipped:x")
-    assert back.full  # the next write records the new model's state in full
+    same, change = st_mod.ShardStore.from_log([blob], lambda p: model, keep_last_output=False,
+                                              default_path="shipped:x")
+    assert change is None and not same.log.full and same.lasting() == store.lasting()
+    back, change = st_mod.ShardStore.from_log([blob], lambda p: new, keep_last_output=False, default_path="shipped:x")
+    assert back.log.full  # the next write records the new model's state in full
     if other == "other_lstm_path":
-        assert back.model_changed == "carried" and not back.reset_keys
+        assert change == st_mod.ModelChange("carried")
         got, want = _snapshot_dict(back), _snapshot_dict(store)
         assert got.keys() == want.keys() == {"a", "b"}
         assert sum(c.startswith("state_") for c in got["a"]) == 2  # h and c
@@ -149,7 +169,7 @@ def test_a_model_file_changed_under_the_state_path_carries_or_ends_each_stream(l
             assert {c: v for c, v in got[k].items() if c.startswith("state_") or c == "steps"} == {
                 c: v for c, v in want[k].items() if c.startswith("state_") or c == "steps"}
     else:
-        assert back.model_changed == "reset" and back.reset_keys == ["a", "b"] and len(back.op) == 0
+        assert change == st_mod.ModelChange("reset", ("a", "b")) and len(back.op) == 0
         assert {k: (m.reason, m.live) for k, m in back.meta.items()} == {
             "a": ("model_update", False), "b": ("model_update", False), "c": ("expired", False)}
         assert back.next_expiry() is None or back.next_expiry() >= NEVER  # no expiry of ended streams

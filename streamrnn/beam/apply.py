@@ -2,8 +2,8 @@
 
 Rules, each in one place here:
 
-* **Duplicates.** ``(key, seq)`` names an input row, whose events share its ``ts``
-  (:func:`duplicates` has the rule).
+* **Duplicates.** ``(key, seq)`` names an input row, whose events share its ``ts``, for the
+  dedupe horizon of event time (:func:`duplicates` has the rule).
 * **Order.** Each key's events apply in ``(ts, seq, sub)`` order.
 * **TTL.** An event more than ``ttl`` seconds (event time) after its key's previous event
   starts the key fresh (``reset="expired"``).
@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..model import Model
 from .clock import NEVER, release_micros, to_micros
 from .counters import Counters
 from .intake import REL, TSU
@@ -45,41 +46,95 @@ class Config:
 
 @dataclass
 class Applied:
-    """The rows one flush applied, in key / stream order, plus the rows it could not apply."""
+    """What one flush's apply did: the rows it applied (key / stream order), the rows it could not apply,
+    and the keys whose stream a model switch ended."""
 
     rows: pa.Table | None
     dead: list[tuple[pa.Table, int, str, str]] = field(default_factory=list)  # (table, row, kind, reason)
+    ended: list[str] = field(default_factory=list)
 
 
-def duplicates(due: pa.Table, store: ShardStore) -> np.ndarray:
+def duplicates(due: pa.Table, store: ShardStore, horizon: int) -> np.ndarray:
     """Mask of ``due`` rows that are duplicates (the one identity rule of the Beam layer).
 
-    ``(key, seq)`` names an input row; its events (``sub``) share the row's ``ts``. A row
-    already applied is a duplicate. Among copies released together, the copy with the
-    smallest ``ts`` wins (then the smallest payload, compared value by value), the same on
-    every worker whatever the arrival order; events carrying the row's id at another ``ts``
-    are duplicates too.
+    ``(key, seq)`` names an input row, and its events (``sub``) share the row's ``ts``. The
+    name holds for ``horizon`` (micros) of event time: a row is a duplicate of the last row
+    applied under its name when its ``ts`` is within ``horizon`` of that row's, and a new row
+    beyond it. Rows released together are taken in ``ts`` order under the same rule, so the
+    result does not depend on how events were split into flushes (batch or streaming, warm or
+    rebuilt). Copies at one ``ts`` that carry their original row (``event``, as the jobs'
+    readers set it) compete as whole rows: the one whose payloads, in ``sub`` order, compare
+    smallest value by value wins, then the one whose original row sorts first. Events
+    without an original row are each their own copy of one ``(key, seq, sub)``: the smallest
+    payload wins. The winner never mixes two copies, whatever the arrival order.
     """
     n = due.num_rows
     keys = due.column(KEY)
     kc = pc.index_in(keys, pc.unique(keys)).to_numpy(zero_copy_only=False)
     seq = due.column(SEQ).to_numpy()
     sub = due.column(SUB).to_numpy()
-    ts = due.column(TS).to_numpy()
-    order = np.lexsort((*_payload_keys(due.column("x")), sub, ts, seq, kc))
-    k, q, t, b = kc[order], seq[order], ts[order], sub[order]
+    tsu = due.column(TSU).to_numpy()
+    if EVENT in due.column_names:
+        ev = due.column(EVENT)
+        ec = pc.fill_null(pc.index_in(ev, pc.unique(ev)), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    else:
+        ec = np.full(n, -1, np.int64)
+    order = np.lexsort((*_payload_keys(due.column("x")), sub, ec, tsu, seq, kc))
+    k, q, t, e, b = kc[order], seq[order], tsu[order], ec[order], sub[order]
     same_row = np.zeros(n, bool)
     same_row[1:] = (k[1:] == k[:-1]) & (q[1:] == q[:-1])
     row_start = np.flatnonzero(~same_row)
-    winner_ts = np.repeat(t[row_start], np.diff(np.append(row_start, n)))
+    row_end = np.append(row_start[1:], n)
+    lose = np.zeros(n, bool)
+    # names seen before (applied) or at several times in this flush: the horizon rule, in ts order
+    klist = keys.to_pylist()
+    multi = t[row_end - 1] != t[row_start]
+    known = (np.fromiter(((klist[i], int(seq[i])) in store.ids for i in order[row_start]), bool, len(row_start))
+             if store.ids else np.zeros(len(row_start), bool))
+    for r in np.flatnonzero(multi | known):
+        lo, hi = int(row_start[r]), int(row_end[r])
+        prev = store.ids.get((klist[order[lo]], int(q[lo])))
+        for u in np.unique(t[lo:hi]):
+            if prev is not None and abs(int(u) - prev) <= horizon:
+                lose[lo:hi] |= t[lo:hi] == u
+            else:
+                prev = int(u)
+    # copies of several original rows at one ts: the winning copy, whole
+    other = np.zeros(n, bool)
+    other[1:] = same_row[1:] & (t[1:] == t[:-1]) & (e[1:] != e[:-1]) & ~lose[1:]
+    for i in np.flatnonzero(other):
+        lo = i
+        while lo > 0 and same_row[lo] and t[lo - 1] == t[i]:
+            lo -= 1
+        hi = i
+        while hi < n - 1 and same_row[hi + 1] and t[hi + 1] == t[i]:
+            hi += 1
+        seg = slice(lo, hi + 1)
+        if not lose[seg].all():
+            lose[seg] |= e[seg] != _winning_copy(due, order[seg], e[seg])
+    # within the winner, an event (key, seq, sub) seen twice: identical copies, or one event sent twice
     again = np.zeros(n, bool)
-    again[1:] = same_row[1:] & (b[1:] == b[:-1]) & (t[1:] == t[:-1])
+    again[1:] = same_row[1:] & (b[1:] == b[:-1]) & (e[1:] == e[:-1]) & (t[1:] == t[:-1])
     dup = np.zeros(n, bool)
-    dup[order[(t != winner_ts) | again]] = True
-    if store.ids:
-        dup |= np.fromiter(((kk, ss) in store.ids for kk, ss in zip(keys.to_pylist(), seq.tolist(), strict=True)),
-                           bool, n)
+    dup[order[lose | again]] = True
     return dup
+
+
+def is_duplicate(store: ShardStore, key: str, seq: int, tsu: int, horizon: int) -> bool:
+    """Whether a row ``(key, seq)`` at ``tsu`` is the last applied row of that name (within the horizon)."""
+    prev = store.ids.get((key, seq))
+    return prev is not None and abs(tsu - prev) <= horizon
+
+
+def _winning_copy(due: pa.Table, rows: np.ndarray, ec: np.ndarray) -> int:
+    """The ``event`` code of the winning copy among a row's copies at its smallest ts (``rows`` in (event,
+    sub, payload) order): smallest payloads in ``sub`` order, then smallest original row."""
+    x = due.column("x").take(pa.array(rows)).to_pylist()
+    text = due.column(EVENT).take(pa.array(rows)).to_pylist()
+    copies: dict[int, tuple[list, str]] = {}
+    for j, c in enumerate(ec.tolist()):
+        copies.setdefault(c, ([], text[j] or ""))[0].append(x[j])
+    return min(copies, key=lambda c: copies[c])
 
 
 def _payload_keys(x: pa.ChunkedArray) -> list[np.ndarray]:
@@ -90,89 +145,135 @@ def _payload_keys(x: pa.ChunkedArray) -> list[np.ndarray]:
     return [flat[:, j] for j in range(flat.shape[1] - 1, -1, -1)]
 
 
-def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, epoch_models: Callable[[np.ndarray], tuple],
-              switch: Callable[[ShardStore, str], None], version: Callable[[ShardStore], str],
-              m: Counters) -> Applied:
-    """Apply deduplicated due events to ``store`` (see the module rules). Mutates ``store``."""
+def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, epochs: Callable[[np.ndarray], tuple],
+              load_model: Callable[[str], Model], version: Callable[[Model], str], m: Counters) -> Applied:
+    """Apply deduplicated due events to ``store`` (see the module rules). Mutates ``store``.
+
+    ``epochs(tsu)`` gives each event's model epoch and the epochs' model paths; a key's run
+    switches model where its epoch changes (``load_model`` loads it).
+    """
     out = Applied(None)
-    dup = duplicates(due, store)
+    dup = duplicates(due, store, horizon)
     for i in np.flatnonzero(dup):
         out.dead.append((due, int(i), "duplicate", "duplicate"))
     keep = np.flatnonzero(~dup)
     if not len(keep):
         return out
-    t = due.take(pa.array(keep))
-    keys = t.column(KEY)
-    kc = pc.index_in(keys, pc.unique(keys)).to_numpy(zero_copy_only=False)
-    ts, seq, sub = t.column(TS).to_numpy(), t.column(SEQ).to_numpy(), t.column(SUB).to_numpy()
-    order = np.lexsort((sub, seq, ts, kc))
-    t = t.take(pa.array(order))
-    kc, ts = kc[order], ts[order]
-    ok = t.column(KEY).to_pylist()
-    tsu = t.column(TSU).to_numpy()
-    x = t.column("x")
-    xv = (x.to_numpy().astype(np.int64) if cfg.tokens
-          else pc.list_flatten(x).to_numpy(zero_copy_only=False).reshape(-1, cfg.n_features).astype(np.float32))
-    N = t.num_rows
-    epoch, paths = epoch_models(tsu)
-    first = np.ones(N, bool)
-    first[1:] = kc[1:] != kc[:-1]
-    gap = np.zeros(N, bool)
-    if cfg.ttl is not None:
-        gap[1:] = ~first[1:] & (ts[1:] - ts[:-1] > cfg.ttl)
-        for i in np.flatnonzero(first):
-            mk = store.meta.get(ok[i])
-            if mk is not None and mk.live and ts[i] - mk.last_ts > cfg.ttl:
-                gap[i] = True
-    new_seg = first | gap
-    new_seg[1:] |= epoch[1:] != epoch[:-1]
-    seg_start = _chunk(new_seg, cfg.max_steps)
-    seg_end = np.append(seg_start[1:], N)
-    seg_len = seg_end - seg_start
-    seg_kc = kc[seg_start]
-    rank = np.zeros(len(seg_start), np.int64)  # the segment's position within its key
-    same_key = np.zeros(len(seg_start), bool)
-    same_key[1:] = seg_kc[1:] == seg_kc[:-1]
-    for j in np.flatnonzero(same_key):
-        rank[j] = rank[j - 1] + 1
-    results: dict[str, np.ndarray] = {}
-    pos = np.zeros(N, np.int64)
-    fresh = np.zeros(N, bool)
-    reset = np.full(N, "", dtype=object)
-    ver = np.full(N, "", dtype=object)
-    applied = np.zeros(N, bool)
-    failed_keys: dict[int, str] = {}
-    seg_epoch = epoch[seg_start]
-    bucket = np.ceil(np.log2(np.maximum(seg_len, 1))).astype(np.int64)
-    for e in np.unique(seg_epoch):
-        if paths[e] != store.model_path:
-            switch(store, paths[e])
-        v = version(store)
-        in_e = np.flatnonzero(seg_epoch == e)
-        for r in np.unique(rank[in_e]):
-            in_r = in_e[rank[in_e] == r]
-            for b in np.unique(bucket[in_r]):
-                segs = in_r[bucket[in_r] == b]
+    plan = _Plan.of(due.take(pa.array(keep)), store, cfg, epochs)
+    res = _Results(plan.n)
+    for e in np.unique(plan.seg_epoch):
+        if plan.paths[e] != store.model_path:
+            out.ended += switch_model(store, plan.paths[e], load_model(plan.paths[e]), m)
+        v = version(store.op.model)
+        in_e = np.flatnonzero(plan.seg_epoch == e)
+        for r in np.unique(plan.rank[in_e]):
+            in_r = in_e[plan.rank[in_e] == r]
+            for b in np.unique(plan.bucket[in_r]):
+                segs = in_r[plan.bucket[in_r] == b]
                 for c0 in range(0, len(segs), cfg.max_batch):
-                    _call(segs[c0:c0 + cfg.max_batch], seg_start, seg_end, seg_kc, ok, ts, gap, xv, store,
-                          cfg, m, failed_keys, results, pos, fresh, reset, ver, v, applied)
-    for i in np.flatnonzero(~applied):
-        out.dead.append((t, int(i), "error", failed_keys.get(int(kc[i]), "error")))
-    idx = np.flatnonzero(applied)
+                    _call(plan, segs[c0:c0 + cfg.max_batch], store, cfg, m, res, v)
+    t = plan.t
+    for i in np.flatnonzero(~res.applied):
+        out.dead.append((t, int(i), "error", res.failed_keys.get(int(plan.kc[i]), "error")))
+    idx = np.flatnonzero(res.applied)
     if len(idx):
-        store.add_ids([ok[i] for i in idx], t.column(SEQ).to_numpy()[idx], int(tsu[idx].max()))
+        seqs = t.column(SEQ).to_numpy()[idx]
+        store.add_ids([plan.keys[i] for i in idx], seqs, plan.tsu[idx])
         cols: dict[str, pa.Array] = {
-            KEY: pa.array([ok[i] for i in idx], pa.string()), TS: pa.array(ts[idx]),
-            SEQ: pa.array(t.column(SEQ).to_numpy()[idx]), SUB: pa.array(t.column(SUB).to_numpy()[idx]),
-            "pos": pa.array(pos[idx]), "fresh": pa.array(fresh[idx]),
-            "reset": pa.array(reset[idx].tolist(), pa.string()),
-            "model_version": pa.array(ver[idx].tolist(), pa.string()),
+            KEY: pa.array([plan.keys[i] for i in idx], pa.string()), TS: pa.array(plan.ts[idx]),
+            SEQ: pa.array(seqs), SUB: pa.array(t.column(SUB).to_numpy()[idx]),
+            "pos": pa.array(res.pos[idx]), "fresh": pa.array(res.fresh[idx]),
+            "reset": pa.array(res.reset[idx].tolist(), pa.string()),
+            "model_version": pa.array(res.ver[idx].tolist(), pa.string()),
             REL: pa.array(t.column(REL).to_numpy()[idx])}
-        for name, val in results.items():
+        for name, val in res.outputs.items():
             cols[name] = to_arrow(val[idx])
         out.rows = pa.table(cols)
     m.applied(store.op.model, len(idx))
     return out
+
+
+def switch_model(store: ShardStore, path: str, model: Model, m: Counters) -> list[str]:
+    """Serve ``store`` with the model at ``path`` from now on (counted); the keys whose stream ended."""
+    m.model_switches.inc()
+    ended = store.switch_model(model, path)
+    m.model_resets.inc(len(ended))
+    return ended
+
+
+@dataclass
+class _Plan:
+    """One apply's events in key / stream order, cut into segments (a key's run within one model epoch and
+    TTL span, at most ``max_steps`` long) and grouped for batched calls."""
+
+    t: pa.Table
+    keys: list[str]
+    kc: np.ndarray
+    ts: np.ndarray
+    tsu: np.ndarray
+    gap: np.ndarray  # the event starts its key afresh: idle past the TTL
+    xv: np.ndarray
+    paths: list[str]
+    seg_start: np.ndarray
+    seg_end: np.ndarray
+    seg_kc: np.ndarray
+    seg_epoch: np.ndarray
+    rank: np.ndarray  # the segment's position within its key
+    bucket: np.ndarray  # log2 of its length: similar lengths share a call
+
+    @property
+    def n(self) -> int:
+        return self.t.num_rows
+
+    @classmethod
+    def of(cls, t: pa.Table, store: ShardStore, cfg: Config, epochs: Callable[[np.ndarray], tuple]) -> _Plan:
+        keys = t.column(KEY)
+        kc = pc.index_in(keys, pc.unique(keys)).to_numpy(zero_copy_only=False)
+        ts, seq, sub = t.column(TS).to_numpy(), t.column(SEQ).to_numpy(), t.column(SUB).to_numpy()
+        order = np.lexsort((sub, seq, ts, kc))
+        t = t.take(pa.array(order))
+        kc, ts = kc[order], ts[order]
+        ok = t.column(KEY).to_pylist()
+        tsu = t.column(TSU).to_numpy()
+        x = t.column("x")
+        xv = (x.to_numpy().astype(np.int64) if cfg.tokens else
+              pc.list_flatten(x).to_numpy(zero_copy_only=False).reshape(-1, cfg.n_features).astype(np.float32))
+        N = t.num_rows
+        epoch, paths = epochs(tsu)
+        first = np.ones(N, bool)
+        first[1:] = kc[1:] != kc[:-1]
+        gap = np.zeros(N, bool)
+        if cfg.ttl is not None:
+            gap[1:] = ~first[1:] & (ts[1:] - ts[:-1] > cfg.ttl)
+            for i in np.flatnonzero(first):
+                mk = store.meta.get(ok[i])
+                if mk is not None and mk.live and ts[i] - mk.last_ts > cfg.ttl:
+                    gap[i] = True
+        new_seg = first | gap
+        new_seg[1:] |= epoch[1:] != epoch[:-1]
+        seg_start = _chunk(new_seg, cfg.max_steps)
+        seg_end = np.append(seg_start[1:], N)
+        seg_kc = kc[seg_start]
+        rank = np.zeros(len(seg_start), np.int64)
+        same_key = np.zeros(len(seg_start), bool)
+        same_key[1:] = seg_kc[1:] == seg_kc[:-1]
+        for j in np.flatnonzero(same_key):
+            rank[j] = rank[j - 1] + 1
+        bucket = np.ceil(np.log2(np.maximum(seg_end - seg_start, 1))).astype(np.int64)
+        return cls(t, ok, kc, ts, tsu, gap, xv, paths, seg_start, seg_end, seg_kc, epoch[seg_start], rank, bucket)
+
+
+class _Results:
+    """Per event of a plan: outputs, stream position, fresh start and why, model version, applied or not."""
+
+    def __init__(self, n: int):
+        self.outputs: dict[str, np.ndarray] = {}
+        self.pos = np.zeros(n, np.int64)
+        self.fresh = np.zeros(n, bool)
+        self.reset = np.full(n, "", dtype=object)
+        self.ver = np.full(n, "", dtype=object)
+        self.applied = np.zeros(n, bool)
+        self.failed_keys: dict[int, str] = {}  # key code -> why its batch failed (its later segments stop)
 
 
 def _chunk(new_seg: np.ndarray, max_steps: int) -> np.ndarray:
@@ -186,18 +287,20 @@ def _chunk(new_seg: np.ndarray, max_steps: int) -> np.ndarray:
     return np.sort(np.concatenate([starts, *extra]))
 
 
-def _call(segs, seg_start, seg_end, seg_kc, ok, ts, gap, xv, store: ShardStore, cfg: Config, m: Counters,
-          failed_keys, results, pos, fresh, reset, ver, v, applied) -> None:
-    segs = [s for s in segs if int(seg_kc[s]) not in failed_keys]  # a key whose earlier batch failed stops
+def _call(plan: _Plan, segs: np.ndarray, store: ShardStore, cfg: Config, m: Counters, res: _Results,
+          version: str) -> None:
+    """One ORT call over ``segs`` (segments of distinct keys); records results and advances key metadata."""
+    segs = [s for s in segs if int(plan.seg_kc[s]) not in res.failed_keys]  # a key whose earlier batch failed
     if not segs:
         return
-    rows = np.concatenate([np.arange(seg_start[s], seg_end[s]) for s in segs])
+    ok = plan.keys
+    rows = np.concatenate([np.arange(plan.seg_start[s], plan.seg_end[s]) for s in segs])
     reasons = {}
     for s in segs:
-        i0 = seg_start[s]
+        i0 = plan.seg_start[s]
         k = ok[i0]
         mk = store.meta.get(k)
-        if gap[i0] and k in store.op:
+        if plan.gap[i0] and k in store.op:
             store.op.evict(k)
             m.expired.inc()
             reasons[k] = "expired"
@@ -206,27 +309,27 @@ def _call(segs, seg_start, seg_end, seg_kc, ok, ts, gap, xv, store: ShardStore, 
     rkeys = [ok[i] for i in rows]
     t0 = time.perf_counter()
     try:
-        res = store.op.process(rkeys, xv[rows])
+        r = store.op.process(rkeys, plan.xv[rows])
     except Exception as ex:  # an ORT failure: these events go to dead letters, state unchanged
         for s in segs:
-            failed_keys[int(seg_kc[s])] = f"error: {type(ex).__name__}: {ex}"
+            res.failed_keys[int(plan.seg_kc[s])] = f"error: {type(ex).__name__}: {ex}"
         return
     m.batch(store.op.model, time.perf_counter() - t0, len(rows))
-    post = cfg.postprocess(xv[rows], res.outputs, res.prev_outputs) if cfg.postprocess is not None else res.outputs
+    post = cfg.postprocess(plan.xv[rows], r.outputs, r.prev_outputs) if cfg.postprocess is not None else r.outputs
     m.scored(store.op.model, post)
     for name, val in post.items():
-        if name not in results:
-            results[name] = np.zeros((len(pos), *val.shape[1:]), val.dtype)
-        results[name][rows] = val
-    pos[rows] = res.pos
-    fresh[rows] = res.fresh
-    for j in np.flatnonzero(res.fresh):
-        reset[rows[j]] = reasons.get(ok[rows[j]], "")
-    ver[rows] = v
-    applied[rows] = True
+        if name not in res.outputs:
+            res.outputs[name] = np.zeros((plan.n, *val.shape[1:]), val.dtype)
+        res.outputs[name][rows] = val
+    res.pos[rows] = r.pos
+    res.fresh[rows] = r.fresh
+    for j in np.flatnonzero(r.fresh):
+        res.reset[rows[j]] = reasons.get(ok[rows[j]], "")
+    res.ver[rows] = version
+    res.applied[rows] = True
     for s in segs:
-        end = seg_end[s] - 1
-        last = float(ts[end])
+        end = plan.seg_end[s] - 1
+        last = float(plan.ts[end])
         exp = NEVER if cfg.ttl is None else int(release_micros(np.array([to_micros(last + cfg.ttl)]),
                                                                 size=cfg.size, lateness=cfg.lateness)[0])
         store.set_meta(ok[end], KeyMeta(last, exp, "", True))

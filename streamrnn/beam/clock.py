@@ -62,5 +62,9 @@ def ceil_millis(micros: int) -> int:
     return -(-int(micros) // 1000) * 1000
 
 
+def ceil_millis_array(micros: np.ndarray) -> np.ndarray:
+    return -(-np.asarray(micros, np.int64) // 1000) * 1000
+
+
 def timestamp(micros: int) -> Timestamp:
     return Timestamp(micros=int(micros))

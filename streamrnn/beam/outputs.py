@@ -1,8 +1,9 @@
 """Output rows to Beam elements: typed ``Prediction`` records or Arrow record batches.
 
 Every output is timestamped when its result became final: its window's release time
-(window end + allowed lateness), or later if it was held back for its next event; never
-before the timer that emits it. So outputs are on time for any downstream windowing;
+(window end + allowed lateness) rounded up to a whole millisecond (when the timer that
+releases it fires, on every runner), or later if it was held back for its next event;
+never before the timer that emits it. So outputs are on time for any downstream windowing;
 the event's own time is the ``ts`` field.
 """
 
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.transforms.window import TimestampedValue
 
-from .clock import timestamp
+from .clock import ceil_millis_array, timestamp
 from .intake import REL
 from .records import KEY, SEQ, SUB, TS, Prediction
 
@@ -24,7 +25,7 @@ BASE = (KEY, TS, SEQ, SUB, "pos", "fresh", "reset", "model_version")
 def emit(t: pa.Table | None, output: str, *, floor: int) -> Iterator:
     if t is None or not t.num_rows:
         return
-    at = np.maximum(t.column(REL).to_numpy(), floor)
+    at = np.maximum(ceil_millis_array(t.column(REL).to_numpy()), floor)
     t = t.drop_columns([REL])
     if output == "arrow":
         for u in np.unique(at):

@@ -6,12 +6,15 @@ store until its next event is applied or its stream ends (expiry, end of input);
 goes out with null.
 
 Output timestamps: a row is final once its next event is known, so it goes out at the
-later of its own release time and its next event's release time (``_rel`` column).
+later of its own release time and its next event's release time (``_rel`` column). A row
+whose stream ended is final when it ended: at its TTL expiry, or at the end of the input
+(``ends``). A streaming flush stamps those rows with its own time, which is that time; a
+bounded input applied at once computes it, so both give every row the same timestamp.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -23,11 +26,12 @@ from .store import ShardStore
 
 
 def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, final: bool,
-         released: Sequence[str] = ()) -> pa.Table | None:
+         released: Sequence[str] = (), ends: Callable[[np.ndarray], np.ndarray] | None = None) -> pa.Table | None:
     """Rows ready to go out with their ``*_next`` columns; holds back each live key's last row.
 
     ``rows``: this flush's applied rows in key / stream order. ``released``: keys whose
-    stream ended without a new row (expired): their held row goes out with null.
+    stream ended without a new row (expired): their held row goes out with null. ``ends(ts)``:
+    when a stream whose last event is at ``ts`` ends if nothing follows (micros; used when ``final``).
     """
     keys = list(dict.fromkeys([*([] if rows is None else rows.column(KEY).to_pylist()), *released]))
     held = [store.held[k] for k in keys if k in store.held]
@@ -55,7 +59,11 @@ def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, fin
             hold[i] = klist[i] in store.op
     nxt = pa.array(np.minimum(np.arange(1, n + 1), n - 1))
     rel = t.column(REL).to_numpy()
-    known = np.where(cont, np.maximum(rel, rel[np.minimum(np.arange(1, n + 1), n - 1)]), rel)
+    rel_next = rel[np.minimum(np.arange(1, n + 1), n - 1)]
+    known = np.where(cont, np.maximum(rel, rel_next), rel)
+    if final and ends is not None:  # rows whose stream ended: when it ended (see the module doc)
+        end = ends(t.column("ts").to_numpy())
+        known = np.where(cont, known, np.where(last, end, np.minimum(end, np.maximum(rel, rel_next))))
     out = t.set_column(t.column_names.index(REL), REL, pa.array(known))
     for f in fields:
         col = t.column(f).combine_chunks()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -27,15 +28,23 @@ from ..errors import InputError
 from ..model import Model
 from ..spec import ModelSpec
 from . import worker_check
-from .apply import Applied, Config, apply_due, dead_event_json
-from .clock import EARLIEST, END_OF_INPUT_MICROS, ceil_millis, timestamp, to_micros
+from .apply import Applied, Config, apply_due, dead_event_json, is_duplicate, switch_model
+from .clock import (
+    EARLIEST,
+    END_OF_INPUT_MICROS,
+    ceil_millis,
+    ceil_millis_array,
+    release_micros,
+    timestamp,
+    to_micros_array,
+)
 from .counters import Counters
 from .intake import DEAD, EVENTS, REL, TSU
 from .models import load_model, model_version
 from .outputs import emit
 from .pairing import pair
 from .records import KEY, SEQ, SUB, TS, DeadLetter, from_ipc, to_ipc
-from .store import KeyMeta, ShardStore, drop_cached, new_store, new_token, put_cached, rebuild, take_cached
+from .store import CACHE, DEFAULT_CACHE_BYTES, ModelChange, ShardStore, new_token
 
 
 class _Loaded:
@@ -63,6 +72,15 @@ class Ctrl:
         return json.dumps(self.__dict__)
 
 
+@dataclass
+class Flush:
+    """What one flush of one shard does beyond the store: its time, and the keys whose stream ended."""
+
+    T: int  # the event time (micros) the watermark passed
+    final: bool  # the input ended (or bounded input applied at once): nothing is held back
+    ended: list[str] = field(default_factory=list)  # keys whose stream a model change ended in this flush
+
+
 class ShardStep(beam.DoFn):
     PENDING = BagStateSpec("pending", BytesCoder())
     LOG = BagStateSpec("log", BytesCoder())
@@ -72,7 +90,8 @@ class ShardStep(beam.DoFn):
 
     def __init__(self, *, transform_id: str, model_path: str, spec_json: str, num_shards: int, cfg: Config,
                  dedupe_horizon: int, keep_last_output: bool, output: str, providers: Any, flush_all: bool,
-                 next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None):
+                 next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None,
+                 cache_bytes: int | None = None):
         self.launcher_env = worker_check.environment()  # pickled with the DoFn: checked on the worker
         self.transform_id = transform_id
         self.model_path = model_path
@@ -86,6 +105,7 @@ class ShardStep(beam.DoFn):
         self.flush_all = flush_all
         self.next_fields = tuple(next_fields)
         self.fault_injector = fault_injector
+        self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
         self._shared = shared.Shared()
 
     def setup(self) -> None:
@@ -98,7 +118,10 @@ class ShardStep(beam.DoFn):
         worker_check.require_model(self.spec, model.spec, self.model_path, "StatefulInference")
 
     def teardown(self) -> None:
-        drop_cached(self.transform_id)  # a later run of the pipeline starts from Beam state
+        # Streaming runners may tear a DoFn down after any bundle (the legacy DirectRunner does after every
+        # one): the cache outlives it, kept correct by the token check. A bounded input's pipeline is done.
+        if self.flush_all:
+            CACHE.drop(self.transform_id)
 
     def _model(self, path: str) -> Model:
         m = self._models.get(path)
@@ -122,34 +145,36 @@ class ShardStep(beam.DoFn):
         ctrl.num_shards = self.num_shards
         return ctrl
 
-    def _store(self, shard: int, ctrl: Ctrl, log_state) -> ShardStore:
-        store = take_cached(self.transform_id, shard, ctrl.token)
+    def _store(self, shard: int, ctrl: Ctrl, log_state) -> tuple[ShardStore, ModelChange | None]:
+        """The shard's store: the cached one if Beam state still holds its token, else rebuilt from the log."""
+        store = CACHE.take(self.transform_id, shard, ctrl.token)
         if store is not None:
-            return store
+            return store, None
         blobs = list(log_state.read())
+        change = None
         if not blobs:
-            store = new_store(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
+            store = ShardStore.new(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
         else:
             self.m.rebuilds.inc()
-            store = rebuild(blobs, self._model, keep_last_output=self.keep_last_output, default_path=ctrl.model)
+            store, change = ShardStore.from_log(blobs, self._model, keep_last_output=self.keep_last_output,
+                                                default_path=ctrl.model)
         store.token = ctrl.token or ""  # it now mirrors what Beam state holds
-        return store
+        return store, change
 
     def _save(self, shard: int, store: ShardStore, ctrl: Ctrl, log_state) -> None:
         compact = store.should_compact()
-        if not compact and not store.changed:
-            put_cached(self.transform_id, shard, store)  # nothing to write: the token in state stays valid
-            return
-        blob, full = store.delta(compact=compact)
-        if full:
-            log_state.clear()
-            self.m.compactions.inc(int(compact))
-        log_state.add(blob)
-        self.m.state_bytes_written.inc(len(blob))
-        self.m.flush_state_bytes.update(len(blob))
-        store.token = ctrl.token = new_token()
-        ctrl.model = store.model_path
-        put_cached(self.transform_id, shard, store)
+        if compact or store.changed:
+            blob, full = store.delta(compact=compact)
+            if full:
+                log_state.clear()
+                self.m.compactions.inc(int(compact))
+            log_state.add(blob)
+            self.m.state_bytes_written.inc(len(blob))
+            self.m.flush_state_bytes.update(len(blob))
+            store.token = ctrl.token = new_token()
+            ctrl.model = store.model_path
+        # else nothing to write: the token in state stays valid
+        CACHE.put(self.transform_id, shard, store, self.cache_bytes)
 
     def _arm(self, ctrl: Ctrl, timer, at: int | None) -> None:
         """Set the flush timer for ``at`` if that is earlier than what is armed (or nothing is).
@@ -169,25 +194,32 @@ class ShardStep(beam.DoFn):
     def process(self, element, pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
                 ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH),
                 end_timer=beam.DoFn.TimerParam(END)) -> Iterator:
-        shard, (late, rel, payloads) = element
+        shard, (late, _pane_ts, payloads) = element
         ctrl = self._ctrl(ctrl_state)
         if not ctrl.end_set and self.next_fields and not self.flush_all:
             end_timer.set(timestamp(END_OF_INPUT_MICROS))  # releases the rows still held back at the end
             ctrl.end_set = True
         late_blocks = []
         for kind, blob in payloads:
+            # the release time from the payload itself, in micros (some runners truncate a pane's timestamp
+            # to whole milliseconds, which would arm a timer before the release time)
             if kind == EVENTS:
+                block = from_ipc(blob)
                 if late:
-                    late_blocks.append(from_ipc(blob))
+                    late_blocks.append(block)
                 else:
                     pending.add(blob)
-                    self._arm(ctrl, flush_timer, rel)
+                    self._arm(ctrl, flush_timer, int(pc.min(block.column(REL)).as_py()))
             else:
-                self._merge_update(ctrl, json.loads(blob))
-                self._arm(ctrl, flush_timer, rel)
+                u = json.loads(blob)
+                self._merge_update(ctrl, u)
+                self._arm(ctrl, flush_timer, self._release(max(int(u["effective_micros"]), EARLIEST)))
         if late_blocks:
             yield from self._late(shard, pa.concat_tables(late_blocks), ctrl, pending, log_state)
         ctrl_state.write(ctrl.to_json())
+
+    def _release(self, micros: int) -> int:
+        return int(release_micros(np.array([micros]), size=self.cfg.size, lateness=self.cfg.lateness)[0])
 
     def _merge_update(self, ctrl: Ctrl, u: dict) -> None:
         key = [u["path"], u["effective_micros"]]
@@ -201,15 +233,17 @@ class ShardStep(beam.DoFn):
 
     def _late(self, shard: int, t: pa.Table, ctrl: Ctrl, pending, log_state) -> Iterator:
         """Events of windows the watermark had passed: duplicates of applied/pending rows, else late."""
-        store = self._store(shard, ctrl, log_state)
-        put_cached(self.transform_id, shard, store)  # read-only use: still valid for this token
+        store, change = self._store(shard, ctrl, log_state)
+        if change is None:  # read-only use: still valid for this token (a model change is the next flush's)
+            CACHE.put(self.transform_id, shard, store, self.cache_bytes)
         pending_ids = set()
         for b in pending.read():
             p = from_ipc(b)
             pending_ids.update(zip(p.column(KEY).to_pylist(), p.column(SEQ).to_pylist(), strict=True))
-        ids = zip(t.column(KEY).to_pylist(), t.column(SEQ).to_pylist(), strict=True)
-        for i, ident in enumerate(ids):
-            kind = "duplicate" if ident in store.ids or ident in pending_ids else "late"
+        ids = zip(t.column(KEY).to_pylist(), t.column(SEQ).to_pylist(), t.column(TSU).to_pylist(), strict=True)
+        for i, (k, q, tsu) in enumerate(ids):
+            dup = (k, q) in pending_ids or is_duplicate(store, k, q, tsu, self.horizon)
+            kind = "duplicate" if dup else "late"
             yield self._dead(t, i, kind, kind)
 
     def _dead(self, t: pa.Table, i: int, kind: str, reason: str, at: int | None = None):
@@ -239,9 +273,10 @@ class ShardStep(beam.DoFn):
         ctrl = self._ctrl(ctrl_state)
         # Runners may fire a timer at a truncated time (whole milliseconds in batch): the timer that
         # fired is the one armed last, so its armed time is what the watermark has passed.
-        T = max(T, ctrl.armed if ctrl.armed is not None else T)
+        f = Flush(max(T, ctrl.armed if ctrl.armed is not None else T), final)
+        T = f.T
         ctrl.armed = None
-        store = self._store(shard, ctrl, log_state)
+        store, change = self._store(shard, ctrl, log_state)
         blobs = list(pending.read())
         t = pa.concat_tables([from_ipc(b) for b in blobs]) if blobs else None
         rest_min = None
@@ -256,27 +291,25 @@ class ShardStep(beam.DoFn):
                 pending.add(to_ipc(rest))
                 rest_min = int(rest.column(REL).to_numpy().min())
         self.m.flushes.inc()
-        # keys whose stream a model switch ended in this flush; first those of a model file that changed
-        # under the state's path since the state was written (counted once: this flush saves a full write)
-        self._ended: list[str] = store.reset_keys
-        if store.model_changed:
+        if change is not None:  # the file at the state's model path changed since the state was written
             self.m.model_switches.inc()
-            self.m.model_resets.inc(len(store.reset_keys))
-            store.model_changed, store.reset_keys = "", []
+            self.m.model_resets.inc(len(change.reset_keys))
+            f.ended += change.reset_keys
         out = Applied(None)
         if due is not None and due.num_rows:
-            out = apply_due(due, store, self.cfg, epoch_models=lambda tsu: self._epochs(ctrl, tsu),
-                            switch=self._switch, version=lambda s: model_version(s.op.model.spec), m=self.m)
+            out = apply_due(due, store, self.cfg, horizon=self.horizon, epochs=lambda tsu: self._epochs(ctrl, tsu),
+                            load_model=self._model, version=lambda mdl: model_version(mdl.spec), m=self.m)
+            f.ended += out.ended
             if out.rows is not None:
                 ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
-        self._switch_due_updates(ctrl, store, max(T, ctrl.applied_max))
-        released = [*self._ended, *self._expire(store, T)]
+        f.ended += self._switch_due_updates(ctrl, store, max(T, ctrl.applied_max))
+        released = [*f.ended, *self._expire(store, T)]
         if final:  # the input ended: every held-back row goes out
             released = list(dict.fromkeys([*released, *store.held]))
-        self._forget_old(store, T)
+        store.forget_old(T, self.horizon, self.cfg.size + self.cfg.lateness)
         rows = out.rows
         if self.next_fields:
-            rows = pair(rows, store, self.next_fields, final=final, released=released)
+            rows = pair(rows, store, self.next_fields, final=final, released=released, ends=self._stream_end)
         self._save(shard, store, ctrl, log_state)
         self.m.shard_state((self.transform_id, shard), store)
         upd = self._next_update(ctrl, max(T, ctrl.applied_max))
@@ -290,6 +323,15 @@ class ShardStep(beam.DoFn):
             yield self._dead(tbl, i, kind, reason, at=T)
         yield from emit(rows, self.output, floor=T)
 
+    def _stream_end(self, last_ts: np.ndarray) -> np.ndarray:
+        """When a stream whose last event is at ``last_ts`` (s) ends if nothing follows: its TTL expiry
+        (micros, as the expiry timer fires), else the end of the input."""
+        if self.cfg.ttl is None:
+            return np.full(len(last_ts), END_OF_INPUT_MICROS, np.int64)
+        exp = release_micros(to_micros_array(np.asarray(last_ts, np.float64) + self.cfg.ttl), size=self.cfg.size,
+                             lateness=self.cfg.lateness)
+        return np.minimum(ceil_millis_array(exp), END_OF_INPUT_MICROS)
+
     # -- model updates --------------------------------------------------------------------------
     def _epochs(self, ctrl: Ctrl, tsu: np.ndarray) -> tuple[np.ndarray, list[str]]:
         effs = np.asarray([u[1] for u in ctrl.updates], np.int64)
@@ -300,43 +342,18 @@ class ShardStep(beam.DoFn):
         later = [u[1] for u in ctrl.updates if u[1] > T]
         return min(later) if later else None
 
-    def _switch_due_updates(self, ctrl: Ctrl, store: ShardStore, T: int) -> None:
+    def _switch_due_updates(self, ctrl: Ctrl, store: ShardStore, T: int) -> list[str]:
         """An update whose effective time has passed takes effect even if no event of this shard needed it."""
         due = [u[0] for u in ctrl.updates if u[1] <= T]
         if due and due[-1] != store.model_path:
-            self._switch(store, due[-1])
-
-    def _switch(self, store: ShardStore, path: str) -> None:
-        new_model = self._model(path)
-        self.m.model_switches.inc()
-        snap = store.op.snapshot()
-        old_sig = store.op.model.spec.state_signature
-        fresh = new_store(new_model, path, keep_last_output=self.keep_last_output)
-        if new_model.spec.state_signature == old_sig:
-            fresh.op.restore(snap, allow_other_model=True)
-        else:
-            self._ended.extend(store.end_streams(list(store.op.keys()), "model_update"))
-            self.m.model_resets.inc(len(store.op))
-        store.op, store.model_path, store.full = fresh.op, path, True
+            return switch_model(store, due[-1], self._model(due[-1]), self.m)
+        return []
 
     # -- TTL ------------------------------------------------------------------------------------
     def _expire(self, store: ShardStore, T: int) -> list[str]:
         if self.cfg.ttl is None:
             return []
         keys = store.due_expiries(T)
-        for k in keys:
-            store.op.evict(k)
-            mk = store.meta[k]
-            store.set_meta(k, KeyMeta(mk.last_ts, mk.expiry, "expired", False))
+        store.expire(keys)
         self.m.expired.inc(len(keys))
         return keys
-
-    def _forget_old(self, store: ShardStore, T: int) -> None:
-        """Bound state by event time: applied ids and tombstones older than the horizon go."""
-        floor = T - self.horizon
-        store.prune_ids(floor)
-        if len(store.meta) > len(store.op) and T - store.tombstones_swept > self.horizon:
-            store.tombstones_swept = T  # a scan at most once per horizon of event time
-            for k in [k for k, m in store.meta.items() if not m.live and to_micros(m.last_ts) < floor
-                      and k not in store.held]:
-                store.forget(k)

@@ -1,16 +1,23 @@
 """The shard state store: per-key recurrent state, stream metadata, applied ids and held rows.
 
+One rule governs this module: **the store a worker holds in memory is exactly the store it
+would rebuild from Beam state.** :meth:`ShardStore.from_log` of the log after any flush
+equals the warm store field by field (:meth:`ShardStore.lasting`), so results never depend
+on whether a worker's cache was warm, dropped, or rebuilt after a failed bundle.
+
 A flush reads and writes in proportion to the keys it advances, not the keys a shard holds:
 
 * Beam state keeps an append-only **log** of deltas (``BagState``): each flush that changed
-  something appends the keys it touched (their state rows and metadata), the ids it applied
-  and the rows it holds back. When the log's bytes pass twice those of the last full
-  snapshot (plus 64 KiB), it is compacted into one full snapshot.
-* Each worker keeps the decoded store of a shard in memory (:data:`_CACHE`), tagged with a
-  random **token** that is also written to Beam state with every flush. The cache is used
-  only when the token in state matches it; a failed bundle leaves the old token in state,
-  so a retry (here or on another worker) rebuilds the store from the log. Exactly-once
-  holds under retries because Beam commits the log, the token and the outputs together.
+  something appends the keys it touched (their state rows and metadata), the ids it applied,
+  the rows it holds back, and the store's scalars (the applied-id floor and the tombstone
+  sweep mark). When the log's bytes pass twice those of the last full snapshot (plus
+  64 KiB), it is compacted into one full snapshot. :class:`StoreLog` keeps that bookkeeping.
+* Each worker keeps decoded stores in memory (:class:`ShardCache`, least recently used
+  first, bounded by bytes; it outlives ``DoFn.teardown``), tagged with a random **token**
+  that is also written to Beam state with every flush. A cached store is used only when the
+  token in state matches it; a failed bundle leaves the old token in state, so a retry (here
+  or on another worker) rebuilds the store from the log. Exactly-once holds under retries
+  because Beam commits the log, the token and the outputs together.
 
 Everything is Arrow IPC (no pickle). Event-time quantities are integer micros.
 """
@@ -20,11 +27,14 @@ from __future__ import annotations
 import heapq
 import io
 import json
+import os
 import struct
 import threading
 import uuid
-from collections import deque
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +42,7 @@ import pyarrow as pa
 from .. import snapshot
 from ..keyed import KeyedOperator
 from ..model import Model
-from .clock import EARLIEST, NEVER
+from .clock import EARLIEST, NEVER, to_micros
 from .records import KEY, SEQ
 
 _MAX_KEYS = 2**31 - 1
@@ -49,83 +59,142 @@ class KeyMeta:
     live: bool = True
 
 
+@dataclass(frozen=True)
+class ModelChange:
+    """What :meth:`ShardStore.from_log` found when the file at the state's model path no longer holds the
+    model that wrote the state: same state shapes (``"carried"``: state goes on under the new weights) or
+    other shapes (``"reset"``: every live key's stream ended, ``reset_keys``)."""
+
+    kind: str
+    reset_keys: tuple[str, ...] = ()
+
+
 @dataclass
-class ShardStore:
-    op: KeyedOperator
-    model_path: str
-    meta: dict[str, KeyMeta] = field(default_factory=dict)
-    ids: dict[tuple[str, int], int] = field(default_factory=dict)  # (key, seq) -> applied at (micros)
-    held: dict[str, pa.Table] = field(default_factory=dict)  # key -> its one held-back output row
-    token: str = ""
-    log_rows: int = 0
-    log_seq: int = 0
-    _expiry_heap: list[tuple[int, str]] = field(default_factory=list)
-    _id_times: deque[tuple[int, tuple[str, int]]] = field(default_factory=deque)
-    _touched: set[str] = field(default_factory=set)
-    _held_touched: set[str] = field(default_factory=set)
-    _new_ids: list[tuple[str, int, int]] = field(default_factory=list)
-    tombstones_swept: int = EARLIEST
-    log_bytes: int = 0
+class StoreLog:
+    """Log bookkeeping of one store: what changed since the last write, and the log's size."""
+
+    seq: int = 0  # the last delta written
+    rows: int = 0
+    bytes: int = 0
     full_bytes: int = 0
     full: bool = False  # the next write is a full snapshot (after a model switch)
-    # set by rebuild() when the file at the state's model path is no longer the model that wrote it
-    # (same path, other weights: "carried"; other state shapes: "reset", with the keys whose stream ended)
-    model_changed: str = ""
-    reset_keys: list[str] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+    held_touched: set[str] = field(default_factory=set)
+    new_ids: list[tuple[str, int, int]] = field(default_factory=list)
+    scalars: dict[str, int] = field(default_factory=dict)  # the store's scalars as last written
+
+    def clear_changes(self) -> None:
+        self.touched.clear()
+        self.held_touched.clear()
+        self.new_ids = []
+        self.full = False
+
+
+class ShardStore:
+    """The lasting state of one shard, plus indexes derived from it (expiry and id heaps) and its log."""
+
+    def __init__(self, op: KeyedOperator, model_path: str):
+        self.op = op
+        self.model_path = model_path
+        self.meta: dict[str, KeyMeta] = {}
+        self.ids: dict[tuple[str, int], int] = {}  # (key, seq) -> the applied row's event time (micros)
+        self.held: dict[str, pa.Table] = {}  # key -> its one held-back output row
+        #: applied ids older than this (micros) are forgotten; moves when a prune forgets one
+        self.ids_floor = EARLIEST
+        #: when tombstones were last swept (micros): a scan at most once per dedupe horizon
+        self.swept = EARLIEST
+        self.token = ""
+        self.log = StoreLog()
+        self._expiry_heap: list[tuple[int, str]] = []
+        self._id_heap: list[tuple[int, str, int]] = []
 
     # -- changes -------------------------------------------------------------------------
     def set_meta(self, key: str, m: KeyMeta) -> None:
         self.meta[key] = m
-        self._touched.add(key)
+        self.log.touched.add(key)
         if m.live and m.expiry < NEVER:
             heapq.heappush(self._expiry_heap, (m.expiry, key))
 
-    def end_streams(self, keys: list[str], reason: str) -> list[str]:
+    def end_streams(self, keys: Iterable[str], reason: str) -> list[str]:
         """Mark each key's stream ended for ``reason`` (a model change; the caller drops the state and writes
-        the store in full next). Returns ``keys``."""
+        the store in full next). Returns the keys."""
+        keys = list(keys)
         for k in keys:
             mk = self.meta[k]
             self.meta[k] = KeyMeta(mk.last_ts, mk.expiry, reason, False)
+            self.log.touched.add(k)
         return keys
+
+    def expire(self, keys: Iterable[str]) -> None:
+        """Drop the state of keys idle past the TTL; their next event starts fresh (``expired``)."""
+        for k in keys:
+            self.op.evict(k)
+            mk = self.meta[k]
+            self.set_meta(k, KeyMeta(mk.last_ts, mk.expiry, "expired", False))
+
+    def switch_model(self, model: Model, path: str) -> list[str]:
+        """Serve the key streams with ``model`` from now on. Same state shapes: every key's state goes on;
+        other shapes: every live key's stream ends (``model_update``). Returns the keys whose stream ended."""
+        ended: list[str] = []
+        fresh = ShardStore.new(model, path, keep_last_output=self.op.keep_last_output)
+        if model.spec.state_signature == self.op.model.spec.state_signature:
+            fresh.op.restore(self.op.snapshot(), allow_other_model=True)
+        else:
+            ended = self.end_streams(list(self.op.keys()), "model_update")
+        self.op, self.model_path, self.log.full = fresh.op, path, True
+        return ended
 
     def forget(self, key: str) -> None:
         """Drop a key's record entirely (its tombstone aged out)."""
         if self.meta.pop(key, None) is not None:
-            self._touched.add(key)
+            self.log.touched.add(key)
 
-    def add_ids(self, keys: list[str], seqs: np.ndarray, at: int) -> None:
-        for k, s in zip(keys, seqs.tolist(), strict=True):
-            if (k, s) not in self.ids:
+    def add_ids(self, keys: list[str], seqs: np.ndarray, ats: np.ndarray) -> None:
+        """Record applied rows: ``(key, seq)`` -> the row's event time (micros); a reused name takes the later."""
+        for k, s, at in zip(keys, seqs.tolist(), ats.tolist(), strict=True):
+            if self.ids.get((k, s)) != at:
                 self.ids[(k, s)] = at
-                self._id_times.append((at, (k, s)))
-                self._new_ids.append((k, s, at))
+                heapq.heappush(self._id_heap, (at, k, s))
+                self.log.new_ids.append((k, s, at))
 
     def set_held(self, key: str, row: pa.Table | None) -> None:
         if row is None:
             if self.held.pop(key, None) is not None:
-                self._held_touched.add(key)
+                self.log.held_touched.add(key)
         else:
             self.held[key] = row
-            self._held_touched.add(key)
+            self.log.held_touched.add(key)
 
-    def prune_ids(self, floor: int) -> None:
-        """Forget applied ids older than ``floor`` (micros): bounded by event time."""
-        q = self._id_times
-        while q and q[0][0] < floor:
-            at, i = q.popleft()
-            if self.ids.get(i) == at:
-                del self.ids[i]
+    def forget_old(self, T: int, horizon: int, reach: int = 0) -> None:
+        """Bound state by event time. Applied ids go once no event that can still be applied could be named
+        a duplicate of them: older than ``T - horizon - reach`` (``reach``: window plus lateness, how far
+        before ``T`` a later flush's events may lie). Tombstones (ended streams with nothing held) older
+        than ``T - horizon`` go too, in a scan at most once per horizon."""
+        floor = max(T - horizon - reach, self.ids_floor)
+        h, forgot = self._id_heap, False
+        while h and h[0][0] < floor:
+            at, k, s = heapq.heappop(h)
+            if self.ids.get((k, s)) == at:
+                del self.ids[(k, s)]
+                forgot = True
+        if forgot:
+            self.ids_floor = floor  # written with the next delta: a rebuild forgets the same ids
+        if len(self.meta) > len(self.op) and T - self.swept > horizon:
+            self.swept = T
+            for k in [k for k, m in self.meta.items() if not m.live and to_micros(m.last_ts) < T - horizon
+                      and k not in self.held]:
+                self.forget(k)
 
     def due_expiries(self, t: int) -> list[str]:
-        """Live keys whose expiry is at or before ``t``."""
-        out = []
+        """Live keys whose expiry is at or before ``t``, each once, in expiry order."""
+        out: dict[str, None] = {}
         h = self._expiry_heap
         while h and h[0][0] <= t:
             e, k = heapq.heappop(h)
             m = self.meta.get(k)
             if m is not None and m.live and m.expiry == e:
-                out.append(k)
-        return out
+                out[k] = None
+        return list(out)
 
     def next_expiry(self) -> int | None:
         h = self._expiry_heap
@@ -141,43 +210,164 @@ class ShardStore:
     def size_rows(self) -> int:
         return len(self.meta) + len(self.ids) + len(self.held)
 
-    # -- the log -------------------------------------------------------------------------
-    def delta(self, *, compact: bool) -> tuple[bytes, bool]:
-        """Encode what changed since the last write (or everything). Returns (blob, is_full)."""
-        full = compact or self.full or self.log_seq == 0  # a shard's first write is its base snapshot
-        keys = list(self.meta) if full else sorted(self._touched)
-        live = [k for k in keys if k in self.op]
-        parts = {
-            "state": _ipc(self.op.snapshot(keys=live)),
-            "meta": _ipc(_meta_table(keys, self.meta)),
-            "ids": _ipc(_ids_table(list(_all_ids(self.ids)) if full else self._new_ids)),
-            "held": _ipc(_held_table(self.held, None if full else self._held_touched)),
-        }
-        self.log_seq += 1
-        head = {"seq": self.log_seq, "full": full, "model": self.model_path,
-                "held_cleared": [] if full else sorted(k for k in self._held_touched if k not in self.held)}
-        blob = _pack(head, parts)
-        n = len(keys) + (len(self.ids) if full else len(self._new_ids)) + len(self.held if full else
-                                                                               self._held_touched)
-        self.log_rows = n if full else self.log_rows + n
-        if full:
-            self.full_bytes = self.log_bytes = len(blob)
-        else:
-            self.log_bytes += len(blob)
-        self._touched.clear()
-        self._held_touched.clear()
-        self._new_ids = []
-        self.full = False
-        return blob, full
+    def nbytes(self) -> int:
+        """About how many bytes the store holds in memory (what the shard cache budgets)."""
+        from ..metrics import state_bytes_per_key
 
+        held = 0
+        if self.held:
+            held = len(self.held) * next(iter(self.held.values())).nbytes
+        return len(self.op) * state_bytes_per_key(self.op.model) + held + 128 * (len(self.meta) + len(self.ids))
+
+    def _scalars(self) -> dict[str, int]:
+        return {"ids_floor": self.ids_floor, "swept": self.swept}
+
+    # -- what a rebuild must reproduce -------------------------------------------------------
+    def lasting(self) -> dict[str, Any]:
+        """The store's lasting state in plain values: what :meth:`from_log` must reproduce, field by field."""
+        t = self.op.snapshot()
+        names = [c for c in t.column_names if c != "key"]
+        rows = {k.decode(): _canon(tuple(t.column(c)[i].as_py() for c in names))
+                for i, k in enumerate(t.column("key").to_pylist())}
+        return {"model_path": self.model_path, "state": rows, "meta": dict(self.meta), "ids": dict(self.ids),
+                "held": {k: _canon(v.to_pylist()) for k, v in self.held.items()},
+                "expiries": sorted((m.expiry, k) for k, m in self.meta.items() if m.live and m.expiry < NEVER),
+                "next_expiry": self.next_expiry(), **self._scalars()}
+
+    # -- the log -------------------------------------------------------------------------
     @property
     def changed(self) -> bool:
         """Anything to write since the last delta."""
-        return bool(self.full or self._touched or self._held_touched or self._new_ids)
+        lg = self.log
+        return bool(lg.full or lg.touched or lg.held_touched or lg.new_ids or lg.scalars != self._scalars())
 
     def should_compact(self) -> bool:
         """The log holds more than twice a full snapshot (bytes), plus slack: rewrite it as one."""
-        return self.log_bytes > 2 * self.full_bytes + (1 << 16) or self.log_rows > 2 * self.size_rows + 1024
+        lg = self.log
+        return lg.bytes > 2 * lg.full_bytes + (1 << 16) or lg.rows > 2 * self.size_rows + 1024
+
+    def delta(self, *, compact: bool) -> tuple[bytes, bool]:
+        """Encode what changed since the last write (or everything). Returns (blob, is_full)."""
+        lg = self.log
+        full = compact or lg.full or lg.seq == 0  # a shard's first write is its base snapshot
+        keys = list(self.meta) if full else sorted(lg.touched)
+        live = [k for k in keys if k in self.op]
+        ids = list(_all_ids(self.ids)) if full else lg.new_ids
+        parts = {
+            "state": _ipc(self.op.snapshot(keys=live)),
+            "meta": _ipc(_meta_table(keys, self.meta)),
+            "ids": _ipc(_ids_table(ids)),
+            "held": _ipc(_held_table(self.held, None if full else lg.held_touched)),
+        }
+        lg.seq += 1
+        head = {"seq": lg.seq, "full": full, "model": self.model_path, "scalars": self._scalars(),
+                "held_cleared": [] if full else sorted(k for k in lg.held_touched if k not in self.held)}
+        blob = _pack(head, parts)
+        n = len(keys) + len(ids) + (len(self.held) if full else len(lg.held_touched))
+        lg.rows = n if full else lg.rows + n
+        if full:
+            lg.full_bytes = lg.bytes = len(blob)
+        else:
+            lg.bytes += len(blob)
+        lg.scalars = self._scalars()
+        lg.clear_changes()
+        return blob, full
+
+    # -- building a store ------------------------------------------------------------------
+    @classmethod
+    def new(cls, model: Model, path: str, *, keep_last_output: bool) -> ShardStore:
+        # event time rules here (the TTL is the store's, in event time): no wall clock in the state
+        return cls(KeyedOperator(model, max_keys=_MAX_KEYS, ttl=None, keep_last_output=keep_last_output,
+                                 initial_capacity=16, clock=_no_wall_clock), path)
+
+    @classmethod
+    def from_log(cls, blobs: list[bytes], load_model: Callable[[str], Model], *, keep_last_output: bool,
+                 default_path: str) -> tuple[ShardStore, ModelChange | None]:
+        """Replay the log (in delta order, from the last full snapshot) into a fresh store.
+
+        Returns the store and, when the file at the state's model path now holds another model,
+        the :class:`ModelChange` that the next flush must report (the store already reflects it).
+        """
+        deltas = sorted((_unpack(b) for b in blobs), key=lambda d: d[0]["seq"])
+        fulls = [i for i, (h, _) in enumerate(deltas) if h["full"]]
+        if fulls:
+            deltas = deltas[fulls[-1]:]
+        path = deltas[-1][0]["model"] if deltas else default_path
+        store = cls.new(load_model(path), path, keep_last_output=keep_last_output)
+        states: list[pa.Table] = []
+        schema_meta = None
+        for head, parts in deltas:
+            m = parts["meta"]
+            for k, present, last, exp, reason, live in zip(*(m.column(c).to_pylist() for c in (
+                    KEY, "present", "last_ts", "expiry", "reason", "live")), strict=True):
+                if present:
+                    store.meta[k] = KeyMeta(last, exp, reason, live)
+                else:
+                    store.meta.pop(k, None)
+            if parts["state"].num_rows:
+                states.append(parts["state"].replace_schema_metadata(None))
+                schema_meta = parts["state"].schema.metadata
+            ids = parts["ids"]
+            for k, s, at in zip(*(ids.column(c).to_pylist() for c in (KEY, SEQ, "at")), strict=True):
+                store.ids[(k, s)] = at
+            for k in head["held_cleared"]:
+                store.held.pop(k, None)
+            h = parts["held"].combine_chunks()  # one chunk: slicing a row stays O(1)
+            if h.num_rows:
+                for i, k in enumerate(h.column(KEY).to_pylist()):
+                    store.held[k] = h.slice(i, 1)
+            scalars = head.get("scalars", {})
+            store.ids_floor = scalars.get("ids_floor", store.ids_floor)
+            store.swept = scalars.get("swept", store.swept)
+        # ids that a prune forgot after they were logged: the floor says which (see forget_old)
+        store.ids = {i: at for i, at in store.ids.items() if at >= store.ids_floor}
+        change = None
+        if states:
+            t = pa.concat_tables(states, promote_options="permissive")
+            keys = [k.decode() for k in t.column("key").to_pylist()]
+            last = {k: i for i, k in enumerate(keys)}  # the last write of each key wins
+            keep = [i for k, i in last.items() if k in store.meta and store.meta[k].live]
+            t = t.take(pa.array(sorted(keep), pa.int64())).replace_schema_metadata(schema_meta)
+            written = json.loads((schema_meta or {}).get(snapshot.SNAPSHOT_KEY, b"{}"))
+            spec = store.op.model.spec
+            if written.get("state") != snapshot.signature(spec):
+                # The file at this path now holds a model of other state shapes (a retrained shipped:NAME, an
+                # overwritten file): every live key's stream ends here, as on a model update to such a model.
+                ended = store.end_streams([keys[i] for i in sorted(keep)], "model_update")
+                change = ModelChange("reset", tuple(ended))
+            else:
+                if written.get("fingerprint") != spec.fingerprint:
+                    change = ModelChange("carried")  # same shapes: state goes on, new weights
+                store.op.restore(t, allow_other_model=True)
+        store._id_heap = [(at, k, s) for (k, s), at in store.ids.items()]
+        heapq.heapify(store._id_heap)
+        store._expiry_heap = [(m.expiry, k) for k, m in store.meta.items() if m.live and m.expiry < NEVER]
+        heapq.heapify(store._expiry_heap)
+        lg = store.log
+        lg.touched.clear()
+        lg.seq = deltas[-1][0]["seq"] if deltas else 0
+        lg.rows = sum(p["meta"].num_rows + p["ids"].num_rows + p["held"].num_rows for _, p in deltas)
+        sizes = {h["seq"]: len(b) for b in blobs for h in [_unpack_head(b)]}
+        lg.bytes = sum(sizes.get(h["seq"], 0) for h, _ in deltas)
+        lg.full_bytes = sizes.get(deltas[0][0]["seq"], 0) if deltas and deltas[0][0]["full"] else 0
+        lg.scalars = store._scalars() if deltas else {}
+        lg.full = change is not None  # the next write records the new model's state in full
+        return store, change
+
+
+def _canon(v: Any) -> Any:
+    """Plain values that compare equal when equal (NaN as a string)."""
+    if isinstance(v, float) and v != v:
+        return "nan"
+    if isinstance(v, (list, tuple)):
+        return type(v)(_canon(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _canon(x) for k, x in v.items()}
+    return v
+
+
+def _no_wall_clock() -> float:
+    return 0.0
 
 
 def _all_ids(ids: dict[tuple[str, int], int]):
@@ -230,102 +420,65 @@ def _ids_table(rows) -> pa.Table:
 
 
 def _held_table(held: dict[str, pa.Table], only: set[str] | None) -> pa.Table:
-    rows = list(held.values()) if only is None else [held[k] for k in only if k in held]
+    rows = list(held.values()) if only is None else [held[k] for k in sorted(only) if k in held]
     if not rows:
         return pa.table({KEY: pa.array([], pa.string())})
     return pa.concat_tables(rows, promote_options="permissive").combine_chunks()
 
 
-# -- building a store -------------------------------------------------------------------------
-def new_store(model: Model, path: str, *, keep_last_output: bool) -> ShardStore:
-    return ShardStore(KeyedOperator(model, max_keys=_MAX_KEYS, ttl=None, keep_last_output=keep_last_output,
-                                    initial_capacity=16), path)
-
-
-def rebuild(blobs: list[bytes], load_model, *, keep_last_output: bool, default_path: str) -> ShardStore:
-    """Replay the log (in delta order, from the last full snapshot) into a fresh store."""
-    deltas = sorted((_unpack(b) for b in blobs), key=lambda d: d[0]["seq"])
-    fulls = [i for i, (h, _) in enumerate(deltas) if h["full"]]
-    if fulls:
-        deltas = deltas[fulls[-1]:]
-    path = deltas[-1][0]["model"] if deltas else default_path
-    store = new_store(load_model(path), path, keep_last_output=keep_last_output)
-    states: list[pa.Table] = []
-    for head, parts in deltas:
-        m = parts["meta"]
-        for k, present, last, exp, reason, live in zip(*(m.column(c).to_pylist() for c in (
-                KEY, "present", "last_ts", "expiry", "reason", "live")), strict=True):
-            if present:
-                store.meta[k] = KeyMeta(last, exp, reason, live)
-            else:
-                store.meta.pop(k, None)
-        if parts["state"].num_rows:
-            states.append(parts["state"].replace_schema_metadata(None))
-            schema_meta = parts["state"].schema.metadata
-        ids = parts["ids"]
-        for k, s, at in zip(*(ids.column(c).to_pylist() for c in (KEY, SEQ, "at")), strict=True):
-            store.ids[(k, s)] = at
-        for k in head["held_cleared"]:
-            store.held.pop(k, None)
-        h = parts["held"].combine_chunks()  # one chunk: slicing a row stays O(1)
-        if h.num_rows:
-            for i, k in enumerate(h.column(KEY).to_pylist()):
-                store.held[k] = h.slice(i, 1)
-    if states:
-        t = pa.concat_tables(states, promote_options="permissive")
-        keys = [k.decode() for k in t.column("key").to_pylist()]
-        last = {k: i for i, k in enumerate(keys)}  # the last write of each key wins
-        keep = [i for k, i in last.items() if k in store.meta and store.meta[k].live]
-        t = t.take(pa.array(sorted(keep), pa.int64())).replace_schema_metadata(schema_meta)
-        written = json.loads((schema_meta or {}).get(snapshot.SNAPSHOT_KEY, b"{}"))
-        spec = store.op.model.spec
-        if written.get("state") != snapshot.signature(spec):
-            # The file at this path now holds a model of other state shapes (a retrained shipped:NAME, an
-            # overwritten file): every live key's stream ends here, as on a model update to such a model.
-            store.reset_keys = store.end_streams([keys[i] for i in sorted(keep)], "model_update")
-            store.model_changed, store.full = "reset", True
-        else:
-            if written.get("fingerprint") != spec.fingerprint:
-                store.model_changed, store.full = "carried", True  # same shapes: state goes on, new weights
-            store.op.restore(t, allow_other_model=True)
-    for at, i in sorted((at, i) for i, at in store.ids.items()):
-        store._id_times.append((at, i))
-    for k, m in store.meta.items():
-        if m.live and m.expiry < NEVER:
-            store._expiry_heap.append((m.expiry, k))
-    heapq.heapify(store._expiry_heap)
-    store.log_seq = deltas[-1][0]["seq"] if deltas else 0
-    store.log_rows = sum(p["meta"].num_rows + p["ids"].num_rows + p["held"].num_rows for _, p in deltas)
-    sizes = {h["seq"]: len(b) for b in blobs for h in [_unpack_head(b)]}
-    store.log_bytes = sum(sizes.get(h["seq"], 0) for h, _ in deltas)
-    store.full_bytes = sizes.get(deltas[0][0]["seq"], 0) if deltas and deltas[0][0]["full"] else 0
-    return store
-
-
 # -- the per-process cache ----------------------------------------------------------------------
-_CACHE: dict[tuple[str, int], ShardStore] = {}
-_CACHE_LOCK = threading.Lock()
+#: Bytes of decoded shard stores one worker process keeps (``StatefulInference(shard_cache_bytes=...)``
+#: overrides it per transform; the environment variable sets the process default).
+DEFAULT_CACHE_BYTES = int(os.environ.get("STREAMRNN_SHARD_CACHE_BYTES", 1 << 30))
 
 
-def take_cached(transform_id: str, shard: int, token: str | None) -> ShardStore | None:
-    """The cached store of a shard if its token matches the one in Beam state (then owned by the caller)."""
-    with _CACHE_LOCK:
-        s = _CACHE.pop((transform_id, shard), None)
-    if s is not None and token and s.token == token:
-        return s
-    return None
+class ShardCache:
+    """Decoded shard stores of this process, least recently used first, bounded by bytes.
+
+    It outlives ``DoFn.teardown`` (the legacy streaming DirectRunner tears a DoFn down after
+    every bundle): the token check keeps it correct, since a store is used only when the token
+    in Beam state is the one it was saved with. Taking a store removes it (one flush owns it).
+    """
+
+    def __init__(self) -> None:
+        self._d: OrderedDict[tuple[str, int], tuple[ShardStore, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes = 0
+
+    def take(self, transform_id: str, shard: int, token: str | None) -> ShardStore | None:
+        with self._lock:
+            hit = self._d.pop((transform_id, shard), None)
+            if hit is None:
+                return None
+            self.bytes -= hit[1]
+        s = hit[0]
+        return s if token and s.token == token else None
+
+    def put(self, transform_id: str, shard: int, store: ShardStore, budget: int) -> None:
+        if budget <= 0:
+            return
+        n = store.nbytes()
+        with self._lock:
+            old = self._d.pop((transform_id, shard), None)
+            if old is not None:
+                self.bytes -= old[1]
+            self._d[(transform_id, shard)] = (store, n)
+            self.bytes += n
+            while self.bytes > budget and len(self._d) > 1:
+                _, (_, m) = self._d.popitem(last=False)
+                self.bytes -= m
+
+    def drop(self, transform_id: str | None = None) -> None:
+        """Forget every cached shard of one transform (or all)."""
+        with self._lock:
+            for k in [k for k in self._d if transform_id is None or k[0] == transform_id]:
+                self.bytes -= self._d.pop(k)[1]
+
+    def __len__(self) -> int:
+        return len(self._d)
 
 
-def put_cached(transform_id: str, shard: int, store: ShardStore) -> None:
-    with _CACHE_LOCK:
-        _CACHE[(transform_id, shard)] = store
-
-
-def drop_cached(transform_id: str) -> None:
-    """Forget every cached shard of one transform (its DoFn is torn down)."""
-    with _CACHE_LOCK:
-        for k in [k for k in _CACHE if k[0] == transform_id]:
-            del _CACHE[k]
+CACHE = ShardCache()
 
 
 def new_token() -> str:

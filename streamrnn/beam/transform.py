@@ -19,6 +19,7 @@ watermark passed its window's end plus the allowed lateness, whatever the shard 
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
@@ -99,6 +100,8 @@ class StatefulInference(beam.PTransform):
       next_fields: output columns to pair with each key's next event as ``<name>_next`` (null where the
         stream ended: TTL, a model-update reset, the end of the input); a key's latest row waits for it.
       fault_injector: testing hook ``f(shard, keys)`` called after a flush's state writes.
+      shard_cache_bytes: bytes of decoded shard state a worker process keeps between flushes (default
+        1 GiB, or ``STREAMRNN_SHARD_CACHE_BYTES``); 0 rebuilds each flush from Beam state (same results).
     """
 
     def __init__(self, *, model: str | os.PathLike, num_shards: int = 16, window_size: float = 60.0,
@@ -108,11 +111,11 @@ class StatefulInference(beam.PTransform):
                  providers: Any = "auto", max_steps_per_call: int = 256, max_batch: int = 4096,
                  flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
-                 label: str | None = None):
+                 shard_cache_bytes: int | None = None, label: str | None = None):
         super().__init__(label)
 
         def num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         _check(isinstance(num_shards, int) and not isinstance(num_shards, bool) and num_shards >= 1,
                "num_shards", "an int >= 1", num_shards)
@@ -130,6 +133,8 @@ class StatefulInference(beam.PTransform):
         _check(isinstance(max_steps_per_call, int) and max_steps_per_call >= 1, "max_steps_per_call", ">= 1",
                max_steps_per_call)
         _check(isinstance(max_batch, int) and max_batch >= 1, "max_batch", ">= 1", max_batch)
+        _check(shard_cache_bytes is None or (isinstance(shard_cache_bytes, int) and shard_cache_bytes >= 0),
+               "shard_cache_bytes", "an int >= 0 (0: rebuild every flush from Beam state) or None", shard_cache_bytes)
         self.next_fields = tuple(next_fields) if not isinstance(next_fields, str) else (next_fields,)
         _check(all(isinstance(f, str) and f for f in self.next_fields), "next_fields", "output column names",
                next_fields)
@@ -150,6 +155,7 @@ class StatefulInference(beam.PTransform):
         self.max_batch = max_batch
         self.flush_bounded_at_once = flush_bounded_at_once
         self.fault_injector = fault_injector
+        self.shard_cache_bytes = shard_cache_bytes
         self._id = uuid.uuid4().hex  # names this transform's shard caches in worker processes
 
     def expand(self, events: beam.PCollection) -> StatefulResult:
@@ -192,7 +198,7 @@ class StatefulInference(beam.PTransform):
             transform_id=self._id, model_path=self.model, spec_json=spec.to_json(), num_shards=self.num_shards,
             cfg=cfg, dedupe_horizon=horizon, keep_last_output=self.keep_last_output, output=self.output,
             providers=self.providers, flush_all=flush_all, next_fields=self.next_fields,
-            fault_injector=self.fault_injector)).with_outputs(DEAD, main="outputs")
+            fault_injector=self.fault_injector, cache_bytes=self.shard_cache_bytes)).with_outputs(DEAD, main="outputs")
         outputs = applied.outputs
         if not isinstance(user.windowfn, GlobalWindows):
             outputs = outputs | "UserWindows" >> beam.WindowInto(

@@ -90,7 +90,7 @@ class _Shard:
     def flush(self, blob: bytes, rel: int) -> float:
         """Buffer one window's block as ``process`` does, then fire the flush timer at its release time."""
         self.pending.add(blob)
-        rows_before = self._store_peek().log_rows if self.log.items else 0
+        rows_before = self._store_peek().log.rows if self.log.items else 0
         t0 = time.perf_counter()
         out = list(self.step._flush(0, rel, self.pending, self.log, self.ctrl, self.timer, final=False))
         dt = time.perf_counter() - t0
@@ -99,31 +99,30 @@ class _Shard:
         if len(self.log.items) == 1 and rows_before:
             self.compactions += 1
         self.bytes_written.append(len(self.log.items[-1]))
-        self.log_rows_added.append(store.log_rows - rows_before)
+        self.log_rows_added.append(store.log.rows - rows_before)
         return dt
 
     def _store_peek(self):
-        from ..beam.store import put_cached, take_cached
+        from ..beam.store import CACHE
 
-        store = take_cached(self.step.transform_id, 0, _ctrl_token(self.ctrl))
+        store = CACHE.take(self.step.transform_id, 0, _ctrl_token(self.ctrl))
         if store is None:
             raise RuntimeError("bench sweep: the shard's cached store was not valid after a flush")
-        put_cached(self.step.transform_id, 0, store)
+        CACHE.put(self.step.transform_id, 0, store, self.step.cache_bytes)
         return store
 
 
 def _flushes_to_compaction(store, rows: float, nbytes: float, limit: int = 1_000_000) -> int:
     """How many more flushes like these until ``store.should_compact()`` (just after a compaction).
 
-    Uses the store's own rule on its own counters (``log_rows``, and ``log_bytes`` where the
-    store keeps it), advanced as these flushes would; the live rows are held fixed, so the
-    estimate errs early (the ids a flush applies also grow the live state).
+    Uses the store's own rule on its own log counters, advanced as these flushes would; the
+    live rows are held fixed, so the estimate errs early (the ids a flush applies also grow
+    the live state).
     """
     n = 0
     while not store.should_compact() and n < limit:
-        store.log_rows += rows
-        if hasattr(store, "log_bytes"):
-            store.log_bytes += nbytes
+        store.log.rows += rows
+        store.log.bytes += nbytes
         n += 1
     return n
 
@@ -192,8 +191,7 @@ def run(model: str, key_counts: list[int], *, keys_per_flush: int = 256, events_
         rebuild_max_keys: int = 10_000, seed: int = 0) -> dict:
     """The sweep (see the module doc); a JSON-able result."""
     from ..beam.io import _DEMO_TEXT
-    from ..beam.store import rebuild as rebuild_store
-    from ..beam.store import take_cached
+    from ..beam.store import CACHE, ShardStore
 
     corpus = np.frombuffer(_DEMO_TEXT.encode(), np.uint8)
     window_micros = round(window * 1_000_000)
@@ -234,10 +232,11 @@ def run(model: str, key_counts: list[int], *, keys_per_flush: int = 256, events_
                    "state_bytes_per_flush_max": max(sh.bytes_written),
                    "compactions_during_timed_flushes": sh.compactions, "log_bytes": sum(map(len, sh.log.items)),
                    "log_entries": len(sh.log.items)}
-        store = take_cached(sh.step.transform_id, 0, _ctrl_token(sh.ctrl))
+        store = CACHE.take(sh.step.transform_id, 0, _ctrl_token(sh.ctrl))
         if sh.n_keys <= rebuild_max_keys:
             t0 = time.perf_counter()
-            rebuilt = rebuild_store(list(sh.log.items), sh.step._model, keep_last_output=True, default_path=model)
+            rebuilt, _ = ShardStore.from_log(list(sh.log.items), sh.step._model, keep_last_output=True,
+                                             default_path=model)
             r["rebuild_seconds"] = time.perf_counter() - t0
             if len(rebuilt.op) != len(store.op):
                 raise RuntimeError(f"bench sweep: rebuild restored {len(rebuilt.op)} keys, expected {len(store.op)}")
