@@ -80,11 +80,69 @@ def _int64(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return pc.fill_null(col, 0).cast(pa.int64()).to_numpy(zero_copy_only=False), big
 
 
+def _is_text(typ: pa.DataType) -> bool:
+    return pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_string_view(typ)
+
+
+def _is_bytes(typ: pa.DataType) -> bool:
+    return pa.types.is_binary(typ) or pa.types.is_large_binary(typ) or pa.types.is_binary_view(typ)
+
+
+def _as_bytes(a: pa.Array) -> pa.Array:
+    """A string array as the binary array of the same bytes (no UTF-8 check, no copy)."""
+    return a.cast(pa.large_binary() if pa.types.is_large_string(a.type) else
+                  pa.binary_view() if pa.types.is_string_view(a.type) else pa.binary())
+
+
+def _not_utf8(col: pa.ChunkedArray) -> np.ndarray:
+    """Rows of a string column whose bytes are not valid UTF-8.
+
+    Arrow does not check string bytes on construction or IPC read, and ``as_py`` then raises.
+    Each chunk is validated in C++ (the fast path); only a chunk that fails is decoded row by row.
+    """
+    bad = np.zeros(len(col), bool)
+    at = 0
+    for chunk in col.chunks:
+        try:
+            chunk.validate(full=True)
+        except pa.ArrowInvalid:
+            for j, v in enumerate(_as_bytes(chunk).to_pylist()):
+                if v is not None:
+                    try:
+                        v.decode("utf-8")
+                    except UnicodeDecodeError:
+                        bad[at + j] = True
+        at += len(chunk)
+    return bad
+
+
+def _raw(b: bytes, limit: int = 40) -> str:
+    """Bytes as a reason shows them (truncated when long)."""
+    return repr(b[:limit]) + (f"... ({len(b)} bytes)" if len(b) > limit else "")
+
+
+def _py(col: pa.ChunkedArray, i: int) -> Any:
+    """A column's value at row ``i`` as Python, never raising on bytes that are not UTF-8.
+
+    A string that is not UTF-8 is its bytes; any other value holding such a string is Arrow's text of it.
+    """
+    try:
+        return col[i].as_py()
+    except UnicodeDecodeError:
+        one = col.slice(i, 1).combine_chunks()
+        if _is_text(one.type):
+            return _as_bytes(one)[0].as_py()
+        return one.to_string(skip_new_lines=True)[1:-1]
+
+
 def _event_text(col: pa.ChunkedArray) -> pa.ChunkedArray:
-    """The original-event column as text (bytes that are not UTF-8 are replaced, never fatal)."""
-    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+    """The original-event column as text (bytes that are not UTF-8 are replaced, never fatal).
+
+    A string column is returned as is: its rows that are not UTF-8 are the caller's to reject.
+    """
+    if _is_bytes(col.type):
         return pa.chunked_array([pa.array([None if v is None else v.decode("utf-8", "replace")
-                                           for v in col.to_pylist()], pa.string())])
+                                           for v in col.cast(pa.large_binary()).to_pylist()], pa.string())])
     return col.cast(pa.string())
 
 
@@ -180,13 +238,15 @@ class Intake(beam.DoFn):
             got = f"a {t.column(name).type} column" if name in cols else f"no such column (columns {sorted(cols)})"
             mark(np.ones(n, bool), lambda _i: f"{name}: expected {expected}, got {got}")
 
-        if KEY in cols and (pa.types.is_string(t.column(KEY).type) or pa.types.is_large_string(t.column(KEY).type)):
+        if KEY in cols and _is_text(t.column(KEY).type):
             keys = t.column(KEY).cast(pa.string())
         else:
             column_error(KEY, "a string column")
             keys = pa.chunked_array([pa.nulls(n, pa.string())])
+        kbad = _not_utf8(keys)
+        mark(kbad, lambda i: f"{KEY}: expected valid UTF-8 text, got {_raw(_py(keys, i))}")
         knull = keys.is_null().to_numpy(zero_copy_only=False)
-        kempty = pc.fill_null(pc.equal(pc.utf8_length(keys), 0), True).to_numpy(zero_copy_only=False)
+        kempty = pc.fill_null(pc.equal(pc.binary_length(keys), 0), True).to_numpy(zero_copy_only=False)
         mark(knull | kempty, lambda i: f"key: expected a non-empty string, got {keys[i].as_py()!r}")
         if TS in cols and (pa.types.is_integer(t.column(TS).type) or pa.types.is_floating(t.column(TS).type)):
             ts = pc.fill_null(t.column(TS).cast(pa.float64()), np.nan).to_numpy(zero_copy_only=False)
@@ -198,11 +258,14 @@ class Intake(beam.DoFn):
         seq = self._int_column(t, SEQ, required=True, mark=mark, column_error=column_error)
         sub = self._int_column(t, SUB, required=False, mark=mark, column_error=column_error)
         x_arr = self._payload(t, mark, column_error)
-        ev = _event_text(t.column(EVENT)) if EVENT in cols else pa.chunked_array([pa.nulls(n, pa.string())])
+        ev = self._event(t, column_error)
+        ebad = _not_utf8(ev)
+        mark(ebad, lambda i: f"{EVENT}: expected valid UTF-8 text, got {_raw(_py(ev, i))}")
         for i in np.flatnonzero(bad):
             self.m.dead("invalid")
-            orig = ev[int(i)].as_py() or event_json({c: t.column(c)[int(i)].as_py() for c in t.column_names})
-            k = keys[int(i)].as_py()
+            orig = ev[int(i)].as_py() if not ebad[i] else _py(ev, int(i)).decode("utf-8", "replace")
+            orig = orig or event_json({c: _py(t.column(c), int(i)) for c in t.column_names})
+            k = keys[int(i)].as_py() if not kbad[i] else None
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(
                 k if k else None, float(ts[i]) if np.isfinite(ts[i]) else None,
                 int(seq[i]) if seq is not None else None, int(sub[i]), "invalid", reasons[i], orig))
@@ -211,6 +274,16 @@ class Intake(beam.DoFn):
             block = pa.table({KEY: keys, TS: pa.array(ts), SEQ: pa.array(seq), SUB: pa.array(sub), "x": x_arr,
                               EVENT: ev})
             self._blocks.append(block.filter(pa.array(good)))
+
+    @staticmethod
+    def _event(t: pa.Table, column_error) -> pa.ChunkedArray:
+        n = t.num_rows
+        if EVENT in t.column_names:
+            try:
+                return _event_text(t.column(EVENT))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                column_error(EVENT, "a string column")
+        return pa.chunked_array([pa.nulls(n, pa.string())])
 
     @staticmethod
     def _int_column(t: pa.Table, name: str, *, required: bool, mark, column_error) -> np.ndarray:
@@ -254,10 +327,14 @@ class Intake(beam.DoFn):
         flat = np.zeros((n, self.nfeat), np.float32)
         ok = ~wrong
         if ok.any():
-            vals = pc.list_flatten(xcol.filter(pa.array(ok))).cast(pa.float32())
+            try:
+                vals = pc.list_flatten(xcol.filter(pa.array(ok))).cast(pa.float32())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):  # e.g. list<string>
+                column_error("x", f"a list column of {self.nfeat} floats")
+                vals = pa.array(np.zeros(int(ok.sum()) * self.nfeat, np.float32))
             flat[ok] = pc.fill_null(vals, np.nan).to_numpy(zero_copy_only=False).reshape(-1, self.nfeat)
         mark(wrong | ~np.isfinite(flat).all(axis=1),
-             lambda i: f"x: expected {self.nfeat} finite floats, got {xcol[i].as_py()!r}")
+             lambda i: f"x: expected {self.nfeat} finite floats, got {_py(xcol, i)!r}")
         return pa.FixedSizeListArray.from_arrays(pa.array(np.nan_to_num(flat).reshape(-1)), self.nfeat)
 
     def finish_bundle(self) -> Iterator:
