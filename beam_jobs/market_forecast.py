@@ -12,8 +12,10 @@ forecaster's carried LSTM state in ``StatefulInference``. Outputs: ``DIR/forecas
 (one row per bar: symbol, ts, close, per-horizon median and interval prices, return
 distribution, and the realised next-bar return, error, NLL and interval hits once the next
 bar arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/summary.json``
-(live NLL and coverage per symbol). A missing input, a missing model or an unwritable output
-is a one-line error with exit code 2. ``--replay`` plays the bars as an unbounded stream.
+(live NLL and coverage per symbol). A missing input, a missing model, an unwritable output or
+``--plot`` file, or a bad flag (a value out of range, a flag neither this job nor Beam knows, a
+model of another task, ``--replay`` off the DirectRunner) is a one-line error with exit code 2,
+found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from streamrnn.beam.models import load_model  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
 from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
+from streamrnn.cliargs import at_least  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import Features, ForecastPostprocess, ReadBars, ReplayBars, bar_files  # noqa: E402
@@ -55,7 +58,9 @@ DAY = 86400.0
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m beam_jobs.market_forecast", description=__doc__.split("\n")[0])
+    """The job's flags and Beam's; JobError (one line) for a bad value, an unknown flag or runner."""
+    ap = launcher.JobParser("market_forecast", description=__doc__.split("\n")[0])
+    non_negative = at_least(0.0)
     ap.add_argument("--input", help="bar files: CSV/Parquet files, directories or globs, comma-separated")
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true",
@@ -66,16 +71,16 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--columns", help="column mapping for other layouts, e.g. ts=When,symbol=Ticker")
     ap.add_argument("--replay", action="store_true",
                     help="play the bars as an unbounded stream in time order (DirectRunner --streaming)")
-    ap.add_argument("--window", type=float, default=7 * DAY,
+    ap.add_argument("--window", type=at_least(0.001), default=7 * DAY,
                     help="event-time window (s): bars are applied when the watermark passes a window's end plus "
                          "the allowed lateness (default: %(default)s, a week)")
-    ap.add_argument("--step", type=float, default=0.0, help="replay: event-time seconds per watermark step "
+    ap.add_argument("--step", type=non_negative, default=0.0, help="replay: event-time seconds per watermark step "
                                                              "(default: the window)")
-    ap.add_argument("--allowed-lateness", type=float, default=0.0,
+    ap.add_argument("--allowed-lateness", type=non_negative, default=0.0,
                     help="seconds a window's bars may still arrive out of order (default: %(default)s)")
-    ap.add_argument("--ttl", type=float, default=0.0,
+    ap.add_argument("--ttl", type=non_negative, default=0.0,
                     help="idle seconds (event time) that end a symbol's stream; 0: never (default: %(default)s)")
-    ap.add_argument("--shards", type=int, default=16, help="state shards (default: %(default)s)")
+    ap.add_argument("--shards", type=at_least(1), default=16, help="state shards (default: %(default)s)")
     ap.add_argument("--providers", default="cpu", help="'auto', 'cpu' or 'cuda' (default: %(default)s)")
     ap.add_argument("--plot", metavar="PNG", help="draw price, forecast bands and live error to this PNG")
     ap.add_argument("--plot-symbols", type=lambda s: [x for x in s.split(",") if x],
@@ -86,13 +91,15 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, beam_args = ap.parse_known_args(argv)
     if not args.input and not args.demo:
         ap.error("--input: expected bar files (or --demo), got neither")
-    return args, beam_args
+    return args, launcher.beam_flags(ap, beam_args, replay="--replay" if args.replay else None)
 
 
 def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
     launcher.require_model(args.model, "a streamrnn forecast model", " (pass --model)")
     try:
-        meta = forecast_meta(load_model(args.model, [CPU]))
+        model = load_model(args.model, [CPU])
+        launcher.require_task(args.model, model.spec, "forecast", "a forecast model")
+        meta = forecast_meta(model)
         inf = StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window,
             # the feature step releases a window at its end + lateness; one more window keeps those events on time
@@ -143,23 +150,22 @@ def _demo_input(output: str) -> str:
 
 
 def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
-    if args.demo:
-        args.input = _demo_input(args.output)
-    if args.window < 0.001 or args.step < 0:
-        raise JobError(f"--window/--step: expected seconds > 0, got {args.window} / {args.step}")
-    try:
-        files = bar_files(args.input)
-        parse_columns(args.columns)
-    except InputError as e:
-        raise JobError(str(e)) from None
-    if args.plot:
+    if args.plot:  # before the pipeline runs, not when it ends
         from streamrnn.forecast.plot import check_plotting
 
         try:
             check_plotting(args.plot)
         except InputError as e:
             raise JobError(str(e)) from None
-    inference, meta = _inference(args)
+        launcher.require_writable_file("--plot", args.plot)
+    inference, meta = _inference(args)  # the model's checks before the demo writes its bars
+    if args.demo:
+        args.input = _demo_input(args.output)
+    try:
+        files = bar_files(args.input)
+        parse_columns(args.columns)
+    except InputError as e:
+        raise JobError(str(e)) from None
     label = " [SIMULATED market]" if args.demo else ""
     seconds = launcher.execute(
         "market_forecast", args, beam_args, out, source=f"{args.input}{label} ({len(files)} file(s))",
@@ -183,7 +189,10 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, beam_args = _parse(argv)
+    try:
+        args, beam_args = _parse(argv)
+    except JobError as e:
+        return launcher.refuse("market_forecast", e)
     quiet_job_logging("market_forecast", verbose=args.verbose)
     out = Output(args.output, (FORECASTS, DEAD_LETTERS), (SUMMARY,))
     return launcher.run("market_forecast", out, lambda: _run(args, beam_args, out))

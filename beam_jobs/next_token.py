@@ -11,7 +11,9 @@ input byte: key, ts, seq, offset, pos, topk_tokens, topk_probs, logprob, logprob
 model_version, fresh, reset), ``DIR/dead_letters-*.parquet`` (original row + reason) and
 ``DIR/summary.json`` (per-key online bits/char, combined in the pipeline). Rows that cannot
 be read are dead letters; a missing or empty input, a missing model or an unwritable
-output is a one-line error with exit code 2. ``--replay`` plays the file as an unbounded
+output is a one-line error with exit code 2, as is a bad flag (a value out of range, a flag
+neither this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner),
+found before any pipeline runs. ``--replay`` plays the file as an unbounded
 stream on the DirectRunner (``--streaming``).
 """
 
@@ -39,6 +41,7 @@ from streamrnn.beam.launcher import JobError, Output  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
 from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
+from streamrnn.cliargs import at_least  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 
 PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"
@@ -75,7 +78,9 @@ def _lists(arr: pa.Array, typ: pa.DataType) -> pa.Array:
 
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    ap = argparse.ArgumentParser(prog="python -m beam_jobs.next_token", description=__doc__.split("\n")[0])
+    """The job's flags and Beam's; JobError (one line) for a bad value, an unknown flag or runner."""
+    ap = launcher.JobParser("next_token", description=__doc__.split("\n")[0])
+    seconds, non_negative = at_least(0.0, open_=True), at_least(0.0)
     ap.add_argument("--input", help="events file or glob (.parquet, .jsonl, .csv, .arrow) with key, ts, [seq], "
                                     "text|token, on any Beam filesystem")
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
@@ -85,17 +90,18 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "package, found by each worker in its own install (default: %(default)s)")
     ap.add_argument("--replay", action="store_true",
                     help="play the file as an unbounded stream in event-time order (DirectRunner --streaming)")
-    ap.add_argument("--speedup", type=float, default=0.0,
+    ap.add_argument("--speedup", type=non_negative, default=0.0,
                     help="replay pace: event-time seconds per wall second (0: as fast as possible)")
-    ap.add_argument("--step", type=float, default=30.0, help="replay: event-time seconds per watermark step")
-    ap.add_argument("--window", type=float, default=60.0,
+    ap.add_argument("--step", type=seconds, default=30.0, help="replay: event-time seconds per watermark step")
+    ap.add_argument("--window", type=at_least(0.001), default=60.0,
                     help="event-time window (s): flush cadence and output file windows (default: %(default)s)")
-    ap.add_argument("--allowed-lateness", type=float, default=0.0, help="seconds (default: %(default)s)")
-    ap.add_argument("--ttl", type=float, default=1800.0,
+    ap.add_argument("--allowed-lateness", type=non_negative, default=0.0, help="seconds (default: %(default)s)")
+    ap.add_argument("--ttl", type=non_negative, default=1800.0,
                     help="idle seconds (event time) that end a key's stream and drop its state; 0: never "
                          "(default: %(default)s)")
-    ap.add_argument("--shards", type=int, default=16, help="state shards (default: %(default)s)")
-    ap.add_argument("--topk", type=int, default=5, help="top-k next bytes per event (default: %(default)s)")
+    ap.add_argument("--shards", type=at_least(1), default=16, help="state shards (default: %(default)s)")
+    ap.add_argument("--topk", type=at_least(1), default=5,
+                    help="top-k next bytes per event, up to the model's vocabulary size (default: %(default)s)")
     ap.add_argument("--providers", default="auto", help="'auto', 'cpu' or 'cuda'")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
@@ -103,7 +109,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, beam_args = ap.parse_known_args(argv)
     if not args.input and not args.demo:
         ap.error("--input: expected an events file (or --demo), got neither")
-    return args, beam_args
+    return args, launcher.beam_flags(ap, beam_args, replay="--demo" if args.demo else "--replay" if args.replay
+                                     else None)
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInference, temp_dir: str) -> None:
@@ -127,15 +134,21 @@ def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInferen
 def _inference(args: argparse.Namespace) -> StatefulInference:
     launcher.require_model(args.model, "a streamrnn LM", " (train one, or pass --model)")
     try:
-        return StatefulInference(
+        inference = StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window,
             allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
             next_fields=("logprob",), output="arrow", providers=args.providers)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
+    launcher.require_task(args.model, inference.spec, "lm", "a language model")
+    vocab = inference.spec.input.vocab_size or 0
+    if args.topk > vocab:
+        raise JobError(f"--topk: expected an int in 1..{vocab} (the model's vocabulary size), got {args.topk}")
+    return inference
 
 
 def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | None, out: Output) -> int:
+    inference = _inference(args)  # the model's checks before the demo writes its events
     if args.demo:
         if not launcher.is_local(args.output):
             raise JobError(f"--demo: expected a local --output folder, got {args.output!r}")
@@ -145,7 +158,6 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
         if args.speedup == 0.0 and "--speedup" not in (argv or sys.argv):
             args.speedup = 20.0
     files = launcher.input_files(args.input)
-    inference = _inference(args)
     seconds = launcher.execute(
         "next_token", args, beam_args, out,
         source=f"{args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes)",
@@ -162,7 +174,10 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, beam_args = _parse(argv)
+    try:
+        args, beam_args = _parse(argv)
+    except JobError as e:
+        return launcher.refuse("next_token", e)
     quiet_job_logging("next_token", verbose=args.verbose)
     out = Output(args.output, (PREDICTIONS, DEAD_LETTERS), (SUMMARY,))
     return launcher.run("next_token", out, lambda: _run(args, beam_args, argv, out))

@@ -1,7 +1,8 @@
 """What a Beam job's launcher does around its pipeline, for every job (next-token, market forecast).
 
 The launcher never opens the input: it lists it (metadata), checks the model exists and the
-output folder takes a file, all through Beam's filesystems (local, gs://, s3://, ...). A
+output folder takes a file, all through Beam's filesystems (local, gs://, s3://, ...), and
+checks the flags: the job's own (:class:`JobParser`) and Beam's (:func:`beam_flags`). A
 user's mistake is a :class:`JobError`: one line on stderr, exit code 2, no traceback, and a
 local output folder that this run created is removed again.
 """
@@ -9,6 +10,7 @@ local output folder that this run created is removed again.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import re
 import shutil
@@ -19,22 +21,93 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import IO
+from typing import IO, NoReturn
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
+from apache_beam.options import pipeline_options as beam_options
 
 from .. import metrics_export, shipped
+from ..cliargs import at_least
 from ..errors import DeployError, InputError, ModelLoadError
 from ..metrics_logging import quiet_worker_processes
+from ..spec import ModelSpec
 from .io import match_inputs
 from .summary import live_line
 
 
 class JobError(Exception):
     """A user's mistake the launcher reports in one line (exit code 2)."""
+
+
+def refuse(prog: str, e: JobError) -> int:
+    """Print ``prog: message`` on stderr; the exit code 2."""
+    print(f"{prog}: {e}", file=sys.stderr)
+    return 2
+
+
+class JobParser(argparse.ArgumentParser):
+    """A job's flags. A usage error is a :class:`JobError` naming the flag (``--step: expected a number > 0.0,
+    got '-5'``), so the job prints it as its one line with exit code 2, as every other user's mistake."""
+
+    def __init__(self, job: str, **kwargs):
+        super().__init__(prog=f"python -m beam_jobs.{job}", **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        raise JobError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+
+class _BeamFlags(getattr(beam_options, "_BeamArgumentParser", argparse.ArgumentParser)):  # type: ignore[misc]
+    """Beam's own parser of its pipeline options (it adds value-provider flags); a usage error is a JobError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise JobError(re.sub(r"^argument ([^:]+): ", r"\1: ", message))
+
+
+def _beam_parser() -> argparse.ArgumentParser:
+    """Every registered PipelineOptions subclass's flags, as ``PipelineOptions.get_all_options`` gathers them."""
+    parser = _BeamFlags(allow_abbrev=False, add_help=False)
+    classes: dict[str, type] = {}
+    for cls in beam_options.PipelineOptions.__subclasses__():
+        classes.setdefault(str(cls), cls)
+    for cls in classes.values():
+        cls._add_argparse_args(parser)
+    return parser
+
+
+def beam_flags(job: argparse.ArgumentParser, flags: Sequence[str], *, replay: str | None = None) -> list[str]:
+    """``flags`` (what the job's parser did not take), checked as Beam's pipeline options; JobError for:
+
+    * a flag neither the job nor any registered Beam ``PipelineOptions`` knows (Beam would only warn and
+      run with the default), with the nearest known flag as a hint;
+    * a bad value of a Beam flag, a ``--runner`` Beam cannot make;
+    * ``replay`` (the job flag that makes the run a replay, or None) on a runner other than the DirectRunner.
+    """
+    from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner, SwitchingDirectRunner
+    from apache_beam.runners.runner import create_runner
+
+    flags = list(flags)
+    name = _beam_parser().parse_known_args(flags)[0].runner or "DirectRunner"
+    try:
+        runner = create_runner(name)  # imports the runner's module: its own options register
+    except ValueError:
+        raise JobError(f"--runner: expected one of {', '.join(beam_options.StandardOptions.KNOWN_RUNNER_NAMES)} or a "
+                       f"PipelineRunner's full class name, got {name!r}") from None
+    except Exception as e:  # ImportError: a runner of an extra not installed; its own error
+        raise JobError(f"--runner: expected a runner that can start here, got {name!r} ({_first_line(e)})") from None
+    parser = _beam_parser()
+    unknown = parser.parse_known_args(flags)[1]
+    if unknown:
+        known = [o for p in (job, parser) for a in p._actions for o in a.option_strings if o.startswith("--")]
+        near = [m for u in unknown if u.startswith("--")
+                for m in difflib.get_close_matches(u.split("=", 1)[0], known, n=1)]
+        raise JobError(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {near[0]}?)" if near else ""))
+    if replay and not isinstance(runner, (SwitchingDirectRunner, BundleBasedDirectRunner)):
+        raise JobError(f"{replay}: expected the DirectRunner (a replay needs its TestStream support), "
+                       f"got --runner={name}")
+    return flags
 
 
 def is_local(path: str) -> bool:
@@ -65,6 +138,40 @@ def require_model(path: str, kind: str, hint: str = "") -> None:
             raise JobError(str(e)) from None
         return
     require_file(path, "model", kind, hint)
+
+
+def require_task(model: str, spec: ModelSpec, task: str, what: str) -> None:
+    """JobError ``--model: expected <what> (task 'lm'), got task 'forecast' in 'shipped:market'`` unless the
+    model's ``spec.task`` is ``task``."""
+    if spec.task != task:
+        raise JobError(f"--model: expected {what} (task {task!r}), got task {spec.task!r} in {model!r}")
+
+
+def require_writable_file(flag: str, path: str) -> None:
+    """JobError naming ``flag`` unless a local file can be written at ``path`` (its folders made as needed):
+    checked before the pipeline runs, not when it ends."""
+    if "://" in path:
+        raise JobError(f"{flag}: expected a local file path, got {path!r}")
+    full = os.path.abspath(path)
+    if os.path.isdir(full):
+        raise JobError(f"{flag}: expected a file path, got the directory {path!r}")
+    folder = full
+    try:
+        if os.path.exists(full):
+            with open(full, "ab"):  # neither truncated nor changed
+                pass
+            return
+        folder = os.path.dirname(full)  # the nearest folder that exists: the file's missing folders are made there
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder):
+            raise JobError(f"{flag}: expected a writable file path, got {path!r} ({folder!r} is a file)")
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        where = f"cannot write in {folder!r}: " if folder != full else ""
+        raise JobError(f"{flag}: expected a writable file path, got {path!r} ({where}{e.strerror or e})") from None
 
 
 def _first_line(e: Exception) -> str:
@@ -216,9 +323,8 @@ def run(prog: str, output: Output, body: Callable[[], int]) -> int:
     try:
         return body()
     except JobError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
         output.discard()
-        return 2
+        return refuse(prog, e)
     except Exception as e:
         msg = deploy_error(e)
         if msg is None:
@@ -240,10 +346,10 @@ def add_metrics_args(ap: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--metrics-job", default=job, help="the 'job' label (default: %(default)s)")
     g.add_argument("--pushgateway", default=None, metavar="HOST:PORT",
                    help="push the final metrics to this Prometheus Pushgateway when the job ends")
-    g.add_argument("--metrics-linger", type=float, default=0.0, metavar="SECONDS",
+    g.add_argument("--metrics-linger", type=at_least(0.0), default=0.0, metavar="SECONDS",
                    help="keep /metrics up this long after the input ends, so a last scrape sees the final "
                         "figures (default: %(default)s)")
-    g.add_argument("--log-every", type=float, default=10.0,
+    g.add_argument("--log-every", type=at_least(0.0), default=10.0,
                    help="seconds between the running job's summary lines (0: none; default: %(default)s)")
 
 
