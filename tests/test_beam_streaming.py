@@ -15,12 +15,30 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from test_beam_transform import check_dead, check_next, check_outputs, counters, offline, offline_next
 
 from streamrnn.beam import Event, ModelUpdate, NextTokenPostprocess, StatefulInference
+from streamrnn.beam import store as store_mod
 from streamrnn.beam.records import END_OF_INPUT
 from streamrnn.model import load
 from streamrnn.runtime import CPU
 
 STREAMING = PipelineOptions(["--streaming"])
 beam_models = tbt.beam_models  # the session fixture of tiny models
+
+
+@pytest.fixture(autouse=True, params=["warm", "cold"])
+def cache(request, monkeypatch):
+    """Every test here runs twice: with the shard cache kept (warm), and with none, so that every flush
+    rebuilds its shard from Beam state (cold). Both must give the same results."""
+    if request.param == "cold":
+        monkeypatch.setattr(store_mod, "DEFAULT_CACHE_BYTES", 0)
+    rebuilds = []
+    real = store_mod.ShardStore.from_log.__func__
+
+    def counted(cls, blobs, *a, **kw):
+        rebuilds.append(len(blobs))
+        return real(cls, blobs, *a, **kw)
+
+    monkeypatch.setattr(store_mod.ShardStore, "from_log", classmethod(counted))
+    return request.param, rebuilds
 
 
 def _stream(steps):
@@ -75,7 +93,7 @@ def test_teststream_out_of_order_late_duplicates_and_watermark_jumps(beam_models
         assert_that(dead, check_dead(dead_want), label="dead")
 
 
-def test_state_carries_across_windows_versus_per_window_reset(beam_models):
+def test_state_carries_across_windows_versus_per_window_reset(beam_models, cache):
     """The trap: per-window state would restart every window. Outputs match the whole-sequence run, not that."""
     rng = np.random.default_rng(5)
     evs = [Event("k", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate(range(0, 100, 3))]
@@ -91,6 +109,11 @@ def test_state_carries_across_windows_versus_per_window_reset(beam_models):
         out, _ = p | _stream(steps) | StatefulInference(
             model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU])
         assert_that(out, check_outputs(want))
+    mode, rebuilds = cache
+    if mode == "warm":  # a replay without failures never rebuilds a shard (the cache outlives teardown)
+        assert rebuilds == []
+    else:  # every flush after a shard's first rebuilds it (10 windows over 2 shards)
+        assert len(rebuilds) >= 8
 
 
 # ---------------------------------------------------------------------------- TTL
