@@ -103,6 +103,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--topk", type=at_least(1), default=5,
                     help="top-k next bytes per event, up to the model's vocabulary size (default: %(default)s)")
     ap.add_argument("--providers", default="auto", help="'auto', 'cpu' or 'cuda'")
+    ap.add_argument("--save-state", metavar="DIR", default=None,
+                    help="when the input ends, write every key's state (a snapshot set with a manifest; any Beam "
+                         "filesystem) for a later run's --initial-state; streams are kept, not ended")
+    ap.add_argument("--initial-state", metavar="DIR", default=None,
+                    help="start from a --save-state snapshot (of the same model), with any --shards")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     launcher.add_metrics_args(ap, "next_token")
@@ -137,7 +142,8 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
         inference = StatefulInference(
             model=args.model, num_shards=args.shards, window_size=args.window,
             allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
-            next_fields=("logprob",), output="arrow", providers=args.providers)
+            next_fields=("logprob",), output="arrow", providers=args.providers, save_state=args.save_state,
+            initial_state=args.initial_state)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
     launcher.require_task(args.model, inference.spec, "lm", "a language model")

@@ -119,7 +119,8 @@ def _assert_offline(pred: list[dict], want: dict) -> None:
 def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
     """Replay with --ttl: a key idle past the TTL ends its stream (null logprob_next), then restarts fresh."""
     path = tmp_path / "events.jsonl"
-    rows = [{"key": "t", "ts": 100.0, "seq": 0, "text": "abc"}, {"key": "t", "ts": 5000.0, "seq": 1, "text": "de"}]
+    # idle 2900 s: past the TTL (1000 s), within the dedupe horizon (1 h) that remembers the ended stream
+    rows = [{"key": "t", "ts": 100.0, "seq": 0, "text": "abc"}, {"key": "t", "ts": 3000.0, "seq": 1, "text": "de"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
     assert next_token.main(["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--replay",

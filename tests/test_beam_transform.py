@@ -271,8 +271,9 @@ def _eq(got, want):
 def test_config_is_keyword_only_and_validated(beam_models):
     with pytest.raises(TypeError):
         StatefulInference(beam_models["tiny"])  # type: ignore[misc]
-    for bad in ({"num_shards": 0}, {"window_size": 0}, {"allowed_lateness": -1}, {"ttl": 0},
-                {"output": "pandas"}, {"max_batch": 0}):
+    for bad in ({"num_shards": 0}, {"window_size": 0}, {"window_size": math.nan}, {"window_size": math.inf},
+                {"allowed_lateness": -1}, {"allowed_lateness": math.nan}, {"ttl": 0}, {"ttl": math.nan},
+                {"dedupe_horizon": math.inf}, {"output": "pandas"}, {"max_batch": 0}, {"shard_cache_bytes": -1}):
         with pytest.raises(InputError, match=next(iter(bad))):
             StatefulInference(model=beam_models["tiny"], **bad)
 

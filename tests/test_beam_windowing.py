@@ -18,6 +18,7 @@ from apache_beam.transforms import window as W
 from test_beam_transform import RUNNERS, check_dead, check_outputs, offline, worker_path
 
 from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
+from streamrnn.beam import store as store_mod
 from streamrnn.beam.records import END_OF_INPUT
 from streamrnn.model import load
 from streamrnn.runtime import CPU
@@ -60,13 +61,13 @@ def _teststream(events, step=10.0, tail=3):
 
 
 def _source(p, events, runner):
-    if runner == "streaming":
+    if runner.startswith("streaming"):
         return p | _teststream(events)
     return p | beam.Create(events) | "Stamp" >> beam.Map(lambda e: W.TimestampedValue(e, e.ts))
 
 
 def _options(runner):
-    return PipelineOptions(["--streaming"] if runner == "streaming" else RUNNERS[runner])
+    return PipelineOptions(["--streaming"] if runner.startswith("streaming") else RUNNERS[runner])
 
 
 def _each_in_windows(check, copies):
@@ -89,10 +90,12 @@ def _count_is(n):
     return _check
 
 
-@pytest.mark.parametrize("runner", ["batch", "streaming", "multi_processing", "portable"])
+@pytest.mark.parametrize("runner", ["batch", "streaming", "streaming-cold", "multi_processing", "portable"])
 @pytest.mark.parametrize("windowing", list(WINDOWINGS))
 def test_windowed_input_on_every_runner_equals_offline(beam_models, runner, windowing, monkeypatch):
     worker_path(monkeypatch)
+    if runner == "streaming-cold":  # no shard cache: every flush rebuilds its shard from Beam state
+        monkeypatch.setattr(store_mod, "DEFAULT_CACHE_BYTES", 0)
     events = _events()
     want = offline(load(beam_models["tiny"], providers=[CPU]), events)
     with beam.Pipeline(options=_options(runner)) as p:
@@ -105,7 +108,7 @@ def test_windowed_input_on_every_runner_equals_offline(beam_models, runner, wind
         assert_that(out, _each_in_windows(check_outputs(want), copies), label="outputs")
         # a sliding-window element is one event: applied once, never a duplicate dead letter
         assert_that(dead, check_dead({}), label="dead")
-        if WINDOWINGS[windowing] is None and runner == "streaming":  # a global unbounded GroupByKey never fires
+        if WINDOWINGS[windowing] is None and runner.startswith("streaming"):  # a global unbounded GBK never fires
             out = out | "Windowed" >> beam.WindowInto(W.FixedWindows(10_000))
         counts = (out | "Key1" >> beam.Map(lambda pr: ("all", 1)) | beam.CombinePerKey(sum)
                   | "Counts" >> beam.Values())

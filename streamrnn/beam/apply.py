@@ -161,6 +161,7 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, ep
         return out
     plan = _Plan.of(due.take(pa.array(keep)), store, cfg, epochs)
     res = _Results(plan.n)
+    plan.horizon = horizon / 1e6
     for e in np.unique(plan.seg_epoch):
         if plan.paths[e] != store.model_path:
             out.ended += switch_model(store, plan.paths[e], load_model(plan.paths[e]), m)
@@ -220,6 +221,7 @@ class _Plan:
     seg_epoch: np.ndarray
     rank: np.ndarray  # the segment's position within its key
     bucket: np.ndarray  # log2 of its length: similar lengths share a call
+    horizon: float = 0.0  # s: how long an ended stream's reason is remembered
 
     @property
     def n(self) -> int:
@@ -299,13 +301,13 @@ def _call(plan: _Plan, segs: np.ndarray, store: ShardStore, cfg: Config, m: Coun
     for s in segs:
         i0 = plan.seg_start[s]
         k = ok[i0]
-        mk = store.meta.get(k)
-        if plan.gap[i0] and k in store.op:
+        if plan.gap[i0] and k in store.op:  # idle past the TTL since its last event (in this flush or before)
             store.op.evict(k)
             m.expired.inc()
-            reasons[k] = "expired"
+            store.end_streams([k], "expired")
+            reasons[k] = store.reason_for(k, float(plan.ts[i0]), plan.horizon)
         elif k not in store.op:
-            reasons[k] = (mk.reason if mk is not None and mk.reason else "new")
+            reasons[k] = store.reason_for(k, float(plan.ts[i0]), plan.horizon)
     rkeys = [ok[i] for i in rows]
     t0 = time.perf_counter()
     try:

@@ -27,6 +27,7 @@ from apache_beam.utils import shared
 from ..errors import InputError
 from ..model import Model
 from ..spec import ModelSpec
+from . import store as _store
 from . import worker_check
 from .apply import Applied, Config, apply_due, dead_event_json, is_duplicate, switch_model
 from .clock import (
@@ -44,7 +45,13 @@ from .models import load_model, model_version
 from .outputs import emit
 from .pairing import pair
 from .records import KEY, SEQ, SUB, TS, DeadLetter, from_ipc, to_ipc
-from .store import CACHE, DEFAULT_CACHE_BYTES, ModelChange, ShardStore, new_token
+from .savepoint import seed_blob
+from .store import CACHE, ModelChange, ShardStore, new_token
+
+#: The stateful step's output of shard snapshots (``save_state``), at the end of the input.
+SNAPSHOT = "snapshot"
+#: Payload kind (beside intake's EVENTS and UPDATE) that makes a shard of a seeded pipeline flush once.
+SEED = 2
 
 
 class _Loaded:
@@ -77,7 +84,8 @@ class Flush:
     """What one flush of one shard does beyond the store: its time, and the keys whose stream ended."""
 
     T: int  # the event time (micros) the watermark passed
-    final: bool  # the input ended (or bounded input applied at once): nothing is held back
+    apply_all: bool  # the input ended (or a bounded input is applied at once): everything pending applies
+    release_all: bool  # ... and nothing is held back (not when the state is saved for the next run)
     ended: list[str] = field(default_factory=list)  # keys whose stream a model change ended in this flush
 
 
@@ -91,7 +99,8 @@ class ShardStep(beam.DoFn):
     def __init__(self, *, transform_id: str, model_path: str, spec_json: str, num_shards: int, cfg: Config,
                  dedupe_horizon: int, keep_last_output: bool, output: str, providers: Any, flush_all: bool,
                  next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, save_state: bool = False, initial_state: str | None = None,
+                 manifest: dict | None = None):
         self.launcher_env = worker_check.environment()  # pickled with the DoFn: checked on the worker
         self.transform_id = transform_id
         self.model_path = model_path
@@ -105,7 +114,10 @@ class ShardStep(beam.DoFn):
         self.flush_all = flush_all
         self.next_fields = tuple(next_fields)
         self.fault_injector = fault_injector
-        self.cache_bytes = DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        self.cache_bytes = _store.DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes
+        self.save_state = save_state
+        self.initial_state = initial_state
+        self.manifest = manifest
         self._shared = shared.Shared()
 
     def setup(self) -> None:
@@ -152,7 +164,12 @@ class ShardStep(beam.DoFn):
             return store, None
         blobs = list(log_state.read())
         change = None
-        if not blobs:
+        if not blobs and self.initial_state is not None:  # a new pipeline seeded from a snapshot set
+            blob = seed_blob(self.initial_state, self.manifest, shard, self.num_shards, self.model_path)
+            store, change = ShardStore.from_log([blob], self._model, keep_last_output=self.keep_last_output,
+                                                default_path=self.model_path)
+            store.log.seq, store.log.full = 0, True  # its first write is its base snapshot
+        elif not blobs:
             store = ShardStore.new(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
         else:
             self.m.rebuilds.inc()
@@ -196,8 +213,8 @@ class ShardStep(beam.DoFn):
                 end_timer=beam.DoFn.TimerParam(END)) -> Iterator:
         shard, (late, _pane_ts, payloads) = element
         ctrl = self._ctrl(ctrl_state)
-        if not ctrl.end_set and self.next_fields and not self.flush_all:
-            end_timer.set(timestamp(END_OF_INPUT_MICROS))  # releases the rows still held back at the end
+        if not ctrl.end_set and ((self.next_fields and not self.flush_all) or self.save_state):
+            end_timer.set(timestamp(END_OF_INPUT_MICROS))  # releases (or saves) what is still held at the end
             ctrl.end_set = True
         late_blocks = []
         for kind, blob in payloads:
@@ -210,6 +227,8 @@ class ShardStep(beam.DoFn):
                 else:
                     pending.add(blob)
                     self._arm(ctrl, flush_timer, int(pc.min(block.column(REL)).as_py()))
+            elif kind == SEED:  # a pipeline seeded from a snapshot: every shard flushes once to take its keys
+                self._arm(ctrl, flush_timer, int(json.loads(blob)["at"]))
             else:
                 u = json.loads(blob)
                 self._merge_update(ctrl, u)
@@ -260,20 +279,24 @@ class ShardStep(beam.DoFn):
     def on_flush(self, key=beam.DoFn.KeyParam, fire=beam.DoFn.TimestampParam,
                  pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
                  ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
-        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, final=self.flush_all)
+        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, apply_all=self.flush_all,
+                               release_all=self.flush_all and not self.save_state)
 
     @on_timer(END)
     def on_end(self, key=beam.DoFn.KeyParam, fire=beam.DoFn.TimestampParam,
                pending=beam.DoFn.StateParam(PENDING), log_state=beam.DoFn.StateParam(LOG),
                ctrl_state=beam.DoFn.StateParam(CTRL), flush_timer=beam.DoFn.TimerParam(FLUSH)) -> Iterator:
-        """The input ended: apply whatever is still buffered, then release every held-back row."""
-        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, final=True)
+        """The input ended: apply whatever is still buffered, then release every held-back row, or, with
+        ``save_state``, keep them and every stream as they are in the shard's snapshot."""
+        yield from self._flush(key, fire.micros, pending, log_state, ctrl_state, flush_timer, apply_all=True,
+                               release_all=not self.save_state, end=True)
 
-    def _flush(self, shard: int, T: int, pending, log_state, ctrl_state, flush_timer, *, final: bool) -> Iterator:
+    def _flush(self, shard: int, T: int, pending, log_state, ctrl_state, flush_timer, *, apply_all: bool,
+               release_all: bool, end: bool = False) -> Iterator:
         ctrl = self._ctrl(ctrl_state)
         # Runners may fire a timer at a truncated time (whole milliseconds in batch): the timer that
         # fired is the one armed last, so its armed time is what the watermark has passed.
-        f = Flush(max(T, ctrl.armed if ctrl.armed is not None else T), final)
+        f = Flush(max(T, ctrl.armed if ctrl.armed is not None else T), apply_all, release_all)
         T = f.T
         ctrl.armed = None
         store, change = self._store(shard, ctrl, log_state)
@@ -283,7 +306,7 @@ class ShardStep(beam.DoFn):
         due = None
         if t is not None and t.num_rows:
             rel = t.column(REL).to_numpy()
-            due_m = np.ones(len(rel), bool) if final else rel <= T
+            due_m = np.ones(len(rel), bool) if apply_all else rel <= T
             due = t.filter(pa.array(due_m)) if not due_m.all() else t
             pending.clear()
             if not due_m.all():
@@ -303,17 +326,23 @@ class ShardStep(beam.DoFn):
             if out.rows is not None:
                 ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
         f.ended += self._switch_due_updates(ctrl, store, max(T, ctrl.applied_max))
-        released = [*f.ended, *self._expire(store, T)]
-        if final:  # the input ended: every held-back row goes out
+        # With save_state, a key expires only once its shard applied events past its expiry: the end of the
+        # input (or a drain) ends no stream that the run seeded from the snapshot could still continue.
+        now = min(T, ctrl.applied_max) if self.save_state else T
+        released = [*f.ended, *self._expire(store, now)]
+        if release_all:  # the input ended: every held-back row goes out
             released = list(dict.fromkeys([*released, *store.held]))
-        store.forget_old(T, self.horizon, self.cfg.size + self.cfg.lateness)
+        store.forget_old(now, self.horizon, self.cfg.size + self.cfg.lateness)
         rows = out.rows
         if self.next_fields:
-            rows = pair(rows, store, self.next_fields, final=final, released=released, ends=self._stream_end)
+            rows = pair(rows, store, self.next_fields, final=release_all, released=released, ends=self._stream_end)
         self._save(shard, store, ctrl, log_state)
         self.m.shard_state((self.transform_id, shard), store)
         upd = self._next_update(ctrl, max(T, ctrl.applied_max))
-        nxt = [v for v in (rest_min, store.next_expiry(), upd) if v is not None]
+        exp = store.next_expiry()
+        if exp is not None and self.save_state and exp > ctrl.applied_max:
+            exp = None  # a later flush that applies events past it expires it
+        nxt = [v for v in (rest_min, exp, upd) if v is not None]
         if nxt:
             self._arm(ctrl, flush_timer, max(min(nxt), T + 1))
         ctrl_state.write(ctrl.to_json())
@@ -322,6 +351,8 @@ class ShardStep(beam.DoFn):
         for tbl, i, kind, reason in out.dead:
             yield self._dead(tbl, i, kind, reason, at=T)
         yield from emit(rows, self.output, floor=T)
+        if end and self.save_state:
+            yield beam.pvalue.TaggedOutput(SNAPSHOT, (shard, store.full_blob({"applied_max": ctrl.applied_max})))
 
     def _stream_end(self, last_ts: np.ndarray) -> np.ndarray:
         """When a stream whose last event is at ``last_ts`` (s) ends if nothing follows: its TTL expiry

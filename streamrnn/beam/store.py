@@ -116,8 +116,8 @@ class ShardStore:
             heapq.heappush(self._expiry_heap, (m.expiry, key))
 
     def end_streams(self, keys: Iterable[str], reason: str) -> list[str]:
-        """Mark each key's stream ended for ``reason`` (a model change; the caller drops the state and writes
-        the store in full next). Returns the keys."""
+        """Mark each key's stream ended for ``reason`` (TTL, a model change; the caller drops the state).
+        Returns the keys."""
         keys = list(keys)
         for k in keys:
             mk = self.meta[k]
@@ -166,10 +166,15 @@ class ShardStore:
             self.log.held_touched.add(key)
 
     def forget_old(self, T: int, horizon: int, reach: int = 0) -> None:
-        """Bound state by event time. Applied ids go once no event that can still be applied could be named
-        a duplicate of them: older than ``T - horizon - reach`` (``reach``: window plus lateness, how far
-        before ``T`` a later flush's events may lie). Tombstones (ended streams with nothing held) older
-        than ``T - horizon`` go too, in a scan at most once per horizon."""
+        """Bound memory by event time, without changing any result.
+
+        Ids and tombstones (ended streams with nothing held) are remembered for ``horizon`` of
+        event time after their row's (stream's last) ``ts``: a rule the apply checks against the
+        event's own time (:meth:`reason_for`, ``apply.duplicates``). So they go once no event that
+        can still be applied could be within the horizon of them: older than ``T - horizon - reach``
+        (``reach``: window plus lateness, how far before ``T`` a later flush's events may lie).
+        Tombstones are swept at most once per horizon.
+        """
         floor = max(T - horizon - reach, self.ids_floor)
         h, forgot = self._id_heap, False
         while h and h[0][0] < floor:
@@ -181,9 +186,17 @@ class ShardStore:
             self.ids_floor = floor  # written with the next delta: a rebuild forgets the same ids
         if len(self.meta) > len(self.op) and T - self.swept > horizon:
             self.swept = T
-            for k in [k for k, m in self.meta.items() if not m.live and to_micros(m.last_ts) < T - horizon
+            for k in [k for k, m in self.meta.items() if not m.live and to_micros(m.last_ts) < floor
                       and k not in self.held]:
                 self.forget(k)
+
+    def reason_for(self, key: str, ts: float, horizon: float) -> str:
+        """Why ``key``'s stream starts fresh at an event at ``ts`` (s): its ended stream's reason while that
+        is within ``horizon`` (s) of event time, else ``new``."""
+        mk = self.meta.get(key)
+        if mk is None or mk.live or not mk.reason or ts - mk.last_ts > horizon:
+            return "new"
+        return mk.reason
 
     def due_expiries(self, t: int) -> list[str]:
         """Live keys whose expiry is at or before ``t``, each once, in expiry order."""
@@ -250,19 +263,18 @@ class ShardStore:
         """Encode what changed since the last write (or everything). Returns (blob, is_full)."""
         lg = self.log
         full = compact or lg.full or lg.seq == 0  # a shard's first write is its base snapshot
-        keys = list(self.meta) if full else sorted(lg.touched)
-        live = [k for k in keys if k in self.op]
-        ids = list(_all_ids(self.ids)) if full else lg.new_ids
-        parts = {
-            "state": _ipc(self.op.snapshot(keys=live)),
-            "meta": _ipc(_meta_table(keys, self.meta)),
-            "ids": _ipc(_ids_table(ids)),
-            "held": _ipc(_held_table(self.held, None if full else lg.held_touched)),
-        }
+        if full:
+            parts, keys, ids = self._parts_full()
+        else:
+            keys = sorted(lg.touched)
+            ids = lg.new_ids
+            parts = {"state": self.op.snapshot(keys=[k for k in keys if k in self.op]),
+                     "meta": _meta_table(keys, self.meta), "ids": _ids_table(ids),
+                     "held": _held_table(self.held, lg.held_touched)}
         lg.seq += 1
         head = {"seq": lg.seq, "full": full, "model": self.model_path, "scalars": self._scalars(),
                 "held_cleared": [] if full else sorted(k for k in lg.held_touched if k not in self.held)}
-        blob = _pack(head, parts)
+        blob = _pack(head, {k: _ipc(v) for k, v in parts.items()})
         n = len(keys) + len(ids) + (len(self.held) if full else len(lg.held_touched))
         lg.rows = n if full else lg.rows + n
         if full:
@@ -272,6 +284,17 @@ class ShardStore:
         lg.scalars = self._scalars()
         lg.clear_changes()
         return blob, full
+
+    def _parts_full(self) -> tuple[dict[str, pa.Table], list[str], list]:
+        keys = list(self.meta)
+        ids = list(_all_ids(self.ids))
+        parts = {"state": self.op.snapshot(keys=[k for k in keys if k in self.op]),
+                 "meta": _meta_table(keys, self.meta), "ids": _ids_table(ids), "held": _held_table(self.held, None)}
+        return parts, keys, ids
+
+    def full_blob(self, extra: dict | None = None) -> bytes:
+        """The whole store as one full blob (a snapshot to keep; the log is not touched)."""
+        return pack_full(self._parts_full()[0], model=self.model_path, scalars=self._scalars(), extra=extra)
 
     # -- building a store ------------------------------------------------------------------
     @classmethod
@@ -385,6 +408,21 @@ def _ipc(t: pa.Table) -> bytes:
 def _pack(head: dict, parts: dict[str, bytes]) -> bytes:
     h = json.dumps({**head, "parts": {k: len(v) for k, v in parts.items()}}).encode()
     return struct.pack("<I", len(h)) + h + b"".join(parts.values())
+
+
+#: The tables of a blob: key state rows, stream metadata, applied ids, held-back rows.
+PARTS = ("state", "meta", "ids", "held")
+
+
+def pack_full(parts: dict[str, pa.Table], *, model: str, scalars: dict[str, int], extra: dict | None = None) -> bytes:
+    """A full blob (what a compaction writes) from its tables; ``from_log([blob])`` is that store."""
+    head = {"seq": 1, "full": True, "model": model, "scalars": scalars, "held_cleared": [], "extra": extra or {}}
+    return _pack(head, {k: _ipc(parts[k]) for k in PARTS})
+
+
+def unpack(blob: bytes) -> tuple[dict, dict[str, pa.Table]]:
+    """A blob's head and tables."""
+    return _unpack(blob)
 
 
 def _unpack_head(blob: bytes) -> dict:

@@ -39,7 +39,8 @@ from .counters import NAMESPACE
 from .intake import DEAD, Intake, OneCopy, UpdateIntake
 from .models import load_model, model_version
 from .postprocess import Postprocess
-from .stateful import ShardStep
+from .savepoint import WriteSnapshot, read_manifest, seed_kicks
+from .stateful import SNAPSHOT, ShardStep
 
 __all__ = ["NAMESPACE", "StatefulInference", "StatefulResult", "model_version"]
 
@@ -100,6 +101,13 @@ class StatefulInference(beam.PTransform):
       next_fields: output columns to pair with each key's next event as ``<name>_next`` (null where the
         stream ended: TTL, a model-update reset, the end of the input); a key's latest row waits for it.
       fault_injector: testing hook ``f(shard, keys)`` called after a flush's state writes.
+      save_state: a folder (any Beam filesystem) where each shard writes its state when the input ends
+        (bounded input, or a drain), with a manifest: a snapshot set that ``initial_state`` can seed a new
+        pipeline from, with any ``num_shards`` (see :mod:`streamrnn.beam.savepoint`). Streams are kept as
+        they are (held rows stay held, and a key expires only once its shard applied events past its
+        expiry), so the next run continues them.
+      initial_state: a snapshot set written by ``save_state``: every shard takes its keys from it on its
+        first flush. Another model or state signature is refused here, in one line.
       shard_cache_bytes: bytes of decoded shard state a worker process keeps between flushes (default
         1 GiB, or ``STREAMRNN_SHARD_CACHE_BYTES``); 0 rebuilds each flush from Beam state (same results).
     """
@@ -111,7 +119,8 @@ class StatefulInference(beam.PTransform):
                  providers: Any = "auto", max_steps_per_call: int = 256, max_batch: int = 4096,
                  flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
-                 shard_cache_bytes: int | None = None, label: str | None = None):
+                 shard_cache_bytes: int | None = None, save_state: str | os.PathLike | None = None,
+                 initial_state: str | os.PathLike | None = None, label: str | None = None):
         super().__init__(label)
 
         def num(v: Any) -> bool:
@@ -141,6 +150,9 @@ class StatefulInference(beam.PTransform):
         resolve_providers(providers)  # a misspelt provider fails here, in one line, not on the workers
         self.model = os.fspath(model)
         self.spec = load_model(self.model, [CPU]).spec  # fails fast at construction on a bad model
+        self.save_state = None if save_state is None else os.fspath(save_state)
+        self.initial_state = None if initial_state is None else os.fspath(initial_state)
+        self.manifest = None if self.initial_state is None else read_manifest(self.initial_state, self.spec)
         self.num_shards = num_shards
         self.window_size = float(window_size)
         self.allowed_lateness = float(allowed_lateness)
@@ -179,6 +191,9 @@ class StatefulInference(beam.PTransform):
                            lateness_micros=late)).with_outputs(DEAD, main="updates"))
             bad_updates.append(updates[DEAD])
             keyed = (keyed, updates.updates) | "WithUpdates" >> beam.Flatten()
+        if self.initial_state is not None:  # every shard takes its keys at once, traffic or not
+            keyed = (keyed, seed_kicks(events.pipeline, self.manifest, self.num_shards, size, late)) \
+                | "WithSeeds" >> beam.Flatten()
         keyed.element_type = beam.typehints.Tuple[int, beam.typehints.Tuple[int, bytes]]
         panes = (keyed
                  | "ReleaseWindows" >> beam.WindowInto(
@@ -194,11 +209,19 @@ class StatefulInference(beam.PTransform):
                      max_batch=self.max_batch, tokens=spec.input.kind == "tokens",
                      n_features=spec.input.n_features or 0, postprocess=self.postprocess)
         flush_all = self.flush_bounded_at_once and bool(getattr(events, "is_bounded", True))
-        applied = panes | "ShardStep" >> beam.ParDo(ShardStep(
+        # The step's name carries num_shards: a runner that restores state by step name (Dataflow --update,
+        # a Flink savepoint) refuses to attach state written under another shard count to it.
+        applied = (panes | f"ShardStep[{self.num_shards} shards]" >> beam.ParDo(ShardStep(
             transform_id=self._id, model_path=self.model, spec_json=spec.to_json(), num_shards=self.num_shards,
             cfg=cfg, dedupe_horizon=horizon, keep_last_output=self.keep_last_output, output=self.output,
             providers=self.providers, flush_all=flush_all, next_fields=self.next_fields,
-            fault_injector=self.fault_injector, cache_bytes=self.shard_cache_bytes)).with_outputs(DEAD, main="outputs")
+            fault_injector=self.fault_injector, cache_bytes=self.shard_cache_bytes,
+            save_state=self.save_state is not None, initial_state=self.initial_state, manifest=self.manifest))
+            .with_outputs(DEAD, SNAPSHOT, main="outputs"))
+        if self.save_state is not None:
+            _ = applied[SNAPSHOT] | "SaveState" >> WriteSnapshot(self.save_state, spec, {
+                "num_shards": self.num_shards, "window_size": self.window_size,
+                "allowed_lateness": self.allowed_lateness, "ttl": self.ttl, "dedupe_horizon": self.dedupe_horizon})
         outputs = applied.outputs
         if not isinstance(user.windowfn, GlobalWindows):
             outputs = outputs | "UserWindows" >> beam.WindowInto(

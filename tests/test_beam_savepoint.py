@@ -1,0 +1,171 @@
+"""Rescaling through snapshots: run A on the first part of a stream and save its state, run B on the rest from
+it with another shard count; A's and B's outputs together equal one run over the whole stream."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import ClassVar
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import test_beam_transform as tbt
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
+
+from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
+from streamrnn.beam.records import END_OF_INPUT
+from streamrnn.errors import InputError
+from streamrnn.runtime import CPU
+
+beam_models = tbt.beam_models  # the session fixture of tiny models
+CUT = 100.0
+
+
+class _Rec(beam.DoFn):
+    """Records outputs and dead letters by run name (a class attribute: the runners here run in this process)."""
+
+    seen: ClassVar[dict] = {}
+
+    def __init__(self, name):
+        self.name = name
+
+    def process(self, x):
+        _Rec.seen.setdefault(self.name, []).append(x)
+
+
+def _events():
+    """Skewed keys over [0, 200) s with idle gaps (TTL 30 s expiries, some across the cut), a reused seq beyond
+    the dedupe horizon, and copies of rows of the first part repeated in the second (duplicates across the cut)."""
+    rng = np.random.default_rng(7)
+    evs = []
+    for k in range(8):
+        n = int(rng.integers(3, 25))
+        ts = np.sort(rng.uniform(0, 200, n))
+        if k == 0:
+            ts = np.array([10.0, 20.0, 95.0, 97.0, 99.5, 104.0, 120.0])  # a stream across the cut
+        if k == 1:
+            ts = np.array([5.0, 80.0, 98.0, 140.0])  # expires across the cut (98 + 30 < 140)
+        evs += [Event(f"k{k}", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate(ts)]
+    evs.append(Event("k0", 160.0, 0, 7))  # seq 0 again, beyond the 45 s horizon: a new row
+    late_first = sorted((e for e in evs if CUT - 40 <= e.ts < CUT), key=lambda e: e.ts)
+    dups = late_first[::4][:3]  # copies of rows near the cut arriving again after it (within the horizon)
+    return evs, dups
+
+
+def _run(name, events, *, shards, streaming=False, **kw):
+    ti = StatefulInference(num_shards=shards, window_size=10.0, ttl=30.0, dedupe_horizon=45.0, providers=[CPU],
+                           postprocess=NextTokenPostprocess(2), next_fields=("logprob",), **kw)
+    opts = PipelineOptions(["--streaming"] if streaming else [])
+    with beam.Pipeline(options=opts) as p:
+        if streaming:
+            s = TestStream()
+            for t0 in range(0, 220, 10):
+                s = s.add_elements([TimestampedValue(e, e.ts) for e in events if t0 <= e.ts < t0 + 10])
+                s = s.advance_watermark_to(t0 + 10)
+            src = p | s.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
+        else:
+            src = p | beam.Create(events)
+        out, dead = src | ti
+        _ = out | "RecOut" >> beam.ParDo(_Rec(name + "/out"))
+        _ = dead | "RecDead" >> beam.ParDo(_Rec(name + "/dead"))
+    return _Rec.seen.pop(name + "/out", []), _Rec.seen.pop(name + "/dead", [])
+
+
+def _by_event(outs):
+    got = {}
+    for p in outs:
+        assert (p.key, p.seq, p.ts) not in got, p
+        got[(p.key, p.seq, p.ts)] = p
+    return got
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming-B"])
+def test_a_then_b_from_a_snapshot_equals_one_run(beam_models, tmp_path, streaming):
+    evs, dups = _events()
+    model = beam_models["tiny"]
+    whole_out, whole_dead = _run("whole", evs + dups, shards=3, model=model)
+    snap = str(tmp_path / "snap")
+    a_out, a_dead = _run("A", [e for e in evs if e.ts < CUT], shards=2, model=model, save_state=snap)
+    manifest = json.loads(open(os.path.join(snap, "manifest.json")).read())
+    assert manifest["num_shards"] == 2 and len(manifest["shards"]) == 2 and manifest["keys"] > 0
+    b_out, b_dead = _run("B", [e for e in evs if e.ts >= CUT] + dups, shards=5, model=model, initial_state=snap,
+                         streaming=streaming)
+    whole, parts = _by_event(whole_out), _by_event(a_out + b_out)
+    assert parts.keys() == whole.keys()
+    for ev, w in whole.items():
+        g = parts[ev]
+        assert (g.pos, g.fresh, g.reset) == (w.pos, w.fresh, w.reset), ev
+        for f in ("logprob", "logprob_next"):
+            a, b = g.outputs[f], w.outputs[f]
+            assert (a is None) == (b is None), (ev, f)
+            if a is not None:
+                assert np.allclose(a, b, atol=1e-6, equal_nan=True), (ev, f, a, b)
+    assert any(p.reset == "expired" and p.ts >= CUT for p in whole_out)  # the scenario has what it claims
+    assert sum(p.key == "k0" and p.seq == 0 for p in whole_out) == 2
+    dead = sorted((d.key, d.seq, d.kind) for d in a_dead + b_dead)
+    assert dead == sorted((d.key, d.seq, d.kind) for d in whole_dead) and len(dead) == 3
+    assert {d[2] for d in dead} == {"duplicate"}
+
+
+def test_a_snapshot_of_another_model_is_refused_in_one_line(beam_models, tmp_path):
+    evs, _ = _events()
+    snap = str(tmp_path / "snap")
+    _run("A", evs[:20], shards=2, model=beam_models["tiny"], save_state=snap)
+    with pytest.raises(InputError, match=r"^initial_state: .*expected state shapes") as e:
+        StatefulInference(model=beam_models["wide"], initial_state=snap, providers=[CPU])
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match=r"^initial_state: .*expected the weights of model"):
+        StatefulInference(model=beam_models["other"], initial_state=snap, providers=[CPU])
+    with pytest.raises(InputError, match=r"^initial_state: expected a state snapshot folder"):
+        StatefulInference(model=beam_models["tiny"], initial_state=str(tmp_path / "nothing"), providers=[CPU])
+
+
+def test_the_stateful_step_is_named_for_its_shard_count(beam_models):
+    """Runners that restore state by step name (Dataflow --update, Flink savepoints) then refuse to attach state
+    written under another num_shards; the shard's own record refuses it too (test_beam_store)."""
+    for n in (2, 4):
+        p = beam.Pipeline()
+        _ = p | beam.Create([Event("a", 1.0, 0, 1)]) | StatefulInference(model=beam_models["tiny"], num_shards=n,
+                                                                         providers=[CPU])
+        labels = [t.full_label for t in p.transforms_stack[0].parts[-1].parts]
+        assert any(lbl.endswith(f"ShardStep[{n} shards]") for lbl in labels), labels
+
+
+def test_the_next_token_job_rescales_through_save_and_initial_state(beam_models, tmp_path):
+    """next_token --save-state on the first half with 2 shards, --initial-state on the rest with 5: the
+    predictions of both runs are those of one run over the whole file (per byte, <= 1e-6)."""
+    import pyarrow.parquet as pq
+
+    from beam_jobs import next_token
+
+    rng = np.random.default_rng(3)
+    rows = [{"key": f"u{int(rng.zipf(1.6)) % 6}", "ts": round(float(t), 3), "seq": i,
+             "text": "".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(1, 6))))}
+            for i, t in enumerate(np.sort(rng.uniform(0, 400, 60)))]
+
+    def write(name, rs):
+        p = tmp_path / name
+        p.write_text("".join(json.dumps(r) + "\n" for r in rs))
+        return str(p)
+
+    def run(name, path, *extra):
+        out = tmp_path / name
+        assert next_token.main(["--input", path, "--output", str(out), "--model", beam_models["tiny"], "--window",
+                                "20", "--ttl", "60", "--quiet", *extra]) == 0
+        t = pq.read_table([str(f) for f in out.glob("predictions-*.parquet")])
+        return {(r["key"], r["seq"], r["offset"]): (r["logprob"], r["logprob_next"], r["reset"])
+                for r in t.to_pylist()}
+
+    whole = run("whole", write("all.jsonl", rows), "--shards", "3")
+    snap = str(tmp_path / "snap")
+    a = run("a", write("a.jsonl", [r for r in rows if r["ts"] < 200]), "--shards", "2", "--save-state", snap)
+    b = run("b", write("b.jsonl", [r for r in rows if r["ts"] >= 200]), "--shards", "5", "--initial-state", snap)
+    assert not a.keys() & b.keys() and {**a, **b}.keys() == whole.keys()
+    for k, (lp, nxt, reset) in whole.items():
+        glp, gnxt, greset = {**a, **b}[k]
+        assert greset == reset, k
+        for x, y in ((glp, lp), (gnxt, nxt)):
+            assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6), (k, x, y)
