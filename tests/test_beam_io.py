@@ -200,6 +200,19 @@ def test_arrow_malformed_block_is_one_dead_letter_and_the_rest_is_read():
     assert len(dead) == 1 and dead[0].reason.startswith("arrow block 1:")
 
 
+def test_seq_is_optional_per_row_and_a_missing_payload_is_named():
+    """A row without seq (no field, null, or an empty CSV cell) takes its position, even when other rows have
+    one; a row without text or token is blamed on them, not on seq."""
+    lines = [json.dumps(r).encode() for r in (
+        {"key": "a", "ts": 1.0, "seq": 10, "text": "x"}, {"key": "a", "ts": 2.0, "text": "y"},
+        {"key": "a", "ts": 3.0, "seq": None, "text": "z"}, {"key": "a", "ts": 4.0, "seq": 11})]
+    table, dead = parse_events(b"\n".join(lines) + b"\n", "e.jsonl")
+    assert table.column("seq").to_pylist() == [10, 1, 2]
+    assert [d.reason for d in dead] == ["text/token: expected a UTF-8 string in text or an int in token, got neither"]
+    table, dead = parse_events(b"key,ts,seq,text\na,1,7,x\na,2,,y\n", "e.csv")
+    assert table.column("seq").to_pylist() == [7, 1] and not dead
+
+
 def test_ts_bounds():
     rows = [{"key": "a", "ts": TS_MAX, "token": 1}, {"key": "a", "ts": TS_MAX + 1, "token": 1},
             {"key": "a", "ts": "2024-02-29T12:00:00.000250+01:00", "token": 2}]

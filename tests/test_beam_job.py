@@ -91,9 +91,12 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     every = [v[0] for v in want.values() if v[0] is not None]
     assert math.isclose(summary["bits_per_char"], -np.mean(every) / math.log(2), rel_tol=1e-5)
     assert summary["events"] == len(want) and summary["keys"]["u2"]["bytes"] == len("héllo".encode())
-    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 2}
+    assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 2}  # events (a text row's bytes)
+    assert summary["dead_letter_rows"] == {"duplicate": 1, "invalid": 2}  # input rows
     assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
-    assert "bits/char" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "bits/char" in printed
+    assert f"dead letters: 3 rows (duplicate 1 row, {len('Hello, ')} bytes; invalid 2 rows)" in printed
 
 
 def _assert_offline(pred: list[dict], want: dict) -> None:

@@ -2,8 +2,8 @@
 
 A file is read as bytes through Beam's filesystems (local, gs://, s3://, hdfs://, any
 registered scheme). Columns: ``key`` (string), ``ts`` (seconds since the epoch, or an
-ISO-8601 time), ``seq`` (int, optional: defaults to the row's position in the file,
-counting rows from 0), and a payload: ``text`` (UTF-8, one event per byte, ``sub`` = the
+ISO-8601 time), ``seq`` (int, optional for each row: a row without one, or with an
+empty or null cell, takes its position in the file, counting rows from 0), and a payload: ``text`` (UTF-8, one event per byte, ``sub`` = the
 byte offset) or ``token`` (int).
 
 Nothing in a file aborts the read: every row that cannot be used becomes a
@@ -289,7 +289,9 @@ def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from
         key, why = _as_text("key", keys[i])
         ts, w = parse_ts(tss[i])
         why = why or w
-        seq, w = (p, None) if seqs is None else _as_int("seq", seqs[i], from_text)
+        # seq is optional per row: a row without one (no column, an empty cell, null) takes its position
+        seq, w = (p, None) if seqs is None or seqs[i] is None or seqs[i] == b"" else _as_int("seq", seqs[i],
+                                                                                             from_text)
         why = why or w
         if why is None:
             payload, why = _payload(texts[i], toks[i], vocab_size, from_text)

@@ -83,7 +83,7 @@ class _WriteSummary(beam.DoFn):
 
     def process(self, items):
         metric = self.metric
-        summary: dict = {"keys": {}, "events": 0, "dead_letters": {}, "model_version": []}
+        summary: dict = {"keys": {}, "events": 0, "dead_letters": {}, "dead_letter_rows": {}, "model_version": []}
         scored, total = 0, 0.0
         for kind, v in items:
             if kind == "key":
@@ -92,11 +92,14 @@ class _WriteSummary(beam.DoFn):
                 summary["events"] += n
                 scored, total = scored + m, total + s
             elif kind == "dead":
-                summary["dead_letters"][v[0]] = int(v[1])
+                rows, events = v[1]
+                summary["dead_letters"][v[0]] = int(events)
+                summary["dead_letter_rows"][v[0]] = int(rows)
             else:
                 summary["model_version"].append(v)
         summary["keys"] = dict(sorted(summary["keys"].items()))
         summary["dead_letters"] = dict(sorted(summary["dead_letters"].items()))
+        summary["dead_letter_rows"] = dict(sorted(summary["dead_letter_rows"].items()))
         summary["model_version"].sort()
         summary[metric.name] = metric.value(scored, total)
         write_json(FileSystems.join(self.root, SUMMARY), summary)
@@ -117,14 +120,39 @@ class WriteSummary(beam.PTransform):
         outputs, dead = pcolls
         per_key = (outputs | "KeyStats" >> beam.ParDo(_KeyStats(self.metric.column)) | _at_end("KeyStatsAtEnd")
                    | "SumPerKey" >> beam.CombinePerKey(_sum3) | "TagKeys" >> beam.Map(lambda kv: ("key", kv)))
-        dead_n = (dead | "DeadKind" >> beam.Map(lambda d: d.kind) | _at_end("DeadAtEnd")
-                  | "CountDead" >> beam.combiners.Count.PerElement() | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
+        # per kind: the input rows (key, seq, ts) that were dead-lettered, and their events (a text row's bytes)
+        dead_n = (dead | "DeadRow" >> beam.Map(lambda d: ((d.kind, d.key, d.seq, d.ts), 1)) | _at_end("DeadAtEnd")
+                  | "EventsPerRow" >> beam.CombinePerKey(sum)
+                  | "ByKind" >> beam.Map(lambda kv: (kv[0][0], (1, kv[1])))
+                  | "CountDead" >> beam.CombinePerKey(_sum_pairs) | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
         versions = (outputs | "Versions" >> beam.FlatMap(lambda b: set(b.column("model_version").to_pylist()))
                     | _at_end("VersionsAtEnd") | "DistinctVersions" >> beam.Distinct()
                     | "TagVersions" >> beam.Map(lambda v: ("model", v)))
         return ((per_key, dead_n, versions) | "SummaryParts" >> beam.Flatten()
                 | "SummaryList" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
                 | "Write" >> beam.ParDo(_WriteSummary(self.root, self.metric)))
+
+
+def _sum_pairs(pairs) -> tuple[int, int]:
+    a = b = 0
+    for x, y in pairs:
+        a, b = a + x, b + y
+    return a, b
+
+
+def _n(n: int, what: str) -> str:
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def dead_letter_line(summary: dict, *, unit: str) -> str:
+    """``dead letters: 3 rows (duplicate 1 row, 7 bytes; invalid 2 rows)``: input rows, and their events
+    where a row expands to several (a text row's bytes)."""
+    events, rows = summary["dead_letters"], summary.get("dead_letter_rows") or summary["dead_letters"]
+    parts = []
+    for k in sorted(rows):
+        more = f", {_n(events[k], unit)}" if events.get(k, rows[k]) != rows[k] else ""
+        parts.append(f"{k} {_n(rows[k], 'row')}{more}")
+    return f"dead letters: {_n(sum(rows.values()), 'row')}" + (f" ({'; '.join(parts)})" if parts else "")
 
 
 def read_summary(root: str) -> dict | None:
@@ -141,7 +169,7 @@ def print_summary(summary: dict, metric: MeanMetric, *, title: str, unit: str, o
     """The readable end-of-job summary: the ``top`` keys by rows, the total, dead letters, model versions."""
     out = out or sys.stdout
     keys, count, name = summary["keys"], metric.count_name, metric.name
-    out.write(f"\n{title}, {len(keys)} keys\n")
+    out.write(f"\n{title}, {_n(len(keys), 'key')}\n")
     out.write(f"  {'key':<24} {count:>8} {unit:>10}\n")
     rows = sorted(keys.items(), key=lambda kv: -kv[1][count])
 
@@ -153,9 +181,7 @@ def print_summary(summary: dict, metric: MeanMetric, *, title: str, unit: str, o
     if len(rows) > top:
         out.write(f"  ... {len(rows) - top} more keys in {SUMMARY}\n")
     out.write(f"  {'all':<24} {summary['events']:>8,} {fmt(summary.get(name)):>10}\n")
-    dl = summary["dead_letters"]
-    out.write(f"dead letters: {sum(dl.values())} " + (f"({', '.join(f'{k} {v}' for k, v in sorted(dl.items()))})"
-                                                      if dl else "") + "\n")
+    out.write(dead_letter_line(summary, unit="byte" if count == "bytes" else "event") + "\n")
     if summary.get("model_version"):
         out.write(f"model: {', '.join(summary['model_version'])}\n")
 

@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindows
 
-from ..beam.summary import SUMMARY, write_json
+from ..beam.summary import SUMMARY, dead_letter_line, write_json
 from .beam import QUANTILES, close_of
 from .distribution import nll
 
@@ -188,6 +188,4 @@ def print_market_summary(s: dict, out: IO[str] | None = None, top: int = 20) -> 
                   f"{f(v['coverage_80']):>6} {f(v['coverage_95']):>6}\n")
     if len(rows) > top:
         out.write(f"  ... {len(rows) - top} more symbols in {SUMMARY}\n")
-    dl = s["dead_letters"]
-    out.write(f"dead letters: {sum(dl.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in dl.items())})"
-                                                      if dl else "") + "\n")
+    out.write(dead_letter_line(s, unit="bar") + "\n")
