@@ -175,7 +175,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
     if summary is None:
         raise JobError(f"input: expected bars in {args.input!r}, got none that could be used (see dead letters)")
     print_market_summary(summary)
-    print(f"wrote {args.output}/{FORECASTS}-*.parquet, {DEAD_LETTERS}-*.parquet, {SUMMARY} in {seconds:.1f} s",
+    print(f"wrote {launcher.join(args.output, FORECASTS + '-*.parquet')}, {DEAD_LETTERS}-*.parquet, {SUMMARY} in "
+          f"{seconds:.1f} s",
           file=sys.stderr)
     if args.plot:
         from streamrnn.forecast.plot import plot_forecasts

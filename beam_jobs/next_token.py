@@ -174,7 +174,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
         raise JobError(f"input: expected events in {args.input!r}, got none")
     print_summary(summary, BITS_PER_CHAR, title="online next-byte loss per key (bits/char; lower is better)",
                   unit="bits/char")
-    print(f"wrote {args.output}/predictions-*.parquet, dead_letters-*.parquet, {SUMMARY} in {seconds:.1f} s",
+    print(f"wrote {launcher.join(args.output, 'predictions-*.parquet')}, dead_letters-*.parquet, {SUMMARY} in "
+          f"{seconds:.1f} s",
           file=sys.stderr)
     return 0
 

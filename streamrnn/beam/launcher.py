@@ -110,6 +110,11 @@ def beam_flags(job: argparse.ArgumentParser, flags: Sequence[str], *, replay: st
     return flags
 
 
+def join(root: str, name: str) -> str:
+    """``root/name`` for messages, without a doubled separator (``out/`` + ``x`` is ``out/x``)."""
+    return f"{root.rstrip('/')}/{name}" if root.rstrip("/") else f"{root}{name}"
+
+
 def is_local(path: str) -> bool:
     return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
 
