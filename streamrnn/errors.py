@@ -34,3 +34,7 @@ def expected(what: str, want: object, got: object) -> str:
 
 class DeployError(StreamRNNError):
     """A worker runs something other than what the launcher built the pipeline with (versions, model file)."""
+
+
+class InferenceError(StreamRNNError, RuntimeError):
+    """ONNX Runtime failed to run the model (a kernel error, out of memory); the state passed in is unchanged."""

@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from . import shipped
-from .errors import InputError, ModelLoadError, StateError
+from .errors import InferenceError, InputError, ModelLoadError, StateError
 from .runtime import CUDA, ProviderArg, SessionConfig, create_session
 from .spec import SPEC_KEY, ModelSpec
-from .weights import Initializer, fingerprint, read_initializers
+from .weights import Graph, Initializer, Node, fingerprint, model_fingerprint, read_graph
+
+#: what ONNX Runtime raises from ``run`` (its pybind exception types are plain Exceptions)
+ORT_ERRORS: tuple[type[Exception], ...] = (RuntimeError, *(
+    c for c in vars(_ort_state).values() if isinstance(c, type) and issubclass(c, Exception)))
+
+
+def inference_error(source: str, e: Exception) -> InferenceError:
+    """An ONNX Runtime failure as the project's error, on one line (the state passed in is unchanged)."""
+    msg = " ".join(str(e).split()) or "no message"
+    return InferenceError(f"{source}: run: expected ONNX Runtime to run the model, got {type(e).__name__}: {msg}")
 
 
 class State:
@@ -86,7 +98,11 @@ class Model:
     """
 
     def __init__(self, session: ort.InferenceSession, spec: ModelSpec, *, source: str = "model",
-                 initializers: Mapping[str, Initializer] | None = None):
+                 graph: Graph | None = None):
+        """``graph`` (the file read by :func:`~streamrnn.weights.read_graph`): check the weights and the wiring
+        the spec claims against it, and bind ``spec`` to the model (its fingerprint becomes the model
+        fingerprint). Without it (a spec already bound, on another session of the same bytes) nothing is
+        re-checked."""
         self.session = session
         self.spec = spec
         self.source = source
@@ -105,8 +121,11 @@ class Model:
         self._sig = spec.state_signature
         self._full_lengths: dict[tuple[int, int], np.ndarray] = {}
         self._check_graph()
-        if initializers is not None:
-            self._check_weights(initializers)
+        if graph is not None:
+            weights = self._check_weights(graph.initializers)
+            _Wiring(graph, spec, source).check()
+            self.spec = replace(spec, weights_sha256=weights,
+                                fingerprint=model_fingerprint(weights, graph, spec.contract()))
 
     def _check_graph(self) -> None:
         want = {"x", self.spec.lengths_input, *self._state_names}
@@ -137,12 +156,14 @@ class Model:
                 raise ModelLoadError(f"{self.source}: graph output {o.name} shape: expected {list(o.shape)}, "
                                      f"got {got}")
 
-    def _check_weights(self, inits: Mapping[str, Initializer]) -> None:
-        """The weights themselves: fingerprint, and the shapes the spec implies (vocab rows, hidden)."""
+    def _check_weights(self, inits: Mapping[str, Initializer]) -> str:
+        """The weights themselves: fingerprint, and the shapes the spec implies (vocab rows, hidden).
+        Returns the weights sha256."""
         got = fingerprint(dict(inits))
-        if got != self.spec.fingerprint:
+        want = self.spec.weights_sha256 or self.spec.fingerprint  # a bound spec written back keeps both
+        if got != want:
             raise ModelLoadError(
-                f"{self.source}: weights fingerprint: expected {self.spec.fingerprint} (its spec), got {got} "
+                f"{self.source}: weights fingerprint: expected {want} (its spec), got {got} "
                 "(sha256 of the file's initializers): the weights were changed after export")
         if self._tokens:
             emb = inits.get("embed")
@@ -155,6 +176,7 @@ class Model:
             if r is None or r.dims[-1:] != (H,):
                 raise ModelLoadError(f"{self.source}: layer {li} recurrent weights: expected [1, gates*{H}, {H}] "
                                      f"(hidden of its spec), got {None if r is None else list(r.dims)}")
+        return got
 
     def __repr__(self) -> str:
         s = self.spec
@@ -291,7 +313,10 @@ class Model:
         feeds = {"x": x, self.spec.lengths_input: lengths}
         for n in self._state_names:
             feeds[n] = state.raw(n)
-        res = self.session.run(self._output_names, feeds)
+        try:
+            res = self.session.run(self._output_names, feeds)
+        except ORT_ERRORS as e:
+            raise inference_error(self.source, e) from e
         k = self._n_task
         return dict(zip(self._task_outputs, res)), State(  # noqa: B905 - res has task + state outputs
             dict(zip(self._state_names, res[k:])), self._state_names, self._sig)  # noqa: B905
@@ -316,7 +341,10 @@ class Model:
             io.bind_output(name, "cpu")
         for out in self._state_outputs:
             io.bind_output(out, device, device_id)
-        self.session.run_with_iobinding(io)
+        try:
+            self.session.run_with_iobinding(io)
+        except ORT_ERRORS as e:
+            raise inference_error(self.source, e) from e
         vals = io.get_outputs()
         k = len(self._task_outputs)
         outputs = {n: vals[i].numpy() for i, n in enumerate(self._task_outputs)}
@@ -330,9 +358,13 @@ def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
     ``providers="auto"`` picks CUDA when it really loads, else the CPU (one log line
     says which); an explicit list such as ``["CPUExecutionProvider"]`` is honoured.
     Raises :class:`~streamrnn.errors.ModelLoadError` for a missing or corrupt file, a
-    file without a streamrnn spec, a spec that does not match the graph, and weights
-    whose sha256 (recomputed from the file's initializers) differs from the spec's
-    ``fingerprint``. ``shipped:NAME`` loads a model shipped in the package (:mod:`streamrnn.shipped`).
+    file without a streamrnn spec, a spec that does not match the graph (names, shapes,
+    which state output feeds back into which state input, traced through the recurrent
+    nodes; the feature normalisation the graph applies), and weights whose sha256
+    (recomputed from the file's initializers) differs from the spec's ``fingerprint``.
+    The returned model's ``spec.fingerprint`` is the model fingerprint (weights, graph
+    structure and spec contract; :mod:`streamrnn.weights`). ``shipped:NAME`` loads a model
+    shipped in the package (:mod:`streamrnn.shipped`).
     """
     source = shipped.resolve(path)
     try:
@@ -351,4 +383,155 @@ def load(path: str | os.PathLike, providers: ProviderArg = "auto", *,
         raise ModelLoadError(f"{source}: metadata: expected key '{SPEC_KEY}' (a streamrnn model), "
                              f"got keys {sorted(meta)}")
     spec = ModelSpec.from_json(meta[SPEC_KEY], source=source)
-    return Model(sess, spec, source=source, initializers=read_initializers(blob, source=source))
+    return Model(sess, spec, source=source, graph=read_graph(blob, source=source))
+
+
+# ONNX LSTM / GRU / RNN: input index of a state's initial value, output index of its final value
+_PORTS = {"h": (5, 1), "c": (6, 2)}
+_PORT_NAMES = {0: "Y", 1: "Y_h", 2: "Y_c"}
+_RECURRENT_OP = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+class _Wiring:
+    """What the spec claims about the graph, checked against its nodes (not only its input and output names).
+
+    Each state input must give each recurrent layer its initial state (a Slice of layer ``k``), each state
+    output must be the final state of that kind from every layer in order (Concat on axis 0), every layer's
+    ``sequence_lens`` must be ``lengths``, and a features model must normalise ``x`` with the spec's values.
+    """
+
+    def __init__(self, graph: Graph, spec: ModelSpec, source: str):
+        self.g, self.spec, self.source = graph, spec, source
+        self.producer = {o: (n, i) for n in graph.nodes for i, o in enumerate(n.outputs) if o}
+        self.graph_inputs = {name for name, _, _ in graph.inputs}
+        self.layer_of: dict[int, int] = {}  # id(node) -> layer
+
+    def fail(self, what: str, want: str, got: str) -> None:
+        raise ModelLoadError(f"{self.source}: {what}: expected {want}, got {got}")
+
+    def through(self, value: str) -> str:
+        """The value an Identity chain copies."""
+        for _ in range(len(self.g.nodes) + 1):
+            p = self.producer.get(value)
+            if p is None or p[0].op_type != "Identity" or not p[0].inputs:
+                return value
+            value = p[0].inputs[0]
+        return value
+
+    def upstream(self, value: str) -> set[str]:
+        """Every value ``value`` is computed from (itself included)."""
+        seen, todo = set(), [value]
+        while todo:
+            v = todo.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            p = self.producer.get(v)
+            if p is not None:
+                todo.extend(i for i in p[0].inputs if i)
+        return seen
+
+    def ints(self, node: Node, i: int) -> list[int] | None:
+        name = node.inputs[i] if len(node.inputs) > i else ""
+        t = self.g.initializers.get(name)
+        return None if t is None or t.data_type != 7 else np.frombuffer(t.data, "<i8").tolist()
+
+    def check(self) -> None:
+        layers = self.layers()
+        lengths = self.spec.lengths_input
+        for k, node in enumerate(layers):
+            got = self.through(node.inputs[4]) if len(node.inputs) > 4 else ""
+            if got != lengths:
+                self.fail(f"layer {k} sequence_lens", f"graph input {lengths!r} (each row's state after its own "
+                          "last step)", repr(got or "none"))
+        for s in self.spec.state:
+            i_in, i_out = _PORTS[s.name]
+            want = [f"{s.name}[{k}]" for k in range(len(layers))]
+            got = [self.initial(n.inputs[i_in] if len(n.inputs) > i_in else "", len(layers)) for n in layers]
+            if got != want:
+                self.fail(f"state {s.name}", f"graph input {s.name!r} to give each layer its initial {s.name} "
+                          f"({', '.join(want)})", ", ".join(got))
+            want = [f"layer {k} {_PORT_NAMES[i_out]}" for k in range(len(layers))]
+            got = self.finals(s.output)
+            if got != want:
+                self.fail(f"state {s.name} output {s.output!r}", f"{', '.join(want)} (the {s.name} each layer "
+                          "computes, in layer order)", ", ".join(got))
+        if self.spec.input.kind == "features":
+            self.normalisation(layers[0])
+
+    def layers(self) -> list[Node]:
+        """The recurrent nodes in stack order (by how many recurrent nodes feed each one's input)."""
+        spec, op = self.spec, _RECURRENT_OP[self.spec.cell]
+        rec = [n for n in self.g.nodes if n.op_type in _RECURRENT_OP.values() and n.domain in ("", "ai.onnx")]
+        if len(rec) != spec.layers or any(n.op_type != op for n in rec):
+            self.fail("graph recurrent layers", f"{spec.layers} {op} nodes (cell and layers of its spec)",
+                      str([n.op_type for n in rec]))
+        ids = {id(n) for n in rec}
+        depth = {}
+        for n in rec:
+            up = {id(self.producer[v][0]) for v in self.upstream(n.inputs[0]) if v in self.producer}
+            depth[id(n)] = len(up & ids)
+        order = sorted(rec, key=lambda n: depth[id(n)])
+        if [depth[id(n)] for n in order] != list(range(len(rec))):
+            self.fail("graph recurrent layers", "a stack (each layer reads the one below)",
+                      f"layers fed by {sorted(depth.values())} recurrent nodes")
+        for k, n in enumerate(order):
+            self.layer_of[id(n)] = k
+            direction = n.attrs.get("direction", b"forward".hex())
+            if n.attrs.get("hidden_size") != spec.hidden or direction != b"forward".hex():
+                self.fail(f"layer {k}", f"a forward {op} of hidden_size {spec.hidden} (hidden of its spec)",
+                          f"hidden_size {n.attrs.get('hidden_size')}, direction {bytes.fromhex(direction)!r}")
+        return order
+
+    def initial(self, value: str, n_layers: int) -> str:
+        """Which layer of which graph input ``value`` is, as ``name[k]`` (or what it is instead)."""
+        v = self.through(value) if value else ""
+        if v in self.graph_inputs:
+            return f"{v}[0]" if n_layers == 1 else f"{v} (all layers)"
+        p = self.producer.get(v)
+        if p is not None and p[0].op_type == "Slice":
+            node = p[0]
+            data = self.through(node.inputs[0])
+            starts, ends, axes, steps = (self.ints(node, i) for i in (1, 2, 3, 4))
+            if (data in self.graph_inputs and axes in (None, [0]) and steps in (None, [1]) and starts and ends
+                    and len(starts) == len(ends) == 1 and 0 <= starts[0] and ends[0] == starts[0] + 1):
+                return f"{data}[{starts[0]}]"
+        return f"{v or 'none'!r} ({p[0].op_type if p else 'not computed'})"
+
+    def finals(self, value: str) -> list[str]:
+        """The recurrent outputs ``value`` concatenates, as ``layer k Y_h`` (or what it is instead)."""
+        v = self.through(value)
+        p = self.producer.get(v)
+        if p is None:
+            return [f"{v!r} (not computed)"]
+        node, i = p
+        if id(node) in self.layer_of:
+            return [f"layer {self.layer_of[id(node)]} {_PORT_NAMES.get(i, f'output {i}')}"]
+        if node.op_type == "Concat" and node.attrs.get("axis") == 0:
+            return [x for part in node.inputs for x in self.finals(part)]
+        return [f"{v!r} ({node.op_type})"]
+
+    def normalisation(self, first: Node) -> None:
+        """``x`` is normalised by the graph's feat_mean / feat_inv_std, and the spec states those values."""
+        feeds = self.upstream(first.inputs[0])
+        sub = next((n for n in self.g.nodes if n.op_type == "Sub" and n.inputs == ("x", "feat_mean")), None)
+        mul = sub and next((n for n in self.g.nodes if n.op_type == "Mul" and n.outputs[0] in feeds
+                            and set(n.inputs) == {sub.outputs[0], "feat_inv_std"}), None)
+        if not mul:
+            self.fail("x normalisation", "(x - feat_mean) * feat_inv_std before the first layer", "no such nodes")
+        inp = self.spec.input
+        names = inp.feature_names or tuple(f"#{f}" for f in range(inp.n_features))
+        for init, values, what in (("feat_mean", np.asarray(inp.mean, np.float64), "mean"),
+                                   ("feat_inv_std", 1.0 / np.asarray(inp.std, np.float64), "std")):
+            t = self.g.initializers[init]
+            if t.data_type != 1 or len(t.data) != 4 * inp.n_features:
+                self.fail(f"graph {init}", f"{inp.n_features} float32 values (n_features)",
+                          f"data type {t.data_type}, {len(t.data)} bytes")
+            graph = np.frombuffer(t.data, "<f4").astype(np.float64)
+            bad = np.flatnonzero(~np.isclose(values, graph, rtol=1e-6, atol=0.0))
+            if len(bad):
+                f = int(bad[0])
+                want = graph[f] if what == "mean" else 1.0 / graph[f]
+                spec_value = inp.mean[f] if what == "mean" else inp.std[f]
+                self.fail(f"input.{what} of feature {names[f]!r}", f"{want:.7g} (what the graph applies: its {init})",
+                          f"{spec_value:.7g} in its spec")

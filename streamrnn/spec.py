@@ -17,6 +17,7 @@ Everything needed to run and interpret it lives in the metadata key
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,11 @@ FORMAT = "streamrnn/1"
 
 Cell = Literal["lstm", "gru", "rnn"]
 STATE_NAMES: dict[str, tuple[str, ...]] = {"lstm": ("h", "c"), "gru": ("h",), "rnn": ("h",)}
+#: each task's input kind and task outputs: what serving code may rely on once a file loads
+TASKS: dict[str, tuple[str, tuple[str, ...]]] = {"lm": ("tokens", ("logprobs",)),
+                                                 "forecast": ("features", ("mean", "log_scale"))}
+#: spec fields left out of the model fingerprint: the fingerprint itself, labels, and measurements added later
+NOT_IN_CONTRACT = ("fingerprint", "weights_sha256", "name", "version", "metrics")
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,14 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Parsed ``streamrnn.spec`` metadata of a model file."""
+    """Parsed ``streamrnn.spec`` metadata of a model file.
+
+    ``fingerprint``: in a file, the sha256 of its weights (:func:`streamrnn.weights.fingerprint`).
+    :func:`streamrnn.load` checks that, then binds the spec to the model: ``weights_sha256`` takes
+    the weights sha256 and ``fingerprint`` becomes the model fingerprint, over the weights, the
+    graph's structure and :meth:`contract` (:func:`streamrnn.weights.model_fingerprint`), so two
+    files that compute different things, or pair state differently, never share a fingerprint.
+    """
 
     name: str
     version: str
@@ -95,6 +108,7 @@ class ModelSpec:
     format: str = FORMAT
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str = ""  # set by load; empty in a spec read from a file's metadata
 
     @property
     def state_signature(self) -> tuple[tuple[str, tuple[int | str, ...], str], ...]:
@@ -109,6 +123,10 @@ class ModelSpec:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def contract(self) -> dict[str, Any]:
+        """The spec fields the model fingerprint covers: all but the fingerprints, name, version and metrics."""
+        return {k: v for k, v in json.loads(self.to_json()).items() if k not in NOT_IN_CONTRACT}
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "model") -> ModelSpec:
@@ -173,7 +191,7 @@ def _validate(s: ModelSpec) -> None:
         if not ok:
             raise _Bad(f"{what}: expected {want}, got {got!r}")
 
-    for f in ("name", "version", "task", "fingerprint", "lengths_input"):
+    for f in ("name", "version", "task", "fingerprint", "lengths_input", "weights_sha256"):
         need(isinstance(getattr(s, f), str), f, "a string", getattr(s, f))
     need(s.cell in STATE_NAMES, "cell", f"one of {sorted(STATE_NAMES)}", s.cell)
     need(_posint(s.layers), "layers", "an int >= 1", s.layers)
@@ -204,6 +222,23 @@ def _validate(s: ModelSpec) -> None:
         need(isinstance(o.name, str) and len(o.shape) >= 2 and o.shape[:2] == ("batch", "time")
              and all(_posint(d) for d in o.shape[2:]), f"output {o.name}", "shape ['batch', 'time', ints >= 1]",
              list(o.shape))
+    _validate_task(s, need)
+
+
+def _validate_task(s: ModelSpec, need: Callable[[bool, str, str, Any], None]) -> None:
+    """The task fixes the input kind and the outputs serving code reads (an 'lm' over features would load and
+    fail later with a raw error in whatever reads its vocabulary)."""
+    need(s.task in TASKS, "task", f"one of {sorted(TASKS)}", s.task)
+    kind, names = TASKS[s.task]
+    need(s.input.kind == kind, "input.kind", f"{kind!r} (task {s.task!r})", s.input.kind)
+    need(tuple(o.name for o in s.outputs) == names, "outputs", f"{list(names)} (task {s.task!r})",
+         [o.name for o in s.outputs])
+    if s.task == "lm":
+        need(s.outputs[0].shape == ("batch", "time", s.input.vocab_size), "output logprobs",
+             f"shape ['batch', 'time', {s.input.vocab_size}] (input.vocab_size)", list(s.outputs[0].shape))
+    else:
+        need(s.outputs[0].shape == s.outputs[1].shape and len(s.outputs[0].shape) == 3, "output log_scale",
+             f"the shape of output mean, {list(s.outputs[0].shape)}", list(s.outputs[1].shape))
 
 
 def state_tensors(cell: str, layers: int, hidden: int) -> tuple[StateTensor, ...]:
@@ -232,7 +267,9 @@ def describe(spec: ModelSpec) -> str:
         lines.append(f"state     {s.name} -> {s.output} {s.dtype} {shape(s.shape)}")
     for o in spec.outputs:
         lines.append(f"output    {o.name} {o.dtype} {shape(o.shape)}: {o.semantics}")
-    lines.append(f"weights   sha256 {spec.fingerprint}")
+    lines.append(f"weights   sha256 {spec.weights_sha256 or spec.fingerprint}")
+    if spec.weights_sha256:
+        lines.append(f"identity  fingerprint {spec.fingerprint} (weights, graph structure and this spec)")
     for k, v in sorted(spec.training.items()):
         if k == "history":  # long: a JSON list of evaluations; see `streamrnn info --json`
             v = f"{len(json.loads(v)) if isinstance(v, str) else len(v)} evaluations (see --json)"
