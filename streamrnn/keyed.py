@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -27,13 +28,17 @@ import pyarrow.parquet as pq
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
 from .errors import InputError
-from .model import Model, State
+from .model import ORT_ERRORS, Model, State, inference_error
 from .packing import group, pack
 from .slab import SlotStore
 
 Key = str | bytes
 SNAPSHOT_KEY = snap.SNAPSHOT_KEY
 SNAPSHOT_FORMAT = snap.SNAPSHOT_FORMAT
+#: ``KeyedResult.reset`` of an event that started its key fresh: why (the Beam layer's reasons)
+NEW, EXPIRED, EVICTED, MODEL_UPDATE = "new", "expired", "evicted", "model_update"
+#: how many dropped keys the operator remembers the reason of (older ones restart as ``new``)
+REMEMBER_ENDED = 65_536
 
 
 @dataclass
@@ -47,12 +52,18 @@ class KeyedResult:
     ``prev_outputs[name]`` (only with ``keep_last_output``) is the output of the
     step before each event (NaN where there was none), i.e. the model's prediction
     for this event.
+    ``reset`` says why a fresh event started fresh, as the Beam layer does: ``"new"``
+    (never seen, or dropped too long ago to remember: the last :data:`REMEMBER_ENDED`
+    drops are remembered), ``"expired"`` (idle past the TTL), ``"evicted"`` (dropped
+    for capacity, or by :meth:`KeyedOperator.evict`), ``"model_update"`` (its state
+    ended at :meth:`KeyedOperator.update_model`); ``""`` for every other event.
     """
 
     outputs: dict[str, np.ndarray]
     pos: np.ndarray
     fresh: np.ndarray
     prev_outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    reset: np.ndarray = field(default_factory=lambda: np.zeros(0, "<U12"))
 
 
 @dataclass
@@ -62,10 +73,11 @@ class Evictions:
     ttl: int = 0
     capacity: int = 0
     explicit: int = 0
+    model_update: int = 0
 
     @property
     def total(self) -> int:
-        return self.ttl + self.capacity + self.explicit
+        return self.ttl + self.capacity + self.explicit + self.model_update
 
 
 class KeyedOperator:
@@ -75,9 +87,16 @@ class KeyedOperator:
       model: the loaded model.
       max_keys: most keys held; past it the least recently used keys are evicted.
       ttl: seconds (of ``clock``) a key may stay idle before its state is dropped; None keeps keys forever.
-        Every idle key expires, wherever it is in recency order (event-time clocks may go back).
+        Every idle key expires, wherever it is in recency order (event-time clocks may go back). Every
+        read (``len``, ``in``, :meth:`keys`, :meth:`state_of`, :meth:`steps_of`, :meth:`last_output`,
+        :meth:`snapshot`) answers as if expiry had run at the clock's current time; the state is dropped
+        (and counted in ``evictions.ttl``) by the next :meth:`process`, :meth:`expire`, :meth:`evict` or
+        :meth:`update_model`.
       clock: returns the current time in seconds; inject a fake in tests, or event time in streams.
-        A reading that is not a finite number is an :class:`InputError` (and changes nothing).
+        A reading that is not a finite number is an :class:`InputError` (and changes nothing). A key's
+        ``last_seen`` is the latest time it was touched (``max``): a clock going back never moves a
+        key's expiry earlier. Recency (which key :meth:`keys` lists last, and capacity eviction spares)
+        follows the order events are processed, by each key's last event.
       keep_last_output: also keep each key's last task output (needed to score or sample
         the next token between calls).
       pack_step_cost: keys of one call are packed into model calls by length (see
@@ -104,7 +123,6 @@ class KeyedOperator:
             raise InputError(f"KeyedOperator: initial_capacity: expected an int >= 1, got {initial_capacity!r}")
         if not (isinstance(pack_step_cost, (int, float)) and pack_step_cost >= 0):
             raise InputError(f"KeyedOperator: pack_step_cost: expected a number >= 0, got {pack_step_cost!r}")
-        self.model = model
         self.max_keys = int(max_keys)
         self.ttl = ttl
         self.clock = clock
@@ -112,12 +130,19 @@ class KeyedOperator:
         self.pack_step_cost = pack_step_cost
         self.evictions = Evictions()
         self._lock = threading.Lock()
+        self._initial_capacity = int(initial_capacity)
+        self._on_device_arg = state_on_device
+        self._ended: OrderedDict[Key, str] = OrderedDict()  # dropped key -> why (bounded: REMEMBER_ENDED)
+        self._use_model(model)
+
+    def _use_model(self, model: Model) -> None:
+        """Serve ``model`` with an empty store (construction, and the new side of :meth:`update_model`)."""
+        self.model = model
         spec = model.spec
         self._state_names = tuple(s.name for s in spec.state)
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
-        self._initial_capacity = int(initial_capacity)
-        on_device = model.on_cuda if state_on_device is None else bool(state_on_device)
+        on_device = model.on_cuda if self._on_device_arg is None else bool(self._on_device_arg)
         self._store = self._new_store(self._initial_capacity, on_device)
         self._dev = DeviceSlabs(model.session, self._state_tail, self._store.cap) if on_device else None
 
@@ -146,62 +171,108 @@ class KeyedOperator:
             raise InputError(f"{what}: clock: expected a finite time in seconds, got {t!r}")
         return now
 
+    def _limit(self, what: str) -> float | None:
+        """Keys last seen before this time have expired (None without a TTL: no clock is read)."""
+        return None if self.ttl is None else self._now(what) - self.ttl
+
+    def _slot(self, key: Any, limit: float | None) -> int | None:
+        """The slot of a held, unexpired ``key`` (None for anything else)."""
+        try:
+            slot = self._store.slots.get(key)
+        except TypeError:  # unhashable
+            return None
+        return None if slot is None or (limit is not None and self._store.seen[slot] < limit) else slot
+
+    def _live(self, limit: float | None) -> list[Key]:
+        """Held, unexpired keys, least recently used first."""
+        store = self._store
+        keys = store.lru_order()
+        if limit is None or not limit > store.min_seen:
+            return keys
+        return [k for k in keys if store.seen[store.slots[k]] >= limit]
+
+    def _forget_ended(self, keys: Sequence[Key]) -> None:
+        for k in keys:
+            self._ended.pop(k, None)
+
+    def _remember_ended(self, keys: Sequence[Key], why: str) -> None:
+        ended = self._ended
+        for k in keys:
+            ended.pop(k, None)
+            ended[k] = why
+        while len(ended) > REMEMBER_ENDED:
+            ended.popitem(last=False)
+
+    def _expire_at(self, limit: float | None) -> int:
+        """Drop every key last seen before ``limit`` (nothing for None)."""
+        if limit is None:
+            return 0
+        expired = self._store.expire(limit)
+        self.evictions.ttl += len(expired)
+        self._remember_ended(expired, EXPIRED)
+        return len(expired)
+
     # -- public API --------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._store.slots)
+        if self.ttl is None:
+            return len(self._store.slots)
+        with self._lock:
+            limit, store = self._limit("len"), self._store
+            if not limit > store.min_seen:
+                return len(store.slots)
+            return int(np.count_nonzero(store.in_use & (store.seen >= limit)))
 
     def __contains__(self, key: Hashable) -> bool:
-        try:
-            return key in self._store.slots
-        except TypeError:
-            return False
+        if self.ttl is None:
+            return self._slot(key, None) is not None
+        with self._lock:
+            return self._slot(key, self._limit("contains")) is not None
 
     def keys(self) -> list[Key]:
-        """Held keys, least recently used first."""
+        """Held keys (not expired), least recently used first."""
         with self._lock:
-            return self._store.lru_order()
+            return self._live(self._limit("keys"))
 
     def expire(self) -> int:
         """Drop keys idle longer than ``ttl`` now; returns how many. ``process`` does this too."""
         with self._lock:
             now = self._now("expire")
-            if self.ttl is None:
-                return 0
-            n = self._store.expire(now - self.ttl)
-            self.evictions.ttl += n
-            return n
+            return 0 if self.ttl is None else self._expire_at(now - self.ttl)
 
     def evict(self, key: Key) -> bool:
-        """Drop one key's state (counted as ``explicit``); False if it was not held."""
+        """Drop one key's state (counted as ``explicit``; its next event starts fresh with reset ``evicted``).
+        False if it was not held (an expired key is dropped as expired, and False too)."""
         with self._lock:
-            slot = self._store.slots.get(key) if isinstance(key, (str, bytes)) else None
+            self._expire_at(self._limit("evict"))
+            slot = self._slot(key, None) if isinstance(key, (str, bytes)) else None
             if slot is None:
                 return False
             self._store.release(np.array([slot]))
             self.evictions.explicit += 1
+            self._remember_ended([key], EVICTED)
             return True
 
     def state_of(self, key: Key) -> State:
-        """A copy of one key's state, batch 1 (the initial state for an unknown key)."""
+        """A copy of one key's state, batch 1 (the initial state for an unknown or expired key)."""
         with self._lock:
-            slot = self._store.slots.get(key)
+            slot = self._slot(key, self._limit("state_of"))
             if slot is None:
                 return self.model.initial_state(1)
             one = np.array([slot])
             return State({n: self._host_state(n, one) for n in self._state_names}, self._state_names)
 
     def last_output(self, key: Key) -> dict[str, np.ndarray] | None:
-        """Copy of a key's last task output (needs ``keep_last_output``); None for an unknown key."""
+        """Copy of a key's last task output (needs ``keep_last_output``); None for an unknown or expired key."""
         if not self.keep_last_output:
             raise InputError("last_output: expected an operator built with keep_last_output=True, got False")
         with self._lock:
-            slot = self._store.slots.get(key)
+            slot = self._slot(key, self._limit("last_output"))
             return None if slot is None else {n: a[slot].copy() for n, a in self._store.last.items()}
 
     def steps_of(self, key: Key) -> int:
-        """How many steps the key's state has absorbed (0 for an unknown key)."""
+        """How many steps the key's state has absorbed (0 for an unknown or expired key)."""
         with self._lock:
-            slot = self._store.slots.get(key)
+            slot = self._slot(key, self._limit("steps_of"))
             return 0 if slot is None else int(self._store.steps[slot])
 
     def process(self, keys: Sequence[Key], x: Any) -> KeyedResult:
@@ -236,7 +307,7 @@ class KeyedOperator:
             return KeyedResult({n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()},
                                np.zeros(0, np.int64), np.zeros(0, bool),
                                {n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()}
-                               if self.keep_last_output else {})
+                               if self.keep_last_output else {}, np.zeros(0, object))
         x = self.model.check_x(x[:, None])[:, 0]
         g = group(keys)
         B = len(g.keys)
@@ -255,16 +326,23 @@ class KeyedOperator:
             outs, new_state, last_row, prev = self._run(g, x, hs, fresh)
             # -- commit: plan where new keys go, build new device slabs, then change the store
             new_rows = np.flatnonzero(fresh)
+            why = self._reasons(g.keys, held, new_rows)
             plan = store.plan(held[~fresh], len(new_rows), None if self.ttl is None else now - self.ttl)
             slots = held.copy()
             slots[new_rows] = plan.new_slots
             dev_slabs = self._scattered_slabs(plan.grow_to, slots, new_state) if self._dev is not None else None
             # nothing below can fail on valid data
-            store.apply(plan, [g.keys[i] for i in new_rows.tolist()])
-            self.evictions.ttl += len(plan.expired)
-            self.evictions.capacity += len(plan.victims)
-            store.touch(slots[~fresh], now)
-            store.touch(slots[new_rows], now)
+            expired, victims = store.key_of[plan.expired].tolist(), store.key_of[plan.victims].tolist()
+            new_keys = [g.keys[i] for i in new_rows.tolist()]
+            store.apply(plan, new_keys)
+            self.evictions.ttl += len(expired)
+            self.evictions.capacity += len(victims)
+            self._remember_ended(expired, EXPIRED)
+            self._remember_ended(victims, EVICTED)
+            if self._ended:
+                self._forget_ended(new_keys)
+            last_event = g.cols == g.counts[g.rows] - 1
+            store.touch(slots[g.rows[last_event]], now)  # recency: by each key's last event in this call
             if dev_slabs is not None:
                 self._dev.slab, self._dev.cap = dev_slabs, plan.grow_to
             else:
@@ -274,17 +352,34 @@ class KeyedOperator:
             for n, a in last_row.items():
                 store.last[n][slots] = a
             store.steps[slots] = steps_before + g.counts
-        return KeyedResult(outs, steps_before[g.rows] + g.cols, fresh[g.rows] & (g.cols == 0), prev)
+        first = fresh[g.rows] & (g.cols == 0)
+        reset = np.full(N, "", object)
+        reset[first] = why[g.rows[first]]
+        return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset)
+
+    def _reasons(self, keys: list[Key], held: np.ndarray, new_rows: np.ndarray) -> np.ndarray:
+        """Why each key of a call starts fresh (``[B]``, '' for keys that continue); reads, changes nothing."""
+        why = np.full(len(keys), "", object)
+        why[new_rows] = NEW
+        why[new_rows[held[new_rows] >= 0]] = EXPIRED  # held, but idle past the TTL
+        if self._ended:
+            ended = self._ended
+            for i in new_rows[held[new_rows] < 0].tolist():
+                why[i] = ended.get(keys[i], NEW)
+        return why
 
     def _scattered_slabs(self, cap: int, slots: np.ndarray, new_state: list) -> dict:
         """New device slabs with this call's states written at ``slots`` (the current ones untouched)."""
         dev = self._dev
         out = {}
-        for n in self._state_names:
-            slab = dev.slab[n] if cap <= dev.cap else dev.grown(dev.slab[n], cap)
-            for grp, values in new_state:
-                slab = dev.scattered(slab, slots[grp], values[n])
-            out[n] = slab
+        try:
+            for n in self._state_names:
+                slab = dev.slab[n] if cap <= dev.cap else dev.grown(dev.slab[n], cap)
+                for grp, values in new_state:
+                    slab = dev.scattered(slab, slots[grp], values[n])
+                out[n] = slab
+        except ORT_ERRORS as e:
+            raise inference_error(self.model.source, e) from e
         return out
 
     def _run(self, g, x: np.ndarray, hs: np.ndarray, fresh: np.ndarray):
@@ -352,7 +447,7 @@ class KeyedOperator:
 
     # -- snapshot / restore ------------------------------------------------------
     def snapshot(self, keys: Sequence[Key] | None = None) -> pa.Table:
-        """All key state (or only ``keys``, skipping unknown ones) as an Arrow table (no pickle).
+        """All key state (or only ``keys``, skipping unknown and expired ones) as an Arrow table (no pickle).
 
         Rows are in recency order (least recent first). Restore with :meth:`restore`;
         the format is described in :mod:`streamrnn.snapshot`.
@@ -360,16 +455,20 @@ class KeyedOperator:
         if isinstance(keys, (str, bytes)):
             raise InputError(f"snapshot: keys: expected a sequence of keys, got a single {type(keys).__name__}")
         with self._lock:
-            store = self._store
+            limit = self._limit("snapshot")
             if keys is None:
-                keys = store.lru_order()
+                keys = self._live(limit)
             else:
                 keys = [k for k in dict.fromkeys(k for k in keys if isinstance(k, (str, bytes)))
-                        if k in store.slots]
-            slots = np.fromiter((store.slots[k] for k in keys), np.int64, len(keys))
-            states = {n: np.moveaxis(self._host_state(n, slots), 1, 0) for n in self._state_names}
-            last = {n: a[slots] for n, a in store.last.items()}
-            steps, seen = store.steps[slots], store.seen[slots]
+                        if self._slot(k, limit) is not None]
+            return self._snapshot_locked(keys)
+
+    def _snapshot_locked(self, keys: list[Key]) -> pa.Table:
+        store = self._store
+        slots = np.fromiter((store.slots[k] for k in keys), np.int64, len(keys))
+        states = {n: np.moveaxis(self._host_state(n, slots), 1, 0) for n in self._state_names}
+        last = {n: a[slots] for n, a in store.last.items()}
+        steps, seen = store.steps[slots], store.seen[slots]
         return snap.encode(keys, steps, seen, states, last, self.model.spec, self.keep_last_output)
 
     def save(self, path: str | Path) -> None:
@@ -377,14 +476,22 @@ class KeyedOperator:
         pq.write_table(self.snapshot(), str(path))
 
     def restore(self, source: pa.Table | str | Path, *, allow_other_model: bool = False) -> int:
-        """Replace all key state with a snapshot (a table or a Parquet path). Returns keys restored.
+        """Replace all key state with a snapshot (a table or one Parquet file). Returns keys restored.
 
-        A snapshot of a different model (other weights fingerprint) is refused unless
+        A snapshot of a different model (other fingerprint) is refused unless
         ``allow_other_model`` and its state shapes match; other shapes are always refused.
         The snapshot is validated in full first (:class:`SnapshotError`, or
         :class:`StateError` for NaN/inf state); on any error the current state is kept.
+        A directory is refused: :meth:`save` writes one file, and a folder of files could
+        hold snapshots of several models.
         """
         table = snap.read(source)
+        with self._lock:
+            n = self._restore_locked(table, allow_other_model)
+            self._ended.clear()  # another history: earlier drops say nothing about the restored keys
+            return n
+
+    def _restore_locked(self, table: pa.Table, allow_other_model: bool) -> int:
         d = snap.decode(table, self.model.spec, self._state_tail, self._out_tail,
                         keep_last_output=self.keep_last_output, allow_other_model=allow_other_model,
                         max_keys=self.max_keys)
@@ -403,11 +510,46 @@ class KeyedOperator:
             store.min_seen = float(d.seen.min())
         if self._dev is None:
             store.slab = host
-            dev_slabs = None
         else:
             dev_slabs = {s: self._dev.from_host(a) for s, a in host.items()}
-        with self._lock:
-            self._store = store
-            if dev_slabs is not None:
-                self._dev.slab, self._dev.cap = dev_slabs, store.cap
+            self._dev.slab, self._dev.cap = dev_slabs, store.cap
+        self._store = store
         return n
+
+    def update_model(self, model: Model) -> list[Key]:
+        """Serve ``model`` from now on (a retrained or re-exported file), as the Beam layer's model updates do.
+
+        Same state shapes (``spec.state_signature``): every key's state, steps, ``last_seen`` and recency
+        carry on under ``model`` (last outputs too where the output shapes match; else NaN). Other shapes:
+        every key's state ends, its next event starts fresh with reset ``model_update``, and those keys
+        are returned (counted in ``evictions.model_update``). All-or-nothing.
+        """
+        if not isinstance(model, Model):
+            raise InputError(f"update_model: model: expected a streamrnn Model (streamrnn.load), "
+                             f"got {type(model).__name__}")
+        with self._lock:
+            limit = self._limit("update_model")
+            store = self._store
+            expired = store.key_of[store._expired(limit)].tolist()
+            live = self._live(limit)
+            carry = model.spec.state_signature == self.model.spec.state_signature
+            table = self._snapshot_locked(live) if carry else None
+            before = (self.model, self._state_names, self._state_tail, self._out_tail, self._store, self._dev)
+            try:
+                same_outputs = {o.name: o.shape for o in model.spec.outputs} == {
+                    o.name: o.shape for o in self.model.spec.outputs}
+                self._use_model(model)
+                if table is not None:
+                    if not same_outputs:
+                        table = table.drop_columns([c for c in table.column_names if c.startswith("last_")])
+                    self._restore_locked(table, allow_other_model=True)
+            except BaseException:
+                (self.model, self._state_names, self._state_tail, self._out_tail, self._store,
+                 self._dev) = before
+                raise
+            self.evictions.ttl += len(expired)
+            self._remember_ended(expired, EXPIRED)
+            ended = [] if carry else live
+            self.evictions.model_update += len(ended)
+            self._remember_ended(ended, MODEL_UPDATE)
+            return ended

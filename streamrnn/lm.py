@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -97,7 +97,8 @@ class NextTokenResult:
 
     ``logprob`` is the log-probability the model had given this event's token before
     it arrived (online loss; NaN for a key's first token). ``topk_tokens`` /
-    ``topk_probs`` ``[N, k]`` predict the token after this one.
+    ``topk_probs`` ``[N, k]`` predict the token after this one. ``reset`` says why a
+    fresh event started fresh (:class:`~streamrnn.keyed.KeyedResult`).
     """
 
     pos: np.ndarray
@@ -106,6 +107,7 @@ class NextTokenResult:
     topk_tokens: np.ndarray
     topk_probs: np.ndarray
     logprobs: np.ndarray
+    reset: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
 
 
 class NextTokenOperator:
@@ -143,10 +145,11 @@ class NextTokenOperator:
         prev = r.prev_outputs["logprobs"]
         actual = token_logprob(prev, np.asarray(tokens))  # NaN rows stay NaN
         tk, tp = topk(lp, self.k)
-        return NextTokenResult(r.pos, r.fresh, actual, tk, tp, lp)
+        return NextTokenResult(r.pos, r.fresh, actual, tk, tp, lp, r.reset)
 
     def generate(self, key: Key, n: int, *, prompt: str | bytes = b"", **kw) -> str:
-        """Continue ``key``'s stream by ``n`` bytes without changing its carried state."""
+        """Continue ``key``'s stream by ``n`` bytes without changing its carried state (a key past the TTL has
+        none: it needs a prompt, like a new key)."""
         state = self.keyed.state_of(key)
         last = self.keyed.last_output(key)
         lp = None if last is None else last["logprobs"]

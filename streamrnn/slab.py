@@ -51,7 +51,7 @@ class SlotStore:
             self.slab[n] = widen(self.slab.get(n, np.zeros((tail[0], 0, *tail[1:]), np.float32)), 0.0, axis=1)
         for n, tail in (self.out_tail or {}).items():
             self.last[n] = widen(self.last.get(n, np.zeros((0, *tail), np.float32)), np.nan)
-        self.steps, self.seen, self.tick = widen(self.steps, 0), widen(self.seen, 0.0), widen(self.tick, 0)
+        self.steps, self.seen, self.tick = widen(self.steps, 0), widen(self.seen, -np.inf), widen(self.tick, 0)
         self.in_use, self.key_of = widen(self.in_use, False), widen(self.key_of, None)
         self.free.extend(range(cap - 1, old - 1, -1))
         self.cap = cap
@@ -67,6 +67,7 @@ class SlotStore:
         for a in self.last.values():
             a[slots] = np.nan
         self.steps[slots] = 0
+        self.seen[slots] = -np.inf  # a slot's next key starts its own last_seen (touch keeps the max)
         self.in_use[slots] = False
         self.key_of[slots] = None
 
@@ -75,11 +76,12 @@ class SlotStore:
         self._drop(slots)
         self.free.extend(np.asarray(slots).tolist())
 
-    def expire(self, limit: float) -> int:
-        """Drop every key last seen before ``limit`` (any position in recency order); returns how many."""
+    def expire(self, limit: float) -> list[Hashable]:
+        """Drop every key last seen before ``limit`` (any position in recency order); returns them."""
         p = self.plan(np.zeros(0, np.int64), 0, limit)
+        keys = self.key_of[p.expired].tolist()
         self.apply(p, [])
-        return len(p.expired)
+        return keys
 
     def _expired(self, limit: float | None) -> np.ndarray:
         if limit is None or not limit > self.min_seen:
@@ -91,10 +93,11 @@ class SlotStore:
         return self.key_of[used[np.argsort(self.tick[used], kind="stable")]].tolist()
 
     def touch(self, slots: np.ndarray, now: float) -> None:
-        """Mark ``slots`` most recently used, in their order."""
+        """Mark ``slots`` most recently used, in their order; ``last_seen = max(last_seen, now)`` (a clock
+        going back never moves a key's expiry earlier)."""
         self.tick[slots] = np.arange(self.next_tick, self.next_tick + len(slots))
         self.next_tick += len(slots)
-        self.seen[slots] = now
+        self.seen[slots] = np.maximum(self.seen[slots], now)
         self.min_seen = min(self.min_seen, now)
 
     def plan(self, keep: np.ndarray, n_new: int, limit: float | None) -> Plan:

@@ -3,7 +3,8 @@
 One row per key: ``key`` (binary), ``key_is_str``, ``steps``, ``last_seen``, one
 ``state_<name>`` float32 fixed-size list column per state tensor (``[layers * hidden]``,
 row-major), and ``last_<output>`` columns when last outputs are kept. The schema
-metadata names the model (weights fingerprint, state shapes).
+metadata names the model (its fingerprint, as :func:`streamrnn.load` binds it, and state shapes).
+A snapshot is one table, or one Parquet file.
 
 Decoding validates everything before anything is replaced: every defect is a
 :class:`~streamrnn.errors.SnapshotError` (or :class:`~streamrnn.errors.StateError` for
@@ -59,12 +60,19 @@ class Decoded:
 
 
 def read(source: pa.Table | str | Path) -> pa.Table:
+    """A snapshot table: the table itself, or one Parquet file (a directory is refused: it would merge
+    every file in it, of whichever models, under the first file's metadata)."""
     if isinstance(source, pa.Table):
         return source
     if not isinstance(source, (str, Path)):
         raise SnapshotError(f"restore: source: expected an Arrow table or a Parquet path, got {type(source).__name__}")
+    path = Path(source)
+    if path.is_dir():
+        n = sum(1 for f in path.iterdir() if f.is_file())
+        raise SnapshotError(f"restore: source: expected one Parquet snapshot file, got a directory {str(source)!r} "
+                            f"({n} files); restore its files one at a time")
     try:
-        return pq.read_table(str(source))
+        return pq.ParquetFile(str(source)).read()
     except (OSError, pa.ArrowException, ValueError) as e:
         raise SnapshotError(f"restore: expected a Parquet snapshot at {str(source)!r}, got: {e}") from e
 
@@ -83,8 +91,8 @@ def decode(table: pa.Table, spec, state_tail: dict[str, tuple[int, ...]], out_ta
         fp = meta.get("fingerprint")
         raise SnapshotError(
             f"restore: model: expected a snapshot of {spec.name} v{spec.version} "
-            f"(weights {spec.fingerprint[:12]}), got one of {meta.get('model')} v{meta.get('version')} "
-            f"(weights {str(fp)[:12]}); "
+            f"(fingerprint {spec.fingerprint[:12]}), got one of {meta.get('model')} v{meta.get('version')} "
+            f"(fingerprint {str(fp)[:12]}); "
             "pass allow_other_model=True to continue compatible state under new weights")
     n = table.num_rows
     if n > max_keys:
