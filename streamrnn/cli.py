@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .cliargs import OneLineParser, at_least, fraction, read_file
+from .cliargs import HeldLog, OneLineParser, at_least, fraction, inputs_checked, out_file, read_file, seed, utf8
 from .errors import InputError, StreamRNNError
 
 
@@ -44,14 +44,27 @@ def _train_lm(a: argparse.Namespace) -> int:
     return 0
 
 
+def _language_model(a: argparse.Namespace):
+    """``--model`` loaded, and checked to be a language model (before any flag that reads its vocabulary)."""
+    from .model import load
+
+    m = load(a.model, providers=a.providers)
+    if m.spec.task != "lm":
+        raise InputError(f"--model: expected a language model (task 'lm'), got task {m.spec.task!r} ({a.model})")
+    return m
+
+
 def _eval_lm(a: argparse.Namespace) -> int:
     from .evaluate import eval_lm
-    from .model import load
 
     data = read_file("--text", a.text)
     if a.last_frac:
         data = data[int(len(data) * (1 - a.last_frac)):]
-    m = load(a.model, providers=a.providers)
+    if len(data) < 2:  # a prediction needs a byte to predict from and one to score
+        what = "the last fraction of the file" if a.last_frac else "the file"
+        raise InputError(f"--text: expected at least 2 bytes in {what}, got {len(data)}")
+    m = _language_model(a)
+    inputs_checked()
     r = eval_lm(m, data, chunk=a.chunk, reset_every=a.reset_every, parity_bytes=a.parity_bytes)
     if a.json:
         print(json.dumps({"model": a.model, "text": a.text, "last_frac": a.last_frac, **r.to_dict()}))
@@ -66,14 +79,12 @@ def _eval_lm(a: argparse.Namespace) -> int:
 
 def _generate(a: argparse.Namespace) -> int:
     from . import lm
-    from .model import load
 
-    m = load(a.model, providers=a.providers)
-    V = m.spec.input.vocab_size or 0
+    m = _language_model(a)
+    V = m.spec.input.vocab_size
     if a.top_k is not None and not 1 <= a.top_k <= V:
         raise InputError(f"--top-k: expected an int in 1..{V} (the vocabulary size), got {a.top_k}")
-    if m.spec.task != "lm":
-        raise InputError(f"--model: expected a language model (task 'lm'), got task {m.spec.task!r}")
+    inputs_checked()
     prompt = lm.encode(a.prompt)
     if len(prompt) == 0:
         prompt = lm.encode("\n")
@@ -122,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = q.add_subparsers(dest="task", required=True)
     t = tsub.add_parser("lm", help="byte-level language model with truncated BPTT")
     t.add_argument("--text", required=True, help="UTF-8 text file; first 1-val_frac trains, the rest validates")
-    t.add_argument("--out", required=True, help="output .onnx path")
+    t.add_argument("--out", type=out_file, required=True, help="output .onnx path")
     t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
@@ -138,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=at_least(0.0), default=0.05)
     t.add_argument("--val-frac", type=fraction(0, 1, lo_open=True, hi_open=True), default=0.1)
     t.add_argument("--eval-every", type=at_least(1), default=200)
-    t.add_argument("--seed", type=int, default=1337)
+    t.add_argument("--seed", type=seed, default=1337)
     t.add_argument("--threads", type=at_least(0), default=0)
     t.add_argument("--name", help="model name in the metadata (default: OUT's stem)")
     t.add_argument("--version", default="1.0.0")
@@ -159,12 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("generate", help="generate text from a prompt")
     model_args(q)
-    q.add_argument("--prompt", default="")
+    q.add_argument("--prompt", type=utf8, default="")
     q.add_argument("-n", type=at_least(0), default=200)
     q.add_argument("--temperature", type=at_least(0.0, open_=True), default=0.8)
     q.add_argument("--top-k", type=at_least(1))
     q.add_argument("--greedy", action="store_true")
-    q.add_argument("--seed", type=int)
+    q.add_argument("--seed", type=seed)
     q.set_defaults(fn=_generate)
 
     q = sub.add_parser("bench", help="benchmarks (print JSON with --json); see --help of each")
@@ -176,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; a user's mistake prints one line ``streamrnn CMD: error: ...`` and returns 2."""
+    """Run the CLI; a user's mistake prints one line ``streamrnn CMD: error: ...`` and returns 2.
+
+    The provider line (logged when a model loads) is held until the command has checked its inputs
+    (:func:`~streamrnn.cliargs.inputs_checked`), so that such a mistake is that one line alone.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     p = build_parser()
     try:
@@ -188,19 +203,25 @@ def main(argv: list[str] | None = None) -> int:
     # force: a handler bound to an earlier sys.stderr (a closed capture, a replaced stream) never lingers
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s", force=True)
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
-    try:
-        if a.cmd == "bench":
-            return _bench(a, rest)
-        return a.fn(a)
-    except SystemExit as e:  # a bench sub-command's own argument parser
-        return int(e.code or 0) if not isinstance(e.code, str) else 2
-    except StreamRNNError as e:
-        print(f"streamrnn {a.cmd}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a path given on the command line cannot be read or written
-        print(f"streamrnn {a.cmd}: error: {e.filename or ''}: expected a usable path, got {e.strerror or e}",
-              file=sys.stderr)
-        return 2
+    with HeldLog() as held:
+        try:
+            if a.cmd == "bench":
+                inputs_checked()  # each benchmark checks its own flags
+                return _bench(a, rest)
+            code = a.fn(a)
+            inputs_checked()
+            return code
+        except SystemExit as e:  # a bench sub-command's own argument parser
+            return int(e.code or 0) if not isinstance(e.code, str) else 2
+        except StreamRNNError as e:
+            held.drop()
+            print(f"streamrnn {a.cmd}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a path given on the command line cannot be read or written
+            held.drop()
+            print(f"streamrnn {a.cmd}: error: {e.filename or ''}: expected a usable path, got {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

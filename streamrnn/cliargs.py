@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -48,6 +49,39 @@ def at_least(lo: float, *, open_: bool = False) -> Callable[[str], float]:
     return parse
 
 
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int in ``lo..hi`` (a seed: numpy and torch refuse negative or huge ones)."""
+    def parse(s: str) -> int:
+        v = int(_number(s, True))
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"expected an int in {lo}..{hi}, got {s!r}")
+        return v
+
+    parse.__name__ = f"int_range_{lo}_{hi}"
+    return parse
+
+
+#: ``--seed``: what both numpy's and torch's generators accept
+seed = int_range(0, 2**32 - 1)
+
+
+def utf8(s: str) -> str:
+    """An argparse ``type``: text that is valid UTF-8 (the OS hands Python undecodable argv bytes as surrogates)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"expected UTF-8 text, got bytes that are not UTF-8: "
+                                         f"{os.fsencode(s)[:40]!r}") from None
+    return s
+
+
+def out_file(s: str) -> str:
+    """An argparse ``type``: a file to write (a name: not '', '.', '/' or a path ending in a separator)."""
+    if not os.path.basename(s) or os.path.basename(s) in (".", ".."):
+        raise argparse.ArgumentTypeError(f"expected a file path to write, got {s!r}")
+    return s
+
+
 def fraction(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Callable[[str], float]:
     """An argparse ``type``: a number in the interval from ``lo`` to ``hi``."""
     def parse(s: str) -> float:
@@ -70,6 +104,49 @@ def read_file(flag: str, path: str | os.PathLike) -> bytes:
         raise InputError(f"{flag}: expected a readable file, got {os.fspath(path)!r} ({e.strerror or e})") from e
 
 
+class HeldLog(logging.Filter):
+    """Holds the ``streamrnn`` logger's own records (the provider line) until :meth:`release`.
+
+    A command that fails on its inputs then prints its one error line alone; :func:`inputs_checked`
+    (called by a command once its inputs passed) or the command's success sends the held lines out.
+    """
+
+    active: HeldLog | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        self.holding = True
+        self.logger = logging.getLogger("streamrnn")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.holding:
+            self.records.append(record)
+        return not self.holding
+
+    def __enter__(self) -> HeldLog:
+        self.logger.addFilter(self)
+        HeldLog.active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeFilter(self)
+        HeldLog.active = None
+
+    def release(self) -> None:
+        self.holding = False
+        records, self.records = self.records, []
+        for r in records:
+            self.logger.handle(r)
+
+    def drop(self) -> None:
+        self.records = []
+
+
+def inputs_checked() -> None:
+    """A command's inputs passed its checks: log lines held until now (the provider line) go out."""
+    if HeldLog.active is not None:
+        HeldLog.active.release()
 
 
 def parse_with_quick(ap: argparse.ArgumentParser, argv: list[str] | None,

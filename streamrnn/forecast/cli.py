@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from ..cliargs import at_least, fraction, inputs_checked, out_file, seed
+from ..errors import InputError
 from .bars import parse_columns
 
 SP500 = "../shared/data/market/sp500_daily_2013_2018"
+
+
+@contextmanager
+def _csv_bars(path: str) -> Iterator[None]:
+    """The CSV reader's own error (a binary file: NUL bytes, a stray carriage return) as a user's mistake."""
+    try:
+        yield
+    except csv.Error as e:
+        raise InputError(f"--bars: expected CSV bars, got {path!r}, which the CSV reader refuses: {e}") from e
 
 
 def _train(a: argparse.Namespace) -> int:
@@ -21,8 +35,11 @@ def _train(a: argparse.Namespace) -> int:
                               batch=a.batch, steps=a.steps, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
                               threads=a.threads, max_minutes=a.max_minutes,
                               features=FeatureConfig(bar_seconds=a.bar_seconds))
-    data = dataset.load(a.bars, cfg.horizons, columns=parse_columns(a.columns), features=cfg.features)
+    columns = parse_columns(a.columns)
+    with _csv_bars(a.bars):
+        data = dataset.load(a.bars, cfg.horizons, columns=columns, features=cfg.features)
     got = dataset.check_frequency(data, cfg.features.bar_seconds, allow=a.allow_frequency)
+    inputs_checked()
     out = Path(a.out)
     ckpt = Path(a.checkpoint) if a.checkpoint else out.with_suffix(".ckpt.pt")
     net, summary = train_forecast(data, cfg, checkpoint=ckpt, resume=not a.restart, log=print)
@@ -42,9 +59,11 @@ def _train(a: argparse.Namespace) -> int:
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import eval_forecast, render_table
 
-    r = eval_forecast(a.model, a.bars, columns=parse_columns(a.columns), tcn=a.tcn, symbols=a.symbols,
-                      allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=not a.json,
-                      period=a.period)
+    columns = parse_columns(a.columns)
+    with _csv_bars(a.bars):
+        r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
+                          allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=not a.json,
+                          period=a.period)
     if a.json:
         print(json.dumps(r))
     else:
@@ -56,22 +75,25 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     """Add ``forecast`` to the ``train`` and ``eval`` sub-commands."""
     t = train_sub.add_parser("forecast", help="bar forecaster (Student-t over next-H returns) on OHLCV bars")
     t.add_argument("--bars", default=SP500, help=f"CSV file or directory of bars (default {SP500})")
-    t.add_argument("--out", required=True, help="output .onnx (or .pt for --cell tcn)")
+    t.add_argument("--out", type=out_file, required=True, help="output .onnx (or .pt for --cell tcn)")
     t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--cell", choices=["lstm", "gru", "rnn", "tcn"], default="lstm")
-    t.add_argument("--hidden", type=int, default=32, help="state size (channels for tcn)")
-    t.add_argument("--layers", type=int, default=2)
-    t.add_argument("--dropout", type=float, default=0.0)
-    t.add_argument("--horizons", type=int, default=5)
-    t.add_argument("--batch", type=int, default=32, help="symbols per step")
-    t.add_argument("--steps", type=int, default=1500)
-    t.add_argument("--max-minutes", type=float, default=0.0)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=1)
-    t.add_argument("--bar-seconds", type=float, default=86400.0, help="the bar frequency trained for")
+    # the same value checks as train lm: a bad value is one line at parse time, never a traceback mid-run or
+    # (--batch 0) a model that trained on nothing
+    t.add_argument("--hidden", type=at_least(1), default=32, help="state size (channels for tcn)")
+    t.add_argument("--layers", type=at_least(1), default=2)
+    t.add_argument("--dropout", type=fraction(0, 1, hi_open=True), default=0.0)
+    t.add_argument("--horizons", type=at_least(1), default=5)
+    t.add_argument("--batch", type=at_least(1), default=32, help="symbols per step")
+    t.add_argument("--steps", type=at_least(1), default=1500)
+    t.add_argument("--max-minutes", type=at_least(0.0), default=0.0)
+    t.add_argument("--lr", type=at_least(0.0, open_=True), default=3e-3)
+    t.add_argument("--eval-every", type=at_least(1), default=100)
+    t.add_argument("--seed", type=seed, default=0)
+    t.add_argument("--threads", type=at_least(0), default=1, help="torch threads (0: torch's default)")
+    t.add_argument("--bar-seconds", type=at_least(0.0, open_=True), default=86400.0,
+                   help="the bar frequency trained for")
     t.add_argument("--allow-frequency", action="store_true", help="train on bars of another frequency anyway")
     t.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
     t.add_argument("--name")
