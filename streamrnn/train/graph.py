@@ -8,6 +8,11 @@ own last valid step. ONNX Runtime runs these operators with its fused CPU
 kernels and with cuDNN on the CUDA provider. ``torch.onnx`` cannot express
 ``sequence_lens``, which is why the graph is assembled here; ``export.py``
 checks it against torch before anything is written.
+
+:func:`streamrnn.load` (and export, before writing) reads this wiring back from the
+nodes: state input ``s`` is sliced per layer into each recurrent node's initial ``s``,
+state output ``s_out`` concatenates each layer's final ``s`` in layer order, and
+``lengths`` is every node's ``sequence_lens``. A graph built otherwise is refused.
 """
 
 from __future__ import annotations
