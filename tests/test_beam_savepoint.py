@@ -169,3 +169,86 @@ def test_the_next_token_job_rescales_through_save_and_initial_state(beam_models,
         assert greset == reset, k
         for x, y in ((glp, lp), (gnxt, nxt)):
             assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6), (k, x, y)
+
+
+def test_a_streaming_run_saves_at_its_drain_and_b_continues_it(beam_models, tmp_path):
+    evs, dups = _events()
+    model = beam_models["tiny"]
+    whole_out, _ = _run("whole", evs + dups, shards=3, model=model)
+    snap = str(tmp_path / "snap")
+    a_out, _ = _run("A", [e for e in evs if e.ts < CUT], shards=2, model=model, save_state=snap, streaming=True)
+    b_out, _ = _run("B", [e for e in evs if e.ts >= CUT] + dups, shards=4, model=model, initial_state=snap)
+    whole, parts = _by_event(whole_out), _by_event(a_out + b_out)
+    assert parts.keys() == whole.keys()
+    assert all((parts[e].pos, parts[e].reset) == (w.pos, w.reset) for e, w in whole.items())
+
+
+def test_a_batch_save_stamps_outputs_as_a_run_without_it(beam_models, tmp_path):
+    evs, _ = _events()
+    first = [e for e in evs if e.ts < CUT]
+
+    class Stamps(beam.DoFn):
+        seen: ClassVar[dict] = {}
+
+        def __init__(self, name):
+            self.name = name
+
+        def process(self, p, ts=beam.DoFn.TimestampParam):
+            Stamps.seen.setdefault(self.name, {})[(p.key, p.seq)] = ts.micros
+
+    for name, kw in (("plain", {}), ("save", {"save_state": str(tmp_path / "s")})):
+        with beam.Pipeline() as p:
+            out, _ = p | beam.Create(first) | StatefulInference(model=beam_models["tiny"], num_shards=2,
+                                                                window_size=10.0, providers=[CPU], **kw)
+            _ = out | beam.ParDo(Stamps(name))
+    assert Stamps.seen["save"] == Stamps.seen["plain"]
+
+
+def test_events_of_windows_the_saved_run_released_are_late_in_the_next(beam_models, tmp_path):
+    """B gets k@50 after A applied k up to 90: in one streaming run it would have been late, so it is here."""
+    snap = str(tmp_path / "snap")
+    a = [Event("k", float(t), i, 3) for i, t in enumerate([10, 30, 90])]
+    _run("A", a, shards=1, model=beam_models["tiny"], save_state=snap)
+    b_out, b_dead = _run("B", [Event("k", 50.0, 7, 4), Event("k", 90.0, 2, 3), Event("k", 120.0, 8, 5)], shards=2,
+                         model=beam_models["tiny"], initial_state=snap)
+    assert sorted((d.seq, d.kind) for d in b_dead) == [(2, "duplicate"), (7, "late")]
+    assert [(p.seq, p.pos) for p in b_out if p.seq == 8] == [(8, 1)]  # its stream restarted at 90 (TTL 30)
+
+
+def test_bad_snapshots_and_folders_are_refused_in_one_line(beam_models, tmp_path):
+    evs, _ = _events()
+    snap = tmp_path / "snap"
+    _run("A", evs[:30], shards=2, model=beam_models["tiny"], save_state=str(snap))
+    tiny = beam_models["tiny"]
+
+    def refused(match, **kw):
+        with pytest.raises(InputError, match=match) as e:
+            StatefulInference(model=tiny, providers=[CPU], **kw)
+        assert "\n" not in str(e.value)
+
+    refused(r"^StatefulInference: save_state: expected a folder apart from initial_state", initial_state=str(snap),
+            save_state=str(snap / "next"))
+    refused(r"^StatefulInference: save_state: expected a folder path", save_state="")
+    refused(r"^StatefulInference: initial_state: expected a folder path", initial_state="")
+    refused(r"^initial_state: .*next_fields: expected \['logprob'\]", initial_state=str(snap))
+    ok = {"initial_state": str(snap), "next_fields": ("logprob",), "postprocess": NextTokenPostprocess(2)}
+    StatefulInference(model=tiny, providers=[CPU], **ok)
+    victim = next(snap.glob("shard-*/ids.arrow"))
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-3] + b"xyz")  # a save that failed part-way, or a tampered file
+    refused(r"^initial_state: .*ids.arrow: expected sha256", **ok)
+    victim.unlink()
+    refused(r"^initial_state: .*expected .*ids.arrow, got", **ok)
+
+
+def test_a_snapshot_saved_under_an_updated_model_is_refused_for_the_base_model(beam_models, tmp_path):
+    from streamrnn.beam import ModelUpdate
+
+    snap = str(tmp_path / "snap")
+    evs = [Event("a", float(t), i, 1) for i, t in enumerate([5, 15, 25, 35])]
+    with beam.Pipeline() as p:
+        upd = p | "U" >> beam.Create([ModelUpdate(beam_models["wide"], 20.0)])
+        _ = p | beam.Create(evs) | StatefulInference(model=beam_models["tiny"], num_shards=1, window_size=10.0,
+                                                     providers=[CPU], model_updates=upd, save_state=snap)
+    with pytest.raises(InputError, match=r"^initial_state: .*shard 0: expected state under model fingerprint"):
+        StatefulInference(model=beam_models["tiny"], providers=[CPU], initial_state=snap)

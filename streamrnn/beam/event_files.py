@@ -3,8 +3,9 @@
 A file is read as bytes through Beam's filesystems (local, gs://, s3://, hdfs://, any
 registered scheme). Columns: ``key`` (string), ``ts`` (seconds since the epoch, or an
 ISO-8601 time), ``seq`` (int, optional for each row: a row without one, or with an
-empty or null cell, takes its position in the file, counting rows from 0), and a payload: ``text`` (UTF-8, one event per byte, ``sub`` = the
-byte offset) or ``token`` (int).
+empty or null cell, takes its position in the file, counting rows from 0), and a
+payload: ``text`` (UTF-8, one event per byte, ``sub`` = the byte offset) or ``token``
+(int).
 
 Nothing in a file aborts the read: every row that cannot be used becomes a
 :class:`~streamrnn.beam.records.DeadLetter` of kind ``"invalid"`` with the row (as JSON)

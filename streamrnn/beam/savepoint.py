@@ -19,6 +19,7 @@ Any Beam filesystem works (``gs://``, ``s3://``, local). No pickle anywhere.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -28,7 +29,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.transforms.window import TimestampedValue
+from apache_beam.transforms import trigger
+from apache_beam.transforms.window import GlobalWindows, TimestampedValue
 
 from .. import snapshot
 from ..errors import InputError
@@ -76,11 +78,13 @@ class _WriteShard(beam.DoFn):
         shard, blob = element
         head, parts = unpack(blob)
         d = _shard_dir(self.root, shard)
-        files = {}
+        files, sums = {}, {}
         for name in PARTS:
+            data = _ipc_file(parts[name])
             files[name] = f"shard-{shard:05d}/{name}.arrow"
-            _write(_join(d, f"{name}.arrow"), _ipc_file(parts[name]))
-        yield {"shard": shard, "files": files, "rows": {n: parts[n].num_rows for n in PARTS},
+            sums[name] = hashlib.sha256(data).hexdigest()
+            _write(_join(d, f"{name}.arrow"), data)
+        yield {"shard": shard, "files": files, "sha256": sums, "rows": {n: parts[n].num_rows for n in PARTS},
                "scalars": head.get("scalars", {}), "model": head["model"], "extra": head.get("extra", {})}
 
 
@@ -108,12 +112,22 @@ class WriteSnapshot(beam.PTransform):
     def expand(self, blobs):
         return (blobs
                 | "WriteShards" >> beam.ParDo(_WriteShard(self.root))
-                | "AllShards" >> beam.combiners.ToList()
+                # once, when the input has ended (a bounded input, or a streaming drain)
+                | "AtEnd" >> beam.WindowInto(GlobalWindows(), trigger=trigger.AfterWatermark(),
+                                             accumulation_mode=trigger.AccumulationMode.DISCARDING)
+                | "AllShards" >> beam.combiners.ToList().without_defaults()
                 | "WriteManifest" >> beam.ParDo(_WriteManifest(self.root, self.base)))
 
 
-def read_manifest(root: str, spec: ModelSpec) -> dict:
-    """The snapshot's manifest, checked against the model that will carry its state (one-line errors)."""
+def _refuse(root: str, what: str) -> InputError:
+    return InputError(f"initial_state: {root}: {what}")
+
+
+def read_manifest(root: str, spec: ModelSpec, *, next_fields: tuple[str, ...] = ()) -> dict:
+    """The snapshot's manifest, checked against the model and settings that will carry its state, and every
+    file it lists against its checksum (one-line errors, before any pipeline runs)."""
+    if not isinstance(root, str) or not root:
+        raise InputError(f"initial_state: expected a snapshot folder, got {root!r}")
     path = _join(root, MANIFEST)
     try:
         m = json.loads(_read(path))
@@ -125,14 +139,38 @@ def read_manifest(root: str, spec: ModelSpec) -> dict:
         raise InputError(f"initial_state: {path}: expected format {FORMAT!r}, got "
                          f"{m.get('format') if isinstance(m, dict) else type(m).__name__!r}")
     if m.get("state") != snapshot.signature(spec):
-        raise InputError(f"initial_state: {root}: expected state shapes {snapshot.signature(spec)} (model "
-                         f"{spec.name} {spec.version}), got {m.get('state')} (model {m.get('model')} "
-                         f"{m.get('version')}): a snapshot of another model cannot seed this one")
+        raise _refuse(root, f"expected state shapes {snapshot.signature(spec)} (model {spec.name} {spec.version}), "
+                            f"got {m.get('state')} (model {m.get('model')} {m.get('version')}): a snapshot of "
+                            "another model cannot seed this one")
     if m.get("fingerprint") != spec.fingerprint:
-        raise InputError(f"initial_state: {root}: expected the weights of model {spec.name} {spec.version} "
-                         f"(fingerprint {spec.fingerprint[:12]}), got {m.get('model')} {m.get('version')} "
-                         f"(fingerprint {str(m.get('fingerprint'))[:12]}); seed with the model that wrote it, "
-                         "then update the model")
+        raise _refuse(root, f"expected the weights of model {spec.name} {spec.version} (fingerprint "
+                            f"{spec.fingerprint[:12]}), got {m.get('model')} {m.get('version')} (fingerprint "
+                            f"{str(m.get('fingerprint'))[:12]}); seed with the model that wrote it, then update")
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(s, dict) and isinstance(s.get("files"), dict)
+                                               and isinstance(s.get("sha256"), dict) for s in shards):
+        raise _refuse(root, f"{MANIFEST}: expected a list of shards with their files and sha256, got "
+                            f"{type(shards).__name__}")
+    for s in shards:
+        fp = s.get("extra", {}).get("fingerprint", spec.fingerprint)
+        if fp != spec.fingerprint:  # a model update had switched this shard when the state was saved
+            raise _refuse(root, f"shard {s.get('shard')}: expected state under model fingerprint "
+                                f"{spec.fingerprint[:12]}, got {str(fp)[:12]} (a model update in effect when it was "
+                                "saved); seed with that model")
+        for name in PARTS:
+            f = _join(root, str(s["files"].get(name)))
+            try:
+                digest = hashlib.sha256(_read(f)).hexdigest()
+            except Exception as e:
+                raise _refuse(root, f"expected {f}, got {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            if digest != s["sha256"].get(name):
+                raise _refuse(root, f"{f}: expected sha256 {str(s['sha256'].get(name))[:12]} (the manifest's), "
+                                    f"got {digest[:12]}: the snapshot was changed or partly rewritten")
+    want = list(m.get("next_fields", []))
+    if want != list(next_fields):
+        raise _refuse(root, f"next_fields: expected {want} (the run that saved it held rows for them), got "
+                            f"{list(next_fields)}")
     return m
 
 

@@ -118,6 +118,9 @@ class ShardStep(beam.DoFn):
         self.save_state = save_state
         self.initial_state = initial_state
         self.manifest = manifest
+        # the release time of the last window the saved run applied: later arrivals of it are late here too
+        ends = [sh.get("extra", {}).get("applied_max", EARLIEST) for sh in (manifest or {}).get("shards", [])]
+        self._cut = self._release(max(ends)) if ends and max(ends) > EARLIEST else None
         self._shared = shared.Shared()
 
     def setup(self) -> None:
@@ -259,11 +262,15 @@ class ShardStep(beam.DoFn):
         for b in pending.read():
             p = from_ipc(b)
             pending_ids.update(zip(p.column(KEY).to_pylist(), p.column(SEQ).to_pylist(), strict=True))
+        for i, kind in self._late_kinds(t, store, pending_ids):
+            yield self._dead(t, i, kind, kind)
+
+    def _late_kinds(self, t: pa.Table, store: ShardStore, pending_ids=frozenset()) -> Iterator[tuple[int, str]]:
+        """Each row of ``t`` (events whose window had passed): a duplicate of an applied or pending row, else late."""
         ids = zip(t.column(KEY).to_pylist(), t.column(SEQ).to_pylist(), t.column(TSU).to_pylist(), strict=True)
         for i, (k, q, tsu) in enumerate(ids):
             dup = (k, q) in pending_ids or is_duplicate(store, k, q, tsu, self.horizon)
-            kind = "duplicate" if dup else "late"
-            yield self._dead(t, i, kind, kind)
+            yield i, "duplicate" if dup else "late"
 
     def _dead(self, t: pa.Table, i: int, kind: str, reason: str, at: int | None = None):
         self.m.dead(kind)
@@ -319,13 +326,24 @@ class ShardStep(beam.DoFn):
             self.m.model_resets.inc(len(change.reset_keys))
             f.ended += change.reset_keys
         out = Applied(None)
+        before_cut: list[tuple[pa.Table, int, str, str]] = []
+        if due is not None and due.num_rows and self._cut is not None:
+            # seeded from a snapshot: windows the saved run had released are over; their events were late
+            old_m = due.column(REL).to_numpy() <= self._cut
+            if old_m.any():
+                old = due.filter(pa.array(old_m))
+                before_cut = [(old, i, k, k) for i, k in self._late_kinds(old, store)]
+                due = due.filter(pa.array(~old_m))
         if due is not None and due.num_rows:
             out = apply_due(due, store, self.cfg, horizon=self.horizon, epochs=lambda tsu: self._epochs(ctrl, tsu),
                             load_model=self._model, version=lambda mdl: model_version(mdl.spec), m=self.m)
             f.ended += out.ended
             if out.rows is not None:
                 ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
-        f.ended += self._switch_due_updates(ctrl, store, max(T, ctrl.applied_max))
+        # with save_state, an update takes effect only once events past it were applied (the end of the input
+        # switches no model the next run would not have switched)
+        f.ended += self._switch_due_updates(ctrl, store, ctrl.applied_max if self.save_state else
+                                            max(T, ctrl.applied_max))
         # With save_state, a key expires only once its shard applied events past its expiry: the end of the
         # input (or a drain) ends no stream that the run seeded from the snapshot could still continue.
         now = min(T, ctrl.applied_max) if self.save_state else T
@@ -348,11 +366,15 @@ class ShardStep(beam.DoFn):
         ctrl_state.write(ctrl.to_json())
         if self.fault_injector is not None:
             self.fault_injector(shard, sorted(set(due.column(KEY).to_pylist())) if due is not None else [])
-        for tbl, i, kind, reason in out.dead:
-            yield self._dead(tbl, i, kind, reason, at=T)
-        yield from emit(rows, self.output, floor=T)
+        # a bounded input's end timer may fire before its flush timer: stamp as the flush would have
+        floor = T if not (end and self.flush_all) or due is None or not due.num_rows else min(
+            T, ceil_millis(int(pc.min(due.column(REL)).as_py())))
+        for tbl, i, kind, reason in [*before_cut, *out.dead]:
+            yield self._dead(tbl, i, kind, reason, at=floor)
+        yield from emit(rows, self.output, floor=floor)
         if end and self.save_state:
-            yield beam.pvalue.TaggedOutput(SNAPSHOT, (shard, store.full_blob({"applied_max": ctrl.applied_max})))
+            yield beam.pvalue.TaggedOutput(SNAPSHOT, (shard, store.full_blob(
+                {"applied_max": ctrl.applied_max, "fingerprint": store.op.model.spec.fingerprint})))
 
     def _stream_end(self, last_ts: np.ndarray) -> np.ndarray:
         """When a stream whose last event is at ``last_ts`` (s) ends if nothing follows: its TTL expiry

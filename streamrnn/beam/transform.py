@@ -152,7 +152,15 @@ class StatefulInference(beam.PTransform):
         self.spec = load_model(self.model, [CPU]).spec  # fails fast at construction on a bad model
         self.save_state = None if save_state is None else os.fspath(save_state)
         self.initial_state = None if initial_state is None else os.fspath(initial_state)
-        self.manifest = None if self.initial_state is None else read_manifest(self.initial_state, self.spec)
+        for name, v in (("save_state", self.save_state), ("initial_state", self.initial_state)):
+            _check(v is None or (isinstance(v, str) and v.strip() != ""), name, "a folder path", v)
+        if self.save_state is not None and self.initial_state is not None:
+            a, b = (p.rstrip("/") + "/" for p in (self.save_state, self.initial_state))
+            _check(not (a.startswith(b) or b.startswith(a)), "save_state",
+                   f"a folder apart from initial_state {self.initial_state!r} (a save would overwrite the files "
+                   "the shards still seed from)", self.save_state)
+        self.manifest = None if self.initial_state is None else read_manifest(
+            self.initial_state, self.spec, next_fields=self.next_fields)
         self.num_shards = num_shards
         self.window_size = float(window_size)
         self.allowed_lateness = float(allowed_lateness)
@@ -221,7 +229,8 @@ class StatefulInference(beam.PTransform):
         if self.save_state is not None:
             _ = applied[SNAPSHOT] | "SaveState" >> WriteSnapshot(self.save_state, spec, {
                 "num_shards": self.num_shards, "window_size": self.window_size,
-                "allowed_lateness": self.allowed_lateness, "ttl": self.ttl, "dedupe_horizon": self.dedupe_horizon})
+                "allowed_lateness": self.allowed_lateness, "ttl": self.ttl, "dedupe_horizon": self.dedupe_horizon,
+                "next_fields": list(self.next_fields)})
         outputs = applied.outputs
         if not isinstance(user.windowfn, GlobalWindows):
             outputs = outputs | "UserWindows" >> beam.WindowInto(
