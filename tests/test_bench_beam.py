@@ -44,6 +44,7 @@ def test_batch_variants_and_their_ratios(quick):
     eps = {k: r["events_per_s"] for k, r in v.items()}
     assert quick["ratios"]["a_over_b"] == pytest.approx(eps["a"] / eps["b"])
     assert quick["ratios"]["a_over_min_c_d"] == pytest.approx(eps["a"] / min(eps["c"], eps["d"]))
+    assert quick["ratios"]["a_over_d"] == pytest.approx(eps["a"] / eps["d"])
     q = quick["quality_b_vs_a"]
     assert _positive(q["bits_per_char_a"]) and _positive(q["bits_per_char_b"])
 
@@ -51,16 +52,43 @@ def test_batch_variants_and_their_ratios(quick):
 def test_streaming_section(quick):
     s = quick["stream"]
     assert s["events"] == quick["config"]["keys"] * quick["config"]["events_per_key"]
-    assert s["watermark_steps"] >= 30
-    assert set(s["variants"]) == {"stateful_inference", "stateful_identity_model", "identity"}
+    assert s["watermark_steps"] >= 8
+    stateful = {"stateful_inference", "stateful_identity_model", "stateful_inference_no_cache"}
+    assert set(s["variants"]) == stateful | {"identity"}
     for r in s["variants"].values():
         assert _positive(r["seconds_median"]) and _positive(r["events_per_s"])
         assert r["events_per_s"] == pytest.approx(s["events"] / r["seconds_median"])
+    for name in stateful:  # a flush per shard and window (at least), counted in the process that ran them
+        assert s["variants"][name]["flushes"] >= s["watermark_steps"], name
+    shards = s["shards"]
+    # the cache outlives the DoFn (torn down after every bundle): a replay rebuilds a shard at most once ...
+    assert s["rebuilds_at_most_one_per_shard"]
+    assert s["variants"]["stateful_inference"]["state_rebuilds"] <= shards
+    # ... while with no cache every flush but a shard's first rebuilds it from Beam state
+    cold = s["variants"]["stateful_inference_no_cache"]
+    assert cold["state_rebuilds"] >= cold["flushes"] - 2 * shards
     eps = {k: r["events_per_s"] for k, r in s["variants"].items()}
     assert s["ratio_stateful_over_identity"] == pytest.approx(eps["stateful_inference"] / eps["identity"])
     assert quick["ratios"]["stream_over_identity"] == pytest.approx(eps["stateful_inference"] / eps["identity"])
     assert quick["ratios"]["stream_identity_model_over_identity"] == pytest.approx(
         eps["stateful_identity_model"] / eps["identity"])
+    assert quick["ratios"]["stream_over_no_cache"] == pytest.approx(
+        eps["stateful_inference"] / eps["stateful_inference_no_cache"])
+
+
+def test_streaming_keys_held(quick):
+    h = quick["stream"]["held_keys"]
+    by = h["by_keys"]
+    assert sorted(int(n) for n in by) == [40, 400]
+    for r in by.values():
+        for f in ("window_seconds_median", "events_per_s", "flush_seconds_median", "flush_events_per_s"):
+            assert _positive(r[f]), f
+        assert len(r["window_seconds_all"]) == h["windows_timed"] * h["repeats"]
+        assert r["events_per_s"] == pytest.approx(h["events_per_window"] / r["window_seconds_median"])
+        assert all(n <= 1 for n in r["state_rebuilds"]) and all(f > h["windows_timed"] for f in r["flushes"])
+        assert r["flush_seconds_median"] < r["window_seconds_median"]  # the flush is part of a window's cost
+    assert h["ratio_max_over_min_keys"] == pytest.approx(by["400"]["events_per_s"] / by["40"]["events_per_s"])
+    assert quick["ratios"]["stream_held_max_over_min_keys"] == h["ratio_max_over_min_keys"]
 
 
 def test_key_sweep_section(quick):
@@ -82,7 +110,8 @@ def test_key_sweep_section(quick):
     assert quick["ratios"]["sweep_max_over_min_keys"] == pytest.approx(big["events_per_s"] / small["events_per_s"])
     paired = sorted(a / b for a, b in zip(small["flush_seconds_all"], big["flush_seconds_all"], strict=True))
     assert paired[0] <= quick["ratios"]["sweep_max_over_min_keys_paired"] <= paired[-1]
-    assert set(quick["goals"]) == {"a_over_b", "a_over_min_c_d", "stream_over_identity", "sweep_max_over_min_keys"}
+    assert set(quick["goals"]) == {"a_over_b", "a_over_min_c_d", "stream_over_identity", "sweep_max_over_min_keys",
+                                   "stream_held_max_over_min_keys", "a_over_d"}
 
 
 def test_bad_variant_is_a_one_line_error(capsys):

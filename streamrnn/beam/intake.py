@@ -357,12 +357,19 @@ class Intake(beam.DoFn):
         uniq = pc.unique(keys)
         shard_u = np.array([shard_of(k, self.num_shards) for k in uniq.to_pylist()], np.int64)
         shards = shard_u[pc.index_in(keys, uniq).to_numpy(zero_copy_only=False)]
-        groups = np.stack([shards, rel], axis=1)
-        uniq_g, inv = np.unique(groups, axis=0, return_inverse=True)
-        for g, (s, r) in enumerate(uniq_g):
-            part = t.filter(pa.array(inv.reshape(-1) == g))
+        # one block per (shard, release time), in that order, rows in arrival order: one stable sort of a
+        # group code, one take, then slices (np.unique over rows and a filter per group took 3-7x as long)
+        rel_u, rel_i = np.unique(rel, return_inverse=True)
+        code = shards * len(rel_u) + rel_i.reshape(-1)
+        order = np.argsort(code, kind="stable")
+        code = code[order]
+        starts = np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+        if len(starts) > 1:
+            t = t.take(pa.array(order))
+        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), len(code)], strict=True):
+            s, r = divmod(int(code[a]), len(rel_u))
             yield beam.transforms.window.WindowedValue(
-                (int(s), (EVENTS, to_ipc(part))), timestamp(int(r)), [GlobalWindow()])
+                (s, (EVENTS, to_ipc(t.slice(a, b - a)))), timestamp(int(rel_u[r])), [GlobalWindow()])
 
 
 class UpdateIntake(beam.DoFn):

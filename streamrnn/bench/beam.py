@@ -14,7 +14,9 @@ Two more sections (``--variants`` letters ``s`` and ``k``):
 
 * ``s``: streaming. The same events replayed window by window with 30+ watermark steps
   through DirectRunner ``--streaming`` (TestStream): StatefulInference against a
-  streaming identity pipeline with the same windows and shards (``beam_stream.py``);
+  streaming identity pipeline with the same windows and shards, and against itself with
+  no shard cache (every flush rebuilds from Beam state); then a replay with 1k vs 50k keys
+  held by one shard, the same events per window (``beam_stream.py``);
 * ``k``: key-count sweep of one shard's flush (1k, 10k, 100k keys held, the same events
   per flush), below Beam through the DoFn's own flush code, with the shipped charlm
   model: events/s and state bytes written per flush (``beam_sweep.py``).
@@ -145,7 +147,8 @@ def _run_a(model_path, events_path, shards, identity=False):
             out, _ = blocks | StatefulInference(
                 model=model_path, num_shards=shards, window_size=60.0, postprocess=NextTokenPostprocess(5),
                 output="arrow", providers=["CPUExecutionProvider"])
-            out | beam.Map(lambda b: (b.column("key").to_pylist(), b.column("seq").to_numpy(),
+            # the columns the checks need, as Arrow / numpy (no per-row Python objects inside the timed run)
+            out | beam.Map(lambda b: (b.column("key"), b.column("seq").to_numpy(),
                                       b.column("logprob").to_numpy())) | beam.Map(sink)
         dt = time.perf_counter() - t0
     got = sink.read()
@@ -224,7 +227,14 @@ def _one(args) -> dict:
 
         tok, ts = _events(args.stream_keys or args.keys, args.stream_events or args.events)
         res = stream(args.model, tok, ts, windows=args.stream_windows, shards=args.shards,
-                     repeats=args.stream_repeats)
+                     repeats=args.stream_repeats, no_cache=args.stream_cold)
+        if args.stream_held != "0":
+            from .beam_stream import run_held
+
+            res["held_keys"] = run_held(args.model, _ints(args.stream_held),
+                                        keys_per_flush=args.stream_held_keys_per_flush,
+                                        events_per_key=args.sweep_events_per_key, windows=args.stream_held_windows,
+                                        warmup=args.stream_held_warmup, repeats=args.stream_held_repeats)
         return {**res, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     tok, ts = _events(args.keys, args.events)
     n = tok.size
@@ -243,7 +253,7 @@ def _one(args) -> dict:
             if args.variant == "a" and r == 0 and args.quality_out:
                 lp = np.full(tok.shape, np.nan)
                 for keys, seq, logprob in got:
-                    kidx = np.array([int(k.split("-")[1]) for k in keys])
+                    kidx = np.array([int(k.split("-")[1]) for k in keys.to_pylist()])
                     lp[kidx, seq] = logprob
                 np.save(args.quality_out, lp)
         elif args.variant == "b":
@@ -287,6 +297,10 @@ def _key_counts(text: str) -> str:
     return text
 
 
+def _key_counts_or_off(text: str) -> str:
+    return text if text.strip() == "0" else _key_counts(text)
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -305,7 +319,10 @@ def _make_model(path: str, hidden: int, layers: int) -> None:
 
 #: ``--quick``: every section at a toy size (a smoke test; the numbers mean nothing).
 QUICK = {"keys": 12, "events": 40, "repeats": 1, "repeats_b": 1, "hidden": 32, "layers": 1, "stream_repeats": 1,
-         "sweep_keys": "50,500", "sweep_keys_per_flush": 16, "sweep_flushes": 3, "sweep_warmup": 1}
+         "stream_windows": 8,
+         "sweep_keys": "50,500", "sweep_keys_per_flush": 16, "sweep_flushes": 3, "sweep_warmup": 1,
+         "stream_held": "40,400", "stream_held_keys_per_flush": 16, "stream_held_windows": 3, "stream_held_warmup": 1,
+         "stream_held_repeats": 1}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -328,10 +345,19 @@ def _parser() -> argparse.ArgumentParser:
     add("--stream-events", type=zero, default=0, help="events per key of (s) (0: --events)")
     add("--stream-windows", type=at_least(2), default=32, help="windows, so watermark steps, of (s)")
     add("--stream-repeats", type=one, default=3, help="runs of each (s) pipeline (median)")
+    add("--stream-cold", action=argparse.BooleanOptionalAction, default=True,
+        help="(s) also replays with no shard cache (shard_cache_bytes=0: every flush rebuilds, the old behaviour)")
+    add("--stream-held", type=_key_counts_or_off, default="1000,50000",
+        help="keys held by one shard in the (s) held-keys replay (0: skip it)")
+    add("--stream-held-keys-per-flush", type=one, default=256, help="keys touched per window in the held-keys replay")
+    add("--stream-held-windows", type=one, default=12, help="timed windows per held-keys replay")
+    add("--stream-held-warmup", type=zero, default=2, help="untimed windows first in the held-keys replay")
+    add("--stream-held-repeats", type=one, default=2, help="replays per key count (alternating)")
     add("--sweep-model", default=DEFAULT_MODEL, help="model of (k) (default: the shipped charlm)")
     add("--sweep-keys", type=_key_counts, default="1000,10000,100000", help="keys held per shard in (k)")
     add("--sweep-keys-per-flush", type=one, default=256, help="keys touched per flush in (k)")
-    add("--sweep-events-per-key", type=one, default=4, help="events per touched key per flush in (k)")
+    add("--sweep-events-per-key", type=one, default=4,
+        help="events per touched key per flush in (k) and per window in the (s) held-keys replay")
     add("--sweep-flushes", type=one, default=12, help="timed flushes per key count in (k)")
     add("--sweep-warmup", type=zero, default=2, help="untimed flushes first in (k)")
     add("--sweep-rebuild-max-keys", type=one, default=10_000, help="time a cache-miss rebuild up to this many keys")
@@ -340,6 +366,33 @@ def _parser() -> argparse.ArgumentParser:
     add("--variant", help=argparse.SUPPRESS)
     add("--quality-out", help=argparse.SUPPRESS)
     return ap
+
+
+#: (ratio name, goal): issue 14's targets, checked against this run's own ratios (issue 6's are ``beam_report.GOALS``).
+MORE_GOALS = (("stream_held_max_over_min_keys", 0.7), ("a_over_d", 0.8))
+
+
+def _more_goals(out: dict) -> None:
+    """Adds issue 14's ratios and goals to the report (in place)."""
+    ratios, s, v = out["ratios"], out.get("stream", {}), out["variants"]
+    if "ratio_stateful_over_no_cache" in s:
+        ratios["stream_over_no_cache"] = s["ratio_stateful_over_no_cache"]
+    if "held_keys" in s:
+        ratios["stream_held_max_over_min_keys"] = s["held_keys"]["ratio_max_over_min_keys"]
+        ratios["stream_held_max_over_min_keys_flush_only"] = s["held_keys"]["ratio_max_over_min_keys_flush_only"]
+    if "a" in v and "d" in v:
+        ratios["a_over_d"] = v["a"]["events_per_s"] / v["d"]["events_per_s"]
+    for name, goal in MORE_GOALS:
+        if name in ratios:
+            out["goals"][name] = {"goal": f">= {goal}", "measured": ratios[name], "met": ratios[name] >= goal}
+
+
+def _text(out: dict, text) -> str:
+    lines = [text(out)]
+    for n, r in out.get("stream", {}).get("held_keys", {}).get("by_keys", {}).items():
+        lines.append(f"(s) streaming, {int(n):>7,} keys held: {r['events_per_s']:,.0f} events/s per window "
+                     f"(flush alone {r['flush_events_per_s']:,.0f})")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -383,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                   "quick": args.quick, "cpus": os.cpu_count(), "code": _code_state(),
                   "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
         out = report(results, config, (os.path.join(tmp, "lp_a.npy"), os.path.join(tmp, "lp_b.npy")))
-        print(json.dumps(out, indent=2) if args.json else text(out))
+        _more_goals(out)
+        print(json.dumps(out, indent=2) if args.json else _text(out, text))
         return 0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,8 @@
 
 Below Beam, through the code the ``ShardStep`` DoFn runs: a :class:`~streamrnn.beam.stateful.ShardStep`
 (set up as a worker would) is given in-memory stand-ins for its Beam state and timer, and
-its flush timer (``_flush``: apply, pairing, TTL, one delta of the shard store, outputs)
-is called once per event-time window. Event blocks come from the real ``Intake``.
+its flush timer (``on_flush``: apply, pairing, TTL, one delta of the shard store, outputs)
+is called once per event-time window, as the runner calls it. Event blocks come from the real ``Intake``.
 
 For each key count N (one shard holding N keys, the job's configuration: next-token
 postprocess, ``logprob`` paired with the next event, last outputs kept):
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+from apache_beam.utils.timestamp import Timestamp
 
 
 class _Bag:
@@ -92,7 +93,8 @@ class _Shard:
         self.pending.add(blob)
         rows_before = self._store_peek().log.rows if self.log.items else 0
         t0 = time.perf_counter()
-        out = list(self.step._flush(0, rel, self.pending, self.log, self.ctrl, self.timer, final=False))
+        out = list(self.step.on_flush(key=0, fire=Timestamp(micros=rel), pending=self.pending, log_state=self.log,
+                                      ctrl_state=self.ctrl, flush_timer=self.timer))
         dt = time.perf_counter() - t0
         self.outputs += sum(v.value.num_rows for v in out if hasattr(v.value, "num_rows"))
         store = self._store_peek()
