@@ -530,7 +530,7 @@ class KeyedOperator:
         with self._lock:
             limit = self._limit("update_model")
             store = self._store
-            expired = store.key_of[store._expired(limit)].tolist()
+            expired = store.key_of[store.expired_slots(limit)].tolist()
             live = self._live(limit)
             carry = model.spec.state_signature == self.model.spec.state_signature
             table = self._snapshot_locked(live) if carry else None

@@ -124,6 +124,7 @@ class Model:
         if graph is not None:
             weights = self._check_weights(graph.initializers)
             _Wiring(graph, spec, source).check()
+            self._check_probe()
             self.spec = replace(spec, weights_sha256=weights,
                                 fingerprint=model_fingerprint(weights, graph, spec.contract()))
 
@@ -155,6 +156,33 @@ class Model:
             if got[2:] != list(o.shape[2:]):
                 raise ModelLoadError(f"{self.source}: graph output {o.name} shape: expected {list(o.shape)}, "
                                      f"got {got}")
+
+    def _check_probe(self, B: int = 2, T: int = 3) -> None:
+        """One tiny run: every output has the shape the spec declares (symbolic axes are not checked by ORT, so a
+        graph emitting ``[time, batch, ...]`` would otherwise load and hand back transposed outputs), and an
+        ``lm``'s logprobs are log-probabilities over the vocabulary."""
+        if self._tokens:
+            x = (np.arange(B * T, dtype=np.int64) % self._vocab).reshape(B, T)
+        else:
+            x = np.linspace(-1.0, 1.0, B * T * self._nfeat, dtype=np.float32).reshape(B, T, self._nfeat)
+        try:
+            out, state = self.run_unchecked(x, np.full(B, T, np.int32), self.initial_state(B))
+        except InferenceError as e:
+            raise ModelLoadError(f"{self.source}: a probe run (batch {B}, time {T}, zero state): expected outputs, "
+                                 f"got {e}") from e
+        got = [(o.name, list(out[o.name].shape), [B, T, *o.shape[2:]]) for o in self.spec.outputs]
+        got += [(s.output, list(state[s.name].shape), [self._layers, B, *self._shape_tail]) for s in self.spec.state]
+        for name, shape, want in got:
+            if shape != want:
+                raise ModelLoadError(f"{self.source}: output {name} of a probe run (batch {B}, time {T}): expected "
+                                     f"shape {want}, got {shape}")
+        if self.spec.task == "lm":
+            lp = out["logprobs"].astype(np.float64)
+            lse = np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1)) + lp.max(-1)
+            if not np.abs(lse).max() < 1e-3:
+                raise ModelLoadError(f"{self.source}: output logprobs of a probe run: expected log-probabilities "
+                                     f"over the vocabulary (logsumexp 0 over the last axis), got logsumexp up to "
+                                     f"{float(np.abs(lse).max()):.3g}")
 
     def _check_weights(self, inits: Mapping[str, Initializer]) -> str:
         """The weights themselves: fingerprint, and the shapes the spec implies (vocab rows, hidden).
@@ -397,7 +425,9 @@ class _Wiring:
 
     Each state input must give each recurrent layer its initial state (a Slice of layer ``k``), each state
     output must be the final state of that kind from every layer in order (Concat on axis 0), every layer's
-    ``sequence_lens`` must be ``lengths``, and a features model must normalise ``x`` with the spec's values.
+    ``sequence_lens`` must be ``lengths`` and its weights initializers, layer 0 must read ``x`` alone and
+    layer ``k`` layer ``k - 1``'s outputs alone, the task outputs must come from the top layer's outputs
+    alone (not from a state input directly), and a features model must normalise ``x`` with the spec's values.
     """
 
     def __init__(self, graph: Graph, spec: ModelSpec, source: str):
@@ -432,18 +462,47 @@ class _Wiring:
         return seen
 
     def ints(self, node: Node, i: int) -> list[int] | None:
+        """Input ``i`` of ``node`` when it is an int64 initializer (Slice bounds), else None."""
         name = node.inputs[i] if len(node.inputs) > i else ""
         t = self.g.initializers.get(name)
-        return None if t is None or t.data_type != 7 else np.frombuffer(t.data, "<i8").tolist()
+        ok = t is not None and t.data_type == 7 and len(t.data) % 8 == 0
+        return np.frombuffer(t.data, "<i8").tolist() if ok else None
+
+    def reach(self, value: str) -> str:
+        """What ``value`` is computed from, short of the recurrent nodes: ``layer k Y`` outputs and graph inputs."""
+        inputs, rec, seen, todo = set(), set(), set(), [value]
+        while todo:
+            v = todo.pop()
+            if not v or v in seen:
+                continue
+            seen.add(v)
+            p = self.producer.get(v)
+            if v in self.graph_inputs:
+                inputs.add(repr(v))
+            elif p is not None and id(p[0]) in self.layer_of:
+                rec.add(f"layer {self.layer_of[id(p[0])]} {_PORT_NAMES.get(p[1], f'output {p[1]}')}")
+            elif p is not None:
+                todo.extend(p[0].inputs)
+        return ", ".join([*sorted(rec), *sorted(inputs)]) or "constants alone"
 
     def check(self) -> None:
         layers = self.layers()
-        lengths = self.spec.lengths_input
+        lengths, x, top = self.spec.lengths_input, repr(self.spec.input.name), len(layers) - 1
         for k, node in enumerate(layers):
             got = self.through(node.inputs[4]) if len(node.inputs) > 4 else ""
             if got != lengths:
                 self.fail(f"layer {k} sequence_lens", f"graph input {lengths!r} (each row's state after its own "
                           "last step)", repr(got or "none"))
+            want = x if k == 0 else f"layer {k - 1} Y"
+            if (got := self.reach(node.inputs[0])) != want:
+                self.fail(f"layer {k} input", f"computed from {want} alone (a stack)", got)
+            for j, what in ((1, "W"), (2, "R"), (3, "B")):
+                got = self.through(node.inputs[j]) if len(node.inputs) > j else ""
+                if got not in self.g.initializers:
+                    self.fail(f"layer {k} {what}", "an initializer (weights)", repr(got or "none"))
+        for o in self.spec.outputs:
+            if (got := self.reach(o.name)) != f"layer {top} Y":
+                self.fail(f"output {o.name}", f"computed from layer {top} Y alone (the top layer's outputs)", got)
         for s in self.spec.state:
             i_in, i_out = _PORTS[s.name]
             want = [f"{s.name}[{k}]" for k in range(len(layers))]
@@ -475,12 +534,14 @@ class _Wiring:
         if [depth[id(n)] for n in order] != list(range(len(rec))):
             self.fail("graph recurrent layers", "a stack (each layer reads the one below)",
                       f"layers fed by {sorted(depth.values())} recurrent nodes")
+        forward = b"forward".hex()  # string attributes are read as hex (weights.read_graph)
         for k, n in enumerate(order):
             self.layer_of[id(n)] = k
-            direction = n.attrs.get("direction", b"forward".hex())
-            if n.attrs.get("hidden_size") != spec.hidden or direction != b"forward".hex():
+            direction = n.attrs.get("direction", forward)
+            if n.attrs.get("hidden_size") != spec.hidden or direction != forward:
+                shown = bytes.fromhex(direction).decode("utf-8", "replace") if isinstance(direction, str) else direction
                 self.fail(f"layer {k}", f"a forward {op} of hidden_size {spec.hidden} (hidden of its spec)",
-                          f"hidden_size {n.attrs.get('hidden_size')}, direction {bytes.fromhex(direction)!r}")
+                          f"hidden_size {n.attrs.get('hidden_size')}, direction {shown!r}")
         return order
 
     def initial(self, value: str, n_layers: int) -> str:
@@ -523,10 +584,10 @@ class _Wiring:
         names = inp.feature_names or tuple(f"#{f}" for f in range(inp.n_features))
         for init, values, what in (("feat_mean", np.asarray(inp.mean, np.float64), "mean"),
                                    ("feat_inv_std", 1.0 / np.asarray(inp.std, np.float64), "std")):
-            t = self.g.initializers[init]
-            if t.data_type != 1 or len(t.data) != 4 * inp.n_features:
-                self.fail(f"graph {init}", f"{inp.n_features} float32 values (n_features)",
-                          f"data type {t.data_type}, {len(t.data)} bytes")
+            t = self.g.initializers.get(init)
+            if t is None or t.data_type != 1 or len(t.data) != 4 * inp.n_features:
+                self.fail(f"graph {init}", f"an initializer of {inp.n_features} float32 values (n_features)",
+                          "none" if t is None else f"data type {t.data_type}, {len(t.data)} bytes")
             graph = np.frombuffer(t.data, "<f4").astype(np.float64)
             bad = np.flatnonzero(~np.isclose(values, graph, rtol=1e-6, atol=0.0))
             if len(bad):

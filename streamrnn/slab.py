@@ -83,7 +83,8 @@ class SlotStore:
         self.apply(p, [])
         return keys
 
-    def _expired(self, limit: float | None) -> np.ndarray:
+    def expired_slots(self, limit: float | None) -> np.ndarray:
+        """Slots of keys last seen before ``limit`` (none for None)."""
         if limit is None or not limit > self.min_seen:
             return np.zeros(0, np.int64)
         return np.flatnonzero(self.in_use & (self.seen < limit))
@@ -107,7 +108,7 @@ class SlotStore:
         grow (up to ``max_keys``), then the least recently used keys not in ``keep``
         (this call's held slots) are evicted.
         """
-        expired = self._expired(limit)
+        expired = self.expired_slots(limit)
         from_free = min(n_new, len(self.free))
         pool = self.free[len(self.free) - from_free:][::-1]
         from_expired = min(n_new - len(pool), len(expired))
