@@ -41,6 +41,8 @@ def test_batch_variants_and_their_ratios(quick):
         assert r["events"] == n, name
         assert _positive(r["seconds_median"]) and _positive(r["events_per_s"]) and _positive(r["peak_rss_mb"])
         assert r["events_per_s"] == pytest.approx(n / r["seconds_median"])
+        assert _positive(r["cpu_seconds_median"])
+        assert r["events_per_cpu_s"] == pytest.approx(n / r["cpu_seconds_median"])
     eps = {k: r["events_per_s"] for k, r in v.items()}
     assert quick["ratios"]["a_over_b"] == pytest.approx(eps["a"] / eps["b"])
     assert quick["ratios"]["a_over_min_c_d"] == pytest.approx(eps["a"] / min(eps["c"], eps["d"]))
@@ -56,8 +58,9 @@ def test_streaming_section(quick):
     stateful = {"stateful_inference", "stateful_identity_model", "stateful_inference_no_cache"}
     assert set(s["variants"]) == stateful | {"identity"}
     for r in s["variants"].values():
-        assert _positive(r["seconds_median"]) and _positive(r["events_per_s"])
+        assert _positive(r["seconds_median"]) and _positive(r["events_per_s"]) and _positive(r["cpu_seconds_median"])
         assert r["events_per_s"] == pytest.approx(s["events"] / r["seconds_median"])
+        assert r["events_per_cpu_s"] == pytest.approx(s["events"] / r["cpu_seconds_median"])
     for name in stateful:  # a flush per shard and window (at least), counted in the process that ran them
         assert s["variants"][name]["flushes"] >= s["watermark_steps"], name
     shards = s["shards"]
@@ -81,7 +84,8 @@ def test_streaming_keys_held(quick):
     by = h["by_keys"]
     assert sorted(int(n) for n in by) == [40, 400]
     for r in by.values():
-        for f in ("window_seconds_median", "events_per_s", "flush_seconds_median", "flush_events_per_s"):
+        for f in ("window_seconds_median", "events_per_s", "flush_seconds_median", "flush_events_per_s",
+                  "events_per_cpu_s"):
             assert _positive(r[f]), f
         assert len(r["window_seconds_all"]) == h["windows_timed"] * h["repeats"]
         assert r["events_per_s"] == pytest.approx(h["events_per_window"] / r["window_seconds_median"])

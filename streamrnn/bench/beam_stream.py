@@ -156,7 +156,8 @@ def _buffer_emit():
     return BufferEmit()
 
 
-def _run_identity(blocks, size: int, shards: int, root: str) -> float:
+def _run_identity(blocks, size: int, shards: int, root: str) -> tuple[float, float]:
+    """One replay through the identity pipeline: (wall seconds, CPU seconds of this process)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
     from apache_beam.transforms import trigger
@@ -169,7 +170,7 @@ def _run_identity(blocks, size: int, shards: int, root: str) -> float:
         def process(self, element, ts=beam.DoFn.TimestampParam) -> Iterator:
             yield element[0], (ts.micros, list(element[1]))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
         (p | _test_stream(blocks, size)
          | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
@@ -184,7 +185,7 @@ def _run_identity(blocks, size: int, shards: int, root: str) -> float:
          | "BufferEmit" >> beam.ParDo(_buffer_emit()).with_input_types(
              beam.typehints.Tuple[int, beam.typehints.Tuple[int, beam.typehints.List[bytes]]])
          | "Count" >> beam.Map(sink))
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _run_stateful(blocks, model: str, size: int, shards: int, root: str, *, identity: bool = False,
@@ -229,7 +230,8 @@ class _Tally:
 
 def _run_stateful_once(blocks, model: str, size: int, shards: int, root: str, *, cache_bytes: int | None = None
                        ) -> tuple[float, int, dict[str, int]]:
-    """One replay through StatefulInference: (seconds, dead letters, the transform's counters)."""
+    """One replay through StatefulInference: (seconds, dead letters, the transform's counters and the
+    process's CPU seconds, ``cpu_seconds``)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -242,15 +244,15 @@ def _run_stateful_once(blocks, model: str, size: int, shards: int, root: str, *,
                                   postprocess=NextTokenPostprocess(5), next_fields=("logprob",), output="arrow",
                                   providers=[CPU], shard_cache_bytes=cache_bytes)
     with _Tally() as tally:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
             out, dead = p | _test_stream(blocks, size) | inference
             out | "Count" >> beam.Map(sink)
             dead | "CountDead" >> beam.Map(_Count(dead_root))
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n_dead = _Count(dead_root).total()
     shutil.rmtree(dead_root)
-    return dt, n_dead, tally.counts
+    return dt, n_dead, {**tally.counts, "cpu_seconds": cpu}
 
 
 def _check_rebuilds(name: str, c: dict[str, int], shards: int) -> None:
@@ -274,6 +276,7 @@ def run(model: str, tok: np.ndarray, ts: np.ndarray, *, windows: int, shards: in
     n = tok.size
     names = {v: name for v, name in NAMES.items() if no_cache or v != "sc"}
     times: dict[str, list[float]] = {v: [] for v in names}
+    cpus: dict[str, list[float]] = {v: [] for v in names}
     counts: dict[str, list[dict[str, int]]] = {v: [] for v in names if v != "t"}
     for _ in range(repeats):
         for v in names:  # alternating, so a change of machine load hits all alike
@@ -287,18 +290,21 @@ def run(model: str, tok: np.ndarray, ts: np.ndarray, *, windows: int, shards: in
                     if v != "sc":
                         _check_rebuilds(names[v], c, shards)
                     counts[v].append(c)
+                    cpu = c["cpu_seconds"]
                 else:
-                    dt = _run_identity(blocks, size, shards, root)
+                    dt, cpu = _run_identity(blocks, size, shards, root)
                 got = _Count(root).total()
                 if got != n:
                     raise RuntimeError(f"bench stream ({v}): expected {n} output rows, got {got}")
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             times[v].append(dt)
+            cpus[v].append(cpu)
     res = {}
     for v, name in names.items():
-        med = statistics.median(times[v])
-        res[name] = {"seconds_median": med, "seconds_all": times[v], "events_per_s": n / med}
+        med, cpu = statistics.median(times[v]), statistics.median(cpus[v])
+        res[name] = {"seconds_median": med, "seconds_all": times[v], "events_per_s": n / med,
+                     "cpu_seconds_median": cpu, "cpu_seconds_all": cpus[v], "events_per_cpu_s": n / cpu}
         if v in counts:  # the same every repeat (a replay is deterministic): the first run's
             res[name].update({"flushes": counts[v][0].get("flushes", 0),
                               "state_rebuilds": counts[v][0].get("state_rebuilds", 0),
@@ -307,6 +313,9 @@ def run(model: str, tok: np.ndarray, ts: np.ndarray, *, windows: int, shards: in
            "watermark_steps": len(blocks), "window_s": size / 1e6, "shards": shards, "repeats": repeats,
            "rebuilds_at_most_one_per_shard": True, "variants": res,
            "ratio_stateful_over_identity": res["stateful_inference"]["events_per_s"] / res["identity"]["events_per_s"],
+           # the same on CPU seconds of the process: less sensitive to other work on a shared machine
+           "ratio_stateful_over_identity_cpu": (res["stateful_inference"]["events_per_cpu_s"]
+                                                / res["identity"]["events_per_cpu_s"]),
            "ratio_stateful_identity_model_over_identity": (res["stateful_identity_model"]["events_per_s"]
                                                            / res["identity"]["events_per_s"])}
     if "sc" in names:
@@ -348,7 +357,8 @@ class _FlushLog:
     """Within: every ``ShardStep._flush`` of this process is timed (the DirectRunner runs the DoFn here)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, float, float]] = []  # (flush time T micros, start, end) in perf_counter s
+        #: (flush time T micros, start, end) in perf_counter seconds, and the process's CPU seconds at the end
+        self.rows: list[tuple[int, float, float, float]] = []
 
     def __enter__(self):
         from ..beam import stateful as st
@@ -359,7 +369,7 @@ class _FlushLog:
         def timed(step, shard, T, *a, **kw):
             t0 = time.perf_counter()
             out = list(real(step, shard, T, *a, **kw))
-            log.append((T, t0, time.perf_counter()))
+            log.append((T, t0, time.perf_counter(), time.process_time()))
             return iter(out)
 
         st.ShardStep._flush = timed
@@ -388,7 +398,8 @@ def _run_held_once(model: str, blocks, size: int, root: str, warmup: int) -> dic
     timed = slice(1 + warmup, None)  # after populate and the warm-up windows
     return {"seconds": dt, "populate_flush_seconds": flushes[0][2] - flushes[0][1],
             "window_seconds": np.diff(ends)[warmup:].tolist(),  # flush end to flush end: one window, end to end
-            "flush_seconds": [e - s for _, s, e in flushes[timed]], "counters": c}
+            "window_cpu_seconds": np.diff([r[3] for r in flushes])[warmup:].tolist(),
+            "flush_seconds": [e - s for _, s, e, _ in flushes[timed]], "counters": c}
 
 
 def run_held(model: str, held: list[int], *, keys_per_flush: int = 256, events_per_key: int = 4, windows: int = 12,
@@ -405,7 +416,8 @@ def run_held(model: str, held: list[int], *, keys_per_flush: int = 256, events_p
     size = round(window * 1_000_000)
     keys_per_flush = min(keys_per_flush, min(held))
     events = keys_per_flush * events_per_key
-    per: dict[int, dict] = {n: {"window_seconds": [], "flush_seconds": [], "populate_flush_seconds": [],
+    per: dict[int, dict] = {n: {"window_seconds": [], "window_cpu_seconds": [], "flush_seconds": [],
+                                "populate_flush_seconds": [],
                                 "pipeline_seconds": [], "rebuilds": [], "flushes": []} for n in held}
     for _ in range(repeats):
         for n in held:
@@ -422,6 +434,7 @@ def run_held(model: str, held: list[int], *, keys_per_flush: int = 256, events_p
                 shutil.rmtree(root, ignore_errors=True)
             p = per[n]
             p["window_seconds"] += r["window_seconds"]
+            p["window_cpu_seconds"] += r["window_cpu_seconds"]
             p["flush_seconds"] += r["flush_seconds"]
             p["populate_flush_seconds"].append(r["populate_flush_seconds"])
             p["pipeline_seconds"].append(r["seconds"])
@@ -430,7 +443,9 @@ def run_held(model: str, held: list[int], *, keys_per_flush: int = 256, events_p
     by = {}
     for n, p in per.items():
         w, f = statistics.median(p["window_seconds"]), statistics.median(p["flush_seconds"])
+        wc = statistics.median(p["window_cpu_seconds"])
         by[str(n)] = {"keys_held": n, "window_seconds_median": w, "events_per_s": events / w,
+                      "window_cpu_seconds_median": wc, "events_per_cpu_s": events / wc,
                       "flush_seconds_median": f, "flush_events_per_s": events / f,
                       "populate_flush_seconds": p["populate_flush_seconds"], "pipeline_seconds": p["pipeline_seconds"],
                       "window_seconds_all": p["window_seconds"], "state_rebuilds": p["rebuilds"],
@@ -440,4 +455,5 @@ def run_held(model: str, held: list[int], *, keys_per_flush: int = 256, events_p
             "events_per_key": events_per_key, "events_per_window": events, "windows_timed": windows,
             "warmup": warmup, "repeats": repeats, "window_s": window, "by_keys": by,
             "ratio_max_over_min_keys": by[hi]["events_per_s"] / by[lo]["events_per_s"],
+            "ratio_max_over_min_keys_cpu": by[hi]["events_per_cpu_s"] / by[lo]["events_per_cpu_s"],
             "ratio_max_over_min_keys_flush_only": by[hi]["flush_events_per_s"] / by[lo]["flush_events_per_s"]}
