@@ -7,15 +7,22 @@
 #
 #   docker build -t streamrnn-worker .                          # CUDA 13 + cuDNN 9, onnxruntime-gpu
 #   docker build -t streamrnn-worker:cpu --build-arg VARIANT=cpu .   # CPU only, onnxruntime
+#   docker build -t streamrnn-worker:dataflow --build-arg WORKER_USER=root .   # for Dataflow
 #
 # The version ARG defaults below must equal deploy/versions.env (tests/test_deploy.py checks it).
+# PYTHON_VERSION: the workers' Python minor version; it must be the launcher's (workers refuse to run
+#   otherwise): --build-arg PYTHON_VERSION="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 # BEAM_EXTRAS: Beam's gs:// and s3:// filesystems and Pub/Sub on the workers (empty: none).
+# WORKER_USER: the user the SDK harness runs as. streamrnn (uid 10001, the default) for Flink, Spark and
+#   Kubernetes; root for Dataflow, which mounts its directories under /var/opt as root and expects the SDK
+#   container to run as root. The install steps run as streamrnn either way.
 ARG BEAM_VERSION=2.77.0
 ARG PYTHON_VERSION=3.11
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 ARG CPU_IMAGE=ubuntu:24.04
 ARG VARIANT=gpu
 ARG BEAM_EXTRAS=gcp,aws
+ARG WORKER_USER=streamrnn
 
 FROM apache/beam_python${PYTHON_VERSION}_sdk:${BEAM_VERSION} AS beam_sdk
 
@@ -26,6 +33,10 @@ FROM base-${VARIANT} AS worker
 ARG PYTHON_VERSION
 ARG VARIANT
 ARG BEAM_EXTRAS
+ARG WORKER_USER
+RUN case "$WORKER_USER" in streamrnn|10001|root|0) ;; \
+      *) echo "WORKER_USER: expected streamrnn (Flink, Kubernetes) or root (Dataflow), got '$WORKER_USER'" >&2; exit 2 ;; \
+    esac
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 # Ubuntu 24.04 ships Python 3.12; the worker's Python must match the launcher's and the Beam SDK
 # image's minor version, so it comes from the deadsnakes PPA.
@@ -37,8 +48,10 @@ RUN apt-get update -qq \
  && apt-get purge -y -qq software-properties-common && apt-get autoremove -y -qq \
  && rm -rf /var/lib/apt/lists/*
 # The worker user owns the venv: Beam's boot pip-installs staged packages (--extra_package,
-# --requirements_file) into it at start-up, as this user.
+# --requirements_file) into it at start-up, as this user (or as root, which may too). The home, the
+# working directory of a worker, is open to any user: `docker run --user "$(id -u):$(id -g)"` starts there.
 RUN useradd --create-home --uid 10001 streamrnn \
+ && chmod 755 /home/streamrnn \
  && mkdir -p /out /opt/streamrnn \
  && "python${PYTHON_VERSION}" -m venv /opt/venv \
  && chown -R streamrnn /out /opt/streamrnn /opt/venv
@@ -64,4 +77,6 @@ COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam
 # out of the source tree: `python -m` puts the working directory first on sys.path, and workers must
 # import the installed package (and any staged package boot installs over it), not /opt/streamrnn
 WORKDIR /home/streamrnn
+# root (Dataflow) or streamrnn; the venv is readable by any user, so `docker run --user UID:GID` works too
+USER ${WORKER_USER}
 ENTRYPOINT ["/opt/apache/beam/boot"]

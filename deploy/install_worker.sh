@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install a streamrnn Beam worker (SDK harness) into a Python environment: the pinned Beam
-# (deploy/versions.env), ONNX Runtime (GPU build, or the CPU build with --cpu), and streamrnn
+# (deploy/versions.env), the pinned ONNX Runtime (GPU build, or the CPU build with --cpu), and streamrnn
 # itself from a source tree or a built wheel, with its shipped models. No torch: workers only
 # run the exported ONNX models. The Dockerfile RUNs this script; CI runs it into a fresh venv.
 #
@@ -38,14 +38,18 @@ done
 [[ "$extras" =~ ^([a-z0-9_]+(,[a-z0-9_]+)*)?$ ]] || {
   echo "install_worker.sh: --beam-extras: expected names such as gcp,aws, got '$extras'" >&2; exit 2; }
 [ -e "$src" ] || { echo "install_worker.sh: SOURCE: expected a source tree or wheel, got no such path $src" >&2; exit 2; }
+# PYTHON_VERSION from the environment (the Dockerfile's build argument) wins over the pin's default
+want_python="${PYTHON_VERSION:-}"
 # shellcheck source=versions.env
 . "$here/versions.env"
 : "${BEAM_VERSION:?deploy/versions.env sets no BEAM_VERSION}"
+: "${ONNXRUNTIME_VERSION:?deploy/versions.env sets no ONNXRUNTIME_VERSION}"
+want_python="${want_python:-$PYTHON_VERSION}"
 
 have="$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-if [ "$have" != "$PYTHON_VERSION" ]; then
-  echo "install_worker.sh: warning: $py is Python $have, the pinned worker Python is $PYTHON_VERSION" \
-       "(launcher and workers should share a minor version)" >&2
+if [ "$have" != "$want_python" ]; then
+  echo "install_worker.sh: warning: $py is Python $have, the worker Python asked for is $want_python" \
+       "(workers refuse to run for a launcher on another minor version)" >&2
 fi
 
 pip=("$py" -m pip install --no-cache-dir --disable-pip-version-check -q)
@@ -56,20 +60,20 @@ if [ "$cpu" = 1 ]; then
 import sys, tomllib
 for d in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
     name = d.split(";")[0].strip()
-    if name.startswith("onnxruntime-gpu"):
-        continue
-    print(name)  # the CPU build's line, without its platform marker
+    if name.startswith("onnxruntime"):
+        continue  # both builds: the pinned CPU build is installed instead
+    print(name)
 PY
   )
-  "${pip[@]}" "${deps[@]}" "$beam"
+  "${pip[@]}" "${deps[@]}" "onnxruntime==$ONNXRUNTIME_VERSION" "$beam"
   "${pip[@]}" --no-deps "$src"
 else
-  "${pip[@]}" "$src" "$beam"
+  "${pip[@]}" "$src" "onnxruntime-gpu==$ONNXRUNTIME_VERSION" "$beam"
 fi
 
 # what a worker needs, importable and at the pinned version
 # -I: the installed package, never a source tree in the working directory (the Docker build runs in one)
-"$py" -I - "$BEAM_VERSION" "$extras" <<'PY'
+"$py" -I - "$BEAM_VERSION" "$extras" "$ONNXRUNTIME_VERSION" <<'PY'
 import sys
 import apache_beam, onnxruntime, streamrnn
 from apache_beam.io.filesystems import FileSystems
@@ -77,6 +81,8 @@ from streamrnn.beam import StatefulInference  # noqa: F401
 import os
 if apache_beam.__version__ != sys.argv[1]:
     sys.exit(f"install_worker.sh: expected apache-beam {sys.argv[1]}, got {apache_beam.__version__}")
+if onnxruntime.__version__ != sys.argv[3]:
+    sys.exit(f"install_worker.sh: expected onnxruntime {sys.argv[3]}, got {onnxruntime.__version__}")
 for extra, url in (("gcp", "gs://bucket/x"), ("aws", "s3://bucket/x"), ("azure", "azfs://account/container/x")):
     if extra in sys.argv[2].split(","):
         try:

@@ -7,6 +7,17 @@ counters here (:mod:`streamrnn.beam.counters`); operator-API users get the same 
 passing a registry to :class:`streamrnn.metrics_operator.MeteredOperator`. Exporting
 (HTTP ``/metrics``, multiprocess, Pushgateway) is in :mod:`streamrnn.metrics_export`.
 
+Forecast-only metrics (``tasks=("forecast",)``) are created for forecast models only: a byte
+LM's job exports no interval coverage at 0.
+
+**Active keys in multiprocess mode.** A runner may move a shard between live processes (the
+DirectRunner's ``multi_processing`` mode sends a shard's timers to its workers in turn). Each
+process then writes its last report of each shard to the multiprocess directory (internal
+gauges ``streamrnn_shard_*`` with a ``shard`` label, mode ``mostrecent``), and the serving
+process exposes, per job, the sum over shards of each shard's most recent report
+(:func:`streamrnn.metrics_export.serving_registry`): what is held now, never a stale report of
+a process the shard has left. The ``shard`` label is never exposed.
+
 Histogram buckets: ORT batch calls of the shipped 2x512 char LSTM measured 0.4 ms (one
 event) to ~1 s (long text records, 256-step segments of many keys) on a 2-core CPU, so the
 buckets span 0.25 ms .. 10 s, about three per decade.
@@ -22,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 
 log = logging.getLogger("streamrnn.metrics")
 
@@ -49,6 +60,8 @@ class MetricDef:
     buckets: tuple[float, ...] | None = None
     #: gauges only: how values of several processes combine under PROMETHEUS_MULTIPROC_DIR
     mode: str | None = None
+    #: the model tasks whose jobs export it (MODEL-labelled metrics); None: every task
+    tasks: tuple[str, ...] | None = None
 
 
 CATALOGUE: tuple[MetricDef, ...] = (
@@ -74,7 +87,8 @@ CATALOGUE: tuple[MetricDef, ...] = (
               "Shard states rebuilt from the runner's state (cache miss: new worker, retry).", JOB),
     MetricDef("streamrnn_state_written_bytes_total", "counter", "Bytes of state deltas written to runner state.",
               JOB),
-    MetricDef("streamrnn_active_keys", "gauge", "Keys holding recurrent state in this process's shards.", JOB,
+    MetricDef("streamrnn_active_keys", "gauge",
+              "Keys holding recurrent state: the sum over shards of each shard's latest report.", JOB,
               mode="livesum"),
     MetricDef("streamrnn_state_bytes", "gauge", "Bytes of recurrent state held for the active keys.", JOB,
               mode="livesum"),
@@ -87,20 +101,74 @@ CATALOGUE: tuple[MetricDef, ...] = (
               "Online next-event loss: sum of -log p(actual event) in nats over scored events.", MODEL),
     MetricDef("streamrnn_online_scored_events_total", "counter",
               "Events scored online (the model had predicted them: not the first of a stream).", MODEL),
-    MetricDef("streamrnn_online_abs_error_total", "counter",
-              "Forecasts: absolute error of the median (realised minus median), summed over scored events "
-              "(% log return, one step ahead).",
-              MODEL),
+    MetricDef("streamrnn_online_abs_error_percent_total", "counter",
+              "Forecasts: absolute error of the median (realised minus median) in percentage points of log return "
+              "(one step ahead), summed over scored events.",
+              MODEL, tasks=("forecast",)),
     MetricDef("streamrnn_online_in_interval_80_total", "counter",
-              "Forecasts: scored events whose realised value fell inside the previous 80% interval.", MODEL),
+              "Forecasts: scored events whose realised value fell inside the previous 80% interval.", MODEL,
+              tasks=("forecast",)),
     MetricDef("streamrnn_online_in_interval_95_total", "counter",
-              "Forecasts: scored events whose realised value fell inside the previous 95% interval.", MODEL),
+              "Forecasts: scored events whose realised value fell inside the previous 95% interval.", MODEL,
+              tasks=("forecast",)),
     MetricDef("streamrnn_model_reference_loss_nats", "gauge",
-              "The model's training-time validation loss per event in nats (from its metadata).",
+              "The model's training-time validation loss per scored event in nats, what the online loss is "
+              "compared with (from its metadata).",
               ("job", "model", "model_version", "task"), mode="livemax"),
 )
 
 BY_NAME: dict[str, MetricDef] = {d.name: d for d in CATALOGUE}
+
+#: multiprocess mode: catalogued gauge -> the internal per-shard gauge whose latest report per shard is summed
+SHARD_GAUGES = {"streamrnn_active_keys": "streamrnn_shard_active_keys",
+                "streamrnn_state_bytes": "streamrnn_shard_state_bytes"}
+
+
+def exported_for(d: MetricDef, task: str) -> bool:
+    """Whether a job whose model has ``task`` exports ``d``."""
+    return d.tasks is None or task in d.tasks
+
+
+def reference_loss_nats(spec: Any) -> float | None:
+    """The training-time validation loss per scored event in nats that the online loss is compared with.
+
+    * ``lm``: ``metrics["val_nats_per_char"]`` (next byte, what the job scores online);
+    * ``forecast``: the one-bar-ahead validation NLL, the horizon the job scores online:
+      ``metrics["val_nll_h1"]`` if the export wrote it, else horizon 1 of ``val_nll_h`` in the
+      training history at ``best_step`` (the weights exported), else ``metrics["val_nll"]`` when the
+      model has one horizon. ``val_nll`` itself averages every horizon (1.793 nats at h1 and 2.294
+      over h1..h5 for the shipped ``market``), so it is not the reference of a multi-horizon model.
+
+    None when the metadata has no such figure.
+    """
+    import json
+
+    metrics = spec.metrics if isinstance(spec.metrics, Mapping) else {}
+    training = spec.training if isinstance(spec.training, Mapping) else {}
+
+    def finite(v: Any) -> float | None:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return float(v) if ok else None
+
+    if spec.task == "lm":
+        return finite(metrics.get("val_nats_per_char"))
+    if spec.task != "forecast":
+        return None
+    got = finite(metrics.get("val_nll_h1"))
+    if got is not None:
+        return got
+    try:
+        history = training.get("history")
+        history = json.loads(history) if isinstance(history, str) else history
+        best = [h for h in history or () if isinstance(h, Mapping) and h.get("step") == training.get("best_step")]
+        if best and best[-1].get("val_nll_h"):
+            return finite(best[-1]["val_nll_h"][0])
+    except (TypeError, ValueError):  # metadata of another shape: no reference
+        pass
+    forecast = training.get("forecast")
+    if isinstance(forecast, Mapping) and forecast.get("horizons") == 1:
+        return finite(metrics.get("val_nll"))
+    return None
 
 
 def provider_label(provider: str) -> str:
@@ -204,12 +272,18 @@ class Recorder:
     def __init__(self, job: str, registry: CollectorRegistry | None = None):
         self.job = job
         self.cat = catalogue(registry)
+        self.multiprocess = values.ValueClass is not values.MutexValue
         self._models: dict[int, tuple[Any, dict[str, Any]]] = {}
         self._shards: dict[Any, tuple[int, int]] = {}
         self._lock = threading.Lock()
         j = self.cat
-        self.job_children = {n: j[n].labels(job=job) for n, d in BY_NAME.items() if d.labels == JOB}
+        self.job_children = {n: j[n].labels(job=job) for n, d in BY_NAME.items()
+                             if d.labels == JOB and not (self.multiprocess and n in SHARD_GAUGES)}
         self.dead_children = {r: j["streamrnn_dead_letters_total"].labels(job=job, reason=r) for r in REASONS}
+        #: multiprocess mode: per-shard gauges (not in any registry: their values go to the multiprocess files)
+        self._shard_gauges = None if not self.multiprocess else tuple(
+            Gauge(SHARD_GAUGES[n], f"Per shard, its latest report (internal; served summed as {n}).",
+                  ("job", "shard"), registry=None, multiprocess_mode="mostrecent") for n in SHARD_GAUGES)
 
     # -- model-labelled -------------------------------------------------------------------
     def bind(self, model: Any, requested: Any = None) -> dict[str, Any]:
@@ -218,16 +292,20 @@ class Recorder:
         if got is not None and got[0] is model:
             return got[1]
         labels = model_labels(model, self.job)
-        kids = {n: self.cat[n].labels(**labels) for n, d in BY_NAME.items() if d.labels == MODEL}
-        ref = model.spec.metrics.get("val_nats_per_char") if isinstance(model.spec.metrics, Mapping) else None
+        kids = {n: self.cat[n].labels(**labels) for n, d in BY_NAME.items()
+                if d.labels == MODEL and exported_for(d, model.spec.task)}
+        ref = reference_loss_nats(model.spec)
         self.cat["streamrnn_model_info"].labels(**labels).set(1)
-        if isinstance(ref, (int, float)) and math.isfinite(ref):
+        if ref is not None:
             self.cat["streamrnn_model_reference_loss_nats"].labels(
-                **{k: labels[k] for k in ("job", "model", "model_version", "task")}).set(float(ref))
+                **{k: labels[k] for k in ("job", "model", "model_version", "task")}).set(ref)
         if requested is not None:
             self.job_children["streamrnn_cuda_expected"].set(int(cuda_expected(requested)))
         with self._lock:
             self._models[id(model)] = (model, kids)
+        from .metrics_export import await_first_scrape
+
+        await_first_scrape(f"model {labels['model_version']}")  # its series at 0 before anything is counted
         return kids
 
     def batch(self, model: Any, seconds: float, events: int) -> None:
@@ -255,15 +333,16 @@ class Recorder:
             kids = self.bind(model)
             kids["streamrnn_online_loss_nats_total"].inc(float(-lp[ok].sum()))
             kids["streamrnn_online_scored_events_total"].inc(n)
-        for col, name in (("abs_err", "streamrnn_online_abs_error_total"),
+        for col, name in (("abs_err", "streamrnn_online_abs_error_percent_total"),
                           ("in_80", "streamrnn_online_in_interval_80_total"),
                           ("in_95", "streamrnn_online_in_interval_95_total")):
             v = None if forecast is None else forecast.get(col)
-            if v is not None:
+            kid = self.bind(model).get(name) if v is not None else None
+            if kid is not None:
                 v = np.asarray(v, np.float64)
                 total = float(v[np.isfinite(v)].sum())
                 if total:
-                    self.bind(model)[name].inc(total)
+                    kid.inc(total)
 
     # -- job-labelled -------------------------------------------------------------------
     def inc(self, name: str, n: float = 1) -> None:
@@ -274,7 +353,18 @@ class Recorder:
         self.dead_children[reason].inc(n)
 
     def shard_state(self, shard: Any, keys: int, nbytes: int) -> None:
-        """This process's gauges: the sum over its shards of the latest (keys, bytes) each reported."""
+        """A shard's (keys, bytes) after a flush: the gauges are the sum over shards of each one's latest report.
+
+        One process: the sum over this process's shards. Multiprocess mode: each report goes to the
+        per-shard gauges (see the module notes), summed over every process's latest report per shard
+        when served, so a shard that moved to another process is not counted twice.
+        """
+        if self._shard_gauges is not None:
+            label = ":".join(map(str, shard)) if isinstance(shard, tuple) else str(shard)
+            keys_g, bytes_g = self._shard_gauges
+            keys_g.labels(job=self.job, shard=label).set(keys)
+            bytes_g.labels(job=self.job, shard=label).set(nbytes)
+            return
         with self._lock:
             self._shards[shard] = (keys, nbytes)
             k = sum(v[0] for v in self._shards.values())
@@ -286,15 +376,24 @@ class Recorder:
 _RECORDERS: dict[tuple[str, int], Recorder] = {}
 
 
-def recorder(job: str, registry: CollectorRegistry | None = None) -> Recorder:
-    """The process's :class:`Recorder` for ``job`` in ``registry`` (shared, so gauges sum over its shards)."""
+def recorder(job: str, registry: CollectorRegistry | None = None, *, wait: bool = True) -> Recorder:
+    """The process's :class:`Recorder` for ``job`` in ``registry`` (shared, so gauges sum over its shards).
+
+    Made here for the first time, its series are at 0 and, with ``wait`` (and ``STREAMRNN_METRICS_WAIT``
+    set), this waits for a scrape of them (:func:`streamrnn.metrics_export.await_first_scrape`).
+    """
     cat = catalogue(registry)
     key = (job, id(cat.registry))
     with _LOCK:
         r = _RECORDERS.get(key)
-        if r is None or r.cat is not cat:
-            r = _RECORDERS[key] = Recorder(job, registry)
-        return r
+        if r is not None and r.cat is cat:
+            return r
+        r = _RECORDERS[key] = Recorder(job, registry)
+    if wait:
+        from .metrics_export import await_first_scrape
+
+        await_first_scrape(f"job {job}")  # its series at 0 before anything is counted
+    return r
 
 
 guarded = _Guard.run

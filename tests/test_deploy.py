@@ -24,6 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from streamrnn.beam.io import demo_events, missing_filesystem
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "deploy" / "install_worker.sh"
 PIN_KEYS = ("BEAM_VERSION", "PYTHON_VERSION", "CUDA_IMAGE")
@@ -150,8 +152,24 @@ def test_one_pin_for_image_workers_and_launcher():
     dockerfile = (ROOT / "Dockerfile").read_text()
     for k in PIN_KEYS:
         assert re.search(rf"^ARG {k}={re.escape(pins[k])}$", dockerfile, re.M), k
-    cuda = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-\S+", pins["CUDA_IMAGE"])
-    assert cuda and cuda.group(1) == "13", pins["CUDA_IMAGE"]  # onnxruntime-gpu 1.31: CUDA 13, cuDNN 9
+
+
+def test_onnxruntime_pin_is_a_build_for_the_base_images_cuda():
+    """versions.env pins onnxruntime(-gpu) next to the CUDA base image: the pinned GPU build (what this test
+    environment runs, as it runs the pinned Beam) says in its own build info which CUDA it was built for, and
+    that major version must be the base image's (a CUDA 12 build cannot load on a CUDA 13 base, nor back)."""
+    pins = versions()
+    info = pytest.importorskip("onnxruntime.capi.build_and_package_info")
+    if info.package_name != "onnxruntime-gpu":
+        pytest.skip(f"this environment has ONNX Runtime's {info.package_name} build, not the pinned GPU build")
+    assert info.__version__ == pins["ONNXRUNTIME_VERSION"], (
+        f"onnxruntime-gpu: expected {pins['ONNXRUNTIME_VERSION']} (deploy/versions.env), got {info.__version__}; "
+        "install the pin, or move ONNXRUNTIME_VERSION and CUDA_IMAGE together")
+    base = re.fullmatch(r"nvidia/cuda:(\d+)\.\d+\.\d+-cudnn-runtime-\S+", pins["CUDA_IMAGE"])
+    assert base, pins["CUDA_IMAGE"]
+    assert info.cuda_version.split(".")[0] == base.group(1), (info.cuda_version, pins["CUDA_IMAGE"])
+    install = INSTALL.read_text()
+    assert '"onnxruntime-gpu==$ONNXRUNTIME_VERSION"' in install and '"onnxruntime==$ONNXRUNTIME_VERSION"' in install
 
 
 def test_dockerfile_is_a_beam_worker_image():
@@ -160,8 +178,12 @@ def test_dockerfile_is_a_beam_worker_image():
     assert re.search(r"^FROM apache/beam_python\$\{PYTHON_VERSION\}_sdk:\$\{BEAM_VERSION\} AS beam_sdk$", text, re.M)
     assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in lines
     assert lines[-1] == 'ENTRYPOINT ["/opt/apache/beam/boot"]'
+    # the user is a build argument: non-root by default (Flink, Kubernetes), root for Dataflow; the install
+    # steps run as the non-root user either way, and the home (the workers' cwd) is open to any --user
     users = [ln.split()[1] for ln in lines if ln.startswith("USER ")]
-    assert users and users[-1] not in ("root", "0")
+    assert "ARG WORKER_USER=streamrnn" in lines and users[-1] == "${WORKER_USER}" and lines[-2] == "USER ${WORKER_USER}"
+    assert re.search(r'case "\$WORKER_USER" in streamrnn\|10001\|root\|0\) ;;', text)
+    assert "chmod 755 /home/streamrnn" in text
     assert "./deploy/install_worker.sh" in text and "torch" not in text
     assert re.search(r"^FROM base-\$\{VARIANT\} AS worker$", text, re.M) and "ARG VARIANT=gpu" in lines
     assert "COPY --chown=streamrnn exported ./exported" in lines
@@ -171,10 +193,48 @@ def test_dockerfile_is_a_beam_worker_image():
     assert "ENV PATH=/opt/venv/bin:$PATH RUN_PYTHON_SDK_IN_DEFAULT_ENVIRONMENT=1" in lines
     assert re.search(r"chown -R streamrnn [^\n]*/opt/venv", text)
     install = next(i for i, ln in enumerate(lines) if "install_worker.sh --python" in ln)
-    assert lines.index(f"USER {users[-1]}") < install  # pip installs as that user
+    assert lines.index("USER streamrnn") < install < lines.index("USER ${WORKER_USER}")  # pip runs as streamrnn
     # workers start outside the source tree, so they import the installed package
     workdirs = [ln.split()[1] for ln in lines if ln.startswith("WORKDIR ")]
     assert workdirs[-1] != "/opt/streamrnn" and lines.index(f"WORKDIR {workdirs[-1]}") > install
+
+
+def test_deploy_docs_say_which_user_and_their_docker_runs_write_as_the_caller():
+    """Dataflow's image is built with WORKER_USER=root; every `docker run` that mounts a host folder runs as the
+    caller's uid, so its outputs are writable (and the caller's) whichever user the image was built with."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    assert "--build-arg WORKER_USER=root" in doc
+    runs = [ln for ln in doc.splitlines() if ln.lstrip().startswith("docker run") and " -v " in ln]
+    assert runs
+    for ln in runs:
+        assert '--user "$(id -u):$(id -g)"' in ln, ln
+
+
+@pytest.mark.skipif(missing_filesystem("gs://b/x") is None, reason="Beam's gcp extra is installed here")
+@pytest.mark.parametrize("job", ["next_token", "market_forecast"])
+@pytest.mark.parametrize("flag", ["--input", "--model", "--output"])
+def test_a_gs_path_without_beams_gcp_extra_is_one_line_naming_it(job, flag, tmp_path, capsys):
+    """``gs://`` without ``apache-beam[gcp]``: one line naming the missing extra, exit code 2, no traceback,
+    for the input, the model and the output alike."""
+    import importlib
+
+    import apache_beam
+
+    main = importlib.import_module(f"beam_jobs.{job}").main
+    if job == "next_token":
+        events = demo_events(tmp_path / "events.jsonl", keys=2)
+    else:
+        from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+
+        events = str(tmp_path / "bars")
+        write_sp500_layout(simulate(["SIMA"], start="2016-01-01", end="2016-02-01", seed=4), events)
+    model = "shipped:charlm" if job == "next_token" else "shipped:market"
+    args = {"--input": events, "--model": model, "--output": str(tmp_path / "out"), flag: "gs://bucket/x"}
+    assert main([a for kv in args.items() for a in kv] + ["--metrics-port", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    want = f'gs:// needs Beam\'s gcp extra: pip install "apache-beam[gcp]=={apache_beam.__version__}"'
+    assert len([ln for ln in err if want in ln]) == 1 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith(f"{job}: ") and "'gs://bucket/x'" in err[-1] and want in err[-1], err
 
 
 # --- a distributed run: job service + worker pool on loopback -------------------------------------

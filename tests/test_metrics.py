@@ -13,6 +13,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -36,10 +38,13 @@ from streamrnn.metrics import (
     cuda_expected,
     model_labels,
     provider_label,
+    reference_loss_nats,
     state_bytes_per_key,
 )
 from streamrnn.metrics_export import (
+    await_scrape,
     check_multiproc_dir,
+    directory_registry,
     exporter_settings,
     start_exporter,
     totals,
@@ -53,6 +58,11 @@ ALLOWED_LABELS = {"job", "model", "model_version", "task", "provider", "reason"}
 @pytest.fixture(scope="module")
 def model():
     return streamrnn.load(streamrnn.DEFAULT_MODEL, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def market():
+    return streamrnn.load("shipped:market", providers=["CPUExecutionProvider"])
 
 
 def _value(reg: CollectorRegistry, name: str, labels: dict) -> float | None:
@@ -141,7 +151,7 @@ def test_recorder_counts_match_numpy(model, calls, lps):
     assert _value(reg, "streamrnn_online_loss_nats_total", lab) == pytest.approx(-arr[ok].sum(), abs=1e-9)
 
 
-def test_forecast_quality_counters_score_the_previous_forecast_against_scipy(model):
+def test_forecast_quality_counters_score_the_previous_forecast_against_scipy(market):
     """ForecastPostprocess scores the previous one-bar-ahead Student-t forecast against the arriving return:
     |realised - median| and whether it fell inside the 80% / 95% intervals (reference: scipy.stats.t)."""
     scipy_t = pytest.importorskip("scipy.stats").t
@@ -167,14 +177,52 @@ def test_forecast_quality_counters_score_the_previous_forecast_against_scipy(mod
     assert np.allclose(out["abs_err"][scored], np.abs(r - loc)[scored], atol=1e-6)
     reg = CollectorRegistry()
     rec = Recorder("j", reg)
-    lab = model_labels(model, "j")
-    rec.scored(model, out["logprob"], {c: out[c] for c in ("abs_err", "in_80", "in_95")})
+    lab = model_labels(market, "j")
+    rec.scored(market, out["logprob"], {c: out[c] for c in ("abs_err", "in_80", "in_95")})
     assert _value(reg, "streamrnn_online_scored_events_total", lab) == scored.sum()
     assert _value(reg, "streamrnn_online_in_interval_80_total", lab) == float(np.nansum(out["in_80"]))
     assert _value(reg, "streamrnn_online_in_interval_95_total", lab) == float(np.nansum(out["in_95"]))
-    assert _value(reg, "streamrnn_online_abs_error_total", lab) == pytest.approx(float(np.nansum(out["abs_err"])))
+    assert _value(reg, "streamrnn_online_abs_error_percent_total", lab) == pytest.approx(
+        float(np.nansum(out["abs_err"])))
     assert 0.72 < np.nanmean(out["in_80"]) < 0.88  # returns drawn from the forecasts: coverage near nominal
-    Counters().scored(model, out)  # the Beam path passes the same columns (no Prometheus recorder here)
+    Counters().scored(market, out)  # the Beam path passes the same columns (no Prometheus recorder here)
+
+
+def test_forecast_only_metrics_are_not_exported_for_a_byte_lm(model, market):
+    """A byte LM's job has no interval coverage to show (its dashboard panel: no data, not "0%"), even when a
+    caller passes forecast columns; a forecast model's job exports them from the start, at 0."""
+    forecast_only = {d.name for d in CATALOGUE if d.tasks == ("forecast",)}
+    assert forecast_only == {"streamrnn_online_abs_error_percent_total", "streamrnn_online_in_interval_80_total",
+                             "streamrnn_online_in_interval_95_total"}
+    reg = CollectorRegistry()
+    rec = Recorder("j", reg)
+    cols = {"abs_err": np.array([0.5, 1.0]), "in_80": np.array([1.0, 0.0]), "in_95": np.array([1.0, 1.0])}
+    rec.scored(model, np.array([-1.0, -2.0]), cols)
+    rec.bind(market)
+    exposed = [(m.name, m.labels) for m in text_string_to_metric_families(generate_latest(reg).decode())
+               for m in m.samples]
+    for name in forecast_only:
+        tasks = {labels["task"] for sample, labels in exposed if sample == name}
+        assert tasks == {"forecast"}, (name, tasks)
+        assert _value(reg, name, model_labels(market, "j")) == 0
+    assert _value(reg, "streamrnn_online_scored_events_total", model_labels(model, "j")) == 2
+
+
+def test_reference_loss_is_what_each_task_scores_online(model, market):
+    """The byte LM's next-byte validation nats/char; the market model's one-bar-ahead validation NLL (what
+    ForecastPostprocess scores online), not ``val_nll``, which averages its five horizons."""
+    import json
+
+    assert reference_loss_nats(model.spec) == model.spec.metrics["val_nats_per_char"]
+    history = json.loads(market.spec.training["history"])
+    best = next(h for h in history if h["step"] == market.spec.training["best_step"])
+    assert reference_loss_nats(market.spec) == best["val_nll_h"][0] == 1.7928
+    assert market.spec.metrics["val_nll"] == pytest.approx(np.mean(best["val_nll_h"]), abs=5e-3)  # masks differ by h
+    assert market.spec.metrics["val_nll"] > 2.2
+    reg = CollectorRegistry()
+    Recorder("m", reg).bind(market)
+    ref_labels = {k: model_labels(market, "m")[k] for k in ("job", "model", "model_version", "task")}
+    assert _value(reg, "streamrnn_model_reference_loss_nats", ref_labels) == 1.7928
 
 
 def test_dead_letters_by_reason_and_gauges_sum_over_shards():
@@ -306,49 +354,103 @@ from streamrnn.metrics_export import serving_registry
 n, cuda, stay = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "stay"
 r = recorder("mp")
 r.dead("late", n)
-r.shard_state(("t", n), n, 10 * n)
+for report in sys.argv[4:]:  # shard=keys
+    shard, keys = map(int, report.split("="))
+    r.shard_state(("t", shard), keys, 10 * keys)
 r.cat["streamrnn_cuda_expected"].labels(job="mp").set(cuda)
-print(serving_registry().get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}), flush=True)
+served = serving_registry()
+print(served.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}),
+      served.get_sample_value("streamrnn_active_keys", {"job": "mp"}), flush=True)
 if stay:
     sys.stdin.read()  # alive until the test closes stdin; then it exits normally (atexit marks it dead)
 """
 
 
-def test_multiprocess_mode_adds_counters_and_uses_live_gauge_modes(tmp_path):
-    """Three worker processes share PROMETHEUS_MULTIPROC_DIR: counters add up, gauges follow their modes."""
-    from prometheus_client import multiprocess
+class _Workers:
+    """Worker processes sharing one PROMETHEUS_MULTIPROC_DIR, each recording as a Beam worker would."""
 
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    def __init__(self, path: Path):
+        self.path, self.procs = path, []
+        self.env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(path), "PYTHONPATH": str(ROOT)}
 
-    def collect() -> CollectorRegistry:
-        reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg, path=str(tmp_path))
-        return reg
+    def start(self, n: int, cuda: int, stay: bool, *reports: str) -> tuple[float, float | None]:
+        """Start one; what its /metrics would serve once it has recorded: (late dead letters, active keys)."""
+        p = subprocess.Popen([sys.executable, "-c", _WORKER, str(n), str(cuda), "stay" if stay else "exit", *reports],
+                             env=self.env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        self.procs.append(p)
+        line = p.stdout.readline()
+        assert line, p.stderr.read()
+        if not stay:
+            assert p.wait(timeout=60) == 0
+        late, keys = line.split()
+        return float(late), None if keys == "None" else float(keys)
 
-    procs, seen = [], []
+    def served(self, name: str, labels: dict) -> float | None:
+        return directory_registry(str(self.path)).get_sample_value(name, labels)
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.communicate(timeout=60)
+        assert all(p.returncode == 0 for p in self.procs)
+
+
+def test_multiprocess_mode_adds_counters_and_sums_each_shards_latest_report(tmp_path):
+    """Three worker processes share PROMETHEUS_MULTIPROC_DIR: counters add up; active keys and state bytes are
+    the sum over shards of each shard's latest report (a shard's keys stay held when its process exits: they
+    live in the runner's state); the CUDA gauge is the max over live processes."""
+    w = _Workers(tmp_path)
     try:
-        for n, cuda, stay in ((3, 0, "stay"), (5, 1, "stay"), (7, 0, "exit")):
-            p = subprocess.Popen([sys.executable, "-c", _WORKER, str(n), str(cuda), stay], env=env, text=True,
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            procs.append(p)
-            line = p.stdout.readline()
-            assert line, p.stderr.read()
-            seen.append(float(line))
-        assert procs[2].wait(timeout=60) == 0
-        assert seen == [3, 8, 15]  # what each worker's /metrics serves: the sum over the directory so far
-        reg = collect()
-        assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15
-        # livesum: the two live processes add up; the one that exited left
-        assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) == 3 + 5
-        assert reg.get_sample_value("streamrnn_state_bytes", {"job": "mp"}) == 80
-        assert reg.get_sample_value("streamrnn_cuda_expected", {"job": "mp"}) == 1  # livemax
+        seen = [w.start(3, 0, True, "3=3"), w.start(5, 1, True, "5=5"), w.start(7, 0, False, "7=7")]
+        assert seen == [(3, 3), (8, 8), (15, 15)]  # what each worker's /metrics serves: the directory so far
+        assert w.served("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15
+        assert w.served("streamrnn_active_keys", {"job": "mp"}) == 3 + 5 + 7
+        assert w.served("streamrnn_state_bytes", {"job": "mp"}) == 150
+        assert w.served("streamrnn_cuda_expected", {"job": "mp"}) == 1  # livemax
     finally:
-        for p in procs[:2]:
-            p.communicate(timeout=60)
-    assert all(p.returncode == 0 for p in procs)
-    reg = collect()
-    assert reg.get_sample_value("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15  # counters stay
-    assert reg.get_sample_value("streamrnn_active_keys", {"job": "mp"}) is None  # no live process holds keys
+        w.close()
+    assert w.served("streamrnn_dead_letters_total", {"job": "mp", "reason": "late"}) == 15  # counters stay
+    assert w.served("streamrnn_active_keys", {"job": "mp"}) == 15  # still held: the last reports stand
+    assert w.served("streamrnn_cuda_expected", {"job": "mp"}) is None  # no live process
+
+
+def test_multiprocess_active_keys_count_a_moved_shard_once(tmp_path):
+    """A runner moves a shard between live processes (the DirectRunner's multi_processing mode sends a shard's
+    timers to its workers in turn): the process it left keeps its old report, the new one reports the shard's
+    keys after expiry (0). Served: the latest report per shard (4), not the sum over processes (16 + 0 + 4)."""
+    w = _Workers(tmp_path)
+    try:
+        assert w.start(1, 0, True, "0=16") == (1, 16)
+        assert w.start(1, 0, False, "0=0", "1=4") == (2, 4)
+        assert w.served("streamrnn_active_keys", {"job": "mp"}) == 4
+        assert w.served("streamrnn_state_bytes", {"job": "mp"}) == 40
+        exposed = generate_latest(directory_registry(str(tmp_path))).decode()
+        assert "shard=" not in exposed and "streamrnn_shard_" not in exposed  # internal: never served
+    finally:
+        w.close()
+
+
+def test_exporter_serves_zero_series_and_await_scrape_returns_at_the_next_scrape():
+    """A job's series are served at 0 before anything is counted, and :func:`await_scrape` (what
+    ``--metrics-wait`` and ``--metrics-linger`` use) returns when a scrape starts after the given time."""
+    reg = CollectorRegistry()
+    Recorder("w", reg)
+    ex = start_exporter(_free_port(), registry=reg)
+    got: dict[str, bool | None] = {}
+    try:
+        since = time.time()
+        assert await_scrape(since, 0.05) is False  # not scraped since: times out
+        waiter = threading.Thread(target=lambda: got.setdefault("scraped", await_scrape(since, 60)))
+        waiter.start()
+        body = _get(ex.url)
+        waiter.join(60)
+    finally:
+        ex.close()
+    assert got == {"scraped": True}
+    assert 'streamrnn_events_in_total{job="w"} 0.0' in body
+    assert 'streamrnn_dead_letters_total{job="w",reason="invalid"} 0.0' in body
+    assert await_scrape(time.time(), 60) is None  # nothing serves this process's metrics now: no wait
 
 
 # -- Pushgateway --------------------------------------------------------------------------------

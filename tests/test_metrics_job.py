@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,7 @@ class _Gateway:
 
     def samples(self) -> dict[str, float]:
         """name{labels} -> value of the last push."""
-        out = {}
-        for fam in text_string_to_metric_families(self.got[-1][1]):
-            for smp in fam.samples:
-                out[smp.name + json.dumps(smp.labels, sort_keys=True)] = smp.value
-        return out
+        return _samples(self.got[-1][1])
 
 
 def test_push_sends_the_registry_to_a_gateway_and_never_raises():
@@ -75,34 +72,75 @@ def test_push_sends_the_registry_to_a_gateway_and_never_raises():
     assert err is not None and "rror" in err
 
 
-# -- the dashboard is what its generator writes, and uses catalogued metrics only ----------------
+class _Scraper:
+    """Scrapes a job's /metrics every 0.1 s from a thread, as Prometheus would, keeping every answer."""
+
+    def __init__(self, port: int):
+        self.url, self.got, self.stop = f"http://127.0.0.1:{port}/metrics", [], threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    self.got.append(_samples(r.read().decode()))
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def _samples(text: str) -> dict[str, float]:
+    """An exposition as name{labels as JSON} -> value."""
+    return {smp.name + json.dumps(smp.labels, sort_keys=True): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
+
+
+def _total(samples: dict[str, float], name: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(name + "{"))
+
+
 def test_multi_processing_job_is_quiet_and_its_workers_metrics_add_up(tmp_path):
-    """A batch job on 2 worker processes: a few lines on stderr, and the pushed totals cover both workers."""
+    """A batch job on 2 worker processes, scraped while it runs: its first scrape shows its series at 0
+    (--metrics-wait: nothing is counted before it), its last one the final figures after the workers exited
+    (--metrics-linger: the launcher serves them, and stops once they were scraped), with no key held after
+    every key expired; the pushed totals cover both workers; and stderr has a few lines."""
     ev = tmp_path / "ev.jsonl"
     ev.write_text("".join(json.dumps({"key": f"k{i % 4}", "ts": 100.0 + i, "seq": i, "text": f"line {i}\n"}) + "\n"
                           for i in range(40)) + '{"key": "k0", "ts": "bad", "seq": 999, "text": "x"}\n')
-    gw = _Gateway()
+    gw, port = _Gateway(), _free_port()
+    scraper = _Scraper(port)
     try:
         out = subprocess.run(
             [sys.executable, "-m", "beam_jobs.next_token", "--input", str(ev), "--output", str(tmp_path / "out"),
-             "--providers", "cpu", "--shards", "2", "--metrics-port", str(_free_port()), "--metrics-job", "mpjob",
-             "--pushgateway", gw.address, "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+             "--providers", "cpu", "--shards", "2", "--ttl", "60", "--metrics-port", str(port), "--metrics-job",
+             "mpjob", "--metrics-wait", "60", "--metrics-linger", "120", "--pushgateway", gw.address,
+             "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
             cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     finally:
+        scraper.close()
         gw.close()
     assert out.returncode == 0, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert not [ln for ln in lines if "INFO" in ln or "WARNING" in ln or "apitools" in ln], out.stderr
-    assert len(lines) <= 6, out.stderr
+    noise = [ln for ln in lines if ("INFO" in ln and "INFO streamrnn metrics: serving http" not in ln)
+             or "WARNING" in ln or "apitools" in ln]
+    assert not noise, out.stderr
+    assert len(lines) <= 7, out.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    got = gw.samples()
-
-    def total(prefix: str) -> float:
-        return sum(v for k, v in got.items() if k.startswith(prefix + "{"))
-
-    assert total("streamrnn_events_applied_total") == summary["events"] == sum(len(f"line {i}\n") for i in range(40))
-    assert total("streamrnn_dead_letters_total") == sum(summary["dead_letters"].values()) == 1
-    assert total("streamrnn_events_in_total") == summary["events"] + 1
+    events, dead = summary["events"], sum(summary["dead_letters"].values())
+    assert events == sum(len(f"line {i}\n") for i in range(40)) and dead == 1
+    first, last = scraper.got[0], scraper.got[-1]
+    assert _total(first, "streamrnn_events_in_total") == 0 and _total(first, "streamrnn_dead_letters_total") == 0
+    assert 'streamrnn_events_in_total{"job": "mpjob"}' in first  # served at 0, not absent
+    for got in (last, gw.samples()):
+        assert _total(got, "streamrnn_events_applied_total") == events
+        assert _total(got, "streamrnn_dead_letters_total") == dead
+        assert _total(got, "streamrnn_events_in_total") == events + dead
+    assert _total(last, "streamrnn_expired_keys_total") == 4  # every key's stream ended by its TTL ...
+    assert last['streamrnn_active_keys{"job": "mpjob"}'] == 0  # ... so none is held, in any worker
     assert "metrics pushed to" in out.stderr
 
 
@@ -122,13 +160,15 @@ def _job_args(tmp_path, *extra: str) -> list[str]:
     (lambda mp, tmp: None, "--metrics-port: expected a port in [0, 65535] (0 disables), got 70000"),
     (lambda mp, tmp: mp.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp / "nope")),
      "PROMETHEUS_MULTIPROC_DIR: expected a writable directory, got"),
+    (lambda mp, tmp: None, "--metrics-wait: expected a number >= 0.0, got '-1'"),
 ])
 def test_job_metrics_mistakes_are_one_line_exit_2(tmp_path, monkeypatch, capsys, setup, message):
     from beam_jobs import next_token
 
     setup(monkeypatch, tmp_path)
     port = "70000" if "70000" in message else "0"
-    assert next_token.main(_job_args(tmp_path, "--metrics-port", port)) == 2
+    wait = ["--metrics-wait", "-1"] if "--metrics-wait" in message else []
+    assert next_token.main(_job_args(tmp_path, "--metrics-port", port, *wait)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("next_token: ") and message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists()  # the folder this run made is removed again

@@ -6,6 +6,7 @@ The distributed form of the same checks (a worker pool from its own venv) is in 
 from __future__ import annotations
 
 import shutil
+import sys
 
 import apache_beam as beam
 import pytest
@@ -94,18 +95,25 @@ def test_a_worker_reading_another_file_at_the_model_path_fails_naming_both(tmp_p
     _run(str(path))  # and the same pipeline with the launcher's file runs
 
 
-def test_a_worker_on_another_beam_fails_naming_both_versions(monkeypatch):
-    """A launcher on one Beam and workers on another: the step refuses to run instead of mixing semantics."""
+@pytest.mark.parametrize("name, launchers", [("apache-beam", "2.60.0"), ("python", "3.12"), ("python", "3.10")])
+def test_a_worker_on_another_beam_or_python_fails_naming_both_versions(monkeypatch, name, launchers):
+    """A launcher on one Beam, or one Python minor version (whose pickles the workers would load), and workers
+    on another: the step refuses to run instead of mixing semantics, in one line that says what to do."""
     real = worker_check.environment()
-    monkeypatch.setattr(worker_check, "environment", lambda: {**real, "apache-beam": "2.60.0"})
+    assert real["python"] == f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if real[name] == launchers:
+        launchers = "3.13"
+    monkeypatch.setattr(worker_check, "environment", lambda: {**real, name: launchers})
     p = beam.Pipeline()
     _ = p | beam.Create(EVENTS) | StatefulInference(model="shipped:market", num_shards=2, providers=[CPU])
     monkeypatch.undo()  # the "workers" (this process) now report the real version
     with pytest.raises(Exception) as e:
         p.run().wait_until_finish()
     msg = launcher.deploy_error(e.value) or ""
-    want = f"StatefulInference: apache-beam: expected 2.60.0 (the launcher's), got {real['apache-beam']} on worker"
-    assert msg.startswith(want), msg
+    want = f"StatefulInference: {name}: expected {launchers} (the launcher's), got {real[name]} on worker"
+    assert msg.startswith(want) and "\n" not in msg, msg
+    if name == "python":
+        assert msg.endswith("(docker build --build-arg PYTHON_VERSION=...)"), msg
 
 
 def test_require_environment_names_each_side():

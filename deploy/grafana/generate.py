@@ -46,9 +46,10 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         (f"sum by (job) (rate(streamrnn_expired_keys_total{{{J}}}[{RI}]))", "{{job}} expired keys")], 8),
     ("Dead letters by reason (events/s)", "ops", "timeseries", [
         (f"sum by (job, reason) (rate(streamrnn_dead_letters_total{{{J}}}[{RI}]))", "{{job}} {{reason}}")], 12),
-    ("Dead-letter share of input", "percentunit", "timeseries", [
+    ("Dead-letter share: dead / (dead + applied)", "percentunit", "timeseries", [
         (f"sum by (job) (rate(streamrnn_dead_letters_total{{{J}}}[{RI}])) / "
-         f"clamp_min(sum by (job) (rate(streamrnn_events_in_total{{{J}}}[{RI}])), 1e-9)", "{{job}}")], 12),
+         f"((sum by (job) (rate(streamrnn_dead_letters_total{{{J}}}[{RI}])) + "
+         f"sum by (job) (rate(streamrnn_events_applied_total{{{J}}}[{RI}]))) > 0)", "{{job}}")], 12),
     ("Online loss (bits/event; bits/char for a byte LM) vs training", "short", "timeseries", [
         (f"sum by (job, model_version) (rate(streamrnn_online_loss_nats_total{{{J}}}[{RI}])) / "
          f"sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])) / {LN2}",
@@ -63,9 +64,14 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         (f"sum by (job, model_version) (rate(streamrnn_online_in_interval_95_total{{{J}}}[{RI}])) / "
          f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
          "{{job}} {{model_version}} 95%"),
-        (f"sum by (job, model_version) (rate(streamrnn_online_abs_error_total{{{J}}}[{RI}])) / "
+        (f"sum by (job, model_version) (rate(streamrnn_online_abs_error_percent_total{{{J}}}[{RI}])) / "
          f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
          "{{job}} {{model_version}} MAE of the median")], 12),
+    ("Target health per job (1 = /metrics scraped, 0 = down)", "short", "timeseries", [
+        (f"max by (job, instance) (last_over_time(streamrnn_cuda_expected{{{J}}}[1d]) * 0) "
+         "+ on (instance) group_left () max by (instance) (up)", "{{job}} {{instance}}")], 12),
+    ("Events applied in the last 15 min (0 after a steady hour: stalled)", "short", "timeseries", [
+        (f"sum by (job) (increase(streamrnn_events_applied_total{{{J}}}[15m]))", "{{job}}")], 12),
     ("Model version and provider in use", "short", "table", [
         (f"max by (job, model, model_version, task, provider) (streamrnn_model_info{{{J}}})", "")], 12),
     ("CUDA expected / state work", "short", "timeseries", [

@@ -40,17 +40,41 @@ __all__ = ["FORMATS", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "lo
            "read_events"]
 
 
+#: Beam's extra that brings each scheme's filesystem
+EXTRAS = {"gs": "gcp", "s3": "aws", "azfs": "azure"}
+
+
+def missing_filesystem(path: str) -> str | None:
+    """None when a Beam filesystem here opens ``path``, else why not in a few words, naming the missing extra:
+    ``gs:// needs Beam's gcp extra: pip install "apache-beam[gcp]==2.77.0"``."""
+    try:
+        FileSystems.get_filesystem(path)
+        return None
+    except ValueError:
+        import apache_beam
+
+        scheme = path.split("://", 1)[0].lower() if "://" in path else path
+        extra = EXTRAS.get(scheme)
+        if extra is None:
+            return f"no Beam filesystem for {scheme}:// is installed"
+        return f'{scheme}:// needs Beam\'s {extra} extra: pip install "apache-beam[{extra}]=={apache_beam.__version__}"'
+
+
 def match_inputs(pattern: str) -> list[FileMetadata]:
     """The files an input path or glob names, by metadata only (nothing is opened).
 
-    InputError (one line) when nothing matches, when every match is empty, or when a
-    match has an extension that is not an events format.
+    InputError (one line) when nothing matches, when every match is empty, when no Beam
+    filesystem here opens the path (naming the missing extra), or when a match has an extension
+    that is not an events format.
     """
+    why = missing_filesystem(pattern)
+    if why is not None:
+        raise InputError(f"input: expected a path on a filesystem Beam can open here, got {pattern!r} ({why})")
     try:
         found = [m for r in FileSystems.match([pattern]) for m in r.metadata_list]
     except BeamIOError:
         found = []
-    except Exception as e:  # e.g. a scheme whose filesystem is not installed (gs:// without apache-beam[gcp])
+    except Exception as e:  # a filesystem's own error (no such bucket, no credentials)
         why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise InputError(f"input: expected an events file at {pattern!r}, got: {why}") from None
     if not found:

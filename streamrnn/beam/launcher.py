@@ -34,7 +34,7 @@ from ..cliargs import at_least
 from ..errors import DeployError, InputError, ModelLoadError
 from ..metrics_logging import quiet_worker_processes
 from ..spec import ModelSpec
-from .io import match_inputs
+from .io import match_inputs, missing_filesystem
 from .summary import live_line
 
 
@@ -116,7 +116,19 @@ def join(root: str, name: str) -> str:
 
 
 def is_local(path: str) -> bool:
-    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+    """Whether ``path`` is on the local filesystem (False for a scheme Beam has no filesystem for here)."""
+    try:
+        return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+    except ValueError:
+        return False
+
+
+def require_filesystem(what: str, path: str) -> None:
+    """JobError naming ``what`` and the missing Beam extra when no filesystem here can open ``path``
+    (``gs://`` without ``apache-beam[gcp]``)."""
+    why = missing_filesystem(path)
+    if why is not None:
+        raise JobError(f"{what}: expected a path on a filesystem Beam can open here, got {path!r} ({why})")
 
 
 def input_files(pattern: str) -> list[FileMetadata]:
@@ -129,6 +141,7 @@ def input_files(pattern: str) -> list[FileMetadata]:
 
 def require_file(path: str, what: str, kind: str = "a file", hint: str = "") -> None:
     """JobError ``what: expected <kind> at <path>, got no such file<hint>`` unless the file exists."""
+    require_filesystem(what, path)
     if not FileSystems.exists(path):
         raise JobError(f"{what}: expected {kind} at {path!r}, got no such file{hint}")
 
@@ -197,9 +210,12 @@ class Output:
     def __init__(self, root: str, prefixes: Sequence[str], files: Sequence[str] = ()):
         self.root, self.prefixes, self.files = root, tuple(prefixes), tuple(files)
         self.made_here = is_local(root) and not os.path.exists(root)
-        self.temp = FileSystems.join(root, f".temp-{uuid.uuid4().hex}")
+        name = f".temp-{uuid.uuid4().hex}"
+        # a scheme with no filesystem here is check_writable's one-line error, not this constructor's traceback
+        self.temp = join(root, name) if missing_filesystem(root) else FileSystems.join(root, name)
 
     def check_writable(self) -> None:
+        require_filesystem("output", self.root)
         probe = FileSystems.join(self.root, f".write-check-{uuid.uuid4().hex}")
         try:
             with FileSystems.create(probe) as f:
@@ -319,10 +335,22 @@ def deploy_error(e: BaseException) -> str | None:
     return _WHILE_RUNNING.sub("", msg) or None
 
 
+_BEAM_NO_FILESYSTEM = re.compile(r"^Unable to get filesystem from specified path.*Path specified: (\S+)\s*$", re.S)
+
+
+def _no_filesystem(e: BaseException) -> str | None:
+    """Beam's own error for a path no filesystem here opens (``gs://`` without its extra), where a job passed
+    it to Beam unchecked: one line naming the path and the missing extra."""
+    m = _BEAM_NO_FILESYSTEM.match(str(e)) if isinstance(e, ValueError) else None
+    why = missing_filesystem(m.group(1)) if m else None
+    return None if why is None else f"expected a path on a filesystem Beam can open here, got {m.group(1)!r} ({why})"
+
+
 def run(prog: str, output: Output, body: Callable[[], int]) -> int:
     """``body()``'s exit code, and one line ``prog: message`` on stderr with exit code 2 for:
 
-    * a JobError (a user's mistake, found before anything is written: a folder this run made is removed);
+    * a JobError (a user's mistake, found before anything is written: a folder this run made is removed), and
+      Beam's error for a path no filesystem here opens (``gs://`` without Beam's ``gcp`` extra);
     * a worker's DeployError (launcher and workers disagree; what was written stays).
     """
     try:
@@ -333,7 +361,10 @@ def run(prog: str, output: Output, body: Callable[[], int]) -> int:
     except Exception as e:
         msg = deploy_error(e)
         if msg is None:
-            raise
+            msg = _no_filesystem(e)
+            if msg is None:
+                raise
+            output.discard()  # found before the pipeline ran, as a JobError is
         print(f"{prog}: {msg}", file=sys.stderr)
         return 2
     finally:
@@ -351,11 +382,23 @@ def add_metrics_args(ap: argparse.ArgumentParser, job: str) -> None:
     g.add_argument("--metrics-job", default=job, help="the 'job' label (default: %(default)s)")
     g.add_argument("--pushgateway", default=None, metavar="HOST:PORT",
                    help="push the final metrics to this Prometheus Pushgateway when the job ends")
+    g.add_argument("--metrics-wait", type=at_least(0.0), default=0.0, metavar="SECONDS",
+                   help="before anything is counted, wait up to SECONDS until /metrics was scraped with its series "
+                        "at 0, so rate() sees the first counts too (batch jobs; default: %(default)s, no wait)")
     g.add_argument("--metrics-linger", type=at_least(0.0), default=0.0, metavar="SECONDS",
-                   help="keep /metrics up this long after the input ends, so a last scrape sees the final "
-                        "figures (default: %(default)s)")
+                   help="after the input ends, keep /metrics up until a scrape has read the final figures, at "
+                        "most SECONDS (default: %(default)s)")
     g.add_argument("--log-every", type=at_least(0.0), default=10.0,
                    help="seconds between the running job's summary lines (0: none; default: %(default)s)")
+
+
+def runs_here(beam_args: Sequence[str]) -> bool:
+    """Whether the runner runs the pipeline on this machine (the DirectRunner, in this process or in worker
+    processes it starts), so the launcher's exporter can serve the workers' metrics."""
+    name = _beam_parser().parse_known_args(list(beam_args))[0].runner or "DirectRunner"
+    name = name.rsplit(".", 1)[-1].lower()
+    name = name if name.endswith("runner") else name + "runner"
+    return name in ("directrunner", "switchingdirectrunner", "bundlebaseddirectrunner")
 
 
 @contextmanager
@@ -363,7 +406,10 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     """Checks the metrics settings (JobError), sets them for the workers, yields the live summary line.
 
     A multi_processing DirectRunner with no ``PROMETHEUS_MULTIPROC_DIR`` gets a temporary one
-    (removed afterwards), so its workers' metrics add up behind one exporter.
+    (removed afterwards), so its workers' metrics add up behind one exporter. On the DirectRunner
+    the launcher starts that exporter itself, before the pipeline: it serves the job's series at 0
+    from the start (with ``--metrics-wait``, until a first scrape has seen them), the workers' figures
+    while it runs, and (``--metrics-linger``) the final figures after the workers have exited.
     """
     if not 0 <= args.metrics_port <= 65535:
         raise JobError(f"--metrics-port: expected a port in [0, 65535] (0 disables), got {args.metrics_port}")
@@ -380,24 +426,32 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     site, pythonpath = None, os.environ.get("PYTHONPATH")
     if any("multi_processing" in a for a in beam_args) and not getattr(args, "verbose", False):
         site = quiet_worker_processes()
-    if args.metrics_port and metrics_export.multiproc_dir() is not None:
+    here = runs_here(beam_args)
+    if args.metrics_port and metrics_export.multiproc_dir() is not None and not here:
         print(f"{args.metrics_job}: worker processes share {metrics_export.multiproc_dir()}; one of them serves "
               f"all on http://{args.metrics_bind}:{args.metrics_port}/metrics", file=sys.stderr)
     if args.metrics_port and env_dir is None and made is None \
             and not metrics_export.port_free(args.metrics_port, args.metrics_bind):
         print(f"{args.metrics_job}: metrics port {args.metrics_port} on {args.metrics_bind} is in use; the "
               f"exporter takes the next free port (logged when it starts)", file=sys.stderr)
-    metrics_export.configure_env(args.metrics_port, args.metrics_bind, args.metrics_job)
+    wait = getattr(args, "metrics_wait", 0.0) if args.metrics_port else 0.0
+    metrics_export.configure_env(args.metrics_port, args.metrics_bind, args.metrics_job, wait=wait)
     try:
+        if args.metrics_port and metrics_export.prometheus_on() and here:
+            _serve_from_launcher(args, wait)
         yield lambda: live_line(metrics_export.totals())
         if args.metrics_port and args.metrics_linger > 0:
-            time.sleep(args.metrics_linger)
+            ended = time.time()
+            if metrics_export.await_scrape(ended, args.metrics_linger) is False:
+                print(f"{args.metrics_job}: /metrics was not scraped within --metrics-linger {args.metrics_linger:g} s "
+                      "of the end; the last scrape missed the final figures", file=sys.stderr)
         if args.pushgateway:
             err = metrics_export.push(args.pushgateway, args.metrics_job)
             print(f"{args.metrics_job}: " + (f"metrics pushed to {args.pushgateway}" if err is None else
                                              f"metrics not pushed to {args.pushgateway} ({err})"), file=sys.stderr)
     finally:
         metrics_export.stop_exporter()
+        os.environ.pop(metrics_export.ENV_WAIT, None)
         if made is not None:
             os.environ.pop(metrics_export.MULTIPROC, None)
             shutil.rmtree(made, ignore_errors=True)
@@ -409,12 +463,27 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
             shutil.rmtree(site, ignore_errors=True)
 
 
+def _serve_from_launcher(args: argparse.Namespace, wait: float) -> None:
+    """The DirectRunner's exporter, started here before the workers, serving the job's series at 0 from its
+    first scrape on; with ``--metrics-wait``, returns once a scrape has seen them."""
+    from ..metrics import guarded, recorder
+
+    guarded(lambda: recorder(args.metrics_job, wait=False))  # the series first: no scrape without them
+    ex = metrics_export.exporter_from_env(primary=True)
+    if ex is None or wait <= 0:
+        return
+    print(f"{args.metrics_job}: waiting up to {wait:g} s for a first scrape of {ex.url} (--metrics-wait)",
+          file=sys.stderr)
+    metrics_export.await_first_scrape(f"job {args.metrics_job}")
+
+
 def execute(job: str, args: argparse.Namespace, beam_args: Sequence[str], out: Output, *, source: str,
-            outputs: dict[str, str], build: Callable[..., None]) -> float:
+            outputs: dict[str, str], build: Callable[..., None], live: Callable[[], str] | None = None) -> float:
     """Run a job's pipeline: check the output, clear old outputs, run with metrics and progress.
 
     ``build(p)`` adds the job's transforms to the pipeline; ``outputs`` maps file prefixes to
-    the names the progress line shows. Returns the run's wall seconds.
+    the names the progress line shows. ``live`` (a live input's figures: files or messages taken,
+    the watermark) runs the pipeline streaming and leads the progress line. Returns the run's wall seconds.
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
@@ -423,13 +492,14 @@ def execute(job: str, args: argparse.Namespace, beam_args: Sequence[str], out: O
 
     out.check_writable()
     opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
-    if args.replay:
+    if args.replay or live is not None:
         opts.view_as(StandardOptions).streaming = True
     out.clear()
-    mode = "replay (streaming)" if args.replay else "batch"
+    mode = "replay (streaming)" if args.replay else "live (streaming)" if live is not None else "batch"
     print(f"{job}: {source} -> {args.output}, {mode}, model {args.model}", file=sys.stderr)
     t0 = time.monotonic()
-    with metrics(args, beam_args) as status:
+    with metrics(args, beam_args) as figures:
+        status = figures if live is None else (lambda: "; ".join(s for s in (live(), figures()) if s))
         with out.progress(outputs, quiet=args.quiet, status=status, every=args.log_every), \
                 beam.Pipeline(options=opts) as p:
             build(p)

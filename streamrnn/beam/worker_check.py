@@ -1,8 +1,9 @@
 """What a Beam worker checks before it runs: that it has what the launcher built the pipeline with.
 
 A launcher and its workers are separate installs (a laptop and a worker image, say). When
-they differ, Beam may still unpickle the pipeline and run it, with another Beam's semantics or
-against another file at the same model path. Both are caught in ``setup()`` and fail the
+they differ, Beam may still unpickle the pipeline and run it, with another Beam's semantics,
+with code pickled by another Python minor version (a 3.12 launcher's functions on 3.11
+workers), or against another file at the same model path. Both are caught in ``setup()`` and fail the
 step with a :class:`~streamrnn.errors.DeployError` that names both sides, never a silent
 difference in outputs. Retrying cannot fix either: a batch runner's retries end in that error
 (one line on the launcher); a streaming runner (Dataflow streaming retries forever) shows it
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import socket
+import sys
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
@@ -41,19 +43,24 @@ def environment() -> dict[str, str]:
 
     import streamrnn
 
-    return {"apache-beam": apache_beam.__version__, "streamrnn": streamrnn.__version__,
-            "streamrnn code": code_digest()}
+    return {"python": f"{sys.version_info[0]}.{sys.version_info[1]}", "apache-beam": apache_beam.__version__,
+            "streamrnn": streamrnn.__version__, "streamrnn code": code_digest()}
+
+
+#: what to do about each difference
+_FIX = {"python": "run the launcher on the workers' Python, or build the worker image with the launcher's "
+                  "(docker build --build-arg PYTHON_VERSION=...)"}
 
 
 def require_environment(launcher: Mapping[str, str], step: str) -> None:
-    """DeployError unless this process runs the launcher's Beam and streamrnn versions."""
+    """DeployError unless this process runs the launcher's Python minor version, Beam and streamrnn."""
     here = environment()
     for name, want in launcher.items():
         if here.get(name) != want:
+            fix = _FIX.get(name, "install the same version on both (deploy/versions.env pins Beam)")
             raise DeployError(
                 f"{step}: {name}: expected {want} (the launcher's), got {here.get(name, 'none (an older streamrnn)')} "
-                f"on worker "
-                f"{socket.gethostname()}; install the same version on both (deploy/versions.env pins Beam)")
+                f"on worker {socket.gethostname()}; {fix}")
 
 
 def require_model(launcher: ModelSpec, worker: ModelSpec, path: str, step: str) -> None:
