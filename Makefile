@@ -14,9 +14,14 @@ $(VENV)/.runtime: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime
+# The tests check the worker image's ONNX Runtime pin against its CUDA base: they run on that pin.
+ORT_PIN := $(shell sed -n 's/^ONNXRUNTIME_VERSION=//p' deploy/versions.env)
+
+$(VENV)/.dev: $(VENV)/.runtime deploy/versions.env
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e '.[train,test,eval,plot]'
+	if [ "$$(uname -s)" = Linux ] && { [ "$$(uname -m)" = x86_64 ] || [ "$$(uname -m)" = aarch64 ]; }; then \
+		$(PY) -m pip install -q "onnxruntime-gpu==$(ORT_PIN)"; fi
 	touch $@
 
 demo: $(VENV)/.runtime
