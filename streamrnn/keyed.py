@@ -522,11 +522,16 @@ class KeyedOperator:
         Same state shapes (``spec.state_signature``): every key's state, steps, ``last_seen`` and recency
         carry on under ``model`` (last outputs too where the output shapes match; else NaN). Other shapes:
         every key's state ends, its next event starts fresh with reset ``model_update``, and those keys
-        are returned (counted in ``evictions.model_update``). All-or-nothing.
+        are returned (counted in ``evictions.model_update``). A model of another input (kind, vocabulary,
+        feature count) is refused: the events it would get are not its input. All-or-nothing.
         """
         if not isinstance(model, Model):
             raise InputError(f"update_model: model: expected a streamrnn Model (streamrnn.load), "
                              f"got {type(model).__name__}")
+        serves, new = self.model.spec.input, model.spec.input
+        if (new.kind, new.vocab_size, new.n_features) != (serves.kind, serves.vocab_size, serves.n_features):
+            raise InputError(f"update_model: model input: expected {_describe_input(serves)} (what this operator "
+                             f"serves), got {_describe_input(new)}")
         with self._lock:
             limit = self._limit("update_model")
             store = self._store
@@ -553,3 +558,7 @@ class KeyedOperator:
             self.evictions.model_update += len(ended)
             self._remember_ended(ended, MODEL_UPDATE)
             return ended
+
+
+def _describe_input(i: Any) -> str:
+    return f"tokens (vocab {i.vocab_size})" if i.kind == "tokens" else f"features ({i.n_features})"

@@ -87,8 +87,10 @@ def decode(table: pa.Table, spec, state_tail: dict[str, tuple[int, ...]], out_ta
     if meta.get("state") != want_sig:
         raise SnapshotError(f"restore: state shapes: expected {want_sig} (model {spec.name}), "
                             f"got {meta.get('state')} (model {meta.get('model')})")
-    if meta.get("fingerprint") != spec.fingerprint and not allow_other_model:
-        fp = meta.get("fingerprint")
+    fp = meta.get("fingerprint")
+    # a snapshot written before load bound model fingerprints carries the weights sha256 of its model
+    same = fp == spec.fingerprint or (bool(spec.weights_sha256) and fp == spec.weights_sha256)
+    if not same and not allow_other_model:
         raise SnapshotError(
             f"restore: model: expected a snapshot of {spec.name} v{spec.version} "
             f"(fingerprint {spec.fingerprint[:12]}), got one of {meta.get('model')} v{meta.get('version')} "

@@ -178,7 +178,8 @@ def test_reset_reasons_new_expired_evicted(lstm):
 
 
 @pytest.mark.parametrize("on_device", [False, True])
-def test_model_update_carries_state_or_ends_every_stream(lstm, other_lstm_path, wide_lstm_path, rng, on_device):
+def test_model_update_carries_state_or_ends_every_stream(lstm, other_lstm_path, wide_lstm_path, nets_and_paths, rng,
+                                                          on_device):
     op = KeyedOperator(lstm, keep_last_output=True, state_on_device=on_device)
     x = rng.integers(0, 256, 6)
     op.process(["a", "b", "a", "b", "a", "c"], x)
@@ -196,6 +197,10 @@ def test_model_update_carries_state_or_ends_every_stream(lstm, other_lstm_path, 
     assert r.reset.tolist() == ["model_update", "new"]
     with pytest.raises(InputError, match="update_model: model: expected a streamrnn Model"):
         op.update_model("wide.onnx")
+    with pytest.raises(InputError, match=r"model input: expected tokens \(vocab 256\) \(what this operator serves\), "
+                                         r"got features \(3\)"):
+        op.update_model(load(nets_and_paths[("lstm", "features")][1], providers=[CPU]))
+    assert op.model is wide and op.keys() == ["a", "z"]
 
 
 # -- item 4: a snapshot is one file --------------------------------------------------------------------------

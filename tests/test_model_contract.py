@@ -310,6 +310,19 @@ def test_fingerprint_covers_the_graph_structure(nets_and_paths, tmp_path):
     assert b.spec.fingerprint == reference_fingerprint(other)
 
 
+def test_a_snapshot_written_before_model_fingerprints_still_restores(lstm, other_lstm_path):
+    """Older snapshots carry the weights sha256 as their fingerprint: the same weights restore, others do not."""
+    op = KeyedOperator(lstm)
+    op.process(["k"], [1])
+    t = op.snapshot()
+    meta = json.loads(t.schema.metadata[b"streamrnn.snapshot"])
+    legacy = t.replace_schema_metadata({b"streamrnn.snapshot": json.dumps(
+        {**meta, "fingerprint": lstm.spec.weights_sha256}).encode()})
+    assert KeyedOperator(lstm).restore(legacy) == 1
+    with pytest.raises(SnapshotError, match="model: expected a snapshot of tiny-other"):
+        KeyedOperator(load(other_lstm_path, providers=[CPU])).restore(legacy)
+
+
 def test_a_loaded_spec_written_back_loads_to_the_same_fingerprint(lstm_path, tmp_path):
     spec = load(lstm_path, providers=[CPU]).spec
     back = edited(lstm_path, tmp_path / "b.onnx", spec=lambda d: d.update(json.loads(spec.to_json())))
