@@ -323,9 +323,9 @@ def _make_model(path: str, hidden: int, layers: int) -> None:
 
 #: ``--quick``: every section at a toy size (a smoke test; the numbers mean nothing).
 QUICK = {"keys": 12, "events": 40, "repeats": 1, "repeats_b": 1, "hidden": 32, "layers": 1, "stream_repeats": 1,
-         "stream_windows": 8,
+         "stream_windows": 5,
          "sweep_keys": "50,500", "sweep_keys_per_flush": 16, "sweep_flushes": 3, "sweep_warmup": 1,
-         "stream_held": "40,400", "stream_held_keys_per_flush": 16, "stream_held_windows": 3, "stream_held_warmup": 1,
+         "stream_held": "40,400", "stream_held_keys_per_flush": 16, "stream_held_windows": 2, "stream_held_warmup": 1,
          "stream_held_repeats": 1}
 
 
