@@ -37,7 +37,7 @@ def _runs(model: str, sc: Scenario, fail_every: int = 3) -> dict[str, dict]:
     out = {"warm": clean.result(), "cold": Harness(model, sc, mode="cold").run().result()}
     for mode in ("retry-warm", "retry-cold"):
         h = Harness(model, sc, mode=mode, fail_at=fails).run()
-        assert h.w.failed > 0  # the failures really happened
+        assert h.w.failed > 0 or clean.w.n == 0  # the failures really happened (where anything was written)
         out[mode] = h.result()
     return out
 
