@@ -114,15 +114,10 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def _gauges(self) -> tuple[float, float, float]:
-        from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
+        from ..metrics_export import directory_registry, totals
 
-        from ..metrics_export import totals
-
-        reg = CollectorRegistry()
-        MultiProcessCollector(reg, path=self.prom_dir)
-        try:
-            t = totals(reg)
+        try:  # what the exporter serves from the processes' directory (per-shard gauges summed per job)
+            t = totals(directory_registry(self.prom_dir))
         except Exception:  # a file being created as we read: skip this sample's gauges
             return (float("nan"),) * 3
         return (t.get("streamrnn_active_keys", 0.0), t.get("streamrnn_state_bytes", 0.0),
