@@ -2,6 +2,8 @@
 
     python -m beam_jobs.market_forecast --input BARS --output DIR [--replay] [--plot PNG] [Beam options]
     python -m beam_jobs.market_forecast --demo --output DIR [--plot PNG]   # a SIMULATED market
+    python -m beam_jobs.market_forecast --input 'gs://b/bars/*.csv' --watch --output DIR   # new files, live
+    python -m beam_jobs.market_forecast --input projects/P/subscriptions/S --output DIR    # JSON bars, live
 
 ``BARS``: CSV or Parquet bar files, directories of them or globs (comma-separated), on any
 Beam filesystem, with columns symbol, ts (date or timestamp), open, high, low, close, volume;
@@ -15,7 +17,9 @@ bar arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/s
 (live NLL and coverage per symbol). A missing input, a missing model, an unwritable output or
 ``--plot`` file, or a bad flag (a value out of range, a flag neither this job nor Beam knows, a
 model of another task, ``--replay`` off the DirectRunner) is a one-line error with exit code 2,
-found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream.
+found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream. ``--watch``, a
+Pub/Sub subscription or a Kafka topic (JSON rows with the same columns) read live input
+(streaming; :mod:`streamrnn.beam.live`): the same bars, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import apache_beam as beam  # noqa: E402
 
 from streamrnn.beam import StatefulInference, launcher  # noqa: E402
 from streamrnn.beam.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.live import LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
 from streamrnn.beam.models import load_model  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
@@ -41,7 +46,14 @@ from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
 from streamrnn.cliargs import at_least  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
-from streamrnn.forecast.beam import Features, ForecastPostprocess, ReadBars, ReplayBars, bar_files  # noqa: E402
+from streamrnn.forecast.beam import (  # noqa: E402
+    BarParser,
+    Features,
+    ForecastPostprocess,
+    ReadBars,
+    ReplayBars,
+    bar_files,
+)
 from streamrnn.forecast.beam_output import (  # noqa: E402
     WriteMarketSummary,
     job_columns,
@@ -61,7 +73,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The job's flags and Beam's; JobError (one line) for a bad value, an unknown flag or runner."""
     ap = launcher.JobParser("market_forecast", description=__doc__.split("\n")[0])
     non_negative = at_least(0.0)
-    ap.add_argument("--input", help="bar files: CSV/Parquet files, directories or globs, comma-separated")
+    ap.add_argument("--input", help="bar files: CSV/Parquet files, directories or globs, comma-separated; or live: a "
+                                    "glob or directory with --watch, projects/P/subscriptions/S (Pub/Sub) or "
+                                    "kafka://BROKERS/TOPIC (JSON rows)")
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true",
                     help="simulate a market (GARCH-t bars, labelled SIMULATED) into DIR/simulated_bars and use it")
@@ -87,11 +101,14 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="symbols to plot, comma-separated (default: the first 3 by bars)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
+    add_live_args(ap)
     launcher.add_metrics_args(ap, "market_forecast")
     args, beam_args = ap.parse_known_args(argv)
-    if not args.input and not args.demo:
+    if not args.input and not args.demo and not args.watch:  # --watch without a glob: live_source names it
         ap.error("--input: expected bar files (or --demo), got neither")
-    return args, launcher.beam_flags(ap, beam_args, replay="--replay" if args.replay else None)
+    beam_args = launcher.beam_flags(ap, beam_args, replay="--replay" if args.replay else None)
+    args.live = live_source(args, beam_args)
+    return args, beam_args
 
 
 def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
@@ -117,7 +134,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
     """bars -> per-symbol features -> StatefulInference (Student-t -> quantiles, next bar's return paired)
     -> Parquet forecasts and dead letters (Beam file sinks), and the live summary."""
     columns = parse_columns(args.columns)
-    if args.replay:
+    if args.live is not None:
+        bars, unread = p | "ReadLive" >> ReadLive(
+            args.live, BarParser(columns), watermark_step=args.window,
+            drain=2 * args.window + args.allowed_lateness)  # the features step holds a bar until then
+    elif args.replay:
         bars, unread = p | "ReplayBars" >> ReplayBars(files, columns, step=args.step or args.window)
     else:
         bars, unread = p | "ReadBars" >> ReadBars(files, columns)
@@ -162,15 +183,17 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
     if args.demo:
         args.input = _demo_input(args.output)
     try:
-        files = bar_files(args.input)
+        files = bar_files(args.input) if args.live is None else []
         parse_columns(args.columns)
     except InputError as e:
         raise JobError(str(e)) from None
     label = " [SIMULATED market]" if args.demo else ""
-    seconds = launcher.execute(
-        "market_forecast", args, beam_args, out, source=f"{args.input}{label} ({len(files)} file(s))",
-        outputs={FORECASTS: "forecasts", DEAD_LETTERS: "dead letters"},
-        build=lambda p: build(p, args, files, inference, meta, out.temp))
+    source = f"{args.input}{label} ({len(files)} file(s))" if args.live is None else args.live.describe()
+    with LiveRun(args.live) as run:
+        seconds = launcher.execute(
+            "market_forecast", args, beam_args, out, source=source, live=run.status,
+            outputs={FORECASTS: "forecasts", DEAD_LETTERS: "dead letters"},
+            build=lambda p: build(p, args, files, inference, meta, out.temp))
     summary = read_summary(args.output)
     if summary is None:
         raise JobError(f"input: expected bars in {args.input!r}, got none that could be used (see dead letters)")

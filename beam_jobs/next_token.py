@@ -2,6 +2,9 @@
 
     python -m beam_jobs.next_token --input EVENTS --output DIR [--replay] [Beam pipeline options]
     python -m beam_jobs.next_token --demo --output DIR            # makes demo events, replays them
+    python -m beam_jobs.next_token --input 'gs://b/events/*.jsonl' --watch --output DIR [--watch-stop-after 1h]
+    python -m beam_jobs.next_token --input projects/P/subscriptions/S --output DIR     # Pub/Sub, JSON rows
+    python -m beam_jobs.next_token --input kafka://BROKERS/TOPIC --output DIR --runner FlinkRunner ...
 
 ``EVENTS`` is a file or glob (.jsonl, .csv, .parquet, .arrow) on any Beam filesystem
 (local, gs://, s3://, hdfs://); workers read it, the launcher only lists it. The pipeline
@@ -14,7 +17,8 @@ be read are dead letters; a missing or empty input, a missing model or an unwrit
 output is a one-line error with exit code 2, as is a bad flag (a value out of range, a flag
 neither this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner),
 found before any pipeline runs. ``--replay`` plays the file as an unbounded
-stream on the DirectRunner (``--streaming``).
+stream on the DirectRunner (``--streaming``). ``--watch``, a Pub/Sub subscription or a Kafka topic
+read live input (streaming; :mod:`streamrnn.beam.live`): the same rows, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # 
 from streamrnn.beam.counters import CountUnread  # noqa: E402
 from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
 from streamrnn.beam.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.live import EventParser, LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
 from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
@@ -82,7 +87,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = launcher.JobParser("next_token", description=__doc__.split("\n")[0])
     seconds, non_negative = at_least(0.0, open_=True), at_least(0.0)
     ap.add_argument("--input", help="events file or glob (.parquet, .jsonl, .csv, .arrow) with key, ts, [seq], "
-                                    "text|token, on any Beam filesystem")
+                                    "text|token, on any Beam filesystem; or live: a glob with --watch, "
+                                    "projects/P/subscriptions/S (Pub/Sub) or kafka://BROKERS/TOPIC (JSON rows)")
     ap.add_argument("--output", required=True, help="output directory (any Beam filesystem)")
     ap.add_argument("--demo", action="store_true", help="make demo events in DIR/demo_events.jsonl and use them")
     ap.add_argument("--model", default=os.environ.get("STREAMRNN_MODEL", "shipped:charlm"),
@@ -110,18 +116,23 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                     help="start from a --save-state snapshot (of the same model), with any --shards")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
+    add_live_args(ap)
     launcher.add_metrics_args(ap, "next_token")
     args, beam_args = ap.parse_known_args(argv)
-    if not args.input and not args.demo:
+    if not args.input and not args.demo and not args.watch:  # --watch without a glob: live_source names it
         ap.error("--input: expected an events file (or --demo), got neither")
-    return args, launcher.beam_flags(ap, beam_args, replay="--demo" if args.demo else "--replay" if args.replay
-                                     else None)
+    beam_args = launcher.beam_flags(ap, beam_args, replay="--demo" if args.demo else "--replay" if args.replay
+                                    else None)
+    args.live = live_source(args, beam_args)
+    return args, beam_args
 
 
 def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInference, temp_dir: str) -> None:
     """events → StatefulInference (next-token postprocess, ``logprob_next`` paired in the pipeline)
     → Parquet predictions and dead letters (Beam file sinks), and the per-key summary."""
-    if args.replay:
+    if args.live is not None:
+        events, unread = p | "ReadLive" >> ReadLive(args.live, EventParser())
+    elif args.replay:
         events, unread = p | "ReplayEvents" >> ReplayEvents(args.input, speedup=args.speedup, step=args.step)
     else:
         events, unread = p | "ReadEvents" >> ReadEvents(args.input)
@@ -147,6 +158,8 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
     launcher.require_task(args.model, inference.spec, "lm", "a language model")
+    if args.save_state and launcher.is_local(args.save_state):  # before the pipeline runs, not when it ends
+        launcher.require_writable_file("--save-state", os.path.join(args.save_state, "manifest.json"))
     vocab = inference.spec.input.vocab_size or 0
     if args.topk > vocab:
         raise JobError(f"--topk: expected an int in 1..{vocab} (the model's vocabulary size), got {args.topk}")
@@ -163,15 +176,20 @@ def _run(args: argparse.Namespace, beam_args: list[str], argv: Sequence[str] | N
         args.replay = True
         if args.speedup == 0.0 and "--speedup" not in (argv or sys.argv):
             args.speedup = 20.0
-    files = launcher.input_files(args.input)
-    seconds = launcher.execute(
-        "next_token", args, beam_args, out,
-        source=f"{args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes)",
-        outputs={PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"},
-        build=lambda p: build(p, args, inference, out.temp))
+    if args.live is None:
+        files = launcher.input_files(args.input)
+        source = f"{args.input} ({len(files)} file(s), {sum(m.size_in_bytes for m in files):,} bytes)"
+    else:
+        source = args.live.describe()
+    with LiveRun(args.live) as run:
+        seconds = launcher.execute(
+            "next_token", args, beam_args, out, source=source, live=run.status,
+            outputs={PREDICTIONS: "predictions", DEAD_LETTERS: "dead letters"},
+            build=lambda p: build(p, args, inference, out.temp))
     summary = read_summary(args.output)
     if summary is None:
-        raise JobError(f"input: expected events in {args.input!r}, got none")
+        raise JobError(f"input: expected events in {args.input!r}, got none"
+                       + (" before the input ended" if args.live is not None else ""))
     print_summary(summary, BITS_PER_CHAR, title="online next-byte loss per key (bits/char; lower is better)",
                   unit="bits/char")
     print(f"wrote {launcher.join(args.output, 'predictions-*.parquet')}, dead_letters-*.parquet, {SUMMARY} in "

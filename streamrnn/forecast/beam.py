@@ -25,11 +25,12 @@ alone names the event). :func:`close_of` decodes it.
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 
 import apache_beam as beam
@@ -48,10 +49,11 @@ from apache_beam.transforms.window import TimestampedValue
 
 from ..beam.clock import TS_LIMIT, release_micros, timestamp, to_micros
 from ..beam.counters import Counters
+from ..beam.live import LiveParser, Message, Parsed, message_rows
 from ..beam.postprocess import Postprocess
 from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
 from ..errors import InputError
-from .bars import PRICE_COLUMNS, read_csv_text
+from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
 from .features import FeatureConfig, SymbolState, bar_problem, step_features
 from .serve import LEVELS
@@ -134,6 +136,56 @@ class ReadBars(beam.PTransform):
                | "Open" >> fileio.ReadMatches(compression="uncompressed")
                | "Parse" >> beam.ParDo(_ReadFile(self.files, self.columns)).with_outputs(DEAD, main="bars"))
         return res.bars, res[DEAD]
+
+
+class BarParser(LiveParser):
+    """Bars for a live source (:mod:`streamrnn.beam.live`), by the batch readers' rules: a file through
+    :func:`parse_bar_file`, a message's JSON row as a one-row CSV file through it too (so ``--columns`` and
+    the column names mean the same). A row without a time takes the message's; one without a symbol is a
+    dead letter (a file may name its symbol, a message cannot)."""
+
+    def __init__(self, columns: Mapping[str, str] | None = None):
+        self.columns = dict(columns or {})
+
+    def accepts(self, path: str) -> bool:
+        return path.lower().endswith(BAR_EXTENSIONS)
+
+    def _parsed(self, bars: list[dict], dead: list[DeadLetter]) -> Parsed:
+        times = [b["ts"] for b in bars if isinstance(b["ts"], float) and math.isfinite(b["ts"])]
+        return Parsed([(b, _sort_ts(b)) for b in bars], dead, max(times) if times else None)
+
+    def file(self, path: str, data: bytes, index: int) -> Parsed:
+        return self._parsed(*parse_bar_file(data, path, index, self.columns))
+
+    def messages(self, messages: Sequence[Message], source: str) -> Parsed:
+        rows, pos, dead = message_rows(messages, fallbacks=False)
+        # the names the bar reader takes for ts and symbol (or the one --columns maps)
+        ts_names = (self.columns["ts"].lower(),) if "ts" in self.columns else _ALIASES["ts"]
+        sym_names = (self.columns["symbol"].lower(),) if "symbol" in self.columns else _ALIASES["symbol"]
+        bars: list[dict] = []
+        for r, i in zip(rows, pos, strict=True):
+            m = messages[i]
+            name = f"{source} message {m.name or m.seq}"
+            if not any(k.strip().lower() in sym_names and v not in (None, "") for k, v in r.items()):
+                dead.append(DeadLetter(None, None, None, None, "invalid", f"{name}: symbol: expected one of "
+                                       f"{list(sym_names)} (or --columns symbol=NAME), got none", event_json(r)))
+                continue
+            if m.time is not None and not any(k.strip().lower() in ts_names and v is not None for k, v in r.items()):
+                r = {**r, self.columns.get("ts", "ts"): m.time}
+            text = io.StringIO()
+            w = csv.writer(text)
+            w.writerow(list(r))
+            w.writerow(["" if v is None else repr(v) if isinstance(v, float) else v for v in r.values()])
+            b, d = parse_bar_file(text.getvalue().encode(), name, m.seq, self.columns)
+            bars += b
+            dead += d
+        return self._parsed(bars, dead)
+
+    def encode(self, item: dict) -> bytes:
+        return json.dumps(item).encode()
+
+    def decode(self, data: bytes) -> dict:
+        return json.loads(data)
 
 
 def _sort_ts(bar: dict) -> float:
