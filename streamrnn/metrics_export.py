@@ -155,8 +155,11 @@ class _Scraped:
         self.inner = inner
 
     def collect(self) -> Iterator[Any]:
-        _note_scrape(time.time())
+        started = time.time()
         yield from self.inner.collect()
+        # noted once the scrape has read everything: a process waiting for a scrape of its zero-valued
+        # series must not count before that scrape has read them (it started after they existed)
+        _note_scrape(started)
 
 
 _SCRAPED = threading.Condition()
