@@ -107,6 +107,13 @@ def _bench(a: argparse.Namespace, rest: list[str]) -> int:
     return main(rest)
 
 
+#: ``streamrnn bench NAME``: each runs ``streamrnn.bench.NAME.main`` with the arguments after NAME
+BENCHES = {"operator": "operator overhead against raw ONNX Runtime and torch eager",
+           "beam": "the Beam transform against Beam's stateless answer and two ceilings",
+           "gpu": "does the CUDA path really run, and what does it buy?",
+           "load": "StatefulInference under key churn, 1 vs 2 workers; memory bounded by the TTL"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import DEFAULT_MODEL
 
@@ -179,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=_generate)
 
     q = sub.add_parser("bench", help="benchmarks (print JSON with --json); see --help of each")
-    q.add_argument("what", choices=["operator", "beam", "gpu", "load"])
+    bsub = q.add_subparsers(dest="what", required=True, metavar="{" + ",".join(BENCHES) + "}")
+    for name, text in BENCHES.items():
+        # no flags and no -h of its own: every argument after the name, --help included, goes to the
+        # benchmark's own parser (so `bench load --help` shows bench load's flags, not this group's usage)
+        bsub.add_parser(name, help=text, add_help=False, prefix_chars="\0")
     q.set_defaults(fn=None)
     from .forecast.cli import register as register_forecast
     register_forecast(tsub, esub)  # train forecast / eval forecast

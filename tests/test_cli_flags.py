@@ -201,7 +201,7 @@ def test_every_flag_of_every_subcommand(capsys, stubbed, lstm_path, files, tmp_p
         for argv, refuse in cases(tuple(prog.split()[1:]), parser, fill):
             problems.append(run_case(capsys, argv, refuse))
         walked.append(prog)
-    assert {"info", "train lm", "train forecast", "eval lm", "eval forecast", "generate", "bench",
+    assert {"info", "train lm", "train forecast", "eval lm", "eval forecast", "generate", "bench load",
             "streamrnn bench operator"} <= set(walked)
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
