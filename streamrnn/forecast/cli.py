@@ -56,19 +56,46 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _date(s: str) -> str:
+    """An argparse ``type``: a date ``YYYY-MM-DD`` (as numpy reads it), kept as given."""
+    import numpy as np
+
+    try:
+        ok = len(s) >= 10 and not np.isnat(np.datetime64(s, "s"))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {s!r}")
+    return s
+
+
 def _eval(a: argparse.Namespace) -> int:
     from .evaluate import eval_forecast, render_table
+
+    if a.period is not None and (a.start or a.end):
+        raise InputError(f"--period: expected either --period or --start/--end, got --period {a.period} "
+                         f"and --{'start' if a.start else 'end'}")
+    if a.end and not a.start:
+        raise InputError(f"--end: expected --start with it, got --end {a.end} alone")
+    if a.start and a.end and not np_secs(a.start) < np_secs(a.end):
+        raise InputError(f"--end: expected a date after --start {a.start}, got {a.end}")
 
     columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
         r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
-                          allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=not a.json,
-                          period=a.period)
+                          allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
+                          period=a.period or "test", start=a.start, end=a.end)
     if a.json:
         print(json.dumps(r))
     else:
         sys.stdout.write(render_table(r))
     return 0
+
+
+def np_secs(day: str) -> float:
+    import numpy as np
+
+    return float(np.datetime64(day, "s").astype(np.int64))
 
 
 def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
@@ -107,8 +134,13 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     e.add_argument("--symbols", type=lambda s: s.split(","), help="comma-separated symbols (default: all)")
     e.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
     e.add_argument("--allow-frequency", action="store_true", help="evaluate bars of another frequency anyway")
-    e.add_argument("--period", choices=["test", "validation"], default="test",
-                   help="test: from the model's test_start; validation: its [fit_end, val_end) (for model design)")
+    e.add_argument("--period", choices=["test", "validation"], default=None,
+                   help="test (default): from the model's test_start; validation: its [fit_end, val_end) (for model "
+                        "design)")
+    e.add_argument("--start", type=_date, help="score the period from this date (YYYY-MM-DD) instead of --period; "
+                                                "baselines are fitted on the bars before it")
+    e.add_argument("--end", type=_date, help="with --start: the period ends before this date (default: the end of "
+                                              "the bars); every target ends before it")
     e.add_argument("--no-garch", action="store_true", help="skip the GARCH baselines (faster)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval)

@@ -5,7 +5,14 @@ valid target (no corporate-action jump inside it), on symbols with at least
 ``MIN_TRAIN`` returns before ``test_start`` (GARCH and the naive scale are fitted
 on those). ``period="validation"`` scores ``[fit_end, val_end)`` instead, with
 every baseline fitted before ``fit_end``: the period to compare designs on
-without reading the test period. Symbols are reported together (``metrics``) and in two groups
+without reading the test period. ``start=``/``end=`` (CLI ``--start DATE --end DATE``)
+score a period of the user's choosing, ``[start, end)`` with every target ending
+before ``end``; the baselines are fitted on each symbol's bars before ``start`` only.
+Every symbol that cannot be scored is reported with its reason (``skipped``: it ends
+before the period, starts after it, has no valid target in it, or has fewer than
+``MIN_TRAIN`` returns before it); a period with nothing to score is an
+:class:`~streamrnn.errors.InputError` naming the symbols and why.
+Symbols are reported together (``metrics``) and in two groups
 (``groups.seen_symbols``: trained-on tickers in the held-out period;
 ``groups.heldout_symbols``: tickers never seen in training).
 
@@ -19,7 +26,6 @@ one call.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Mapping
 
@@ -33,6 +39,7 @@ from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import DeadLetter, FeatureConfig, OnlineFeatures
 from .metrics import summarize
+from .progress import Progress
 
 MIN_TRAIN = 250
 METHODS = ("lstm", "naive", "ewma", "garch_normal", "garch_t", "tcn")
@@ -63,7 +70,7 @@ def model_outputs(model: Model, data: list[Prepared], batch: int = 64) -> list[t
 
 
 def streaming_parity(model: Model, data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
-                     features: FeatureConfig) -> tuple[float, int]:
+                     features: FeatureConfig, progress: Progress | None = None) -> tuple[float, int]:
     """Stream raw bars through online features and a KeyedOperator, one call per timestamp; max |diff|."""
     rows = []
     for k, p in enumerate(data):
@@ -93,6 +100,8 @@ def streaming_parity(model: Model, data: list[Prepared], whole: list[tuple[np.nd
             where.append((k, i))
             j += 1
         res = op.process(keys, np.asarray(xs, np.float32))
+        if progress is not None:
+            progress.tick(j, len(rows), "bars streamed (parity check)")
         for e, (k, i) in enumerate(where):
             loc, ls = whole[k]
             worst = max(worst, float(np.abs(res.outputs["mean"][e] - loc[i]).max()),
@@ -107,9 +116,11 @@ def _raw(s, i: int, c: str) -> float:
 
 def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | None = None, tcn: str | None = None,
                   symbols=None, allow_frequency: bool = False, garch: bool = True, progress: bool = False,
-                  parity_symbols: int = 100, period: str = "test") -> dict:
+                  parity_symbols: int = 100, period: str = "test", start: str | None = None,
+                  end: str | None = None) -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc)."""
     t0 = time.perf_counter()
+    bar = Progress("eval forecast", enabled=progress)
     model = load(model_path, providers=["CPUExecutionProvider"])
     meta = forecast_meta(model)
     H = int(meta["horizons"])
@@ -118,13 +129,21 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     df_model = np.asarray(meta["df"], np.float64)
     data = load_data(bars, H, columns=columns, features=fcfg, symbols=symbols)
     interval = check_frequency(data, fcfg.bar_seconds, allow=allow_frequency)
-    if period not in ("test", "validation"):
+    if start is not None or end is not None:
+        if start is None:
+            raise InputError("eval forecast: end: expected a start date with it, got none")
+        start, end = _day(start, "start"), (_day(end, "end") if end is not None else None)
+        if end is not None and not _secs(start) < _secs(end):
+            raise InputError(f"eval forecast: end: expected a date after start {start}, got {end}")
+        period = "custom"
+    elif period not in ("test", "validation"):
         raise InputError(f"eval forecast: period: expected 'test' or 'validation', got {period!r}")
-    start = split.test_start if period == "test" else split.fit_end
-    end = None if period == "test" else split.val_end
+    else:
+        start = split.test_start if period == "test" else split.fit_end
+        end = None if period == "test" else split.val_end
     test_ts = float(np.datetime64(start, "s").astype(np.int64))
     whole = model_outputs(model, data)
-    parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg)
+    parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
     tcn_out = _tcn_outputs(tcn, data, H) if tcn else None
     preds: dict[str, list] = {m: [] for m in METHODS}
     ys, masks, groups, heldout = [], [], [], []
@@ -135,11 +154,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         train_ret = s.ret[1:n_train][~s.jump[1:n_train]]
         window = p.window(start, end)
         origins = np.flatnonzero(window.any(axis=1))
-        if len(train_ret) < MIN_TRAIN or len(origins) == 0:
-            skipped.append(s.symbol)
+        reason = _skip_reason(s.ts, len(train_ret), len(origins), start, end)
+        if reason is not None:
+            skipped.append((s.symbol, reason))
             continue
-        if progress:
-            print(f"\r{k + 1}/{len(data)} {s.symbol:8s}", end="", file=sys.stderr, flush=True)
+        bar.tick(k + 1, len(data), "symbols scored", s.symbol)
         loc, ls = whole[k]
         preds["lstm"].append((loc[origins], np.exp(ls[origins]), np.broadcast_to(df_model, (len(origins), H))))
         preds["naive"].append(baselines.naive(baselines.sd(train_ret), len(origins), H))
@@ -156,11 +175,12 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         masks.append(window[origins])
         groups.append(np.full(len(origins), s.symbol, dtype=object))
         heldout.append(np.full(len(origins), split.held_out(s.symbol)))
-    if progress:
-        print(file=sys.stderr)
     if not ys:
-        raise InputError(f"eval forecast: bars: expected symbols with >= {MIN_TRAIN} returns before "
-                         f"{start} and bars after it, got none (of {len(data)} symbols)")
+        why = "; ".join(f"{sym} {r}" for sym, r in skipped[:5]) + (f"; {len(skipped) - 5} more"
+                                                                     if len(skipped) > 5 else "")
+        raise InputError(f"eval forecast: period {start}..{end or 'end'}: expected symbols to score (>= "
+                         f"{MIN_TRAIN} returns before {start} and a valid target in the period), got none of "
+                         f"{len(data)} ({why})")
     Y, M = np.concatenate(ys), np.concatenate(masks)
     G, HO = np.concatenate(groups), np.concatenate(heldout)
     cat = {m: tuple(np.concatenate([f[j] for f in v]) for j in range(3)) for m, v in preds.items() if v}
@@ -184,7 +204,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     return {
         "model": model_path, "bars": bars, "n_bars": int(sum(len(p.series) for p in data)),
         "n_symbols": len(data) - len(skipped), "n_symbols_heldout": len(set(G[HO])),
-        "skipped_symbols": skipped, "period": period, "start": start, "end": end, "horizons": H,
+        "skipped_symbols": [sym for sym, _ in skipped],
+        "skipped": [{"symbol": sym, "reason": r} for sym, r in skipped],
+        "period": period, "start": start, "end": end, "horizons": H,
+        # a chosen period that reaches into the bars the model was fitted or selected on is in-sample there
+        "overlaps_training": _secs(start) < _secs(split.val_end), "model_split": split.to_dict(),
         "bar_interval_s": interval, "parity_max_abs": parity, "parity_bars": parity_n,
         "dead_letters": len(dead), "dead_letter_examples": [
             {"symbol": d.symbol, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
@@ -193,6 +217,38 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _secs(day: str) -> float:
+    return float(np.datetime64(day, "s").astype(np.int64))
+
+
+def _day(text: str, name: str) -> str:
+    """A date ``YYYY-MM-DD`` (or a timestamp ``YYYY-MM-DDTHH:MM[:SS]``) as numpy reads it; InputError names
+    ``name`` otherwise."""
+    try:
+        d = np.datetime64(str(text), "s")
+    except ValueError:
+        d = np.datetime64("NaT")
+    if np.isnat(d):
+        raise InputError(f"eval forecast: {name}: expected a date YYYY-MM-DD, got {text!r}")
+    return str(d.astype("datetime64[D]")) if d == d.astype("datetime64[D]") else str(d)
+
+
+def _skip_reason(ts: np.ndarray, n_train: int, n_origins: int, start: str, end: str | None) -> str | None:
+    """Why a symbol cannot be scored in ``[start, end)`` (None: it can)."""
+    if len(ts) == 0:
+        return "(no valid bars)"
+    first, last = (str(np.datetime64(int(t), "s").astype("datetime64[D]")) for t in (ts[0], ts[-1]))
+    if ts[-1] < _secs(start):
+        return f"(ends {last}, before the period)"
+    if end is not None and ts[0] >= _secs(end):
+        return f"(starts {first}, after the period)"
+    if n_origins == 0:
+        return f"(bars {first}..{last}: no target inside the period)"
+    if n_train < MIN_TRAIN:
+        return (f"(starts {first}: {n_train} returns before {start}, the baselines need {MIN_TRAIN})")
+    return None
 
 
 def _tcn_outputs(path: str, data: list[Prepared], H: int):
@@ -212,12 +268,25 @@ def _tcn_outputs(path: str, data: list[Prepared], H: int):
     return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
 
 
+def _skipped_text(skipped: list[dict], inline: int = 3) -> str:
+    """Every skipped symbol with its reason: inline when few, else one line each."""
+    if not skipped:
+        return "; skipped none"
+    if len(skipped) <= inline:
+        return "".join(f"; skipped {k['symbol']} {k['reason']}" for k in skipped)
+    return f"; skipped {len(skipped)}:" + "".join(f"\n  skipped {k['symbol']} {k['reason']}" for k in skipped)
+
+
 def render_table(r: dict) -> str:
     """A plain-text table of every group, method and horizon."""
-    lines = [f"{r['n_bars']} bars, {r['n_symbols']} symbols scored ({r['n_symbols_heldout']} held out), "
-             f"{r['period']} period {r['start']}..{r['end'] or 'end'}; streaming vs whole parity "
-             f"{r['parity_max_abs']:.2e} over {r['parity_bars']} bars; "
+    lines = [f"{r['n_bars']} bars, {r['period']} period {r['start']}..{r['end'] or 'end'}; scored "
+             f"{r['n_symbols']} symbol{'s' * (r['n_symbols'] != 1)} ({r['n_symbols_heldout']} held out)"
+             + _skipped_text(r.get("skipped", [])),
+             f"streaming vs whole parity {r['parity_max_abs']:.2e} over {r['parity_bars']} bars; "
              f"{r['dead_letters']} dead letters, {r['jumps_flagged']} jumps flagged"]
+    if r.get("overlaps_training"):
+        lines.append(f"note: the period starts before {r['model_split']['val_end']}, inside the bars the model was "
+                     "fitted or selected on: its scores there are in-sample")
 
     def fmt(v) -> str:
         return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
