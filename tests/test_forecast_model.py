@@ -62,7 +62,7 @@ def test_eval_forecast_json_keys_and_parity(trained, market, capsys):
     assert r["n_bars"] == sum(len(b) for b in simulate(SYMBOLS, start="2014-06-01", end="2017-04-01", seed=11))
     assert r["parity_max_abs"] <= 1e-5 and r["parity_bars"] == r["n_bars"]
     keys = {"nll", "crps", "mae", "mase", "coverage_80", "coverage_95"}
-    assert set(r["metrics"]) >= {"lstm", "naive", "ewma", "garch_normal", "garch_t", "tcn"}
+    assert set(r["metrics"]) >= {"lstm", "naive", "ewma_normal", "ewma_t", "garch_normal", "garch_t", "tcn"}
     for m, hs in r["metrics"].items():
         assert set(hs) == {"h1", "h2", "h3"}
         for v in hs.values():

@@ -4,8 +4,13 @@ Every baseline returns ``(loc, scale, df)`` arrays ``[n_origins, H]`` (``df = in
 
 * ``naive``: random walk. Median 0 (tomorrow's price = today's); a Gaussian with the
   symbol's training-period return standard deviation, ``sqrt(h)``-scaled.
-* ``ewma``: RiskMetrics, ``v_t = lam v_{t-1} + (1 - lam) r_t^2`` with lam = 0.94 (the
-  ``var`` the feature engine carries), Gaussian ``N(0, h v_t)``.
+* ``ewma_normal`` (EWMA-normal): RiskMetrics, ``v_t = lam v_{t-1} + (1 - lam) r_t^2`` with
+  lam = 0.94 (the ``var`` the feature engine carries), Gaussian ``N(0, h v_t)``.
+* ``ewma_t`` (EWMA-t): the same variance with a Student-t shape: ``nu`` is fitted per symbol by
+  maximum likelihood on the training part only (:func:`fit_t_shape`: the returns before the
+  scored period, each standardised by the EWMA variance of the bar before it, after a
+  ``EWMA_BURN_IN``-bar burn-in), and the t's variance equals ``h v_t`` (scale
+  ``sqrt(h v_t (nu - 2) / nu)``; for ``h > 1`` the same shape, as for GARCH-t).
 * ``garch_normal`` / ``garch_t``: GARCH(1,1) with a constant mean, normal or Student-t
   innovations, fitted by the ``arch`` library on the symbol's training period only; the
   forecasts for later origins come from ``arch``'s own ``forecast`` with those fixed
@@ -31,6 +36,39 @@ def ewma(var: np.ndarray, horizons: int) -> tuple[np.ndarray, np.ndarray, np.nda
     h = np.arange(1, horizons + 1)
     n = len(var)
     return np.zeros((n, horizons)), np.sqrt(np.outer(var, h)), np.full((n, horizons), np.inf)
+
+
+EWMA_BURN_IN = 50  # bars of a symbol before its EWMA variance is used to fit a shape (v_0 is a prior)
+NU_BOUNDS = (2.05, 200.0)
+
+
+def ewma_t(var: np.ndarray, horizons: int, nu: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EWMA variance with a Student-t(``nu``) shape whose variance is ``h var``."""
+    h = np.arange(1, horizons + 1)
+    n = len(var)
+    return (np.zeros((n, horizons)), np.sqrt(np.outer(var, h) * (nu - 2) / nu), np.full((n, horizons), float(nu)))
+
+
+def t_shape_nll(nu: float, z: np.ndarray) -> float:
+    """Mean NLL of standardised returns ``z`` under a unit-variance Student-t(``nu``)."""
+    s = math.sqrt((nu - 2) / nu)
+    return float(-(math.lgamma((nu + 1) / 2) - math.lgamma(nu / 2) - 0.5 * math.log(nu * math.pi) - math.log(s))
+                 + (nu + 1) / 2 * np.mean(np.log1p((z / s) ** 2 / nu)))
+
+
+def fit_t_shape(ret_next: np.ndarray, var_prev: np.ndarray) -> float:
+    """Maximum-likelihood ``nu`` of ``ret_next / sqrt(var_prev)`` under a unit-variance t (bounded Brent search on
+    ``log(nu - 2)`` within ``NU_BOUNDS``); NaN with fewer than 2 points."""
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(ret_next, np.float64) / np.sqrt(np.asarray(var_prev, np.float64))
+    z = z[np.isfinite(z)]
+    if len(z) < 2:
+        return math.nan
+    lo, hi = (math.log(b - 2) for b in NU_BOUNDS)
+    res = minimize_scalar(lambda u: t_shape_nll(2 + math.exp(u), z), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-6})
+    return 2 + math.exp(float(res.x))
 
 
 def ewma_recursion(ret: np.ndarray, lam: float, v0: float) -> np.ndarray:

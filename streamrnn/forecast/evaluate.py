@@ -42,7 +42,8 @@ from .metrics import summarize
 from .progress import Progress
 
 MIN_TRAIN = 250
-METHODS = ("lstm", "naive", "ewma", "garch_normal", "garch_t", "tcn")
+NAMES = {"ewma_normal": "EWMA-normal", "ewma_t": "EWMA-t", "garch_normal": "GARCH-normal", "garch_t": "GARCH-t"}
+METHODS = ("lstm", "naive", "ewma_normal", "ewma_t", "garch_normal", "garch_t", "tcn")
 
 
 def forecast_meta(model: Model) -> dict:
@@ -148,6 +149,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     preds: dict[str, list] = {m: [] for m in METHODS}
     ys, masks, groups, heldout = [], [], [], []
     skipped = []
+    ewma_nu: dict[str, float] = {}
     for k, p in enumerate(data):
         s = p.series
         n_train = int((s.ts < test_ts).sum())
@@ -162,7 +164,13 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         loc, ls = whole[k]
         preds["lstm"].append((loc[origins], np.exp(ls[origins]), np.broadcast_to(df_model, (len(origins), H))))
         preds["naive"].append(baselines.naive(baselines.sd(train_ret), len(origins), H))
-        preds["ewma"].append(baselines.ewma(s.var[origins], H))
+        preds["ewma_normal"].append(baselines.ewma(s.var[origins], H))
+        # EWMA-t: the shape fitted on the pairs (var after bar j, return of bar j + 1) with bar j + 1 before start
+        j = np.arange(baselines.EWMA_BURN_IN, n_train - 1)
+        j = j[~s.jump[j + 1]]
+        nu = baselines.fit_t_shape(s.ret[j + 1], s.var[j])
+        ewma_nu[s.symbol] = nu
+        preds["ewma_t"].append(baselines.ewma_t(s.var[origins], H, nu))
         if garch:
             # arch sees returns 1..n-1 (index j is bar j+1); it fits on those before test_start
             for name, dist in (("garch_normal", "normal"), ("garch_t", "t")):
@@ -213,6 +221,8 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         "dead_letters": len(dead), "dead_letter_examples": [
             {"symbol": d.symbol, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
         "jumps_flagged": int(sum(int(p.series.jump.sum()) for p in data)),
+        "ewma_t_nu": {"median": float(np.median(list(ewma_nu.values()))), "min": min(ewma_nu.values()),
+                      "max": max(ewma_nu.values()), "per_symbol": ewma_nu},
         "metrics": table(everything),
         "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
         "seconds": round(time.perf_counter() - t0, 1),
@@ -284,6 +294,10 @@ def render_table(r: dict) -> str:
              + _skipped_text(r.get("skipped", [])),
              f"streaming vs whole parity {r['parity_max_abs']:.2e} over {r['parity_bars']} bars; "
              f"{r['dead_letters']} dead letters, {r['jumps_flagged']} jumps flagged"]
+    if r.get("ewma_t_nu"):
+        nu = r["ewma_t_nu"]
+        lines.append(f"EWMA-t shape fitted per symbol before {r['start']}: nu median {nu['median']:.2f} "
+                     f"(range {nu['min']:.2f}..{nu['max']:.2f})")
     if r.get("overlaps_training"):
         lines.append(f"note: the period starts before {r['model_split']['val_end']}, inside the bars the model was "
                      "fitted or selected on: its scores there are in-sample")
@@ -297,6 +311,6 @@ def render_table(r: dict) -> str:
             if all(v["nll"] is None and v["mae"] is None for v in hs.values()):
                 continue
             for h, v in hs.items():
-                lines.append(f"  {m:13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
+                lines.append(f"  {NAMES.get(m, m):13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
                     "nll", "crps", "mae", "mase", "coverage_80", "coverage_95")))
     return "\n".join(lines) + "\n"
