@@ -88,3 +88,11 @@ class FakeClock:
 
     def advance(self, dt: float) -> None:
         self.t += dt
+
+
+def pytest_configure(config):
+    """A line per test file (tests/file_lines.py); in the process that reports, not in xdist workers."""
+    if not hasattr(config, "workerinput"):
+        from file_lines import FileLines
+
+        config.pluginmanager.register(FileLines(config), "streamrnn-file-lines")
