@@ -172,3 +172,37 @@ def test_job_metrics_mistakes_are_one_line_exit_2(tmp_path, monkeypatch, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("next_token: ") and message in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists()  # the folder this run made is removed again
+
+
+def test_a_taken_metrics_port_is_one_line_exit_2_and_keeps_old_outputs(tmp_path, capsys):
+    """The DirectRunner's launcher serves /metrics: a port another process holds stops the job before it starts,
+    with one line (it printed two, the launcher's and the exporter's, and served on the next port)."""
+    from beam_jobs import next_token
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's output, which a refused run must not clear
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        assert next_token.main(_job_args(tmp_path, "--metrics-port", str(port))) == 2
+    err = capsys.readouterr().err
+    assert err == (f"next_token: --metrics-port: expected a free port on 127.0.0.1, got {port} "
+                   "(in use by another process; pick another port, or 0 for no exporter)\n")
+    assert [p.name for p in out.iterdir()] == ["summary.json"]
+
+
+def test_the_default_metrics_port_taken_moves_to_the_next_free_port_in_one_line(tmp_path, monkeypatch, capsys):
+    """Jobs side by side on one machine with the default port: the second serves the next free port, says so once."""
+    from beam_jobs import next_token
+    from streamrnn.beam import launcher
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        monkeypatch.setattr(launcher, "METRICS_PORT", port)
+        assert next_token.main(_job_args(tmp_path)) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if "in use" in line]
+    assert len(said) == 1 and f"port {port} in use; serving http://127.0.0.1:" in said[0], said

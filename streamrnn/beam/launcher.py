@@ -372,11 +372,16 @@ def run(prog: str, output: Output, body: Callable[[], int]) -> int:
 
 
 # -- metrics: the same flags and set-up for every job ----------------------------------------------
+#: ``--metrics-port`` when not given
+METRICS_PORT = 9464
+
+
 def add_metrics_args(ap: argparse.ArgumentParser, job: str) -> None:
     g = ap.add_argument_group("metrics (Prometheus; see docs/metrics.md)")
-    g.add_argument("--metrics-port", type=int, default=9464,
-                   help="each worker process serves /metrics here (taken: the next free port, logged; "
-                        "0 disables; default: %(default)s)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help=f"/metrics is served here (0 disables; default: {METRICS_PORT}). A port given here that "
+                        "another process holds stops a DirectRunner job (one line, exit 2); the default port, or "
+                        "a worker's on another runner, moves to the next free one, logged")
     g.add_argument("--metrics-bind", default=metrics_export.DEFAULT_BIND,
                    help="address the exporter binds (default: %(default)s; 0.0.0.0 for every interface)")
     g.add_argument("--metrics-job", default=job, help="the 'job' label (default: %(default)s)")
@@ -401,6 +406,24 @@ def runs_here(beam_args: Sequence[str]) -> bool:
     return name in ("directrunner", "switchingdirectrunner", "bundlebaseddirectrunner")
 
 
+def check_metrics_port(args: argparse.Namespace, beam_args: Sequence[str]) -> None:
+    """JobError for a ``--metrics-port`` out of range, or taken on a runner whose launcher serves it (the
+    DirectRunner) when the flag was given: a scrape target names that port, so the job refuses to start rather
+    than serve elsewhere. Not given, it is :data:`METRICS_PORT` (set here), which moves to the next free port
+    when taken (jobs side by side on one machine). On other runners each worker process starts its own
+    exporter on its own host; see :func:`streamrnn.metrics_export.start_exporter` for a taken port there."""
+    if args.metrics_port is None:
+        args.metrics_port, args.metrics_port_default = METRICS_PORT, True
+    if getattr(args, "metrics_port_default", False):
+        return
+    if not 0 <= args.metrics_port <= 65535:
+        raise JobError(f"--metrics-port: expected a port in [0, 65535] (0 disables), got {args.metrics_port}")
+    if args.metrics_port and metrics_export.prometheus_on() and runs_here(beam_args) \
+            and not metrics_export.port_free(args.metrics_port, args.metrics_bind):
+        raise JobError(f"--metrics-port: expected a free port on {args.metrics_bind}, got {args.metrics_port} "
+                       "(in use by another process; pick another port, or 0 for no exporter)")
+
+
 @contextmanager
 def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Callable[[], str]]:
     """Checks the metrics settings (JobError), sets them for the workers, yields the live summary line.
@@ -411,8 +434,7 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     from the start (with ``--metrics-wait``, until a first scrape has seen them), the workers' figures
     while it runs, and (``--metrics-linger``) the final figures after the workers have exited.
     """
-    if not 0 <= args.metrics_port <= 65535:
-        raise JobError(f"--metrics-port: expected a port in [0, 65535] (0 disables), got {args.metrics_port}")
+    check_metrics_port(args, beam_args)
     made = None
     env_dir = metrics_export.multiproc_dir()
     if env_dir is not None:
@@ -430,10 +452,6 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     if args.metrics_port and metrics_export.multiproc_dir() is not None and not here:
         print(f"{args.metrics_job}: worker processes share {metrics_export.multiproc_dir()}; one of them serves "
               f"all on http://{args.metrics_bind}:{args.metrics_port}/metrics", file=sys.stderr)
-    if args.metrics_port and env_dir is None and made is None \
-            and not metrics_export.port_free(args.metrics_port, args.metrics_bind):
-        print(f"{args.metrics_job}: metrics port {args.metrics_port} on {args.metrics_bind} is in use; the "
-              f"exporter takes the next free port (logged when it starts)", file=sys.stderr)
     wait = getattr(args, "metrics_wait", 0.0) if args.metrics_port else 0.0
     metrics_export.configure_env(args.metrics_port, args.metrics_bind, args.metrics_job, wait=wait)
     try:
@@ -491,6 +509,7 @@ def execute(job: str, args: argparse.Namespace, beam_args: Sequence[str], out: O
     from ..metrics_logging import worker_log_args
 
     out.check_writable()
+    check_metrics_port(args, beam_args)  # before out.clear(): a job that refuses leaves old outputs as they were
     opts = PipelineOptions(worker_log_args(beam_args, verbose=args.verbose))
     if args.replay or live is not None:
         opts.view_as(StandardOptions).streaming = True
