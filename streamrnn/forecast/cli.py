@@ -56,6 +56,14 @@ def _train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _symbols(s: str) -> list[str]:
+    """An argparse ``type``: a comma-separated list of at least one symbol."""
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated symbols, got {s!r}")
+    return out
+
+
 def _date(s: str) -> str:
     """An argparse ``type``: a date ``YYYY-MM-DD`` (as numpy reads it), kept as given."""
     import numpy as np
@@ -131,7 +139,7 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     e.add_argument("--model", required=True, help="forecast .onnx model")
     e.add_argument("--bars", default=SP500, help="CSV file or directory of bars")
     e.add_argument("--tcn", help="also score a TCN baseline checkpoint (.pt from train forecast --cell tcn)")
-    e.add_argument("--symbols", type=lambda s: s.split(","), help="comma-separated symbols (default: all)")
+    e.add_argument("--symbols", type=_symbols, help="comma-separated symbols (default: all)")
     e.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
     e.add_argument("--allow-frequency", action="store_true", help="evaluate bars of another frequency anyway")
     e.add_argument("--period", choices=["test", "validation"], default=None,

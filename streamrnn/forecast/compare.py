@@ -9,7 +9,6 @@ its output over the last receptive-field inputs it keeps per key.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..cliargs import OneLineParser, at_least, seed
 from ..train.lm import LMTrainConfig, train_lm
 from ..train.nets import NetConfig, RecurrentNet
 from ..train.tcn import CausalTCN, TCNConfig, train_tcn_lm
@@ -95,15 +95,16 @@ def forecast_cost_rows(hidden: int, layers: int, levels: int, n_features: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m streamrnn.forecast.compare")
+    # the validators every other command uses: a bad value is one line, exit 2
+    p = OneLineParser(prog="python -m streamrnn.forecast.compare")
     p.add_argument("what", choices=["lm", "cost"])
     p.add_argument("--text", type=Path, default=Path("../shared/data/text/tinyshakespeare.txt"))
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--levels", type=int, default=6)
-    p.add_argument("--channels", type=int, default=96, help="TCN channels (lm)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=at_least(1), default=600)
+    p.add_argument("--hidden", type=at_least(1), default=128)
+    p.add_argument("--layers", type=at_least(1), default=2)
+    p.add_argument("--levels", type=at_least(1), default=6)
+    p.add_argument("--channels", type=at_least(1), default=96, help="TCN channels (lm)")
+    p.add_argument("--seed", type=seed, default=0)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.what == "lm":

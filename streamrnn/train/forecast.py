@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import InputError
 from ..forecast.dataset import Prepared, Split
 from ..forecast.features import FEATURE_NAMES, FeatureConfig
+from ..forecast.progress import Progress
 from ..spec import SPEC_KEY, ModelSpec, OutputTensor
 from .graph import set_spec
 from .lm import _progress, lr_at, progress
@@ -183,6 +184,8 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
         os.replace(tmp, ckpt)
 
     bar = _progress(cfg.steps, step)
+    # plain stderr lines (after 10 s, every 10 s) where tqdm draws no bar (stderr is not a terminal)
+    lines = Progress("train forecast", enabled=bar is None or bool(bar.disable))
     net.train()
     t0 = time.perf_counter() - elapsed
     ema = None
@@ -202,6 +205,7 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{ema:.4f}")
+        lines.tick(step, cfg.steps, "steps", f"train NLL {ema:.4f}")
         done = progress(step, time.perf_counter() - t0, cfg) >= 1.0
         if step % cfg.eval_every == 0 or done:
             val, per = masked_nll(net, X, Y, MV)
