@@ -38,7 +38,7 @@ from . import baselines
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import DeadLetter, FeatureConfig, OnlineFeatures
-from .metrics import summarize
+from .metrics import nll, summarize
 from .progress import Progress
 
 MIN_TRAIN = 250
@@ -147,7 +147,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
     tcn_out = _tcn_outputs(tcn, data, H) if tcn else None
     preds: dict[str, list] = {m: [] for m in METHODS}
-    ys, masks, groups, heldout = [], [], [], []
+    ys, masks, groups, heldout, days = [], [], [], [], []
     skipped = []
     ewma_nu: dict[str, float] = {}
     for k, p in enumerate(data):
@@ -179,6 +179,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         if tcn_out is not None:
             tl, ts_, tdf = tcn_out
             preds["tcn"].append((tl[k][origins], np.exp(ts_[k][origins]), np.broadcast_to(tdf, (len(origins), H))))
+        days.append(s.ts[origins] // 86400)
         ys.append(p.y[origins])
         masks.append(window[origins])
         groups.append(np.full(len(origins), s.symbol, dtype=object))
@@ -190,7 +191,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                          f"{MIN_TRAIN} returns before {start} and a valid target in the period), got none of "
                          f"{len(data)} ({why})")
     Y, M = np.concatenate(ys), np.concatenate(masks)
-    G, HO = np.concatenate(groups), np.concatenate(heldout)
+    G, HO, D = np.concatenate(groups), np.concatenate(heldout), np.concatenate(days)
     cat = {m: tuple(np.concatenate([f[j] for f in v]) for j in range(3)) for m, v in preds.items() if v}
 
     def table(sel: np.ndarray) -> dict:
@@ -206,6 +207,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                     res[m][f"h{h + 1}"] = dict.fromkeys(
                         ("nll", "crps", "mae", "mase", "coverage_80", "coverage_95"), None)
         return res
+
+    def location(sel: np.ndarray) -> dict:
+        return {m: {f"h{h + 1}": location_bias(Y[sel & M[:, h], h], *(a[sel & M[:, h], h] for a in cat[m]),
+                                               D[sel & M[:, h]])
+                    for h in range(H)} for m in ("lstm", "tcn") if m in cat}
 
     everything = np.ones(len(Y), bool)
     dead = [d for p in data for d in p.series.dead]
@@ -225,8 +231,29 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                       "max": max(ewma_nu.values()), "per_symbol": ewma_nu},
         "metrics": table(everything),
         "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
+        "location": {"all": location(everything), "seen_symbols": location(~HO), "heldout_symbols": location(HO)},
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def location_bias(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df: np.ndarray, day: np.ndarray) -> dict:
+    """The median's drift and whether it earns its keep: mean predicted location against the mean realised
+    return (% log), the share of origins with a positive location, and the NLL / MAE of the same forecast
+    with its location set to 0. ``nll_gain_t``: the mean of (NLL at zero location - NLL) over days, divided by
+    its standard error over days (origins of one day are averaged first: they are not independent);
+    ``location_skill`` is true when that t exceeds 2, i.e. the location beats zero drift by more than noise."""
+    if len(y) == 0:
+        return {"n": 0}
+    gain = nll(y, 0.0, scale, df) - nll(y, loc, scale, df)
+    u, inv = np.unique(day, return_inverse=True)
+    per_day = np.bincount(inv, gain) / np.bincount(inv)
+    se = float(per_day.std(ddof=1) / math.sqrt(len(u))) if len(u) > 1 else math.nan
+    t = float(per_day.mean() / se) if se and se > 0 else math.nan
+    return {"n": len(y), "mean_loc": float(loc.mean()), "mean_realised": float(y.mean()),
+            "bias": float(loc.mean() - y.mean()), "share_loc_positive": float((loc > 0).mean()),
+            "nll": float(nll(y, loc, scale, df).mean()), "nll_zero_loc": float(nll(y, 0.0, scale, df).mean()),
+            "mae": float(np.abs(y - loc).mean()), "mae_zero_loc": float(np.abs(y).mean()),
+            "nll_gain_t": t, "location_skill": bool(t > 2.0)}
 
 
 def _secs(day: str) -> float:
@@ -298,6 +325,15 @@ def render_table(r: dict) -> str:
         nu = r["ewma_t_nu"]
         lines.append(f"EWMA-t shape fitted per symbol before {r['start']}: nu median {nu['median']:.2f} "
                      f"(range {nu['min']:.2f}..{nu['max']:.2f})")
+    for gname, by in r.get("location", {}).get("all", {}).items():
+        for h in ("h1", f"h{r['horizons']}"):
+            v = by.get(h, {})
+            if v.get("n"):
+                lines.append(
+                    f"location bias ({NAMES.get(gname, gname)} {h}): mean predicted {v['mean_loc']:+.4f}% vs realised "
+                    f"{v['mean_realised']:+.4f}% (bias {v['bias']:+.4f}), positive on {v['share_loc_positive']:.0%} of "
+                    f"origins; NLL {v['nll']:.4f}, with zero location {v['nll_zero_loc']:.4f} (gain t "
+                    f"{v['nll_gain_t']:+.1f}: {'skill' if v['location_skill'] else 'no skill'} over zero drift)")
     if r.get("overlaps_training"):
         lines.append(f"note: the period starts before {r['model_split']['val_end']}, inside the bars the model was "
                      "fitted or selected on: its scores there are in-sample")
