@@ -47,12 +47,14 @@ from streamrnn.cliargs import at_least  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
+    LOCATIONS,
     BarParser,
     Features,
     ForecastPostprocess,
     ReadBars,
     ReplayBars,
     bar_files,
+    check_bar_frequency,
 )
 from streamrnn.forecast.beam_output import (  # noqa: E402
     WriteMarketSummary,
@@ -98,7 +100,15 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--providers", default="cpu", help="'auto', 'cpu' or 'cuda' (default: %(default)s)")
     ap.add_argument("--plot", metavar="PNG", help="draw price, forecast bands and live error to this PNG")
     ap.add_argument("--plot-symbols", type=lambda s: [x for x in s.split(",") if x],
-                    help="symbols to plot, comma-separated (default: the first 3 by bars)")
+                    help="symbols to plot, comma-separated (default: the 3 symbols with the most output bars, ties "
+                         "in alphabetical order)")
+    ap.add_argument("--plot-last", type=at_least(1), default=None,
+                    help="plot each symbol's last N bars (default: all, so each panel's coverage is the summary's)")
+    ap.add_argument("--location", choices=LOCATIONS, default="zero",
+                    help="the forecasts' location: zero (default: the median price is the last close; eval forecast "
+                         "finds no skill in the model's drift, see docs/market.md) or model")
+    ap.add_argument("--allow-frequency", action="store_true",
+                    help="run on bars of another frequency than the model's (checked at launch on the first files)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -122,7 +132,8 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             # the feature step releases a window at its end + lateness; one more window keeps those events on time
             allowed_lateness=args.allowed_lateness + args.window, ttl=args.ttl or None,
             dedupe_horizon=max(3600.0, 3 * args.window + args.allowed_lateness),
-            postprocess=ForecastPostprocess(meta["df"]), next_fields=("ret", "jump"), output="arrow",
+            postprocess=ForecastPostprocess(meta["df"], location=args.location), next_fields=("ret", "jump"),
+            output="arrow",
             providers=args.providers)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
@@ -184,7 +195,9 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
         args.input = _demo_input(args.output)
     try:
         files = bar_files(args.input) if args.live is None else []
-        parse_columns(args.columns)
+        columns = parse_columns(args.columns)
+        if files:  # a daily model on 1-minute bars would give a day's band per minute, silently
+            check_bar_frequency(files, columns, float(meta["bar_seconds"]), allow=args.allow_frequency)
     except InputError as e:
         raise JobError(str(e)) from None
     label = " [SIMULATED market]" if args.demo else ""
@@ -205,7 +218,8 @@ def _run(args: argparse.Namespace, beam_args: list[str], out: Output) -> int:
         from streamrnn.forecast.plot import plot_forecasts
 
         try:
-            drawn = plot_forecasts(args.output, args.plot, symbols=args.plot_symbols, simulated=bool(args.demo))
+            drawn = plot_forecasts(args.output, args.plot, symbols=args.plot_symbols, simulated=bool(args.demo),
+                                   last=args.plot_last)
         except InputError as e:
             raise JobError(str(e)) from None
         print(f"wrote {args.plot} ({', '.join(drawn)})", file=sys.stderr)

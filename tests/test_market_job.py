@@ -53,7 +53,7 @@ def synthetic(tmp_path_factory) -> list[str]:
 
 def _run(files, out: pathlib.Path, *extra: str) -> int:
     return market_forecast.main(["--input", ",".join(files), "--output", str(out), "--quiet", "--metrics-port", "0",
-                                 "--shards", "3", *extra])
+                                 "--shards", "3", "--location", "model", *extra])
 
 
 def _table(out: pathlib.Path, prefix: str) -> pa.Table:

@@ -111,6 +111,31 @@ def parse_bar_file(data: bytes, path: str, file_index: int, columns: Mapping[str
     return bars, []
 
 
+def check_bar_frequency(files: Sequence[str], columns: Mapping[str, str] | None, bar_seconds: float, *,
+                        allow: bool = False, max_files: int = 3) -> float:
+    """The median interval between consecutive bars of a symbol in the first ``max_files`` bar files (read at
+    launch); InputError (one line) when it is outside 0.5x..4x the model's ``bar_seconds`` (the rule of
+    ``eval forecast`` and ``train forecast``) unless ``allow``. NaN (no check) with fewer than two bars of a
+    symbol."""
+    gaps = []
+    for i, path in enumerate(files[:max_files]):
+        with FileSystems.open(path, compression_type="uncompressed") as f:
+            bars, _ = parse_bar_file(f.read(), path, i, columns)
+        by: dict[str, list[float]] = {}
+        for b in bars:
+            if isinstance(b["ts"], float) and math.isfinite(b["ts"]):
+                by.setdefault(b["symbol"], []).append(b["ts"])
+        for ts in by.values():
+            d = np.diff(np.unique(ts))
+            gaps.append(d[d > 0])
+    got = float(np.median(np.concatenate(gaps))) if gaps and sum(map(len, gaps)) else math.nan
+    if math.isfinite(got) and not (0.5 * bar_seconds <= got <= 4 * bar_seconds) and not allow:
+        raise InputError(f"input: frequency: expected bars every {bar_seconds:g} s (the model's training "
+                         f"frequency), got a median interval of {got:g} s in {files[0]!r} (pass --allow-frequency "
+                         "to run anyway)")
+    return got
+
+
 class _ReadFile(beam.DoFn):
     def __init__(self, files: list[str], columns: Mapping[str, str] | None):
         self.index = {f: i for i, f in enumerate(files)}
@@ -383,11 +408,17 @@ class Features(beam.PTransform):
 
 
 # -- model outputs -> forecast columns ---------------------------------------------------------------
+#: the served location (``--location``): ``zero`` (default) serves the model's scale and shape around zero drift,
+#: ``model`` its own location; docs/market.md gives the rule and the numbers behind the default
+LOCATIONS = ("zero", "model")
 QUANTILES = {f"{side}{name}": p for name, (lo, hi) in LEVELS.items() for side, p in (("lo", lo), ("hi", hi))}
 
 
 class ForecastPostprocess(Postprocess):
     """Student-t outputs -> per-horizon return quantiles (% log), plus this bar's own return for pairing.
+
+    ``location="zero"`` serves every horizon's Student-t with location 0 (the model's scale and df): the
+    median price is the last close and the bands are centred on it; ``"model"`` keeps the model's location.
 
     Columns ``[N, H]``: ``ret_loc`` (= the median), ``ret_scale``, and ``q_lo80 / q_hi80 /
     q_lo95 / q_hi95``; ``[N]``: ``ret`` and ``jump`` (this bar's cleaned return and jump flag,
@@ -399,11 +430,19 @@ class ForecastPostprocess(Postprocess):
 
     needs_prev = True
 
-    def __init__(self, df: list[float]):
+    def __init__(self, df: list[float], location: str = "model"):
+        if location not in LOCATIONS:
+            raise InputError(f"location: expected one of {LOCATIONS}, got {location!r}")
         self.df = [float(d) for d in df]
+        self.location = location
+
+    def _loc(self, mean: np.ndarray) -> np.ndarray:
+        """The served location: the model's, or 0 (zero drift: the median price is the last close)."""
+        m = mean.astype(np.float64)
+        return m if self.location == "model" else np.zeros_like(m)
 
     def __call__(self, x, outputs, prev_outputs):
-        loc = outputs["mean"].astype(np.float64)
+        loc = self._loc(outputs["mean"])
         scale = np.exp(outputs["log_scale"].astype(np.float64))
         df = np.broadcast_to(np.asarray(self.df), loc.shape)
         out = {"ret_loc": loc, "ret_scale": scale}
@@ -411,7 +450,7 @@ class ForecastPostprocess(Postprocess):
             out[f"q_{name}"] = quantile(p, loc, scale, df)
         x = np.asarray(x, np.float64)
         out.update(ret=x[:, 0], days=x[:, 6], jump=x[:, 7])
-        prev_loc = prev_outputs["mean"][:, 0].astype(np.float64)
+        prev_loc = self._loc(prev_outputs["mean"][:, 0])
         prev_scale = np.exp(prev_outputs["log_scale"][:, 0].astype(np.float64))
         with np.errstate(invalid="ignore"):
             lp = -nll(x[:, 0], prev_loc, prev_scale, np.full(len(x), self.df[0]))

@@ -2,7 +2,14 @@
 
 Per symbol two panels: the close, with each bar's one-bar-ahead median and 80%/95% price
 bands drawn at the bar they forecast; below, the live error (realised minus median, % log
-return) against the 80%/95% return bands, with the running 80%/95% coverage in the title.
+return) against the 80%/95% return bands, with the 80%/95% coverage in the title.
+
+Which symbols: ``symbols`` (``--plot-symbols``) in the order given; by default the ``top`` (3)
+symbols with the most output rows, ties in alphabetical order. Which bars: each symbol's last
+``last`` (``--plot-last``) rows, by default all of them. The coverage in a title is computed over
+the scored bars drawn in that panel, so with every bar drawn it equals that symbol's
+``coverage_80`` / ``coverage_95`` in the run's ``summary.json``. Axes: time (UTC) below, price in
+the bars' own currency above, % log return in the error panel.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ def read_forecasts(root: str) -> pa.Table:
 
 
 def plot_forecasts(root: str, png: str, *, symbols: Sequence[str] | None = None, simulated: bool = False,
-                   top: int = 3, last: int = 250) -> list[str]:
-    """Draw the chosen symbols (default: the ``top`` with most bars; their ``last`` bars) to ``png``."""
+                   top: int = 3, last: int | None = None) -> dict[str, dict]:
+    """Draw the chosen symbols (module doc) to ``png``; returns, per symbol drawn, the coverage in its title:
+    ``{"scored", "coverage_80", "coverage_95"}`` over the drawn bars."""
     check_plotting(png)
     import matplotlib
 
@@ -64,8 +72,9 @@ def plot_forecasts(root: str, png: str, *, symbols: Sequence[str] | None = None,
         chosen = [str(n) for n in names[np.argsort(-counts, kind="stable")][:top]]
     fig, axes = plt.subplots(2 * len(chosen), 1, figsize=(11, 4.2 * len(chosen)), squeeze=False,
                              gridspec_kw={"height_ratios": [2, 1] * len(chosen)})
+    drawn = {}
     for i, s in enumerate(chosen):
-        _draw(t.filter(pa.array(sym == s)), s, axes[2 * i, 0], axes[2 * i + 1, 0], last)
+        drawn[s] = _draw(t.filter(pa.array(sym == s)), s, axes[2 * i, 0], axes[2 * i + 1, 0], last)
     title = "market_forecast: one-bar-ahead forecasts" + (" — SIMULATED market (not real prices)" if simulated
                                                           else "")
     fig.suptitle(title, fontsize=12, color="firebrick" if simulated else "black")
@@ -74,17 +83,24 @@ def plot_forecasts(root: str, png: str, *, symbols: Sequence[str] | None = None,
     os.makedirs(folder, exist_ok=True)
     fig.savefig(png, dpi=90)
     plt.close(fig)
-    return chosen
+    return drawn
 
 
-def _draw(t: pa.Table, symbol: str, ax, ax_err, last: int) -> None:
+def drawn_coverage(t: pa.Table, k: int) -> dict:
+    """The 80%/95% coverage of one symbol's rows ``k..`` (its scored ones): what its panel's title shows."""
+    hit80, hit95 = ([h for h in t.column(c).to_pylist()[k:] if h is not None] for c in ("in80_h1", "in95_h1"))
+    return {"scored": len(hit80), "coverage_80": float(np.mean(hit80)) if hit80 else None,
+            "coverage_95": float(np.mean(hit95)) if hit95 else None}
+
+
+def _draw(t: pa.Table, symbol: str, ax, ax_err, last: int | None) -> dict:
     def col(name: str) -> np.ndarray:
         return t.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
 
     ts = col("ts").astype("datetime64[s]")
     close = col("close")
     n = len(ts)
-    k = max(0, n - last)
+    k = 0 if last is None else max(0, n - last)
     # the forecast made at bar j is for bar j + 1: draw it there
     at, med = ts[k + 1:], col("h1_median")[k:n - 1]
     ax.fill_between(at, col("h1_lo95")[k:n - 1], col("h1_hi95")[k:n - 1], color="tab:blue", alpha=0.15,
@@ -94,6 +110,8 @@ def _draw(t: pa.Table, symbol: str, ax, ax_err, last: int) -> None:
     ax.plot(at, med, color="tab:blue", lw=0.8, label="forecast median")
     ax.plot(ts[k:], close[k:], color="black", lw=1.0, label="close")
     ax.set_title(f"{symbol}: close and one-bar-ahead forecast")
+    ax.set_ylabel("price (the bars' currency)")
+    ax.set_xlabel("bar time (UTC)")
     ax.legend(loc="upper left", fontsize=8, ncol=4)
     err = t.column("error_h1").to_numpy(zero_copy_only=False)
     err = np.where(np.equal(err, None), np.nan, err).astype(np.float64)[k:n - 1]
@@ -104,8 +122,10 @@ def _draw(t: pa.Table, symbol: str, ax, ax_err, last: int) -> None:
     ax_err.fill_between(at, band["lo80"], band["hi80"], color="tab:orange", alpha=0.3, step="mid")
     ax_err.axhline(0.0, color="grey", lw=0.5)
     ax_err.plot(at, err, ".", ms=2.5, color="black")
-    hit80, hit95 = (t.column(c).to_pylist()[k:n - 1] for c in ("in80_h1", "in95_h1"))
-    known = [h for h in hit80 if h is not None]
-    cov = (f"coverage 80%: {np.mean(known):.0%}, 95%: {np.mean([h for h in hit95 if h is not None]):.0%} "
-           f"over {len(known)} bars" if known else "no realised bars yet")
+    c = drawn_coverage(t, k)  # the last row has no realised bar: rows k.. score what is drawn
+    cov = (f"coverage 80%: {c['coverage_80']:.1%}, 95%: {c['coverage_95']:.1%} over {c['scored']} scored bars"
+           if c["scored"] else "no realised bars yet")
     ax_err.set_title(f"{symbol}: live error (realised - median, % log return); {cov}", fontsize=10)
+    ax_err.set_ylabel("% log return")
+    ax_err.set_xlabel("bar time (UTC)")
+    return c
