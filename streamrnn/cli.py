@@ -40,7 +40,7 @@ def _train_lm(a: argparse.Namespace) -> int:
     spec = export(net, out, name=a.name or out.stem, version=a.version, training=summary, metrics=metrics)
     print(f"wrote {out} (weights sha256 {spec.fingerprint[:16]}; parity "
           f"{spec.metrics['export_parity_torch_vs_ort']:.2e}); checkpoint {ckpt}")
-    print(f"train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss_streams16']:.4f} nats/byte")
+    print(f"train loss {metrics['train_loss']:.4f}  val loss {metrics['val_loss_streams16']:.4f} nats/char")
     return 0
 
 
@@ -70,9 +70,9 @@ def _eval_lm(a: argparse.Namespace) -> int:
         print(json.dumps({"model": a.model, "text": a.text, "last_frac": a.last_frac, **r.to_dict()}))
     else:
         print(f"{r.n_bytes} bytes, state carried in chunks of {r.chunk}: "
-              f"{r.bits_per_char:.4f} bits/char ({r.nats_per_char:.4f} nats)")
+              f"{r.bits_per_char:.4f} bits/char ({r.nats_per_char:.4f} nats/char)")
         print(f"state reset every {r.reset_every} bytes:      "
-              f"{r.bits_per_char_reset:.4f} bits/char ({r.nats_per_char_reset:.4f} nats)")
+              f"{r.bits_per_char_reset:.4f} bits/char ({r.nats_per_char_reset:.4f} nats/char)")
         print(f"chunked vs whole-sequence parity over {r.parity_bytes} bytes: max |dlogprob| {r.parity_max_abs:.2e}")
     return 0
 

@@ -161,8 +161,14 @@ def require_model(path: str, kind: str, hint: str = "") -> None:
 def require_task(model: str, spec: ModelSpec, task: str, what: str) -> None:
     """JobError ``--model: expected <what> (task 'lm'), got task 'forecast' in 'shipped:market'`` unless the
     model's ``spec.task`` is ``task``."""
+    global _TASK
     if spec.task != task:
         raise JobError(f"--model: expected {what} (task {task!r}), got task {spec.task!r} in {model!r}")
+    _TASK = task
+
+
+#: the task :func:`require_task` last confirmed: the unit of the progress line's online loss
+_TASK: str | None = None
 
 
 def require_writable_file(flag: str, path: str) -> None:
@@ -261,7 +267,9 @@ class Output:
                             seen[path] = (prefix, pq.read_metadata(f).num_rows)
                     except Exception:  # being renamed into place; next time
                         continue
-        return ", ".join(f"{sum(n for p, n in seen.values() if p == prefix):,} {label}"
+        counts = {prefix: sum(n for p, n in seen.values() if p == prefix) for prefix in labels}
+        # labels are plural ("dead letters"): one row is "1 dead letter"
+        return ", ".join(f"{counts[prefix]:,} {label[:-1] if counts[prefix] == 1 and label.endswith('s') else label}"
                          for prefix, label in labels.items())
 
     def _watch(self, labels: dict[str, str], stop: threading.Event, out: IO[str], status: Callable[[], str] | None,
@@ -457,7 +465,7 @@ def metrics(args: argparse.Namespace, beam_args: Sequence[str]) -> Iterator[Call
     try:
         if args.metrics_port and metrics_export.prometheus_on() and here:
             _serve_from_launcher(args, wait)
-        yield lambda: live_line(metrics_export.totals())
+        yield lambda: live_line(metrics_export.totals(), _TASK)
         if args.metrics_port and args.metrics_linger > 0:
             ended = time.time()
             if metrics_export.await_scrape(ended, args.metrics_linger) is False:

@@ -179,37 +179,46 @@ def print_summary(summary: dict, metric: MeanMetric, *, title: str, unit: str, o
     for k, v in rows[:top]:
         out.write(f"  {k:<24} {v[count]:>8,} {fmt(v[name]):>10}\n")
     if len(rows) > top:
-        out.write(f"  ... {len(rows) - top} more keys in {SUMMARY}\n")
+        out.write(f"  ... {_n(len(rows) - top, 'more key')} in {SUMMARY}\n")
     out.write(f"  {'all':<24} {summary['events']:>8,} {fmt(summary.get(name)):>10}\n")
     out.write(dead_letter_line(summary, unit="byte" if count == "bytes" else "event") + "\n")
     if summary.get("model_version"):
         out.write(f"model: {', '.join(summary['model_version'])}\n")
 
 
-def live_line(t: Mapping[str, float]) -> str:
+#: the online loss's unit and its factor from nats per scored event, by model task: a byte LM's loss in bits per
+#: byte of text ("bits/char", as its summary table, ``summary.json`` and the docs name it); a forecast model's
+#: in nats per bar (the NLL of the bar's % log return under the previous bar's forecast, as ``nll_h1``)
+LOSS_UNITS = {"lm": ("bits/char", 1.0 / math.log(2.0)), "forecast": ("nats/bar", 1.0)}
+
+
+def live_line(t: Mapping[str, float], task: str | None = None) -> str:
     """The running job's figures from its metrics (:func:`streamrnn.metrics_export.totals`), in one line.
 
-    Events in and applied, active keys and their state bytes, the online loss so far in
-    bits per event (bits/char for a byte LM), dead letters by reason, model calls.
+    Events in and applied, active keys and their recurrent state, the online loss so far in the
+    task's unit (:data:`LOSS_UNITS`; bits per scored event for an unknown task), dead letters by
+    reason, model calls.
     """
     def n(name: str) -> float:
         return t.get(name, 0.0)
 
     parts = [f"{n('streamrnn_events_in_total'):,.0f} events in", f"{n('streamrnn_events_applied_total'):,.0f} applied",
-             f"{n('streamrnn_active_keys'):,.0f} keys ({_bytes(n('streamrnn_state_bytes'))} state)"]
+             f"{_n(round(n('streamrnn_active_keys')), 'key')} ({_bytes(n('streamrnn_state_bytes'))} state)"]
     scored = n("streamrnn_online_scored_events_total")
     if scored:
-        parts.append(f"{n('streamrnn_online_loss_nats_total') / scored / math.log(2.0):.3f} bits/event online")
+        unit, factor = LOSS_UNITS.get(task or "", ("bits/event", 1.0 / math.log(2.0)))
+        parts.append(f"{n('streamrnn_online_loss_nats_total') / scored * factor:.3f} {unit} online")
     dead = {k.split("reason=")[1].rstrip("}"): v for k, v in t.items()
             if k.startswith("streamrnn_dead_letters_total{") and v}
-    parts.append(f"{sum(dead.values()):,.0f} dead letters"
+    parts.append(_n(round(sum(dead.values())), "dead letter")
                  + (f" ({', '.join(f'{k} {v:,.0f}' for k, v in sorted(dead.items()))})" if dead else ""))
-    parts.append(f"{n('streamrnn_batches_total'):,.0f} model calls")
+    parts.append(_n(round(n("streamrnn_batches_total")), "model call"))
     return ", ".join(parts)
 
 
 def _bytes(b: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    """Binary units, as the docs give state sizes (``9.1 KiB`` per charlm key)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if b >= size:
             return f"{b / size:,.1f} {unit}"
     return f"{b:,.0f} B"
