@@ -8,7 +8,18 @@ import logging
 import sys
 from pathlib import Path
 
-from .cliargs import HeldLog, OneLineParser, at_least, fraction, inputs_checked, out_file, read_file, seed, utf8
+from .cliargs import (
+    Heartbeat,
+    HeldLog,
+    OneLineParser,
+    at_least,
+    fraction,
+    inputs_checked,
+    out_file,
+    read_file,
+    seed,
+    utf8,
+)
 from .errors import InputError, StreamRNNError
 
 
@@ -65,7 +76,9 @@ def _eval_lm(a: argparse.Namespace) -> int:
         raise InputError(f"--text: expected at least 2 bytes in {what}, got {len(data)}")
     m = _language_model(a)
     inputs_checked()
-    r = eval_lm(m, data, chunk=a.chunk, reset_every=a.reset_every, parity_bytes=a.parity_bytes)
+    with Heartbeat("streamrnn eval lm") as progress:
+        r = eval_lm(m, data, chunk=a.chunk, reset_every=a.reset_every, parity_bytes=a.parity_bytes,
+                    progress=progress.update)
     if a.json:
         print(json.dumps({"model": a.model, "text": a.text, "last_frac": a.last_frac, **r.to_dict()}))
     else:

@@ -11,8 +11,10 @@ import logging
 import math
 import os
 import sys
+import threading
+import time
 from collections.abc import Callable
-from typing import NoReturn
+from typing import IO, NoReturn
 
 from .errors import InputError
 
@@ -157,3 +159,56 @@ def parse_with_quick(ap: argparse.ArgumentParser, argv: list[str] | None,
     if "--quick" in argv:
         ap.set_defaults(**quick)
     return ap.parse_args(argv), argv
+
+
+#: the clock of :class:`Heartbeat` (tests replace it)
+_clock = time.monotonic
+
+
+class Heartbeat:
+    """Plain progress lines on stderr for a command that can run long (issue 16): nothing during the first
+    ``after`` seconds, then ``NAME: STATUS, N s`` at most every ``every`` seconds.
+
+    The command sets its status with :meth:`update` at each step (a line goes out then if one is due); while
+    it runs (a ``with`` block), a daemon thread also writes the line when due, so one long step is not silent.
+    Lines only (no ``\\r``, no bar), so a log file reads as a terminal does; never stdout, where JSON goes.
+    """
+
+    def __init__(self, name: str, status: str = "running", *, after: float = 10.0, every: float = 10.0,
+                 out: IO[str] | None = None, poll: float = 1.0) -> None:
+        self.name, self.status, self.after, self.every, self.out, self.poll = name, status, after, every, out, poll
+        self.t0 = _clock()
+        self.next = self.t0 + after
+        self.lines = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def update(self, status: str) -> None:
+        self.status = status
+        self.check()
+
+    def check(self) -> bool:
+        """Write the line if one is due; True if written."""
+        with self._lock:
+            now = _clock()
+            if now < self.next:
+                return False
+            self.next = now + self.every
+            self.lines += 1
+            print(f"{self.name}: {self.status}, {now - self.t0:.0f} s", file=self.out or sys.stderr, flush=True)
+            return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            self.check()
+
+    def __enter__(self) -> Heartbeat:
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat {self.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,18 +33,28 @@ class LMEval:
         return asdict(self)
 
 
-def carried_logprobs(model: Model, tokens: np.ndarray, chunk: int) -> np.ndarray:
+#: ``progress(status)``: told what a long evaluation is doing (the CLI's :class:`~streamrnn.cliargs.Heartbeat`)
+Progress = Callable[[str], None]
+
+
+def _quiet(status: str) -> None:
+    pass
+
+
+def carried_logprobs(model: Model, tokens: np.ndarray, chunk: int, progress: Progress = _quiet) -> np.ndarray:
     """Log-prob of each token 1..n-1 with state carried from the start, fed ``chunk`` bytes per call."""
     out = np.empty(len(tokens) - 1, np.float64)
     state = None
     for t0 in range(0, len(tokens) - 1, chunk):
+        progress(f"carried state, {t0:,}/{len(tokens) - 1:,} bytes")
         x = tokens[t0:min(t0 + chunk, len(tokens) - 1)]
         o, state = model.step(x[None], state)
         out[t0:t0 + len(x)] = token_logprob(o["logprobs"][0], tokens[t0 + 1:t0 + 1 + len(x)])
     return out
 
 
-def reset_logprobs(model: Model, tokens: np.ndarray, every: int, batch: int = 256) -> np.ndarray:
+def reset_logprobs(model: Model, tokens: np.ndarray, every: int, batch: int = 256,
+                   progress: Progress = _quiet) -> np.ndarray:
     """Log-prob of tokens 1..n-1 when the state restarts from zero every ``every`` bytes.
 
     Windows are ``tokens[j*every:(j+1)*every]``; a window's last output predicts the
@@ -60,6 +71,7 @@ def reset_logprobs(model: Model, tokens: np.ndarray, every: int, batch: int = 25
     targets = np.zeros(windows * every, np.int64)
     targets[:n] = tokens[1:n + 1]
     for b0 in range(0, windows, batch):
+        progress(f"state reset every {every} bytes, {min(b0 * every, n):,}/{n:,} bytes")
         sl = slice(b0, min(b0 + batch, windows))
         o, _ = model.step(rows[sl], lengths=lengths[sl])
         out[sl.start * every:sl.stop * every] = token_logprob(
@@ -68,8 +80,9 @@ def reset_logprobs(model: Model, tokens: np.ndarray, every: int, batch: int = 25
 
 
 def eval_lm(model: Model, data: bytes, *, chunk: int = 1024, reset_every: int = 64,
-            parity_bytes: int = 100_000) -> LMEval:
-    """Bits/char with carried state and with resets, plus chunked-vs-whole parity on a prefix."""
+            parity_bytes: int = 100_000, progress: Progress = _quiet) -> LMEval:
+    """Bits/char with carried state and with resets, plus chunked-vs-whole parity on a prefix; ``progress`` is
+    told which part runs and how far it got."""
     if model.spec.task != "lm":
         raise InputError(f"eval lm: model task: expected 'lm', got {model.spec.task!r}")
     if len(data) < 2:
@@ -78,9 +91,10 @@ def eval_lm(model: Model, data: bytes, *, chunk: int = 1024, reset_every: int = 
         raise InputError(f"eval lm: chunk and reset_every: expected >= 1, got {chunk} and {reset_every}")
     t = time.perf_counter()
     tokens = np.frombuffer(data, np.uint8).astype(np.int64)
-    carried = carried_logprobs(model, tokens, chunk)
-    reset = reset_logprobs(model, tokens, reset_every)
+    carried = carried_logprobs(model, tokens, chunk, progress)
+    reset = reset_logprobs(model, tokens, reset_every, progress=progress)
     p = min(len(tokens), parity_bytes)
+    progress(f"parity, one call over the first {p:,} bytes")
     whole, _ = model.step(tokens[None, :p - 1])
     whole_lp = token_logprob(whole["logprobs"][0], tokens[1:p])
     parity = float(np.max(np.abs(whole_lp - carried[:p - 1])))

@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from ..cliargs import OneLineParser, at_least
+from ..cliargs import Heartbeat, OneLineParser, at_least
 from .operator import _interleaved, flops_per_key_step
 
 SHAPES = tuple((B, T) for B in (1, 64, 1024, 8192) for T in (1, 64))
@@ -103,7 +103,12 @@ def parity(simulate: bool, B: int = 8, T: int = 64) -> dict:
     return res
 
 
-def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline: float, simulate: bool) -> list:
+def _quiet(status: str) -> None:
+    pass
+
+
+def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline: float, simulate: bool,
+                progress: Callable[[str], None] = _quiet) -> list:
     import torch
 
     from .. import load
@@ -116,10 +121,11 @@ def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline
     sync = (lambda: None) if simulate else torch.cuda.synchronize
     rng = np.random.default_rng(0)
     rows = []
-    for B, T in shapes:
+    for i, (B, T) in enumerate(shapes):
         if time.monotonic() > deadline:
             rows.append({"B": B, "T": T, "skipped": "time budget spent"})
             continue
+        progress(f"throughput, shape {i + 1}/{len(shapes)} (B={B}, T={T})")
         x = rng.integers(0, 256, (B, T)).astype(np.int64)
         lens = np.full(B, T, np.int32)
         carried = {"device": gpu.step(x)[1]}  # device-resident state, advanced call after call
@@ -160,8 +166,12 @@ def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline
     return rows
 
 
-def beam_events_per_s(path: str, simulate: bool, keys: int, per_key: int) -> dict:
+def beam_events_per_s(path: str, simulate: bool, keys: int, per_key: int,
+                      progress: Callable[[str], None] = _quiet) -> dict:
     """``StatefulInference`` on the DirectRunner over the same events, on CUDA and on the CPU provider."""
+    from ..metrics_logging import guard_imports
+
+    guard_imports()  # before apache_beam: its import-time 'apitools not found' warning stays off stderr
     import apache_beam as beam
 
     from ..beam import NextTokenPostprocess, StatefulInference
@@ -174,6 +184,7 @@ def beam_events_per_s(path: str, simulate: bool, keys: int, per_key: int) -> dic
         events = _write_events(*_events(keys, per_key), os.path.join(d, "events.parquet"))
         out = {}
         for label, providers in (("cuda", _cuda_providers(simulate)), ("cpu", [CPU])):
+            progress(f"Beam pipeline on {label}, {keys * per_key:,} events")
             t0 = time.perf_counter()
             with beam.Pipeline() as p:
                 blocks, _ = p | ReadEvents(events, block_rows=8192)
@@ -194,7 +205,9 @@ def _goal(value: float | None, limit: float, at_most: bool = False) -> dict:
 
 
 def run(*, budget_s: float = 220.0, seconds: float = 2.0, min_calls: int = 5, hidden: int = 512, layers: int = 2,
-        shapes=SHAPES, beam_keys: int = 1024, beam_per_key: int = 64, simulate: bool = False) -> dict:
+        shapes=SHAPES, beam_keys: int = 1024, beam_per_key: int = 64, simulate: bool = False,
+        progress: Callable[[str], None] = _quiet) -> dict:
+    """The whole check; ``progress(status)`` is told which part runs (the CLI's progress lines)."""
     from ..runtime import cuda_usable
 
     t_start = time.monotonic()
@@ -206,6 +219,7 @@ def run(*, budget_s: float = 220.0, seconds: float = 2.0, min_calls: int = 5, hi
     }
     if not ok:
         return res
+    progress("parity of the shipped models, CUDA vs CPU")
     res["parity"] = parity(simulate)
     try:
         import torch
@@ -225,8 +239,8 @@ def run(*, budget_s: float = 220.0, seconds: float = 2.0, min_calls: int = 5, hi
         deadline = t_start + budget_s * 0.8  # the rest is for the Beam section
         res["model"] = f"{layers}x{hidden} LSTM LM (vocab 256, embed 64, random weights)"
         res["flops_per_key_step"] = flops_per_key_step(layers, hidden, 64, 256)
-        res["throughput"] = _throughput(path, net, shapes, seconds, min_calls, deadline, simulate)
-        res["beam"] = beam_events_per_s(path, simulate, beam_keys, beam_per_key)
+        res["throughput"] = _throughput(path, net, shapes, seconds, min_calls, deadline, simulate, progress)
+        res["beam"] = beam_events_per_s(path, simulate, beam_keys, beam_per_key, progress)
     finally:
         shutil.rmtree(d, ignore_errors=True)
     res["gpu_memory"] = {"torch_peak_allocated_mib": None if simulate else torch.cuda.max_memory_allocated() / 2**20,
@@ -277,10 +291,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="run every measurement with the CPU provider at toy sizes (tests the harness; numbers mean "
                         "nothing)")
     a = p.parse_args(argv)
-    if a.simulate_on_cpu:
-        res = run(budget_s=a.budget, seconds=0.05, min_calls=2, hidden=16, layers=2, shapes=((1, 1), (64, 4)),
-                  beam_keys=8, beam_per_key=8, simulate=True)
-    else:
-        res = run(budget_s=a.budget, seconds=a.seconds, min_calls=a.min_calls)
+    with Heartbeat("streamrnn bench gpu") as hb:
+        if a.simulate_on_cpu:
+            res = run(budget_s=a.budget, seconds=0.05, min_calls=2, hidden=16, layers=2, shapes=((1, 1), (64, 4)),
+                      beam_keys=8, beam_per_key=8, simulate=True, progress=hb.update)
+        else:
+            res = run(budget_s=a.budget, seconds=a.seconds, min_calls=a.min_calls, progress=hb.update)
     print(json.dumps(res, indent=2) if a.json else _human(res))
     return 0

@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -289,8 +290,7 @@ def _workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cliargs import parse_with_quick
-    from .beam import _code_state, _make_model
+    from ..cliargs import Heartbeat, parse_with_quick
 
     ap = _parser()
     args, argv = parse_with_quick(ap, argv, QUICK)
@@ -299,17 +299,29 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workers = _workers(ap, args.workers)
     tmp = tempfile.mkdtemp(prefix="streamrnn-bench-load-")
+    with Heartbeat("streamrnn bench load") as hb:
+        return _bench(args, argv, workers, tmp, hb.update)
+
+
+def _bench(args: argparse.Namespace, argv: list[str], workers: list[int], tmp: str,
+           progress: Callable[[str], None]) -> int:
+    """The runs of :func:`main` (``progress(status)``: the CLI's progress lines)."""
+    from .beam import _code_state, _make_model
+
     try:
         load_before = os.getloadavg()
         model = args.model or os.path.join(tmp, "tiny.onnx")
         if args.model is None:
+            progress("building the model")
             _make_model(model, args.hidden, args.layers)
+        progress(f"writing {args.keys:,} keys' events")
         events_path = os.path.join(tmp, "events.parquet")
         n = write_events(events_path, keys=args.keys, waves=args.waves, events_per_key=args.events_per_key,
                          wave_gap=args.wave_gap, event_gap=args.event_gap)
         runs: dict[str, dict] = {}
-        for w in workers:
+        for i, w in enumerate(workers):
             print(f"streamrnn bench load: {args.keys} keys, {n} events, {w} worker(s) ...", file=sys.stderr)
+            progress(f"run {i + 1}/{len(workers)} ({w} worker(s), {args.keys:,} keys, {n:,} events)")
             cmd = [sys.executable, "-m", "streamrnn.bench.load", *argv, "--run", str(w), "--model", model,
                    "--events-path", events_path, "--n-events", str(n)]
             r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

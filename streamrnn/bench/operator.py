@@ -38,7 +38,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..cliargs import OneLineParser, at_least
+from ..cliargs import Heartbeat, OneLineParser, at_least
 
 SHAPES = ((1, 1), (256, 1), (1, 64), (256, 64))
 
@@ -126,8 +126,12 @@ def _peak_rss_delta(fn: Callable[[], object]) -> int:
     return max(0, max(peak[0], rss()) - base)
 
 
+def _quiet(status: str) -> None:
+    pass
+
+
 def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, min_calls: int, seed: int,
-         fresh_model: Callable[[], object] | None = None) -> dict:
+         fresh_model: Callable[[], object] | None = None, progress: Callable[[str], None] = _quiet) -> dict:
     """Zipf vs uniform keys with the same events, and the burst case; packed and unpacked."""
     from streamrnn.keyed import KeyedOperator
     from streamrnn.packing import group, pack
@@ -141,7 +145,8 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
     cases = {"zipf": zk, "uniform": uk, "burst_1x300_plus_300x1": burst, "flat_300x2": flat}
     out: dict = {"events": events, "zipf_s": zipf_s, "universe": universe, "distinct_keys": len(distinct),
                  "busiest_key_events": max(group(zk).counts.tolist()), "cases": {}}
-    for name, keys in cases.items():
+    for i, (name, keys) in enumerate(cases.items()):
+        progress(f"skewed keys, case {i + 1}/{len(cases)} ({name})")
         x = rng.integers(0, 256, len(keys))
         g = group(keys)
         ops = {"packed": KeyedOperator(model, max_keys=len(g.keys) + 16),
@@ -182,7 +187,9 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
 
 def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: int = 15, threads: int = 0,
         shapes=SHAPES, seed: int = 0, events: int = 4096, zipf_s: float = 1.1, universe: int = 1000,
-        with_skew: bool = True) -> dict:
+        with_skew: bool = True, progress: Callable[[str], None] = _quiet) -> dict:
+    """The whole benchmark; ``progress(status)`` is told which part runs (the CLI's progress lines)."""
+    progress("building the model")
     import torch
 
     import streamrnn
@@ -217,7 +224,8 @@ def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: 
     peak = sgemm_peak_gflops()
     rng = np.random.default_rng(seed)
     results = []
-    for B, T in shapes:
+    for i, (B, T) in enumerate(shapes):
+        progress(f"shape {i + 1}/{len(shapes)} (B={B}, T={T})")
         x = rng.integers(0, 256, (B, T)).astype(np.int64)
         st = model.initial_state(B)
         feeds = {"x": x, "lengths": np.full(B, T, np.int32), "h": st["h"], "c": st["c"]}
@@ -257,7 +265,7 @@ def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: 
     by = {(r["B"], r["T"]): r for r in results}
     goals = {}
     skewed = skew(model, events=events, zipf_s=zipf_s, universe=universe, seconds=seconds, min_calls=min_calls,
-                  seed=seed, fresh_model=fresh_model) if with_skew else None
+                  seed=seed, fresh_model=fresh_model, progress=progress) if with_skew else None
     if skewed:
         v = skewed["ratio_zipf_vs_uniform_key_steps"]
         goals["zipf_key_steps_ge_0.8x_uniform"] = {"value": v, "met": v >= 0.8}
@@ -322,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--universe", type=at_least(1), default=1000, help="keys the Zipf draw picks from")
     p.add_argument("--no-skew", action="store_true", help="skip the skewed-keys section")
     a = p.parse_args(argv)
-    res = run(hidden=a.hidden, layers=a.layers, seconds=a.seconds, min_calls=a.min_calls, threads=a.threads,
-              events=a.events, zipf_s=a.zipf_s, universe=a.universe, with_skew=not a.no_skew)
+    with Heartbeat("streamrnn bench operator") as hb:
+        res = run(hidden=a.hidden, layers=a.layers, seconds=a.seconds, min_calls=a.min_calls, threads=a.threads,
+                  events=a.events, zipf_s=a.zipf_s, universe=a.universe, with_skew=not a.no_skew, progress=hb.update)
     print(json.dumps(res, indent=2) if a.json else _human(res), file=sys.stdout)
     return 0
