@@ -16,7 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,26 @@ class KeyedResult:
     fresh: np.ndarray
     prev_outputs: dict[str, np.ndarray] = field(default_factory=dict)
     reset: np.ndarray = field(default_factory=lambda: np.zeros(0, "<U12"))
+
+    def __repr__(self) -> str:
+        return summary_repr(self)
+
+
+def _shape(v: object) -> str:
+    if isinstance(v, np.ndarray):
+        return f"{v.dtype}[{', '.join(map(str, v.shape))}]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_shape(a)}" for k, a in v.items()) + "}"
+    return repr(v)
+
+
+def summary_repr(result: Any) -> str:
+    """A per-event result in one line: its event count and fresh starts, then each field's dtype and shape, not
+    its values (a result's arrays run to thousands of numbers: read them by name)."""
+    n, fresh = len(result.pos), int(np.count_nonzero(result.fresh))
+    rest = ", ".join(f"{f.name}={_shape(getattr(result, f.name))}" for f in fields(result)
+                     if f.name not in ("pos", "fresh"))
+    return f"{type(result).__name__}({n:,} event{'' if n == 1 else 's'}, {fresh:,} fresh; {rest})"
 
 
 @dataclass

@@ -1,0 +1,24 @@
+"""A per-event result prints as one short line (issue 16): its counts and each field's dtype and shape, never
+thousands of numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streamrnn.keyed import KeyedOperator, KeyedResult
+
+
+def test_a_keyed_results_repr_is_one_short_line(lstm):
+    op = KeyedOperator(lstm, max_keys=100, keep_last_output=True)
+    keys = [f"k{i % 40}" for i in range(400)]
+    r = op.process(keys, np.arange(400) % 7)
+    text = repr(r)
+    V = r.outputs["logprobs"].shape[-1]
+    assert "\n" not in text and len(text) < 200, text
+    assert text.startswith("KeyedResult(400 events, 40 fresh; outputs={logprobs: float32[400, %d]}" % V), text
+    assert f"prev_outputs={{logprobs: float32[400, {V}]}}" in text and "reset=" in text
+
+
+def test_one_event_is_singular():
+    r = KeyedResult(outputs={}, pos=np.zeros(1, np.int64), fresh=np.ones(1, bool))
+    assert repr(r) == "KeyedResult(1 event, 1 fresh; outputs={}, prev_outputs={}, reset=<U12[0])"
