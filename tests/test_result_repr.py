@@ -15,7 +15,7 @@ def test_a_keyed_results_repr_is_one_short_line(lstm):
     text = repr(r)
     V = r.outputs["logprobs"].shape[-1]
     assert "\n" not in text and len(text) < 200, text
-    assert text.startswith("KeyedResult(400 events, 40 fresh; outputs={logprobs: float32[400, %d]}" % V), text
+    assert text.startswith(f"KeyedResult(400 events, 40 fresh; outputs={{logprobs: float32[400, {V}]}}"), text
     assert f"prev_outputs={{logprobs: float32[400, {V}]}}" in text and "reset=" in text
 
 
