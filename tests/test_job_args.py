@@ -171,3 +171,26 @@ def test_unknown_flag_as_users_run_it(events, tmp_path):
                        cwd=str(ROOT))
     assert (r.returncode, r.stderr) == (2, "next_token: unrecognized arguments: --windw 5 (did you mean --window?)\n")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("root", "want"), [("out", "out/x"), ("out/", "out/x"), ("out//", "out/x"),
+                                            ("gs://b/o/", "gs://b/o/x"), ("/", "/x")])
+def test_output_paths_have_one_separator(root, want):
+    """The jobs' 'wrote out//predictions-*.parquet' (issue 16): one separator, however --output ends."""
+    from streamrnn.beam.launcher import join
+
+    assert join(root, "x") == want
+
+
+def test_a_summary_of_one_key_says_1_key():
+    import io
+
+    from streamrnn.beam.summary import MeanMetric, print_summary
+
+    out = io.StringIO()
+    summary = {"keys": {"a": {"bytes": 2, "scored": 1, "bits_per_char": 3.0}}, "events": 2, "bits_per_char": 3.0,
+               "dead_letters": {"late": 1}, "dead_letter_rows": {"late": 1}}
+    metric = MeanMetric("bits_per_char", "logprob_next", scale=-1.0, count_name="bytes")
+    print_summary(summary, metric, title="loss", unit="bits/char", out=out)
+    text = out.getvalue()
+    assert "loss, 1 key\n" in text and "dead letters: 1 row (late 1 row)" in text and "1 keys" not in text
