@@ -12,6 +12,7 @@ from typing import Any
 from .. import shipped
 from ..errors import InputError
 from ..model import Model, load
+from ..runtime import SessionConfig
 from ..spec import ModelSpec
 
 
@@ -30,5 +31,12 @@ def local_path(path: str) -> str:
         raise InputError(f"model: expected a readable ONNX file, got {path!r} ({type(ex).__name__}: {ex})") from ex
 
 
+#: The Beam layer's sessions: ORT's intra-op threads sleep between calls instead of spinning. A flush
+#: makes short ORT calls between Python work (intake, dedupe, pairing, the state delta) on the same
+#: cores, which spinning threads would take from it (docs/bench.md: the streaming replay took 14.0 s
+#: instead of 23.1 s, the batch pipeline 10.9 s instead of 12.2 s).
+BEAM_SESSION = SessionConfig(allow_spinning=False)
+
+
 def load_model(path: str, providers: Any = "auto") -> Model:
-    return load(local_path(path), providers=providers)
+    return load(local_path(path), providers=providers, session_config=BEAM_SESSION)
