@@ -123,6 +123,13 @@ class ShardStep(beam.DoFn):
         self._cut = self._release(max(ends)) if ends and max(ends) > EARLIEST else None
         self._shared = shared.Shared()
 
+    def __dir__(self) -> list[str]:
+        # Beam's legacy DirectRunner introspects every method that dir() lists, once or twice per bundle
+        # (userstate.get_dofn_specs wraps each to read its parameter defaults): 3.2 ms for this DoFn with its
+        # helpers listed, 1.9 ms without. The private helpers declare no DoFn parameters (state, timers), so
+        # they are left out; process, the timer callbacks and Beam's own methods are all still listed.
+        return [n for n in super().__dir__() if n not in _HELPERS]
+
     def setup(self) -> None:
         worker_check.require_environment(self.launcher_env, "StatefulInference")
         self.m = Counters()
@@ -410,3 +417,8 @@ class ShardStep(beam.DoFn):
         store.expire(keys)
         self.m.expired.inc(len(keys))
         return keys
+
+
+#: ShardStep's private helper methods: no DoFn parameters, so not listed by its ``__dir__``.
+_HELPERS = frozenset(n for n, v in vars(ShardStep).items()
+                     if n.startswith("_") and not n.startswith("__") and callable(v))
