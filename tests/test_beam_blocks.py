@@ -158,3 +158,28 @@ def test_explode_types_and_nulls():
     # a table of several chunks explodes to the same records
     chunked = list(explode(pa.Table.from_batches([b.slice(0, 1), b.slice(1)])))
     assert [_record(q, 0, 0) for q in chunked] == [_record(q, 0, 0) for q in got]
+
+
+def test_blocks_is_the_arrow_output_and_explode_is_exported():
+    import streamrnn.beam as sb
+
+    assert sb.explode is explode and "explode" in sb.__all__
+    inf = StatefulInference(model="exported/charlm.onnx", num_shards=2, window_size=10, output="blocks")
+    assert inf.output == "arrow"
+
+
+def test_shard_step_lists_no_helpers_but_keeps_its_state_and_timers():
+    """ShardStep leaves its private helpers out of dir() (Beam introspects every listed method per bundle);
+    Beam still finds every state and timer, and no helper declares a DoFn parameter."""
+    from apache_beam.runners.common import MethodWrapper
+    from apache_beam.transforms import userstate
+    from apache_beam.transforms.core import _DoFnParam
+
+    from streamrnn.beam import stateful as st
+
+    step = st.ShardStep.__new__(st.ShardStep)
+    states, timers = userstate.get_dofn_specs(step)
+    assert {s.name for s in states} == {"pending", "log", "ctrl"} and len(timers) == 2
+    assert not st._HELPERS & set(dir(step)) and {"process", "on_flush", "on_end"} <= set(dir(step))
+    for name in st._HELPERS:
+        assert not [d for d in MethodWrapper(step, name).defaults if isinstance(d, _DoFnParam)], name

@@ -7,13 +7,15 @@
 Modules, one concern each: ``intake`` (validation, one copy per event), ``clock`` (event
 time in integer micros), ``apply`` (dedupe, order, TTL, batched ORT calls), ``store``
 (per-shard state as a delta log with a verified cache), ``pairing`` (next-event fields),
-``stateful`` (the timers), ``transform`` (the PTransform). See docs/beam.md.
+``stateful`` (the timers), ``outputs`` (output blocks or records; ``explode`` turns a block into its
+records), ``transform`` (the PTransform). See docs/beam.md.
 """
 
 from __future__ import annotations
 
 from .counters import NAMESPACE
 from .models import model_version
+from .outputs import explode
 from .postprocess import NextTokenPostprocess, Postprocess
 from .records import DeadLetter, Event, ModelUpdate, Prediction, shard_of
 from .transform import StatefulInference, StatefulResult
@@ -28,6 +30,7 @@ __all__ = [
     "Prediction",
     "StatefulInference",
     "StatefulResult",
+    "explode",
     "model_version",
     "shard_of",
 ]

@@ -2,7 +2,8 @@
 
 Event flow (docs/beam.md has the semantics)::
 
-  events -> OneCopy -> GlobalWindow -> Intake -> ReleaseWindows -> GroupByKey -> Panes -> ShardStep -> outputs
+  events -> OneCopy -> GlobalWindow -> Intake -> ReleaseWindows -> GroupByKey -> Panes (to the global window)
+         -> ShardStep -> outputs
 
 * OneCopy: an element that sliding windows put in several windows is one event.
 * GlobalWindow: state is never reset at a window edge of the user's windowing.
@@ -27,9 +28,10 @@ from typing import Any, Literal, NamedTuple
 
 import apache_beam as beam
 from apache_beam.transforms import trigger
-from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampCombiner
+from apache_beam.transforms.core import Windowing
+from apache_beam.transforms.window import FixedWindows, GlobalWindow, GlobalWindows, TimestampCombiner
 from apache_beam.utils.timestamp import Duration, Timestamp
-from apache_beam.utils.windowed_value import PaneInfoTiming
+from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from ..errors import InputError
 from ..runtime import CPU, resolve_providers
@@ -53,11 +55,26 @@ class StatefulResult(NamedTuple):
 
 
 class _Panes(beam.DoFn):
-    """(shard, payloads) per pane -> (shard, (late, release micros, payloads))."""
+    """(shard, payloads) per pane -> (shard, (late, release micros, payloads)), in the global window."""
 
     def process(self, element, pane=beam.DoFn.PaneInfoParam, ts=beam.DoFn.TimestampParam):
         shard, payloads = element
-        yield shard, (pane.timing == PaneInfoTiming.LATE, ts.micros, list(payloads))
+        yield WindowedValue((shard, (pane.timing == PaneInfoTiming.LATE, ts.micros, list(payloads))), ts,
+                            [GlobalWindow()])
+
+
+class _PanesGlobal(beam.ParDo):
+    """:class:`_Panes` and ``WindowInto(GlobalWindows())`` in one step: its output PCollection is declared
+    in the global window (as ``WindowInto`` declares its own) and every element is put there. One step
+    less for each pane: the legacy DirectRunner runs a bundle, and introspects the step's DoFn, for every
+    bundle upstream."""
+
+    def __init__(self):
+        super().__init__(_Panes())
+        self.with_output_types(beam.typehints.Tuple[int, beam.typehints.Any])  # the shard: a deterministic key
+
+    def get_windowing(self, unused_inputs):
+        return Windowing(GlobalWindows())
 
 
 def _check(ok: bool, field: str, expected: str, got: Any) -> None:
@@ -94,7 +111,8 @@ class StatefulInference(beam.PTransform):
       model_updates: PCollection of :class:`~streamrnn.beam.ModelUpdate`, applied at their effective time.
       postprocess: reduces raw outputs to columns inside the worker (e.g. ``NextTokenPostprocess``).
       keep_last_output: carry each key's last output (needed to score the next event).
-      output: ``"records"`` (one Prediction per event) or ``"arrow"`` (RecordBatches).
+      output: ``"records"`` (one Prediction per event) or ``"arrow"`` (also spelt ``"blocks"``: one Arrow
+        RecordBatch per flush and output timestamp; ``outputs.explode`` turns one into its records).
       providers: ONNX Runtime providers (``"auto"``: CUDA when it loads).
       max_steps_per_call / max_batch: caps on T and B of one ORT call.
       flush_bounded_at_once: bounded input (batch): one flush per shard (same results, bigger batches).
@@ -115,7 +133,7 @@ class StatefulInference(beam.PTransform):
     def __init__(self, *, model: str | os.PathLike, num_shards: int = 16, window_size: float = 60.0,
                  allowed_lateness: float = 0.0, ttl: float | None = None, dedupe_horizon: float | None = None,
                  model_updates: beam.PCollection | None = None, postprocess: Postprocess | None = None,
-                 keep_last_output: bool = False, output: Literal["records", "arrow"] = "records",
+                 keep_last_output: bool = False, output: Literal["records", "arrow", "blocks"] = "records",
                  providers: Any = "auto", max_steps_per_call: int = 256, max_batch: int = 4096,
                  flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
@@ -138,7 +156,8 @@ class StatefulInference(beam.PTransform):
         _check(num(dedupe_horizon) and num(window_size) and num(allowed_lateness)
                and window_size + allowed_lateness <= dedupe_horizon < 1e11, "dedupe_horizon",
                "seconds >= window_size + allowed_lateness (late events are reported for that long)", dedupe_horizon)
-        _check(output in ("records", "arrow"), "output", "'records' or 'arrow'", output)
+        _check(output in ("records", "arrow", "blocks"), "output", "'records' or 'arrow' (or 'blocks', the same)",
+               output)
         _check(isinstance(max_steps_per_call, int) and max_steps_per_call >= 1, "max_steps_per_call", ">= 1",
                max_steps_per_call)
         _check(isinstance(max_batch, int) and max_batch >= 1, "max_batch", ">= 1", max_batch)
@@ -169,7 +188,7 @@ class StatefulInference(beam.PTransform):
         self.model_updates = model_updates
         self.postprocess = postprocess
         self.keep_last_output = keep_last_output or bool(postprocess is not None and postprocess.needs_prev)
-        self.output = output
+        self.output = "arrow" if output == "blocks" else output
         self.providers = providers
         self.max_steps_per_call = max_steps_per_call
         self.max_batch = max_batch
@@ -211,8 +230,7 @@ class StatefulInference(beam.PTransform):
                      timestamp_combiner=TimestampCombiner.OUTPUT_AT_EOW,
                      allowed_lateness=Duration(micros=horizon))
                  | "ByShardAndRelease" >> beam.GroupByKey()
-                 | "Panes" >> beam.ParDo(_Panes())
-                 | "ShardGlobal" >> beam.WindowInto(GlobalWindows()))
+                 | "Panes" >> _PanesGlobal())
         cfg = Config(ttl=self.ttl, size=size, lateness=late, max_steps=self.max_steps_per_call,
                      max_batch=self.max_batch, tokens=spec.input.kind == "tokens",
                      n_features=spec.input.n_features or 0, postprocess=self.postprocess)
@@ -236,6 +254,18 @@ class StatefulInference(beam.PTransform):
             outputs = outputs | "UserWindows" >> beam.WindowInto(
                 user.windowfn, trigger=user.triggerfn, accumulation_mode=user.accumulation_mode,
                 timestamp_combiner=user.timestamp_combiner, allowed_lateness=user.allowed_lateness)
-        dead = ((intake[DEAD], applied[DEAD], *bad_updates) | "DeadLetters" >> beam.Flatten()
-                | "DeadLettersGlobal" >> beam.WindowInto(GlobalWindows()))
+        parts = (intake[DEAD], applied[DEAD], *bad_updates)
+        dead = parts | "DeadLetters" >> beam.Flatten()
+        # Every part comes from a step in the global window already (Intake, ShardStep, UpdateIntake), so
+        # no WindowInto here: on the legacy DirectRunner it would cost a bundle (and a DoFn introspection)
+        # for every bundle upstream. Should a part ever be windowed otherwise, it is re-windowed.
+        if not all(_global(p) for p in parts):
+            dead = dead | "DeadLettersGlobal" >> beam.WindowInto(GlobalWindows())
         return StatefulResult(outputs, dead)
+
+
+def _global(pcoll: beam.PCollection) -> bool:
+    """The PCollection is in the global window under the default trigger (what a WindowInto(GlobalWindows())
+    would give it)."""
+    w = pcoll.windowing
+    return isinstance(w.windowfn, GlobalWindows) and isinstance(w.triggerfn, trigger.DefaultTrigger)
