@@ -426,15 +426,29 @@ class ForecastPostprocess(Postprocess):
     the log density of this bar's return under the previous bar's one-bar-ahead forecast (NaN
     on a symbol's first bar and on jumps), which feeds the job's live loss metrics; ``abs_err``,
     ``in_80`` and ``in_95`` score that previous forecast's median and intervals the same way.
+
+    With ``anchor`` (a model trained with ``FeatureConfig(anchor=True)``, :mod:`.scale`) the outputs are
+    relative to the EWMA sd: the current one is ``exp(x[:, 5])``, and the previous bar's, which anchored
+    the previous forecast, is recovered exactly from this bar's features by inverting one EWMA step
+    (``v_prev = v (1 - (1 - lam) z^2) / lam``, ``z = x[:, 0]``; unchanged on a jump bar).
+    :meth:`for_model` reads both from the model's ``training.forecast`` block.
     """
 
     needs_prev = True
 
-    def __init__(self, df: list[float], location: str = "model"):
+    def __init__(self, df: list[float], location: str = "model", *, anchor: bool = False, lam: float = 0.94):
         if location not in LOCATIONS:
             raise InputError(f"location: expected one of {LOCATIONS}, got {location!r}")
         self.df = [float(d) for d in df]
         self.location = location
+        self.anchor = bool(anchor)
+        self.lam = float(lam)
+
+    @classmethod
+    def for_model(cls, meta: dict, location: str = "model") -> ForecastPostprocess:
+        """The postprocess a model's ``training.forecast`` block asks for (df, anchor, EWMA lambda)."""
+        feats = dict(meta.get("features") or {})
+        return cls(meta["df"], location, anchor=bool(feats.get("anchor", False)), lam=float(feats.get("lam", 0.94)))
 
     def _loc(self, mean: np.ndarray) -> np.ndarray:
         """The served location: the model's, or 0 (zero drift: the median price is the last close)."""
@@ -442,26 +456,39 @@ class ForecastPostprocess(Postprocess):
         return m if self.location == "model" else np.zeros_like(m)
 
     def __call__(self, x, outputs, prev_outputs):
-        loc = self._loc(outputs["mean"])
-        scale = np.exp(outputs["log_scale"].astype(np.float64))
+        x = np.asarray(x, np.float64)
+        mean = outputs["mean"].astype(np.float64)
+        log_scale = outputs["log_scale"].astype(np.float64)
+        prev_mean = prev_outputs["mean"][:, 0].astype(np.float64)
+        prev_ls = prev_outputs["log_scale"][:, 0].astype(np.float64)
+        ret = x[:, 0]
+        if self.anchor:
+            lv = x[:, 5]
+            ret = x[:, 0] * np.exp(lv)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                shrink = np.maximum(1.0 - (1.0 - self.lam) * x[:, 0] ** 2, 1e-300) / self.lam
+                prev_lv = np.where(x[:, 7] > 0.5, lv, lv + 0.5 * np.log(shrink))
+            mean, log_scale = mean * np.exp(lv)[:, None], log_scale + lv[:, None]
+            prev_mean, prev_ls = prev_mean * np.exp(prev_lv), prev_ls + prev_lv
+        loc = self._loc(mean)
+        scale = np.exp(log_scale)
         df = np.broadcast_to(np.asarray(self.df), loc.shape)
         out = {"ret_loc": loc, "ret_scale": scale}
         for name, p in QUANTILES.items():
             out[f"q_{name}"] = quantile(p, loc, scale, df)
-        x = np.asarray(x, np.float64)
-        out.update(ret=x[:, 0], days=x[:, 6], jump=x[:, 7])
-        prev_loc = self._loc(prev_outputs["mean"][:, 0])
-        prev_scale = np.exp(prev_outputs["log_scale"][:, 0].astype(np.float64))
+        out.update(ret=ret, days=x[:, 6], jump=x[:, 7])
+        prev_loc = self._loc(prev_mean)
+        prev_scale = np.exp(prev_ls)
         with np.errstate(invalid="ignore"):
-            lp = -nll(x[:, 0], prev_loc, prev_scale, np.full(len(x), self.df[0]))
+            lp = -nll(ret, prev_loc, prev_scale, np.full(len(x), self.df[0]))
         out["logprob"] = np.where(x[:, 7] > 0.5, np.nan, lp)
         # live forecast quality: the previous one-bar-ahead forecast against the return that arrived
         scored = np.isfinite(out["logprob"])
-        out["abs_err"] = np.where(scored, np.abs(x[:, 0] - prev_loc), np.nan)
+        out["abs_err"] = np.where(scored, np.abs(ret - prev_loc), np.nan)
         df0 = np.full(len(x), self.df[0])
         for name, (lo, hi) in LEVELS.items():
             with np.errstate(invalid="ignore"):
-                inside = (quantile(lo, prev_loc, prev_scale, df0) <= x[:, 0]) & (
-                    x[:, 0] <= quantile(hi, prev_loc, prev_scale, df0))
+                inside = (quantile(lo, prev_loc, prev_scale, df0) <= ret) & (
+                    ret <= quantile(hi, prev_loc, prev_scale, df0))
             out[f"in_{name}"] = np.where(scored, inside.astype(np.float64), np.nan)
         return out

@@ -34,7 +34,7 @@ def _train(a: argparse.Namespace) -> int:
     cfg = ForecastTrainConfig(cell=a.cell, hidden=a.hidden, layers=a.layers, dropout=a.dropout, horizons=a.horizons,
                               batch=a.batch, steps=a.steps, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
                               threads=a.threads, max_minutes=a.max_minutes,
-                              features=FeatureConfig(bar_seconds=a.bar_seconds))
+                              features=FeatureConfig(bar_seconds=a.bar_seconds, anchor=a.anchor))
     columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
         data = dataset.load(a.bars, cfg.horizons, columns=columns, features=cfg.features)
@@ -130,6 +130,9 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     t.add_argument("--bar-seconds", type=at_least(0.0, open_=True), default=86400.0,
                    help="the bar frequency trained for")
     t.add_argument("--allow-frequency", action="store_true", help="train on bars of another frequency anyway")
+    t.add_argument("--anchor", action="store_true",
+                   help="volatility-anchored model: inputs in running-sd units, scale relative to the EWMA sd "
+                        "(docs/market.md); the market job serves it only through ForecastPostprocess.for_model")
     t.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
     t.add_argument("--name")
     t.add_argument("--version", default="1.0.0")

@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import InputError
 from ..keyed import KeyedOperator
 from ..model import Model, load
-from . import baselines
+from . import baselines, calibration, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import DeadLetter, FeatureConfig, OnlineFeatures
@@ -55,7 +55,9 @@ def forecast_meta(model: Model) -> dict:
 
 
 def model_outputs(model: Model, data: list[Prepared], batch: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Whole-sequence (loc, log_scale) ``[n, H]`` per symbol: each symbol's bars in one call (padded batches)."""
+    """Whole-sequence (loc, log_scale) ``[n, H]`` per symbol: each symbol's bars in one call (padded batches);
+    absolute (% log return) also for a model whose outputs are relative to the EWMA sd (:mod:`.scale`)."""
+    meta = forecast_meta(model)
     out = []
     F = model.spec.input.n_features
     for s in range(0, len(data), batch):
@@ -65,7 +67,7 @@ def model_outputs(model: Model, data: list[Prepared], batch: int = 64) -> list[t
         for i, p in enumerate(part):
             x[i, :len(p.series)] = p.series.x
         o, _ = model.step(x, lengths=lens)
-        out += [(o["mean"][i, :n].astype(np.float64), o["log_scale"][i, :n].astype(np.float64))
+        out += [scale.absolute(meta, o["mean"][i, :n], o["log_scale"][i, :n], part[i].series.x[:n])
                 for i, n in enumerate(lens)]
     return out
 
@@ -81,6 +83,7 @@ def streaming_parity(model: Model, data: list[Prepared], whole: list[tuple[np.nd
     rows.sort()
     online = OnlineFeatures(features)
     op = KeyedOperator(model)
+    meta = forecast_meta(model)
     worst, n = 0.0, 0
     j = 0
     while j < len(rows):
@@ -105,8 +108,8 @@ def streaming_parity(model: Model, data: list[Prepared], whole: list[tuple[np.nd
             progress.tick(j, len(rows), "bars streamed (parity check)")
         for e, (k, i) in enumerate(where):
             loc, ls = whole[k]
-            worst = max(worst, float(np.abs(res.outputs["mean"][e] - loc[i]).max()),
-                        float(np.abs(res.outputs["log_scale"][e] - ls[i]).max()))
+            got_loc, got_ls = scale.absolute(meta, res.outputs["mean"][e], res.outputs["log_scale"][e], xs[e])
+            worst = max(worst, float(np.abs(got_loc - loc[i]).max()), float(np.abs(got_ls - ls[i]).max()))
             n += 1
     return worst, n
 
@@ -145,7 +148,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     test_ts = float(np.datetime64(start, "s").astype(np.int64))
     whole = model_outputs(model, data)
     parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
-    tcn_out = _tcn_outputs(tcn, data, H) if tcn else None
+    tcn_out = _tcn_outputs(tcn, data, H, meta) if tcn else None
     preds: dict[str, list] = {m: [] for m in METHODS}
     ys, masks, groups, heldout, days = [], [], [], [], []
     skipped = []
@@ -232,6 +235,12 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         "metrics": table(everything),
         "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
         "location": {"all": location(everything), "seen_symbols": location(~HO), "heldout_symbols": location(HO)},
+        # calibration over regimes (issue 15): h1 per calendar year, and the model on known-sd synthetic series
+        "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
+                                                 D[sel & M[:, 0]]) for m in cat}
+                    for grp, sel in (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))},
+        "known_sd": calibration.known_sd_table(model, meta),
+        "shocks": calibration.shock_response(model, meta),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -288,7 +297,7 @@ def _skip_reason(ts: np.ndarray, n_train: int, n_origins: int, start: str, end: 
     return None
 
 
-def _tcn_outputs(path: str, data: list[Prepared], H: int):
+def _tcn_outputs(path: str, data: list[Prepared], H: int, meta: Mapping):
     import torch
 
     from ..train.forecast import load_tcn
@@ -300,8 +309,9 @@ def _tcn_outputs(path: str, data: list[Prepared], H: int):
         for p in data:
             x = torch.from_numpy(((p.series.x - mean) / std).astype(np.float32))[None]
             out, _ = net(x)
-            locs.append(out[0, :, :H].double().numpy())
-            lss.append(out[0, :, H:].double().numpy())
+            loc, ls = scale.absolute(meta, out[0, :, :H].double().numpy(), out[0, :, H:].double().numpy(), p.series.x)
+            locs.append(loc)
+            lss.append(ls)
     return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
 
 
@@ -341,6 +351,10 @@ def render_table(r: dict) -> str:
     def fmt(v) -> str:
         return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
+    years = (r.get("by_year") or {}).get("all", {})
+    lines += calibration.render({"known_sd": r.get("known_sd"), "shocks": r.get("shocks"),
+                                 "by_year": {NAMES.get(m, m): v for m, v in years.items()
+                                             if m in ("lstm", "ewma_t", "garch_t")}})
     for gname, tab in (("all", r["metrics"]), *r["groups"].items()):
         lines.append(f"\n[{gname}]  method h   nll     crps    mae     mase    cov80   cov95")
         for m, hs in tab.items():

@@ -12,6 +12,13 @@ Features of bar t (prices in % log units, so 1.0 = a 1% move):
 * ``days``  time since the previous bar in bar intervals (1 for the first bar), clipped to 0..10;
 * ``jump``  1.0 on a corporate-action-sized bar (below).
 
+**Volatility-anchored mode** (``FeatureConfig(anchor=True)``, what the shipped model uses since
+issue 15): ``ret``, ``gap``, ``body`` and ``range`` are divided by ``sd_t = exp(log_vol)``, the
+EWMA sd *after* bar t (carried state plus this bar, nothing later), so the network sees moves in
+units of the symbol's own running volatility; ``log_vol`` stays absolute, and the model's outputs
+are relative to it (:mod:`.scale`: ``log_scale = log_vol + net``, ``mean = sd_t * net``). The raw
+return is ``x[0] * exp(x[5])`` exactly. No state is added: the EWMA variance was already carried.
+
 Only the carried state (previous close, volume, timestamp, EWMA variance) is
 used: never a future bar.
 
@@ -60,6 +67,7 @@ class FeatureConfig:
     prior_var: float = 1.0
     jump: float = 0.40
     gap_bars: float = 4.0
+    anchor: bool = False  # moves in running-sd units and outputs relative to the EWMA sd (module doc)
 
     def ewma(self, var: float, r2: float) -> float:
         """One step of the variance EWMA, ``lam var + (1 - lam) r2``: the one rule, online and offline."""
@@ -67,7 +75,8 @@ class FeatureConfig:
 
     def to_dict(self) -> dict:
         return {"bar_seconds": self.bar_seconds, "lam": self.lam, "prior_var": self.prior_var,
-                "jump": self.jump, "gap_bars": self.gap_bars}
+                "jump": self.jump, "gap_bars": self.gap_bars,
+                **({"anchor": True} if self.anchor else {})}
 
 
 @dataclass
@@ -179,7 +188,8 @@ def step_features(st: SymbolState, b: Mapping[str, float], cfg: FeatureConfig, s
         if days > cfg.gap_bars:
             flags.append("gap")
         days = min(10.0, max(0.0, days))
-    x = np.array([ret, gap, body, rng, dvol, 0.5 * math.log(var), days, float(jump)], np.float64)
+    u = 1.0 / math.sqrt(var) if cfg.anchor else 1.0
+    x = np.array([ret * u, gap * u, body * u, rng * u, dvol, 0.5 * math.log(var), days, float(jump)], np.float64)
     new = replace(st, n=st.n + 1, last_ts=ts, last_close=c, last_volume=v, var=var)
     return FeatureRow(symbol, ts, c, x, ret, var, tuple(flags)), new
 
@@ -245,7 +255,8 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
         v_upd = _ewma(ret[upd] ** 2, cfg)
         idx = np.searchsorted(upd, np.arange(m), side="right") - 1  # last update at or before each bar
         var = np.where(idx >= 0, v_upd[np.maximum(idx, 0)], cfg.prior_var)
-    x = np.stack([ret, gap, body, rng, dvol, 0.5 * np.log(var), np.clip(days_raw, 0.0, 10.0),
+    u = 1.0 / np.sqrt(var) if cfg.anchor else 1.0
+    x = np.stack([ret * u, gap * u, body * u, rng * u, dvol, 0.5 * np.log(var), np.clip(days_raw, 0.0, 10.0),
                   jump.astype(np.float64)], axis=1)
     return SymbolSeries(bars.symbol, ts, c, x, ret, var, jump, ~first & (days_raw > cfg.gap_bars), dead,
                         {"open": o, "high": h, "low": lo, "volume": v})

@@ -24,6 +24,7 @@ from ..model import Model
 from .distribution import quantile
 from .evaluate import forecast_meta
 from .features import DeadLetter, FeatureConfig, FeatureRow, OnlineFeatures
+from .scale import absolute
 
 LEVELS = {"80": (0.10, 0.90), "95": (0.025, 0.975)}
 
@@ -45,6 +46,7 @@ class ForecastOperator:
     def __init__(self, model: Model, *, max_keys: int = 1_000_000, ttl: float | None = None):
         meta = forecast_meta(model)
         self.model = model
+        self.meta = meta
         self.df = np.asarray(meta["df"], np.float64)
         self.features = OnlineFeatures(FeatureConfig(**meta["features"]))
         self.keyed = KeyedOperator(model, max_keys=max_keys, ttl=ttl)
@@ -61,8 +63,8 @@ class ForecastOperator:
         res = self.keyed.process([r.symbol for r in rows], np.stack([r.x for r in rows]).astype(np.float32))
         out = []
         for i, r in enumerate(rows):
-            loc = res.outputs["mean"][i].astype(np.float64)
-            scale = np.exp(res.outputs["log_scale"][i].astype(np.float64))
+            loc, log_scale = absolute(self.meta, res.outputs["mean"][i], res.outputs["log_scale"][i], r.x)
+            scale = np.exp(log_scale)
             out.append({"symbol": r.symbol, "ts": r.ts, "close": r.close, "flags": ",".join(r.flags),
                         **{f"h{h + 1}_ret_loc": float(loc[h]) for h in range(len(loc))},
                         **{f"h{h + 1}_ret_scale": float(scale[h]) for h in range(len(loc))},

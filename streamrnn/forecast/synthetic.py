@@ -52,3 +52,39 @@ def write_sp500_layout(bars: list[Bars], folder: str | os.PathLike) -> list[Path
         p.write_text("\n".join(lines) + "\n")
         paths.append(p)
     return paths
+
+
+def known_sd(sd: float, n: int = 1000, *, seed: int = 0, nu: float = 5.0, symbol: str = "SYN",
+             start: str = "2000-01-03") -> Bars:
+    """Business-day bars whose % log returns are i.i.d. unit-variance t(``nu``) times ``sd`` (a known daily sd).
+
+    Open, high and low scale with ``sd`` too (an overnight gap of 0.3 sd, wicks of 0.5 sd), so every
+    feature of the series is ``sd`` times that of the ``sd = 1`` series drawn with the same seed.
+    """
+    rng = np.random.default_rng(seed)
+    days = np.busday_offset(np.datetime64(start, "D"), np.arange(n), roll="forward")
+    ts = days.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+    r = sd * rng.standard_t(nu, n) * np.sqrt((nu - 2) / nu)
+    close = 50.0 * np.exp(np.cumsum(r) / 100.0)
+    prev = np.concatenate([[50.0], close[:-1]])
+    opn = prev * np.exp(0.3 * sd * rng.standard_normal(n) / 100.0)
+    wig = 0.5 * sd * np.abs(rng.standard_normal((2, n))) / 100.0
+    high = np.maximum(opn, close) * np.exp(wig[0])
+    low = np.minimum(opn, close) * np.exp(-wig[1])
+    return Bars(symbol, ts, opn, high, low, close, np.round(rng.lognormal(13, 0.3, n)), source="simulated")
+
+
+def with_returns(returns: np.ndarray, *, seed: int = 0, symbol: str = "SYN", start: str = "2000-01-03") -> Bars:
+    """Business-day bars with the given % log close-to-close returns (open at the previous close, wicks of
+    0.5 |return|): for shock tests."""
+    rng = np.random.default_rng(seed)
+    r = np.asarray(returns, np.float64)
+    n = len(r)
+    days = np.busday_offset(np.datetime64(start, "D"), np.arange(n), roll="forward")
+    ts = days.astype("datetime64[s]").astype(np.int64).astype(np.float64)
+    close = 50.0 * np.exp(np.cumsum(r) / 100.0)
+    opn = np.concatenate([[50.0], close[:-1]])
+    wig = 0.5 * np.abs(r)[None] * np.abs(rng.standard_normal((2, n))) / 100.0
+    high = np.maximum(opn, close) * np.exp(wig[0])
+    low = np.minimum(opn, close) * np.exp(-wig[1])
+    return Bars(symbol, ts, opn, high, low, close, np.round(rng.lognormal(13, 0.3, n)), source="simulated")

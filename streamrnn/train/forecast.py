@@ -27,6 +27,7 @@ from ..errors import InputError
 from ..forecast.dataset import Prepared, Split
 from ..forecast.features import FEATURE_NAMES, FeatureConfig
 from ..forecast.progress import Progress
+from ..forecast.scale import LOG_VOL
 from ..spec import SPEC_KEY, ModelSpec, OutputTensor
 from .graph import set_spec
 from .lm import _progress, lr_at, progress
@@ -63,11 +64,30 @@ class ForecastTrainConfig:
 
 
 class ForecastNet(RecurrentNet):
-    """A :class:`RecurrentNet` with a learned Student-t degrees of freedom per horizon (kept in metadata)."""
+    """A :class:`RecurrentNet` with a learned Student-t degrees of freedom per horizon (kept in metadata).
 
-    def __init__(self, config: NetConfig):
+    ``anchor``: the outputs are relative to the EWMA sd (:mod:`streamrnn.forecast.scale`); the first
+    layer's weights from the absolute ``log_vol`` feature are held at zero (its gradient is masked, and
+    weight decay keeps zero at zero), so the network sees only scale-free inputs and its output is the
+    same whatever the level of volatility. The log-scale bias starts at ``0.5 ln h`` plus the scale of a
+    unit-variance t(6), the anchor's own forecast.
+    """
+
+    def __init__(self, config: NetConfig, anchor: bool = False):
         super().__init__(config)
         self.df_raw = nn.Parameter(torch.full((config.n_targets,), math.log(4.0)))
+        self.anchor = anchor
+        if anchor:
+            H = config.n_targets
+            w = self.rnn.weight_ih_l0
+            mask = torch.ones_like(w)
+            mask[:, LOG_VOL] = 0.0
+            with torch.no_grad():
+                w.mul_(mask)
+                self.head.bias[:H].zero_()
+                h = torch.arange(1, H + 1, dtype=torch.float32)
+                self.head.bias[H:] = 0.5 * torch.log(h) + 0.5 * math.log(4 / 6)
+            w.register_hook(lambda g: g * mask)
 
 
 class ForecastTCN(CausalTCN):
@@ -84,13 +104,18 @@ def build_net(cfg: ForecastTrainConfig) -> nn.Module:
                            cfg.horizons)
     return ForecastNet(NetConfig(cell=cfg.cell, input_kind="features", n_features=F, hidden=cfg.hidden,
                                  layers=cfg.layers, dropout=cfg.dropout, task="forecast",
-                                 n_targets=cfg.horizons))
+                                 n_targets=cfg.horizons), anchor=cfg.features.anchor)
 
 
-def t_nll(y: torch.Tensor, out: torch.Tensor, df_raw: torch.Tensor) -> torch.Tensor:
-    """Per-target Student-t NLL; ``out [..., 2H]`` = (loc, log_scale)."""
+def t_nll(y: torch.Tensor, out: torch.Tensor, df_raw: torch.Tensor, log_vol: torch.Tensor | None = None
+          ) -> torch.Tensor:
+    """Per-target Student-t NLL; ``out [..., 2H]`` = (loc, log_scale), relative to the EWMA sd ``exp(log_vol)``
+    ``[...]`` when given (:mod:`streamrnn.forecast.scale`)."""
     H = df_raw.shape[0]
     loc, log_scale = out[..., :H], out[..., H:]
+    if log_vol is not None:
+        lv = log_vol.unsqueeze(-1)
+        loc, log_scale = loc * torch.exp(lv), log_scale + lv
     v = 2.0 + torch.exp(df_raw)
     z = (y - loc) * torch.exp(-log_scale)
     return (-(torch.lgamma((v + 1) / 2) - torch.lgamma(v / 2) - 0.5 * torch.log(v * math.pi))
@@ -106,7 +131,8 @@ def feature_stats(data: list[Prepared], split: Split) -> tuple[np.ndarray, np.nd
 
 
 def pack(data: list[Prepared], split: Split, mean: np.ndarray, std: np.ndarray):
-    """Right-padded tensors over symbols: x (normalised), y, train mask, val mask; only bars before ``val_end``."""
+    """Right-padded tensors over symbols: x (normalised), y, train mask, val mask, raw log_vol (the anchor);
+    only bars before ``val_end``."""
     end = float(np.datetime64(split.val_end, "s").astype(np.int64))
     lens = [int((p.series.ts < end).sum()) for p in data]
     S, T, H = len(data), max(lens), data[0].y.shape[1]
@@ -114,23 +140,25 @@ def pack(data: list[Prepared], split: Split, mean: np.ndarray, std: np.ndarray):
     Y = np.zeros((S, T, H), np.float32)
     MT = np.zeros((S, T, H), bool)
     MV = np.zeros((S, T, H), bool)
+    A = np.zeros((S, T), np.float32)
     for i, (p, n) in enumerate(zip(data, lens, strict=True)):
         X[i, :n] = (p.series.x[:n] - mean) / std
+        A[i, :n] = p.series.x[:n, LOG_VOL]
         Y[i, :n] = p.y[:n]
         MT[i, :n] = p.window(None, split.fit_end)[:n]
         MV[i, :n] = p.window(split.fit_end, split.val_end)[:n]
-    return torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(MT), torch.from_numpy(MV)
+    return torch.from_numpy(X), torch.from_numpy(Y), torch.from_numpy(MT), torch.from_numpy(MV), torch.from_numpy(A)
 
 
 @torch.no_grad()
-def masked_nll(net: nn.Module, X, Y, M, chunk: int = 64) -> tuple[float, list[float]]:
+def masked_nll(net: nn.Module, X, Y, M, A=None, chunk: int = 64) -> tuple[float, list[float]]:
     """Mean t NLL over the masked targets: overall and per horizon."""
     net.eval()
     tot = torch.zeros(Y.shape[-1], dtype=torch.float64)
     cnt = torch.zeros(Y.shape[-1], dtype=torch.float64)
     for s in range(0, X.shape[0], chunk):
         out, _ = net(X[s:s + chunk])
-        nll = t_nll(Y[s:s + chunk], out, net.df_raw)
+        nll = t_nll(Y[s:s + chunk], out, net.df_raw, None if A is None else A[s:s + chunk])
         m = M[s:s + chunk]
         tot += (nll * m).sum(dim=(0, 1)).double()
         cnt += m.sum(dim=(0, 1)).double()
@@ -150,7 +178,9 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     mean, std = feature_stats(train_syms, cfg.split)
-    X, Y, MT, MV = pack(train_syms, cfg.split, mean, std)
+    X, Y, MT, MV, A = pack(train_syms, cfg.split, mean, std)
+    if not cfg.features.anchor:
+        A = None
     if not MT.any() or not MV.any():
         raise InputError(f"train forecast: bars: expected targets before {cfg.split.fit_end} and in "
                          f"[{cfg.split.fit_end}, {cfg.split.val_end}), got {int(MT.sum())} and {int(MV.sum())}")
@@ -195,7 +225,8 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
             g["lr"] = lr_at(step, cfg, progress(step, time.perf_counter() - t0, cfg))
         out, _ = net(X[idx, :t_fit])
         m = MT[idx, :t_fit]
-        loss = (t_nll(Y[idx, :t_fit], out, net.df_raw) * m).sum() / m.sum().clamp(min=1)
+        lv = None if A is None else A[idx, :t_fit]
+        loss = (t_nll(Y[idx, :t_fit], out, net.df_raw, lv) * m).sum() / m.sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
@@ -208,7 +239,7 @@ def train_forecast(data: list[Prepared], cfg: ForecastTrainConfig, *, checkpoint
         lines.tick(step, cfg.steps, "steps", f"train NLL {ema:.4f}")
         done = progress(step, time.perf_counter() - t0, cfg) >= 1.0
         if step % cfg.eval_every == 0 or done:
-            val, per = masked_nll(net, X, Y, MV)
+            val, per = masked_nll(net, X, Y, MV, A)
             elapsed = time.perf_counter() - t0
             history.append({"step": step, "train_nll": round(ema, 5), "val_nll": round(val, 5),
                             "val_nll_h": [round(v, 4) for v in per], "elapsed_s": round(elapsed, 1)})

@@ -1,0 +1,44 @@
+"""The volatility anchor (issue 15): a model's outputs relative to the EWMA sd of the key's own returns.
+
+A model trained with ``FeatureConfig(anchor=True)`` emits, per horizon, a log-scale *correction*
+``f`` and a location in running-sd units ``g``; the forecast is
+
+    log_scale = log_vol + f,    loc = exp(log_vol) * g,
+
+with ``log_vol = 0.5 ln v_t`` the RiskMetrics EWMA sd after the origin bar (feature 5, carried in
+the per-symbol feature state). The level therefore follows the data without bound, and the
+network (whose outputs are bounded by its tanh/sigmoid cells) learns only the shape and the
+corrections. Models without the flag (the pre-issue-15 ones) emit absolute outputs, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .features import FEATURE_NAMES
+
+LOG_VOL = FEATURE_NAMES.index("log_vol")
+RET = FEATURE_NAMES.index("ret")
+
+
+def anchored(meta: Mapping) -> bool:
+    """Whether a model's ``training.forecast`` block says its outputs are relative to the EWMA sd."""
+    return bool(dict(meta.get("features") or {}).get("anchor", False))
+
+
+def absolute(meta: Mapping, mean, log_scale, x) -> tuple[np.ndarray, np.ndarray]:
+    """Absolute (loc, log_scale) in % log return from the model outputs and the raw features ``x [..., F]``."""
+    mean = np.asarray(mean, np.float64)
+    log_scale = np.asarray(log_scale, np.float64)
+    if not anchored(meta):
+        return mean, log_scale
+    lv = np.asarray(x, np.float64)[..., LOG_VOL:LOG_VOL + 1]
+    return mean * np.exp(lv), log_scale + lv
+
+
+def bar_return(meta: Mapping, x) -> np.ndarray:
+    """This bar's cleaned % log return from its features ``x [..., F]`` (feature 0, in sd units when anchored)."""
+    x = np.asarray(x, np.float64)
+    return x[..., RET] * np.exp(x[..., LOG_VOL]) if anchored(meta) else x[..., RET]
