@@ -46,7 +46,8 @@ def _train_lm(a: argparse.Namespace) -> int:
                         max_minutes=a.max_minutes)
     out = Path(a.out)
     ckpt = Path(a.checkpoint) if a.checkpoint else out.with_suffix(".ckpt.pt")
-    net, summary = train_lm(a.text, cfg, checkpoint=ckpt, resume=not a.restart, log=print)
+    net, summary = train_lm(a.text, cfg, checkpoint=ckpt, resume=not a.restart,
+                            log=lambda m: print(m, file=sys.stderr, flush=True))
     metrics = {k: summary.pop(k) for k in ("train_loss", "val_loss_streams16")}
     spec = export(net, out, name=a.name or out.stem, version=a.version, training=summary, metrics=metrics)
     print(f"wrote {out} (weights sha256 {spec.fingerprint[:16]}; parity "

@@ -86,3 +86,24 @@ def test_bench_operator_tells_its_shapes_on_stderr(monkeypatch, capsys, json_fla
     shapes = list(dict.fromkeys(line.split(", ")[0] for line in lines if ": shape " in line))
     assert shapes == [f"streamrnn bench operator: shape {i}/4 (B={b}" for i, b in enumerate((1, 256, 1, 256), 1)], err
     assert any(line.startswith("streamrnn bench operator: building the model, ") for line in lines), err
+
+
+def test_train_lm_writes_step_lines_on_stderr_and_its_result_on_stdout(monkeypatch, tmp_path, capsys):
+    """``train lm`` off a terminal (no tqdm bar): plain step lines on stderr when due, its evaluation lines there
+    too; stdout has only the result lines."""
+    pytest.importorskip("torch")
+    monkeypatch.setattr(cliargs, "_clock", FakeClock(4.0))  # a line is due every third step
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"to be or not to be, that is the question\n" * 60)
+    rc = main(["train", "lm", "--text", str(text), "--out", str(tmp_path / "m.onnx"), "--hidden", "8",
+               "--layers", "1", "--embed", "4", "--batch", "2", "--bptt", "8", "--steps", "9", "--eval-every", "9",
+               "--val-frac", "0.2", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    steps = [ln for ln in err.splitlines() if ln.startswith("train lm: step ")]
+    assert steps and all(ln.endswith(" s") and "nats/char" in ln for ln in steps), err
+    assert [int(ln.split("step ")[1].split("/")[0]) for ln in steps] == sorted(
+        int(ln.split("step ")[1].split("/")[0]) for ln in steps)
+    assert any(ln.startswith("step 9/9 ") and "bits/char" in ln for ln in err.splitlines()), err
+    assert "\r" not in err
+    assert out.splitlines()[0].startswith("wrote ") and "step 9/9" not in out

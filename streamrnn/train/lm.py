@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cliargs import Heartbeat
 from ..errors import InputError
 from .nets import NetConfig, RecurrentNet
 
@@ -226,6 +227,8 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
 
     streams = _streams(train, cfg.batch, offset)
     bar = _progress(cfg.steps, step)
+    # plain stderr lines (after 10 s, at most every 10 s) where tqdm draws no bar (stderr is not a terminal)
+    lines = Heartbeat("train lm", f"step {step}/{cfg.steps}") if bar is None or bar.disable else None
     net.train()
     t_start = time.perf_counter() - elapsed
     train_loss_ema = None
@@ -255,6 +258,8 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss_ema:.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}")
+        if lines is not None:
+            lines.update(f"step {step}/{cfg.steps}, train {train_loss_ema:.3f} nats/char")
         done = progress(step, time.perf_counter() - t_start, cfg) >= 1.0
         if step % cfg.eval_every == 0 or done:
             val_loss = evaluate(net, val)
@@ -262,9 +267,9 @@ def train_lm(text_path: str | os.PathLike, cfg: LMTrainConfig, *, checkpoint: st
             history.append({"step": step, "epoch": epoch, "train_loss": train_loss_ema,
                             "val_loss": val_loss, "elapsed_s": round(elapsed, 1)})
             msg = (f"step {step}/{cfg.steps} epoch {epoch} train {train_loss_ema:.4f} "
-                   f"val {val_loss:.4f} nats/byte ({val_loss / math.log(2):.3f} bits) {elapsed / 60:.1f} min")
-            if bar is not None:
-                bar.write(msg)
+                   f"val {val_loss:.4f} nats/char ({val_loss / math.log(2):.3f} bits/char) {elapsed / 60:.1f} min")
+            if bar is not None and not bar.disable:
+                bar.write(msg, file=sys.stderr)
             else:
                 log(msg)
             save()
