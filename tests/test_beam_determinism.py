@@ -255,3 +255,30 @@ class _Stamp(beam.DoFn):
 
     def process(self, p, ts=beam.DoFn.TimestampParam):
         _Stamp.seen.setdefault(self.name, []).append(((p.key, p.seq), ts.micros))
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_two_copies_of_a_file_row_never_mix(beam_models, tmp_path, order):
+    """Through the jobs' reader (no ``event`` column in the file): rows (a, 0, ts 1.0) "xbc" and "ayz" are two
+    copies of one row name; one whole copy wins ("ayz") in either order, and the other's three events are
+    duplicates whose dead letters give their fields (not the copy id)."""
+    import json
+
+    from streamrnn.beam.event_files import parse_events
+
+    rows = [{"key": "a", "ts": 1.0, "seq": 0, "text": "xbc"}, {"key": "a", "ts": 1.0, "seq": 0, "text": "ayz"},
+            {"key": "a", "ts": 1.0, "seq": 0, "text": "ayz"}]  # and an identical copy
+    if order:
+        rows.reverse()
+    table, dead = parse_events("".join(json.dumps(r) + "\n" for r in rows).encode(), "e.jsonl")
+    assert not dead
+    with beam.Pipeline() as p:
+        out, dl = p | beam.Create(table.to_batches(max_chunksize=2)) | StatefulInference(
+            model=beam_models["tiny"], num_shards=1, window_size=10.0, providers=[CPU], output="arrow")
+        applied = out | beam.FlatMap(lambda b: list(zip(b.column("sub").to_pylist(), b.column("pos").to_pylist(),
+                                                        strict=True)))
+        assert_that(applied, lambda got: _expect(sorted(got), [(0, 0), (1, 1), (2, 2)]), label="applied")
+        assert_that(dl | beam.Map(lambda d: (d.kind, d.sub, json.loads(d.event)["x"])),
+                    lambda got: _expect(sorted(got), sorted(("duplicate", i, b) for i, b in [*enumerate(b"xbc"),
+                                                                                         *enumerate(b"ayz")])),
+                    label="dead")

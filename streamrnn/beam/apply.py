@@ -28,7 +28,7 @@ from .clock import NEVER, release_micros, to_micros
 from .counters import Counters
 from .intake import REL, TSU
 from .postprocess import Postprocess
-from .records import EVENT, KEY, SEQ, SUB, TS, event_json
+from .records import EVENT, KEY, SEQ, SUB, TS, event_json, original_text
 from .store import KeyMeta, ShardStore
 
 
@@ -62,9 +62,10 @@ def duplicates(due: pa.Table, store: ShardStore, horizon: int) -> np.ndarray:
     applied under its name when its ``ts`` is within ``horizon`` of that row's, and a new row
     beyond it. Rows released together are taken in ``ts`` order under the same rule, so the
     result does not depend on how events were split into flushes (batch or streaming, warm or
-    rebuilt). Copies at one ``ts`` that carry their original row (``event``, as the jobs'
-    readers set it) compete as whole rows: the one whose payloads, in ``sub`` order, compare
-    smallest value by value wins, then the one whose original row sorts first. Events
+    rebuilt). Copies at one ``ts`` that carry their original row (``event``: the row's text, or
+    the copy id the jobs' readers set, :func:`~streamrnn.beam.records.copy_id`) compete as whole
+    rows: the one whose payloads, in ``sub`` order, compare smallest value by value wins, then
+    the one whose original row sorts first. Events
     without an original row are each their own copy of one ``(key, seq, sub)``: the smallest
     payload wins. The winner never mixes two copies, whatever the arrival order.
     """
@@ -345,5 +346,5 @@ def to_arrow(v: np.ndarray) -> pa.Array:
 
 
 def dead_event_json(t: pa.Table, i: int) -> str:
-    ev = t.column(EVENT)[i].as_py() if EVENT in t.column_names else None
+    ev = original_text(t.column(EVENT)[i].as_py()) if EVENT in t.column_names else None
     return ev if ev is not None else event_json({c: t.column(c)[i].as_py() for c in (KEY, TS, SEQ, SUB, "x")})

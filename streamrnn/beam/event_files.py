@@ -33,7 +33,7 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json
+from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, copy_id, event_json
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
            ".csv": "csv", ".arrow": "arrow", ".arrows": "arrow", ".feather": "arrow", ".ipc": "arrow"}
@@ -278,7 +278,7 @@ def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from
                  path: str) -> tuple[dict[str, list], list[DeadLetter]]:
     """Validate one block's rows; good rows expand to events (lists ``key, ts, seq, sub, x``)."""
     names = set(cols)
-    out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
+    out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": [], EVENT: []}
     if "key" not in names or "ts" not in names or not ({"text", "token"} & names):
         why = f"events file {path!r}: columns: expected key, ts and text or token, got {sorted(names)}"
         return out, [_dead(why, _row(cols, i)) for i in range(len(pos))]
@@ -305,6 +305,7 @@ def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from
         out[SEQ].extend([seq] * m)
         out[SUB].extend(range(m))
         out["x"].append(payload)
+        out[EVENT].extend([copy_id(payload.tobytes())] * m)  # copies of one row name compete whole
     return out, dead
 
 
@@ -316,7 +317,7 @@ def parse_events(data: bytes, path: str, *, vocab_size: int = 256) -> tuple[pa.T
     """
     fmt = format_of(path)
     dead: list[DeadLetter] = []
-    parts: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": []}
+    parts: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": [], EVENT: []}
     blocks = _READERS[fmt](data, dead) if data.strip() else ()  # an empty file (e.g. in a glob) has no rows
     for cols, pos in blocks:
         ev, bad = block_events(cols, pos, vocab_size=vocab_size, from_text=fmt == "csv", path=path)
@@ -324,8 +325,7 @@ def parse_events(data: bytes, path: str, *, vocab_size: int = 256) -> tuple[pa.T
         for c, v in ev.items():
             parts[c].extend(v)
     x = np.concatenate(parts["x"]) if parts["x"] else np.zeros(0, np.int64)
-    n = len(parts[KEY])
     table = pa.table({KEY: pa.array(parts[KEY], pa.string()), TS: pa.array(parts[TS], pa.float64()),
                       SEQ: pa.array(parts[SEQ], pa.int64()), SUB: pa.array(parts[SUB], pa.int64()),
-                      "x": pa.array(x, pa.int64()), EVENT: pa.nulls(n, pa.string())})
+                      "x": pa.array(x, pa.int64()), EVENT: pa.array(parts[EVENT], pa.string())})
     return table, dead

@@ -24,7 +24,7 @@ from apache_beam.transforms.window import GlobalWindow, TimestampedValue, Window
 
 from .clock import EARLIEST, TS_LIMIT, release_micros, timestamp, to_micros_array
 from .counters import Counters
-from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json, shard_of, to_ipc
+from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json, original_text, shard_of, to_ipc
 
 DEAD = "dead_letters"
 #: Internal columns: event time in micros, and the release time of the event's window (micros).
@@ -264,7 +264,7 @@ class Intake(beam.DoFn):
         for i in np.flatnonzero(bad):
             self.m.dead("invalid")
             orig = ev[int(i)].as_py() if not ebad[i] else _py(ev, int(i)).decode("utf-8", "replace")
-            orig = orig or event_json({c: _py(t.column(c), int(i)) for c in t.column_names})
+            orig = original_text(orig) or event_json({c: _py(t.column(c), int(i)) for c in t.column_names})
             k = keys[int(i)].as_py() if not kbad[i] else None
             yield beam.pvalue.TaggedOutput(DEAD, DeadLetter(
                 k if k else None, float(ts[i]) if np.isfinite(ts[i]) else None,
