@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import InputError
-from .keyed import Key, KeyedOperator
+from .keyed import Key, KeyedOperator, summary_repr
 from .model import Model, State
 
 
@@ -144,6 +144,9 @@ class NextTokenResult:
     topk_probs: np.ndarray
     logprobs: np.ndarray
     reset: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+
+    def __repr__(self) -> str:
+        return summary_repr(self)
 
 
 class NextTokenOperator:

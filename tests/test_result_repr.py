@@ -22,3 +22,13 @@ def test_a_keyed_results_repr_is_one_short_line(lstm):
 def test_one_event_is_singular():
     r = KeyedResult(outputs={}, pos=np.zeros(1, np.int64), fresh=np.ones(1, bool))
     assert repr(r) == "KeyedResult(1 event, 1 fresh; outputs={}, prev_outputs={}, reset=<U12[0])"
+
+
+def test_a_next_token_results_repr_is_one_short_line(lstm):
+    """The README's ``r``: one line however many events (it printed 12,757 characters for 3 bytes)."""
+    from streamrnn import NextTokenOperator, lm
+
+    r = NextTokenOperator(lstm, k=3).observe(["alice", "bob", "alice"], lm.encode("Hi!"))
+    text = repr(r)
+    assert "\n" not in text and len(text) < 250, text
+    assert text.startswith("NextTokenResult(3 events, 2 fresh; logprob=float32[3], topk_tokens=int64[3, 3], "), text
