@@ -405,7 +405,7 @@ def _text(out: dict, text) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cliargs import parse_with_quick
+    from ..cliargs import Heartbeat, parse_with_quick
     from .beam_report import report, text
 
     ap = _parser()
@@ -424,21 +424,25 @@ def main(argv: list[str] | None = None) -> int:
             model = os.path.join(tmp, "bench.onnx")
             _make_model(model, args.hidden, args.layers)
         results = {}
-        for v in args.variants:
-            quality = os.path.join(tmp, f"lp_{v}.npy") if v in "ab" else None
-            print(f"streamrnn bench beam: running ({v}) ...", file=sys.stderr)
-            if args.quick:  # one process: at a toy size, start-up would dominate (peak RSS is then shared)
-                results[v] = _one(argparse.Namespace(**{**vars(args), "variant": v, "model": model,
-                                                        "quality_out": quality}))
-                continue
-            cmd = [sys.executable, "-m", "streamrnn.bench.beam", *argv, "--variant", v, "--model", model or ""]
-            if quality:
-                cmd += ["--quality-out", quality]
-            r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if r.returncode != 0:
-                print(r.stderr[-4000:], file=sys.stderr)
-                return r.returncode
-            results[v] = json.loads(r.stdout.strip().splitlines()[-1])
+        # plain lines on stderr while a variant runs long: after 10 s, at most every 10 s
+        with Heartbeat("streamrnn bench beam", "starting") as beat:
+            for i, v in enumerate(args.variants):
+                quality = os.path.join(tmp, f"lp_{v}.npy") if v in "ab" else None
+                print(f"streamrnn bench beam: running ({v}) ...", file=sys.stderr)
+                beat.update(f"variant ({v}), {i + 1}/{len(args.variants)}")
+                if args.quick:  # one process: at a toy size, start-up would dominate (peak RSS is then shared)
+                    results[v] = _one(argparse.Namespace(**{**vars(args), "variant": v, "model": model,
+                                                            "quality_out": quality}))
+                    continue
+                cmd = [sys.executable, "-m", "streamrnn.bench.beam", *argv, "--variant", v, "--model", model or ""]
+                if quality:
+                    cmd += ["--quality-out", quality]
+                r = subprocess.run(cmd, capture_output=True, text=True,
+                                   env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if r.returncode != 0:
+                    print(r.stderr[-4000:], file=sys.stderr)
+                    return r.returncode
+                results[v] = json.loads(r.stdout.strip().splitlines()[-1])
         config = {"keys": args.keys, "events_per_key": args.events, "shards": args.shards,
                   "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM", "sweep_model": args.sweep_model,
                   "runner": "DirectRunner (batch) for a-d", "window_b": 64, "repeats": args.repeats,
