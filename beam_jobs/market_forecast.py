@@ -132,7 +132,8 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             # the feature step releases a window at its end + lateness; one more window keeps those events on time
             allowed_lateness=args.allowed_lateness + args.window, ttl=args.ttl or None,
             dedupe_horizon=max(3600.0, 3 * args.window + args.allowed_lateness),
-            postprocess=ForecastPostprocess(meta["df"], location=args.location), next_fields=("ret", "jump"),
+            # df, and for a volatility-anchored model its EWMA anchor: absolute scales, as eval forecast's
+            postprocess=ForecastPostprocess.for_model(meta, location=args.location), next_fields=("ret", "jump"),
             output="arrow",
             providers=args.providers)
     except (InputError, ModelLoadError) as e:

@@ -181,10 +181,11 @@ def print_market_summary(s: dict, out: IO[str] | None = None, top: int = 20) -> 
 
     label = " (SIMULATED market)" if s.get("simulated") else ""
     out.write(f"\nlive one-bar-ahead forecast scores{label}, {len(s['symbols'])} symbols\n")
-    out.write(f"  {'symbol':<12} {'bars':>7} {'scored':>7} {'nll':>7} {'mae%':>7} {'cov80':>6} {'cov95':>6}\n")
+    out.write(f"  {'symbol':<12} {'bars':>7} {'scored':>7} {'nll (nats/bar)':>14} {'mae%':>7} {'cov80':>6} "
+              f"{'cov95':>6}\n")
     rows = sorted(s["symbols"].items(), key=lambda kv: -kv[1]["bars"])
     for k, v in [*rows[:top], ("all", s)]:
-        out.write(f"  {k:<12} {v['bars']:>7,} {v['scored']:>7,} {f(v['nll_h1']):>7} {f(v['mae_h1']):>7} "
+        out.write(f"  {k:<12} {v['bars']:>7,} {v['scored']:>7,} {f(v['nll_h1']):>14} {f(v['mae_h1']):>7} "
                   f"{f(v['coverage_80']):>6} {f(v['coverage_95']):>6}\n")
     if len(rows) > top:
         out.write(f"  ... {len(rows) - top} more symbols in {SUMMARY}\n")

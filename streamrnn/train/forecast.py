@@ -289,10 +289,18 @@ def export_forecast(net: ForecastNet, path: str | os.PathLike, cfg: ForecastTrai
                   metrics={"val_nll": summary["val_nll"], **(metrics or {})}, feature_names=FEATURE_NAMES,
                   mean=np.asarray(summary["feature_mean"]), std=np.asarray(summary["feature_std"]))
     H = cfg.horizons
-    outs = (OutputTensor("mean", ("batch", "time", H),
-                         "location (= median) of a Student-t over the cumulative % log return to bars t+1..t+H; "
-                         "df per horizon in training.forecast.df"),
-            OutputTensor("log_scale", ("batch", "time", H), "natural log of that Student-t's scale parameter"))
+    if cfg.features.anchor:  # relative to the EWMA sd exp(log_vol) of the input bar (streamrnn.forecast.scale)
+        outs = (OutputTensor("mean", ("batch", "time", H),
+                             "location in running-sd units: the median of a Student-t over the cumulative % log "
+                             "return to bars t+1..t+H is exp(log_vol) * mean (log_vol: input feature 5); df per "
+                             "horizon in training.forecast.df"),
+                OutputTensor("log_scale", ("batch", "time", H),
+                             "log scale relative to the EWMA sd: that Student-t's scale is exp(log_vol + log_scale)"))
+    else:
+        outs = (OutputTensor("mean", ("batch", "time", H),
+                             "location (= median) of a Student-t over the cumulative % log return to bars t+1..t+H; "
+                             "df per horizon in training.forecast.df"),
+                OutputTensor("log_scale", ("batch", "time", H), "natural log of that Student-t's scale parameter"))
     m = onnx.load(os.fspath(path))
     spec = replace(ModelSpec.from_json({p.key: p.value for p in m.metadata_props}[SPEC_KEY]), outputs=outs)
     set_spec(m, spec)
