@@ -131,3 +131,21 @@ def test_anchored_net_never_sees_the_absolute_level():
         opt.step()
     assert float(net.rnn.weight_ih_l0[:, LOG_VOL].abs().max()) == 0.0
     assert float(net.rnn.weight_ih_l0.abs().sum()) > 0
+
+
+def test_the_shipped_market_model_is_anchored_and_its_spec_says_how_to_read_its_outputs():
+    """exported/market.onnx (v2.0.0) is the anchored model: the job's ForecastPostprocess.for_model picks the
+    anchor up from the spec, and the spec's output descriptions give the conversion for a direct ONNX caller."""
+    from pathlib import Path
+
+    from streamrnn.forecast.evaluate import forecast_meta
+    from streamrnn.model import load
+    from streamrnn.runtime import CPU
+
+    model = load(str(Path(__file__).resolve().parent.parent / "exported" / "market.onnx"), providers=[CPU])
+    meta = forecast_meta(model)
+    assert meta["features"]["anchor"] is True and model.spec.version == "2.0.0"
+    pp = ForecastPostprocess.for_model(meta, location="zero")
+    assert pp.anchor and pp.lam == meta["features"]["lam"] and pp.df == meta["df"]
+    desc = {o.name: o.semantics for o in model.spec.outputs}
+    assert "exp(log_vol) * mean" in desc["mean"] and "exp(log_vol + log_scale)" in desc["log_scale"]
