@@ -1,0 +1,363 @@
+"""Warm == cold == retried on the stateful paths beyond the streaming flush: the bounded (batch) path
+(``flush_all``), ``save_state`` (a stopped job's snapshot set) and ``initial_state`` (a pipeline seeded from
+one, with another shard count).
+
+Each property runs the harness (``shard_harness.py``) warm, cold (the cache dropped every flush), and with
+failures after state writes retried on this worker (retry-warm) or another (retry-cold), and compares
+outputs, dead letters, final stores and, for ``save_state``, the snapshot's tables and files. Independent
+references: the streaming path (``flush_all=False``) with the watermark held to the end, the offline model
+run per key, and one clean run over a whole stream for A-then-B through a snapshot.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+import test_beam_transform as tbt
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from shard_harness import Harness, Scenario, snapshot_files
+
+from streamrnn.beam import Event
+from streamrnn.model import load
+from streamrnn.runtime import CPU
+
+beam_models = tbt.beam_models  # the session fixture of tiny models
+
+MODES = ("warm", "cold", "retry-warm", "retry-cold")
+# no shrinking: each example runs the harness 5-9 times, and a shrink could take minutes (the failing example is
+# still printed as generated)
+_SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+                 phases=[Phase.explicit, Phase.reuse, Phase.generate])
+_KEYS = ["a", "a", "a", "b", "b", "c", "d", "e"]  # skewed
+
+
+def _runs(model: str, sc: Scenario, *, fail_every: int = 3, fail_in=None, **kw) -> dict[str, Harness]:
+    """The scenario in every mode; the retry modes fail after every ``fail_every``-th state write of the clean
+    run's count (0: none) and as ``fail_in`` says."""
+    clean = Harness(model, sc, mode="warm", **kw).run()
+    fails = range(1, clean.w.n + 1, fail_every) if fail_every else ()
+    out = {"warm": clean, "cold": Harness(model, sc, mode="cold", **kw).run()}
+    for mode in ("retry-warm", "retry-cold"):
+        h = Harness(model, sc, mode=mode, fail_at=fails, fail_in=fail_in, **kw).run()
+        assert h.w.failed > 0 or clean.w.n == 0, mode  # the failures really happened (where anything was written)
+        out[mode] = h
+    return out
+
+
+def _assert_same(runs: dict[str, Harness], parts=("outputs", "dead", "stores", "dropped")) -> dict:
+    res = {m: h.result() for m, h in runs.items()}
+    base = res["warm"]
+    for mode, r in res.items():
+        for part in parts:
+            assert r[part] == base[part], f"{mode}: {part} differ from the warm run"
+    return base
+
+
+def _row(o) -> dict:
+    return dict(o)
+
+
+def _per_event(outputs, *, stamps=True) -> dict:
+    """{(key, seq, sub, ts): row}: each event once."""
+    got = {}
+    for o in outputs:
+        r = _row(o)
+        if not stamps:
+            r.pop("@")
+        ev = (r["key"], r["seq"], r["sub"], r["ts"])
+        assert ev not in got, ev
+        got[ev] = r
+    return got
+
+
+def _dead(dead, *, stamps=False):
+    return sorted(d if stamps else d[:-1] for d in dead)
+
+
+@st.composite
+def scenarios(draw, *, updates=True, unique_ids=False, t_max=None, horizons=None):
+    """Random steps: skewed keys, seq reuse (unless ``unique_ids``), late and sub-ms-apart events, TTLs,
+    horizons, lateness, model updates; watermark steps (a bounded run does not see them)."""
+    window = 10.0
+    lateness = draw(st.sampled_from([0.0, 5.0]))
+    horizon = draw(st.sampled_from(horizons or [window + lateness, 25.0, 60.0]))
+    ttl = draw(st.sampled_from([None, 12.0, 30.0]))
+    steps, wm, used = [], 0.0, set()
+    for _ in range(draw(st.integers(2, 6))):
+        evs = []
+        for _ in range(draw(st.integers(0, 6))):
+            t = round(max(0.0, wm - 15.0) + draw(st.floats(0.0, 40.0)), 6)
+            if t_max is not None:
+                t = min(t, t_max)
+            k, q = draw(st.sampled_from(_KEYS)), draw(st.integers(0, 5))
+            if unique_ids:
+                if (k, q) in used:
+                    continue
+                used.add((k, q))
+            evs.append(Event(k, t, q, draw(st.integers(0, 255)), draw(st.integers(0, 1)) if not unique_ids else 0))
+        steps.append(("add", evs))
+        if updates and draw(st.integers(0, 7)) == 0:
+            steps.append(("update", (draw(st.sampled_from(["other", "wide"])), wm + draw(st.floats(0.0, 30.0)))))
+        wm += draw(st.floats(1.0, 25.0))
+        steps.append(("wm", wm))
+    return Scenario(steps=steps, window=window, lateness=lateness, ttl=ttl, horizon=horizon,
+                    num_shards=draw(st.sampled_from([1, 2, 3])),
+                    next_fields=draw(st.sampled_from([(), ("logprob",)])))
+
+
+def _models(sc: Scenario, models: dict) -> Scenario:
+    sc.steps = [(k, (models[a[0]], a[1]) if k == "update" else a) for k, a in sc.steps]
+    return sc
+
+
+def _held_to_end(sc: Scenario) -> Scenario:
+    """The same input on the streaming path with the watermark held until the input ends: nothing late."""
+    return Scenario(steps=[s for s in sc.steps if s[0] != "wm"], window=sc.window, lateness=sc.lateness, ttl=sc.ttl,
+                    horizon=sc.horizon, num_shards=sc.num_shards, next_fields=sc.next_fields)
+
+
+# ============================================================================ (1) the bounded (batch) path
+@given(sc=scenarios(), fail_every=st.integers(1, 4), order=st.sampled_from(["time", "end-first"]),
+       pane_seed=st.one_of(st.none(), st.integers(0, 99)), save=st.booleans())
+@settings(max_examples=12, **_SETTINGS)
+def test_bounded_runs_agree_warm_cold_and_retried(beam_models, sc, fail_every, order, pane_seed, save):
+    """flush_all (the batch runner): warm, cold, retry-warm and retry-cold give the same outputs, dead letters
+    and stores, whatever the order of the panes and of the timers; and, per event, what the streaming path
+    gives with the watermark held to the end (nothing late there either)."""
+    _models(sc, beam_models)
+    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"first": (1, 2)}, bounded=True,
+                 timer_order=order, pane_seed=pane_seed, save_state=save)
+    base = _assert_same(runs)
+    if save:
+        _assert_same_snapshots(runs)
+        return  # a saved run keeps its held rows (compared with the streaming path in the save_state tests)
+    ref = Harness(beam_models["tiny"], _held_to_end(sc), mode="warm").run().result()
+    # output timestamps too, but not where a model update may end a stream (see the xfail below)
+    stamps = not any(k == "update" for k, _ in sc.steps)
+    assert _per_event(base["outputs"], stamps=stamps) == _per_event(ref["outputs"], stamps=stamps)
+    assert _dead(base["dead"]) == _dead(ref["dead"])  # (stores differ there: the end timer prunes old ids)
+
+
+@pytest.mark.xfail(strict=True, reason="bounded path stamps a row whose stream a model update ended at its TTL "
+                                       "expiry / the end of input, streaming at the switch (pairing.py pair)")
+def test_a_row_ended_by_a_model_update_has_one_timestamp_bounded_and_streaming(beam_models):
+    """a's one event at 1.0 (window [0, 10)), then an update to a model of other state shapes effective at 3.0 ends
+    a's stream: its row (logprob_next null) is final when the switch applies it, at the window's release (10.0),
+    on the streaming path; the bounded path must stamp it the same (it stamps it at the end of the input)."""
+    sc = Scenario(steps=[("add", [Event("a", 1.0, 0, 7)]), ("update", (beam_models["wide"], 3.0)), ("wm", 30.0)],
+                  window=10.0, num_shards=1, next_fields=("logprob",))
+    streaming = Harness(beam_models["tiny"], sc, mode="warm").run().result()
+    bounded = Harness(beam_models["tiny"], sc, mode="warm", bounded=True).run().result()
+    (s,), (b,) = streaming["outputs"], bounded["outputs"]
+    assert dict(s)["logprob_next"] is None and dict(s)["@"] == 10_000_000
+    assert dict(b)["@"] == dict(s)["@"]
+
+
+@given(sc=scenarios(updates=False, unique_ids=True), fail_every=st.integers(1, 4))
+@settings(max_examples=6, **_SETTINGS)
+def test_bounded_runs_equal_the_offline_model(beam_models, sc, fail_every):
+    """Unique ids, no TTL, no updates: every run of the bounded path gives each key's events, in (ts, seq, sub)
+    order, the offline model's log-probs from the initial state."""
+    sc.ttl, sc.next_fields = None, ()
+    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, bounded=True)
+    base = _assert_same(runs)
+    evs = [e for k, a in sc.steps if k == "add" for e in a]
+    want = tbt.offline(load(beam_models["tiny"], providers=[CPU]), evs)
+    got = {(r["key"], r["seq"], r["sub"]): r for r in map(_row, base["outputs"])}
+    assert set(got) == set(want) and not base["dead"]
+    for ev, (pos, lp) in want.items():
+        assert got[ev]["pos"] == pos and got[ev]["fresh"] == (pos == 0), ev
+        assert np.allclose(np.asarray(got[ev]["logprobs"], np.float64), lp, atol=1e-5), ev
+
+
+# ============================================================================ (2) save_state: the snapshot
+def _write(h: Harness) -> tuple[str, dict]:
+    root = tempfile.mkdtemp(prefix="snap-")
+    return root, (snapshot_files(root) if h.write_snapshot(root) is not None else {})
+
+
+@given(sc=scenarios(), fail_every=st.sampled_from([0, 2, 5]), bounded=st.booleans(),
+       end_fail=st.sampled_from([(1,), (1, 2), (1, 1, 3), (1, 3)]))
+@settings(max_examples=12, **_SETTINGS)
+def test_a_saved_snapshot_is_the_same_warm_cold_and_after_a_failed_final_flush(beam_models, sc, fail_every,
+                                                                                 bounded, end_fail):
+    """A stopped job (a drained stream, or a bounded input) writes its snapshot set; with the end flush failing
+    after a state write and retried (on this worker or another), and failures elsewhere, every run gives the
+    same outputs, dead letters, stores, and snapshot: the same tables, row for row."""
+    _models(sc, beam_models)
+    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"end": end_fail}, bounded=bounded,
+                 save_state=True)
+    for mode in ("retry-warm", "retry-cold"):
+        assert runs[mode].w.failed_in.get("end", 0) > 0 or not runs["warm"].snapshots, mode
+    base = _assert_same(runs)
+    _assert_same_snapshots(runs)
+    if not bounded:  # the drained stream saved what the streaming path held at its end: nothing was released
+        ref = Harness(beam_models["tiny"], sc, mode="warm").run().result()
+        saved = _per_event(base["outputs"])
+        assert set(saved) <= set(_per_event(ref["outputs"]))
+        assert _dead(base["dead"]) == _dead(ref["dead"])
+
+
+def _assert_same_snapshots(runs: dict[str, Harness]) -> None:
+    """Every run kept the same shard snapshots: the same heads, schemas and rows (in any row order: see the
+    xfail below for the order)."""
+    base = runs["warm"].snapshot_contents()
+    for mode, h in runs.items():
+        got = h.snapshot_contents()
+        assert set(got) == set(base), mode
+        for s in got:
+            assert _sorted_tables(got[s]) == _sorted_tables(base[s]), f"{mode}: shard {s}"
+
+
+def _sorted_tables(snap: dict) -> dict:
+    """A shard snapshot's head and tables, rows in sorted order (the contents, whatever the row order and the
+    IPC byte sizes, which the head lists: both are the xfail's below)."""
+    return {n: ({k: x for k, x in v.items() if k != "parts"} if n == "head" else (v[0], sorted(v[1], key=repr)))
+            for n, v in snap.items()}
+
+
+def _cache_history_snapshot(model: str, mode: str, **kw) -> dict:
+    """x applied alone, then b and a first seen in one window (b first), then b again: a warm store lists its
+    keys in the order it first saw them (x, b, a), a store rebuilt from the log in the log's (x, a, b)."""
+    sc = Scenario(steps=[("add", [Event("x", 1.0, 0, 1)]), ("wm", 11.0),
+                         ("add", [Event("b", 12.0, 0, 1), Event("a", 13.0, 0, 2)]), ("wm", 21.0),
+                         ("add", [Event("b", 24.0, 1, 4)]), ("wm", 31.0)],
+                  window=10.0, num_shards=1)
+    h = Harness(model, sc, mode=mode, save_state=True, **kw).run()
+    root, files = _write(h)
+    shutil.rmtree(root)
+    return files
+
+
+@pytest.mark.xfail(strict=True, reason="snapshot row order follows the worker's cache history (store.py "
+                                       "_parts_full lists keys in dict order): warm, cold, retried files differ")
+def test_snapshot_files_are_byte_equal_warm_cold_and_after_a_failed_final_flush(beam_models):
+    """The snapshot set a warm worker writes is byte for byte the one a rebuilt store writes: cold, or the final
+    flush failing after its first state write and retried on the same worker (which rebuilds from the log)."""
+    tiny = beam_models["tiny"]
+    warm = _cache_history_snapshot(tiny, "warm")
+    for mode, kw in (("cold", {}), ("retry-warm", {"fail_in": {"end": (1,)}}),
+                     ("retry-cold", {"fail_in": {"end": (1,)}})):
+        got = _cache_history_snapshot(tiny, mode, **kw)
+        assert got.keys() == warm.keys(), mode
+        assert [p for p in got if got[p] != warm[p]] == [], mode
+
+
+# ============================================================================ (3) initial_state: A then B
+CUT = 60.0  # a window boundary: A's events are before it, B's at or after it
+
+
+@st.composite
+def cut_streams(draw, bounded_a=False):
+    """A whole stream's steps, cut at CUT: A's steps (events before CUT, watermark up to CUT), then B's (events
+    at or after CUT, copies of some of A's rows first: duplicates across the cut)."""
+    window, lateness = 10.0, draw(st.sampled_from([0.0, 5.0]))
+    horizon = draw(st.sampled_from([30.0, 45.0, 3600.0]))
+    ttl = draw(st.sampled_from([None, 12.0, 30.0]))
+    a_steps, b_steps, wm, seqs = [], [], 0.0, {}
+
+    def event(lo, hi):
+        k = draw(st.sampled_from(_KEYS))
+        q = seqs.get(k, 0) + draw(st.integers(0, 1))  # mostly new ids, a few reused (copies of a row)
+        seqs[k] = q + 1 if draw(st.booleans()) else q
+        return Event(k, round(draw(st.floats(lo, hi)), 6), q, draw(st.integers(0, 255)))
+
+    for _ in range(draw(st.integers(1, 4))):
+        lo = wm if bounded_a else max(0.0, wm - 12.0)  # a bounded A sees no lateness: none in the whole run either
+        a_steps.append(("add", [event(lo, CUT - 1e-3) for _ in range(draw(st.integers(0, 6)))]))
+        wm = min(CUT - lateness, wm + draw(st.floats(1.0, 25.0)))
+        a_steps.append(("wm", wm))
+    # copies of rows within the horizon of the cut (older ones Beam drops in the whole run, as too late)
+    first = [e for _, evs in a_steps[::2] for e in evs if e.ts >= CUT - horizon]
+    dups = [Event(e.key, e.ts, e.seq, e.x) for e in draw(st.lists(st.sampled_from(first), max_size=3))] if first \
+        else []
+    wm = CUT
+    for i in range(draw(st.integers(1, 4))):
+        evs = [event(max(CUT, wm - 12.0), wm + 40.0) for _ in range(draw(st.integers(0, 6)))]
+        b_steps.append(("add", (dups if i == 0 else []) + evs))
+        wm += draw(st.floats(1.0, 25.0))
+        b_steps.append(("wm", wm))
+    nf = draw(st.sampled_from([(), ("logprob",)]))
+    shards = [draw(st.integers(1, 4)) for _ in range(3)]  # whole, A, B
+    return [Scenario(steps=steps, window=window, lateness=lateness, ttl=ttl, horizon=horizon, num_shards=n,
+                     next_fields=nf) for steps, n in ((a_steps + b_steps, shards[0]), (a_steps, shards[1]),
+                                                      (b_steps, shards[2]))]
+
+
+def _compare_parts_with_whole(whole: dict, a: dict, b: dict, *, stamps=True) -> None:
+    w, parts = (_per_event(whole["outputs"], stamps=stamps),
+                _per_event(a["outputs"] + b["outputs"], stamps=stamps))
+    assert parts.keys() == w.keys(), (sorted(set(w) - set(parts))[:3], sorted(set(parts) - set(w))[:3])
+    for ev, row in w.items():
+        assert parts[ev] == row, (ev, parts[ev], row)
+    assert _dead(a["dead"] + b["dead"]) == _dead(whole["dead"])
+
+
+@given(scs=st.booleans().flatmap(lambda b: st.tuples(st.just(b), cut_streams(b))),
+       fail_every=st.sampled_from([2, 3, 7]), seed_fail=st.sampled_from([(1,), (2, 1), (3, 2, 4)]))
+@settings(max_examples=7, **_SETTINGS)
+def test_a_then_b_through_a_snapshot_equals_one_run_warm_cold_and_retried(beam_models, scs, fail_every, seed_fail):
+    """Run A on the stream's first part (streaming drained, or bounded) and save; run B on the rest seeded from
+    A's snapshot, with another shard count, the seeding flush failing after a state write and retried, warm and
+    cold: per event, A's then B's outputs and dead letters are those of one clean run over the whole stream, in
+    every mode; B's runs agree with each other (outputs, dead letters, stores)."""
+    bounded_a, (whole_sc, a_sc, b_sc) = scs
+    tiny = beam_models["tiny"]
+    whole = Harness(tiny, whole_sc, mode="warm").run().result()
+    a_runs = _runs(tiny, a_sc, fail_every=fail_every, fail_in={"end": (2,)}, save_state=True, bounded=bounded_a)
+    _assert_same(a_runs)
+    _assert_same_snapshots(a_runs)
+    roots = {}
+    try:
+        for mode, h in a_runs.items():
+            roots[mode], _ = _write(h)
+        b_runs = {}
+        seeded = bool(a_runs["warm"].snapshots)  # an A that saw no input saved nothing: B then starts fresh
+        for mode in MODES:
+            kw = dict(initial_state=roots[mode] if seeded else None)
+            if mode.startswith("retry"):
+                kw.update(fail_in={"first": seed_fail}, fail_at=range(5, 400, fail_every + 4))
+            b_runs[mode] = Harness(tiny, b_sc, mode=mode, **kw).run()
+            if mode.startswith("retry") and seeded:
+                assert b_runs[mode].w.failed_in.get("first", 0) > 0, mode
+        b = _assert_same(b_runs)
+        a = a_runs["warm"].result()
+        # output timestamps too, but not where save_state moves those of TTL-ended rows (see the xfails below)
+        _compare_parts_with_whole(whole, a, b, stamps=a_sc.ttl is None)
+    finally:
+        for r in roots.values():
+            shutil.rmtree(r, ignore_errors=True)
+
+
+def _expired_row_stamp(model: str, **kw) -> int:
+    """ttl 12 s: a at 6.5 (window [0, 10)), a again at 31.5 (window [30, 40), released at 40.0): a's first stream
+    ended at its expiry (6.5 + 12 is in [10, 20): 20.0). The output timestamp of a's first row."""
+    sc = Scenario(steps=[("add", [Event("a", 6.5, 0, 49), Event("a", 31.5, 1, 16)]), ("wm", 70.0)],
+                  window=10.0, ttl=12.0, num_shards=1, next_fields=("logprob",))
+    out = Harness(model, sc, mode="warm", **kw).run().result()["outputs"]
+    (row,) = [dict(o) for o in out if dict(o)["seq"] == 0]
+    assert row["logprob_next"] is None and row["reset"] == "new"
+    return row["@"]
+
+
+def test_an_expired_stream_row_is_stamped_at_its_expiry_streaming_and_bounded(beam_models):
+    assert _expired_row_stamp(beam_models["tiny"]) == _expired_row_stamp(beam_models["tiny"], bounded=True) \
+        == 20_000_000
+
+
+@pytest.mark.xfail(strict=True, reason="save_state (streaming) stamps a TTL-ended row when the shard next applies "
+                                       "events past the expiry (40.0), not at the expiry (20.0)")
+def test_save_state_stamps_an_expired_stream_row_at_its_expiry(beam_models):
+    """The same input with save_state (the watermark passes every window before the drain): a's first row must
+    go out at 20.0, as without save_state; it goes out at 40.0 (the flush that applies a's next event)."""
+    assert _expired_row_stamp(beam_models["tiny"], save_state=True) == 20_000_000
+
+
+@pytest.mark.xfail(strict=True, reason="bounded + save_state stamps a TTL-ended row at its own release (10.0), not "
+                                       "at the expiry (pair(final=False) applies no stream end)")
+def test_a_saved_bounded_run_stamps_an_expired_stream_row_at_its_expiry(beam_models):
+    assert _expired_row_stamp(beam_models["tiny"], bounded=True, save_state=True) == 20_000_000
