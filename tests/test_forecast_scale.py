@@ -40,7 +40,7 @@ def test_anchor_follows_a_x10_jump_in_sd():
     assert 0.6 < a < 1.4 and 0.6 < b < 1.4 and 0.7 < a / b < 1.4
     # a zero correction forecasts the EWMA sd itself: proportional to the data, no bound
     _loc, ls = absolute(META, np.zeros((len(s), 2)), np.zeros((len(s), 2)), s.x)
-    np.testing.assert_allclose(np.exp(ls[:, 0]), ewma_sd, rtol=1e-12)
+    np.testing.assert_allclose(np.exp(ls[:, 0]), ewma_sd, rtol=1e-6)  # log_vol as the model reads it: float32
     assert np.exp(ls[590, 0]) > 5 * np.exp(ls[290, 0])
     # the raw return comes back exactly from the anchored features
     np.testing.assert_allclose(bar_return(META, s.x), s.ret, rtol=0, atol=1e-9)
@@ -149,3 +149,17 @@ def test_the_shipped_market_model_is_anchored_and_its_spec_says_how_to_read_its_
     assert pp.anchor and pp.lam == meta["features"]["lam"] and pp.df == meta["df"]
     desc = {o.name: o.semantics for o in model.spec.outputs}
     assert "exp(log_vol) * mean" in desc["mean"] and "exp(log_vol + log_scale)" in desc["log_scale"]
+
+
+def test_the_anchor_is_the_float32_log_vol_the_model_reads():
+    """Offline float64 features and a job's float32 events give the same absolute forecast, bit for bit."""
+    s = offline_features(with_returns(np.random.default_rng(2).standard_t(5, 200) * 1.7, seed=2), CFG)
+    out = {"mean": np.full((len(s), 2), 0.01, np.float32), "log_scale": np.full((len(s), 2), -0.2, np.float32)}
+    prev = {k: np.concatenate([v[:1] * np.nan, v[:-1]]) for k, v in out.items()}
+    x32 = s.x.astype(np.float32)
+    assert np.array_equal(absolute(META, out["mean"], out["log_scale"], s.x)[1],
+                          absolute(META, out["mean"], out["log_scale"], x32)[1])
+    post = ForecastPostprocess.for_model(META, location="model")
+    a, b = post(s.x, out, prev), post(x32, out, prev)
+    assert np.array_equal(a["ret_loc"], b["ret_loc"]) and np.array_equal(a["ret_scale"], b["ret_scale"])
+    assert np.array_equal(a["ret_scale"], np.exp(absolute(META, out["mean"], out["log_scale"], s.x)[1]))

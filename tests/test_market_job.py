@@ -134,6 +134,9 @@ def _parity(model, files, out: pathlib.Path) -> dict:
             assert math.isclose(r["error_h1"], r["realised_ret_h1"] - r["h1_ret_loc"], abs_tol=1e-12)
             assert r["in80_h1"] == (r["h1_lo80"] <= r["realised_close_h1"] <= r["h1_hi80"])
     print(f"parity {out.name}: {worst}", file=sys.stderr)
+    # the same float32 features, the same anchor (the float32 log_vol the model reads): bit-equal forecasts;
+    # the hand-anchored raw outputs (one unpadded call) and the float32 realised return agree to rounding
+    assert worst["ret_vs_operator"] == 0.0 and worst["ret_vs_eval"] == 0.0, worst
     assert max(worst.values()) <= 1e-5, worst
     return worst
 

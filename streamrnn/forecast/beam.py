@@ -56,6 +56,7 @@ from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
 from .features import FeatureConfig, SymbolState, bar_problem, step_features
+from .scale import anchor_log_vol
 from .serve import LEVELS
 
 DEAD = "dead_letters"
@@ -463,8 +464,8 @@ class ForecastPostprocess(Postprocess):
         prev_ls = prev_outputs["log_scale"][:, 0].astype(np.float64)
         ret = x[:, 0]
         if self.anchor:
-            lv = x[:, 5]
-            ret = x[:, 0] * np.exp(lv)
+            lv = anchor_log_vol(x)  # float32, as the model reads it (eval forecast and ForecastOperator alike)
+            ret = x[:, 0] * np.exp(x[:, 5])
             with np.errstate(invalid="ignore", divide="ignore"):
                 shrink = np.maximum(1.0 - (1.0 - self.lam) * x[:, 0] ** 2, 1e-300) / self.lam
                 prev_lv = np.where(x[:, 7] > 0.5, lv, lv + 0.5 * np.log(shrink))

@@ -34,8 +34,14 @@ def absolute(meta: Mapping, mean, log_scale, x) -> tuple[np.ndarray, np.ndarray]
     log_scale = np.asarray(log_scale, np.float64)
     if not anchored(meta):
         return mean, log_scale
-    lv = np.asarray(x, np.float64)[..., LOG_VOL:LOG_VOL + 1]
+    lv = anchor_log_vol(x)[..., None]
     return mean * np.exp(lv), log_scale + lv
+
+
+def anchor_log_vol(x) -> np.ndarray:
+    """The anchor ``log_vol`` of features ``x [..., F]`` as the model reads it: rounded to float32 (the
+    graph's input dtype), so offline float64 features and a job's float32 events give the same forecast."""
+    return np.asarray(x)[..., LOG_VOL].astype(np.float32).astype(np.float64)
 
 
 def bar_return(meta: Mapping, x) -> np.ndarray:
