@@ -165,7 +165,8 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, ep
     plan.horizon = horizon / 1e6
     for e in np.unique(plan.seg_epoch):
         if plan.paths[e] != store.model_path:
-            out.ended += switch_model(store, plan.paths[e], load_model(plan.paths[e]), m)
+            out.ended += switch_model(store, plan.paths[e], load_model(plan.paths[e]), m, at=plan.effs[e],
+                                      ttl=cfg.ttl)
         v = version(store.op.model)
         in_e = np.flatnonzero(plan.seg_epoch == e)
         for r in np.unique(plan.rank[in_e]):
@@ -195,12 +196,23 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, ep
     return out
 
 
-def switch_model(store: ShardStore, path: str, model: Model, m: Counters) -> list[str]:
-    """Serve ``store`` with the model at ``path`` from now on (counted); the keys whose stream ended."""
+def switch_model(store: ShardStore, path: str, model: Model, m: Counters, *, at: int | None = None,
+                 ttl: float | None = None) -> list[str]:
+    """Serve ``store`` with the model at ``path`` from now on (counted); the keys whose stream ended.
+
+    A switch to other state shapes at ``at`` (micros, the update's effective time) ends every live stream
+    (``model_update``), except those idle past ``ttl`` before it: they had ended already (``expired``), whether
+    their expiry ran in an earlier flush (streaming) or not yet (a bounded input applied at once).
+    """
+    expired: list[str] = []
+    if at is not None and ttl is not None and model.spec.state_signature != store.op.model.spec.state_signature:
+        expired = [k for k, mk in store.meta.items() if mk.live and k in store.op and at / 1e6 - mk.last_ts > ttl]
+        store.expire(expired)
+        m.expired.inc(len(expired))
     m.model_switches.inc()
     ended = store.switch_model(model, path)
     m.model_resets.inc(len(ended))
-    return ended
+    return [*expired, *ended]
 
 
 @dataclass
@@ -242,7 +254,7 @@ class _Plan:
         xv = (x.to_numpy().astype(np.int64) if cfg.tokens else
               pc.list_flatten(x).to_numpy(zero_copy_only=False).reshape(-1, cfg.n_features).astype(np.float32))
         N = t.num_rows
-        epoch, paths = epochs(tsu)
+        epoch, paths, *effs = epochs(tsu)
         first = np.ones(N, bool)
         first[1:] = kc[1:] != kc[:-1]
         gap = np.zeros(N, bool)
@@ -263,7 +275,9 @@ class _Plan:
         for j in np.flatnonzero(same_key):
             rank[j] = rank[j - 1] + 1
         bucket = np.ceil(np.log2(np.maximum(seg_end - seg_start, 1))).astype(np.int64)
-        return cls(t, ok, kc, ts, tsu, gap, xv, paths, seg_start, seg_end, seg_kc, epoch[seg_start], rank, bucket)
+        plan = cls(t, ok, kc, ts, tsu, gap, xv, paths, seg_start, seg_end, seg_kc, epoch[seg_start], rank, bucket)
+        plan.effs = effs[0] if effs else [None] * len(paths)  # each epoch's effective time (micros; None: base)
+        return plan
 
 
 class _Results:

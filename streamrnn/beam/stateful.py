@@ -393,10 +393,10 @@ class ShardStep(beam.DoFn):
         return np.minimum(ceil_millis_array(exp), END_OF_INPUT_MICROS)
 
     # -- model updates --------------------------------------------------------------------------
-    def _epochs(self, ctrl: Ctrl, tsu: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    def _epochs(self, ctrl: Ctrl, tsu: np.ndarray) -> tuple[np.ndarray, list[str], list[int | None]]:
         effs = np.asarray([u[1] for u in ctrl.updates], np.int64)
         epoch = np.searchsorted(effs, tsu, side="right") if len(effs) else np.zeros(len(tsu), np.int64)
-        return epoch, [self.model_path] + [u[0] for u in ctrl.updates]
+        return epoch, [self.model_path] + [u[0] for u in ctrl.updates], [None] + [int(u[1]) for u in ctrl.updates]
 
     def _next_update(self, ctrl: Ctrl, T: int) -> int | None:
         later = [u[1] for u in ctrl.updates if u[1] > T]
@@ -404,9 +404,10 @@ class ShardStep(beam.DoFn):
 
     def _switch_due_updates(self, ctrl: Ctrl, store: ShardStore, T: int) -> list[str]:
         """An update whose effective time has passed takes effect even if no event of this shard needed it."""
-        due = [u[0] for u in ctrl.updates if u[1] <= T]
-        if due and due[-1] != store.model_path:
-            return switch_model(store, due[-1], self._model(due[-1]), self.m)
+        due = [u for u in ctrl.updates if u[1] <= T]
+        if due and due[-1][0] != store.model_path:
+            return switch_model(store, due[-1][0], self._model(due[-1][0]), self.m, at=int(due[-1][1]),
+                                ttl=self.cfg.ttl)
         return []
 
     # -- TTL ------------------------------------------------------------------------------------

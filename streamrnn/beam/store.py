@@ -286,8 +286,10 @@ class ShardStore:
         return blob, full
 
     def _parts_full(self) -> tuple[dict[str, pa.Table], list[str], list]:
-        keys = list(self.meta)
-        ids = list(_all_ids(self.ids))
+        # sorted, not in dict order: a warm store keeps the order it applied keys in, a rebuilt one the log's,
+        # and a full snapshot must be the same bytes either way
+        keys = sorted(self.meta)
+        ids = sorted(_all_ids(self.ids))
         parts = {"state": self.op.snapshot(keys=[k for k in keys if k in self.op]),
                  "meta": _meta_table(keys, self.meta), "ids": _ids_table(ids), "held": _held_table(self.held, None)}
         return parts, keys, ids
@@ -458,10 +460,13 @@ def _ids_table(rows) -> pa.Table:
 
 
 def _held_table(held: dict[str, pa.Table], only: set[str] | None) -> pa.Table:
-    rows = list(held.values()) if only is None else [held[k] for k in sorted(only) if k in held]
+    rows = [held[k] for k in sorted(held if only is None else only) if k in held]
     if not rows:
         return pa.table({KEY: pa.array([], pa.string())})
-    return pa.concat_tables(rows, promote_options="permissive").combine_chunks()
+    t = pa.concat_tables(rows, promote_options="permissive").combine_chunks()
+    # a copy: a held row rebuilt from the log is a one-row slice of its logged block, which would write the
+    # block's whole buffers (the same rows, other bytes than a warm store writes)
+    return t.take(pa.array(np.arange(t.num_rows)))
 
 
 # -- the per-process cache ----------------------------------------------------------------------
