@@ -5,8 +5,6 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # CI and tests pin the CPU build of torch (users may install any torch >= 2.4).
 TORCH_PIN ?= torch==2.13.0
-# Test files run on this many pytest-xdist workers (a file stays on one worker: its fixtures are built once).
-TEST_WORKERS ?= auto
 
 .PHONY: demo test lint bench clean
 
@@ -33,7 +31,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(PY) -m ruff check streamrnn beam_jobs tests
-	$(PY) -m pytest -q -o console_output_style=classic -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -o console_output_style=classic
 
 bench: $(VENV)/.dev
 	$(PY) -m streamrnn.cli bench operator --json

@@ -1,13 +1,13 @@
 """A line per test file as soon as its last test ends, with or without pytest-xdist workers.
 
-``make test`` runs the files on several workers (``-n``, ``--dist loadfile``), where pytest alone
-would print dots with no file names. This plugin prints, once a file's tests are all done::
+``make test`` prints this instead of pytest's dots; it also works on pytest-xdist workers (``-n``),
+where pytest alone would print dots with no file names. Once a file's tests are all done::
 
     tests/test_keyed.py                         31 passed                  4.2 s
 
 (the seconds are the file's own test time, setup and teardown included, summed over its tests).
-The default dots are left out for passed and skipped tests; failures keep their ``F`` and the
-usual report at the end.
+The default dots are left out for passed, skipped and expected-to-fail tests; failures keep their ``F``
+and the usual report at the end.
 """
 
 from __future__ import annotations
@@ -65,8 +65,10 @@ class FileLines:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config):
-        if config.option.verbose > 0 or hasattr(report, "wasxfail"):
+        if config.option.verbose > 0:
             return None
+        if hasattr(report, "wasxfail"):
+            return ("xfailed", "", "XFAIL") if report.skipped else None
         if report.passed and report.when == "call":
             return "passed", "", "PASSED"
         if report.skipped:
