@@ -91,6 +91,44 @@ def _eval_lm(a: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_health(a: argparse.Namespace) -> int:
+    from .evaluate import eval_health, out_of_domain_text
+
+    data = read_file("--text", a.text)
+    if a.last_frac:
+        data = data[int(len(data) * (1 - a.last_frac)):]
+    if a.ood_bytes > 1 << 28:
+        raise InputError(f"--ood-bytes: expected at most {1 << 28} (256 MiB), got {a.ood_bytes}")
+    if len(data) < 2 * a.streams:
+        raise InputError(f"--text: expected at least {2 * a.streams} bytes (2 per stream), got {len(data)}")
+    m = _language_model(a)
+    inputs_checked()
+    texts = {"validation": data, "out_of_domain": out_of_domain_text(a.ood_bytes or len(data), seed=a.seed)}
+    res = {}
+    with Heartbeat("streamrnn eval health") as progress:
+        for name, d in texts.items():
+            res[name] = eval_health(m, d, text=name, streams=a.streams, step=a.step, reset_every=a.reset_every,
+                                    progress=progress.update).to_dict()
+    v, o = res["validation"]["bits_per_char"], res["out_of_domain"]["bits_per_char"]
+    reset = f"reset{a.reset_every}"
+    goals = {"heal_le_min_carried_reset_plus_0.02_out_of_domain": {
+                 "value": o["heal"] - min(o["carried"], o[reset]),
+                 "met": o["heal"] <= min(o["carried"], o[reset]) + 0.02},
+             "heal_le_carried_plus_0.005_validation": {
+                 "value": v["heal"] - v["carried"], "met": v["heal"] <= v["carried"] + 0.005}}
+    if a.json:
+        print(json.dumps({"model": a.model, "text": a.text, "last_frac": a.last_frac, **res, "goals": goals}))
+    else:
+        for name, r in res.items():
+            b = r["bits_per_char"]
+            print(f"{name}: {r['scored_bytes']} bytes in {r['streams']} streams, "
+                  f"bits/char: carried {b['carried']:.4f}, "
+                  f"{reset} {b[reset]:.4f}, flag {b['flag']:.4f}, heal {b['heal']:.4f} ({r['heals']} heals)")
+        for k, g in goals.items():
+            print(f"goal {k}: {g['value']:+.4f} bits/char {'MET' if g['met'] else 'MISSED'}")
+    return 0
+
+
 def _generate(a: argparse.Namespace) -> int:
     from . import lm
 
@@ -188,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--parity-bytes", type=at_least(2), default=100_000, help="prefix length for the whole-sequence run")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval_lm)
+
+    e = esub.add_parser("health", help="bits/char of carried state, reset-every-N and the health policies "
+                                       "(flag, heal) on validation and out-of-domain text")
+    model_args(e)
+    e.add_argument("--text", required=True, help="the model's training text (its validation part is scored)")
+    e.add_argument("--last-frac", type=fraction(0, 1), default=0.1,
+                   help="score only the last fraction of the file (0.1 = the validation split)")
+    e.add_argument("--streams", type=at_least(1), default=32, help="keys the text is split into")
+    e.add_argument("--step", type=at_least(1), default=4, help="bytes per key per call")
+    e.add_argument("--reset-every", type=at_least(1), default=64)
+    e.add_argument("--ood-bytes", type=at_least(0), default=0,
+                   help="size of the out-of-domain text built at run time (0: as the validation text)")
+    e.add_argument("--seed", type=seed, default=0, help="seed of the out-of-domain text")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_eval_health)
 
     q = sub.add_parser("generate", help="generate text from a prompt")
     model_args(q)

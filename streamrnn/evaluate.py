@@ -102,3 +102,103 @@ def eval_lm(model: Model, data: bytes, *, chunk: int = 1024, reset_every: int = 
     return LMEval(n_bytes=len(tokens), nats_per_char=nats, bits_per_char=nats / math.log(2),
                   reset_every=reset_every, nats_per_char_reset=nats_r, bits_per_char_reset=nats_r / math.log(2),
                   chunk=chunk, parity_bytes=p, parity_max_abs=parity, seconds=time.perf_counter() - t)
+
+
+# -- carried-state health (issue 17) ------------------------------------------------------------------------
+@dataclass
+class HealthEval:
+    """Result of :func:`eval_health` on one text: bits/char of each policy, the same bytes scored by each."""
+
+    text: str
+    n_bytes: int
+    streams: int
+    step: int
+    scored_bytes: int
+    bits_per_char: dict  # carried, reset64 (reset_every), flag, heal
+    heals: int
+    heal_rate_per_kib: float
+    max_bad_share: float
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def out_of_domain_text(n_bytes: int, seed: int = 0, root=None) -> bytes:
+    """An out-of-domain text built at run time: this package's Python source, its technical English (docs),
+    and random bytes, in alternating blocks (seeded)."""
+    from pathlib import Path
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
+    src = b"".join(p.read_bytes() for p in sorted(root.rglob("*.py")))
+    docs_dir = root.parent / "docs"
+    docs = b"".join(p.read_bytes() for p in sorted(docs_dir.glob("*.md"))) if docs_dir.is_dir() else src[::-1]
+    rng = np.random.default_rng(seed)
+    out, total = [], 0
+    while total < n_bytes:
+        kind = rng.choice(3, p=[0.45, 0.45, 0.10])
+        if kind == 2:
+            block = rng.integers(0, 256, int(rng.integers(64, 512)), dtype=np.uint8).tobytes()
+        else:
+            pool = src if kind == 0 else docs
+            n = int(rng.integers(512, 4096))
+            s = int(rng.integers(0, max(1, len(pool) - n)))
+            block = pool[s:s + n]
+        out.append(block)
+        total += len(block)
+    return b"".join(out)[:n_bytes]
+
+
+def _policy_run(model: Model, segs: np.ndarray, step: int, health, progress: Progress, label: str):
+    """Per-byte log-prob of every stream under one policy (NaN for each stream's first byte); heals; the
+    largest share of keys in bad health after a call."""
+    from .keyed import KeyedOperator
+    from .lm import token_logprob
+
+    S, L = segs.shape
+    op = KeyedOperator(model, max_keys=S, keep_last_output=True, health=health)
+    names = [f"s{i}" for i in range(S)]
+    keys = [k for k in names for _ in range(step)]
+    lp = np.full((S, L), np.nan)
+    worst = 0.0
+    for t0 in range(0, L, step):
+        if t0 % (step * 256) == 0:
+            progress(f"{label}: {t0 * S:,}/{L * S:,} bytes")
+        n = min(step, L - t0)
+        ks = keys if n == step else [k for k in names for _ in range(n)]
+        x = segs[:, t0:t0 + n].reshape(-1)
+        r = op.process(ks, x)
+        lp[:, t0:t0 + n] = token_logprob(r.prev_outputs["logprobs"], x).reshape(S, n)
+        if r.bad_health is not None:
+            worst = max(worst, r.bad_health / S)
+    return lp, op.health_counts.heals, worst
+
+
+def eval_health(model: Model, data: bytes, *, text: str = "text", streams: int = 32, step: int = 4,
+                reset_every: int = 64, progress: Progress = _quiet) -> HealthEval:
+    """Bits/char of carried state, reset-every-N, ``flag`` and ``heal`` on ``data`` split into ``streams``
+    contiguous streams (keys), ``step`` bytes per key per call. Each stream's first byte is not scored by
+    any policy (nothing predicted it); reset-every-N scores a window's first byte by the previous window."""
+    if model.spec.task != "lm":
+        raise InputError(f"eval health: model task: expected 'lm', got {model.spec.task!r}")
+    L = len(data) // streams
+    if L < 2:
+        raise InputError(f"eval health: text: expected at least {2 * streams} bytes, got {len(data)}")
+    step = min(step, L)  # more bytes per call than a stream holds: the whole stream in one call
+    t = time.perf_counter()
+    segs = np.frombuffer(data[:L * streams], np.uint8).astype(np.int64).reshape(streams, L)
+    lps, heals = {}, 0
+    worst = 0.0
+    for policy in ("off", "flag", "heal"):
+        lp, h, w = _policy_run(model, segs, step, policy, progress, f"{text}, health={policy}")
+        lps["carried" if policy == "off" else policy] = lp[:, 1:]
+        if policy == "heal":
+            heals, worst = h, w
+    progress(f"{text}, state reset every {reset_every} bytes")
+    every = min(reset_every, L)  # a window longer than the stream never resets
+    lps[f"reset{reset_every}"] = np.stack([reset_logprobs(model, segs[i], every) for i in range(streams)])
+    bits = {k: -float(np.mean(v)) / math.log(2) for k, v in lps.items()}
+    scored = streams * (L - 1)
+    return HealthEval(text=text, n_bytes=L * streams, streams=streams, step=step, scored_bytes=scored,
+                      bits_per_char=bits, heals=heals, heal_rate_per_kib=heals / (scored / 1024),
+                      max_bad_share=worst, seconds=time.perf_counter() - t)

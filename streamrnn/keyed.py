@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import health as hl
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
 from .errors import InputError
@@ -64,6 +65,10 @@ class KeyedResult:
     fresh: np.ndarray
     prev_outputs: dict[str, np.ndarray] = field(default_factory=dict)
     reset: np.ndarray = field(default_factory=lambda: np.zeros(0, "<U12"))
+    #: with ``health`` on (see :mod:`streamrnn.health`): each event's state health (carried / fresh loss,
+    #: or EW loss / the model's reference loss), and how many of the call's keys end it in bad health
+    state_health: np.ndarray | None = None
+    bad_health: int | None = None
 
     def __repr__(self) -> str:
         return summary_repr(self)
@@ -82,7 +87,7 @@ def summary_repr(result: Any) -> str:
     its values (a result's arrays run to thousands of numbers: read them by name)."""
     n, fresh = len(result.pos), int(np.count_nonzero(result.fresh))
     rest = ", ".join(f"{f.name}={_shape(getattr(result, f.name))}" for f in fields(result)
-                     if f.name not in ("pos", "fresh"))
+                     if f.name not in ("pos", "fresh") and getattr(result, f.name) is not None)
     return f"{type(result).__name__}({n:,} event{'' if n == 1 else 's'}, {fresh:,} fresh; {rest})"
 
 
@@ -98,6 +103,14 @@ class Evictions:
     @property
     def total(self) -> int:
         return self.ttl + self.capacity + self.explicit + self.model_update
+
+
+@dataclass
+class HealthCounts:
+    """Counts of the carried-state health policy (:mod:`streamrnn.health`): keys whose state was replaced by
+    their shadow's (``heal``)."""
+
+    heals: int = 0
 
 
 class KeyedOperator:
@@ -119,6 +132,10 @@ class KeyedOperator:
         follows the order events are processed, by each key's last event.
       keep_last_output: also keep each key's last task output (needed to score or sample
         the next token between calls).
+      health: ``"off"``, ``"flag"``, ``"heal"`` or a :class:`~streamrnn.health.HealthConfig` (default: ``flag``
+        for a next-token model, ``off`` for others): watch each key's carried-state loss against the model's
+        reference loss and, under ``heal``, against a fresh shadow state, replacing the carried state when the
+        shadow does better for long enough (:mod:`streamrnn.health`). ``heal`` needs host state.
       pack_step_cost: keys of one call are packed into model calls by length (see
         :func:`streamrnn.packing.pack`), so one busy key does not make every other key pay
         for its length; the fixed cost of one recurrent step in key-steps. ``math.inf``
@@ -134,7 +151,8 @@ class KeyedOperator:
 
     def __init__(self, model: Model, *, max_keys: int = 1_000_000, ttl: float | None = None,
                  clock: Callable[[], float] = time.time, keep_last_output: bool = False,
-                 initial_capacity: int = 1024, pack_step_cost: float = 4.0, state_on_device: bool | None = None):
+                 initial_capacity: int = 1024, pack_step_cost: float = 4.0, state_on_device: bool | None = None,
+                 health: str | hl.HealthConfig | None = None):
         if not isinstance(max_keys, (int, np.integer)) or isinstance(max_keys, bool) or max_keys < 1:
             raise InputError(f"KeyedOperator: max_keys: expected an int >= 1, got {max_keys!r}")
         if ttl is not None and not (isinstance(ttl, (int, float)) and 0 < ttl < math.inf):
@@ -149,6 +167,8 @@ class KeyedOperator:
         self.keep_last_output = keep_last_output
         self.pack_step_cost = pack_step_cost
         self.evictions = Evictions()
+        self.health_counts = HealthCounts()
+        self._health_arg = health
         self._lock = threading.Lock()
         self._initial_capacity = int(initial_capacity)
         self._on_device_arg = state_on_device
@@ -157,12 +177,19 @@ class KeyedOperator:
 
     def _use_model(self, model: Model) -> None:
         """Serve ``model`` with an empty store (construction, and the new side of :meth:`update_model`)."""
+        cfg = hl.resolve(self._health_arg, model, self.max_keys)
+        on_device = model.on_cuda if self._on_device_arg is None else bool(self._on_device_arg)
+        if cfg.policy == "heal" and on_device:
+            raise InputError("KeyedOperator: health='heal': expected host state (state_on_device=False), got "
+                             "state on the device; use health='flag' there")
+        self.health = cfg
+        self._health_on = cfg.policy != "off"
+        self._keep_last = self.keep_last_output or self._health_on
         self.model = model
         spec = model.spec
         self._state_names = tuple(s.name for s in spec.state)
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
-        on_device = model.on_cuda if self._on_device_arg is None else bool(self._on_device_arg)
         self._store = self._new_store(self._initial_capacity, on_device)
         self._dev = DeviceSlabs(model.session, self._state_tail, self._store.cap) if on_device else None
 
@@ -172,8 +199,8 @@ class KeyedOperator:
         return self._dev is not None
 
     def _new_store(self, capacity: int, on_device: bool) -> SlotStore:
-        return SlotStore({} if on_device else self._state_tail, self._out_tail if self.keep_last_output else None,
-                         min(capacity, self.max_keys), self.max_keys)
+        return SlotStore({} if on_device else self._state_tail, self._out_tail if self._keep_last else None,
+                         min(capacity, self.max_keys), self.max_keys, health=self._health_on)
 
     def _host_state(self, name: str, slots: np.ndarray) -> np.ndarray:
         """``[layers, len(slots), ...]`` host copy of held slots' state."""
@@ -343,7 +370,13 @@ class KeyedOperator:
                 fresh |= store.seen[np.maximum(held, 0)] < now - self.ttl
             hs = np.where(fresh, 0, held)
             steps_before = np.where(fresh, 0, store.steps[hs])
-            outs, new_state, last_row, prev = self._run(g, x, hs, fresh)
+            sh = None
+            if self.health.policy == "heal":
+                sh = np.where(fresh, -1, store.health["shadow_slot"][hs])
+            outs, new_state, last_row, prev, lc, shadow = self._run(g, x, hs, fresh, sh)
+            verdict = None
+            if self._health_on:
+                verdict = self._health_verdict(g, hs, fresh, steps_before, lc, shadow, sh)
             # -- commit: plan where new keys go, build new device slabs, then change the store
             new_rows = np.flatnonzero(fresh)
             why = self._reasons(g.keys, held, new_rows)
@@ -372,10 +405,86 @@ class KeyedOperator:
             for n, a in last_row.items():
                 store.last[n][slots] = a
             store.steps[slots] = steps_before + g.counts
+            if verdict is not None:
+                healed = self._commit_health(verdict, slots, shadow, sh)
         first = fresh[g.rows] & (g.cols == 0)
         reset = np.full(N, "", object)
         reset[first] = why[g.rows[first]]
-        return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset)
+        if verdict is None:
+            return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset)
+        if len(healed):  # the key's last event of the call: its output is now the shadow's (the state's)
+            ev = self._last_events(g)[healed]
+            reset[ev] = hl.HEALTH
+            rows = shadow["row_of"][healed]
+            for n, a in shadow["last"].items():
+                outs[n][ev] = a[rows]
+        return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset,
+                           verdict.health[g.rows, g.cols], int(np.count_nonzero(hl.bad(self.health,
+                                                                                        verdict.last_health))))
+
+    @staticmethod
+    def _last_events(g) -> np.ndarray:
+        """Index of each key's last event of the call ``[B]``."""
+        out = np.empty(len(g.keys), np.int64)
+        out[g.rows] = np.arange(len(g.rows))  # later events overwrite earlier ones
+        return out
+
+    def _health_verdict(self, g, hs, fresh, steps_before, lc, shadow, sh) -> hl.Verdict:
+        """This call's health decisions (pure: reads the store, changes nothing)."""
+        store, cfg = self._store, self.health
+        B = len(g.keys)
+        cols = {}
+        for n, (_, fill) in store.health_fill.items():
+            a = store.health[n][hs]
+            a[fresh] = fill
+            cols[n] = a
+        T = int(g.counts.max())
+        if T == 1 and len(g.rows) == B and (g.rows == np.arange(B)).all():
+            lcp = lc[:, None]
+        else:
+            lcp = np.full((B, T), np.nan)
+            lcp[g.rows, g.cols] = lc
+        watched = np.zeros(B, bool) if sh is None else sh >= 0
+        lsp = None
+        if shadow is not None and len(shadow["rows"]):
+            lsp = np.full((B, T), np.nan)
+            ev = shadow["events"]
+            lsp[g.rows[ev], g.cols[ev]] = shadow["loss"]
+        room = 0
+        if cfg.policy == "heal":
+            room = cfg.max_watch - store.shadow.used + int(np.count_nonzero(watched))
+        return hl.decide(cfg, cols, lcp, lsp, g.counts, steps_before + g.counts, watched, room)
+
+    def _commit_health(self, v: hl.Verdict, slots: np.ndarray, shadow, sh) -> np.ndarray:
+        """Write a verdict (after the carried state was written); returns the healed key rows."""
+        store = self._store
+        pool = store.shadow
+        healed = np.flatnonzero(v.heal)
+        if len(healed):
+            rows = shadow["row_of"][healed]
+            for n, a in shadow["state"].items():
+                store.slab[n][:, slots[healed]] = a[:, rows]
+            for n, a in shadow["last"].items():
+                store.last[n][slots[healed]] = a[rows]
+            self.health_counts.heals += len(healed)
+        if sh is not None:
+            keep = np.flatnonzero(v.keep_shadow)
+            if len(keep):
+                rows = shadow["row_of"][keep]
+                for n, a in shadow["state"].items():
+                    pool.slab[n][:, sh[keep]] = a[:, rows]
+                for n, a in shadow["last"].items():
+                    pool.last[n][sh[keep]] = a[rows]
+            gone = np.flatnonzero(v.release)
+            pool.release(sh[gone])
+            cols = v.cols
+            cols["shadow_slot"] = np.where(v.release, -1, cols["shadow_slot"])
+            start = np.flatnonzero(v.start)
+            if len(start):
+                cols["shadow_slot"][start] = pool.allocate(len(start))
+        for n, a in v.cols.items():
+            store.health[n][slots] = a
+        return healed
 
     def _reasons(self, keys: list[Key], held: np.ndarray, new_rows: np.ndarray) -> np.ndarray:
         """Why each key of a call starts fresh (``[B]``, '' for keys that continue); reads, changes nothing."""
@@ -402,8 +511,12 @@ class KeyedOperator:
             raise inference_error(self.model.source, e) from e
         return out
 
-    def _run(self, g, x: np.ndarray, hs: np.ndarray, fresh: np.ndarray):
-        """All model calls of one ``process``; reads the store, writes nothing."""
+    def _run(self, g, x: np.ndarray, hs: np.ndarray, fresh: np.ndarray, sh: np.ndarray | None = None):
+        """All model calls of one ``process``; reads the store, writes nothing.
+
+        With health on, also each event's carried loss ``lc [N]`` (nats; NaN where the key had no
+        prediction); with shadows (``sh [B]``: pool slot, -1 none) their rows run in the same calls, and
+        ``shadow`` holds their per-event losses, new state and last output."""
         store = self._store
         N, B = len(g.rows), len(g.keys)
         groups = pack(g.counts, step_cost=self.pack_step_cost)
@@ -411,6 +524,19 @@ class KeyedOperator:
         new_state: list[tuple[np.ndarray, dict]] = []  # (rows, {state name: [layers, rows, ...]})
         last_row: dict[str, np.ndarray] = {}
         prev: dict[str, np.ndarray] = {}
+        keep_last, expose = self._keep_last, self.keep_last_output
+        health = self._health_on
+        lc = np.empty(N, np.float64) if health else None
+        shadow = None
+        if sh is not None:
+            pool = store.shadow
+            watched = np.flatnonzero(sh >= 0)
+            row_of = np.full(B, -1, np.int64)
+            row_of[watched] = np.arange(len(watched))
+            shadow = {"rows": watched, "row_of": row_of, "events": [], "loss": [],
+                      "state": {n: np.empty((t[0], len(watched), *t[1:]), np.float32)
+                                for n, t in self._state_tail.items()},
+                      "last": {n: np.empty((len(watched), *t), np.float32) for n, t in self._out_tail.items()}}
         for grp in groups:
             whole = len(groups) == 1
             counts = g.counts if whole else g.counts[grp]
@@ -431,6 +557,10 @@ class KeyedOperator:
                 xb[lr, c] = x[ev]
             gh, gf = hs[grp], fresh[grp]
             lengths = counts.astype(np.int32)
+            nb = len(counts)
+            wrow = np.zeros(0, np.int64)
+            if shadow is not None:
+                wrow = np.flatnonzero(sh[grp] >= 0)  # local rows with a shadow: extra rows of this call
             if self._dev is not None:
                 st = State({n: self._dev.gather(n, gh, gf) for n in self._state_names}, self._state_names)
                 o, new = self.model._step_iobinding(xb, lengths, st, device=self._dev.device,
@@ -442,15 +572,27 @@ class KeyedOperator:
                     a = np.take(store.slab[n], gh, axis=1)
                     if any_fresh:
                         a[:, gf] = 0.0
+                    if len(wrow):
+                        a = np.concatenate([a, pool.slab[n][:, sh[grp][wrow]]], axis=1)
                     st[n] = a
+                if len(wrow):
+                    xb = np.concatenate([xb, xb[wrow]])
+                    lengths = np.concatenate([lengths, lengths[wrow]])
                 o, new = self.model.run_unchecked(xb, lengths, State(st, self._state_names))
             for n, v in o.items():
+                if len(wrow):
+                    v, vs = v[:nb], v[nb:]
                 if whole and T == 1:
                     outs[n] = v[:, 0]
                 else:
                     outs.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = v[lr, c]
-                if self.keep_last_output:
-                    last = v[np.arange(len(counts)), counts - 1]
+                if keep_last:
+                    last = v[np.arange(nb), counts - 1]
+                    if whole:
+                        last_row[n] = last
+                    else:
+                        last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
+                if expose:
                     before = store.last[n][gh]
                     before[gf] = np.nan
                     first = c == 0
@@ -458,12 +600,50 @@ class KeyedOperator:
                     p[first] = before[lr[first]]
                     p[~first] = v[lr[~first], c[~first] - 1]
                     if whole:
-                        last_row[n], prev[n] = last, p
+                        prev[n] = p
                     else:
-                        last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
                         prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
-            new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
-        return outs, new_state, last_row, prev
+                if health and n == "logprobs":
+                    xe = x[ev]
+                    first = c == 0
+                    lp = np.empty(len(c), np.float32)
+                    fr = np.flatnonzero(first)
+                    lp[fr] = store.last[n][gh[lr[fr]], xe[fr]]
+                    lp[fr[gf[lr[fr]]]] = np.nan
+                    nf = np.flatnonzero(~first)
+                    if len(nf):
+                        lp[nf] = v[lr[nf], c[nf] - 1, xe[nf]]
+                    lc[ev] = -lp.astype(np.float64)
+                    if len(wrow):
+                        self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts)
+                if len(wrow):
+                    shadow["last"][n][shadow["row_of"][grp[wrow]]] = vs[np.arange(len(wrow)), counts[wrow] - 1]
+            if len(wrow):
+                rows = shadow["row_of"][grp[wrow]]
+                for n in self._state_names:
+                    shadow["state"][n][:, rows] = new.raw(n)[:, nb:]
+                new_state.append((grp, {n: new.raw(n)[:, :nb] for n in self._state_names}))
+            else:
+                new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
+        if shadow is not None:
+            shadow["events"] = np.concatenate(shadow["events"]) if shadow["events"] else np.zeros(0, np.int64)
+            shadow["loss"] = np.concatenate(shadow["loss"]) if shadow["loss"] else np.zeros(0)
+        return outs, new_state, last_row, prev, lc, shadow
+
+    def _shadow_losses(self, shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts) -> None:
+        """Per-event losses of one call's shadow rows (its first event scored by the shadow's last output)."""
+        pos = np.full(len(counts), -1, np.int64)
+        pos[wrow] = np.arange(len(wrow))
+        sel = np.flatnonzero(pos[lr] >= 0)
+        r, cc, xs = pos[lr[sel]], c[sel], xe[sel]
+        lp = np.empty(len(sel), np.float32)
+        first = cc == 0
+        slot = sh[grp][wrow][r[first]]
+        lp[first] = self._store.shadow.last["logprobs"][slot, xs[first]]
+        lp[~first] = vs[r[~first], cc[~first] - 1, xs[~first]]
+        events = sel if isinstance(ev, slice) else ev[sel]
+        shadow["events"].append(np.asarray(events, np.int64))
+        shadow["loss"].append(-lp.astype(np.float64))
 
     # -- snapshot / restore ------------------------------------------------------
     def snapshot(self, keys: Sequence[Key] | None = None) -> pa.Table:
@@ -489,7 +669,19 @@ class KeyedOperator:
         states = {n: np.moveaxis(self._host_state(n, slots), 1, 0) for n in self._state_names}
         last = {n: a[slots] for n, a in store.last.items()}
         steps, seen = store.steps[slots], store.seen[slots]
-        return snap.encode(keys, steps, seen, states, last, self.model.spec, self.keep_last_output)
+        health = None
+        if self._health_on:
+            health = {n: a[slots] for n, a in store.health.items() if n != "shadow_slot"}
+            health["watched"] = store.health["shadow_slot"][slots] >= 0
+            if self.health.policy == "heal":
+                w = store.health["shadow_slot"][slots]
+                pool = store.shadow
+                health["shadow"] = {n: np.moveaxis(np.where((w >= 0)[None, :, None], a[:, np.maximum(w, 0)], 0.0),
+                                                   1, 0) for n, a in pool.slab.items()}
+                health["shadow_last"] = {n: np.where((w >= 0)[:, None], a[np.maximum(w, 0)], np.nan)
+                                         for n, a in pool.last.items()} if pool.cap else {
+                    n: np.full((len(w), *t), np.nan, np.float32) for n, t in self._out_tail.items()}
+        return snap.encode(keys, steps, seen, states, last, self.model.spec, self._keep_last, health)
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`snapshot` to a Parquet file."""
@@ -513,8 +705,8 @@ class KeyedOperator:
 
     def _restore_locked(self, table: pa.Table, allow_other_model: bool) -> int:
         d = snap.decode(table, self.model.spec, self._state_tail, self._out_tail,
-                        keep_last_output=self.keep_last_output, allow_other_model=allow_other_model,
-                        max_keys=self.max_keys)
+                        keep_last_output=self._keep_last, allow_other_model=allow_other_model,
+                        max_keys=self.max_keys, health=self.health.policy)
         n = len(d.keys)
         store = self._new_store(max(self._initial_capacity, n), self._dev is not None)
         host = {s: np.zeros((t[0], store.cap, *t[1:]), np.float32) for s, t in self._state_tail.items()}
@@ -528,6 +720,19 @@ class KeyedOperator:
             store.steps[slots] = d.steps
             store.seen[slots] = d.seen
             store.min_seen = float(d.seen.min())
+            if d.health:
+                for c, a in d.health.items():
+                    if c in store.health:
+                        store.health[c][slots] = a
+                if self.health.policy == "heal" and d.watched is not None:
+                    w = np.flatnonzero(d.watched)
+                    if len(w):
+                        ps = store.shadow.allocate(len(w))
+                        store.health["shadow_slot"][slots[w]] = ps
+                        for c, a in d.shadow.items():
+                            store.shadow.slab[c][:, ps] = np.moveaxis(a[w], 0, 1)
+                        for c, a in d.shadow_last.items():
+                            store.shadow.last[c][ps] = a[w]
         if self._dev is None:
             store.slab = host
         else:

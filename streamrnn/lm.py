@@ -144,6 +144,9 @@ class NextTokenResult:
     topk_probs: np.ndarray
     logprobs: np.ndarray
     reset: np.ndarray = field(default_factory=lambda: np.zeros(0, object))
+    #: with health on (:mod:`streamrnn.health`): each event's state health and the call's keys in bad health
+    state_health: np.ndarray | None = None
+    bad_health: int | None = None
 
     def __repr__(self) -> str:
         return summary_repr(self)
@@ -163,7 +166,7 @@ class NextTokenOperator:
     """
 
     def __init__(self, model: Model, *, k: int = 5, max_keys: int = 1_000_000, ttl: float | None = None,
-                 clock=None):
+                 clock=None, health=None):
         if model.spec.task != "lm":
             raise InputError(f"NextTokenOperator: model task: expected 'lm', got {model.spec.task!r}")
         V = model.spec.input.vocab_size
@@ -171,7 +174,7 @@ class NextTokenOperator:
             raise InputError(f"NextTokenOperator: k: expected an int in 1..{V}, got {k!r}")
         self.k = int(k)
         kw = {} if clock is None else {"clock": clock}
-        self.keyed = KeyedOperator(model, max_keys=max_keys, ttl=ttl, keep_last_output=True, **kw)
+        self.keyed = KeyedOperator(model, max_keys=max_keys, ttl=ttl, keep_last_output=True, health=health, **kw)
 
     @property
     def model(self) -> Model:
@@ -184,7 +187,7 @@ class NextTokenOperator:
         prev = r.prev_outputs["logprobs"]
         actual = token_logprob(prev, np.asarray(tokens))  # NaN rows stay NaN
         tk, tp = topk(lp, self.k)
-        return NextTokenResult(r.pos, r.fresh, actual, tk, tp, lp, r.reset)
+        return NextTokenResult(r.pos, r.fresh, actual, tk, tp, lp, r.reset, r.state_health, r.bad_health)
 
     def generate(self, key: Key, n: int, *, prompt: str | bytes = b"", **kw) -> str:
         """Continue ``key``'s stream by ``n`` bytes without changing its carried state (a key past the TTL has

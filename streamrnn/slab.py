@@ -19,10 +19,14 @@ class SlotStore:
     """Slabs for ``capacity`` keys (grown by doubling up to ``max_keys``)."""
 
     def __init__(self, state_tail: dict[str, tuple[int, ...]], out_tail: dict[str, tuple[int, ...]] | None,
-                 capacity: int, max_keys: int):
+                 capacity: int, max_keys: int, health: bool = False):
         self.state_tail = state_tail
         self.out_tail = out_tail  # None: no last outputs kept
         self.max_keys = max_keys
+        # per-key health columns (streamrnn.health.COLUMNS), and the shadow pool: state of watched keys only
+        self.health: dict[str, np.ndarray] = {}
+        self.health_fill = dict(HEALTH_FILL) if health else {}
+        self.shadow = ShadowPool(state_tail, out_tail or {}) if health else None
         self.cap = 0
         self.slab: dict[str, np.ndarray] = {}
         self.last: dict[str, np.ndarray] = {}
@@ -52,6 +56,8 @@ class SlotStore:
         for n, tail in (self.out_tail or {}).items():
             self.last[n] = widen(self.last.get(n, np.zeros((0, *tail), np.float32)), np.nan)
         self.steps, self.seen, self.tick = widen(self.steps, 0), widen(self.seen, -np.inf), widen(self.tick, 0)
+        for n, (dtype, fill) in self.health_fill.items():
+            self.health[n] = widen(self.health.get(n, np.zeros(0, dtype)), fill)
         self.in_use, self.key_of = widen(self.in_use, False), widen(self.key_of, None)
         self.free.extend(range(cap - 1, old - 1, -1))
         self.cap = cap
@@ -67,6 +73,11 @@ class SlotStore:
         for a in self.last.values():
             a[slots] = np.nan
         self.steps[slots] = 0
+        if self.shadow is not None:
+            watch = self.health["shadow_slot"][slots]
+            self.shadow.release(watch[watch >= 0])
+        for n, (_, fill) in self.health_fill.items():
+            self.health[n][slots] = fill
         self.seen[slots] = -np.inf  # a slot's next key starts its own last_seen (touch keeps the max)
         self.in_use[slots] = False
         self.key_of[slots] = None
@@ -152,6 +163,57 @@ class SlotStore:
         p = self.plan(np.zeros(0, np.int64), len(keys), None)
         self.apply(p, keys)
         return p.new_slots
+
+
+#: per-key health columns: dtype and the value of a key with no history (see :mod:`streamrnn.health`);
+#: ``shadow_slot`` is the key's row in the :class:`ShadowPool` (-1: not watched)
+HEALTH_FILL = {
+    "ew_num": (np.float64, 0.0), "ew_den": (np.float64, 0.0),
+    "win_steps": (np.int64, 0), "win_pairs": (np.int64, 0),
+    "win_carried": (np.float64, 0.0), "win_shadow": (np.float64, 0.0),
+    "strikes": (np.int64, 0), "shadow_age": (np.int64, 0),
+    "ratio": (np.float64, np.nan), "last_health": (np.float64, np.nan),
+    "shadow_slot": (np.int64, -1),
+}
+
+
+class ShadowPool:
+    """State and last output of the fresh "shadow" runs of watched keys: a slab of its own, grown by
+    doubling, so that memory follows the watched keys, not all keys."""
+
+    def __init__(self, state_tail: dict[str, tuple[int, ...]], out_tail: dict[str, tuple[int, ...]]):
+        self.state_tail, self.out_tail = state_tail, out_tail
+        self.cap = 0
+        self.slab: dict[str, np.ndarray] = {n: np.zeros((t[0], 0, *t[1:]), np.float32) for n, t in state_tail.items()}
+        self.last: dict[str, np.ndarray] = {n: np.zeros((0, *t), np.float32) for n, t in out_tail.items()}
+        self.free: list[int] = []
+
+    @property
+    def used(self) -> int:
+        return self.cap - len(self.free)
+
+    def allocate(self, n: int) -> np.ndarray:
+        """``n`` slots holding the initial state (zeros) and no last output (NaN)."""
+        if n > len(self.free):
+            old, cap = self.cap, max(16, 2 * self.cap, self.cap + n - len(self.free))
+            for k, a in self.slab.items():
+                self.slab[k] = np.concatenate([a, np.zeros((a.shape[0], cap - old, *a.shape[2:]), np.float32)], 1)
+            for k, a in self.last.items():
+                self.last[k] = np.concatenate([a, np.full((cap - old, *a.shape[1:]), np.nan, np.float32)])
+            self.free.extend(range(cap - 1, old - 1, -1))
+            self.cap = cap
+        out = np.array(self.free[len(self.free) - n:][::-1], np.int64)
+        del self.free[len(self.free) - n:]
+        return out
+
+    def release(self, slots: np.ndarray) -> None:
+        if not len(slots):
+            return
+        for a in self.slab.values():
+            a[:, slots] = 0.0
+        for a in self.last.values():
+            a[slots] = np.nan
+        self.free.extend(np.asarray(slots).tolist())
 
 
 @dataclass

@@ -2,7 +2,11 @@
 
 One row per key: ``key`` (binary), ``key_is_str``, ``steps``, ``last_seen``, one
 ``state_<name>`` float32 fixed-size list column per state tensor (``[layers * hidden]``,
-row-major), and ``last_<output>`` columns when last outputs are kept. The schema
+row-major), and ``last_<output>`` columns when last outputs are kept. With carried-state health on
+(:mod:`streamrnn.health`): ``health_<column>`` (float64 / int64, one per
+:data:`streamrnn.slab.HEALTH_FILL` column but the pool slot), ``health_watched`` (bool), and under
+``heal`` the shadow run of watched keys, ``shadow_<name>`` and ``shadow_last_<output>`` (zeros and NaN
+for keys not watched). The schema
 metadata names the model (its fingerprint, as :func:`streamrnn.load` binds it, and state shapes).
 A snapshot is one table, or one Parquet file.
 
@@ -23,6 +27,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import SnapshotError, StateError
+from .slab import HEALTH_FILL
+
+#: the health columns a snapshot carries (all but the pool slot, which restore allocates anew)
+HEALTH_COLUMNS = {n: dt for n, (dt, _) in HEALTH_FILL.items() if n != "shadow_slot"}
 
 SNAPSHOT_KEY = b"streamrnn.snapshot"
 SNAPSHOT_FORMAT = "streamrnn-snapshot/1"
@@ -33,8 +41,9 @@ def signature(spec) -> list[list]:
 
 
 def encode(keys: list, steps: np.ndarray, seen: np.ndarray, states: dict[str, np.ndarray],
-           last: dict[str, np.ndarray], spec, keep_last_output: bool) -> pa.Table:
-    """``states[name]`` is ``[keys, layers, *tail]``; ``last[name]`` is ``[keys, ...]``."""
+           last: dict[str, np.ndarray], spec, keep_last_output: bool, health: dict | None = None) -> pa.Table:
+    """``states[name]`` is ``[keys, layers, *tail]``; ``last[name]`` is ``[keys, ...]``; ``health`` the
+    health columns (``watched``, and ``shadow`` / ``shadow_last`` dicts under ``heal``)."""
     cols: dict[str, pa.Array] = {
         "key": pa.array([k.encode() if isinstance(k, str) else k for k in keys], pa.binary()),
         "key_is_str": pa.array([isinstance(k, str) for k in keys], pa.bool_()),
@@ -45,6 +54,21 @@ def encode(keys: list, steps: np.ndarray, seen: np.ndarray, states: dict[str, np
         cols[f"state_{n}"] = _fixed_list(a)
     for n, a in last.items():
         cols[f"last_{n}"] = _fixed_list(a)
+    for n, a in (health or {}).items():
+        if n in ("shadow", "shadow_last"):
+            for s, v in a.items():
+                if n == "shadow":
+                    cols[f"shadow_{s}"] = _fixed_list(v)
+                else:  # no prediction yet (NaN): zeros, and shadow_none_<output> says so
+                    none = np.isnan(v.reshape(len(v), -1)).any(axis=1)
+                    cols[f"shadow_last_{s}"] = _fixed_list(np.where(none.reshape(-1, *([1] * (v.ndim - 1))), 0.0, v))
+                    cols[f"shadow_none_{s}"] = pa.array(none, pa.bool_())
+        elif n == "watched":
+            cols["health_watched"] = pa.array(a, pa.bool_())
+        else:  # NaN (no value yet) as null, so that equal snapshots compare equal
+            dt = HEALTH_COLUMNS[n]
+            mask = np.isnan(a) if dt == np.float64 else None
+            cols[f"health_{n}"] = pa.array(a, pa.from_numpy_dtype(dt), mask=mask)
     meta = {"format": SNAPSHOT_FORMAT, "model": spec.name, "version": spec.version,
             "fingerprint": spec.fingerprint, "state": signature(spec), "keep_last_output": keep_last_output}
     return pa.table(cols).replace_schema_metadata({SNAPSHOT_KEY: json.dumps(meta).encode()})
@@ -57,6 +81,10 @@ class Decoded:
     seen: np.ndarray
     states: dict[str, np.ndarray]  # [keys, layers, *tail]
     last: dict[str, np.ndarray]    # [keys, ...]
+    health: dict[str, np.ndarray] | None = None  # health column -> [keys] (None: the snapshot has none)
+    watched: np.ndarray | None = None
+    shadow: dict[str, np.ndarray] | None = None       # [keys, layers, *tail]
+    shadow_last: dict[str, np.ndarray] | None = None  # [keys, ...]
 
 
 def read(source: pa.Table | str | Path) -> pa.Table:
@@ -78,7 +106,7 @@ def read(source: pa.Table | str | Path) -> pa.Table:
 
 
 def decode(table: pa.Table, spec, state_tail: dict[str, tuple[int, ...]], out_tail: dict[str, tuple[int, ...]],
-           *, keep_last_output: bool, allow_other_model: bool, max_keys: int) -> Decoded:
+           *, keep_last_output: bool, allow_other_model: bool, max_keys: int, health: str = "off") -> Decoded:
     """Validate a snapshot against a model and return its contents (nothing is modified)."""
     meta = _meta(table)
     if meta.get("format") != SNAPSHOT_FORMAT:
@@ -133,7 +161,55 @@ def decode(table: pa.Table, spec, state_tail: dict[str, tuple[int, ...]], out_ta
             name = f"last_{o}"
             last[o] = (_floats(table, name, n, int(np.prod(tail))).reshape(n, *tail)
                        if name in table.column_names else np.full((n, *tail), np.nan, np.float32))
-    return Decoded(keys, steps, seen_at, states, last)
+    out = Decoded(keys, steps, seen_at, states, last)
+    if health != "off" and "health_ew_num" in table.column_names:
+        _decode_health(table, n, keys, state_tail, out_tail, health, out)
+    return out
+
+
+def _decode_health(table: pa.Table, n: int, keys: list, state_tail, out_tail, policy: str, out: Decoded) -> None:
+    cols = {}
+    for c, dt in HEALTH_COLUMNS.items():
+        typ = pa.from_numpy_dtype(dt)
+        if c in _NULLABLE:  # null: no value yet
+            col = table.column(f"health_{c}") if f"health_{c}" in table.column_names else None
+            if col is None:
+                raise SnapshotError(f"restore: column 'health_{c}': expected it, got columns {table.column_names}")
+            try:
+                a = np.asarray(col.cast(typ).to_numpy(zero_copy_only=False), dt)
+            except (pa.ArrowException, ValueError) as e:
+                raise SnapshotError(f"restore: column 'health_{c}': expected {typ}, got {col.type}") from e
+            cols[c] = np.where(np.isnan(a), np.nan, a)
+            continue
+        a = np.asarray(_column(table, f"health_{c}", typ, n), dt)
+        if dt == np.int64 and n and a.min() < 0:
+            raise SnapshotError(f"restore: column 'health_{c}': expected >= 0, got {int(a.min())}")
+        if c in ("ew_num", "ew_den", "win_carried", "win_shadow") and not np.isfinite(a).all():
+            raise SnapshotError(f"restore: column 'health_{c}': expected finite values, got NaN or inf")
+        cols[c] = a
+    out.health = cols
+    out.watched = np.asarray(_column(table, "health_watched", pa.bool_(), n), bool)
+    if policy == "heal" and out.watched.any():
+        out.shadow, out.shadow_last = {}, {}
+        for s, tail in state_tail.items():
+            a = _floats(table, f"shadow_{s}", n, int(np.prod(tail))).reshape(n, *tail)
+            bad = ~np.isfinite(a).reshape(n, -1).all(axis=1)
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise StateError(f"restore: shadow_{s} of key {keys[i]!r}: expected finite values, got NaN or inf")
+            out.shadow[s] = a
+        for o, tail in out_tail.items():
+            name = f"shadow_last_{o}"
+            if name not in table.column_names:
+                raise SnapshotError(f"restore: column {name!r}: expected it, got columns {table.column_names}")
+            a = _floats(table, name, n, int(np.prod(tail))).reshape(n, *tail).copy()
+            a[np.asarray(_column(table, f"shadow_none_{o}", pa.bool_(), n), bool)] = np.nan
+            out.shadow_last[o] = a
+    else:
+        out.watched = np.zeros(n, bool)
+
+
+_NULLABLE = ("ratio", "last_health")
 
 
 def _meta(table: pa.Table) -> dict:
