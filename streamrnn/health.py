@@ -65,10 +65,9 @@ class HealthConfig:
 
 
 def resolve(health, model, max_keys: int) -> HealthConfig:
-    """The operator's config from ``health=`` (None: ``flag`` for a next-token model, else ``off``)."""
-    lm = model.spec.task == "lm"
+    """The operator's config from ``health=`` (None: ``off``, until flag's cost meets its goal)."""
     if health is None:
-        health = "flag" if lm else "off"
+        health = "off"
     if isinstance(health, str):
         if health not in POLICIES:
             raise InputError(f"KeyedOperator: health: expected one of {', '.join(POLICIES)}, got {health!r}")
@@ -81,7 +80,7 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
     else:
         raise InputError(f"KeyedOperator: health: expected 'off', 'flag', 'heal' or a HealthConfig, "
                          f"got {type(health).__name__}")
-    if cfg.policy != "off" and not lm:
+    if cfg.policy != "off" and model.spec.task != "lm":
         raise InputError(f"KeyedOperator: health={cfg.policy!r}: expected a next-token model (task 'lm'), "
                          f"got task {model.spec.task!r}; pass health='off'")
     for name, lo in (("half_life", 0.0), ("margin", -math.inf), ("watch_margin", -1.0)):
