@@ -122,3 +122,163 @@ def render(r: Mapping) -> list[str]:
 
 
 __all__ = ["SDS", "by_year", "known_sd_table", "render", "shock_response"]
+
+
+# ---- online calibration (ACI) against the raw model: coverage, VaR exceedances, by year and quarter ----------
+
+
+def conformal_alphas(cal, symbols: list[str], y: list[np.ndarray], loc: list[np.ndarray], scale: list[np.ndarray],
+                     valid: list[np.ndarray], chunk: int = 64) -> list[np.ndarray]:
+    """Run ``cal`` (an :class:`~.conformal.OnlineConformal`) over each symbol's whole history (origin-indexed
+    ``[n, H]`` arrays, from its first bar: causal, the state at an origin has seen only targets completed by
+    then); the ``a`` issued at every origin ``[n, H, K]`` per symbol. Symbols run ``chunk`` at a time
+    (independent states; the memory stays ``chunk * T * H * K``)."""
+    out = []
+    for s in range(0, len(symbols), chunk):
+        part = list(range(s, min(s + chunk, len(symbols))))
+        lens = np.array([len(y[i]) for i in part], np.int64)
+        got = cal.run([symbols[i] for i in part], *(_pad([a[i] for i in part], fill, lens) for a, fill in (
+            (y, 0.0), (loc, 0.0), (scale, 1.0), (valid, False))), lens)
+        out += [got[j, :lens[j]] for j in range(len(part))]
+    return out
+
+
+def _pad(rows: list[np.ndarray], fill, lens: np.ndarray) -> np.ndarray:
+    """``[n_i, H]`` arrays as one ``[S, max n, H]`` array, ``fill`` past each end."""
+    z = np.full((len(rows), int(lens.max()), rows[0].shape[1]), fill, dtype=np.asarray(rows[0]).dtype)
+    for j, a in enumerate(rows):
+        z[j, :lens[j]] = a
+    return z
+
+
+def _periods(day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = np.datetime64("1970-01-01") + day.astype("timedelta64[D]")
+    months = d.astype("datetime64[M]").astype(int)
+    years = months // 12 + 1970
+    return years, years * 10 + (months % 12) // 3 + 1
+
+
+def _pct(v: float) -> float:
+    return float(100.0 * v)
+
+
+def conformal_points(cfg, df: np.ndarray, y: np.ndarray, loc: np.ndarray, scale: np.ndarray,
+                     alpha: np.ndarray, widths: bool = True) -> dict[str, np.ndarray]:
+    """Per scored point ``[N, H]`` (``y`` NaN: not scored): the misses of the raw and the ACI targets ``[N, H, K]``
+    and whether the issued ``a`` sat at the clip; with ``widths`` also, per level ``[N, H, L]``, each interval's
+    width and interval score (Gneiting and Raftery 2007, at the nominal level), and per tail ``[N, H, P]`` the
+    VaR's pinball loss and the ES (positive loss), for :func:`conformal_table`."""
+    from .conformal import ALPHA_MIN, misses, pit
+    from .distribution import expected_shortfall, std_quantiles
+
+    L = len(cfg.levels)
+    ok = np.isfinite(y)
+    y0 = np.where(ok, y, 0.0)
+    p2, lower = pit(y0, np.where(ok, loc, 0.0), np.where(ok, scale, 1.0), df)
+    nominal = np.broadcast_to(cfg.nominal, alpha.shape)
+    two = cfg.two_sided
+    out = {"ok": ok, "raw_miss": misses(p2, lower, nominal, two) & ok[..., None],
+           "aci_miss": misses(p2, lower, alpha, two) & ok[..., None],
+           "clipped": ((alpha <= ALPHA_MIN) | (alpha >= 1.0 - ALPHA_MIN)) & ok[..., None]}
+    if not widths:
+        return out
+    sel = np.broadcast_to(ok[..., None], alpha.shape)
+    dfk = np.broadcast_to(np.asarray(df, np.float64)[None, :, None], alpha.shape)
+    sck, lck, yk = (np.broadcast_to(a[..., None], alpha.shape) for a in (scale, loc, y0))
+    for kind, a in (("raw", nominal), ("aci", alpha)):
+        # only the points scored (the quantiles cost ~5 us each); the raw ones are one value per horizon and target
+        t = np.full(alpha.shape, np.nan)
+        if kind == "raw":
+            p = np.where(two, 1.0 - 0.5 * cfg.nominal, cfg.nominal)[None, :]
+            t[sel] = np.broadcast_to(std_quantiles(p, np.asarray(df, np.float64)[:, None])[None], alpha.shape)[sel]
+            es = np.broadcast_to(expected_shortfall(cfg.nominal[None, L:], 0.0, 1.0,
+                                                    np.asarray(df, np.float64)[:, None])[None], alpha[..., L:].shape)
+            es = -lck[..., L:] + es * sck[..., L:]
+        else:
+            p = np.where(two, 1.0 - 0.5 * a, a)
+            t[sel] = std_quantiles(p[sel], dfk[sel])
+            es = np.full(alpha[..., L:].shape, np.nan)
+            st = sel[..., L:]
+            es[st] = expected_shortfall(a[..., L:][st], lck[..., L:][st], sck[..., L:][st], dfk[..., L:][st])
+        half = t[..., :L] * sck[..., :L]
+        lo, hi = lck[..., :L] - half, lck[..., :L] + half
+        an = cfg.nominal[:L]
+        out[f"{kind}_width"] = np.where(sel[..., :L], 2.0 * half, np.nan)
+        out[f"{kind}_is"] = np.where(sel[..., :L], 2.0 * half + 2.0 / an * (np.maximum(lo - yk[..., :L], 0.0)
+                                                                           + np.maximum(yk[..., :L] - hi, 0.0)), np.nan)
+        q = lck[..., L:] + t[..., L:] * sck[..., L:]
+        out[f"{kind}_pinball"] = np.where(sel[..., L:], ((yk[..., L:] < q) - cfg.nominal[L:]) * (q - yk[..., L:]),
+                                          np.nan)
+        out[f"{kind}_var"] = np.where(sel[..., L:], -q, np.nan)
+        out[f"{kind}_es"] = np.where(sel[..., L:], es, np.nan)
+    return out
+
+
+def _period_name(v: int, kind: str) -> str:
+    return str(v) if kind == "year" else f"{v // 10}Q{v % 10}"
+
+
+def conformal_table(cfg, pts: Mapping[str, np.ndarray], h: int, sel: np.ndarray, y: np.ndarray,
+                    day: np.ndarray, symbol: np.ndarray) -> dict:
+    """One horizon ``h`` (0-based) over the points ``sel``, raw and ACI: per level the coverage (% of points), its
+    deviation from the level (points), the worst calendar year and quarter (largest |deviation|), the mean width
+    and interval score; per tail the exceedance rate, Kupiec's test pooled (days of one date are not
+    independent across symbols: read it as a guide) and per symbol (% of symbols rejected at 5%), the worst
+    year, the pinball loss, the mean VaR and ES, and the ES ratio (mean realised loss on exceedances / mean ES
+    there: 1 when the ES is right); coverage and exceedance rate by year; % of points whose ``a`` sat at the clip."""
+    from .conformal import kupiec, label
+
+    m = sel & pts["ok"][:, h]
+    n = int(m.sum())
+    L = len(cfg.levels)
+    names = [label(x) for x in (*cfg.levels, *cfg.tails)]
+    res: dict = {"n": n, "levels": {}, "tails": {}, "by_year": {},
+                 "clipped": {nm: _pct(pts["clipped"][m, h, k].mean()) if n else None for k, nm in enumerate(names)}}
+    if n == 0:
+        return res
+    yy = y[m, h]
+    years, quarters = _periods(day[m])
+    sym = symbol[m]
+    has_w = "aci_width" in pts
+    uy, iy = np.unique(years, return_inverse=True)
+    ny = np.bincount(iy)
+    for kind in ("raw", "aci"):
+        miss = pts[f"{kind}_miss"][m, h]  # [n, K]
+        for k, lv in enumerate(cfg.levels):
+            cov = 1.0 - miss[:, k]
+            r = {"coverage": _pct(cov.mean()), "dev": _pct(cov.mean() - lv)}
+            for name, per in (("year", years), ("quarter", quarters)):
+                u, inv = np.unique(per, return_inverse=True)
+                cnt = np.bincount(inv)
+                c = np.bincount(inv, cov) / cnt
+                w = int(np.argmax(np.abs(c - lv)))
+                r[f"worst_{name}"] = {"period": _period_name(int(u[w]), name), "coverage": _pct(c[w]),
+                                      "dev": _pct(c[w] - lv), "n": int(cnt[w])}
+            if has_w:
+                r["width"] = float(np.mean(pts[f"{kind}_width"][m, h, k]))
+                r["interval_score"] = float(np.mean(pts[f"{kind}_is"][m, h, k]))
+            res["levels"].setdefault(names[k], {})[kind] = r
+        for j, p in enumerate(cfg.tails):
+            ex = miss[:, L + j]
+            x = int(ex.sum())
+            lr, pv = kupiec(n, x, p)
+            per_sym = [kupiec(int((sym == s_).sum()), int(ex[sym == s_].sum()), p)[1] for s_ in np.unique(sym)]
+            c = np.bincount(iy, ex) / ny
+            w = int(np.argmax(np.abs(c - p)))
+            r = {"n": n, "exceedances": x, "rate": _pct(x / n), "kupiec_lr": lr, "kupiec_p": pv,
+                 "symbols": len(per_sym), "symbols_rejected": _pct(np.mean(np.asarray(per_sym) < 0.05)),
+                 "worst_year": {"period": str(int(uy[w])), "rate": _pct(c[w]), "n": int(ny[w])}}
+            if has_w:
+                es = pts[f"{kind}_es"][m, h, j]
+                r.update({"pinball": float(np.mean(pts[f"{kind}_pinball"][m, h, j])),
+                          "var_mean": float(np.mean(pts[f"{kind}_var"][m, h, j])), "es_mean": float(es.mean()),
+                          "es_ratio": float(-yy[ex].mean() / es[ex].mean()) if x else None})
+            res["tails"].setdefault(names[L + j], {})[kind] = r
+    for i, yr in enumerate(uy):
+        row: dict = {"n": int(ny[i])}
+        for kind in ("raw", "aci"):
+            miss = pts[f"{kind}_miss"][m, h]
+            row[kind] = {nm: _pct((1.0 - miss[iy == i, k]).mean() if k < L else miss[iy == i, k].mean())
+                         for k, nm in enumerate(names)}
+        res["by_year"][str(int(yr))] = row
+    return res

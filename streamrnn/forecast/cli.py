@@ -64,6 +64,19 @@ def _symbols(s: str) -> list[str]:
     return out
 
 
+def _fractions(lo: float, hi: float, what: str):
+    """An argparse ``type``: comma-separated numbers, each in ``(lo, hi)``, at least one, no repeats."""
+    def parse(s: str) -> list[float]:
+        try:
+            out = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or any(not lo < x < hi for x in out) or len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} in ({lo:g}, {hi:g}), got {s!r}")
+        return out
+    return parse
+
+
 def _date(s: str) -> str:
     """An argparse ``type``: a date ``YYYY-MM-DD`` (as numpy reads it), kept as given."""
     import numpy as np
@@ -92,7 +105,9 @@ def _eval(a: argparse.Namespace) -> int:
     with _csv_bars(a.bars):
         r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
-                          period=a.period or "test", start=a.start, end=a.end)
+                          period=a.period or "test", start=a.start, end=a.end,
+                          **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
+                             if v is not None})
     if a.json:
         print(json.dumps(r))
     else:
@@ -152,6 +167,13 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                                                 "baselines are fitted on the bars before it")
     e.add_argument("--end", type=_date, help="with --start: the period ends before this date (default: the end of "
                                               "the bars); every target ends before it")
+    # defaults: streamrnn.forecast.conformal's LEVELS, TAILS and GAMMA (not imported here: the CLI starts without numpy)
+    e.add_argument("--levels", type=_fractions(0, 1, "interval levels"),
+                   help="central interval levels scored, raw and ACI-calibrated (default 0.5,0.8,0.95,0.99)")
+    e.add_argument("--var", type=_fractions(0, 0.5, "tail probabilities"),
+                   help="VaR / expected-shortfall tail probabilities, left tail (default 0.01,0.05)")
+    e.add_argument("--gamma", type=_fractions(0, 1, "ACI steps"),
+                   help="ACI step (default 0.005); several: the first makes the tables, each gets a gamma-scan line")
     e.add_argument("--no-garch", action="store_true", help="skip the GARCH baselines (faster)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval)

@@ -27,17 +27,18 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import InputError
 from ..keyed import KeyedOperator
 from ..model import Model, load
-from . import baselines, calibration, scale
+from . import baselines, calibration, conformal, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import DeadLetter, FeatureConfig, OnlineFeatures
+from .metrics import LEVELS as COVERAGE_LEVELS
 from .metrics import nll, summarize
 from .progress import Progress
 
@@ -121,8 +122,20 @@ def _raw(s, i: int, c: str) -> float:
 def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | None = None, tcn: str | None = None,
                   symbols=None, allow_frequency: bool = False, garch: bool = True, progress: bool = False,
                   parity_symbols: int = 100, period: str = "test", start: str | None = None,
-                  end: str | None = None) -> dict:
-    """Score the model and the baselines; returns the JSON-ready result (see module doc)."""
+                  end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
+                  tails: Sequence[float] = conformal.TAILS,
+                  gamma: float | Sequence[float] = conformal.GAMMA) -> dict:
+    """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
+    interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
+    ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
+    tables, every one gets a ``conformal.gamma_scan`` entry)."""
+    gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
+    if not gammas:
+        raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
+    cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0])
+    for g in gammas[1:]:
+        conformal.ConformalConfig(1, gamma=g)
+    cov_levels = tuple(sorted({*COVERAGE_LEVELS, *cal_cfg.levels}))
     t0 = time.perf_counter()
     bar = Progress("eval forecast", enabled=progress)
     model = load(model_path, providers=["CPUExecutionProvider"])
@@ -151,6 +164,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     tcn_out = _tcn_outputs(tcn, data, H, meta) if tcn else None
     preds: dict[str, list] = {m: [] for m in METHODS}
     ys, masks, groups, heldout, days = [], [], [], [], []
+    scored: list[tuple[int, np.ndarray]] = []
     skipped = []
     ewma_nu: dict[str, float] = {}
     for k, p in enumerate(data):
@@ -187,6 +201,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         masks.append(window[origins])
         groups.append(np.full(len(origins), s.symbol, dtype=object))
         heldout.append(np.full(len(origins), split.held_out(s.symbol)))
+        scored.append((k, origins))
     if not ys:
         why = "; ".join(f"{sym} {r}" for sym, r in skipped[:5]) + (f"; {len(skipped) - 5} more"
                                                                      if len(skipped) > 5 else "")
@@ -205,10 +220,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                 pts = sel & M[:, h]
                 if m in cat:
                     loc, scale, df = (a[pts, h] for a in cat[m])
-                    res[m][f"h{h + 1}"] = summarize(Y[pts, h], loc, scale, df, G[pts])
+                    res[m][f"h{h + 1}"] = summarize(Y[pts, h], loc, scale, df, G[pts], levels=cov_levels)
                 else:
                     res[m][f"h{h + 1}"] = dict.fromkeys(
-                        ("nll", "crps", "mae", "mase", "coverage_80", "coverage_95"), None)
+                        ("nll", "crps", "mae", "mase", *(f"coverage_{conformal.label(x)}" for x in cov_levels)),
+                        None)
         return res
 
     def location(sel: np.ndarray) -> dict:
@@ -239,10 +255,70 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
                                                  D[sel & M[:, 0]]) for m in cat}
                     for grp, sel in (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))},
+        "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar),
         "known_sd": calibration.known_sd_table(model, meta),
         "shocks": calibration.shock_response(model, meta),
         "seconds": round(time.perf_counter() - t0, 1),
     }
+
+
+def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]], scored: list[tuple[int, np.ndarray]],
+               df: np.ndarray, Y: np.ndarray, M: np.ndarray, D: np.ndarray, G: np.ndarray, HO: np.ndarray,
+               cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress) -> dict:
+    """The model's intervals and VaR raw and ACI-calibrated (:mod:`.conformal`), per group and horizon. The
+    calibrator runs over each scored symbol's whole history from its first bar (causal: the ``a`` at an
+    origin has seen only the targets completed by then), and is scored at the period's origins."""
+    H = len(df)
+    syms = [data[k].symbol for k, _ in scored]
+    ys = [np.where(data[k].valid, data[k].y, 0.0) for k, _ in scored]
+    locs = [whole[k][0] for k, _ in scored]
+    scales = [np.exp(whole[k][1]) for k, _ in scored]
+    valids = [data[k].valid for k, _ in scored]
+    loc = np.concatenate([whole[k][0][o] for k, o in scored])
+    sc = np.concatenate([np.exp(whole[k][1][o]) for k, o in scored])
+    Ym = np.where(M, Y, np.nan)
+    sels = (("all", np.ones(len(Y), bool)), ("seen_symbols", ~HO), ("heldout_symbols", HO))
+
+    def issued(g: float) -> np.ndarray:
+        cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=g)
+        a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
+        return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
+
+    bar.tick(0, len(gammas), "ACI runs", f"gamma {gammas[0]:g}")
+    A = issued(gammas[0])
+    pts = calibration.conformal_points(cfg, df, Ym, loc, sc, A)
+    groups = {g: {f"h{h + 1}": calibration.conformal_table(cfg, pts, h, sel, Y, D, G) for h in range(H)}
+              for g, sel in sels}
+    scan = []
+    for i, g in enumerate(gammas):
+        bar.tick(i + 1, len(gammas), "ACI runs", f"gamma {g:g}")
+        if i == 0:
+            tabs = groups["all"]
+        else:
+            a = issued(g)
+            p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1])
+            pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False)
+            tabs = {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, 0 if h == 0 else h,
+                                                             sels[0][1], Y[:, :1] if h == 0 else Y, D, G)
+                    for h in range(H)}
+        scan.append({"gamma": g, **{h: _scan_row(t) for h, t in tabs.items()}})
+    return {**cfg.to_dict(), "horizons": H, "gamma": gammas[0], "warm_up": "each symbol's bars from its first",
+            "groups": groups, "gamma_scan": scan}
+
+
+def _scan_row(t: dict) -> dict:
+    """The ACI summary of one horizon for the gamma scan: per target the coverage (rate), the worst year's
+    deviation, and (where computed) the interval score or pinball loss and the width."""
+    row = {}
+    for lv, v in t.get("levels", {}).items():
+        a = v["aci"]
+        row[lv] = {"coverage": a["coverage"], "worst_year_dev": a["worst_year"]["dev"],
+                   **{k: a[k] for k in ("interval_score", "width") if k in a}}
+    for p, v in t.get("tails", {}).items():
+        a = v["aci"]
+        row[f"var{p}"] = {"rate": a["rate"], "worst_year_rate": a["worst_year"]["rate"],
+                          **{k: a[k] for k in ("pinball",) if k in a}}
+    return row
 
 
 def location_bias(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df: np.ndarray, day: np.ndarray) -> dict:
@@ -351,6 +427,8 @@ def render_table(r: dict) -> str:
     def fmt(v) -> str:
         return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
+    if r.get("conformal"):
+        lines += render_conformal(r["conformal"])
     years = (r.get("by_year") or {}).get("all", {})
     lines += calibration.render({"known_sd": r.get("known_sd"), "shocks": r.get("shocks"),
                                  "by_year": {NAMES.get(m, m): v for m, v in years.items()
@@ -364,3 +442,61 @@ def render_table(r: dict) -> str:
                 lines.append(f"  {NAMES.get(m, m):13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
                     "nll", "crps", "mae", "mase", "coverage_80", "coverage_95")))
     return "\n".join(lines) + "\n"
+
+
+def render_conformal(c: Mapping, horizon: str = "h1") -> list[str]:
+    """Text lines of the raw vs ACI-calibrated table (coverage per level, worst year and quarter, VaR
+    exceedances and Kupiec's test, coverage by year) for one horizon, and the gamma scan."""
+    lines = [f"\nonline calibration: ACI per symbol (gamma {c['gamma']:g}, from each symbol's first bar), {horizon}, "
+             "raw -> calibrated; coverage % (deviation from the level, points)"]
+
+    def cov(x: Mapping) -> str:
+        return f"{x['coverage']:6.2f} ({x['dev']:+5.2f})"
+
+    def worst(x: Mapping, k: str) -> str:
+        return f"{x[k]['period']} {x[k]['dev']:+6.2f}"
+
+    def es(x: Mapping) -> str:
+        return "-" if x.get("es_ratio") is None else f"{x['es_ratio']:.2f}"
+
+    def var(x: Mapping) -> str:
+        return (f"{x['rate']:5.2f}% (Kupiec p {x['kupiec_p']:.3f}; {x['symbols_rejected']:4.1f}% of symbols rejected;"
+                f" worst year {x['worst_year']['period']} {x['worst_year']['rate']:5.2f}%; ES ratio {es(x)})")
+
+    for g, by in c["groups"].items():
+        t = by.get(horizon, {})
+        if not t.get("n"):
+            continue
+        lines.append(f"[{g}] n {t['n']}  level: raw -> aci | worst year raw -> aci | worst quarter raw -> aci | "
+                     "mean width aci/raw")
+        for lv, v in t["levels"].items():
+            raw, aci = v["raw"], v["aci"]
+            ratio = f"{aci['width'] / raw['width']:.3f}" if raw.get("width") else "-"
+            lines.append(f"  {lv:>5s}%: {cov(raw)} -> {cov(aci)} | {worst(raw, 'worst_year')} -> "
+                         f"{worst(aci, 'worst_year')} | {worst(raw, 'worst_quarter')} -> "
+                         f"{worst(aci, 'worst_quarter')} | {ratio}")
+        for p, v in t["tails"].items():
+            lines.append(f"  VaR {p}% exceedances: {var(v['raw'])}")
+            lines.append(f"  {' ' * len(p)}     -> ACI: {var(v['aci'])}")
+    t = c["groups"].get("all", {}).get(horizon, {})
+    if t.get("by_year"):
+        names = list(next(iter(t["by_year"].values()))["raw"])
+        lines.append(f"coverage (levels) and exceedance rate (VaR tails) by year, {horizon}, raw/aci %: year n "
+                     + " ".join(names))
+        for yr, v in t["by_year"].items():
+            lines.append(f"  {yr} {v['n']:7d} " + " ".join(f"{v['raw'][nm]:5.1f}/{v['aci'][nm]:5.1f}" for nm in names))
+    if len(c.get("gamma_scan", [])) > 1:
+        lines.append("gamma scan (all symbols; h1 interval score and pinball loss, the worst year's |deviation| "
+                     "over every horizon)")
+        for row in c["gamma_scan"]:
+            h1 = row["h1"]
+            hs = [h for h in row if h.startswith("h")]
+            parts = []
+            for k, v in h1.items():
+                if k.startswith("var"):
+                    parts.append(f"{k}: pinball {v['pinball']:.5f} rate {v['rate']:.2f}")
+                else:
+                    w = max(abs(row[h][k]["worst_year_dev"]) for h in hs)
+                    parts.append(f"{k}%: IS {v['interval_score']:.4f} worst |dev| {w:.2f}")
+            lines.append(f"  gamma {row['gamma']:<7g} " + "  ".join(parts))
+    return lines

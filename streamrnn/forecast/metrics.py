@@ -8,7 +8,7 @@ Student-t, ``scale`` is the t scale parameter (the standard deviation is
 * CRPS: closed forms (Gaussian: Gneiting & Raftery 2007; Student-t: Jordan, Krueger & Lerch 2019);
 * MAE of the median; MASE = MAE / MAE of the naive forecast (median 0) on the same points,
   computed per symbol and summarised by the median over symbols;
-* coverage: share of ``y`` inside the central 80% / 95% interval.
+* coverage: share of ``y`` inside the central 80% / 95% interval (or the ``levels`` asked for).
 
 The density, quantiles and coverage come from :mod:`.distribution` (no scipy, for the serving
 path); CRPS here needs scipy.
@@ -45,11 +45,17 @@ def crps(y, loc, scale, df) -> np.ndarray:
     return out * np.broadcast_to(scale, z.shape)
 
 
-def summarize(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df, groups: np.ndarray) -> dict:
-    """One horizon's scores over points ``y`` (1-d), ``groups`` the symbol of each point (for MASE)."""
+def _coverage_key(level: float) -> str:
+    return f"coverage_{100 * level:.10g}"
+
+
+def summarize(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df, groups: np.ndarray,
+              levels: tuple[float, ...] = LEVELS) -> dict:
+    """One horizon's scores over points ``y`` (1-d), ``groups`` the symbol of each point (for MASE);
+    ``coverage_{100 L}`` for each of ``levels`` (``coverage_80``, ``coverage_95`` by default)."""
     if len(y) == 0:
-        return {"nll": None, "crps": None, "mae": None, "mase": None, "coverage_80": None, "coverage_95": None,
-                "n": 0}
+        return {"nll": None, "crps": None, "mae": None, "mase": None,
+                **{_coverage_key(lv): None for lv in levels}, "n": 0}
     df = np.broadcast_to(np.asarray(df, np.float64), y.shape)
     err = np.abs(y - loc)
     ratios = []
@@ -63,7 +69,6 @@ def summarize(y: np.ndarray, loc: np.ndarray, scale: np.ndarray, df, groups: np.
         "crps": float(crps(y, loc, scale, df).mean()),
         "mae": float(err.mean()),
         "mase": float(np.median(ratios)) if ratios else None,
-        "coverage_80": float(covered(0.80, y, loc, scale, df).mean()),
-        "coverage_95": float(covered(0.95, y, loc, scale, df).mean()),
+        **{_coverage_key(lv): float(covered(lv, y, loc, scale, df).mean()) for lv in levels},
         "n": len(y),
     }

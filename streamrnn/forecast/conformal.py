@@ -1,0 +1,461 @@
+"""Online calibration under regime shift: adaptive conformal inference (ACI) per symbol (issue 15).
+
+Gibbs and Candès (2021), "Adaptive conformal inference under distribution shift": for a target
+miscoverage ``a`` (``1 - level``), each symbol carries its own ``a_t`` and, after each outcome,
+
+    a_{t+1} = clip(a_t + gamma (a - err_t)),      err_t = 1 if the outcome fell outside, else 0.
+
+The interval issued at ``t`` is the model's own Student-t central interval of level ``1 - a_t``
+(quantiles ``a_t / 2`` and ``1 - a_t / 2`` of ``(loc, scale, df)``), so it keeps the model's shape
+and centre and only widens (``a_t < a``) or narrows (``a_t > a``). A run of misses (a crisis)
+widens it, a run of hits (a calm year) narrows it, and whatever the forecasts do the share of
+misses tends to ``a``: ``|mean err - a| <= (max(a_1, 1 - a_1) + gamma) / (gamma T)`` over ``T``
+outcomes (their Proposition 4.1), plus the share of steps where the clip bound.
+
+The same update calibrates one-sided targets: the left tail at probability ``p`` (the value at
+risk, VaR), with ``err_t = 1`` when the return fell below the issued ``a_t`` quantile. The
+expected shortfall is then the model's ES at the calibrated ``a_t`` (the same correction).
+
+**Conventions.** Returns are % log returns (the model's units). VaR and ES are **positive losses**:
+``VaR_p = -q_p`` and ``ES_p = -E[Y | Y <= q_p]`` of the next-``h``-bar log return, so a 1% VaR of
+2.5 means "a loss worse than 2.5% (log) on 1 day in 100" (:func:`~.distribution.expected_shortfall`).
+
+**Targets.** ``levels`` (central intervals, default 0.5, 0.8, 0.95, 0.99) then ``tails`` (left tails,
+default 0.01, 0.05); ``K = len(levels) + len(tails)``. The nominal ``a`` is ``1 - level`` or ``p``.
+
+**Horizons.** Horizon ``h``'s outcome arrives ``h`` bars after its origin, so the update for
+``(origin o, h)`` happens at bar ``o + h`` and compares the outcome with the ``a`` issued at ``o``
+(kept in a ring of the last ``H`` issued values): each horizon is its own ACI with delay ``h``
+and the same guarantee.
+
+**gamma** (the step) trades reaction speed for stability: ``1 / gamma`` outcomes is roughly how
+long a regime must last to be corrected. :data:`GAMMA` = 0.005 is the step Gibbs and Candès used
+and the one chosen by evaluation on the S&P set's years before the test period (docs/market.md,
+"Online calibration"): the interval score per level was within 0.3% over gamma 0.002..0.02, and
+0.005 gave the smallest worst-year deviation at 80% without wobbling the narrow tails.
+
+**Clip.** ``a_t`` stays in ``[ALPHA_MIN, 1 - ALPHA_MIN]`` (1e-6): ACI lets it leave (0, 1), where
+the interval is infinite or empty; the clip keeps every band and VaR finite (at most the
+model's 1 - 1e-6 quantile, about 17 scales at df 5.5). A miss is then still possible at the
+bound, so each clipped step can add at most one miss to the long-run count.
+
+**State** (explicit, numpy, per key; :meth:`OnlineConformal.snapshot` / :meth:`~OnlineConformal.restore`,
+also as an Arrow table):
+
+* ``alpha``  float64 ``[S, H, K]``: the current ``a_t``;
+* ``issued`` float64 ``[S, H, H, K]``: the ``a`` issued at origin ``o`` in slot ``o % H``;
+* ``seq``    int64 ``[S]``: bars learned (origins opened) so far.
+
+**Order per bar of a key:** :meth:`~OnlineConformal.learn` (the bar completes the horizon-``h``
+targets of the origins ``h`` bars back; then the bar opens its own origin at the updated ``a``),
+then :meth:`~OnlineConformal.predict` (pure: bands at the current ``a``). A failed call (a NaN
+return, a wrong shape, an unknown key with a target) raises :class:`~streamrnn.errors.InputError`
+naming the field and leaves the state as it was.
+
+>>> cal = OnlineConformal(df=[5.0], levels=(0.8,), tails=(0.05,), gamma=0.1)
+>>> cal.learn_one("AAA")                                   # bar 0: no target yet; it opens origin 0
+>>> bool(cal.predict_one("AAA", [0.0], [1.0])["hi80"][0] == std_quantiles(0.9, 5.0))  # a_t = a: the raw band
+True
+>>> cal.learn_one("AAA", y=[-9.0], loc=[0.0], scale=[1.0])  # bar 1: a 9-scale loss, outside both targets
+>>> [round(float(a), 9) for a in cal.state_of("AAA")["alpha"][0]]  # 0.2 + 0.1 (0.2 - 1); 0.05 + 0.1 (0.05 - 1) -> clip
+[0.12, 1e-06]
+>>> bool(cal.predict_one("AAA", [0.0], [1.0])["hi80"][0] > std_quantiles(0.9, 5.0))  # wider now
+True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError, SnapshotError
+from .distribution import expected_shortfall, std_quantiles, tail2
+
+GAMMA = 0.005
+ALPHA_MIN = 1e-6
+LEVELS = (0.5, 0.8, 0.95, 0.99)
+TAILS = (0.01, 0.05)
+STATE_FIELDS = ("alpha", "issued", "seq")
+
+
+def label(x: float) -> str:
+    """A level or tail as a column suffix: 0.8 -> '80', 0.995 -> '99.5', 0.01 -> '1'."""
+    return f"{100 * x:.10g}"
+
+
+@dataclass(frozen=True)
+class ConformalConfig:
+    """What the state's columns mean: the interval levels, the VaR/ES tails, the horizons and the step."""
+
+    horizons: int = 1
+    levels: tuple[float, ...] = LEVELS
+    tails: tuple[float, ...] = TAILS
+    gamma: float = GAMMA
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "levels", tuple(float(x) for x in self.levels))
+        object.__setattr__(self, "tails", tuple(float(x) for x in self.tails))
+        if not isinstance(self.horizons, (int, np.integer)) or isinstance(self.horizons, bool) or self.horizons < 1:
+            raise InputError(f"conformal: horizons: expected an int >= 1, got {self.horizons!r}")
+        for name, vals, hi in (("levels", self.levels, 1.0), ("tails", self.tails, 0.5)):
+            bad = [v for v in vals if not 0.0 < v < hi]
+            if bad or len(set(vals)) != len(vals):
+                raise InputError(f"conformal: {name}: expected distinct values in (0, {hi:g}), got {list(vals)}")
+        if not self.levels and not self.tails:
+            raise InputError("conformal: levels: expected at least one level or tail, got none")
+        if not (isinstance(self.gamma, (int, float)) and 0.0 < self.gamma < 1.0):
+            raise InputError(f"conformal: gamma: expected a step in (0, 1), got {self.gamma!r}")
+
+    @property
+    def nominal(self) -> np.ndarray:
+        """The target miscoverage per target ``[K]``: ``1 - level`` for the intervals, then the tails."""
+        return np.array([1.0 - x for x in self.levels] + list(self.tails), np.float64)
+
+    @property
+    def two_sided(self) -> np.ndarray:
+        """Per target ``[K]``: a central interval (True) or a left tail (False)."""
+        return np.array([True] * len(self.levels) + [False] * len(self.tails))
+
+    def to_dict(self) -> dict:
+        return {"horizons": int(self.horizons), "levels": list(self.levels), "tails": list(self.tails),
+                "gamma": float(self.gamma)}
+
+
+def pit(y, loc, scale, df) -> tuple[np.ndarray, np.ndarray]:
+    """The two scores an outcome is judged by, elementwise: the two-sided tail mass ``P(|T| >= |z|)`` (the
+    outcome is outside the central interval of miscoverage ``a`` iff it is below ``a``) and the lower tail
+    ``P(Y <= y)`` (below the ``a`` quantile iff it is below ``a``). Exact in the tails (no ``1 - cdf``)."""
+    z = (np.asarray(y, np.float64) - loc) / scale
+    p2 = tail2(z, df)
+    return p2, np.where(z < 0, 0.5 * p2, 1.0 - 0.5 * p2)
+
+
+def misses(p2: np.ndarray, lower: np.ndarray, alpha: np.ndarray, two_sided: np.ndarray) -> np.ndarray:
+    """Whether each outcome (scores ``[..., H]``) fell outside the targets issued at ``alpha [..., H, K]``."""
+    score = np.where(two_sided, p2[..., None], lower[..., None])
+    return score < alpha
+
+
+def _step(alpha: np.ndarray, miss: np.ndarray, valid: np.ndarray, cfg: ConformalConfig) -> np.ndarray:
+    """One ACI step where ``valid [..., H]``: ``clip(a_t + gamma (a - err_t))``; unchanged elsewhere."""
+    new = np.clip(alpha + cfg.gamma * (cfg.nominal - miss), ALPHA_MIN, 1.0 - ALPHA_MIN)
+    return np.where(valid[..., None], new, alpha)
+
+
+def bands(alpha, loc, scale, df, cfg: ConformalConfig) -> dict[str, np.ndarray]:
+    """Bands of the model's Student-t at miscoverages ``alpha [..., H, K]`` (``loc``, ``scale [..., H]``, ``df [H]``):
+    ``lo{L}``/``hi{L}`` per level and ``var{p}``/``es{p}`` (positive losses) per tail, each ``[..., H]``.
+    With ``alpha = cfg.nominal`` these are the raw model's bands."""
+    alpha = np.asarray(alpha, np.float64)
+    loc, scale = np.asarray(loc, np.float64), np.asarray(scale, np.float64)
+    df = np.broadcast_to(np.asarray(df, np.float64), loc.shape)
+    out: dict[str, np.ndarray] = {}
+    for k, lv in enumerate(cfg.levels):
+        half = std_quantiles(1.0 - 0.5 * alpha[..., k], df) * scale
+        out[f"lo{label(lv)}"], out[f"hi{label(lv)}"] = loc - half, loc + half
+    for j, p in enumerate(cfg.tails):
+        a = alpha[..., len(cfg.levels) + j]
+        out[f"var{label(p)}"] = -(loc + std_quantiles(a, df) * scale)
+        out[f"es{label(p)}"] = expected_shortfall(a, loc, scale, df)
+    return out
+
+
+class OnlineConformal:
+    """ACI over many keys at once (module doc). ``df``: the model's Student-t degrees of freedom per horizon
+    (``inf`` for a Gaussian); ``H = len(df)``."""
+
+    def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
+                 gamma: float = GAMMA):
+        self.df = np.asarray(df, np.float64).reshape(-1)
+        if not len(self.df) or not (self.df > 0).all():
+            raise InputError(f"conformal: df: expected one value > 0 per horizon, got {list(self.df)}")
+        self.config = ConformalConfig(len(self.df), tuple(levels), tuple(tails), gamma)
+        H, K = self.config.horizons, len(self.config.nominal)
+        self._keys: dict[str, int] = {}
+        self.alpha = np.empty((0, H, K))
+        self.issued = np.empty((0, H, H, K))
+        self.seq = np.empty(0, np.int64)
+
+    # ---- keys ---------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def state_of(self, key: str) -> dict[str, np.ndarray]:
+        """Copies of one key's state arrays (``alpha [H, K]``, ``issued [H, H, K]``, ``seq``)."""
+        if key not in self._keys:
+            raise InputError(f"conformal: key: expected a key with state, got {key!r}")
+        r = self._keys[key]
+        return {"alpha": self.alpha[r].copy(), "issued": self.issued[r].copy(), "seq": np.int64(self.seq[r])}
+
+    def _rows(self, keys: Sequence[str], what: str) -> tuple[np.ndarray, list[str]]:
+        """Rows of ``keys`` (new keys at ``len(self) + i``, not yet added) and the new keys."""
+        keys = [keys] if isinstance(keys, str) else list(keys)
+        bad = [k for k in keys if not isinstance(k, str)]
+        if bad:
+            raise InputError(f"conformal {what}: keys: expected strings, got {bad[0]!r}")
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise InputError(f"conformal {what}: keys: expected each key once per call, got {dup!r} twice")
+        new, rows = [], []
+        for k in keys:
+            if k in self._keys:
+                rows.append(self._keys[k])
+            else:
+                rows.append(len(self._keys) + len(new))
+                new.append(k)
+        return np.asarray(rows, np.int64), new
+
+    def _grown(self, new: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The state arrays with fresh rows for ``new`` keys appended (copies; nothing committed)."""
+        n = len(new)
+        fresh = np.broadcast_to(self.config.nominal, (n, *self.alpha.shape[1:]))
+        return (np.concatenate([self.alpha, fresh]),
+                np.concatenate([self.issued, np.broadcast_to(self.config.nominal, (n, *self.issued.shape[1:]))]),
+                np.concatenate([self.seq, np.zeros(n, np.int64)]))
+
+    def _commit(self, new: list[str], alpha: np.ndarray, issued: np.ndarray, seq: np.ndarray) -> None:
+        for k in new:
+            self._keys[k] = len(self._keys)
+        self.alpha, self.issued, self.seq = alpha, issued, seq
+
+    # ---- checks -------------------------------------------------------------------------------------------
+    def _matrix(self, what: str, name: str, v, n: int, dtype=np.float64) -> np.ndarray:
+        H = self.config.horizons
+        try:
+            a = np.asarray(v, dtype)
+        except (TypeError, ValueError) as e:
+            raise InputError(f"conformal {what}: {name}: expected numbers [{n}, {H}], got {type(v).__name__}") from e
+        if a.shape != (n, H):
+            raise InputError(f"conformal {what}: {name}: expected shape ({n}, {H}), got {a.shape}")
+        return a
+
+    # ---- the update ---------------------------------------------------------------------------------------
+    def learn(self, keys: Sequence[str], y=None, loc=None, scale=None, valid=None) -> np.ndarray:
+        """One new bar for each of ``keys`` (each once). ``y[i, h]`` is the realised return of key ``i``'s origin
+        ``h + 1`` bars back (the horizon-``h + 1`` target this bar completes), ``loc``/``scale`` that origin's
+        forecast, all ``[n, H]``; ``valid [n, H]`` (default all True) marks the targets that exist (False: not
+        matured, or crossing a corporate-action jump; their values are not read). ``y=None``: a bar that
+        completes no target. Then each key opens this bar's origin at its updated ``a``. Returns the misses
+        ``[n, H, K]`` (False where not valid)."""
+        rows, new = self._rows(keys, "learn")
+        n, H = len(rows), self.config.horizons
+        if y is None:
+            if loc is not None or scale is not None or (valid is not None and np.any(valid)):
+                raise InputError("conformal learn: y: expected the realised returns with loc/scale/valid, got none")
+            valid_m = np.zeros((n, H), bool)
+            y_m = loc_m = np.zeros((n, H))
+            scale_m = np.ones((n, H))
+        else:
+            y_m = self._matrix("learn", "y", y, n)
+            loc_m = self._matrix("learn", "loc", loc, n)
+            scale_m = self._matrix("learn", "scale", scale, n)
+            valid_m = np.ones((n, H), bool) if valid is None else self._matrix("learn", "valid", valid, n, bool)
+        alpha, issued, seq = self._grown(new)
+        origin = seq[rows][:, None] - 1 - np.arange(H)[None, :]
+        for name, arr, ok in (("y", y_m, np.isfinite(y_m)), ("loc", loc_m, np.isfinite(loc_m)),
+                              ("scale", scale_m, np.isfinite(scale_m) & (scale_m > 0)), ("valid", origin, origin >= 0)):
+            bad = valid_m & ~ok
+            if bad.any():
+                i, h = map(int, np.argwhere(bad)[0])
+                key = keys[i] if not isinstance(keys, str) else keys
+                if name == "valid":
+                    raise InputError(f"conformal learn: valid: expected targets only of issued origins, got h{h + 1} "
+                                     f"of key {key!r}, which has {int(seq[rows][i])} bar(s) learned")
+                want = "a finite number > 0" if name == "scale" else "a finite number"
+                raise InputError(f"conformal learn: {name}: expected {want} where valid, got {arr[i, h]!r} "
+                                 f"(key {key!r}, h{h + 1})")
+        z_ok = np.where(valid_m, y_m, 0.0), np.where(valid_m, loc_m, 0.0), np.where(valid_m, scale_m, 1.0)
+        p2, lower = pit(*z_ok, self.df)
+        hh = np.arange(H)[None, :]
+        a_issued = issued[rows[:, None], np.where(origin >= 0, origin, 0) % H, hh]  # [n, H, K]
+        miss = misses(p2, lower, a_issued, self.config.two_sided) & valid_m[..., None]
+        alpha[rows] = _step(alpha[rows], miss, valid_m, self.config)
+        issued[rows, seq[rows] % H] = alpha[rows]
+        seq[rows] += 1
+        self._commit(new, alpha, issued, seq)
+        return miss
+
+    def predict(self, keys: Sequence[str], loc, scale) -> dict[str, np.ndarray]:
+        """The calibrated bands of this bar's forecast (``loc``, ``scale [n, H]``) for each key at its current ``a``
+        (a key never learned: the nominal ``a``, i.e. the raw model); pure. Also ``alpha [n, H, K]``."""
+        rows, new = self._rows(keys, "predict")
+        n = len(rows)
+        loc_m, scale_m = self._matrix("predict", "loc", loc, n), self._matrix("predict", "scale", scale, n)
+        alpha = np.concatenate([self.alpha, np.broadcast_to(self.config.nominal, (len(new), *self.alpha.shape[1:]))])
+        a = alpha[rows]
+        return {"alpha": a, **bands(a, loc_m, scale_m, self.df, self.config)}
+
+    def learn_one(self, key: str, y=None, loc=None, scale=None, valid=None) -> None:
+        """:meth:`learn` for one key, ``[H]`` vectors."""
+        def row(v):
+            return None if v is None else np.asarray(v)[None]
+        self.learn([key], row(y), row(loc), row(scale), row(valid))
+
+    def predict_one(self, key: str, loc, scale) -> dict[str, np.ndarray]:
+        """:meth:`predict` for one key, ``[H]`` vectors."""
+        return {k: v[0] for k, v in self.predict([key], np.asarray(loc)[None], np.asarray(scale)[None]).items()}
+
+    def run(self, keys: Sequence[str], y, loc, scale, valid, lengths=None) -> np.ndarray:
+        """Whole sequences at once: ``y``, ``loc``, ``scale``, ``valid [S, T, H]`` indexed by *origin* (``y[s, t, h]``
+        the return from bar t to bar t + h + 1, as :func:`~.features.targets` gives it; ``lengths [S]`` bars per
+        key, default T). Equal, bit for bit, to :meth:`learn` once per bar of each key, feeding at bar t the
+        targets of origins t - 1 .. t - H; returns the ``a`` issued at every origin ``[S, T, H, K]``. Targets of
+        origins before the run (a key with state) are not learned again."""
+        rows, new = self._rows(keys, "run")
+        S, H, K = len(rows), self.config.horizons, len(self.config.nominal)
+        y, loc, scale = (np.asarray(v, np.float64) for v in (y, loc, scale))
+        valid = np.asarray(valid, bool)
+        T = y.shape[1] if y.ndim == 3 else -1
+        for name, v in (("y", y), ("loc", loc), ("scale", scale), ("valid", valid)):
+            if v.shape != (S, T, H):
+                raise InputError(f"conformal run: {name}: expected shape ({S}, T, {H}), got {v.shape}")
+        lengths = np.full(S, T, np.int64) if lengths is None else np.asarray(lengths, np.int64)
+        if lengths.shape != (S,) or (lengths < 0).any() or (lengths > T).any():
+            raise InputError(f"conformal run: lengths: expected {S} values in 0..{T}, got {lengths!r}")
+        t_idx = np.arange(T)[None, :, None]
+        h_idx = np.arange(H)[None, None, :]
+        valid = valid & (t_idx + h_idx + 1 < lengths[:, None, None])  # the target's bar is in the run
+        for name, arr, ok in (("y", y, np.isfinite(y)), ("loc", loc, np.isfinite(loc)),
+                              ("scale", scale, np.isfinite(scale) & (scale > 0))):
+            bad = valid & ~ok
+            if bad.any():
+                s, t, h = map(int, np.argwhere(bad)[0])
+                raise InputError(f"conformal run: {name}: expected a finite number{' > 0' if name == 'scale' else ''} "
+                                 f"where valid, got {arr[s, t, h]!r} (key {keys[s]!r}, origin {t}, h{h + 1})")
+        alpha, issued, seq = self._grown(new)
+        p2, lower = pit(np.where(valid, y, 0.0), np.where(valid, loc, 0.0), np.where(valid, scale, 1.0), self.df)
+        out = np.empty((S, T, H, K))
+        a = alpha[rows]
+        ring, sq = issued[rows], seq[rows].copy()
+        for t in range(T):
+            live = t < lengths
+            o = t - 1 - np.arange(H)  # the origin each horizon's target completes at bar t
+            ok = o >= 0
+            v = np.zeros((S, H), bool)
+            pp, lw = np.zeros((S, H)), np.zeros((S, H))
+            v[:, ok] = valid[:, o[ok], np.flatnonzero(ok)]
+            pp[:, ok] = p2[:, o[ok], np.flatnonzero(ok)]
+            lw[:, ok] = lower[:, o[ok], np.flatnonzero(ok)]
+            v &= live[:, None]
+            # the a issued at origin o: out[:, o] (this run), the same value as the ring slot
+            a_issued = np.empty((S, H, K))
+            a_issued[:, ok] = out[:, o[ok], np.flatnonzero(ok)]
+            a_issued[:, ~ok] = a[:, ~ok]  # no target there (v is False)
+            miss = misses(pp, lw, a_issued, self.config.two_sided) & v[..., None]
+            a = np.where(live[:, None, None], _step(a, miss, v, self.config), a)
+            out[:, t] = a
+            ring[live, sq[live] % H] = a[live]
+            sq += live
+        alpha[rows], issued[rows], seq[rows] = a, ring, sq
+        self._commit(new, alpha, issued, seq)
+        return out
+
+    # ---- snapshot / restore -------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The whole state as plain arrays (copies): ``keys`` (str), ``alpha``, ``issued``, ``seq``, and ``config``
+        (a JSON string: horizons, levels, tails, gamma)."""
+        return {"keys": np.array(list(self._keys), dtype=object), "alpha": self.alpha.copy(),
+                "issued": self.issued.copy(), "seq": self.seq.copy(), "config": json.dumps(self.config.to_dict())}
+
+    def to_arrow(self):
+        """The state as an Arrow table, one row per key: ``key`` string, ``seq`` int64, ``alpha`` and ``issued``
+        fixed-size lists of float64 (``H * K`` and ``H * H * K``, row-major); the config in the schema metadata."""
+        import pyarrow as pa
+
+        H, K = self.config.horizons, len(self.config.nominal)
+        cols = {"key": pa.array(list(self._keys), pa.string()), "seq": pa.array(self.seq, pa.int64()),
+                "alpha": pa.FixedSizeListArray.from_arrays(pa.array(self.alpha.reshape(-1)), H * K),
+                "issued": pa.FixedSizeListArray.from_arrays(pa.array(self.issued.reshape(-1)), H * H * K)}
+        return pa.table(cols).replace_schema_metadata({"streamrnn.conformal": json.dumps(self.config.to_dict())})
+
+    def restore(self, snap) -> None:
+        """Replace the state by a :meth:`snapshot` dict or a :meth:`to_arrow` table of the same levels, tails and
+        horizons (gamma may differ: it is the step, not the state's meaning). A bad snapshot raises
+        :class:`~streamrnn.errors.SnapshotError` naming the field; the state is then unchanged."""
+        H, K = self.config.horizons, len(self.config.nominal)
+        if isinstance(snap, Mapping):
+            cfg, keys = snap.get("config"), snap.get("keys")
+            arrays = {f: snap.get(f) for f in STATE_FIELDS}
+        else:
+            meta = (snap.schema.metadata or {}).get(b"streamrnn.conformal")
+            cfg = meta.decode() if meta is not None else None
+            names = set(snap.column_names)
+            miss = [f for f in ("key", *STATE_FIELDS) if f not in names]
+            if miss:
+                raise SnapshotError(f"conformal restore: {miss[0]}: expected a column, got columns {sorted(names)}")
+            S = snap.num_rows
+            keys = snap.column("key").to_pylist()
+            arrays = {"seq": snap.column("seq").to_numpy()}
+            for f, width in (("alpha", H * K), ("issued", H * H * K)):
+                col = snap.column(f).combine_chunks()
+                flat = col.flatten().to_numpy(zero_copy_only=False) if len(col) else np.empty(0)
+                if len(flat) != S * width:
+                    raise SnapshotError(f"conformal restore: {f}: expected {width} values per key, got "
+                                        f"{len(flat) / max(S, 1):g}")
+                arrays[f] = flat.reshape(S, *((H, K) if f == "alpha" else (H, H, K)))
+        try:
+            got = json.loads(cfg) if cfg is not None else None
+        except (TypeError, ValueError):
+            got = cfg
+        want = self.config.to_dict()
+        fields = ("horizons", "levels", "tails")
+        if not isinstance(got, dict) or any(got.get(k) != want[k] for k in fields):
+            shown = [got.get(k) for k in fields] if isinstance(got, dict) else got
+            raise SnapshotError(f"conformal restore: config: expected horizons/levels/tails "
+                                f"{[want[k] for k in fields]}, got {shown!r}")
+        if keys is None:
+            raise SnapshotError("conformal restore: keys: expected the key names, got none")
+        keys = [str(k) for k in keys]
+        S = len(keys)
+        if len(set(keys)) != S:
+            raise SnapshotError("conformal restore: keys: expected distinct keys, got a repeat")
+        shapes = {"alpha": (S, H, K), "issued": (S, H, H, K), "seq": (S,)}
+        out = {}
+        for f, shape in shapes.items():
+            a = arrays.get(f)
+            a = None if a is None else np.asarray(a)
+            if a is None or a.shape != shape:
+                raise SnapshotError(f"conformal restore: {f}: expected shape {shape}, got "
+                                    f"{None if a is None else a.shape}")
+            out[f] = a.astype(np.int64 if f == "seq" else np.float64, copy=True)
+        for f in ("alpha", "issued"):
+            a = out[f]
+            if not (np.isfinite(a).all() and (a >= ALPHA_MIN).all() and (a <= 1 - ALPHA_MIN).all()):
+                raise SnapshotError(f"conformal restore: {f}: expected values in [{ALPHA_MIN:g}, 1 - {ALPHA_MIN:g}], "
+                                    f"got {a[~(np.isfinite(a) & (a >= ALPHA_MIN) & (a <= 1 - ALPHA_MIN))][0]!r}")
+        if (out["seq"] < 0).any():
+            raise SnapshotError(f"conformal restore: seq: expected counts >= 0, got {int(out['seq'].min())}")
+        self._keys = {k: i for i, k in enumerate(keys)}
+        self.alpha, self.issued, self.seq = out["alpha"], out["issued"], out["seq"]
+
+
+def state_bytes(horizons: int, targets: int) -> int:
+    """Bytes of one key's state: ``alpha``, ``issued`` (float64) and ``seq`` (int64)."""
+    return 8 * (horizons * targets + horizons * horizons * targets + 1)
+
+
+def kupiec(n: int, x: int, p: float) -> tuple[float, float]:
+    """Kupiec's proportion-of-failures test: LR statistic and its chi2(1) p-value for ``x`` exceedances of a
+    ``p`` VaR in ``n`` independent days."""
+    if n <= 0:
+        return math.nan, math.nan
+
+    def ll(q: float) -> float:
+        return (x * math.log(q) if x else 0.0) + ((n - x) * math.log1p(-q) if n - x else 0.0)
+
+    lr = max(0.0, -2.0 * (ll(p) - ll(x / n)))
+    return lr, math.erfc(math.sqrt(lr / 2.0))
+
+
+__all__ = ["ALPHA_MIN", "GAMMA", "LEVELS", "TAILS", "ConformalConfig", "OnlineConformal", "bands", "kupiec",
+           "label", "misses", "pit", "state_bytes"]
