@@ -168,7 +168,7 @@ def conformal_points(cfg, df: np.ndarray, y: np.ndarray, loc: np.ndarray, scale:
     and whether the issued ``a`` sat at the clip; with ``widths`` also, per level ``[N, H, L]``, each interval's
     width and interval score (Gneiting and Raftery 2007, at the nominal level), and per tail ``[N, H, P]`` the
     VaR's pinball loss and the ES (positive loss), for :func:`conformal_table`."""
-    from .conformal import ALPHA_MIN, misses, pit
+    from .conformal import issued, misses, pit
     from .distribution import expected_shortfall, std_quantiles
 
     L = len(cfg.levels)
@@ -179,13 +179,13 @@ def conformal_points(cfg, df: np.ndarray, y: np.ndarray, loc: np.ndarray, scale:
     two = cfg.two_sided
     out = {"ok": ok, "raw_miss": misses(p2, lower, nominal, two) & ok[..., None],
            "aci_miss": misses(p2, lower, alpha, two) & ok[..., None],
-           "clipped": ((alpha <= ALPHA_MIN) | (alpha >= 1.0 - ALPHA_MIN)) & ok[..., None]}
+           "clipped": (issued(alpha) != alpha) & ok[..., None]}
     if not widths:
         return out
     sel = np.broadcast_to(ok[..., None], alpha.shape)
     dfk = np.broadcast_to(np.asarray(df, np.float64)[None, :, None], alpha.shape)
     sck, lck, yk = (np.broadcast_to(a[..., None], alpha.shape) for a in (scale, loc, y0))
-    for kind, a in (("raw", nominal), ("aci", alpha)):
+    for kind, a in (("raw", nominal), ("aci", issued(alpha))):
         # only the points scored (the quantiles cost ~5 us each); the raw ones are one value per horizon and target
         t = np.full(alpha.shape, np.nan)
         if kind == "raw":
