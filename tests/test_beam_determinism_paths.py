@@ -134,20 +134,16 @@ def test_bounded_runs_agree_warm_cold_and_retried(beam_models, sc, fail_every, o
     base = _assert_same(runs)
     if save:
         _assert_same_snapshots(runs)
-        return  # a saved run keeps its held rows (compared with the streaming path in the save_state tests)
-    ref = Harness(beam_models["tiny"], _held_to_end(sc), mode="warm").run().result()
-    # output timestamps too, but not where a model update may end a stream (see the xfail below)
-    stamps = not any(k == "update" for k, _ in sc.steps)
-    assert _per_event(base["outputs"], stamps=stamps) == _per_event(ref["outputs"], stamps=stamps)
+    # output timestamps too, also of rows whose stream a TTL or a model update ended (saved or not)
+    ref = Harness(beam_models["tiny"], _held_to_end(sc), mode="warm", save_state=save).run().result()
+    assert _per_event(base["outputs"]) == _per_event(ref["outputs"])
     assert _dead(base["dead"]) == _dead(ref["dead"])  # (stores differ there: the end timer prunes old ids)
 
 
-@pytest.mark.xfail(strict=True, reason="bounded path stamps a row whose stream a model update ended at its TTL "
-                                       "expiry / the end of input, streaming at the switch (pairing.py pair)")
 def test_a_row_ended_by_a_model_update_has_one_timestamp_bounded_and_streaming(beam_models):
     """a's one event at 1.0 (window [0, 10)), then an update to a model of other state shapes effective at 3.0 ends
     a's stream: its row (logprob_next null) is final when the switch applies it, at the window's release (10.0),
-    on the streaming path; the bounded path must stamp it the same (it stamps it at the end of the input)."""
+    on the streaming path; the bounded path stamps it the same (it used to stamp it at the end of the input)."""
     sc = Scenario(steps=[("add", [Event("a", 1.0, 0, 7)]), ("update", (beam_models["wide"], 3.0)), ("wm", 30.0)],
                   window=10.0, num_shards=1, next_fields=("logprob",))
     streaming = Harness(beam_models["tiny"], sc, mode="warm").run().result()
@@ -327,19 +323,20 @@ def test_a_then_b_through_a_snapshot_equals_one_run_warm_cold_and_retried(beam_m
                 assert b_runs[mode].w.failed_in.get("first", 0) > 0, mode
         b = _assert_same(b_runs)
         a = a_runs["warm"].result()
-        # output timestamps too, but not where save_state moves those of TTL-ended rows (see the xfails below)
+        # output timestamps too, but not of TTL-ended rows: save_state stamps them at the flush that applied
+        # events past the expiry, where one run stamps the expiry (see the save_state stamp tests below)
         _compare_parts_with_whole(whole, a, b, stamps=a_sc.ttl is None)
     finally:
         for r in roots.values():
             shutil.rmtree(r, ignore_errors=True)
 
 
-def _expired_row_stamp(model: str, **kw) -> int:
+def _expired_row_stamp(model: str, mode: str = "warm", **kw) -> int:
     """ttl 12 s: a at 6.5 (window [0, 10)), a again at 31.5 (window [30, 40), released at 40.0): a's first stream
     ended at its expiry (6.5 + 12 is in [10, 20): 20.0). The output timestamp of a's first row."""
     sc = Scenario(steps=[("add", [Event("a", 6.5, 0, 49), Event("a", 31.5, 1, 16)]), ("wm", 70.0)],
                   window=10.0, ttl=12.0, num_shards=1, next_fields=("logprob",))
-    out = Harness(model, sc, mode="warm", **kw).run().result()["outputs"]
+    out = Harness(model, sc, mode=mode, **kw).run().result()["outputs"]
     (row,) = [dict(o) for o in out if dict(o)["seq"] == 0]
     assert row["logprob_next"] is None and row["reset"] == "new"
     return row["@"]
@@ -350,18 +347,31 @@ def test_an_expired_stream_row_is_stamped_at_its_expiry_streaming_and_bounded(be
         == 20_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="save_state (streaming) stamps a TTL-ended row when the shard next applies "
-                                       "events past the expiry (40.0), not at the expiry (20.0)")
-def test_save_state_stamps_an_expired_stream_row_at_its_expiry(beam_models):
-    """The same input with save_state (the watermark passes every window before the drain): a's first row must
-    go out at 20.0, as without save_state; it goes out at 40.0 (the flush that applies a's next event)."""
-    assert _expired_row_stamp(beam_models["tiny"], save_state=True) == 20_000_000
+@pytest.mark.parametrize("bounded", [False, True], ids=["streaming", "bounded"])
+@pytest.mark.parametrize("mode", ["warm", "cold"])
+def test_save_state_stamps_an_expired_stream_row_at_the_flush_that_applied_events_past_its_expiry(
+        beam_models, bounded, mode):
+    """With save_state a stream ends by its TTL only at a flush that applied events past its expiry (a drain
+    fires every timer, and must end no stream that the next run could continue; Beam's Python timers cannot
+    stamp an output before their own time). Here that is a's own next event (released at 40.0), on both
+    paths, warm or rebuilt (the bounded path used to stamp the row at its own release, 10.0)."""
+    assert _expired_row_stamp(beam_models["tiny"], save_state=True, bounded=bounded, mode=mode) == 40_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="bounded + save_state stamps a TTL-ended row at its own release (10.0), not "
-                                       "at the expiry (pair(final=False) applies no stream end)")
-def test_a_saved_bounded_run_stamps_an_expired_stream_row_at_its_expiry(beam_models):
-    assert _expired_row_stamp(beam_models["tiny"], bounded=True, save_state=True) == 20_000_000
+@pytest.mark.parametrize("bounded", [False, True], ids=["streaming", "bounded"])
+def test_save_state_ends_a_stream_at_the_first_flush_past_its_expiry_whichever_key_brought_it(beam_models, bounded):
+    """ttl 12 s: a at 6.5 (expiry 20.0), b at 25.0 (released 30.0), a at 51.5: the flush at 30.0 applied an
+    event past a's expiry, so a's first row goes out there with a null next, on both paths; a's last row,
+    held until the input ends, stays in the snapshot."""
+    sc = Scenario(steps=[("add", [Event("a", 6.5, 0, 49), Event("b", 25.0, 0, 3), Event("a", 51.5, 1, 16)]),
+                         ("wm", 70.0)], window=10.0, ttl=12.0, num_shards=1, next_fields=("logprob",))
+    out = [dict(o) for o in Harness(beam_models["tiny"], sc, mode="warm", save_state=True,
+                                    bounded=bounded).run().result()["outputs"]]
+    (a0,) = [o for o in out if (o["key"], o["seq"]) == ("a", 0)]
+    assert a0["logprob_next"] is None and a0["@"] == 30_000_000
+    (b0,) = [o for o in out if o["key"] == "b"]  # b's expiry (40.0) is passed by the flush at 60.0
+    assert b0["logprob_next"] is None and b0["@"] == 60_000_000
+    assert ("a", 1) not in {(o["key"], o["seq"]) for o in out}  # held, in the snapshot
 
 
 def test_a_stream_idle_past_its_ttl_before_a_reset_update_restarts_expired_bounded_and_streaming(beam_models):

@@ -8,8 +8,11 @@ goes out with null.
 Output timestamps: a row is final once its next event is known, so it goes out at the
 later of its own release time and its next event's release time (``_rel`` column). A row
 whose stream ended is final when it ended: at its TTL expiry, or at the end of the input
-(``ends``). A streaming flush stamps those rows with its own time, which is that time; a
-bounded input applied at once computes it, so both give every row the same timestamp.
+(``ends``); or, when a model update to other state shapes ended it, at the switch. A streaming
+flush stamps those rows with its own time, which is that time; a bounded input applied at
+once computes it, so both give every row the same timestamp. With ``save_state`` a stream
+ends only at a flush that applied events past its end (a drain fires every timer), and
+both paths stamp that flush.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .clock import END_OF_INPUT_MICROS
 from .intake import REL
 from .records import KEY
 from .store import ShardStore
@@ -31,7 +35,8 @@ def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, fin
 
     ``rows``: this flush's applied rows in key / stream order. ``released``: keys whose
     stream ended without a new row (expired): their held row goes out with null. ``ends(ts)``:
-    when a stream whose last event is at ``ts`` ends if nothing follows (micros; used when ``final``).
+    when a stream whose last event is at ``ts`` ends if nothing follows (micros; given where the flush applies
+    a bounded input at once, or releases everything at the end of the input).
     """
     keys = list(dict.fromkeys([*([] if rows is None else rows.column(KEY).to_pylist()), *released]))
     held = [store.held[k] for k in keys if k in store.held]
@@ -61,8 +66,10 @@ def pair(rows: pa.Table | None, store: ShardStore, fields: Sequence[str], *, fin
     rel = t.column(REL).to_numpy()
     rel_next = rel[np.minimum(np.arange(1, n + 1), n - 1)]
     known = np.where(cont, np.maximum(rel, rel_next), rel)
-    if final and ends is not None:  # rows whose stream ended: when it ended (see the module doc)
+    if ends is not None:  # rows whose stream ended: when it ended (see the module doc)
         end = ends(t.column("ts").to_numpy())
+        if not final:  # a key's last row goes out here only if its stream ended (else it is held)
+            end = np.where(last & (end >= END_OF_INPUT_MICROS), rel, end)
         known = np.where(cont, known, np.where(last, end, np.minimum(end, np.maximum(rel, rel_next))))
     out = t.set_column(t.column_names.index(REL), REL, pa.array(known))
     for f in fields:

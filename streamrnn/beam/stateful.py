@@ -341,26 +341,32 @@ class ShardStep(beam.DoFn):
                 old = due.filter(pa.array(old_m))
                 before_cut = [(old, i, k, k) for i, k in self._late_kinds(old, store)]
                 due = due.filter(pa.array(~old_m))
+        prior_max = ctrl.applied_max
         if due is not None and due.num_rows:
             out = apply_due(due, store, self.cfg, horizon=self.horizon, epochs=lambda tsu: self._epochs(ctrl, tsu),
                             load_model=self._model, version=lambda mdl: model_version(mdl.spec), m=self.m)
             f.ended += out.ended
-            if out.rows is not None:
-                ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
+            # how far this shard's input has been applied: duplicates and failed rows too (they were due here)
+            ctrl.applied_max = max(ctrl.applied_max, int(pc.max(due.column(TSU)).as_py()))
         # with save_state, an update takes effect only once events past it were applied (the end of the input
         # switches no model the next run would not have switched)
         f.ended += self._switch_due_updates(ctrl, store, ctrl.applied_max if self.save_state else
                                             max(T, ctrl.applied_max))
         # With save_state, a key expires only once its shard applied events past its expiry: the end of the
         # input (or a drain) ends no stream that the run seeded from the snapshot could still continue.
-        now = min(T, ctrl.applied_max) if self.save_state else T
+        # (A bounded input applied at once expires them all in the flush that applied them, stamped as a
+        # streaming run would have: see _stream_ends.)
+        now = (ctrl.applied_max if self.flush_all else min(T, ctrl.applied_max)) if self.save_state else T
         released = [*f.ended, *self._expire(store, now)]
         if release_all:  # the input ended: every held-back row goes out
             released = list(dict.fromkeys([*released, *store.held]))
         store.forget_old(now, self.horizon, self.cfg.size + self.cfg.lateness)
         rows = out.rows
         if self.next_fields:
-            rows = pair(rows, store, self.next_fields, final=release_all, released=released, ends=self._stream_end)
+            # rows whose stream ended take the time it ended (computed where a bounded input applies at once)
+            ends = (self._stream_ends(ctrl, prior_max, due, saved=self.save_state)
+                    if release_all or self.flush_all else None)
+            rows = pair(rows, store, self.next_fields, final=release_all, released=released, ends=ends)
         self._save(shard, store, ctrl, log_state)
         self.m.shard_state((self.transform_id, shard), store)
         upd = self._next_update(ctrl, max(T, ctrl.applied_max))
@@ -383,14 +389,47 @@ class ShardStep(beam.DoFn):
             yield beam.pvalue.TaggedOutput(SNAPSHOT, (shard, store.full_blob(
                 {"applied_max": ctrl.applied_max, "fingerprint": store.op.model.spec.fingerprint})))
 
-    def _stream_end(self, last_ts: np.ndarray) -> np.ndarray:
-        """When a stream whose last event is at ``last_ts`` (s) ends if nothing follows: its TTL expiry
-        (micros, as the expiry timer fires), else the end of the input."""
-        if self.cfg.ttl is None:
-            return np.full(len(last_ts), END_OF_INPUT_MICROS, np.int64)
-        exp = release_micros(to_micros_array(np.asarray(last_ts, np.float64) + self.cfg.ttl), size=self.cfg.size,
-                             lateness=self.cfg.lateness)
-        return np.minimum(ceil_millis_array(exp), END_OF_INPUT_MICROS)
+    def _stream_ends(self, ctrl: Ctrl, prior_max: int, due: pa.Table | None, *,
+                     saved: bool) -> Callable[[np.ndarray], np.ndarray]:
+        """When a stream whose last event is at ``ts`` (s) ended if nothing of its key followed (micros): the
+        earlier of its TTL expiry and the next update to a model of other state shapes, else the end of the input.
+
+        Each end is stamped when a streaming run would apply it: when the watermark passes it (the expiry or
+        update timer); with ``saved`` (``save_state``), at the first flush that applied events past it, since a
+        drain fires every timer and must end no stream that the next run could continue. There ``due`` (this
+        flush's events, applied at once) gives the flushes a streaming run would have made.
+        """
+        resets = self._reset_times(ctrl)
+        if saved:
+            known = _first_flush_past(prior_max, due)
+        else:
+            def known(x: np.ndarray) -> np.ndarray:
+                return ceil_millis_array(x)
+
+        def ends(last_ts: np.ndarray) -> np.ndarray:
+            ts = np.asarray(last_ts, np.float64)
+            out = np.full(len(ts), END_OF_INPUT_MICROS, np.int64)
+            if self.cfg.ttl is not None:  # the expiry the store records, as its timer fires
+                out = np.minimum(out, known(release_micros(to_micros_array(ts + self.cfg.ttl), size=self.cfg.size,
+                                                           lateness=self.cfg.lateness)))
+            if len(resets):
+                j = np.searchsorted(resets, to_micros_array(ts), side="right")
+                eff = resets[np.minimum(j, len(resets) - 1)]
+                at = known(eff if saved else release_micros(eff, size=self.cfg.size, lateness=self.cfg.lateness))
+                out = np.where(j < len(resets), np.minimum(out, at), out)
+            return np.minimum(out, END_OF_INPUT_MICROS)
+        return ends
+
+    def _reset_times(self, ctrl: Ctrl) -> np.ndarray:
+        """Effective times (micros, sorted) of the updates whose model has other state shapes than the one before."""
+        out = []
+        sig = self._model(self.model_path).spec.state_signature
+        for path, eff in ctrl.updates:
+            s = self._model(path).spec.state_signature
+            if s != sig:
+                out.append(int(eff))
+            sig = s
+        return np.asarray(out, np.int64)
 
     # -- model updates --------------------------------------------------------------------------
     def _epochs(self, ctrl: Ctrl, tsu: np.ndarray) -> tuple[np.ndarray, list[str], list[int | None]]:
@@ -418,6 +457,25 @@ class ShardStep(beam.DoFn):
         store.expire(keys)
         self.m.expired.inc(len(keys))
         return keys
+
+
+def _first_flush_past(prior_max: int, due: pa.Table | None) -> Callable[[np.ndarray], np.ndarray]:
+    """For event times ``x`` (micros): the first flush of a streaming run over ``due`` (one per release time,
+    whole milliseconds) after which its shard had applied events at or past ``x`` (``prior_max``: the latest
+    event time applied before these), else the end of the input."""
+    if due is None or not due.num_rows:
+        return lambda x: np.full(np.shape(x), END_OF_INPUT_MICROS, np.int64)
+    rel = ceil_millis_array(due.column(REL).to_numpy())
+    o = np.argsort(rel, kind="stable")
+    r = rel[o]
+    reached = np.maximum(np.maximum.accumulate(due.column(TSU).to_numpy()[o]), prior_max)
+    last = np.append(np.flatnonzero(r[1:] != r[:-1]), len(r) - 1)  # each flush's last event
+    flush_at, flush_reached = r[last], reached[last]
+
+    def known(x: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(flush_reached, np.asarray(x, np.int64), side="left")
+        return np.where(i < len(flush_at), flush_at[np.minimum(i, len(flush_at) - 1)], END_OF_INPUT_MICROS)
+    return known
 
 
 #: ShardStep's private helper methods: no DoFn parameters, so not listed by its ``__dir__``.
