@@ -286,7 +286,7 @@ class OnlineConformal:
                     raise InputError(f"conformal learn: valid: expected targets only of issued origins, got h{h + 1} "
                                      f"of key {key!r}, which has {int(seq[rows][i])} bar(s) learned")
                 want = "a finite number > 0" if name == "scale" else "a finite number"
-                raise InputError(f"conformal learn: {name}: expected {want} where valid, got {arr[i, h]!r} "
+                raise InputError(f"conformal learn: {name}: expected {want} where valid, got {float(arr[i, h])!r} "
                                  f"(key {key!r}, h{h + 1})")
         z_ok = np.where(valid_m, y_m, 0.0), np.where(valid_m, loc_m, 0.0), np.where(valid_m, scale_m, 1.0)
         p2, lower = pit(*z_ok, self.df)
@@ -345,7 +345,7 @@ class OnlineConformal:
             if bad.any():
                 s, t, h = map(int, np.argwhere(bad)[0])
                 raise InputError(f"conformal run: {name}: expected a finite number{' > 0' if name == 'scale' else ''} "
-                                 f"where valid, got {arr[s, t, h]!r} (key {keys[s]!r}, origin {t}, h{h + 1})")
+                                 f"where valid, got {float(arr[s, t, h])!r} (key {keys[s]!r}, origin {t}, h{h + 1})")
         alpha, issued, seq = self._grown(new)
         p2, lower = pit(np.where(valid, y, 0.0), np.where(valid, loc, 0.0), np.where(valid, scale, 1.0), self.df)
         out = np.empty((S, T, H, K))
@@ -447,7 +447,7 @@ class OnlineConformal:
             ok = np.isfinite(a) & (a >= STATE_BOUNDS[0]) & (a <= STATE_BOUNDS[1])
             if not ok.all():
                 raise SnapshotError(f"conformal restore: {f}: expected values in [{STATE_BOUNDS[0]:g}, "
-                                    f"{STATE_BOUNDS[1]:g}], got {a[~ok][0]!r}")
+                                    f"{STATE_BOUNDS[1]:g}], got {float(a[~ok][0])!r}")
         if (out["seq"] < 0).any():
             raise SnapshotError(f"conformal restore: seq: expected counts >= 0, got {int(out['seq'].min())}")
         self._keys = {k: i for i, k in enumerate(keys)}
