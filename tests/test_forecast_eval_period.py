@@ -75,6 +75,8 @@ def test_no_look_ahead_bars_after_the_period_change_nothing(bars, tmp_path):
     write_sp500_layout([_cut(full, hi="2016-06-08")], tmp_path)
     a, b = _run(bars, start=START, end=END, symbols=["FULL"]), _run(tmp_path, start=START, end=END)
     assert json.dumps(a["metrics"], sort_keys=True) == json.dumps(b["metrics"], sort_keys=True)
+    # the online calibration too: the a issued at an origin has seen only the targets completed by then
+    assert json.dumps(a["conformal"], sort_keys=True) == json.dumps(b["conformal"], sort_keys=True)
 
 
 def test_a_period_with_nothing_to_score_is_one_error(bars):
@@ -89,6 +91,11 @@ def test_a_period_with_nothing_to_score_is_one_error(bars):
     (["--end", "2016-03-01"], "--end: expected --start with it"),
     (["--start", "2016-02-30"], "argument --start: expected a date YYYY-MM-DD, got '2016-02-30'"),
     (["--period", "test", "--start", "2016-03-01"], "--period: expected either --period or --start/--end"),
+    (["--start", START, "--levels", "0.8,1.2"],
+     "argument --levels: expected comma-separated interval levels in (0, 1), got '0.8,1.2'"),
+    (["--start", START, "--var", "0.01,0.5"],
+     "argument --var: expected comma-separated tail probabilities in (0, 0.5), got '0.01,0.5'"),
+    (["--start", START, "--gamma", "x"], "argument --gamma: expected comma-separated ACI steps in (0, 1), got 'x'"),
 ])
 def test_cli_period_mistakes_are_one_line_exit_2(bars, capsys, argv, message):
     code = main(["eval", "forecast", "--model", MODEL, "--bars", str(bars), "--no-garch", *argv])
@@ -118,3 +125,56 @@ def test_progress_lines_after_ten_seconds_then_every_ten():
                                  "eval forecast: 3/7 symbols scored (AAPL), 20 s",
                                  "eval forecast: 3/7 symbols scored (AAPL), 45 s"]
     assert "\r" not in text
+
+
+def test_levels_and_the_calibrated_table_against_an_independent_bar_by_bar_calibrator(bars):
+    """--levels/--var reach every table; the raw coverage equals the metrics' (``covered``, quantile ends); the
+    calibrated coverage and VaR exceedances equal those of an OnlineConformal fed bar by bar (learn, then the
+    bands of predict) from FULL's first bar, scored on the period's origins by comparing with the band ends."""
+    from streamrnn.forecast import conformal
+    from streamrnn.forecast.dataset import load as load_data
+    from streamrnn.forecast.distribution import quantile
+    from streamrnn.forecast.evaluate import forecast_meta, model_outputs
+    from streamrnn.forecast.features import FeatureConfig
+    from streamrnn.model import load
+
+    levels, tails = (0.5, 0.9), (0.025,)
+    r = _run(bars, start=START, end=END, symbols=["FULL"], levels=levels, tails=tails, gamma=[0.02, 0.005])
+    c = r["conformal"]
+    assert (c["levels"], c["tails"], c["gamma"]) == (list(levels), list(tails), 0.02)
+    assert [g["gamma"] for g in c["gamma_scan"]] == [0.02, 0.005]
+    h1 = c["groups"]["all"]["h1"]
+    assert h1["n"] == r["metrics"]["lstm"]["h1"]["n"]
+    for lv in ("50", "90"):
+        assert h1["levels"][lv]["raw"]["coverage"] == pytest.approx(100 * r["metrics"]["lstm"]["h1"][f"coverage_{lv}"])
+    model = load(MODEL, providers=["CPUExecutionProvider"])
+    meta = forecast_meta(model)
+    (p,) = load_data(str(bars), meta["horizons"], symbols=["FULL"], features=FeatureConfig(**meta["features"]))
+    loc, ls = model_outputs(model, [p])[0]
+    cal = conformal.OnlineConformal(meta["df"], levels=levels, tails=tails, gamma=0.02)
+    H = meta["horizons"]
+    window = p.window(START, END)
+    hits = {k: [] for k in ("50", "90", "2.5")}
+    for t in range(len(p.series)):
+        o = t - 1 - np.arange(H)
+        ok = o >= 0
+        take = np.where(ok, o, 0)
+        v = ok & p.valid[take, np.arange(H)]
+        cal.learn_one("FULL", np.where(v, p.y[take, np.arange(H)], 0.0), loc[take, np.arange(H)],
+                      np.exp(ls[take, np.arange(H)]), v)
+        if window[t, 0]:
+            b = cal.predict_one("FULL", loc[t], np.exp(ls[t]))
+            y = p.y[t, 0]
+            hits["50"].append(b["lo50"][0] <= y <= b["hi50"][0])
+            hits["90"].append(b["lo90"][0] <= y <= b["hi90"][0])
+            hits["2.5"].append(y < -b["var2.5"][0])
+    assert len(hits["50"]) == h1["n"]
+    for lv in ("50", "90"):
+        assert h1["levels"][lv]["aci"]["coverage"] == pytest.approx(100 * np.mean(hits[lv]), abs=1e-9)
+    assert h1["tails"]["2.5"]["aci"]["exceedances"] == sum(hits["2.5"])
+    w = window[:, 0]
+    raw_var = quantile(0.025, loc[w, 0], np.exp(ls[w, 0]), meta["df"][0])  # the scalar quantile path
+    assert h1["tails"]["2.5"]["raw"]["exceedances"] == int(np.sum(p.y[w, 0] < raw_var)) > 0
+    text = render_table(r)
+    assert "online calibration: ACI per symbol (gamma 0.02" in text and "VaR 2.5% exceedances" in text
+    assert "gamma scan" in text
