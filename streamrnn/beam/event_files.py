@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.ipc as ipc
 import pyarrow.json as pjson
@@ -42,8 +43,9 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".json": 
 TS_MIN = datetime(1, 1, 1, tzinfo=UTC).timestamp()
 TS_MAX = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
 
-#: One block of a file: its columns (name -> Python values) and each row's position in the file.
-Block = tuple[dict[str, list], list[int]]
+#: One block of a file: its columns (name -> Python values, or a typed Arrow table) and each row's position
+#: in the file.
+Block = tuple[dict[str, list] | pa.Table, list[int]]
 
 
 def format_of(path: str) -> str:
@@ -74,7 +76,7 @@ def _jsonl_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
     try:
         data.decode("utf-8")
         t = pjson.read_json(io.BytesIO(data))  # fast path: clean UTF-8, one type per column
-        yield {c: t.column(c).to_pylist() for c in t.column_names}, list(range(t.num_rows))
+        yield _table_block(t, 0)
         return
     except (UnicodeDecodeError, pa.ArrowInvalid):
         pass
@@ -130,14 +132,26 @@ def _csv_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
 
 
 def _table_block(t: pa.Table | pa.RecordBatch, start: int) -> Block:
+    """A typed block (Arrow, Parquet, clean JSONL): kept as Arrow, its rows checked column-wise."""
+    return (pa.Table.from_batches([t]) if isinstance(t, pa.RecordBatch) else t), list(range(start, start + t.num_rows))
+
+
+def _pylist_cols(t: pa.Table) -> dict[str, list]:
+    """A typed block's columns as Python values (timestamps as float seconds, exactly as the column says)."""
     cols = {}
     for name, col in zip(t.schema.names, t.columns, strict=True):
-        if pa.types.is_timestamp(col.type):  # seconds as floats, exactly as the column says
+        if pa.types.is_timestamp(col.type):
             unit = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[col.type.unit]
             cols[name] = [None if v is None else v / unit for v in col.cast(pa.int64()).to_pylist()]
+        elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            try:
+                col.validate(full=True)
+                cols[name] = col.to_pylist()
+            except pa.ArrowInvalid:  # bytes that are not UTF-8: as bytes, which the row check names
+                cols[name] = col.cast(pa.binary() if pa.types.is_string(col.type) else pa.large_binary()).to_pylist()
         else:
             cols[name] = col.to_pylist()
-    return cols, list(range(start, start + t.num_rows))
+    return cols
 
 
 def _parquet_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
@@ -274,14 +288,35 @@ def _payload(text: Any, tok: Any, vocab_size: int, from_text: bool) -> tuple[np.
     return None, "text/token: expected a UTF-8 string in text or an int in token, got neither"
 
 
-def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from_text: bool,
-                 path: str) -> tuple[dict[str, list], list[DeadLetter]]:
-    """Validate one block's rows; good rows expand to events (lists ``key, ts, seq, sub, x``)."""
+def block_events(cols: dict[str, list] | pa.Table, pos: list[int], *, vocab_size: int, from_text: bool,
+                 path: str) -> tuple[pa.Table, list[DeadLetter]]:
+    """Validate one block's rows; good rows expand to events (a table ``key, ts, seq, sub, x, event``).
+
+    A typed block (an Arrow table whose columns have the expected types) is checked column-wise:
+    its good rows expand at once, its bad rows (null, empty, non-finite or out-of-range cells) go
+    through the row-by-row check, which gives each its reason. Any other block is checked row by row.
+    """
+    if isinstance(cols, pa.Table):
+        typed = _typed_events(cols, pos, vocab_size=vocab_size, from_text=from_text, path=path)
+        if typed is not None:
+            return typed
+        cols = _pylist_cols(cols)
+    return _rows_events(cols, pos, vocab_size=vocab_size, from_text=from_text, path=path)
+
+
+def _events_table(key, ts, seq, sub, x, event) -> pa.Table:
+    return pa.table({KEY: pa.array(key, pa.string()), TS: pa.array(ts, pa.float64()), SEQ: pa.array(seq, pa.int64()),
+                     SUB: pa.array(sub, pa.int64()), "x": pa.array(x, pa.int64()), EVENT: pa.array(event, pa.string())})
+
+
+def _rows_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from_text: bool,
+                 path: str) -> tuple[pa.Table, list[DeadLetter]]:
+    """The row-by-row check (any cell types): good rows' events, and a dead letter with its reason per bad row."""
     names = set(cols)
     out: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": [], EVENT: []}
     if "key" not in names or "ts" not in names or not ({"text", "token"} & names):
         why = f"events file {path!r}: columns: expected key, ts and text or token, got {sorted(names)}"
-        return out, [_dead(why, _row(cols, i)) for i in range(len(pos))]
+        return _events_table(*out.values()), [_dead(why, _row(cols, i)) for i in range(len(pos))]
     none = [None] * len(pos)
     keys, tss, texts, toks = cols["key"], cols["ts"], cols.get("text", none), cols.get("token", none)
     seqs = cols.get("seq")
@@ -305,27 +340,117 @@ def block_events(cols: dict[str, list], pos: list[int], *, vocab_size: int, from
         out[SEQ].extend([seq] * m)
         out[SUB].extend(range(m))
         out["x"].append(payload)
-        out[EVENT].extend([copy_id(payload.tobytes())] * m)  # copies of one row name compete whole
-    return out, dead
+        out[EVENT].extend([_row_copy_id(payload)] * m)
+    x = np.concatenate(out["x"]) if out["x"] else np.zeros(0, np.int64)
+    return _events_table(out[KEY], out[TS], out[SEQ], out[SUB], x, out[EVENT]), dead
+
+
+def _row_copy_id(payload: np.ndarray) -> str | None:
+    """Copies of one row name compete whole by this id (``apply.duplicates``); a one-event row needs none (its
+    event is the whole row, and events without an id compete by payload, the same rule)."""
+    return copy_id(payload.tobytes()) if len(payload) > 1 else None
+
+
+def _typed_events(t: pa.Table, pos: list[int], *, vocab_size: int, from_text: bool,
+                  path: str) -> tuple[pa.Table, list[DeadLetter]] | None:
+    """:func:`block_events` of a typed block, column-wise (the same events and dead letters as row by row);
+    None where a column's type needs the row-by-row check."""
+    names = set(t.schema.names)
+    if not ({"key", "ts"} <= names and {"text", "token"} & names):
+        return None
+
+    def typed(name: str, ok) -> pa.Array | None:
+        if name not in names:
+            return None
+        c = t.column(name).combine_chunks()
+        return c if pa.types.is_null(c.type) or ok(c.type) else False
+
+    def is_int(ty) -> bool:
+        return pa.types.is_integer(ty) and ty != pa.uint64()
+
+    key, ts = typed("key", pa.types.is_string), t.column("ts").combine_chunks()
+    seq, text, tok = typed("seq", is_int), typed("text", pa.types.is_string), typed("token", is_int)
+    if (key is False or seq is False or text is False or tok is False or pa.types.is_null(key.type)
+            or not (pa.types.is_integer(ts.type) or pa.types.is_floating(ts.type) or pa.types.is_timestamp(ts.type))):
+        return None
+    try:
+        for c in (key, text):
+            if c is not None:
+                c.validate(full=True)  # string bytes that are not UTF-8: the row-by-row check names them
+    except pa.ArrowInvalid:
+        return None
+    n = t.num_rows
+    if pa.types.is_timestamp(ts.type):
+        unit = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[ts.type.unit]
+        tsv = pc.fill_null(ts.cast(pa.int64()), 0).to_numpy().astype(np.float64) / unit
+    else:
+        tsv = pc.fill_null(ts.cast(pa.float64()), np.nan).to_numpy()
+    ts_ok = ts.is_valid().to_numpy(zero_copy_only=False) & np.isfinite(tsv)
+    with np.errstate(invalid="ignore"):
+        ts_ok &= (tsv >= TS_MIN) & (tsv <= TS_MAX)
+    good = ts_ok & pc.fill_null(pc.greater(pc.binary_length(key), 0), False).to_numpy(zero_copy_only=False)
+    has_text = (np.zeros(n, bool) if text is None or pa.types.is_null(text.type)
+                else text.is_valid().to_numpy(zero_copy_only=False))
+    tlen = (np.zeros(n, np.int64) if not has_text.any()
+            else pc.fill_null(pc.binary_length(text), 0).to_numpy().astype(np.int64))
+    if tok is None or pa.types.is_null(tok.type):
+        tokv, tok_ok = np.zeros(n, np.int64), np.zeros(n, bool)
+    else:
+        tokv = pc.fill_null(tok.cast(pa.int64()), -1).to_numpy()
+        tok_ok = tok.is_valid().to_numpy(zero_copy_only=False) & (tokv >= 0) & (tokv < vocab_size)
+    good &= np.where(has_text, tlen > 0, tok_ok)
+    posv = np.asarray(pos, np.int64)
+    if seq is None or pa.types.is_null(seq.type):
+        seqv = posv
+    else:
+        seqv = np.where(seq.is_valid().to_numpy(zero_copy_only=False), pc.fill_null(seq.cast(pa.int64()), 0)
+                        .to_numpy(), posv)
+    dead: list[DeadLetter] = []
+    if not good.all():  # the bad rows, row by row, for their reasons
+        bad = np.flatnonzero(~good)
+        ev, dead = _rows_events(_pylist_cols(t.take(pa.array(bad))), [pos[i] for i in bad], vocab_size=vocab_size,
+                                from_text=from_text, path=path)
+        if ev.num_rows:  # (never: the two checks agree) keep the one rule
+            return None
+    g = np.flatnonzero(good)
+    lengths = np.where(has_text[g], tlen[g], 1)
+    total = int(lengths.sum())
+    row = np.repeat(np.arange(len(g)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    sub = np.arange(total, dtype=np.int64) - starts[row]
+    x = tokv[g][row]
+    if has_text[g].any():
+        tg = pc.fill_null(text.take(pa.array(g)), "")
+        off_t = np.int64 if pa.types.is_large_string(tg.type) else np.int32
+        offsets = np.frombuffer(tg.buffers()[1], off_t)[tg.offset:tg.offset + len(tg) + 1].astype(np.int64)
+        data = np.frombuffer(tg.buffers()[2], np.uint8) if tg.buffers()[2] is not None else np.zeros(0, np.uint8)
+        in_text = has_text[g][row]
+        x = np.where(in_text, data[np.where(in_text, offsets[row] + sub, 0)] if len(data) else 0, x)
+    x = x.astype(np.int64)
+    ids = [copy_id(x[a:a + m].tobytes()) if m > 1 else None
+           for a, m in zip(starts.tolist(), lengths.tolist(), strict=True)] if (lengths > 1).any() else None
+    rows_at = pa.array(row)
+    table = pa.table({KEY: key.take(pa.array(g)).take(rows_at).cast(pa.string()), TS: pa.array(tsv[g][row]),
+                      SEQ: pa.array(seqv[g][row]), SUB: pa.array(sub), "x": pa.array(x),
+                      EVENT: (pa.array(ids, pa.string()).take(rows_at) if ids is not None
+                              else pa.nulls(total, pa.string()))})
+    return table, dead
 
 
 def parse_events(data: bytes, path: str, *, vocab_size: int = 256) -> tuple[pa.Table, list[DeadLetter]]:
     """Events of a file's bytes as one table (``key, ts, seq, sub, x, event``) and its unusable rows.
 
     ``text`` rows expand to one event per UTF-8 byte (``sub`` = byte offset, same ts and
-    seq); ``token`` rows are one event each. ``event`` is null for good rows.
+    seq); ``token`` rows are one event each. ``event``: the copy id of a row of more than one event
+    (:func:`~streamrnn.beam.records.copy_id`), else null.
     """
     fmt = format_of(path)
     dead: list[DeadLetter] = []
-    parts: dict[str, list] = {KEY: [], TS: [], SEQ: [], SUB: [], "x": [], EVENT: []}
+    parts: list[pa.Table] = []
     blocks = _READERS[fmt](data, dead) if data.strip() else ()  # an empty file (e.g. in a glob) has no rows
     for cols, pos in blocks:
         ev, bad = block_events(cols, pos, vocab_size=vocab_size, from_text=fmt == "csv", path=path)
         dead.extend(bad)
-        for c, v in ev.items():
-            parts[c].extend(v)
-    x = np.concatenate(parts["x"]) if parts["x"] else np.zeros(0, np.int64)
-    table = pa.table({KEY: pa.array(parts[KEY], pa.string()), TS: pa.array(parts[TS], pa.float64()),
-                      SEQ: pa.array(parts[SEQ], pa.int64()), SUB: pa.array(parts[SUB], pa.int64()),
-                      "x": pa.array(x, pa.int64()), EVENT: pa.array(parts[EVENT], pa.string())})
+        parts.append(ev)
+    table = pa.concat_tables(parts) if parts else _events_table([], [], [], [], np.zeros(0, np.int64), [])
     return table, dead

@@ -151,11 +151,24 @@ class ShardStore:
 
     def add_ids(self, keys: list[str], seqs: np.ndarray, ats: np.ndarray) -> None:
         """Record applied rows: ``(key, seq)`` -> the row's event time (micros); a reused name takes the later."""
-        for k, s, at in zip(keys, seqs.tolist(), ats.tolist(), strict=True):
-            if self.ids.get((k, s)) != at:
-                self.ids[(k, s)] = at
-                heapq.heappush(self._id_heap, (at, k, s))
-                self.log.new_ids.append((k, s, at))
+        ids = self.ids
+        # a row's events share its name and time: each name once, in first-seen order
+        rows = dict.fromkeys(zip(keys, seqs.tolist(), ats.tolist(), strict=True))
+        new = []
+        for k, s, at in rows:  # (rows come in key / stream order: a name's times never go back)
+            if ids.get((k, s)) != at:
+                ids[(k, s)] = at
+                new.append((k, s, at))
+        if not new:
+            return
+        self.log.new_ids.extend(new)
+        h = self._id_heap
+        if len(new) > len(h) // 8:  # many at once: one heapify beats a push each
+            h.extend((at, k, s) for k, s, at in new)
+            heapq.heapify(h)
+        else:
+            for k, s, at in new:
+                heapq.heappush(h, (at, k, s))
 
     def set_held(self, key: str, row: pa.Table | None) -> None:
         if row is None:
