@@ -135,6 +135,14 @@ def ew_one(num0: np.ndarray, den0: np.ndarray, loss: np.ndarray, alpha: float) -
     return (np.where(v, d * num0 + alpha * np.where(v, loss, 0.0), num0), np.where(v, d * den0 + alpha, den0))
 
 
+def ew_scalar(num0: float, den0: float, loss: float, alpha: float) -> tuple[float, float]:
+    """:func:`ew_one` for one key, in Python floats (the same operations, so the same bits)."""
+    if loss != loss:  # NaN: not scored
+        return num0, den0
+    d = 1.0 - alpha
+    return d * num0 + alpha * loss, d * den0 + alpha
+
+
 @dataclass
 class Verdict:
     """What one call does to its keys' health (computed before anything changes)."""
@@ -198,11 +206,7 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
         new["win_shadow"] = np.where(close, 0.0, win_s)
     start = np.zeros(B, bool)
     if cfg.policy == "heal" and room > 0:
-        if ref is not None:
-            want = ew_now > ref * (1.0 + cfg.watch_margin)
-        else:
-            want = (steps_after // cfg.window) % cfg.sample_every == cfg.sample_every - 1
-        start = want & ~keep
+        start = want_watch(cfg, ew_now, steps_after) & ~keep
         idx = np.flatnonzero(start)
         if len(idx) > room:
             start[idx[room:]] = False
@@ -214,6 +218,14 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
     last_health = health[np.arange(B), counts - 1] if T > 1 else health[:, 0]
     new["last_health"] = last_health
     return Verdict(new, health, last_health, heal, keep, release, start)
+
+
+def want_watch(cfg: HealthConfig, ew_now: np.ndarray, steps_after: np.ndarray) -> np.ndarray:
+    """The watch rule: keys whose EW loss ``ew_now`` exceeds the reference by the watch margin, or without a
+    reference, keys whose step count after this call ``steps_after`` falls in the sampled window."""
+    if cfg.reference is not None:
+        return ew_now > cfg.reference * (1.0 + cfg.watch_margin)
+    return (steps_after // cfg.window) % cfg.sample_every == cfg.sample_every - 1
 
 
 def bad(cfg: HealthConfig, last_health: np.ndarray) -> np.ndarray:

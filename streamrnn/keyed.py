@@ -184,9 +184,11 @@ class KeyedOperator:
                              "state on the device; use health='flag' there")
         self.health = cfg
         self._health_on = cfg.policy != "off"
+        self._alpha = cfg.alpha
         self._keep_last = self.keep_last_output or self._health_on
         self.model = model
         spec = model.spec
+        self._tokens, self._vocab = spec.input.kind == "tokens", spec.input.vocab_size
         self._state_names = tuple(s.name for s in spec.state)
         self._state_tail = {s.name: tuple(int(d) for d in s.shape if d != "batch") for s in spec.state}
         self._out_tail = {o.name: tuple(int(d) for d in o.shape[2:]) for o in spec.outputs}
@@ -339,7 +341,7 @@ class KeyedOperator:
             raise InputError(f"process: keys: expected a sequence of str/bytes keys (one per event), got a single "
                              f"{type(keys).__name__} {keys[:40]!r}; pass [{keys[:40]!r}] for one key")
         x = np.asarray(x)
-        tokens = self.model.spec.input.kind == "tokens"
+        tokens = self._tokens
         if x.ndim != (1 if tokens else 2):
             shape = "[N]" if tokens else f"[N, {self.model.spec.input.n_features}]"
             raise InputError(f"process: x rank: expected {shape} (one step per event), got shape {list(x.shape)}")
@@ -355,58 +357,171 @@ class KeyedOperator:
                                np.zeros(0, np.int64), np.zeros(0, bool),
                                {n: np.zeros((0, *t), np.float32) for n, t in self._out_tail.items()}
                                if self.keep_last_output else {}, np.zeros(0, object))
-        x = self.model.check_x(x[:, None])[:, 0]
-        g = group(keys)
-        B = len(g.keys)
-        if B > self.max_keys:
-            raise InputError(f"process: distinct keys in one call: expected <= max_keys={self.max_keys}, got {B}")
+        if not (tokens and N <= 64 and x.dtype == np.int64 and _in_vocab(x, self._vocab)):  # else: a few tokens
+            x = self.model.check_x(x[:, None])[:, 0]
+        # a call of str/bytes keys no more than max_keys may take the known-keys path (it cannot fail the key
+        # checks below, so trying it first changes no error); any other call is grouped (and checked) first
+        known = self._dev is None and N <= self.max_keys and (type(keys[0]) in _PLAIN_KEYS if N == 1
+                                                              else _plain_keys(keys))
+        g = None if known else self._group(keys)
         with self._lock:
             now = self._now("process")
-            store = self._store
-            slot_of = store.slots
-            held = np.fromiter(map(slot_of.get, g.keys, repeat(-1, B)), np.int64, B)
-            fresh = held < 0
-            if self.ttl is not None:  # a held key idle past the TTL starts fresh (it expires at commit)
-                fresh |= store.seen[np.maximum(held, 0)] < now - self.ttl
-            hs = np.where(fresh, 0, held)
-            steps_before = np.where(fresh, 0, store.steps[hs])
-            sh = None
-            if self.health.policy == "heal":
-                sh = np.where(fresh, -1, store.health["shadow_slot"][hs])
-            outs, new_state, last_row, prev, lc, shadow = self._run(g, x, hs, fresh, sh)
-            verdict = None
-            if self._health_on:
-                verdict = self._health_verdict(g, hs, fresh, steps_before, lc, shadow, sh)
-            # -- commit: plan where new keys go, build new device slabs, then change the store
-            new_rows = np.flatnonzero(fresh)
-            why = self._reasons(g.keys, held, new_rows)
-            plan = store.plan(held[~fresh], len(new_rows), None if self.ttl is None else now - self.ttl)
-            slots = held.copy()
-            slots[new_rows] = plan.new_slots
-            dev_slabs = self._scattered_slabs(plan.grow_to, slots, new_state) if self._dev is not None else None
-            # nothing below can fail on valid data
-            expired, victims = store.key_of[plan.expired].tolist(), store.key_of[plan.victims].tolist()
-            new_keys = [g.keys[i] for i in new_rows.tolist()]
-            store.apply(plan, new_keys)
-            self.evictions.ttl += len(expired)
-            self.evictions.capacity += len(victims)
-            self._remember_ended(expired, EXPIRED)
-            self._remember_ended(victims, EVICTED)
-            if self._ended:
-                self._forget_ended(new_keys)
-            last_event = g.cols == g.counts[g.rows] - 1
-            store.touch(slots[g.rows[last_event]], now)  # recency: by each key's last event in this call
-            if dev_slabs is not None:
-                self._dev.slab, self._dev.cap = dev_slabs, plan.grow_to
-            else:
-                for grp, values in new_state:
-                    for n, v in values.items():
-                        store.slab[n][:, slots[grp]] = v
-            for n, a in last_row.items():
-                store.last[n][slots] = a
-            store.steps[slots] = steps_before + g.counts
-            if verdict is not None:
-                healed = self._commit_health(verdict, slots, shadow, sh)
+            if known:
+                r = self._process_known(keys, x, now)
+                if r is not None:
+                    return r
+                g = self._group(keys)
+            return self._process_grouped(g, x, now)
+
+    def _group(self, keys: Sequence[Key]):
+        g = group(keys)
+        if len(g.keys) > self.max_keys:
+            raise InputError(f"process: distinct keys in one call: expected <= max_keys={self.max_keys}, "
+                             f"got {len(g.keys)}")
+        return g
+
+    def _process_known(self, keys: Sequence[Key], x: np.ndarray, now: float) -> KeyedResult | None:
+        """The steady-state call without grouping or planning: every key held and unexpired, each once (one
+        step per key), no health shadow running or starting. None, having changed nothing, for any other
+        call (the general path then runs it). Results, state and counters equal the general path's
+        (tests/test_keyed_fast.py). Host state only; the caller holds the lock and read the clock.
+
+        One key (the latency path) is addressed by a slice: views and scalar writes, no fancy indexing."""
+        store, N = self._store, len(x)
+        get = store.slots.get
+        if N == 1:
+            s = get(keys[0])
+            if s is None:
+                return None
+            at: slice | np.ndarray = slice(s, s + 1)
+        else:
+            held = list(map(get, keys))
+            if None in held or len(set(held)) < N:
+                return None
+            at = np.array(held, np.int64)
+        if self.ttl is not None and not store.none_expired(now - self.ttl):
+            return None
+        health = None
+        if self._health_on:
+            health = self._known_health(at, x)
+            if health is None:
+                return None
+        names, slab, last = self._state_names, store.slab, store.last
+        # one key: views of its slab columns (ONNX Runtime copies them); more: one gather per state tensor
+        st = {n: slab[n][:, at] for n in names} if N == 1 else {n: slab[n].take(at, axis=1) for n in names}
+        o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
+        outs = {n: v[:, 0] for n, v in o.items()}
+        prev = {n: last[n][at].copy() if N == 1 else last[n][at] for n in outs} if self.keep_last_output else {}
+        # -- commit (nothing below can fail on valid data)
+        for n in names:
+            slab[n][:, at] = new.raw(n)
+        if self._keep_last:
+            for n, v in outs.items():
+                last[n][at] = v
+        steps = store.steps
+        if N == 1:
+            pos = steps[at].copy()
+            steps[s] += 1
+            store.touch_one(s, now)
+        else:
+            pos = steps[at]
+            steps[at] = pos + 1
+            store.touch(at, now)
+        reset, fresh = np.array([""] * N, object), np.zeros(N, bool)
+        if health is None:
+            return KeyedResult(outs, pos, fresh, prev, reset)
+        h = store.health
+        state_health = health[2]
+        if N == 1:
+            h["ew_num"][s], h["ew_den"][s], h["last_health"][s] = health
+            bad = int(state_health > 1.0 + self.health.watch_margin)
+            state_health = np.array([state_health])
+        else:
+            h["ew_num"][at], h["ew_den"][at], h["last_health"][at] = health
+            bad = int(np.count_nonzero(hl.bad(self.health, state_health)))
+        return KeyedResult(outs, pos, fresh, prev, reset, state_health, bad)
+
+    def _known_health(self, at: slice | np.ndarray, x: np.ndarray) -> tuple | None:
+        """The known-keys path's health update, computed before the model runs (one step per key: its loss
+        is scored by the key's last output): the new EW numerator, denominator and state health of the keys
+        at ``at`` (Python floats for one key); None when a shadow runs or would start (``heal``), or for a
+        key with no EW loss yet: the general path runs those."""
+        cfg, store = self.health, self._store
+        h = store.health
+        heal = cfg.policy == "heal"
+        ref = cfg.reference
+        if isinstance(at, slice):  # one key: scalar arithmetic, the same operations as hl.ew_one
+            s = at.start
+            if heal and h["shadow_slot"][s] >= 0:
+                return None
+            num, den = hl.ew_scalar(float(h["ew_num"][s]), float(h["ew_den"][s]),
+                                    -float(store.last["logprobs"][s, x[0]]), self._alpha)
+            if not den > 0:
+                return None
+            ew_now = num / den
+            steps_after = int(store.steps[s]) + 1
+            health = ew_now / ref if ref is not None else math.nan
+        else:
+            if heal and (h["shadow_slot"][at] >= 0).any():
+                return None
+            lc = -store.last["logprobs"][at, x].astype(np.float64)
+            num, den = hl.ew_one(h["ew_num"][at], h["ew_den"][at], lc, self._alpha)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ew_now = num / den
+            steps_after = store.steps[at] + 1
+            health = ew_now / ref if ref is not None else np.full(len(at), np.nan)
+        if heal and store.shadow.used < cfg.max_watch and np.any(hl.want_watch(cfg, ew_now, steps_after)):
+            return None
+        return num, den, health
+
+    def _process_grouped(self, g, x: np.ndarray, now: float) -> KeyedResult:
+        """Any call (grouped by key, rows packed into model calls); the caller holds the lock."""
+        N, B = len(x), len(g.keys)
+        store = self._store
+        slot_of = store.slots
+        held = np.fromiter(map(slot_of.get, g.keys, repeat(-1, B)), np.int64, B)
+        fresh = held < 0
+        if self.ttl is not None:  # a held key idle past the TTL starts fresh (it expires at commit)
+            fresh |= store.seen[np.maximum(held, 0)] < now - self.ttl
+        hs = np.where(fresh, 0, held)
+        steps_before = np.where(fresh, 0, store.steps[hs])
+        sh = None
+        if self.health.policy == "heal":
+            sh = np.where(fresh, -1, store.health["shadow_slot"][hs])
+        outs, new_state, last_row, prev, lc, shadow = self._run(g, x, hs, fresh, sh)
+        verdict = None
+        if self._health_on:
+            verdict = self._health_verdict(g, hs, fresh, steps_before, lc, shadow, sh)
+        # -- commit: plan where new keys go, build new device slabs, then change the store
+        new_rows = np.flatnonzero(fresh)
+        why = self._reasons(g.keys, held, new_rows)
+        plan = store.plan(held[~fresh], len(new_rows), None if self.ttl is None else now - self.ttl)
+        slots = held.copy()
+        slots[new_rows] = plan.new_slots
+        dev_slabs = self._scattered_slabs(plan.grow_to, slots, new_state) if self._dev is not None else None
+        # nothing below can fail on valid data
+        expired, victims = store.key_of[plan.expired].tolist(), store.key_of[plan.victims].tolist()
+        new_keys = [g.keys[i] for i in new_rows.tolist()]
+        store.apply(plan, new_keys)
+        self.evictions.ttl += len(expired)
+        self.evictions.capacity += len(victims)
+        self._remember_ended(expired, EXPIRED)
+        self._remember_ended(victims, EVICTED)
+        if self._ended:
+            self._forget_ended(new_keys)
+        last_event = g.cols == g.counts[g.rows] - 1
+        store.touch(slots[g.rows[last_event]], now)  # recency: by each key's last event in this call
+        if dev_slabs is not None:
+            self._dev.slab, self._dev.cap = dev_slabs, plan.grow_to
+        else:
+            for grp, values in new_state:
+                for n, v in values.items():
+                    store.slab[n][:, slots[grp]] = v
+        for n, a in last_row.items():
+            store.last[n][slots] = a
+        store.steps[slots] = steps_before + g.counts
+        if verdict is not None:
+            healed = self._commit_health(verdict, slots, shadow, sh)
         first = fresh[g.rows] & (g.cols == 0)
         reset = np.full(N, "", object)
         reset[first] = why[g.rows[first]]
@@ -677,7 +792,8 @@ class KeyedOperator:
                 w = store.health["shadow_slot"][slots]
                 pool = store.shadow
                 health["shadow"] = {n: np.moveaxis(np.where((w >= 0)[None, :, None], a[:, np.maximum(w, 0)], 0.0),
-                                                   1, 0) for n, a in pool.slab.items()}
+                                                   1, 0) for n, a in pool.slab.items()} if pool.cap else {
+                    n: np.zeros((len(w), *t), np.float32) for n, t in self._state_tail.items()}  # no shadow yet
                 health["shadow_last"] = {n: np.where((w >= 0)[:, None], a[np.maximum(w, 0)], np.nan)
                                          for n, a in pool.last.items()} if pool.cap else {
                     n: np.full((len(w), *t), np.nan, np.float32) for n, t in self._out_tail.items()}
@@ -783,6 +899,22 @@ class KeyedOperator:
             self.evictions.model_update += len(ended)
             self._remember_ended(ended, MODEL_UPDATE)
             return ended
+
+
+_PLAIN_KEYS = frozenset((str, bytes))
+
+
+def _in_vocab(x: np.ndarray, vocab: int) -> bool:
+    """Whether a few int64 tokens ``[N]`` (contiguous) are all in ``0..vocab-1``, in Python (no numpy pass)."""
+    if not x.flags.c_contiguous:
+        return False
+    v = x.tolist()
+    return min(v) >= 0 and max(v) < vocab
+
+
+def _plain_keys(keys: Sequence[Any]) -> bool:
+    """Whether every key is exactly a str or bytes (subclasses and anything else go through the checks)."""
+    return set(map(type, keys)) <= _PLAIN_KEYS
 
 
 def _describe_input(i: Any) -> str:

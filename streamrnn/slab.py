@@ -100,6 +100,18 @@ class SlotStore:
             return np.zeros(0, np.int64)
         return np.flatnonzero(self.in_use & (self.seen < limit))
 
+    def none_expired(self, limit: float) -> bool:
+        """Whether no held key was last seen before ``limit`` (tightening ``min_seen`` when so, so that the
+        next calls answer without a scan until ``limit`` passes the oldest key)."""
+        if not limit > self.min_seen:
+            return True
+        seen = self.seen[self.in_use]
+        oldest = float(seen.min()) if len(seen) else np.inf
+        if oldest < limit:
+            return False
+        self.min_seen = oldest
+        return True
+
     def lru_order(self) -> list[Hashable]:
         used = np.flatnonzero(self.in_use)
         return self.key_of[used[np.argsort(self.tick[used], kind="stable")]].tolist()
@@ -111,6 +123,15 @@ class SlotStore:
         self.next_tick += len(slots)
         self.seen[slots] = np.maximum(self.seen[slots], now)
         self.min_seen = min(self.min_seen, now)
+
+    def touch_one(self, slot: int, now: float) -> None:
+        """:meth:`touch` for one slot, with scalar writes."""
+        self.tick[slot] = self.next_tick
+        self.next_tick += 1
+        if not self.seen[slot] >= now:
+            self.seen[slot] = now
+        if now < self.min_seen:
+            self.min_seen = now
 
     def plan(self, keep: np.ndarray, n_new: int, limit: float | None) -> Plan:
         """Where ``n_new`` new keys will go, without changing anything.

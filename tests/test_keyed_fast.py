@@ -1,0 +1,176 @@
+"""The known-keys path of KeyedOperator.process (issue 17): a call whose keys are all held, unexpired and each
+once runs without grouping or planning. It must be indistinguishable from the general path: same results
+(bit for bit), same state, recency, counters, health columns and snapshots, the same per-key outputs as
+``Model.step`` key by key, and a failed call changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import FakeClock
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_atomic import Boom, _assert_same, _everything, _fail_on_call
+
+from streamrnn import InputError, KeyedOperator
+from streamrnn.health import HealthConfig
+
+KEYS = ["a", "b", "c", "d", "e"]
+#: health settings that exercise every branch: off, flag, heal watching everything it may (2 at once, so some
+#: keys stay unwatched and can take the known path), heal sampling (the test model has no reference loss)
+HEALTH = {
+    "off": "off",
+    "flag": HealthConfig("flag", reference=2.0, half_life=3.0),
+    "heal_ref": HealthConfig("heal", reference=1e-3, window=2, patience=1, margin=-1e9, warmup=0, max_watch=2),
+    "heal_sampled": HealthConfig("heal", window=2, sample_every=2, patience=1, margin=-1e9, warmup=0),
+}
+calls_st = st.lists(st.tuples(st.lists(st.sampled_from(KEYS), min_size=1, max_size=5),
+                              st.sampled_from([0.0, 0.5, 6.0, -3.0])), min_size=1, max_size=14)
+
+
+def _general_only(op: KeyedOperator) -> KeyedOperator:
+    """The same operator with the known-keys path switched off: every call is grouped and planned."""
+    op._process_known = lambda keys, x, now: None
+    return op
+
+
+def _spy(op: KeyedOperator) -> list[bool]:
+    """Record, per call that tried it, whether the known-keys path served the call."""
+    served, real = [], op._process_known
+
+    def known(keys, x, now):
+        r = real(keys, x, now)
+        served.append(r is not None)
+        return r
+
+    op._process_known = known
+    return served
+
+
+def _assert_same_result(a, b) -> None:
+    assert a.outputs.keys() == b.outputs.keys() and a.prev_outputs.keys() == b.prev_outputs.keys()
+    for n in a.outputs:
+        np.testing.assert_array_equal(a.outputs[n], b.outputs[n])
+        assert a.outputs[n].dtype == b.outputs[n].dtype
+    for n in a.prev_outputs:
+        np.testing.assert_array_equal(a.prev_outputs[n], b.prev_outputs[n])
+    for f in ("pos", "fresh", "reset"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and x.tolist() == y.tolist(), f
+    assert (a.state_health is None) == (b.state_health is None) and a.bad_health == b.bad_health
+    if a.state_health is not None:
+        assert a.state_health.dtype == b.state_health.dtype
+        np.testing.assert_array_equal(a.state_health, b.state_health)
+
+
+@given(calls=calls_st, max_keys=st.integers(2, 5), ttl=st.sampled_from([None, 10.0]),
+       health=st.sampled_from(sorted(HEALTH)), keep=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_known_path_equals_the_general_path(lstm, calls, max_keys, ttl, health, keep, seed):
+    """Mixes of new, known, repeated, expired and evicted keys: the operator with the known-keys path and one
+    without give equal results, snapshots (state, steps, last_seen, health columns, shadows), recency and
+    counters after every call."""
+    clocks = FakeClock(100.0), FakeClock(100.0)
+    a, b = (KeyedOperator(lstm, max_keys=max_keys, ttl=ttl, clock=c, keep_last_output=keep,
+                          health=HEALTH[health], initial_capacity=1) for c in clocks)
+    _general_only(b)
+    rng = np.random.default_rng(seed)
+    for keys, dt in calls:
+        for c in clocks:
+            c.advance(dt)
+        if len(set(keys)) > max_keys:
+            continue
+        x = rng.integers(0, 256, len(keys))
+        _assert_same_result(a.process(keys, x), b.process(keys, x))
+        assert a.snapshot().equals(b.snapshot(), check_metadata=True)
+        assert a.keys() == b.keys() and a.evictions == b.evictions and a.health_counts == b.health_counts
+
+
+@given(calls=calls_st, seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_outputs_equal_model_step_key_by_key(lstm, calls, seed):
+    """Reference: each key's events through ``Model.step`` one at a time, from the initial state."""
+    op = KeyedOperator(lstm, keep_last_output=True)
+    rng = np.random.default_rng(seed)
+    state, last = {}, {}
+    for keys, _ in calls:
+        x = rng.integers(0, 256, len(keys))
+        r = op.process(keys, x)
+        for i, (k, t) in enumerate(zip(keys, x.tolist(), strict=True)):
+            o, state[k] = lstm.step(np.array([[t]]), state.get(k))
+            np.testing.assert_allclose(r.outputs["logprobs"][i], o["logprobs"][0, 0], atol=1e-5)
+            if k in last:
+                np.testing.assert_allclose(r.prev_outputs["logprobs"][i], last[k], atol=1e-5)
+            else:
+                assert np.isnan(r.prev_outputs["logprobs"][i]).all()
+            last[k] = o["logprobs"][0, 0]
+    for k, s in state.items():
+        np.testing.assert_allclose(op.state_of(k)["h"], s["h"], atol=1e-5)
+        np.testing.assert_allclose(op.state_of(k)["c"], s["c"], atol=1e-5)
+
+
+def test_steady_state_calls_take_the_known_path(lstm):
+    """The path is really taken (the equality tests above would pass vacuously otherwise), and only for
+    calls whose keys are all held and unexpired, each once."""
+    clock = FakeClock(0.0)
+    op = KeyedOperator(lstm, ttl=10.0, clock=clock, health="flag")
+    op.process(["a", "b", "c"], [1, 2, 3])  # new keys: not tried
+    served = _spy(op)
+    op.process(["c", "a"], [4, 5])
+    op.process(["b"], [6])
+    op.process(["a", "a"], [7, 8])  # a key twice
+    op.process(["a", "z"], [1, 2])  # a new key
+    clock.t = 9.0
+    op.process(["a"], [3])  # b and c idle 9 s: nothing expired
+    clock.t = 18.5
+    op.process(["a"], [3])  # b, c and z idle past the TTL: the general path expires them
+    assert served == [True, True, False, False, True, False]
+    assert op.evictions.ttl == 3 and op.keys() == ["a"]  # b, c and z
+
+
+@pytest.mark.parametrize("health", ["off", "flag"])
+@pytest.mark.parametrize("keys", [["a"], ["c", "a", "b"]])
+def test_a_failed_known_call_changes_nothing(lstm, monkeypatch, health, keys):
+    """An ONNX Runtime failure, a token out of the vocabulary or a NaN clock in a call the known-keys path
+    would serve: nothing changes, and the operator then goes on exactly as a twin that never saw the call."""
+    clock = FakeClock(0.0)
+    cfg = HEALTH[health]
+    op = KeyedOperator(lstm, keep_last_output=True, ttl=100.0, clock=clock, health=cfg)
+    twin = KeyedOperator(lstm, keep_last_output=True, ttl=100.0, clock=clock, health=cfg)
+    for o in (op, twin):
+        o.process(["a", "b", "c"], [1, 2, 3])
+        o.process(["a", "b", "c"], [4, 5, 6])
+    served = _spy(op)
+    before = _everything(op)
+    calls = _fail_on_call(monkeypatch, op.model, 1)
+    with pytest.raises(Boom):
+        op.process(keys, np.arange(len(keys)) + 7)
+    assert calls == [1] and served == []  # the failure was in the known path's model call
+    _assert_same(before, _everything(op))
+    with pytest.raises(InputError, match="x token: expected 0 <= token < 256, got 256"):
+        op.process(keys, np.full(len(keys), 256))
+    with pytest.raises(InputError, match="x token: expected 0 <= token < 256, got -1"):
+        op.process(keys, np.full(len(keys), -1))
+    clock.t = float("nan")
+    with pytest.raises(InputError, match="process: clock: expected a finite time in seconds, got nan"):
+        op.process(keys, np.zeros(len(keys), np.int64))
+    clock.t = 1.0
+    _assert_same(before, _everything(op))
+    x = np.arange(len(keys)) + 9
+    _assert_same_result(op.process(keys, x), twin.process(keys, x))
+    assert served == [True]
+    assert op.snapshot().equals(twin.snapshot(), check_metadata=True)
+
+
+def test_keys_of_other_types_take_the_checked_path(lstm):
+    """str subclasses (numpy strings) are keys like the str they equal; anything else is refused as before."""
+    clock = FakeClock()
+    op, ref = KeyedOperator(lstm, clock=clock), KeyedOperator(lstm, clock=clock)
+    for o in (op, ref):
+        o.process(["a", "b"], [1, 2])
+    _assert_same_result(op.process(np.array(["b", "a"]), np.array([3, 4])), ref.process(["b", "a"], [3, 4]))
+    assert op.snapshot().equals(ref.snapshot(), check_metadata=True)
+    with pytest.raises(InputError, match=r"process: keys\[1\]: expected str or bytes, got int 7"):
+        op.process(["a", 7], [1, 2])
+    with pytest.raises(InputError, match=r"process: keys\[0\]: expected str or bytes, got list"):
+        op.process([["a"]], [1])
