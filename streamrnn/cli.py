@@ -21,6 +21,7 @@ from .cliargs import (
     utf8,
 )
 from .errors import InputError, StreamRNNError
+from .metrics_logging import DropNoise
 
 
 def _info(a: argparse.Namespace) -> int:
@@ -280,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     # force: a handler bound to an earlier sys.stderr (a closed capture, a replaced stream) never lingers
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s", force=True)
+    for h in logging.getLogger().handlers:
+        h.addFilter(DropNoise())  # Beam's import-time noise ("apitools not found") on a run that reads no GCP
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
     with HeldLog() as held:
         try:

@@ -21,7 +21,9 @@ from collections.abc import Sequence
 NOISE = ("apitools not found", "No semi_persistent_directory found", "Discarding unparseable args")
 
 
-class _DropNoise(logging.Filter):
+class DropNoise(logging.Filter):
+    """Drops the log lines in :data:`NOISE`."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             msg = record.getMessage()
@@ -58,16 +60,23 @@ class _Stderr(logging.StreamHandler):
         pass
 
 
+def _implicit(h: logging.Handler) -> bool:
+    """The handler ``logging.basicConfig()`` puts on the root when a module logs before any is set (Beam does at
+    import): with the job's own, every line would print twice. A handler anyone configured is kept."""
+    return (type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)
+            and h.formatter is not None and h.formatter._fmt == logging.BASIC_FORMAT)
+
+
 def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
     """One stderr handler on the root: WARNING and up (INFO with ``verbose``); the exporter's address always."""
     root = logging.getLogger()
-    for h in root.handlers:
-        if getattr(h, "_streamrnn_job", False):
+    for h in list(root.handlers):
+        if getattr(h, "_streamrnn_job", False) or _implicit(h):
             root.removeHandler(h)
     handler = _Stderr()
     handler._streamrnn_job = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s %(message)s"))
-    handler.addFilter(_DropNoise())
+    handler.addFilter(DropNoise())
     if not verbose:
         handler.addFilter(_DropDeployErrors())
     root.addHandler(handler)
@@ -87,8 +96,8 @@ def guard_imports() -> None:
     replaces the placeholder when the job runs.
     """
     root = logging.getLogger()
-    if not any(isinstance(f, _DropNoise) for f in root.filters):
-        root.addFilter(_DropNoise())
+    if not any(isinstance(f, DropNoise) for f in root.filters):
+        root.addFilter(DropNoise())
     if not root.handlers:
         h = logging.NullHandler()
         h._streamrnn_job = True  # type: ignore[attr-defined]
