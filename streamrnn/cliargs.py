@@ -175,9 +175,12 @@ class Heartbeat:
     """
 
     def __init__(self, name: str, status: str = "running", *, after: float = 10.0, every: float = 10.0,
-                 out: IO[str] | None = None, poll: float = 1.0) -> None:
+                 out: IO[str] | None = None, poll: float = 1.0, clock: Callable[[], float] | None = None,
+                 enabled: bool = True) -> None:
         self.name, self.status, self.after, self.every, self.out, self.poll = name, status, after, every, out, poll
-        self.t0 = _clock()
+        self.enabled = enabled
+        self._clock = clock  # injectable (tests); else the module's monotonic clock
+        self.t0 = self._now()
         self.next = self.t0 + after
         self.lines = 0
         self._lock = threading.Lock()
@@ -190,8 +193,10 @@ class Heartbeat:
 
     def check(self) -> bool:
         """Write the line if one is due; True if written."""
+        if not self.enabled:
+            return False
         with self._lock:
-            now = _clock()
+            now = self._now()
             if now < self.next:
                 return False
             self.next = now + self.every
@@ -199,11 +204,16 @@ class Heartbeat:
             print(f"{self.name}: {self.status}, {now - self.t0:.0f} s", file=self.out or sys.stderr, flush=True)
             return True
 
+    def _now(self) -> float:
+        return (self._clock or _clock)()
+
     def _run(self) -> None:
         while not self._stop.wait(self.poll):
             self.check()
 
     def __enter__(self) -> Heartbeat:
+        if not self.enabled:
+            return self
         self._thread = threading.Thread(target=self._run, name=f"heartbeat {self.name}", daemon=True)
         self._thread.start()
         return self
