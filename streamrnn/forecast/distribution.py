@@ -171,16 +171,15 @@ def covered(level: float, y, loc, scale, df) -> np.ndarray:
 
 
 def _beta_fraction_v(a: float, b: float, x: np.ndarray) -> np.ndarray:
-    """:func:`_beta_fraction` over an array ``x`` (1-d, a, b scalars)."""
-    c = np.ones_like(x)
+    """:func:`_beta_fraction` over an array ``x`` (1-d, a, b scalars); the live elements are kept packed."""
     d = 1.0 - (a + b) * x / (a + 1.0)
     d = 1.0 / np.where(np.abs(d) > _TINY, d, _TINY)
     h = d.copy()
     live = np.arange(len(x))
+    xs, cs, ds, hs = x, np.ones_like(x), d, h.copy()
     for m in range(1, 500):
         if not len(live):
             break
-        xs, cs, ds, hs = x[live], c[live], d[live], h[live]
         for aa in (m * (b - m) * xs / ((a + 2 * m - 1) * (a + 2 * m)),
                    -(a + m) * (a + b + m) * xs / ((a + 2 * m) * (a + 2 * m + 1))):
             ds = 1.0 + aa * ds
@@ -188,8 +187,12 @@ def _beta_fraction_v(a: float, b: float, x: np.ndarray) -> np.ndarray:
             cs = 1.0 + aa / cs
             cs = np.where(np.abs(cs) > _TINY, cs, _TINY)
             hs = hs * (ds * cs)
-        c[live], d[live], h[live] = cs, ds, hs
-        live = live[~(np.abs(ds * cs - 1.0) < _EPS)]
+        done = np.abs(ds * cs - 1.0) < _EPS
+        if done.any():
+            h[live[done]] = hs[done]
+            keep = ~done
+            live, xs, cs, ds, hs = live[keep], xs[keep], cs[keep], ds[keep], hs[keep]
+    h[live] = hs
     return h
 
 
@@ -290,7 +293,7 @@ def _solve_v(v: float, mid: np.ndarray, centre: np.ndarray, tail: np.ndarray, lo
             newton = np.where(pdf > 0, err / pdf, np.nan)
             step = t - newton / (1.0 + newton * (v + 1.0) * t / (2.0 * (v + t * t)))
         halley = (l_ < step) & (step < h_)
-        new = np.where(halley, step, 0.5 * (l_ + h_))
+        new = np.where(err == 0, t, np.where(halley, step, 0.5 * (l_ + h_)))  # err == 0: t is the root
         done = (halley & (np.abs(new - t) <= 1e-6 * np.abs(t))) | (np.abs(new - t) <= 1e-15 * np.abs(t)) \
             | (h_ - l_ <= 1e-15 * h_)
         res[idx], lo[idx], hi[idx] = new, l_, h_
@@ -322,16 +325,17 @@ _TABLE_CENTRES = np.linspace(0.0, 0.25, 101)
 def _table(v: float) -> tuple[np.ndarray, np.ndarray]:
     """|t| at the tail masses ``_TABLE_TAILS`` and the centre masses ``_TABLE_CENTRES`` for one df: brackets
     and starting points, so a quantile takes two or three Newton steps."""
-    p = np.concatenate([_TABLE_TAILS, 0.5 + _TABLE_CENTRES])
+    p = np.concatenate([_TABLE_TAILS, 0.5 + _TABLE_CENTRES[1:]])
     centre, tail = np.abs(p - 0.5), np.where(p > 0.5, 1.0 - p, p)
     t = _widen_v(v, p, centre < 0.25, centre, tail)
-    return t[:len(_TABLE_TAILS)], t[len(_TABLE_TAILS):]
+    return t[:len(_TABLE_TAILS)], np.concatenate([[0.0], t[len(_TABLE_TAILS):]])  # the median is 0
 
 
 def _std_quantile_v(p: np.ndarray, v: float) -> np.ndarray:
     """:func:`std_quantile` over an array ``p`` (1-d) for one ``df``."""
     out = np.full(p.shape, np.nan)
-    ok = (p > 0.0) & (p < 1.0) & (v > 0.0)
+    out[p == 0.5] = 0.0
+    ok = (p > 0.0) & (p < 1.0) & (v > 0.0) & (p != 0.5)
     if not ok.any():
         return out
     if math.isinf(v) or v >= _LARGE_DF:
@@ -368,7 +372,6 @@ def _std_quantile_v(p: np.ndarray, v: float) -> np.ndarray:
     if (~inside).any():
         res[~inside] = _widen_v(v, q[~inside], mid[~inside], centre[~inside], tail[~inside])
     out[ok] = np.where(q > 0.5, 1.0, -1.0) * res
-    out[ok & (p == 0.5)] = 0.0
     return out
 
 

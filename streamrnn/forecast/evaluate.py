@@ -284,23 +284,21 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
         a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
         return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
 
-    bar.tick(0, len(gammas), "ACI runs", f"gamma {gammas[0]:g}")
-    A = issued(gammas[0])
-    pts = calibration.conformal_points(cfg, df, Ym, loc, sc, A)
-    groups = {g: {f"h{h + 1}": calibration.conformal_table(cfg, pts, h, sel, Y, D, G) for h in range(H)}
-              for g, sel in sels}
-    scan = []
+    def tables(a: np.ndarray, groups) -> dict:
+        # widths, interval scores, VaR losses and ES at h1 only (each costs a quantile per point and target)
+        p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1])
+        pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False) if H > 1 else p1
+        return {g: {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, h, sel, Y, D, G)
+                    for h in range(H)} for g, sel in groups}
+
+    scan, groups = [], {}
     for i, g in enumerate(gammas):
-        bar.tick(i + 1, len(gammas), "ACI runs", f"gamma {g:g}")
+        bar.tick(i, len(gammas), "ACI runs", f"gamma {g:g}")
         if i == 0:
+            groups = tables(issued(g), sels)
             tabs = groups["all"]
         else:
-            a = issued(g)
-            p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1])
-            pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False)
-            tabs = {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, 0 if h == 0 else h,
-                                                             sels[0][1], Y[:, :1] if h == 0 else Y, D, G)
-                    for h in range(H)}
+            tabs = tables(issued(g), sels[:1])["all"]
         scan.append({"gamma": g, **{h: _scan_row(t) for h, t in tabs.items()}})
     return {**cfg.to_dict(), "horizons": H, "gamma": gammas[0], "warm_up": "each symbol's bars from its first",
             "groups": groups, "gamma_scan": scan}
