@@ -24,9 +24,8 @@ from apache_beam.transforms.window import GlobalWindow, TimestampedValue, Window
 
 from .clock import EARLIEST, TS_LIMIT, release_micros, timestamp, to_micros_array
 from .counters import Counters
-from .records import EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json, original_text, shard_of, to_ipc
+from .records import DEAD, EVENT, KEY, SEQ, SUB, TS, DeadLetter, event_json, original_text, shard_of, to_ipc
 
-DEAD = "dead_letters"
 #: Internal columns: event time in micros, and the release time of the event's window (micros).
 TSU, REL = "_tsu", "_rel"
 #: Payload kinds travelling to the stateful step with a shard key.

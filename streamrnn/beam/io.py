@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -25,16 +24,14 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import BeamIOError, FileMetadata
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
-from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 
 from ..errors import InputError
 from .event_files import FORMATS, format_of, parse_events
-from .records import END_OF_INPUT, TS, DeadLetter
+from .records import DEAD, TS, DeadLetter
+from .replay import play, step_bounds, stepped_stream
 
 #: Output tag of the rows that cannot be used (dead letters).
-DEAD = "dead_letters"
 
 __all__ = ["FORMATS", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy", "match_inputs",
            "read_events"]
@@ -180,11 +177,6 @@ class _Pace(beam.DoFn):
         yield block
 
 
-class _SplitDead(beam.DoFn):
-    def process(self, item):
-        yield beam.pvalue.TaggedOutput(DEAD, item) if isinstance(item, DeadLetter) else item
-
-
 class ReplayEvents(beam.PTransform):
     """Play recorded event files as an unbounded stream, in event-time order, with advancing watermarks.
 
@@ -213,31 +205,15 @@ class ReplayEvents(beam.PTransform):
             dead.extend(d)
         table = pa.concat_tables(tables)
         t0 = _first_ts(table)
-        stream = TestStream()
-        first = [TimestampedValue(d, t0) for d in dead]
+        steps = []
         if table.num_rows:
-            order = np.argsort(table.column(TS).to_numpy(), kind="stable")
-            table = table.take(pa.array(order))
-            ts = table.column(TS).to_numpy()
-            step_of = np.floor((ts - t0) / self.step).astype(np.int64)
-            bounds = np.flatnonzero(np.diff(step_of)) + 1
-            starts = np.concatenate([[0], bounds])
-            ends = np.concatenate([bounds, [len(ts)]])
-            for a, b in zip(starts, ends, strict=True):
-                part = table.slice(int(a), int(b - a))
-                stream = stream.add_elements(first + [TimestampedValue(rb, float(rb.column(TS)[0].as_py()))
-                                                      for rb in blocks(part, self.block_rows)])
-                first = []
-                # TestStream watermarks are whole milliseconds: round down (never ahead of the step's end)
-                wm = math.floor((t0 + (step_of[a] + 1) * self.step - self.ooo) * 1000)
-                stream = stream.advance_watermark_to(Timestamp(micros=wm * 1000))
-        if first:
-            stream = stream.add_elements(first)
-        stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
-        out = (pbegin | "Stream" >> stream
-               | "Split" >> beam.ParDo(_SplitDead()).with_outputs(DEAD, main="events"))
-        events = out.events | "Pace" >> beam.ParDo(_Pace(t0, self.speedup, time.time()))
-        return events, out[DEAD]
+            table = table.take(pa.array(np.argsort(table.column(TS).to_numpy(), kind="stable")))
+            for a, b, k in step_bounds(table.column(TS).to_numpy(), t0, self.step):
+                items = [TimestampedValue(rb, float(rb.column(TS)[0].as_py()))
+                         for rb in blocks(table.slice(a, b - a), self.block_rows)]
+                steps.append((items, t0 + (k + 1) * self.step - self.ooo))
+        events, dead_letters = play(pbegin, stepped_stream(steps, dead, t0), "events")
+        return events | "Pace" >> beam.ParDo(_Pace(t0, self.speedup, time.time())), dead_letters
 
 
 def demo_events(path: str | os.PathLike, *, keys: int = 6, seed: int = 0) -> str:

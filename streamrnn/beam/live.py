@@ -77,12 +77,11 @@ from apache_beam.utils.windowed_value import WindowedValue
 from ..errors import InputError
 from .clock import END_OF_INPUT_MICROS, to_micros
 from .event_files import _utf8_error, format_of, parse_events
-from .records import TS, DeadLetter, event_json, from_ipc, to_ipc
+from .records import DEAD, TS, DeadLetter, event_json, from_ipc, to_ipc
 
 log = logging.getLogger("streamrnn.live")
 
 #: Output tag of the rows that cannot be used (dead letters), as in :mod:`streamrnn.beam.io`.
-DEAD = "dead_letters"
 FILES, PUBSUB, KAFKA = "files", "pubsub", "kafka"
 _SUBSCRIPTION = re.compile(r"projects/([^/\s]+)/subscriptions/([^/\s]+)")
 #: Default seconds between rounds: a folder is listed every 10 s; a subscription is pulled every second.

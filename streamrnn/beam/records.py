@@ -105,6 +105,9 @@ class DeadLetter(NamedTuple):
     event: str
 
 
+#: The tag of every dead-letter output (one name for the whole Beam layer and both jobs).
+DEAD = "dead_letters"
+
 DEAD_LETTER_SCHEMA = pa.schema([("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()),
                                 ("sub", pa.int64()), ("kind", pa.string()), ("reason", pa.string()),
                                 ("event", pa.string())])

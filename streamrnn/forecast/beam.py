@@ -42,7 +42,6 @@ from apache_beam.coders import StrUtf8Coder, VarIntCoder
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import BeamIOError
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
@@ -51,7 +50,8 @@ from ..beam.clock import TS_LIMIT, release_micros, timestamp, to_micros
 from ..beam.counters import Counters
 from ..beam.live import LiveParser, Message, Parsed, message_rows
 from ..beam.postprocess import Postprocess
-from ..beam.records import END_OF_INPUT, DeadLetter, Event, event_json
+from ..beam.records import DEAD, DeadLetter, Event, event_json
+from ..beam.replay import play, step_bounds, stepped_stream
 from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
@@ -59,7 +59,6 @@ from .features import FeatureConfig, SymbolState, bar_problem, step_features
 from .scale import anchor_log_vol
 from .serve import LEVELS
 
-DEAD = "dead_letters"
 BAR_EXTENSIONS = (".csv", ".txt", ".parquet")
 _ORDER = "_order"  # (file index, row index within the file's symbol) for a deterministic tie-break
 
@@ -244,29 +243,10 @@ class ReplayBars(beam.PTransform):
         bars.sort(key=_sort_ts)
         finite = [_sort_ts(b) for b in bars if math.isfinite(_sort_ts(b))]
         t0 = finite[0] if finite else 0.0
-        stream = TestStream()
-        pending = [TimestampedValue(("dead", d), t0) for d in dead]
-        step_of = [math.floor((max(_sort_ts(b), t0) - t0) / self.step) for b in bars]
-        j = 0
-        while j < len(bars):
-            k = j
-            while k < len(bars) and step_of[k] == step_of[j]:
-                k += 1
-            pending += [TimestampedValue(("bar", b), max(_sort_ts(b), t0)) for b in bars[j:k]]
-            stream = stream.add_elements(pending).advance_watermark_to(t0 + (step_of[j] + 1) * self.step)
-            pending, j = [], k
-        if pending:
-            stream = stream.add_elements(pending)
-        stream = stream.advance_watermark_to(1e12).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
-        res = (pbegin | "Stream" >> stream
-               | "Split" >> beam.ParDo(_SplitDead()).with_outputs(DEAD, main="bars"))
-        return res.bars, res[DEAD]
-
-
-class _SplitDead(beam.DoFn):
-    def process(self, item):
-        kind, v = item
-        yield beam.pvalue.TaggedOutput(DEAD, v) if kind == "dead" else v
+        at = np.array([max(_sort_ts(b), t0) for b in bars], np.float64)  # a bar without a usable time: first
+        steps = [([TimestampedValue(b, float(t)) for b, t in zip(bars[a:e], at[a:e], strict=True)],
+                  t0 + (k + 1) * self.step) for a, e, k in step_bounds(at, t0, self.step)]
+        return play(pbegin, stepped_stream(steps, dead, t0), "bars")
 
 
 # -- per-symbol features ---------------------------------------------------------------------------
