@@ -242,6 +242,8 @@ def conformal_table(cfg, pts: Mapping[str, np.ndarray], h: int, sel: np.ndarray,
     has_w = "aci_width" in pts
     uy, iy = np.unique(years, return_inverse=True)
     ny = np.bincount(iy)
+    i_sym = np.unique(sym, return_inverse=True)[1]
+    n_sym = np.bincount(i_sym)
     for kind in ("raw", "aci"):
         miss = pts[f"{kind}_miss"][m, h]  # [n, K]
         for k, lv in enumerate(cfg.levels):
@@ -262,7 +264,8 @@ def conformal_table(cfg, pts: Mapping[str, np.ndarray], h: int, sel: np.ndarray,
             ex = miss[:, L + j]
             x = int(ex.sum())
             lr, pv = kupiec(n, x, p)
-            per_sym = [kupiec(int((sym == s_).sum()), int(ex[sym == s_].sum()), p)[1] for s_ in np.unique(sym)]
+            x_sym = np.bincount(i_sym, ex, len(n_sym))
+            per_sym = [kupiec(int(a), int(b), p)[1] for a, b in zip(n_sym, x_sym, strict=True)]
             c = np.bincount(iy, ex) / ny
             w = int(np.argmax(np.abs(c - p)))
             r = {"n": n, "exceedances": x, "rate": _pct(x / n), "kupiec_lr": lr, "kupiec_p": pv,
@@ -274,11 +277,10 @@ def conformal_table(cfg, pts: Mapping[str, np.ndarray], h: int, sel: np.ndarray,
                           "var_mean": float(np.mean(pts[f"{kind}_var"][m, h, j])), "es_mean": float(es.mean()),
                           "es_ratio": float(-yy[ex].mean() / es[ex].mean()) if x else None})
             res["tails"].setdefault(names[L + j], {})[kind] = r
+    rates = {kind: [np.bincount(iy, pts[f"{kind}_miss"][m, h][:, k], len(uy)) / ny for k in range(len(names))]
+             for kind in ("raw", "aci")}
     for i, yr in enumerate(uy):
-        row: dict = {"n": int(ny[i])}
-        for kind in ("raw", "aci"):
-            miss = pts[f"{kind}_miss"][m, h]
-            row[kind] = {nm: _pct((1.0 - miss[iy == i, k]).mean() if k < L else miss[iy == i, k].mean())
-                         for k, nm in enumerate(names)}
-        res["by_year"][str(int(yr))] = row
+        res["by_year"][str(int(yr))] = {"n": int(ny[i]), **{
+            kind: {nm: _pct(1.0 - r[k][i] if k < L else r[k][i]) for k, nm in enumerate(names)}
+            for kind, r in rates.items()}}
     return res

@@ -278,6 +278,7 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
     sc = np.concatenate([np.exp(whole[k][1][o]) for k, o in scored])
     Ym = np.where(M, Y, np.nan)
     sels = (("all", np.ones(len(Y), bool)), ("seen_symbols", ~HO), ("heldout_symbols", HO))
+    codes = np.unique(G, return_inverse=True)[1]  # symbols as ints: the per-symbol Kupiec counts are bincounts
 
     def issued(g: float) -> np.ndarray:
         cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=g)
@@ -288,7 +289,7 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
         # widths, interval scores, VaR losses and ES at h1 only (each costs a quantile per point and target)
         p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1])
         pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False) if H > 1 else p1
-        return {g: {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, h, sel, Y, D, G)
+        return {g: {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, h, sel, Y, D, codes)
                     for h in range(H)} for g, sel in groups}
 
     scan, groups = [], {}
