@@ -7,11 +7,11 @@ import itertools
 import pytest
 
 import streamrnn.train.forecast as tf
-from streamrnn.forecast import compare
 from streamrnn.forecast.dataset import Split, prepare
 from streamrnn.forecast.features import FeatureConfig, offline_features
 from streamrnn.forecast.progress import Progress
 from streamrnn.forecast.synthetic import simulate
+from streamrnn.train import compare
 
 
 def test_train_forecast_prints_plain_progress_lines_on_stderr(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """RNN vs LSTM vs GRU vs causal TCN: quality and streaming cost per event, for both tasks.
 
-``python -m streamrnn.forecast.compare lm --text T --steps N --hidden H`` trains the four
+``python -m streamrnn.train.compare lm --text T --steps N --hidden H`` trains the four
 byte LMs with one schedule (small, CPU) and prints JSON rows. ``... cost`` times one
 streaming step (B = 1, one event, one thread) of each forecast net: a recurrent net
 advances its carried state by one step; a TCN without activation caching recomputes
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..cliargs import OneLineParser, at_least, seed
-from ..train.lm import LMTrainConfig, train_lm
-from ..train.nets import NetConfig, RecurrentNet
-from ..train.tcn import CausalTCN, TCNConfig, train_tcn_lm
+from .lm import LMTrainConfig, train_lm
+from .nets import NetConfig, RecurrentNet
+from .tcn import CausalTCN, TCNConfig, train_tcn_lm
 
 
 def n_params(net: torch.nn.Module) -> int:
@@ -96,7 +96,7 @@ def forecast_cost_rows(hidden: int, layers: int, levels: int, n_features: int = 
 
 def main(argv: list[str] | None = None) -> int:
     # the validators every other command uses: a bad value is one line, exit 2
-    p = OneLineParser(prog="python -m streamrnn.forecast.compare")
+    p = OneLineParser(prog="python -m streamrnn.train.compare")
     p.add_argument("what", choices=["lm", "cost"])
     p.add_argument("--text", type=Path, default=Path("../shared/data/text/tinyshakespeare.txt"))
     p.add_argument("--steps", type=at_least(1), default=600)
