@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.util import assert_that
+from beam_gather import Gather
 from conftest import make_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -140,29 +140,27 @@ def check_dead(want: dict):
     return _check
 
 
-def counters(result) -> dict[str, int]:
+def counters(result, step: str = "") -> dict[str, int]:
+    """The transform's counters, summed over its steps (only those under the label ``step``, if given)."""
     q = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
     out: dict[str, int] = {}
     for c in q["counters"]:  # one entry per step: sum them
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + c.committed
+        if c.key.step.startswith(step):
+            out[c.key.metric.name] = out.get(c.key.metric.name, 0) + c.committed
     return out
 
 
 # ---------------------------------------------------------------------------- parity on every runner
 def worker_path(monkeypatch):
-    """Worker subprocesses (multi_processing, portable) import this test module's matchers by name."""
+    """Worker subprocesses (multi_processing) import the tests' helpers (beam_gather) by name."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, root, os.environ.get("PYTHONPATH", "")]))
 
 
-@pytest.mark.parametrize("runner", list(RUNNERS))
-def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner, monkeypatch):
-    worker_path(monkeypatch)
-    rng = np.random.default_rng(7)
+def _parity_input(rng):
+    """Events of 5 keys, 6 duplicates and 3 invalid events, shuffled; the dead letters they must give."""
     events = make_events(rng, n_keys=5, per_key=30)
-    model = load(beam_models["tiny"], providers=[CPU])
-    want = offline(model, events)
     dups = [events[i] for i in rng.choice(len(events), 6, replace=False)]
     bad = [Event("k0", math.nan, 999, 1), Event("k1", 1001.0, 998, 300), Event("", 1002.0, 997, 1)]
     arrived = [*events, *dups, *bad]
@@ -171,17 +169,58 @@ def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner, mon
     for d in dups:
         want_dead[(d.key, d.seq, "duplicate")] = want_dead.get((d.key, d.seq, "duplicate"), 0) + 1
     want_dead.update({("k0", 999, "invalid"): 1, ("k1", 998, "invalid"): 1, ("", 997, "invalid"): 1})
-    p = beam.Pipeline(options=PipelineOptions(RUNNERS[runner]))
-    out, dead = p | beam.Create(arrived, reshuffle=False) | StatefulInference(
-        model=beam_models["tiny"], num_shards=3, window_size=45.0, providers=[CPU])
-    assert_that(out, check_outputs(want, fresh_reason=lambda _p: "new"), label="outputs")
-    assert_that(dead, check_dead(want_dead), label="dead")
-    reasons = dead | beam.Filter(lambda d: d.kind == "invalid") | beam.Map(lambda d: d.reason)
-    assert_that(reasons, lambda rs: _check_reasons(sorted(rs)), label="reasons")
-    result = p.run()
-    result.wait_until_finish()
+    return events, dups, arrived, want_dead
+
+
+def _next_input(rng):
+    """Events of 4 keys and a one-event key (its only row has no next), 4 duplicates, shuffled."""
+    events = make_events(rng, n_keys=4, per_key=20)
+    events.append(Event("solo", 1_100.0, 0, 65))
+    dups = [events[i] for i in rng.choice(len(events), 4, replace=False)]
+    arrived = [*events, *dups]
+    return events, [arrived[i] for i in rng.permutation(len(arrived))]
+
+
+AT_ONCE = {"batch": (True, False), "multi_processing": (False,), "portable": (False,)}
+
+
+@pytest.fixture(scope="module", params=list(RUNNERS))
+def runner_run(request, beam_models, tmp_path_factory):
+    """One pipeline per runner with every check of this file that runs on every runner, each on its own
+    input through its own StatefulInference: parity with dedupe and dead letters, and ``logprob_next``
+    (flushed at once and held back across windows on the batch runner)."""
+    runner = request.param
+    g = Gather(tmp_path_factory.mktemp(f"runner-{runner}"))
+    _, _, parity_in, _ = _parity_input(np.random.default_rng(7))
+    _, next_in = _next_input(np.random.default_rng(21))
+    with pytest.MonkeyPatch.context() as mp:
+        worker_path(mp)
+        p = beam.Pipeline(options=PipelineOptions(RUNNERS[runner]))
+        out, dead = p | "ParityIn" >> beam.Create(parity_in, reshuffle=False) | "Parity" >> StatefulInference(
+            model=beam_models["tiny"], num_shards=3, window_size=45.0, providers=[CPU])
+        g(out, "parity/outputs")
+        g(dead, "parity/dead")
+        next_src = p | "NextIn" >> beam.Create(next_in, reshuffle=False)
+        for at_once in AT_ONCE[runner]:
+            out, _ = next_src | f"Next[{at_once}]" >> StatefulInference(
+                model=beam_models["tiny"], num_shards=2, window_size=45.0, providers=[CPU],
+                postprocess=NextTokenPostprocess(3), next_fields=("logprob",), flush_bounded_at_once=at_once,
+                max_steps_per_call=7)
+            g(out, f"next[{at_once}]/outputs")
+        result = p.run()
+        result.wait_until_finish()
+    return runner, g, result
+
+
+def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner_run):
+    runner, g, result = runner_run
+    events, dups, _, want_dead = _parity_input(np.random.default_rng(7))
+    want = offline(load(beam_models["tiny"], providers=[CPU]), events)
+    check_outputs(want, fresh_reason=lambda _p: "new")(g["parity/outputs"])
+    check_dead(want_dead)(g["parity/dead"])
+    _check_reasons(sorted(d.reason for d in g["parity/dead"] if d.kind == "invalid"))
     if runner == "batch":
-        c = counters(result)
+        c = counters(result, "Parity/")
         assert c["events_applied"] == len(events)
         assert c["duplicates"] == len(dups) and c["invalid"] == 3 and c["dead_letters"] == len(dups) + 3
         assert c.get("late", 0) == 0 and c["batches"] >= 1
@@ -200,8 +239,8 @@ def _check_reasons(rs):
        window=st.sampled_from([1.0, 7.0, 60.0, 1e4]), shards=st.integers(1, 4), n_dups=st.integers(0, 8),
        flush_at_once=st.booleans())
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_parity_random_permutations_windows_duplicates(beam_models, seed, n_keys, per_key, window, shards, n_dups,
-                                                        flush_at_once):
+def test_parity_random_permutations_windows_duplicates(beam_models, tmp_path_factory, seed, n_keys, per_key, window,
+                                                        shards, n_dups, flush_at_once):
     rng = np.random.default_rng(seed)
     events = make_events(rng, n_keys=n_keys, per_key=per_key, span=300.0)
     # ties in ts are broken by seq
@@ -215,17 +254,20 @@ def test_parity_random_permutations_windows_duplicates(beam_models, seed, n_keys
     want_dead: dict = {}
     for d in dups:
         want_dead[(d.key, d.seq, "duplicate")] = want_dead.get((d.key, d.seq, "duplicate"), 0) + 1
+    g = Gather(tmp_path_factory.mktemp("example"))
     with beam.Pipeline() as p:
         out, dead = p | beam.Create(arrived) | StatefulInference(
             model=beam_models["tiny"], num_shards=shards, window_size=window, providers=[CPU],
             max_steps_per_call=int(rng.integers(1, 40)), max_batch=int(rng.integers(1, 6)),
             flush_bounded_at_once=flush_at_once)
-        assert_that(out, check_outputs(want), label="outputs")
-        assert_that(dead, check_dead(want_dead), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want)(g["outputs"])
+    check_dead(want_dead)(g["dead"])
 
 
 # ---------------------------------------------------------------------------- payloads and forms
-def test_feature_payload_and_arrow_blocks_in_and_out(beam_models):
+def test_feature_payload_and_arrow_blocks_in_and_out(beam_models, tmp_path):
     import pyarrow as pa
 
     rng = np.random.default_rng(3)
@@ -254,13 +296,14 @@ def test_feature_payload_and_arrow_blocks_in_and_out(beam_models):
             np.testing.assert_allclose(r["mean"], mean, atol=TOL)
             np.testing.assert_allclose(r["log_scale"], ls, atol=TOL)
 
+    g = Gather(tmp_path)
     with beam.Pipeline() as p:
         out, dead = p | beam.Create([block, bad]) | StatefulInference(
             model=beam_models["feat"], num_shards=2, window_size=60.0, output="arrow", providers=[CPU])
-        assert_that(out, check, label="outputs")
-        assert_that(dead | beam.Map(lambda d: (d.kind, d.reason)),
-                    lambda ds: _eq(ds, [("invalid", "x: expected 3 finite floats, got [1.0, nan, 2.0]")]),
-                    label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check(g["outputs"])
+    _eq([(d.kind, d.reason) for d in g["dead"]], [("invalid", "x: expected 3 finite floats, got [1.0, nan, 2.0]")])
 
 
 def _eq(got, want):
@@ -283,37 +326,30 @@ def test_dead_letter_is_typed():
 
 
 # ---------------------------------------------------------------------------- logprob_next (pair with next event)
-@pytest.mark.parametrize("runner,at_once", [("batch", True), ("batch", False), ("multi_processing", False),
-                                            ("portable", False)])
-def test_logprob_next_matches_offline(beam_models, runner, at_once, monkeypatch):
-    """at_once: the bounded flush resolves every row; otherwise rows are held back per key across
+def test_logprob_next_matches_offline(beam_models, runner_run):
+    """at_once (batch): the bounded flush resolves every row; otherwise rows are held back per key across
     windows and the last ones are released by the end-of-input timer."""
-    worker_path(monkeypatch)
-    rng = np.random.default_rng(21)
-    events = make_events(rng, n_keys=4, per_key=20)
-    events.append(Event("solo", 1_100.0, 0, 65))  # a one-event key: its only row has no next
+    runner, g, _ = runner_run
+    events, _ = _next_input(np.random.default_rng(21))
     want = offline_next(load(beam_models["tiny"], providers=[CPU]), events)
-    dups = [events[i] for i in rng.choice(len(events), 4, replace=False)]
-    arrived = [*events, *dups]
-    arrived = [arrived[i] for i in rng.permutation(len(arrived))]
-    with beam.Pipeline(options=PipelineOptions(RUNNERS[runner])) as p:
-        out, _ = p | beam.Create(arrived, reshuffle=False) | StatefulInference(
-            model=beam_models["tiny"], num_shards=2, window_size=45.0, providers=[CPU],
-            postprocess=NextTokenPostprocess(3), next_fields=("logprob",), flush_bounded_at_once=at_once,
-            max_steps_per_call=7)
-        assert_that(out, check_next(want))
+    for at_once in AT_ONCE[runner]:
+        check_next(want)(g[f"next[{at_once}]/outputs"])
 
 
-def test_logprob_next_ttl_gaps_in_batch(beam_models):
+def test_logprob_next_ttl_gaps_in_batch(beam_models, tmp_path):
     rng = np.random.default_rng(4)
     evs = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 5, 500, 510, 2000])]
     evs += [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 50, 100])]
     want = offline_next(load(beam_models["tiny"], providers=[CPU]), evs,
                         segments=lambda k, es: [es[:2], es[2:4], es[4:]] if k == "a" else [es])
     assert want[("a", 1, 0)] is None and want[("a", 2, 0)] is not None  # a stream ends at each gap
-    for at_once in (True, False):
-        with beam.Pipeline() as p:
-            out, _ = p | beam.Create(evs) | StatefulInference(
+    g = Gather(tmp_path)
+    with beam.Pipeline() as p:
+        src = p | beam.Create(evs)
+        for at_once in (True, False):
+            out, _ = src | f"SI[{at_once}]" >> StatefulInference(
                 model=beam_models["tiny"], num_shards=1, window_size=20.0, ttl=100.0, providers=[CPU],
                 postprocess=NextTokenPostprocess(), next_fields=("logprob",), flush_bounded_at_once=at_once)
-            assert_that(out, check_next(want))
+            g(out, f"at_once={at_once}")
+    for at_once in (True, False):
+        check_next(want)(g[f"at_once={at_once}"])

@@ -13,12 +13,11 @@ import pytest
 import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
 from apache_beam.transforms import window as W
+from beam_gather import Gather
 from test_beam_transform import RUNNERS, check_dead, check_outputs, offline, worker_path
 
 from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
-from streamrnn.beam import store as store_mod
 from streamrnn.beam.records import END_OF_INPUT
 from streamrnn.model import load
 from streamrnn.runtime import CPU
@@ -90,37 +89,54 @@ def _count_is(n):
     return _check
 
 
-@pytest.mark.parametrize("runner", ["batch", "streaming", "streaming-cold", "multi_processing", "portable"])
-@pytest.mark.parametrize("windowing", list(WINDOWINGS))
-def test_windowed_input_on_every_runner_equals_offline(beam_models, runner, windowing, monkeypatch):
-    worker_path(monkeypatch)
-    if runner == "streaming-cold":  # no shard cache: every flush rebuilds its shard from Beam state
-        monkeypatch.setattr(store_mod, "DEFAULT_CACHE_BYTES", 0)
+RUNNER_CELLS = ["batch", "streaming", "streaming-cold", "multi_processing", "portable"]
+
+
+@pytest.fixture(scope="module", params=RUNNER_CELLS)
+def windowed_run(request, beam_models, tmp_path_factory):
+    """One pipeline per runner; every windowing of WINDOWINGS is its own branch (its own StatefulInference,
+    its own checks) on the same input. "streaming-cold": no shard cache, every flush rebuilds its shard from
+    Beam state."""
+    runner = request.param
     events = _events()
+    g = Gather(tmp_path_factory.mktemp(f"windowed-{runner}"))
+    with pytest.MonkeyPatch.context() as mp:
+        worker_path(mp)
+        with beam.Pipeline(options=_options(runner)) as p:
+            src = _source(p, events, runner)
+            for name, windowing in WINDOWINGS.items():
+                s = src if windowing is None else src | f"UserWindows[{name}]" >> beam.WindowInto(windowing)
+                out, dead = s | f"SI[{name}]" >> StatefulInference(
+                    model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU],
+                    shard_cache_bytes=0 if runner == "streaming-cold" else None)
+                g(out, f"{name}/outputs")
+                g(dead, f"{name}/dead")
+                if windowing is None and runner.startswith("streaming"):  # a global unbounded GBK never fires
+                    out = out | f"Windowed[{name}]" >> beam.WindowInto(W.FixedWindows(10_000))
+                counts = (out | f"Key1[{name}]" >> beam.Map(lambda pr: ("all", 1))
+                          | f"Sum[{name}]" >> beam.CombinePerKey(sum) | f"Counts[{name}]" >> beam.Values())
+                g(counts, f"{name}/in_user_windows")
+    return events, g
+
+
+@pytest.mark.parametrize("windowing", list(WINDOWINGS))
+def test_windowed_input_on_every_runner_equals_offline(beam_models, windowed_run, windowing):
+    events, g = windowed_run
     want = offline(load(beam_models["tiny"], providers=[CPU]), events)
-    with beam.Pipeline(options=_options(runner)) as p:
-        src = _source(p, events, runner)
-        if WINDOWINGS[windowing] is not None:
-            src = src | "UserWindows" >> beam.WindowInto(WINDOWINGS[windowing])
-        out, dead = src | StatefulInference(model=beam_models["tiny"], num_shards=2, window_size=10.0,
-                                            providers=[CPU])
-        copies = 3 if windowing == "sliding" else 1  # outputs return to the user's windows: 30 / 10 per output
-        assert_that(out, _each_in_windows(check_outputs(want), copies), label="outputs")
-        # a sliding-window element is one event: applied once, never a duplicate dead letter
-        assert_that(dead, check_dead({}), label="dead")
-        if WINDOWINGS[windowing] is None and runner.startswith("streaming"):  # a global unbounded GBK never fires
-            out = out | "Windowed" >> beam.WindowInto(W.FixedWindows(10_000))
-        counts = (out | "Key1" >> beam.Map(lambda pr: ("all", 1)) | beam.CombinePerKey(sum)
-                  | "Counts" >> beam.Values())
-        assert_that(counts, _count_is(len(events) * (3 if windowing == "sliding" else 1)), label="in_user_windows")
+    copies = 3 if windowing == "sliding" else 1  # outputs return to the user's windows: 30 / 10 per output
+    _each_in_windows(check_outputs(want), copies)(g[f"{windowing}/outputs"])
+    # a sliding-window element is one event: applied once, never a duplicate dead letter
+    check_dead({})(g[f"{windowing}/dead"])
+    _count_is(len(events) * copies)(g[f"{windowing}/in_user_windows"])
 
 
 @pytest.mark.parametrize("streaming", [False, True])
 @pytest.mark.parametrize("next_fields", [(), ("logprob",)])
-def test_downstream_event_time_windows_receive_every_output(beam_models, streaming, next_fields):
+def test_downstream_event_time_windows_receive_every_output(beam_models, streaming, next_fields, tmp_path):
     """Outputs are timestamped when final (window end + lateness, or later), so a downstream window keeps them all."""
     events = _events(seed=7, n_keys=3, per_key=10, span=50.0)
     runner = "streaming" if streaming else "batch"
+    g = Gather(tmp_path)
     with beam.Pipeline(options=_options(runner)) as p:
         out, _ = _source(p, events, runner) | StatefulInference(
             model=beam_models["tiny"], num_shards=2, window_size=10.0, allowed_lateness=5.0, providers=[CPU],
@@ -128,7 +144,8 @@ def test_downstream_event_time_windows_receive_every_output(beam_models, streami
             ttl=15.0)  # each key's last held row is released by its TTL, inside the stepped watermark tail
         counts = (out | "Fixed10" >> beam.WindowInto(W.FixedWindows(10))
                   | beam.Map(lambda pr: ("all", 1)) | beam.CombinePerKey(sum) | beam.Values())
-        assert_that(counts, _count_is(len(events)))
+        g(counts, "counts")
+    _count_is(len(events))(g["counts"])
 
 
 # ---------------------------------------------------------------------------- lateness is Beam's, not the shard's
@@ -148,17 +165,20 @@ def _lateness_steps(rng):
 
 
 @pytest.mark.parametrize("shards", [1, 2, 7])
-def test_lateness_does_not_depend_on_the_shard_count(beam_models, shards):
+def test_lateness_does_not_depend_on_the_shard_count(beam_models, shards, tmp_path):
     steps, on_time, late = _lateness_steps(np.random.default_rng(2))
     want = offline(load(beam_models["tiny"], providers=[CPU]), on_time)
+    g = Gather(tmp_path)
     with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
         out, dead = p | steps | StatefulInference(model=beam_models["tiny"], num_shards=shards, window_size=10.0,
                                                   ttl=30.0, providers=[CPU])
-        assert_that(out, check_outputs(want), label="outputs")
-        assert_that(dead, check_dead({(e.key, e.seq, "late"): 1 for e in late}), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want)(g["outputs"])
+    check_dead({(e.key, e.seq, "late"): 1 for e in late})(g["dead"])
 
 
-def test_ttl_never_applies_a_late_event_fresh(beam_models):
+def test_ttl_never_applies_a_late_event_fresh(beam_models, tmp_path):
     """ttl=30: a's event at 21 arrives after the watermark passed 100. It is late, not a fresh stream."""
     rng = np.random.default_rng(8)
     first = Event("a", 1.0, 0, int(rng.integers(0, 256)))
@@ -169,16 +189,18 @@ def test_ttl_never_applies_a_late_event_fresh(beam_models):
              .advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity())
     model = load(beam_models["tiny"], providers=[CPU])
     want = offline(model, [first, later], segments=lambda k, es: [[e] for e in es])
+    g = Gather(tmp_path)
     with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
         out, dead = p | steps | StatefulInference(model=beam_models["tiny"], num_shards=3, window_size=10.0,
                                                   ttl=30.0, providers=[CPU])
-        assert_that(out, check_outputs(want, fresh_reason=lambda pr: "new" if pr.seq == 0 else "expired"),
-                    label="outputs")
-        assert_that(dead, check_dead({("a", 1, "late"): 1}), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want, fresh_reason=lambda pr: "new" if pr.seq == 0 else "expired")(g["outputs"])
+    check_dead({("a", 1, "late"): 1})(g["dead"])
 
 
 @pytest.mark.parametrize("shards", [1, 2, 5])
-def test_a_late_update_never_overrides_a_newer_one(beam_models, shards):
+def test_a_late_update_never_overrides_a_newer_one(beam_models, shards, tmp_path):
     """U1 (eff 20) on time, then a late U0 (eff 5): events at 50 use U1 (the newest at or before 50) on every
     shard count, though a's shard had applied up to 30 and the others only up to 1."""
     from streamrnn.beam import ModelUpdate
@@ -196,14 +218,15 @@ def test_a_late_update_never_overrides_a_newer_one(beam_models, shards):
         stream = stream.advance_watermark_to(END_OF_INPUT, tag=tag)
     for tag in ("events", "updates"):
         stream = stream.advance_watermark_to_infinity(tag=tag)
+    g = Gather(tmp_path)
     with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
         streams = p | stream
         out, _ = streams["events"] | StatefulInference(
             model=beam_models["tiny"], num_shards=shards, window_size=10.0, providers=[CPU],
             model_updates=streams["updates"])
-        versions = out | beam.Map(lambda pr: (pr.ts, pr.model_version.split("+")[0]))
-        assert_that(versions, lambda vs: _versions_are(vs, {1.0: "tiny-1.0.0", 30.0: "tiny-other-2",
-                                                            50.0: "tiny-other-2"}))
+        g(out, "outputs")
+    _versions_are([(pr.ts, pr.model_version.split("+")[0]) for pr in g["outputs"]],
+                  {1.0: "tiny-1.0.0", 30.0: "tiny-other-2", 50.0: "tiny-other-2"})
 
 
 def _versions_are(vs, want):
