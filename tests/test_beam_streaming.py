@@ -10,8 +10,8 @@ import pytest
 import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
+from beam_gather import Gather
 from test_beam_transform import check_dead, check_next, check_outputs, counters, offline, offline_next
 
 from streamrnn.beam import Event, ModelUpdate, NextTokenPostprocess, StatefulInference
@@ -50,8 +50,8 @@ def _stream(steps):
         else:
             ts = ts.advance_watermark_to(arg)
     # The legacy DirectRunner does not hold the output watermark for timers that fire on the jump to
-    # infinity, so a downstream GroupByKey (assert_that) could drop what they emit: end at a finite time
-    # first, the end of the input (where held-back rows are released).
+    # infinity, so a downstream GroupByKey (a windowed check, assert_that) could drop what they emit: end at a
+    # finite time first, the end of the input (where held-back rows are released).
     return ts.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
 
 
@@ -80,20 +80,23 @@ def _scenario(rng):
     return steps, applied, dead
 
 
-def test_teststream_out_of_order_late_duplicates_and_watermark_jumps(beam_models):
+def test_teststream_out_of_order_late_duplicates_and_watermark_jumps(beam_models, tmp_path):
     rng = np.random.default_rng(11)
     steps, applied, dead_want = _scenario(rng)
     want = offline(load(beam_models["tiny"], providers=[CPU]), applied)
     # (the legacy DirectRunner's metrics miss bundles after a watermark step, so counts are checked on the
     # dead letters here and on the metrics in the FnApiRunner tests)
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         out, dead = p | _stream(steps) | StatefulInference(
             model=beam_models["tiny"], num_shards=1, window_size=10.0, allowed_lateness=5.0, providers=[CPU])
-        assert_that(out, check_outputs(want, fresh_reason=lambda _p: "new"), label="outputs")
-        assert_that(dead, check_dead(dead_want), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want, fresh_reason=lambda _p: "new")(g["outputs"])
+    check_dead(dead_want)(g["dead"])
 
 
-def test_state_carries_across_windows_versus_per_window_reset(beam_models, cache):
+def test_state_carries_across_windows_versus_per_window_reset(beam_models, cache, tmp_path):
     """The trap: per-window state would restart every window. Outputs match the whole-sequence run, not that."""
     rng = np.random.default_rng(5)
     evs = [Event("k", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate(range(0, 100, 3))]
@@ -105,10 +108,12 @@ def test_state_carries_across_windows_versus_per_window_reset(beam_models, cache
     steps = [("add", evs[i:i + 4]) for i in range(0, len(evs), 4)]
     steps = [s for pair in zip(steps, [("wm", e.ts + 1) for e in evs[3::4]] + [("wm", 200.0)], strict=False)
              for s in pair]
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         out, _ = p | _stream(steps) | StatefulInference(
             model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU])
-        assert_that(out, check_outputs(want))
+        g(out, "outputs")
+    check_outputs(want)(g["outputs"])
     mode, rebuilds = cache
     if mode == "warm":  # a replay without failures never rebuilds a shard (the cache outlives teardown)
         assert rebuilds == []
@@ -117,7 +122,7 @@ def test_state_carries_across_windows_versus_per_window_reset(beam_models, cache
 
 
 # ---------------------------------------------------------------------------- TTL
-def test_ttl_expiry_by_timer_in_streaming(beam_models):
+def test_ttl_expiry_by_timer_in_streaming(beam_models, tmp_path):
     rng = np.random.default_rng(2)
     a1 = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([1, 2, 3])]
     b = [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([2, 150, 290])]
@@ -130,31 +135,35 @@ def test_ttl_expiry_by_timer_in_streaming(beam_models):
     want = offline(model, a1 + b + a2, segments=seg)
     steps = [("add", a1 + b[:1]), ("wm", 20.0), ("add", b[1:2]), ("wm", 200.0), ("add", b[2:]), ("wm", 400.0),
              ("add", a2)]
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         out, _ = p | _stream(steps) | StatefulInference(
             model=beam_models["tiny"], num_shards=1, window_size=10.0, ttl=200.0, providers=[CPU])
-        # a's state was dropped by the timer at 203 (long before its next event arrived): it restarts "expired"
-        assert_that(out, check_outputs(want, fresh_reason=lambda pr: "expired" if pr.seq == 10 else "new"))
+        g(out, "outputs")
+    # a's state was dropped by the timer at 203 (long before its next event arrived): it restarts "expired"
+    check_outputs(want, fresh_reason=lambda pr: "expired" if pr.seq == 10 else "new")(g["outputs"])
 
 
-def test_ttl_gap_in_one_flush_batch(beam_models):
+def test_ttl_gap_in_one_flush_batch(beam_models, tmp_path):
     rng = np.random.default_rng(4)
     evs = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 5, 500, 510, 2000])]
     evs += [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([0, 50, 100])]
     model = load(beam_models["tiny"], providers=[CPU])
     want = offline(model, evs, segments=lambda k, es: [es[:2], es[2:4], es[4:]] if k == "a" else [es])
+    g = Gather(tmp_path)
     p = beam.Pipeline()
     out, _ = p | beam.Create(evs) | StatefulInference(model=beam_models["tiny"], num_shards=1, ttl=100.0,
                                                       providers=[CPU])
-    assert_that(out, check_outputs(want, fresh_reason=lambda pr: "new" if pr.seq == 0 else "expired"))
+    g(out, "outputs")
     result = p.run()
     result.wait_until_finish()
+    check_outputs(want, fresh_reason=lambda pr: "new" if pr.seq == 0 else "expired")(g["outputs"])
     assert counters(result)["expired"] == 2 + 2  # two gaps of a, then both keys idle at the end
 
 
 # ---------------------------------------------------------------------------- model updates (side input)
 @pytest.mark.parametrize("which", ["other", "wide"])
-def test_model_update_side_input(beam_models, which):
+def test_model_update_side_input(beam_models, which, tmp_path):
     rng = np.random.default_rng(9)
     evs = [Event(k, float(t), i, int(rng.integers(0, 256))) for k in ("a", "b") for i, t in enumerate(range(0, 40, 4))]
     evs.append(Event("c", 30.0, 0, 7))  # first seen after the update
@@ -177,15 +186,16 @@ def test_model_update_side_input(beam_models, which):
     def reason(pr):
         return "model_update" if pr.key in ("a", "b") else "new"
 
+    g = Gather(tmp_path)
     p = beam.Pipeline()
     updates = p | "Updates" >> beam.Create([ModelUpdate(beam_models[which], T)])
     out, _ = p | beam.Create(evs) | StatefulInference(model=beam_models["tiny"], num_shards=1, window_size=10.0,
                                                       model_updates=updates, providers=[CPU])
-    assert_that(out, check_outputs(want, fresh_reason=lambda pr: "new" if pr.ts < T or pr.key == "c" else reason(pr)))
-    versions = out | beam.Map(lambda pr: (pr.ts >= T, pr.model_version.split("+")[0]))
-    assert_that(versions, lambda vs: _versions(vs, which), label="versions")
+    g(out, "outputs")
     result = p.run()
     result.wait_until_finish()
+    check_outputs(want, fresh_reason=lambda pr: "new" if pr.ts < T or pr.key == "c" else reason(pr))(g["outputs"])
+    _versions([(pr.ts >= T, pr.model_version.split("+")[0]) for pr in g["outputs"]], which)
     c = counters(result)
     assert c["model_switches"] == 1
     assert c.get("model_update_resets", 0) == (2 if which == "wide" else 0)
@@ -216,14 +226,19 @@ def test_failed_bundles_are_retried_without_double_applying(beam_models, tmp_pat
     rng = np.random.default_rng(11)
     steps, applied, dead_want = _scenario(rng)
     want = offline(load(beam_models["tiny"], providers=[CPU]), applied)
+    marks = tmp_path / "failed"
+    marks.mkdir()
+    g = Gather(tmp_path / "gathered")
     with beam.Pipeline(options=STREAMING) as p:
         out, dead = p | _stream(steps) | StatefulInference(
             model=beam_models["tiny"], num_shards=2, window_size=10.0, allowed_lateness=5.0, providers=[CPU],
-            fault_injector=FailOncePerKey(str(tmp_path)))
-        # identical to the clean run of the same scenario (test above), which equals the offline reference
-        assert_that(out, check_outputs(want, fresh_reason=lambda _p: "new"), label="outputs")
-        assert_that(dead, check_dead(dead_want), label="dead")
-    assert sorted(os.listdir(tmp_path)) == ["a", "b"]  # the failures really happened
+            fault_injector=FailOncePerKey(str(marks)))
+        g(out, "outputs")
+        g(dead, "dead")
+    # identical to the clean run of the same scenario (test above), which equals the offline reference
+    check_outputs(want, fresh_reason=lambda _p: "new")(g["outputs"])
+    check_dead(dead_want)(g["dead"])
+    assert sorted(os.listdir(marks)) == ["a", "b"]  # the failures really happened
 
 
 # ---------------------------------------------------------------------------- logprob_next across flushes
@@ -232,19 +247,22 @@ def _next_ti(model_path, **kw):
                              next_fields=("logprob",), **kw)
 
 
-def test_logprob_next_held_back_across_windows_in_streaming(beam_models):
+def test_logprob_next_held_back_across_windows_in_streaming(beam_models, tmp_path):
     """Keys span many windows and flushes: each flush's last row per key waits for the key's next flush."""
     rng = np.random.default_rng(11)
     steps, applied, dead_want = _scenario(rng)
     want = offline_next(load(beam_models["tiny"], providers=[CPU]), applied)
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         out, dead = p | _stream(steps) | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0,
                                                   allowed_lateness=5.0)
-        assert_that(out, check_next(want), label="outputs")
-        assert_that(dead, check_dead(dead_want), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_next(want)(g["outputs"])
+    check_dead(dead_want)(g["dead"])
 
 
-def test_logprob_next_released_on_ttl_expiry_and_fresh_restart(beam_models):
+def test_logprob_next_released_on_ttl_expiry_and_fresh_restart(beam_models, tmp_path):
     rng = np.random.default_rng(2)
     a1 = [Event("a", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([1, 2, 3])]
     b = [Event("b", float(t), i, int(rng.integers(0, 256))) for i, t in enumerate([2, 150])]
@@ -255,19 +273,21 @@ def test_logprob_next_released_on_ttl_expiry_and_fresh_restart(beam_models):
     # no flush runs between the expiry timers (a at 203, b at 350) and a's next events
     steps = [("add", a1 + b[:1]), ("wm", 20.0), ("add", b[1:]), ("wm", 200.0), ("wm", 400.0), ("wm", 1200.0),
              ("add", a2), ("wm", 3000.0)]
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         out, _ = p | _stream(steps) | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0, ttl=200.0)
-        assert_that(out, check_next(want), label="outputs")
+        g(out, "outputs")
         # a's held row (seq 2) is released by the expire timer at 203 (watermark 400), b's (seq 1) at 350,
         # while window [0, 1000) is still open downstream. Held until a's next event (applied after the
         # watermark passed 1200) or the end of the input, they would be late for that window and dropped.
         early = (out | beam.Filter(lambda pr: pr.ts < 1000) | beam.WindowInto(FixedWindows(1000))
                  | beam.Map(lambda pr: (pr.key, pr.seq)) | beam.GroupByKey()
                  | beam.MapTuple(lambda k, seqs: (k, sorted(seqs))))
-        assert_that(early, lambda got: _eq_set(got, [("a", [0, 1, 2]), ("b", [0, 1])]), label="released_in_time")
-        assert_that(out | beam.Filter(lambda pr: pr.fresh) | beam.Map(lambda pr: (pr.key, pr.seq, pr.reset)),
-                    lambda got: _eq_set(got, [("a", 0, "new"), ("b", 0, "new"), ("a", 10, "expired")]),
-                    label="fresh")
+        g(early, "released_in_time")
+    check_next(want)(g["outputs"])
+    _eq_set(g["released_in_time"], [("a", [0, 1, 2]), ("b", [0, 1])])
+    _eq_set([(pr.key, pr.seq, pr.reset) for pr in g["outputs"] if pr.fresh],
+            [("a", 0, "new"), ("b", 0, "new"), ("a", 10, "expired")])
 
 
 def _eq_set(got, want):
@@ -277,7 +297,7 @@ def _eq_set(got, want):
 
 @pytest.mark.parametrize("which", ["other", "wide"])
 @pytest.mark.parametrize("streaming", [False, True])
-def test_logprob_next_across_a_model_update(beam_models, which, streaming):
+def test_logprob_next_across_a_model_update(beam_models, which, streaming, tmp_path):
     """A same-shape update continues each stream (the last old-model row pairs with the first new-model
     byte); an incompatible one resets it: the old stream's last row goes out with no next."""
     rng = np.random.default_rng(9)
@@ -303,11 +323,13 @@ def test_logprob_next_across_a_model_update(beam_models, which, streaming):
     src = (p | _stream([("add", evs[:5] + evs[10:15]), ("wm", 25.0), ("add", evs[5:10] + evs[15:])]) if streaming
            else p | beam.Create(evs))
     out, _ = src | _next_ti(beam_models["tiny"], num_shards=1, window_size=10.0, model_updates=updates)
-    assert_that(out, check_next(want))
+    g = Gather(tmp_path)
+    g(out, "outputs")
     p.run().wait_until_finish()
+    check_next(want)(g["outputs"])
 
 
-def test_an_update_takes_effect_at_its_time_without_other_traffic(beam_models):
+def test_an_update_takes_effect_at_its_time_without_other_traffic(beam_models, tmp_path):
     """a's shard gets nothing after the incompatible update at 20: its state still resets at 20, so a's held row
     goes out then (null next), not at the end of the input, and a's next event restarts as 'model_update'."""
     rng = np.random.default_rng(3)
@@ -317,14 +339,15 @@ def test_an_update_takes_effect_at_its_time_without_other_traffic(beam_models):
              .advance_watermark_to(30).advance_watermark_to(50)
              .add_elements([TimestampedValue(a_late, a_late.ts)]).advance_watermark_to(300)
              .advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity())
+    g = Gather(tmp_path)
     with beam.Pipeline(options=STREAMING) as p:
         updates = p | "Updates" >> beam.Create([ModelUpdate(beam_models["wide"], 20.0)])
         out, _ = p | steps | StatefulInference(
             model=beam_models["tiny"], num_shards=1, window_size=10.0, model_updates=updates, providers=[CPU],
             postprocess=NextTokenPostprocess(k=2), next_fields=("logprob",))
-        seen = out | beam.Map(lambda pr, t=beam.DoFn.TimestampParam: (
-            pr.seq, float(t), pr.reset, pr.model_version.split("+")[0], pr.outputs["logprob_next"] is None))
-        assert_that(seen, lambda rows: _update_rows(sorted(rows)))
+        g(out, "outputs", stamps=True)
+    _update_rows(sorted((pr.seq, t / 1e6, pr.reset, pr.model_version.split("+")[0],
+                         pr.outputs["logprob_next"] is None) for pr, t in g["outputs"]))
 
 
 def _update_rows(rows):
