@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 from . import health as hl
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
-from .errors import InputError
+from .errors import InputError, StreamRNNError
 from .model import ORT_ERRORS, Model, State, inference_error
 from .packing import group, pack
+from .runtime import session_threads, session_twin
 from .slab import SlotStore
 
 Key = str | bytes
@@ -40,6 +41,9 @@ SNAPSHOT_FORMAT = snap.SNAPSHOT_FORMAT
 NEW, EXPIRED, EVICTED, MODEL_UPDATE = "new", "expired", "evicted", "model_update"
 #: how many dropped keys the operator remembers the reason of (older ones restart as ``new``)
 REMEMBER_ENDED = 65_536
+#: a packed group of at most this many rows and at least this many steps runs beside the others when they
+#: hold at least SIDE_REST padded key-steps (``KeyedOperator._side_groups``)
+SIDE_ROWS, SIDE_STEPS, SIDE_REST = 16, 32, 256
 
 
 @dataclass
@@ -173,6 +177,7 @@ class KeyedOperator:
         self._initial_capacity = int(initial_capacity)
         self._on_device_arg = state_on_device
         self._ended: OrderedDict[Key, str] = OrderedDict()  # dropped key -> why (bounded: REMEMBER_ENDED)
+        self._twins: tuple[Model, dict[int, Model | None]] | None = None  # served model, its twins by threads
         self._use_model(model)
 
     def _use_model(self, model: Model) -> None:
@@ -652,8 +657,10 @@ class KeyedOperator:
                       "state": {n: np.empty((t[0], len(watched), *t[1:]), np.float32)
                                 for n, t in self._state_tail.items()},
                       "last": {n: np.empty((len(watched), *t), np.float32) for n, t in self._out_tail.items()}}
-        for grp in groups:
-            whole = len(groups) == 1
+        whole = len(groups) == 1
+
+        def inputs(grp: np.ndarray) -> tuple:
+            """One model call's inputs: the rows ``grp`` of the call, their events and padded steps."""
             counts = g.counts if whole else g.counts[grp]
             T = int(counts.max())
             if whole:
@@ -672,15 +679,11 @@ class KeyedOperator:
                 xb[lr, c] = x[ev]
             gh, gf = hs[grp], fresh[grp]
             lengths = counts.astype(np.int32)
-            nb = len(counts)
             wrow = np.zeros(0, np.int64)
             if shadow is not None:
                 wrow = np.flatnonzero(sh[grp] >= 0)  # local rows with a shadow: extra rows of this call
-            if self._dev is not None:
-                st = State({n: self._dev.gather(n, gh, gf) for n in self._state_names}, self._state_names)
-                o, new = self.model._step_iobinding(xb, lengths, st, device=self._dev.device,
-                                                    device_id=self._dev.device_id)
-            else:
+            st = None
+            if self._dev is None:
                 st = {}
                 any_fresh = bool(gf.any())
                 for n in self._state_names:
@@ -690,60 +693,139 @@ class KeyedOperator:
                     if len(wrow):
                         a = np.concatenate([a, pool.slab[n][:, sh[grp][wrow]]], axis=1)
                     st[n] = a
+                st = State(st, self._state_names)
                 if len(wrow):
                     xb = np.concatenate([xb, xb[wrow]])
                     lengths = np.concatenate([lengths, lengths[wrow]])
-                o, new = self.model.run_unchecked(xb, lengths, State(st, self._state_names))
-            for n, v in o.items():
-                if len(wrow):
-                    v, vs = v[:nb], v[nb:]
-                if whole and T == 1:
-                    outs[n] = v[:, 0]
+            return counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st
+
+        def call(xb: np.ndarray, lengths: np.ndarray, gh: np.ndarray, gf: np.ndarray, st: State | None) -> tuple:
+            if self._dev is not None:
+                st = State({n: self._dev.gather(n, gh, gf) for n in self._state_names}, self._state_names)
+                return self.model._step_iobinding(xb, lengths, st, device=self._dev.device,
+                                                  device_id=self._dev.device_id)
+            return self.model.run_unchecked(xb, lengths, st)
+
+        # the longest, narrowest groups may run on a thread of their own meanwhile (see _side_groups)
+        n_side = self._side_groups(groups, g.counts)
+        side, side_inputs = None, []
+        if n_side:
+            side_inputs = [inputs(grp) for grp in groups[:n_side]]
+            side_model, main_model = self._side_models()
+            side = _Background(lambda: [side_model.run_unchecked(i[5], i[8], i[10]) for i in side_inputs])
+        try:
+            for gi in [*range(n_side, len(groups)), *range(n_side)]:
+                grp = groups[gi]
+                if gi < n_side:
+                    counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st = side_inputs[gi]
+                    o, new = side.result()[gi]
                 else:
-                    outs.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = v[lr, c]
-                if keep_last:
-                    last = v[np.arange(nb), counts - 1]
-                    if whole:
-                        last_row[n] = last
+                    counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st = inputs(grp)
+                    if side is not None and side.running():  # the side holds a core: this call gets the rest
+                        o, new = main_model.run_unchecked(xb, lengths, st)
                     else:
-                        last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
-                if expose:
-                    before = store.last[n][gh]
-                    before[gf] = np.nan
-                    first = c == 0
-                    p = np.empty((len(c), *v.shape[2:]), np.float32)
-                    p[first] = before[lr[first]]
-                    p[~first] = v[lr[~first], c[~first] - 1]
-                    if whole:
-                        prev[n] = p
-                    else:
-                        prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
-                if health and n == "logprobs":
-                    xe = x[ev]
-                    first = c == 0
-                    lp = np.empty(len(c), np.float32)
-                    fr = np.flatnonzero(first)
-                    lp[fr] = store.last[n][gh[lr[fr]], xe[fr]]
-                    lp[fr[gf[lr[fr]]]] = np.nan
-                    nf = np.flatnonzero(~first)
-                    if len(nf):
-                        lp[nf] = v[lr[nf], c[nf] - 1, xe[nf]]
-                    lc[ev] = -lp.astype(np.float64)
+                        o, new = call(xb, lengths, gh, gf, st)
+                nb = len(counts)
+                for n, v in o.items():
                     if len(wrow):
-                        self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts)
+                        v, vs = v[:nb], v[nb:]
+                    if whole and T == 1:
+                        outs[n] = v[:, 0]
+                    else:
+                        outs.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = v[lr, c]
+                    if keep_last:
+                        last = v[np.arange(nb), counts - 1]
+                        if whole:
+                            last_row[n] = last
+                        else:
+                            last_row.setdefault(n, np.empty((B, *v.shape[2:]), np.float32))[grp] = last
+                    if expose:
+                        before = store.last[n][gh]
+                        before[gf] = np.nan
+                        first = c == 0
+                        p = np.empty((len(c), *v.shape[2:]), np.float32)
+                        p[first] = before[lr[first]]
+                        p[~first] = v[lr[~first], c[~first] - 1]
+                        if whole:
+                            prev[n] = p
+                        else:
+                            prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
+                    if health and n == "logprobs":
+                        xe = x[ev]
+                        first = c == 0
+                        lp = np.empty(len(c), np.float32)
+                        fr = np.flatnonzero(first)
+                        lp[fr] = store.last[n][gh[lr[fr]], xe[fr]]
+                        lp[fr[gf[lr[fr]]]] = np.nan
+                        nf = np.flatnonzero(~first)
+                        if len(nf):
+                            lp[nf] = v[lr[nf], c[nf] - 1, xe[nf]]
+                        lc[ev] = -lp.astype(np.float64)
+                        if len(wrow):
+                            self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts)
+                    if len(wrow):
+                        shadow["last"][n][shadow["row_of"][grp[wrow]]] = vs[np.arange(len(wrow)), counts[wrow] - 1]
                 if len(wrow):
-                    shadow["last"][n][shadow["row_of"][grp[wrow]]] = vs[np.arange(len(wrow)), counts[wrow] - 1]
-            if len(wrow):
-                rows = shadow["row_of"][grp[wrow]]
-                for n in self._state_names:
-                    shadow["state"][n][:, rows] = new.raw(n)[:, nb:]
-                new_state.append((grp, {n: new.raw(n)[:, :nb] for n in self._state_names}))
-            else:
-                new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
+                    rows = shadow["row_of"][grp[wrow]]
+                    for n in self._state_names:
+                        shadow["state"][n][:, rows] = new.raw(n)[:, nb:]
+                    new_state.append((grp, {n: new.raw(n)[:, :nb] for n in self._state_names}))
+                else:
+                    new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
+        finally:
+            if side is not None:
+                side.join()  # a failure in the main thread's calls: the side call ends before the error goes up
         if shadow is not None:
             shadow["events"] = np.concatenate(shadow["events"]) if shadow["events"] else np.zeros(0, np.int64)
             shadow["loss"] = np.concatenate(shadow["loss"]) if shadow["loss"] else np.zeros(0)
         return outs, new_state, last_row, prev, lc, shadow
+
+    def _side_groups(self, groups: list[np.ndarray], counts: np.ndarray) -> int:
+        """How many of the first (longest) packed groups run on a thread of their own while the rest run.
+
+        A narrow group (at most :data:`SIDE_ROWS` rows) of long rows (at least :data:`SIDE_STEPS` steps) is
+        latency-bound: one recurrent step after another at a small batch, which ONNX Runtime's threads
+        cannot split well (each step waits for every thread). Run on a thread of its own, on a one-thread
+        twin of the session (:meth:`_twin_model`: same bytes, same results), its steps overlap with the
+        wide calls' instead of adding to them. Groups are taken while the side's cost (the packing's cost
+        model) stays within half the call's (the first one always, if narrow and long: it is the critical
+        path), and only when the rest holds at least :data:`SIDE_REST` padded key-steps to overlap with.
+        Host state only; 0: everything runs in turn."""
+        if self._dev is not None or len(groups) < 2 or not math.isfinite(self.pack_step_cost):
+            return 0
+        T = [int(counts[gr].max()) for gr in groups]
+        cost = [t * (self.pack_step_cost + len(gr)) for t, gr in zip(T, groups, strict=True)]
+        half, side, n = sum(cost) / 2, 0.0, 0
+        while (n < len(groups) - 1 and len(groups[n]) <= SIDE_ROWS and T[n] >= SIDE_STEPS
+               and (n == 0 or side + cost[n] <= half)):
+            side += cost[n]
+            n += 1
+        rest = sum(t * len(gr) for t, gr in zip(T[n:], groups[n:], strict=True))
+        return n if rest >= SIDE_REST and self._side_models() is not None else 0
+
+    def _side_models(self) -> tuple[Model, Model] | None:
+        """The models of a call with side groups: the side's on one intra-op thread, and the one the other
+        calls use while the side runs, on the session's other threads (the served model if it has one
+        thread), so that the two together take the cores the session would (more oversubscribe them: each
+        step of a parallel operator then waits for a thread that is not running). None where no twin can
+        be made (another provider, or ONNX Runtime no longer holds the model's bytes)."""
+        n = session_threads(self.model.session)
+        side = self._twin_model(1)
+        main = self.model if n < 2 else side if n == 2 else self._twin_model(n - 1)
+        return None if side is None or main is None else (side, main)
+
+    def _twin_model(self, threads: int) -> Model | None:
+        """The served model on a session of its own with ``threads`` intra-op threads (made on first use)."""
+        if self._twins is None or self._twins[0] is not self.model:
+            self._twins = (self.model, {})
+        twins = self._twins[1]
+        if threads not in twins:
+            try:
+                sess = session_twin(self.model.session, threads, what=self.model.source)
+                twins[threads] = None if sess is None else Model(sess, self.model.spec, source=self.model.source)
+            except StreamRNNError:
+                twins[threads] = None
+        return twins[threads]
 
     def _shadow_losses(self, shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts) -> None:
         """Per-event losses of one call's shadow rows (its first event scored by the shadow's last output)."""
@@ -899,6 +981,35 @@ class KeyedOperator:
             self.evictions.model_update += len(ended)
             self._remember_ended(ended, MODEL_UPDATE)
             return ended
+
+
+class _Background:
+    """``fn()`` on a thread of its own; :meth:`result` waits and returns its value or raises its error."""
+
+    def __init__(self, fn: Callable[[], Any]):
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+        def target() -> None:
+            try:
+                self._value = fn()
+            except BaseException as e:  # handed to the caller by result()
+                self._error = e
+
+        self._thread = threading.Thread(target=target, name="streamrnn-side-call", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 _PLAIN_KEYS = frozenset((str, bytes))

@@ -5,6 +5,8 @@ once runs without grouping or planning. It must be indistinguishable from the ge
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 from conftest import FakeClock
@@ -174,3 +176,106 @@ def test_keys_of_other_types_take_the_checked_path(lstm):
         op.process(["a", 7], [1, 2])
     with pytest.raises(InputError, match=r"process: keys\[0\]: expected str or bytes, got list"):
         op.process([["a"]], [1])
+
+
+# -- side calls: the long, narrow groups of a skewed call run on a thread of their own ------------------------
+def _skewed(rng, busy: int = 120, quiet: int = 150) -> tuple[list[str], np.ndarray]:
+    """One busy key among many quiet ones, interleaved (the busy key's events spread through the call)."""
+    keys = ["busy"] * busy + [f"q{i % quiet}" for i in range(2 * quiet)]
+    order = rng.permutation(len(keys))
+    return [keys[i] for i in order], rng.integers(0, 256, len(keys))
+
+
+def _no_side(op: KeyedOperator) -> KeyedOperator:
+    op._side_groups = lambda groups, counts: 0
+    return op
+
+
+def _spy_side(op: KeyedOperator) -> list[int]:
+    seen, real = [], op._side_groups
+
+    def side(groups, counts):
+        n = real(groups, counts)
+        seen.append(n)
+        return n
+
+    op._side_groups = side
+    return seen
+
+
+@pytest.mark.parametrize("health", sorted(HEALTH))
+def test_side_calls_equal_calls_in_turn_and_each_key_alone(lstm, rng, health):
+    """A skewed call with its busy key's group on the side thread: the same results, bit for bit, as every
+    group in turn, for every health policy; and each key's state equals Model.step over its events."""
+    clock = FakeClock()
+    a, b = (KeyedOperator(lstm, keep_last_output=True, clock=clock, health=HEALTH[health]) for _ in range(2))
+    _no_side(b)
+    side = _spy_side(a)
+    events: dict[str, list[int]] = {}
+    for _ in range(2):
+        keys, x = _skewed(rng)
+        _assert_same_result(a.process(keys, x), b.process(keys, x))
+        for k, t in zip(keys, x.tolist(), strict=True):
+            events.setdefault(k, []).append(t)
+    assert side[0] >= 1 and side[1] >= 1  # the busy key's group ran beside the others
+    assert a.snapshot().equals(b.snapshot(), check_metadata=True)
+    if health == "off":  # (health replaces some states by their shadow's: no single Model.step reference)
+        for k in ("busy", "q0", "q7"):
+            _, want = lstm.step(np.array([events[k]]))
+            for n in ("h", "c"):
+                np.testing.assert_allclose(a.state_of(k)[n], want[n], atol=2e-5)
+
+
+def _fail_beside(monkeypatch, op: KeyedOperator, where: str) -> list[str]:
+    """Make the side thread's call (``side``: the busy key's, 100+ steps) or a main-thread call made while the
+    side runs (``main``: a wide one) raise. For ``main`` the side call waits until that call has failed, so
+    that it is surely still running then."""
+    hits, failed = [], threading.Event()
+    for model in {id(m): m for m in op._side_models()}.values():
+        real = model.run_unchecked
+
+        def run(x, lengths, state, real=real):
+            if x.shape[1] >= 100:  # the side's call
+                if where == "side":
+                    hits.append("side")
+                    raise Boom("injected ONNX Runtime failure")
+                failed.wait(30)
+            elif where == "main" and x.shape[0] > 16:
+                hits.append("main")
+                failed.set()
+                raise Boom("injected ONNX Runtime failure")
+            return real(x, lengths, state)
+
+        monkeypatch.setattr(model, "run_unchecked", run)
+    return hits
+
+
+@pytest.mark.parametrize("where", ["side", "main"])
+def test_a_failed_side_or_main_call_changes_nothing(lstm, monkeypatch, rng, where):
+    """A failure in the side thread's call, or in a main-thread call while the side runs: the error comes up
+    from process, nothing changes, and the operator goes on as a twin that never saw the call."""
+    clock = FakeClock()
+    op, ref = (KeyedOperator(lstm, keep_last_output=True, clock=clock, health="flag") for _ in range(2))
+    keys, x = _skewed(rng)
+    for o in (op, ref):
+        o.process(keys, x)
+    before = _everything(op)
+    side = _spy_side(op)
+    hits = _fail_beside(monkeypatch, op, where)
+    with pytest.raises(Boom):
+        op.process(*_skewed(rng))
+    assert side == [1] and hits == [where]
+    _assert_same(before, _everything(op))
+    monkeypatch.undo()
+    keys, x = _skewed(rng)
+    _assert_same_result(op.process(keys, x), ref.process(keys, x))
+    assert op.snapshot().equals(ref.snapshot(), check_metadata=True)
+
+
+def test_no_twin_no_side(lstm, monkeypatch, rng):
+    """Where no one-thread twin can be made, every group runs in turn on the served model."""
+    monkeypatch.setattr("streamrnn.keyed.session_twin", lambda *a, **k: None)
+    op = KeyedOperator(lstm)
+    side = _spy_side(op)
+    op.process(*_skewed(rng))
+    assert side == [0]
