@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import ClassVar
 
 import apache_beam as beam
@@ -82,13 +83,29 @@ def _by_event(outs):
     return got
 
 
+@pytest.fixture(scope="module")
+def whole(beam_models):
+    """One batch run over the whole stream (3 shards): (outputs, dead letters)."""
+    evs, dups = _events()
+    return _run("whole", evs + dups, shards=3, model=beam_models["tiny"])
+
+
+@pytest.fixture(scope="module")
+def batch_a(beam_models, tmp_path_factory):
+    """Run A in batch on the first part (2 shards), saving its state: (outputs, dead letters, the snapshot).
+    Tests that change the snapshot change a copy."""
+    evs, _ = _events()
+    snap = str(tmp_path_factory.mktemp("batch_a") / "snap")
+    a_out, a_dead = _run("A", [e for e in evs if e.ts < CUT], shards=2, model=beam_models["tiny"], save_state=snap)
+    return a_out, a_dead, snap
+
+
 @pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming-B"])
-def test_a_then_b_from_a_snapshot_equals_one_run(beam_models, tmp_path, streaming):
+def test_a_then_b_from_a_snapshot_equals_one_run(beam_models, whole, batch_a, streaming):
     evs, dups = _events()
     model = beam_models["tiny"]
-    whole_out, whole_dead = _run("whole", evs + dups, shards=3, model=model)
-    snap = str(tmp_path / "snap")
-    a_out, a_dead = _run("A", [e for e in evs if e.ts < CUT], shards=2, model=model, save_state=snap)
+    whole_out, whole_dead = whole
+    a_out, a_dead, snap = batch_a
     manifest = json.loads(open(os.path.join(snap, "manifest.json")).read())
     assert manifest["num_shards"] == 2 and len(manifest["shards"]) == 2 and manifest["keys"] > 0
     b_out, b_dead = _run("B", [e for e in evs if e.ts >= CUT] + dups, shards=5, model=model, initial_state=snap,
@@ -110,10 +127,8 @@ def test_a_then_b_from_a_snapshot_equals_one_run(beam_models, tmp_path, streamin
     assert {d[2] for d in dead} == {"duplicate"}
 
 
-def test_a_snapshot_of_another_model_is_refused_in_one_line(beam_models, tmp_path):
-    evs, _ = _events()
-    snap = str(tmp_path / "snap")
-    _run("A", evs[:20], shards=2, model=beam_models["tiny"], save_state=snap)
+def test_a_snapshot_of_another_model_is_refused_in_one_line(beam_models, batch_a, tmp_path):
+    snap = batch_a[2]
     with pytest.raises(InputError, match=r"^initial_state: .*expected state shapes") as e:
         StatefulInference(model=beam_models["wide"], initial_state=snap, providers=[CPU])
     assert "\n" not in str(e.value)
@@ -171,10 +186,10 @@ def test_the_next_token_job_rescales_through_save_and_initial_state(beam_models,
             assert (x is None) == (y is None) and (x is None or abs(x - y) <= 1e-6), (k, x, y)
 
 
-def test_a_streaming_run_saves_at_its_drain_and_b_continues_it(beam_models, tmp_path):
+def test_a_streaming_run_saves_at_its_drain_and_b_continues_it(beam_models, whole, tmp_path):
     evs, dups = _events()
     model = beam_models["tiny"]
-    whole_out, _ = _run("whole", evs + dups, shards=3, model=model)
+    whole_out, _ = whole
     snap = str(tmp_path / "snap")
     a_out, _ = _run("A", [e for e in evs if e.ts < CUT], shards=2, model=model, save_state=snap, streaming=True)
     b_out, _ = _run("B", [e for e in evs if e.ts >= CUT] + dups, shards=4, model=model, initial_state=snap)
@@ -215,10 +230,9 @@ def test_events_of_windows_the_saved_run_released_are_late_in_the_next(beam_mode
     assert [(p.seq, p.pos) for p in b_out if p.seq == 8] == [(8, 1)]  # its stream restarted at 90 (TTL 30)
 
 
-def test_bad_snapshots_and_folders_are_refused_in_one_line(beam_models, tmp_path):
-    evs, _ = _events()
+def test_bad_snapshots_and_folders_are_refused_in_one_line(beam_models, batch_a, tmp_path):
     snap = tmp_path / "snap"
-    _run("A", evs[:30], shards=2, model=beam_models["tiny"], save_state=str(snap))
+    shutil.copytree(batch_a[2], snap)  # (a copy: this test damages it)
     tiny = beam_models["tiny"]
 
     def refused(match, **kw):
