@@ -17,7 +17,7 @@ from streamrnn.forecast.distribution import covered
 NU = 5.0
 
 
-def _regime_market(S: int = 50, N: int = 1500, seed: int = 0):
+def _regime_market(S: int = 40, N: int = 3000, seed: int = 0):
     """S symbols, N calm bars (sd 0.5%) then N wild bars (sd 4%), t5 returns; a forecaster that knows the
     regime's level but is 25% too wide in calm and 40% too narrow in the wild half (the shipped model's
     failure, exaggerated). h1 and h2 targets, origin-indexed as features.targets gives them."""
@@ -44,40 +44,46 @@ def _coverage(y, lo, hi) -> np.ndarray:
 
 
 def test_calibrated_coverage_converges_per_regime_half_and_raw_does_not():
+    """At the shipped step: the second half of each regime covers within a tolerance of every level, where the raw
+    band is too wide (calm) or far too narrow (wild). The one exception is documented: the 99% band and the 1%
+    VaR narrow only slowly after a too-wide regime (their step is 1/20 of the 80% level's and the information is
+    in rare misses), so in the calm half they are only required to be nearer the level than the raw band."""
     y, scale, valid, N = _regime_market()
     S, T, H = y.shape
     cal = OnlineConformal([NU, NU])
+    assert cal.config.gamma == GAMMA and cal.config.scaling == "proportional"
     A = cal.run([f"S{i}" for i in range(S)], y, np.zeros_like(y), scale, valid)
-    b = bands(A, np.zeros_like(y), scale, [NU, NU], cal.config)
-    late = (slice(N // 2, N), slice(N + N // 2, T - 2))  # the second half of each regime (1 / gamma = 200 bars)
-    tol = {0.5: 0.01, 0.8: 0.008, 0.95: 0.005, 0.99: 0.003}
-    for h in range(H):
-        for lv in conformal.LEVELS:
-            aci = _coverage(y[..., h], b[f"lo{conformal.label(lv)}"][..., h], b[f"hi{conformal.label(lv)}"][..., h])
-            raw = covered(lv, y[..., h], 0.0, scale[..., h], NU)
-            for part in late:
-                assert abs(aci[:, part].mean() - lv) < tol[lv], (h, lv, aci[:, part].mean())
-            # raw: too wide in the calm half (but at 99%, where the tail is hardly wider), far too narrow in the wild
-            if lv < 0.99:
-                assert raw[:, late[0]].mean() - lv > 2 * tol[lv], (h, lv)
-            assert lv - raw[:, late[1]].mean() > 5 * tol[lv], (h, lv)
-        for p in conformal.TAILS:
-            var = b[f"var{conformal.label(p)}"][..., h]
-            for part in late:
-                ex = (y[..., h] < -var)[:, part].mean()
-                assert abs(ex - p) < 0.2 * p, (h, p, ex)
-            raw_wild = (y[..., h] < distribution.quantiles(p, 0.0, scale[..., h], NU))[:, late[1]].mean()
-            assert raw_wild > 2 * p
-    # the whole wild half, adaptation included, at the shipped step: within 3.5 points at 80%
-    aci80 = _coverage(y[..., 0], b["lo80"][..., 0], b["hi80"][..., 0])[:, N:T - 2].mean()
-    assert abs(aci80 - 0.8) < 0.035 and cal.config.gamma == GAMMA
+    tol = {0.5: 0.01, 0.8: 0.008, 0.95: 0.005, 0.99: 0.003, 0.01: 0.2 * 0.01, 0.05: 0.2 * 0.05}
+    slow = (0.99, 0.01)
+    for half, part in (("calm", slice(N // 2, N)), ("wild", slice(N + N // 2, T - 2))):
+        b = bands(A[:, part], np.zeros_like(y[:, part]), scale[:, part], [NU, NU], cal.config)
+        for h in range(H):
+            yy, sc = y[:, part, h], scale[:, part, h]
+            got = {lv: _coverage(yy, *(b[f"{e}{conformal.label(lv)}"][..., h] for e in ("lo", "hi"))).mean()
+                   for lv in conformal.LEVELS}
+            raw = {lv: covered(lv, yy, 0.0, sc, NU).mean() for lv in conformal.LEVELS}
+            for p in conformal.TAILS:  # exceedances of the VaR (a positive loss): the return below -VaR
+                got[p] = (yy < -b[f"var{conformal.label(p)}"][..., h]).mean()
+                raw[p] = (yy < distribution.quantiles(p, 0.0, sc, NU)).mean()
+            for x in (*conformal.LEVELS, *conformal.TAILS):  # x: the level, or the tail's nominal rate
+                if half == "calm" and x in slow:
+                    assert abs(got[x] - x) < abs(raw[x] - x), (half, h, x, got[x], raw[x])
+                else:
+                    assert abs(got[x] - x) < tol[x], (half, h, x, got[x])
+                if not (half == "calm" and x == 0.99):  # raw 99% in the calm half: 99.5%, hardly off
+                    assert abs(raw[x] - x) > 2 * tol[x], (half, h, x, raw[x])
+    # the whole wild half, adaptation included: within 3 points at 80% (raw: 58.5%)
+    b = bands(A[:, N:T - 2, :1], np.zeros((S, T - 2 - N, 1)), scale[:, N:T - 2, :1], [NU], conformal.ConformalConfig(1))
+    assert abs(_coverage(y[:, N:T - 2, 0], b["lo80"][..., 0], b["hi80"][..., 0]).mean() - 0.8) < 0.03
 
 
-def _reference(y, loc, scale, valid, df, levels, tails, gamma):
+def _reference(y, loc, scale, valid, df, levels, tails, gamma, proportional):
     """A scalar ACI written from the paper with scipy's quantiles: per key, per horizon and target, the band
-    issued at origin o is compared with o's outcome when it arrives (bar o + h + 1)."""
+    issued at origin o (at the state clipped to [1e-6, 1 - 1e-6]) is compared with o's outcome when it arrives
+    (bar o + h + 1); the step is gamma, or gamma * a / 0.2 for a target of miscoverage a."""
     T, H = y.shape
     nominal = [1 - lv for lv in levels] + list(tails)
+    steps = [gamma * a / 0.2 if proportional else gamma for a in nominal]
     a = [list(nominal) for _ in range(H)]
     issued = np.zeros((T, H, len(nominal)))
     for t in range(T):
@@ -93,12 +99,13 @@ def _reference(y, loc, scale, valid, df, levels, tails, gamma):
                     err = not (lo <= y[o, h] <= hi)
                 else:
                     err = y[o, h] < loc[o, h] + stats.t.ppf(p, df[h]) * scale[o, h]
-                a[h][k] = a[h][k] + gamma * (nom - err)
+                a[h][k] = a[h][k] + steps[k] * (nom - err)
         issued[t] = a
     return issued
 
 
-def test_matches_a_scalar_reference_written_from_the_paper_with_delayed_horizons():
+@pytest.mark.parametrize("scaling", ["proportional", "constant"])
+def test_matches_a_scalar_reference_written_from_the_paper_with_delayed_horizons(scaling):
     rng = np.random.default_rng(3)
     T, H = 300, 3
     df = [4.0, 6.0, 9.0]
@@ -112,9 +119,9 @@ def test_matches_a_scalar_reference_written_from_the_paper_with_delayed_horizons
         valid[:T - h - 1, h] = True
     valid[40, 1] = False  # a target crossing a corporate-action jump: never learned
     levels, tails, gamma = (0.5, 0.9), (0.05,), 0.05
-    cal = OnlineConformal(df, levels=levels, tails=tails, gamma=gamma)
+    cal = OnlineConformal(df, levels=levels, tails=tails, gamma=gamma, scaling=scaling)
     got = cal.run(["K"], y[None], loc[None], scale[None], valid[None])[0]
-    want = _reference(y, loc, scale, valid, df, levels, tails, gamma)
+    want = _reference(y, loc, scale, valid, df, levels, tails, gamma, scaling == "proportional")
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert np.abs(got - cal.config.nominal).max() > 0.1  # it moved
 
@@ -257,6 +264,7 @@ def test_bad_input_is_one_error_naming_the_field_and_the_state_is_unchanged(call
     ({"levels": (0.8, 1.0)}, "conformal: levels: expected distinct values in (0, 1), got [0.8, 1.0]"),
     ({"tails": (0.6,)}, "conformal: tails: expected distinct values in (0, 0.5), got [0.6]"),
     ({"gamma": 0.0}, "conformal: gamma: expected a step in (0, 1), got 0.0"),
+    ({"scaling": "log"}, "conformal: scaling: expected one of ['proportional', 'constant'], got 'log'"),
     ({"df": []}, "conformal: df: expected one value > 0 per horizon, got []"),
 ])
 def test_bad_configuration_is_one_error(kw, message):

@@ -106,6 +106,7 @@ def _eval(a: argparse.Namespace) -> int:
         r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
+                          scaling=a.gamma_scaling,
                           **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
                              if v is not None})
     if a.json:
@@ -173,7 +174,10 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     e.add_argument("--var", type=_fractions(0, 0.5, "tail probabilities"),
                    help="VaR / expected-shortfall tail probabilities, left tail (default 0.01,0.05)")
     e.add_argument("--gamma", type=_fractions(0, 1, "ACI steps"),
-                   help="ACI step (default 0.005); several: the first makes the tables, each gets a gamma-scan line")
+                   help="ACI step of the 80%% level (default 0.01); several: the first makes the tables, each gets a "
+                        "gamma-scan line")
+    e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",
+                   help="ACI step per target: proportional to its miscoverage (default) or gamma for every target")
     e.add_argument("--no-garch", action="store_true", help="skip the GARCH baselines (faster)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval)

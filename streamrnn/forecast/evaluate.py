@@ -124,15 +124,16 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                   parity_symbols: int = 100, period: str = "test", start: str | None = None,
                   end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
                   tails: Sequence[float] = conformal.TAILS,
-                  gamma: float | Sequence[float] = conformal.GAMMA) -> dict:
+                  gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional") -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
     interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
-    tables, every one gets a ``conformal.gamma_scan`` entry)."""
+    tables, every one gets a ``conformal.gamma_scan`` entry); ``scaling``: the steps per target
+    (:class:`~.conformal.ConformalConfig`)."""
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
-    cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0])
+    cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling)
     for g in gammas[1:]:
         conformal.ConformalConfig(1, gamma=g)
     cov_levels = tuple(sorted({*COVERAGE_LEVELS, *cal_cfg.levels}))
@@ -281,7 +282,7 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
     codes = np.unique(G, return_inverse=True)[1]  # symbols as ints: the per-symbol Kupiec counts are bincounts
 
     def issued(g: float) -> np.ndarray:
-        cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=g)
+        cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=g, scaling=cfg.scaling)
         a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
         return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
 
@@ -446,8 +447,8 @@ def render_table(r: dict) -> str:
 def render_conformal(c: Mapping, horizon: str = "h1") -> list[str]:
     """Text lines of the raw vs ACI-calibrated table (coverage per level, worst year and quarter, VaR
     exceedances and Kupiec's test, coverage by year) for one horizon, and the gamma scan."""
-    lines = [f"\nonline calibration: ACI per symbol (gamma {c['gamma']:g}, from each symbol's first bar), {horizon}, "
-             "raw -> calibrated; coverage % (deviation from the level, points)"]
+    lines = [f"\nonline calibration: ACI per symbol (gamma {c['gamma']:g} {c.get('scaling', '')}, from each symbol's "
+             f"first bar), {horizon}, raw -> calibrated; coverage % (deviation from the level, points)"]
 
     def cov(x: Mapping) -> str:
         return f"{x['coverage']:6.2f} ({x['dev']:+5.2f})"
