@@ -169,41 +169,49 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
         last = counts - 1
         num, den = nump[np.arange(B), last], denp[np.arange(B), last]
     ref = cfg.reference
-    with np.errstate(invalid="ignore", divide="ignore"):
-        health = nump / denp / ref if ref is not None else np.full((B, T), np.nan)
-        ew_now = num / den
     new = dict(cols)
     new["ew_num"], new["ew_den"] = num, den
     heal = np.zeros(B, bool)
     keep = np.zeros(B, bool)
     release = np.zeros(B, bool)
-    if ls is not None and watched.any():
-        age = cols["shadow_age"][:, None] + np.arange(1, T + 1)[None, :]  # shadow steps after each position
-        pair = watched[:, None] & ~np.isnan(lc) & ~np.isnan(ls) & (age > cfg.warmup)
-        cc = np.cumsum(np.where(pair, lc, 0.0), axis=1) + cols["win_carried"][:, None]
-        cs = np.cumsum(np.where(pair, ls, 0.0), axis=1) + cols["win_shadow"][:, None]
-        cp = np.cumsum(pair, axis=1) + cols["win_pairs"][:, None]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            health = np.where(watched[:, None] & (cp > 0), cc / cs, health)
-        win_c, win_s, win_p = cc[:, -1], cs[:, -1], cp[:, -1]
-        win_n = cols["win_steps"] + np.where(watched, counts, 0)
-        close = watched & (win_n >= cfg.window)
-        decisive = close & (win_p > 0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mc, ms = win_c / win_p, win_s / win_p
-        strike = decisive & (mc > ms + cfg.margin)
-        strikes = np.where(close, np.where(strike, cols["strikes"] + 1, 0), cols["strikes"])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            new["ratio"] = np.where(decisive, mc / ms, cols["ratio"])
-        heal = close & (strikes >= cfg.patience) if cfg.policy == "heal" else np.zeros(B, bool)
-        release = close & (heal | ~strike)
-        keep = watched & ~release
-        new["strikes"] = np.where(heal, 0, strikes)
-        new["shadow_age"] = np.where(keep, cols["shadow_age"] + counts, 0)
-        new["win_steps"] = np.where(close, 0, win_n)
-        new["win_pairs"] = np.where(close, 0, win_p)
-        new["win_carried"] = np.where(close, 0.0, win_c)
-        new["win_shadow"] = np.where(close, 0.0, win_s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        health = nump / denp / ref if ref is not None else np.full((B, T), np.nan)
+        ew_now = num / den
+        if ls is not None and watched.any():
+            if T == 1:  # the sums over one position (the cumulative sums below, without their passes)
+                pair = watched & ~np.isnan(lc[:, 0]) & ~np.isnan(ls[:, 0]) & (cols["shadow_age"] + 1 > cfg.warmup)
+                win_c = np.where(pair, lc[:, 0], 0.0) + cols["win_carried"]
+                win_s = np.where(pair, ls[:, 0], 0.0) + cols["win_shadow"]
+                win_p = pair + cols["win_pairs"]
+                health = np.where((watched & (win_p > 0))[:, None], (win_c / win_s)[:, None], health)
+            else:
+                age = cols["shadow_age"][:, None] + np.arange(1, T + 1)[None, :]  # shadow steps after each position
+                pair = watched[:, None] & ~np.isnan(lc) & ~np.isnan(ls) & (age > cfg.warmup)
+                cc = np.cumsum(np.where(pair, lc, 0.0), axis=1) + cols["win_carried"][:, None]
+                cs = np.cumsum(np.where(pair, ls, 0.0), axis=1) + cols["win_shadow"][:, None]
+                cp = np.cumsum(pair, axis=1) + cols["win_pairs"][:, None]
+                health = np.where(watched[:, None] & (cp > 0), cc / cs, health)
+                win_c, win_s, win_p = cc[:, -1], cs[:, -1], cp[:, -1]
+            win_n = cols["win_steps"] + np.where(watched, counts, 0)
+            close = watched & (win_n >= cfg.window)
+            if close.any():
+                decisive = close & (win_p > 0)
+                mc, ms = win_c / win_p, win_s / win_p
+                strike = decisive & (mc > ms + cfg.margin)
+                strikes = np.where(close, np.where(strike, cols["strikes"] + 1, 0), cols["strikes"])
+                new["ratio"] = np.where(decisive, mc / ms, cols["ratio"])
+                heal = close & (strikes >= cfg.patience) if cfg.policy == "heal" else np.zeros(B, bool)
+                release = close & (heal | ~strike)
+                keep = watched & ~release
+                new["strikes"] = np.where(heal, 0, strikes)
+                new["win_steps"] = np.where(close, 0, win_n)
+                new["win_pairs"] = np.where(close, 0, win_p)
+                new["win_carried"] = np.where(close, 0.0, win_c)
+                new["win_shadow"] = np.where(close, 0.0, win_s)
+            else:  # no window closes (most calls): no verdict, the sums go on
+                keep = watched
+                new["win_steps"], new["win_pairs"], new["win_carried"], new["win_shadow"] = win_n, win_p, win_c, win_s
+            new["shadow_age"] = np.where(keep, cols["shadow_age"] + counts, 0)
     start = np.zeros(B, bool)
     if cfg.policy == "heal" and room > 0:
         start = want_watch(cfg, ew_now, steps_after) & ~keep

@@ -387,11 +387,13 @@ class KeyedOperator:
 
     def _process_known(self, keys: Sequence[Key], x: np.ndarray, now: float) -> KeyedResult | None:
         """The steady-state call without grouping or planning: every key held and unexpired, each once (one
-        step per key), no health shadow running or starting. None, having changed nothing, for any other
-        call (the general path then runs it). Results, state and counters equal the general path's
-        (tests/test_keyed_fast.py). Host state only; the caller holds the lock and read the clock.
+        step per key). None, having changed nothing, for any other call (the general path then runs it).
+        Results, state and counters equal the general path's (tests/test_keyed_fast.py). Host state only;
+        the caller holds the lock and read the clock.
 
-        One key (the latency path) is addressed by a slice: views and scalar writes, no fancy indexing."""
+        One key (the latency path) is addressed by a slice: views and scalar writes, no fancy indexing.
+        Health: the EW update alone where no shadow runs or starts (:meth:`_known_health`), else the full
+        verdict with the shadows as extra rows of the same call (:meth:`_known_verdict`)."""
         store, N = self._store, len(x)
         get = store.slots.get
         if N == 1:
@@ -406,20 +408,27 @@ class KeyedOperator:
             at = np.array(held, np.int64)
         if self.ttl is not None and not store.none_expired(now - self.ttl):
             return None
-        health = None
+        health = verdict = None
+        names, slab, last = self._state_names, store.slab, store.last
         if self._health_on:
             health = self._known_health(at, x)
             if health is None:
-                return None
-        names, slab, last = self._state_names, store.slab, store.last
-        # one key: views of its slab columns (ONNX Runtime copies them); more: one gather per state tensor
-        st = {n: slab[n][:, at] for n in names} if N == 1 else {n: slab[n].take(at, axis=1) for n in names}
-        o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
-        outs = {n: v[:, 0] for n, v in o.items()}
+                if N == 1:
+                    at = np.array([s])
+                verdict, sh, watched = self._known_verdict(at, x)
+        if verdict is not None and len(watched):  # the shadows: extra rows of the same call
+            pool = store.shadow.slab
+            st = {n: np.concatenate([slab[n].take(at, axis=1), pool[n][:, sh[watched]]], axis=1) for n in names}
+            xb = np.concatenate([x, x[watched]])[:, None]
+        else:  # one key: views of its slab columns (ONNX Runtime copies them); more: one gather per tensor
+            st = {n: slab[n][:, at] for n in names} if N == 1 else {n: slab[n].take(at, axis=1) for n in names}
+            xb = x[:, None]
+        o, new = self.model.run_unchecked(xb, self.model._lengths(None, len(xb), 1), State(st, names))
+        outs = {n: v[:N, 0] for n, v in o.items()}
         prev = {n: last[n][at].copy() if N == 1 else last[n][at] for n in outs} if self.keep_last_output else {}
         # -- commit (nothing below can fail on valid data)
         for n in names:
-            slab[n][:, at] = new.raw(n)
+            slab[n][:, at] = new.raw(n)[:, :N]
         if self._keep_last:
             for n, v in outs.items():
                 last[n][at] = v
@@ -433,6 +442,17 @@ class KeyedOperator:
             steps[at] = pos + 1
             store.touch(at, now)
         reset, fresh = np.array([""] * N, object), np.zeros(N, bool)
+        if verdict is not None:
+            shadow = {"row_of": np.full(N, -1, np.int64), "state": {n: new.raw(n)[:, N:] for n in names},
+                      "last": {n: v[N:, 0] for n, v in o.items()}}
+            shadow["row_of"][watched] = np.arange(len(watched))
+            healed = self._commit_health(verdict, at, shadow, sh)
+            if len(healed):  # the key's output is now the shadow's (the state's), as in the general path
+                reset[healed] = hl.HEALTH
+                for n, a in shadow["last"].items():
+                    outs[n][healed] = a[shadow["row_of"][healed]]
+            return KeyedResult(outs, pos, fresh, prev, reset, verdict.health[:, 0],
+                               int(np.count_nonzero(hl.bad(self.health, verdict.last_health))))
         if health is None:
             return KeyedResult(outs, pos, fresh, prev, reset)
         h = store.health
@@ -450,7 +470,7 @@ class KeyedOperator:
         """The known-keys path's health update, computed before the model runs (one step per key: its loss
         is scored by the key's last output): the new EW numerator, denominator and state health of the keys
         at ``at`` (Python floats for one key); None when a shadow runs or would start (``heal``), or for a
-        key with no EW loss yet: the general path runs those."""
+        key with no EW loss yet: :meth:`_known_verdict` decides those."""
         cfg, store = self.health, self._store
         h = store.health
         heal = cfg.policy == "heal"
@@ -478,6 +498,27 @@ class KeyedOperator:
         if heal and store.shadow.used < cfg.max_watch and np.any(hl.want_watch(cfg, ew_now, steps_after)):
             return None
         return num, den, health
+
+    def _known_verdict(self, at: np.ndarray, x: np.ndarray) -> tuple[hl.Verdict, np.ndarray | None, np.ndarray]:
+        """The known-keys path's full health verdict (:func:`streamrnn.health.decide`, one step per key), as
+        the general path makes it, before the model runs: the shadows' losses are scored by their last
+        outputs. Returns the verdict, the keys' shadow slots (None without ``heal``) and the watched keys."""
+        cfg, store = self.health, self._store
+        N = len(at)
+        cols = {n: a[at] for n, a in store.health.items()}
+        lc = -store.last["logprobs"][at, x].astype(np.float64)
+        sh, watched, ls, room = None, np.zeros(0, np.int64), None, 0
+        if cfg.policy == "heal":
+            pool = store.shadow
+            sh = store.health["shadow_slot"][at]
+            watched = np.flatnonzero(sh >= 0)
+            room = cfg.max_watch - pool.used + len(watched)
+            if len(watched):
+                ls = np.full((N, 1), np.nan)
+                ls[watched, 0] = -pool.last["logprobs"][sh[watched], x[watched]].astype(np.float64)
+        v = hl.decide(cfg, cols, lc[:, None], ls, np.ones(N, np.int64), store.steps[at] + 1,
+                      np.zeros(N, bool) if sh is None else sh >= 0, room)
+        return v, sh, watched
 
     def _process_grouped(self, g, x: np.ndarray, now: float) -> KeyedResult:
         """Any call (grouped by key, rows packed into model calls); the caller holds the lock."""

@@ -130,6 +130,29 @@ def test_steady_state_calls_take_the_known_path(lstm):
     assert op.evictions.ttl == 3 and op.keys() == ["a"]  # b, c and z
 
 
+@pytest.mark.parametrize("health", ["heal_ref", "heal_sampled"])
+@pytest.mark.parametrize("n_keys", [1, 3])
+def test_known_path_watches_and_heals_as_the_general_path(lstm, rng, health, n_keys):
+    """One step per known key with shadows running, starting, striking and healing: the known-keys path
+    serves every call (shadows as extra rows of its one model call) and equals the general path."""
+    clock = FakeClock()
+    a, b = (KeyedOperator(lstm, keep_last_output=True, clock=clock, health=HEALTH[health]) for _ in range(2))
+    _general_only(b)
+    keys = KEYS[:n_keys]
+    for o in (a, b):
+        o.process(keys, np.arange(n_keys))
+    served, resets = _spy(a), []
+    for _ in range(16):
+        order = [keys[i] for i in rng.permutation(n_keys)]
+        x = rng.integers(0, 256, n_keys)
+        ra = a.process(order, x)
+        _assert_same_result(ra, b.process(order, x))
+        resets += ra.reset.tolist()
+    assert all(served) and len(served) == 16
+    assert a.health_counts == b.health_counts and a.health_counts.heals > 0 and "health" in resets
+    assert a.snapshot().equals(b.snapshot(), check_metadata=True)
+
+
 @pytest.mark.parametrize("health", ["off", "flag"])
 @pytest.mark.parametrize("keys", [["a"], ["c", "a", "b"]])
 def test_a_failed_known_call_changes_nothing(lstm, monkeypatch, health, keys):
