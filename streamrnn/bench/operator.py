@@ -10,8 +10,9 @@ One run measures, on a 2-layer H=256 LSTM LM with random weights, for each (B, T
 
 The skew section feeds the same number of events as Zipf-distributed keys (s = 1.1)
 and as uniform keys (the same distinct keys, events spread evenly), plus the burst case
-of one key with 300 events among 300 single-event keys, each packed (the default) and
-unpacked (one padded call, the old behaviour; 3 calls, timed apart). It reports
+of one key with 300 events among 300 single-event keys, each packed (the default; the
+cases' calls interleaved, so that their ratios see the same load) and unpacked (one
+padded call, the old behaviour; 3 calls, timed apart). It reports
 key-steps/s, the padded volume, the peak numpy memory of one call (``tracemalloc``) and
 the peak resident-memory growth of a first call on a fresh session (ORT's buffers included).
 
@@ -145,8 +146,8 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
     cases = {"zipf": zk, "uniform": uk, "burst_1x300_plus_300x1": burst, "flat_300x2": flat}
     out: dict = {"events": events, "zipf_s": zipf_s, "universe": universe, "distinct_keys": len(distinct),
                  "busiest_key_events": max(group(zk).counts.tolist()), "cases": {}}
-    for i, (name, keys) in enumerate(cases.items()):
-        progress(f"skewed keys, case {i + 1}/{len(cases)} ({name})")
+    built = {}
+    for name, keys in cases.items():
         x = rng.integers(0, 256, len(keys))
         g = group(keys)
         ops = {"packed": KeyedOperator(model, max_keys=len(g.keys) + 16),
@@ -154,9 +155,15 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
         variants = {v: (lambda op=op, keys=keys, x=x: op.process(keys, x)) for v, op in ops.items()}
         for fn in variants.values():
             fn()
-        # the unpacked variant can be ~30x slower: a few calls of it, timed in its own block
-        samples = _interleaved({"packed": variants["packed"]}, seconds, min_calls, seed)
-        samples.update(_interleaved({"unpacked": variants["unpacked"]}, 0.0, 3, seed))
+        built[name] = (keys, x, g, ops, variants)
+    # the packed variants of every case interleaved call by call (the Zipf / uniform ratio is a ratio of
+    # calls timed under the same load); the unpacked ones can be ~30x slower: a few calls each, apart
+    progress(f"skewed keys, {len(cases)} cases interleaved")
+    packed = _interleaved({name: b[4]["packed"] for name, b in built.items()}, seconds * len(cases), min_calls,
+                          seed)
+    for i, (name, (keys, x, g, ops, variants)) in enumerate(built.items()):
+        progress(f"skewed keys, case {i + 1}/{len(cases)} ({name}) unpacked")
+        samples = {"packed": packed[name], **_interleaved({"unpacked": variants["unpacked"]}, 0.0, 3, seed)}
         groups = pack(g.counts)
         row = {"events": len(keys), "keys": len(g.keys), "busiest": int(g.counts.max()),
                "padded_key_steps_packed": int(sum(len(gr) * g.counts[gr].max() for gr in groups)),
