@@ -366,8 +366,7 @@ class KeyedOperator:
             x = self.model.check_x(x[:, None])[:, 0]
         # a call of str/bytes keys no more than max_keys may take the known-keys path (it cannot fail the key
         # checks below, so trying it first changes no error); any other call is grouped (and checked) first
-        known = self._dev is None and N <= self.max_keys and (type(keys[0]) in _PLAIN_KEYS if N == 1
-                                                              else _plain_keys(keys))
+        known = self._dev is None and N <= self.max_keys and _plain_keys(keys)
         g = None if known else self._group(keys)
         with self._lock:
             now = self._now("process")
@@ -397,7 +396,7 @@ class KeyedOperator:
         store, N = self._store, len(x)
         get = store.slots.get
         if N == 1:
-            s = get(keys[0])
+            s = get(next(iter(keys)))  # any sized iterable of keys, as the general path takes
             if s is None:
                 return None
             at: slice | np.ndarray = slice(s, s + 1)
@@ -1066,6 +1065,8 @@ def _in_vocab(x: np.ndarray, vocab: int) -> bool:
 
 def _plain_keys(keys: Sequence[Any]) -> bool:
     """Whether every key is exactly a str or bytes (subclasses and anything else go through the checks)."""
+    if len(keys) == 1:
+        return type(next(iter(keys))) in _PLAIN_KEYS
     return set(map(type, keys)) <= _PLAIN_KEYS
 
 

@@ -195,6 +195,8 @@ def test_keys_of_other_types_take_the_checked_path(lstm):
         o.process(["a", "b"], [1, 2])
     _assert_same_result(op.process(np.array(["b", "a"]), np.array([3, 4])), ref.process(["b", "a"], [3, 4]))
     assert op.snapshot().equals(ref.snapshot(), check_metadata=True)
+    _assert_same_result(op.process({"a"}, np.array([5])), ref.process(["a"], [5]))  # any sized iterable
+    _assert_same_result(op.process({"a": 0, "b": 1}.keys(), np.array([6, 7])), ref.process(["a", "b"], [6, 7]))
     with pytest.raises(InputError, match=r"process: keys\[1\]: expected str or bytes, got int 7"):
         op.process(["a", 7], [1, 2])
     with pytest.raises(InputError, match=r"process: keys\[0\]: expected str or bytes, got list"):
