@@ -146,7 +146,8 @@ def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
     # the shipped model is volatility-anchored, so these parity runs cover the job's anchored postprocess
     assert forecast_meta(model)["features"].get("anchor") is True
     out = tmp_path / "out"
-    assert _run(synthetic, out, *(["--replay", "--window", str(14 * DAY)] if replay else [])) == 0
+    # replay: 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
+    assert _run(synthetic, out, *(["--replay", "--window", str(28 * DAY)] if replay else [])) == 0
     _parity(model, synthetic, out)
     assert not list(out.glob("dead_letters-*.parquet")) or _table(out, "dead_letters").num_rows == 0
     s = market_forecast.read_summary(str(out))
@@ -163,13 +164,28 @@ def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
     assert header.split()[3:5] == ["nll", "(nats/bar)"], header  # the unit of nll_h1, as the progress line
 
 
+@pytest.fixture(scope="module")
+def real_files(tmp_path_factory) -> list[str]:
+    """The REAL symbols' rows (unchanged) from 2014-07-01 to 2015-12-31: both corporate-action jumps with a
+    year of history before them (the whole 5 years are 3.3x the bars, and no other case)."""
+    folder = tmp_path_factory.mktemp("real")
+    files = []
+    for s in REAL:
+        header, *rows = (SP500 / f"{s}_data.csv").read_text().splitlines(keepends=True)
+        kept = [r for r in rows if "2014-07-01" <= r[:10] <= "2015-12-31"]
+        (folder / f"{s}_data.csv").write_text(header + "".join(kept))
+        files.append(str(folder / f"{s}_data.csv"))
+    return files
+
+
 @pytest.mark.skipif(not SP500.is_dir(), reason="shared S&P 500 data not mounted")
 @pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
-def test_real_symbols_parity(model, tmp_path, replay):
-    files = [str(SP500 / f"{s}_data.csv") for s in REAL]
+def test_real_symbols_parity(model, real_files, tmp_path, replay):
+    files = real_files
     out = tmp_path / "out"
     assert _run(files, out, *(["--replay", "--window", str(182 * DAY)] if replay else [])) == 0
     _parity(model, files, out)
+    assert min(len(b) for f in files for b in read_bars(f)) > 350
     t = _table(out, "forecasts")
     jumps = t.filter(pc.match_substring(t.column("flags"), "jump")).to_pylist()
     assert {(r["symbol"], str(np.datetime64(int(r["ts"]), "s"))[:10]) for r in jumps} >= {
@@ -193,13 +209,28 @@ def _write_layout(bars, folder: pathlib.Path, form: str) -> tuple[list[str], lis
     return [str(folder)], []
 
 
+def _layout_bars():
+    return simulate(["PQA", "PQB"], start="2016-01-01", end="2016-05-01", seed=5)
+
+
+def _sorted_forecasts(out: pathlib.Path) -> pa.Table:
+    return _table(out, "forecasts").sort_by([("symbol", "ascending"), ("ts", "ascending")])
+
+
+@pytest.fixture(scope="module")
+def csv_layout_forecasts(tmp_path_factory) -> pa.Table:
+    """The forecasts of one run over the layout bars as S&P 500 CSV files, the reference of the other layouts."""
+    d = tmp_path_factory.mktemp("layout_csv")
+    assert _run([str(p) for p in write_sp500_layout(_layout_bars(), d / "csv")], d / "a") == 0
+    return _sorted_forecasts(d / "a")
+
+
 @pytest.mark.parametrize("form", ["parquet", "long_daily_txt"])
-def test_input_layouts_give_the_same_forecasts(tmp_path, form):
-    bars = simulate(["PQA", "PQB"], start="2016-01-01", end="2016-05-01", seed=5)
-    csv = [str(p) for p in write_sp500_layout(bars, tmp_path / "csv")]
+def test_input_layouts_give_the_same_forecasts(tmp_path, csv_layout_forecasts, form):
+    bars = _layout_bars()
     files, flags = _write_layout(bars, tmp_path / form, form)
-    assert _run(csv, tmp_path / "a") == 0 and _run(files, tmp_path / "b", *flags) == 0
-    a, b = (_table(tmp_path / o, "forecasts").sort_by([("symbol", "ascending"), ("ts", "ascending")]) for o in "ab")
+    assert _run(files, tmp_path / "b", *flags) == 0
+    a, b = csv_layout_forecasts, _sorted_forecasts(tmp_path / "b")
     assert a.num_rows == sum(len(x) for x in bars)
     assert a.equals(b)
 
