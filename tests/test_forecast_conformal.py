@@ -326,3 +326,18 @@ def test_kupiec_against_the_likelihood_ratio_by_hand_and_chi2():
     assert got[1] == pytest.approx(stats.chi2.sf(lr, 1), rel=1e-10)
     assert kupiec(1000, 10, 0.01) == (0.0, 1.0)
     assert kupiec(500, 0, 0.01)[0] == pytest.approx(-2 * 500 * math.log(0.99))
+
+
+def test_the_cli_help_states_the_module_defaults(capsys):
+    """cli.py keeps numpy out of the CLI's start, so its help spells the defaults out: they must be these."""
+    from streamrnn.cli import main
+
+    try:
+        code = main(["eval", "forecast", "--help"])
+    except SystemExit as e:
+        code = e.code
+    assert code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default {','.join(f'{x:g}' for x in conformal.LEVELS)})" in text
+    assert f"(default {','.join(f'{x:g}' for x in conformal.TAILS)})" in text
+    assert f"ACI step of the 80% level (default {GAMMA:g})" in text

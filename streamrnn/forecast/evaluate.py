@@ -16,6 +16,11 @@ Symbols are reported together (``metrics``) and in two groups
 (``groups.seen_symbols``: trained-on tickers in the held-out period;
 ``groups.heldout_symbols``: tickers never seen in training).
 
+``conformal`` (``levels=``/``tails=``/``gamma=``, CLI ``--levels``, ``--var``, ``--gamma``): the model's intervals
+at every level and its VaR at every tail, raw and recalibrated online per symbol by adaptive conformal
+inference (:mod:`.conformal`, run from each symbol's first bar), per group and horizon: coverage, the worst
+year and quarter, VaR exceedances with Kupiec's test, ES ratio, by year; and a gamma scan.
+
 ``parity_max_abs``: the largest difference between the model's outputs when the
 raw bars are streamed bar by bar (online features, then one
 :class:`~streamrnn.keyed.KeyedOperator` call per timestamp with state carried
