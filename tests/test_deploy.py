@@ -44,6 +44,13 @@ def _env_without_checkout() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("STREAMRNN_MODEL", "PYTHONPATH")}
 
 
+def _launcher_env() -> dict[str, str]:
+    """A launcher's: the checkout under test, as this test process imports it (a launcher started outside the
+    checkout would import whatever the venv's editable install points to: another checkout, when a clone shares
+    its venv, and the workers built from this one would then rightly refuse its code)."""
+    return {**_env_without_checkout(), "PYTHONPATH": str(ROOT)}
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     """A clean copy of the checkout: no stale build/ or egg-info of an earlier build leaks into a package."""
@@ -309,7 +316,7 @@ def portable(worker_venv, tmp_path_factory) -> Iterator[tuple[list[str], Path]]:
 
 def _run_job(module: str, args: list[str], cwd: Path) -> None:
     r = subprocess.run([sys.executable, "-m", module, "--quiet", "--metrics-port", "0", *args], capture_output=True,
-                       text=True, timeout=240, cwd=cwd, env=_env_without_checkout())
+                       text=True, timeout=240, cwd=cwd, env=_launcher_env())
     assert r.returncode == 0, r.stderr[-4000:]
 
 
@@ -441,7 +448,7 @@ def test_workers_resolve_shipped_models_in_their_own_install(portable, worker_ve
         shutil.copy(DEFAULT_MODEL, installed)  # the worker install now ships another model under that name
         r = subprocess.run([sys.executable, "-m", "beam_jobs.market_forecast", "--quiet", "--metrics-port", "0",
                             "--input", str(bars), "--output", str(tmp_path / "out"), *options], capture_output=True,
-                           text=True, timeout=240, cwd=tmp_path, env=_env_without_checkout())
+                           text=True, timeout=240, cwd=tmp_path, env=_launcher_env())
     finally:
         installed.write_bytes(kept)
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING:")]
