@@ -15,7 +15,7 @@ import pyarrow as pa
 import pytest
 import test_beam_transform as tbt
 from apache_beam.testing import test_pipeline
-from apache_beam.testing.util import assert_that
+from beam_gather import Gather
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_beam_transform import check_outputs, offline
@@ -71,7 +71,7 @@ def _block(column: str, rows: list[tuple[str, bytes | None]], how: str):
 
 
 @pytest.mark.parametrize(("column", "how"), [("key", "ipc"), ("event", "ipc"), ("key", "chunks")])
-def test_rows_with_bytes_that_are_not_utf8_are_dead_letters_and_the_rest_apply(beam_models, column, how):
+def test_rows_with_bytes_that_are_not_utf8_are_dead_letters_and_the_rest_apply(beam_models, column, how, tmp_path):
     rows = [("a", None), ("b", BAD[0]), ("a", None), ("b", None), ("a", BAD[1]), ("c", None), ("b", BAD[2]),
             ("a", None), ("c", BAD[3]), ("c", None)]
     block = _block(column, rows, how)
@@ -80,39 +80,41 @@ def test_rows_with_bytes_that_are_not_utf8_are_dead_letters_and_the_rest_apply(b
     want = offline(load(beam_models["tiny"], providers=[CPU]), [*good, *more])
     want_dead = [(None if column == "key" else k, i, "invalid", _reason(column, b))
                  for i, (k, b) in enumerate(rows) if b is not None]
+    g = Gather(tmp_path)
     with test_pipeline.TestPipeline() as p:
         out, dead = (p | beam.Create([block, *more])
                      | StatefulInference(model=beam_models["tiny"], providers=[CPU], num_shards=2))
-        assert_that(out, check_outputs(want), label="outputs")
-        assert_that(dead | beam.Map(lambda d: (d.key, d.seq, d.kind, d.reason)),
-                    lambda rs: _equal(sorted(rs, key=lambda r: r[1]), want_dead, "dead letters"), label="dead")
-        assert_that(dead | beam.Map(lambda d: (d.seq, d.event)),
-                    lambda es: _equal(sorted(es), sorted(
-                        (i, f"event {i}" if column == "key" else b.decode("utf-8", "replace"))
-                        for i, (_k, b) in enumerate(rows) if b is not None), "dead letters' events"),
-                    label="events")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want)(g["outputs"])
+    _equal(sorted(((d.key, d.seq, d.kind, d.reason) for d in g["dead"]), key=lambda r: r[1]), want_dead,
+           "dead letters")
+    _equal(sorted((d.seq, d.event) for d in g["dead"]),
+           sorted((i, f"event {i}" if column == "key" else b.decode("utf-8", "replace"))
+                  for i, (_k, b) in enumerate(rows) if b is not None), "dead letters' events")
 
 
 FIELDS = ["key", "seq", "sub", "ts", "x"]
 
 
-def test_event_records_with_bytes_or_surrogate_keys_are_dead_letters(beam_models):
+def test_event_records_with_bytes_or_surrogate_keys_are_dead_letters(beam_models, tmp_path):
     good = [Event("a", 1.0, 0, 3), Event("a", 2.0, 1, 4), Event("b", 1.5, 0, 9)]
     bad = [Event(b"a", 1.2, 2, 5), Event("\udcff", 1.3, 3, 6), Event("k\ud800x", 1.4, 4, 7),
            Event(b"\xff\xfe", 1.6, 5, 8), Event("a", 1.7, 6, "\udcff")]
     want = offline(load(beam_models["tiny"], providers=[CPU]), good)
+    g = Gather(tmp_path)
     with test_pipeline.TestPipeline() as p:
         out, dead = (p | beam.Create([*good, *bad])
                      | StatefulInference(model=beam_models["tiny"], providers=[CPU], num_shards=2))
-        assert_that(out, check_outputs(want), label="outputs")
-        assert_that(dead | beam.Map(lambda d: (d.seq, d.kind, d.reason, d.key, sorted(json.loads(d.event)))),
-                    lambda rs: _equal(sorted(rs), [
-                        (2, "invalid", "key: expected a non-empty string, got bytes b'a'", None, FIELDS),
-                        (3, "invalid", "key: expected valid UTF-8 text, got '\\udcff'", None, FIELDS),
-                        (4, "invalid", "key: expected valid UTF-8 text, got 'k\\ud800x'", None, FIELDS),
-                        (5, "invalid", "key: expected a non-empty string, got bytes b'\\xff\\xfe'", None, FIELDS),
-                        (6, "invalid", "x: expected a token in [0, 256), got '\\udcff'", "a", FIELDS)],
-                        "dead letters"), label="dead")
+        g(out, "outputs")
+        g(dead, "dead")
+    check_outputs(want)(g["outputs"])
+    _equal(sorted((d.seq, d.kind, d.reason, d.key, sorted(json.loads(d.event))) for d in g["dead"]), [
+        (2, "invalid", "key: expected a non-empty string, got bytes b'a'", None, FIELDS),
+        (3, "invalid", "key: expected valid UTF-8 text, got '\\udcff'", None, FIELDS),
+        (4, "invalid", "key: expected valid UTF-8 text, got 'k\\ud800x'", None, FIELDS),
+        (5, "invalid", "key: expected a non-empty string, got bytes b'\\xff\\xfe'", None, FIELDS),
+        (6, "invalid", "x: expected a token in [0, 256), got '\\udcff'", "a", FIELDS)], "dead letters")
 
 
 # ---------------------------------------------------------------------------- the Intake DoFn, directly
