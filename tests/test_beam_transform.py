@@ -34,16 +34,25 @@ TOL = 1e-5
 
 
 # ---------------------------------------------------------------------------- helpers
+_BEAM_MODELS: dict[str, str] = {}
+
+
 @pytest.fixture(scope="session")
 def beam_models(tmp_path_factory):
-    """tiny LSTM LM, same-shape other weights, wider (incompatible) LSTM, features forecaster."""
-    d = tmp_path_factory.mktemp("beam_models")
-    paths = {"tiny": d / "tiny.onnx", "other": d / "other.onnx", "wide": d / "wide.onnx", "feat": d / "feat.onnx"}
-    export(make_net("lstm"), paths["tiny"], name="tiny")
-    export(make_net("lstm", seed=1), paths["other"], name="tiny-other", version="2")
-    export(make_net("lstm", hidden=24), paths["wide"], name="tiny-wide", version="3")
-    export(make_net("lstm", kind="features"), paths["feat"], name="tiny-feat")
-    return {k: str(v) for k, v in paths.items()}
+    """tiny LSTM LM, same-shape other weights, wider (incompatible) LSTM, features forecaster.
+
+    Exported once per test run: pytest makes a session fixture of its own for every module that aliases this
+    one (``beam_models = tbt.beam_models``), and each of them returns these files."""
+    if not _BEAM_MODELS:
+        d = tmp_path_factory.mktemp("beam_models")
+        paths = {"tiny": d / "tiny.onnx", "other": d / "other.onnx", "wide": d / "wide.onnx",
+                 "feat": d / "feat.onnx"}
+        export(make_net("lstm"), paths["tiny"], name="tiny")
+        export(make_net("lstm", seed=1), paths["other"], name="tiny-other", version="2")
+        export(make_net("lstm", hidden=24), paths["wide"], name="tiny-wide", version="3")
+        export(make_net("lstm", kind="features"), paths["feat"], name="tiny-feat")
+        _BEAM_MODELS.update({k: str(v) for k, v in paths.items()})
+    return dict(_BEAM_MODELS)
 
 
 def make_events(rng, n_keys=4, per_key=25, span=600.0, t0=1_000.0):
