@@ -8,8 +8,6 @@ of the shard's log, field by field.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -17,8 +15,8 @@ import pytest
 import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
 from apache_beam.transforms.window import TimestampedValue
+from beam_gather import Gather
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from shard_harness import Harness, Scenario
@@ -145,21 +143,21 @@ def _block(key, seq, ts, text, event):
 
 
 @pytest.mark.parametrize("order", [0, 1])
-def test_two_copies_of_a_row_never_mix(beam_models, order):
+def test_two_copies_of_a_row_never_mix(beam_models, order, tmp_path):
     """Copies (a, 0, ts 1.0) "xbc" and "ayz": one whole copy wins ("ayz": its payloads compare smaller), in
     either arrival order; a longer copy adds nothing; the other copy's events are duplicates."""
     copies = [_block("a", 0, 1.0, "xbc", '{"text": "xbc"}'), _block("a", 0, 1.0, "ayzw", '{"text": "ayzw"}')]
     if order:
         copies.reverse()
+    g = Gather(tmp_path)
     with beam.Pipeline() as p:
         out, dead = p | beam.Create(copies) | StatefulInference(
             model=beam_models["tiny"], num_shards=1, window_size=10.0, providers=[CPU], output="arrow")
-        tokens = out | beam.FlatMap(lambda b: list(zip(b.column("sub").to_pylist(), b.column("pos").to_pylist(),
-                                                       strict=True)))
-        assert_that(tokens, lambda got: _expect(sorted(got), [(0, 0), (1, 1), (2, 2), (3, 3)]), label="applied")
-        assert_that(dead | beam.Map(lambda d: (d.kind, d.sub)),
-                    lambda got: _expect(sorted(got), [("duplicate", 0), ("duplicate", 1), ("duplicate", 2)]),
-                    label="dead")
+        g(out, "applied")
+        g(dead, "dead")
+    _expect(sorted(t for b in g["applied"] for t in zip(b.column("sub").to_pylist(), b.column("pos").to_pylist(),
+                                                         strict=True)), [(0, 0), (1, 1), (2, 2), (3, 3)])
+    _expect(sorted((d.kind, d.sub) for d in g["dead"]), [("duplicate", 0), ("duplicate", 1), ("duplicate", 2)])
 
 
 def test_the_winning_copy_is_whole(beam_models):
@@ -187,7 +185,7 @@ def _reuse_events():
     return evs
 
 
-def test_batch_and_streaming_apply_a_reused_seq_alike(beam_models):
+def test_batch_and_streaming_apply_a_reused_seq_alike(beam_models, tmp_path):
     evs = _reuse_events()
     kw = dict(model=beam_models["tiny"], num_shards=1, window_size=10.0, dedupe_horizon=20.0, providers=[CPU])
 
@@ -195,19 +193,22 @@ def test_batch_and_streaming_apply_a_reused_seq_alike(beam_models):
         a = sorted((p.seq, p.pos, p.ts) for p in got if p.key == "a")
         assert a == [(0, 0, 1.0), (0, 1, 75.0)], a
 
+    g = Gather(tmp_path)
     with beam.Pipeline() as p:
         out, _ = p | beam.Create(evs) | StatefulInference(**kw)
-        assert_that(out, check)
+        g(out, "batch")
+    check(g["batch"])
     ts = TestStream()
     for e in sorted(evs, key=lambda e: e.ts):
         ts = ts.add_elements([TimestampedValue(e, e.ts)]).advance_watermark_to(e.ts)
     ts = ts.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
     with beam.Pipeline(options=PipelineOptions(["--streaming"])) as p:
         out, _ = p | ts | StatefulInference(**kw)
-        assert_that(out, check)
+        g(out, "streaming")
+    check(g["streaming"])
 
 
-def test_output_timestamps_are_the_same_in_batch_and_streaming(beam_models):
+def test_output_timestamps_are_the_same_in_batch_and_streaming(beam_models, tmp_path):
     """One rule on every runner: an output is stamped at its window's release rounded up to a whole millisecond
     (1010.0 for window [1000, 1010)), or, held for its next event, when that is known; a key's last row when its
     stream ends (TTL expiry, else the end of the input)."""
@@ -217,25 +218,26 @@ def test_output_timestamps_are_the_same_in_batch_and_streaming(beam_models):
     evs = [Event(k, float(t), i, int(rng.integers(0, 256))) for k, ts in (("a", [1001, 1004, 1013, 1027]),
                                                                          ("b", [1002, 1055]), ("c", [1003]))
            for i, t in enumerate(ts)]
-    stamps = {}
-    for name, nf, ttl in (("plain", (), None), ("next", ("logprob",), None), ("next-ttl", ("logprob",), 20.0)):
-        for mode in ("batch", "streaming"):
-            kw = dict(model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU], ttl=ttl,
-                      postprocess=NextTokenPostprocess(2) if nf else None, next_fields=nf)
-            opts = PipelineOptions(["--streaming"] if mode == "streaming" else [])
-            with beam.Pipeline(options=opts) as p:
-                if mode == "batch":
-                    src = p | beam.Create(evs)
-                else:
-                    s = TestStream()
-                    for t0 in range(1000, 1070, 10):
-                        s = s.add_elements([TimestampedValue(e, e.ts) for e in evs if t0 <= e.ts < t0 + 10])
-                        s = s.advance_watermark_to(t0 + 10)
-                    src = p | s.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT) \
-                        .advance_watermark_to_infinity()
-                out, _ = src | StatefulInference(**kw)
-                _ = out | beam.ParDo(_Stamp(f"{name}/{mode}"))
-            stamps[(name, mode)] = sorted(_Stamp.seen.pop(f"{name}/{mode}"))
+    configs = {"plain": ((), None), "next": (("logprob",), None), "next-ttl": (("logprob",), 20.0)}
+    g = Gather(tmp_path)
+    for mode in ("batch", "streaming"):  # one pipeline per runner, a branch per configuration
+        with beam.Pipeline(options=PipelineOptions(["--streaming"] if mode == "streaming" else [])) as p:
+            if mode == "batch":
+                src = p | beam.Create(evs)
+            else:
+                s = TestStream()
+                for t0 in range(1000, 1070, 10):
+                    s = s.add_elements([TimestampedValue(e, e.ts) for e in evs if t0 <= e.ts < t0 + 10])
+                    s = s.advance_watermark_to(t0 + 10)
+                src = p | s.advance_watermark_to(1e6).advance_watermark_to(END_OF_INPUT).advance_watermark_to_infinity()
+            for name, (nf, ttl) in configs.items():
+                out, _ = src | f"SI[{name}]" >> StatefulInference(
+                    model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU], ttl=ttl,
+                    postprocess=NextTokenPostprocess(2) if nf else None, next_fields=nf)
+                g(out, f"{name}/{mode}", stamps=True)
+    stamps = {(name, mode): sorted(((pr.key, pr.seq), t) for pr, t in g[f"{name}/{mode}"])
+              for name in configs for mode in ("batch", "streaming")}
+    for name in configs:
         assert stamps[(name, "batch")] == stamps[(name, "streaming")], name
     plain = dict(stamps[("plain", "batch")])
     assert plain[("a", 0)] == 1010_000_000  # the event's window [1000, 1010) releases at 1010.0
@@ -243,18 +245,6 @@ def test_output_timestamps_are_the_same_in_batch_and_streaming(beam_models):
     assert nxt[("a", 3)] == 1050_000_000  # a's last row: its TTL expiry (1027 + 20 is in [1040, 1050))
     assert nxt[("b", 0)] == 1030_000_000  # b's stream ended by TTL before its next event
     assert dict(stamps[("next", "batch")])[("c", 0)] == END_OF_INPUT.micros  # no TTL: the end of the input
-
-
-class _Stamp(beam.DoFn):
-    """Records each output's timestamp (a class attribute: the runners here run in this process)."""
-
-    seen: ClassVar[dict] = {}
-
-    def __init__(self, name):
-        self.name = name
-
-    def process(self, p, ts=beam.DoFn.TimestampParam):
-        _Stamp.seen.setdefault(self.name, []).append(((p.key, p.seq), ts.micros))
 
 
 @pytest.mark.parametrize("order", [0, 1])
@@ -272,13 +262,13 @@ def test_two_copies_of_a_file_row_never_mix(beam_models, tmp_path, order):
         rows.reverse()
     table, dead = parse_events("".join(json.dumps(r) + "\n" for r in rows).encode(), "e.jsonl")
     assert not dead
+    g = Gather(tmp_path / "gathered")
     with beam.Pipeline() as p:
         out, dl = p | beam.Create(table.to_batches(max_chunksize=2)) | StatefulInference(
             model=beam_models["tiny"], num_shards=1, window_size=10.0, providers=[CPU], output="arrow")
-        applied = out | beam.FlatMap(lambda b: list(zip(b.column("sub").to_pylist(), b.column("pos").to_pylist(),
-                                                        strict=True)))
-        assert_that(applied, lambda got: _expect(sorted(got), [(0, 0), (1, 1), (2, 2)]), label="applied")
-        assert_that(dl | beam.Map(lambda d: (d.kind, d.sub, json.loads(d.event)["x"])),
-                    lambda got: _expect(sorted(got), sorted(("duplicate", i, b) for i, b in [*enumerate(b"xbc"),
-                                                                                         *enumerate(b"ayz")])),
-                    label="dead")
+        g(out, "applied")
+        g(dl, "dead")
+    _expect(sorted(t for b in g["applied"] for t in zip(b.column("sub").to_pylist(), b.column("pos").to_pylist(),
+                                                         strict=True)), [(0, 0), (1, 1), (2, 2)])
+    _expect(sorted((d.kind, d.sub, json.loads(d.event)["x"]) for d in g["dead"]),
+            sorted(("duplicate", i, b) for i, b in [*enumerate(b"xbc"), *enumerate(b"ayz")]))
