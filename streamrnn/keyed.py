@@ -28,10 +28,9 @@ import pyarrow.parquet as pq
 from . import health as hl
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
-from .errors import InputError, StreamRNNError
+from .errors import InputError
 from .model import ORT_ERRORS, Model, State, inference_error
 from .packing import group, pack
-from .runtime import session_threads, session_twin
 from .slab import SlotStore
 
 Key = str | bytes
@@ -177,7 +176,6 @@ class KeyedOperator:
         self._initial_capacity = int(initial_capacity)
         self._on_device_arg = state_on_device
         self._ended: OrderedDict[Key, str] = OrderedDict()  # dropped key -> why (bounded: REMEMBER_ENDED)
-        self._twins: tuple[Model, dict[int, Model | None]] | None = None  # served model, its twins by threads
         self._use_model(model)
 
     def _use_model(self, model: Model) -> None:
@@ -753,8 +751,7 @@ class KeyedOperator:
         side, side_inputs = None, []
         if n_side:
             side_inputs = [inputs(grp) for grp in groups[:n_side]]
-            side_model, main_model = self._side_models()
-            side = _Background(lambda: [side_model.run_unchecked(i[5], i[8], i[10]) for i in side_inputs])
+            side = _Background(lambda: [self.model.run_unchecked(i[5], i[8], i[10]) for i in side_inputs])
         try:
             for gi in [*range(n_side, len(groups)), *range(n_side)]:
                 grp = groups[gi]
@@ -763,10 +760,7 @@ class KeyedOperator:
                     o, new = side.result()[gi]
                 else:
                     counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st = inputs(grp)
-                    if side is not None and side.running():  # the side holds a core: this call gets the rest
-                        o, new = main_model.run_unchecked(xb, lengths, st)
-                    else:
-                        o, new = call(xb, lengths, gh, gf, st)
+                    o, new = call(xb, lengths, gh, gf, st)
                 nb = len(counts)
                 for n, v in o.items():
                     if len(wrow):
@@ -827,12 +821,12 @@ class KeyedOperator:
 
         A narrow group (at most :data:`SIDE_ROWS` rows) of long rows (at least :data:`SIDE_STEPS` steps) is
         latency-bound: one recurrent step after another at a small batch, which ONNX Runtime's threads
-        cannot split well (each step waits for every thread). Run on a thread of its own, on a one-thread
-        twin of the session (:meth:`_twin_model`: same bytes, same results), its steps overlap with the
-        wide calls' instead of adding to them. Groups are taken while the side's cost (the packing's cost
-        model) stays within half the call's (the first one always, if narrow and long: it is the critical
-        path), and only when the rest holds at least :data:`SIDE_REST` padded key-steps to overlap with.
-        Host state only; 0: everything runs in turn."""
+        cannot split well (each step waits for every thread). Run on a thread of its own (ONNX Runtime
+        allows concurrent runs of one session; same results), its steps overlap with the wide calls'
+        instead of adding to them. Groups are taken while the side's cost (the packing's cost model) stays
+        within half the call's (the first one always, if narrow and long: it is the critical path), and
+        only when the rest holds at least :data:`SIDE_REST` padded key-steps to overlap with. Host state
+        only; 0: everything runs in turn."""
         if self._dev is not None or len(groups) < 2 or not math.isfinite(self.pack_step_cost):
             return 0
         T = [int(counts[gr].max()) for gr in groups]
@@ -843,31 +837,7 @@ class KeyedOperator:
             side += cost[n]
             n += 1
         rest = sum(t * len(gr) for t, gr in zip(T[n:], groups[n:], strict=True))
-        return n if rest >= SIDE_REST and self._side_models() is not None else 0
-
-    def _side_models(self) -> tuple[Model, Model] | None:
-        """The models of a call with side groups: the side's on one intra-op thread, and the one the other
-        calls use while the side runs, on the session's other threads (the served model if it has one
-        thread), so that the two together take the cores the session would (more oversubscribe them: each
-        step of a parallel operator then waits for a thread that is not running). None where no twin can
-        be made (another provider, or ONNX Runtime no longer holds the model's bytes)."""
-        n = session_threads(self.model.session)
-        side = self._twin_model(1)
-        main = self.model if n < 2 else side if n == 2 else self._twin_model(n - 1)
-        return None if side is None or main is None else (side, main)
-
-    def _twin_model(self, threads: int) -> Model | None:
-        """The served model on a session of its own with ``threads`` intra-op threads (made on first use)."""
-        if self._twins is None or self._twins[0] is not self.model:
-            self._twins = (self.model, {})
-        twins = self._twins[1]
-        if threads not in twins:
-            try:
-                sess = session_twin(self.model.session, threads, what=self.model.source)
-                twins[threads] = None if sess is None else Model(sess, self.model.spec, source=self.model.source)
-            except StreamRNNError:
-                twins[threads] = None
-        return twins[threads]
+        return n if rest >= SIDE_REST else 0
 
     def _shadow_losses(self, shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts) -> None:
         """Per-event losses of one call's shadow rows (its first event scored by the shadow's last output)."""
@@ -1043,9 +1013,6 @@ class _Background:
 
     def join(self) -> None:
         self._thread.join()
-
-    def running(self) -> bool:
-        return self._thread.is_alive()
 
     def result(self) -> Any:
         self._thread.join()

@@ -134,24 +134,6 @@ def create_session(source: str | bytes | os.PathLike, providers: ProviderArg = "
     return sess
 
 
-def session_threads(session: ort.InferenceSession) -> int:
-    """The intra-op threads a session runs with (its option, or ONNX Runtime's default: one per core)."""
-    return session.get_session_options().intra_op_num_threads or os.cpu_count() or 1
-
-
-def session_twin(session: ort.InferenceSession, threads: int, what: str = "model") -> ort.InferenceSession | None:
-    """A CPU session of the same model with ``threads`` intra-op threads, for calls that run beside the
-    session's own (each then takes its share of the cores). Built from the bytes (or file) the session was
-    created from: the same graph, the same results; None where ONNX Runtime no longer holds them or the
-    session runs on another provider than the CPU."""
-    if session.get_providers() != [CPU]:
-        return None
-    src = getattr(session, "_model_bytes", None) or getattr(session, "_model_path", None)
-    if src is None:
-        return None
-    return _open(src, [CPU], SessionConfig(intra_op_threads=threads), what)
-
-
 _OOM = re.compile(r"out of memory|cudaErrorMemoryAllocation|CUDA failure 2\b|Failed to allocate memory", re.I)
 
 

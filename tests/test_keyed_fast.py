@@ -255,23 +255,21 @@ def _fail_beside(monkeypatch, op: KeyedOperator, where: str) -> list[str]:
     """Make the side thread's call (``side``: the busy key's, 100+ steps) or a main-thread call made while the
     side runs (``main``: a wide one) raise. For ``main`` the side call waits until that call has failed, so
     that it is surely still running then."""
-    hits, failed = [], threading.Event()
-    for model in {id(m): m for m in op._side_models()}.values():
-        real = model.run_unchecked
+    hits, failed, real = [], threading.Event(), op.model.run_unchecked
 
-        def run(x, lengths, state, real=real):
-            if x.shape[1] >= 100:  # the side's call
-                if where == "side":
-                    hits.append("side")
-                    raise Boom("injected ONNX Runtime failure")
-                failed.wait(30)
-            elif where == "main" and x.shape[0] > 16:
-                hits.append("main")
-                failed.set()
+    def run(x, lengths, state):
+        if x.shape[1] >= 100:  # the side's call
+            if where == "side":
+                hits.append("side")
                 raise Boom("injected ONNX Runtime failure")
-            return real(x, lengths, state)
+            failed.wait(30)
+        elif where == "main" and x.shape[0] > 16:
+            hits.append("main")
+            failed.set()
+            raise Boom("injected ONNX Runtime failure")
+        return real(x, lengths, state)
 
-        monkeypatch.setattr(model, "run_unchecked", run)
+    monkeypatch.setattr(op.model, "run_unchecked", run)
     return hits
 
 
@@ -297,10 +295,16 @@ def test_a_failed_side_or_main_call_changes_nothing(lstm, monkeypatch, rng, wher
     assert op.snapshot().equals(ref.snapshot(), check_metadata=True)
 
 
-def test_no_twin_no_side(lstm, monkeypatch, rng):
-    """Where no one-thread twin can be made, every group runs in turn on the served model."""
-    monkeypatch.setattr("streamrnn.keyed.session_twin", lambda *a, **k: None)
+def test_groups_run_in_turn_with_state_on_the_device_or_one_padded_call(lstm, rng):
+    """No side call with device state (its slabs are scattered in turn) or unpacked calls, nor where the rest
+    of the call is too small to overlap with; results as before."""
+    keys, x = _skewed(rng)
+    ref = KeyedOperator(lstm).process(keys, x)
+    for op in (KeyedOperator(lstm, state_on_device=True), KeyedOperator(lstm, pack_step_cost=float("inf"))):
+        side = _spy_side(op)
+        np.testing.assert_allclose(op.process(keys, x).outputs["logprobs"], ref.outputs["logprobs"], atol=2e-6)
+        assert side == [0]
     op = KeyedOperator(lstm)
     side = _spy_side(op)
-    op.process(*_skewed(rng))
+    op.process(["busy"] * 100 + [f"q{i}" for i in range(100)], rng.integers(0, 256, 200))  # rest: 100 key-steps
     assert side == [0]
