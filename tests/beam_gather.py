@@ -13,6 +13,7 @@ matchers, in the test process (a worker never imports the test modules, nor torc
         out, dead = p | beam.Create(evs) | StatefulInference(...)
         g(out, "outputs")
         g(dead, "dead", stamps=True)  # (element, timestamp in micros) pairs
+        g(out, "windowed", windows=True)  # (element, timestamp, (window start, window end) in micros)
     check_outputs(want)(g["outputs"])
 
 This module imports only Beam: worker processes import it by name (``worker_path`` puts tests/
@@ -31,17 +32,21 @@ import apache_beam as beam
 
 
 class _Write(beam.DoFn):
-    def __init__(self, folder: str, stamps: bool):
+    def __init__(self, folder: str, stamps: bool, windows: bool):
         self.folder = folder
         self.stamps = stamps
+        self.windows = windows
 
     def start_bundle(self) -> None:
         self.buf: list = []
 
-    def process(self, x: Any, ts=beam.DoFn.TimestampParam, _w=beam.DoFn.WindowParam) -> None:
+    def process(self, x: Any, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam) -> None:
         # (asking for the window makes the runner call this once per window of an element, as assert_that's
         # re-windowing into the global window would count it)
-        self.buf.append((x, ts.micros) if self.stamps else x)
+        if self.windows:
+            self.buf.append((x, ts.micros, (w.start.micros, w.end.micros)))
+        else:
+            self.buf.append((x, ts.micros) if self.stamps else x)
 
     def finish_bundle(self) -> None:
         if self.buf:
@@ -58,10 +63,10 @@ class Gather:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    def __call__(self, pcoll: beam.PCollection, name: str, *, stamps: bool = False) -> None:
+    def __call__(self, pcoll: beam.PCollection, name: str, *, stamps: bool = False, windows: bool = False) -> None:
         folder = self.root / name
         folder.mkdir(parents=True)  # a name is gathered once
-        _ = pcoll | f"Gather[{name}]" >> beam.ParDo(_Write(str(folder), stamps))
+        _ = pcoll | f"Gather[{name}]" >> beam.ParDo(_Write(str(folder), stamps, windows))
 
     def __getitem__(self, name: str) -> list:
         folder = self.root / name

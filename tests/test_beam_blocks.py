@@ -8,10 +8,6 @@ the same timestamps and windows, each event once.
 
 from __future__ import annotations
 
-import os
-import pickle
-import uuid
-
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
@@ -20,6 +16,7 @@ import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
+from beam_gather import Gather
 
 from streamrnn.beam import Event, NextTokenPostprocess, Prediction, StatefulInference
 from streamrnn.beam.outputs import explode
@@ -55,24 +52,6 @@ def _window_blocks(evs: list[Event], *, features: bool) -> list[tuple[float, lis
     return out
 
 
-class _Sink:
-    """Writes each (element, timestamp, window) to its own file under ``root`` (any runner, any process)."""
-
-    def __init__(self, root: str):
-        self.root = root
-
-    def __call__(self, item, ts=beam.DoFn.TimestampParam, w=beam.DoFn.WindowParam) -> None:
-        with open(os.path.join(self.root, uuid.uuid4().hex), "wb") as f:
-            pickle.dump((item, ts.micros, (w.start.micros, w.end.micros)), f)
-
-    def read(self) -> list:
-        out = []
-        for name in os.listdir(self.root):
-            with open(os.path.join(self.root, name), "rb") as f:
-                out.append(pickle.load(f))
-        return out
-
-
 def _canon(v):
     """A value as (type, dtype, shape, bytes): exact equality, NaN equal to NaN, no float tolerance."""
     if isinstance(v, (np.ndarray, np.generic)):
@@ -99,9 +78,7 @@ def _run(model: str, evs: list[Event], *, arrow_in: bool, streaming: bool, featu
         src = beam.Create([TimestampedValue(b, w0) for w0, _, b in blocks] if arrow_in else
                           [TimestampedValue(e, e.ts) for e in evs])
     kw = {} if features else {"postprocess": NextTokenPostprocess(3), "next_fields": ("logprob", "topk_tokens")}
-    sinks = {m: _Sink(str(tmp / m)) for m in ("records", "arrow", "blocks")}
-    for s_ in sinks.values():
-        os.makedirs(s_.root)
+    g = Gather(tmp)
     opts = PipelineOptions(["--streaming"] if streaming else [])
     with beam.Pipeline(options=opts) as p:
         events = p | src | "UserWindows" >> beam.WindowInto(FixedWindows(30))
@@ -109,12 +86,12 @@ def _run(model: str, evs: list[Event], *, arrow_in: bool, streaming: bool, featu
             out, _ = events | f"SI-{mode}" >> StatefulInference(
                 model=model, num_shards=2, window_size=WINDOW, output=mode, providers=[CPU], **kw)
             if mode == "arrow":
-                out | "Blocks" >> beam.Map(sinks["blocks"])
+                g(out, "blocks", windows=True)
                 out = out | "Explode" >> beam.FlatMap(explode)
-            out | f"Sink-{mode}" >> beam.Map(sinks[mode])
-    blocks_out = sinks["blocks"].read()
+            g(out, mode, windows=True)
+    blocks_out = g["blocks"]
     assert blocks_out and all(isinstance(b, pa.RecordBatch) for b, _, _ in blocks_out)
-    return ([_record(*r) for r in sinks["records"].read()], [_record(*r) for r in sinks["arrow"].read()])
+    return [_record(*r) for r in g["records"]], [_record(*r) for r in g["arrow"]]
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["batch", "streaming"])
