@@ -320,6 +320,13 @@ def _run_job(module: str, args: list[str], cwd: Path) -> None:
     assert r.returncode == 0, r.stderr[-4000:]
 
 
+def _run_direct(module: str, args: list[str]) -> None:
+    """The reference run: the job on the DirectRunner, in this process (this checkout's code)."""
+    import importlib
+
+    assert importlib.import_module(module).main(["--quiet", "--metrics-port", "0", *args]) == 0
+
+
 def _table(folder: Path, prefix: str, sort: list[str]) -> pa.Table | None:
     files = sorted(folder.glob(f"{prefix}-*.parquet"))
     if not files:
@@ -377,23 +384,32 @@ def _harnesses_started(logs: Path) -> int:
     return (logs / "worker_pool.log").read_text().count("Starting worker with command")
 
 
-@pytest.mark.slow
-def test_next_token_distributed_equals_direct(portable, tmp_path):
-    """The model on a shared filesystem (not the checkout), opened by the workers from --model."""
+@pytest.fixture(scope="module")
+def next_token_dist(portable, wheel, tmp_path_factory) -> Path:
+    """The next-token job on the demo events, on the DirectRunner (direct/) and distributed (dist/), the model
+    on a shared filesystem (not the checkout), opened by the workers from --model; the distributed run ships
+    the wheel with ``--extra_package``."""
     from streamrnn import DEFAULT_MODEL
     from streamrnn.beam.io import demo_events
 
     options, logs = portable
-    shared = tmp_path / "shared"
+    tmp = tmp_path_factory.mktemp("next_token_dist")
+    shared = tmp / "shared"
     shared.mkdir()
     model = shutil.copy(DEFAULT_MODEL, shared / "lm.onnx")
-    events = demo_events(tmp_path / "events.jsonl", keys=4)
+    events = demo_events(tmp / "events.jsonl", keys=4)
     common = ["--input", events, "--model", str(model)]
-    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp_path / "direct")], tmp_path)
+    _run_direct("beam_jobs.next_token", [*common, "--output", str(tmp / "direct")])
     before = _harnesses_started(logs)
-    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp_path / "dist"), *options], tmp_path)
+    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp / "dist"), *options, "--extra_package",
+                                      str(wheel)], tmp)
     assert _harnesses_started(logs) > before  # the pool's SDK harnesses ran it, not the job service in-process
-    _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "predictions", ["key", "seq", "offset"])
+    return tmp
+
+
+@pytest.mark.slow
+def test_next_token_distributed_equals_direct(next_token_dist):
+    _assert_same_outputs(next_token_dist / "direct", next_token_dist / "dist", "predictions", ["key", "seq", "offset"])
 
 
 @pytest.mark.slow
@@ -403,7 +419,7 @@ def test_market_forecast_distributed_equals_direct(portable, tmp_path):
     options, logs = portable
     bars = tmp_path / "bars"
     write_sp500_layout(simulate(["SIMA", "SIMB", "SIMC"], start="2016-01-01", end="2016-05-01", seed=3), bars)
-    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "direct")], tmp_path)
+    _run_direct("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "direct")])
     before = _harnesses_started(logs)
     _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "dist"), *options],
              tmp_path)
@@ -412,16 +428,12 @@ def test_market_forecast_distributed_equals_direct(portable, tmp_path):
 
 
 @pytest.mark.slow
-def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, tmp_path):
+def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, next_token_dist):
     """``--extra_package dist/streamrnn-*.whl`` ships the code to the cluster: the job service receives the
     wheel byte for byte. (A bare worker_pool_main starts harnesses without Beam's boot, so nothing staged is
     installed here; boot does that in DOCKER/PROCESS environments and in the image's --worker_pool mode.)"""
-    from streamrnn.beam.io import demo_events
-
-    options, logs = portable
-    events = demo_events(tmp_path / "events.jsonl", keys=2)
-    _run_job("beam_jobs.next_token", ["--input", events, "--output", str(tmp_path / "out"), *options,
-                                      "--extra_package", str(wheel)], tmp_path)
+    _, logs = portable
+    assert (next_token_dist / "dist" / "summary.json").is_file()  # the run that staged it
     same = [p for p in (logs / "staging").rglob(f"*{wheel.name}") if p.read_bytes() == wheel.read_bytes()]
     assert len(same) == 1, list((logs / "staging").rglob("*"))
     (listing,) = same[0].parent.glob("*extra_packages.txt")
