@@ -43,7 +43,7 @@ from streamrnn.beam.models import load_model  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
 from streamrnn.beam.sinks import WriteParquet  # noqa: E402
 from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
-from streamrnn.cliargs import at_least  # noqa: E402
+from streamrnn.cliargs import at_least, fraction  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
@@ -57,11 +57,15 @@ from streamrnn.forecast.beam import (  # noqa: E402
     check_bar_frequency,
 )
 from streamrnn.forecast.beam_output import (  # noqa: E402
+    Calibration,
     WriteMarketSummary,
     job_columns,
     output_schema,
     print_market_summary,
 )
+from streamrnn.forecast.calibrate_step import Calibrate  # noqa: E402
+from streamrnn.forecast.cli import _fractions as fractions  # noqa: E402  (eval forecast's --levels/--var rule)
+from streamrnn.forecast.conformal import GAMMA, LEVELS, SCALINGS, TAILS, label  # noqa: E402
 from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
 from streamrnn.forecast.features import FeatureConfig  # noqa: E402
 from streamrnn.runtime import CPU  # noqa: E402
@@ -109,6 +113,18 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "finds no skill in the model's drift, see docs/market.md) or model")
     ap.add_argument("--allow-frequency", action="store_true",
                     help="run on bars of another frequency than the model's (checked at launch on the first files)")
+    # defaults: streamrnn.forecast.conformal's LEVELS, TAILS and GAMMA (as eval forecast's flags)
+    ap.add_argument("--levels", type=fractions(0, 1, "interval levels"), default=list(LEVELS),
+                    help="central interval levels calibrated online per symbol (ACI) and scored, raw and calibrated, "
+                         "at every horizon (default: 0.5,0.8,0.95,0.99)")
+    ap.add_argument("--var", type=fractions(0, 0.5, "tail probabilities"), default=list(TAILS),
+                    help="value-at-risk / expected-shortfall tail probabilities, calibrated like the levels "
+                         "(default: 0.01,0.05)")
+    ap.add_argument("--gamma", type=fraction(0, 1, lo_open=True, hi_open=True), default=GAMMA,
+                    help="the ACI step of the 80%% level: about 1/gamma bars to correct a shift (default: %(default)s)")
+    ap.add_argument("--gamma-scaling", choices=SCALINGS, default=SCALINGS[0],
+                    help="each level's step: proportional to its miscoverage, or the same constant step for all "
+                         "(default: %(default)s)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -117,6 +133,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     if not args.input and not args.demo and not args.watch:  # --watch without a glob: live_source names it
         ap.error("--input: expected bar files (or --demo), got neither")
     beam_args = launcher.beam_flags(ap, beam_args, replay="--replay" if args.replay else None)
+    for flag, vals in (("--levels", args.levels), ("--var", args.var)):
+        if len({label(v) for v in vals}) != len(vals):
+            ap.error(f"{flag}: expected values distinct in their column names, got {','.join(map(str, vals))}")
     args.live = live_source(args, beam_args)
     return args, beam_args
 
@@ -158,13 +177,16 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
     events, bad_bars = bars | "Features" >> Features(cfg, window=args.window, lateness=args.allowed_lateness)
     out, dead = events | "Forecast" >> inference
     df, gap_bars = [float(d) for d in meta["df"]], cfg.gap_bars
-    rows = out | "JobColumns" >> beam.Map(job_columns, df, gap_bars)
+    cal = Calibration(int(meta["horizons"]), tuple(args.levels), tuple(args.var), float(args.gamma), args.gamma_scaling)
+    rows = (out | "JobColumns" >> beam.Map(job_columns, df, gap_bars)
+            | "Calibrate" >> Calibrate(df, levels=cal.levels, tails=cal.tails, gamma=cal.gamma, scaling=cal.scaling,
+                                       num_shards=args.shards))
     dead_all = (unread, bad_bars, dead) | "AllDeadLetters" >> beam.Flatten()
-    schema = output_schema(int(meta["horizons"]))
+    schema = output_schema(cal.horizons, cal.levels, cal.tails)
     rows | "WriteForecasts" >> WriteParquet(args.output, prefix=FORECASTS, schema=schema, temp_directory=temp_dir)
     dead_all | "WriteDeadLetters" >> WriteParquet(args.output, prefix=DEAD_LETTERS, schema=DEAD_LETTER_SCHEMA,
                                                   temp_directory=temp_dir)
-    (rows, dead_all) | "Summary" >> WriteMarketSummary(args.output, simulated=bool(args.demo))
+    (rows, dead_all) | "Summary" >> WriteMarketSummary(args.output, simulated=bool(args.demo), calibration=cal)
 
 
 def _demo_input(output: str) -> str:

@@ -16,8 +16,8 @@ next bar is a corporate-action jump (its return is not a return; the features' r
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from typing import IO
+from collections.abc import Iterable, Sequence
+from typing import IO, NamedTuple
 
 import apache_beam as beam
 import numpy as np
@@ -29,13 +29,17 @@ from apache_beam.transforms.window import GlobalWindows
 
 from ..beam.summary import SUMMARY, dead_letter_line, write_json
 from .beam import QUANTILES, close_of
+from .calibrate_step import calibrated_fields, horizon_summary, score_sums, scored_fields, sum_names
+from .conformal import GAMMA, LEVELS, TAILS
 from .distribution import nll
 
 PRICE_NAMES = ("median", *QUANTILES)
+TRAILING = ("model_version", "fresh", "reset")
 STATS = ("scored", "nll_h1", "abs_error_h1", "in80_h1", "in95_h1")
 
 
-def output_schema(horizons: int) -> pa.Schema:
+def base_schema(horizons: int) -> pa.Schema:
+    """The rows :func:`job_columns` makes: the model's forecast and its h1 outcome (before calibration)."""
     fields = [("symbol", pa.string()), ("ts", pa.float64()), ("close", pa.float64()), ("bar", pa.int64()),
               ("flags", pa.string())]
     for h in range(1, horizons + 1):
@@ -43,8 +47,17 @@ def output_schema(horizons: int) -> pa.Schema:
         fields += [(f"h{h}_ret_loc", pa.float64()), (f"h{h}_ret_scale", pa.float64())]
     fields += [("realised_ret_h1", pa.float64()), ("realised_close_h1", pa.float64()), ("error_h1", pa.float64()),
                ("nll_h1", pa.float64()), ("in80_h1", pa.bool_()), ("in95_h1", pa.bool_()),
-               ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())]
+               *((c, pa.string() if c != "fresh" else pa.bool_()) for c in TRAILING)]
     return pa.schema(fields)
+
+
+def output_schema(horizons: int, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS) -> pa.Schema:
+    """The job's output rows: :func:`base_schema`, then the calibrated bands and the live scores of every horizon
+    (:mod:`.calibrate_step`), then ``model_version, fresh, reset``."""
+    base = base_schema(horizons)
+    head = [f for f in base if f.name not in TRAILING]
+    return pa.schema([*head, *calibrated_fields(horizons, levels, tails), *scored_fields(horizons, levels, tails),
+                      *(base.field(c) for c in TRAILING)])
 
 
 def _matrix(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
@@ -88,7 +101,7 @@ def job_columns(batch: pa.RecordBatch, df: list[float], gap_bars: float) -> pa.R
     cols["in95_h1"] = _nullable((y >= lo95) & (y <= hi95), known, pa.bool_())
     for c in ("model_version", "fresh", "reset"):
         cols[c] = batch.column(c)
-    schema = output_schema(H)
+    schema = base_schema(H)
     return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
@@ -122,24 +135,70 @@ def _scores(v: tuple) -> dict:
             "coverage_80": per(n80), "coverage_95": per(n95)}
 
 
+class Calibration(NamedTuple):
+    """What the summary's ``horizons`` blocks are over: the model's horizons, the job's levels, VaR tails, ACI
+    step and its scaling (:mod:`.conformal`)."""
+
+    horizons: int
+    levels: tuple[float, ...] = LEVELS
+    tails: tuple[float, ...] = TAILS
+    gamma: float = GAMMA
+    scaling: str = "proportional"
+
+    def scores(self, flat: Sequence[float] | None) -> dict:
+        n = len(sum_names(self.levels, self.tails))
+        sums = np.asarray(flat if flat else np.zeros(self.horizons * n), np.float64).reshape(self.horizons, n)
+        return horizon_summary(sums, self.levels, self.tails)
+
+
+class _HorizonStats(beam.DoFn):
+    """(symbol, flattened ``[H, len(sum_names)]`` score sums) per symbol of a job block (:func:`score_sums`)."""
+
+    def __init__(self, calibration: Calibration):
+        self.c = calibration
+
+    def process(self, block: pa.RecordBatch):
+        for k, v in score_sums(block, self.c.horizons, self.c.levels, self.c.tails).items():
+            yield k, tuple(v.reshape(-1).tolist())
+
+
+def _add_vectors(vs: Iterable[tuple]) -> tuple:
+    acc = None
+    for v in vs:
+        acc = np.asarray(v, np.float64) if acc is None else acc + np.asarray(v, np.float64)
+    return () if acc is None else tuple(acc.tolist())
+
+
 class _Write(beam.DoFn):
-    def __init__(self, root: str, simulated: bool):
-        self.root, self.simulated = root, simulated
+    def __init__(self, root: str, simulated: bool, calibration: Calibration | None):
+        self.root, self.simulated, self.calibration = root, simulated, calibration
 
     def process(self, items):
         per: dict = {}
+        per_h: dict = {}
         dead: dict = {}
         versions: set = set()
         for kind, v in items:
             if kind == "key":
                 per[v[0]] = v[1]
+            elif kind == "hkey":
+                per_h[v[0]] = v[1]
             elif kind == "dead":
                 dead[v[0]] = int(v[1])
             else:
                 versions.add(v)
         total = _add(per.values())
+        symbols = {k: _scores(v) for k, v in sorted(per.items())}
+        overall: dict = {}
+        c = self.calibration
+        if c is not None:
+            for k in symbols:
+                symbols[k]["horizons"] = c.scores(per_h.get(k))
+            overall = {"horizons": c.scores(_add_vectors(per_h.values())),
+                       "calibration": {"levels": list(c.levels), "var": list(c.tails), "gamma": c.gamma,
+                                       "gamma_scaling": c.scaling}}
         write_json(FileSystems.join(self.root, SUMMARY), {
-            "simulated": self.simulated, "symbols": {k: _scores(v) for k, v in sorted(per.items())}, **_scores(total),
+            "simulated": self.simulated, "symbols": symbols, **_scores(total), **overall,
             "dead_letters": dict(sorted(dead.items())), "model_version": sorted(versions)})
 
 
@@ -154,22 +213,28 @@ class WriteMarketSummary(beam.PTransform):
     ``simulated`` labels a summary of the simulated demo market as such.
     """
 
-    def __init__(self, root: str, *, simulated: bool = False, label: str | None = None):
+    def __init__(self, root: str, *, simulated: bool = False, calibration: Calibration | None = None,
+                 label: str | None = None):
         super().__init__(label)
-        self.root, self.simulated = root, simulated
+        self.root, self.simulated, self.calibration = root, simulated, calibration
 
     def expand(self, pcolls):
         rows, dead = pcolls
         per = (rows | "SymbolStats" >> beam.ParDo(_SymbolStats()) | _at_end("StatsAtEnd")
                | "SumPerSymbol" >> beam.CombinePerKey(_add) | "TagKeys" >> beam.Map(lambda kv: ("key", kv)))
+        parts = [per]
+        if self.calibration is not None:
+            parts.append(rows | "HorizonStats" >> beam.ParDo(_HorizonStats(self.calibration))
+                         | _at_end("HorizonsAtEnd") | "SumHorizons" >> beam.CombinePerKey(_add_vectors)
+                         | "TagHorizons" >> beam.Map(lambda kv: ("hkey", kv)))
         dead_n = (dead | "DeadKind" >> beam.Map(lambda d: d.kind) | _at_end("DeadAtEnd")
                   | "CountDead" >> beam.combiners.Count.PerElement() | "TagDead" >> beam.Map(lambda kv: ("dead", kv)))
         versions = (rows | "Versions" >> beam.FlatMap(lambda b: set(b.column("model_version").to_pylist()))
                     | _at_end("VersionsAtEnd") | "Distinct" >> beam.Distinct()
                     | "TagVersions" >> beam.Map(lambda v: ("model", v)))
-        return ((per, dead_n, versions) | "Parts" >> beam.Flatten()
+        return ((*parts, dead_n, versions) | "Parts" >> beam.Flatten()
                 | "AsList" >> beam.CombineGlobally(beam.combiners.ToListCombineFn()).without_defaults()
-                | "Write" >> beam.ParDo(_Write(self.root, self.simulated)))
+                | "Write" >> beam.ParDo(_Write(self.root, self.simulated, self.calibration)))
 
 
 def print_market_summary(s: dict, out: IO[str] | None = None, top: int = 20) -> None:
@@ -189,4 +254,24 @@ def print_market_summary(s: dict, out: IO[str] | None = None, top: int = 20) -> 
                   f"{f(v['coverage_80']):>6} {f(v['coverage_95']):>6}\n")
     if len(rows) > top:
         out.write(f"  ... {len(rows) - top} more symbols in {SUMMARY}\n")
+    if s.get("horizons"):
+        print_horizons(s["horizons"], out)
     out.write(dead_letter_line(s, unit="bar") + "\n")
+
+
+def print_horizons(horizons: dict, out: IO[str]) -> None:
+    """The live scores of every horizon (all symbols): coverage and VaR breaches raw / calibrated, in %."""
+    def pct(v: dict) -> str:
+        return "/".join("-" if v[k] is None else f"{100 * v[k]:.1f}" for k in ("raw", "calibrated"))
+
+    first = next(iter(horizons.values()))
+    levels, tails = list(first["coverage"]), list(first["var_breaches"])
+    out.write("\nlive scores per horizon, all symbols (coverage and VaR breaches in %, raw/calibrated)\n")
+    head = "".join(f" {'cov' + lv:>11}" for lv in levels) + "".join(f" {'var' + p:>11}" for p in tails)
+    out.write(f"  {'h':<3} {'scored':>8} {'nll':>7} {'mae%':>7}{head}\n")
+    for h, v in horizons.items():
+        f = "-" if v["nll"] is None else f"{v['nll']:.3f}"
+        e = "-" if v["mae"] is None else f"{v['mae']:.3f}"
+        cells = "".join(f" {pct(v['coverage'][lv]):>11}" for lv in levels)
+        cells += "".join(f" {pct(v['var_breaches'][p]):>11}" for p in tails)
+        out.write(f"  {h:<3} {v['scored']:>8,} {f:>7} {e:>7}{cells}\n")
