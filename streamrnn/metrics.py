@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,8 @@ log = logging.getLogger("streamrnn.metrics")
 JOB = ("job",)
 MODEL = ("job", "model", "model_version", "task", "provider")
 DEAD = ("job", "reason")
+#: the market job's live scores of every horizon (after the model: the version comes from its output rows)
+HORIZON = ("job", "model_version", "horizon")
 #: The bounded values of the ``reason`` label (dead-letter kinds).
 REASONS = ("invalid", "late", "duplicate", "error")
 
@@ -110,6 +112,23 @@ CATALOGUE: tuple[MetricDef, ...] = (
               tasks=("forecast",)),
     MetricDef("streamrnn_online_in_interval_95_total", "counter",
               "Forecasts: scored events whose realised value fell inside the previous 95% interval.", MODEL,
+              tasks=("forecast",)),
+    MetricDef("streamrnn_forecast_scored_total", "counter",
+              "Forecasts: h-bar-ahead forecasts scored when their h-th bar arrived (not across a corporate-action "
+              "jump), by horizon.", HORIZON, tasks=("forecast",)),
+    MetricDef("streamrnn_forecast_loss_nats_total", "counter",
+              "Forecasts: negative log density in nats of the realised h-bar % log return under its forecast, "
+              "summed over scored forecasts, by horizon.", HORIZON, tasks=("forecast",)),
+    MetricDef("streamrnn_forecast_abs_error_percent_total", "counter",
+              "Forecasts: absolute error of the h-bar median (realised minus median) in percentage points of log "
+              "return, summed over scored forecasts, by horizon.", HORIZON, tasks=("forecast",)),
+    MetricDef("streamrnn_forecast_in_interval_total", "counter",
+              "Forecasts: scored h-bar forecasts whose realised return fell inside the central interval of that "
+              "level, raw (the model's) or calibrated (ACI), by horizon.", (*HORIZON, "level", "calibration"),
+              tasks=("forecast",)),
+    MetricDef("streamrnn_forecast_var_breaches_total", "counter",
+              "Forecasts: scored h-bar forecasts whose realised loss exceeded the value at risk of that tail "
+              "probability, raw or calibrated (ACI), by horizon.", (*HORIZON, "tail", "calibration"),
               tasks=("forecast",)),
     MetricDef("streamrnn_model_reference_loss_nats", "gauge",
               "The model's training-time validation loss per scored event in nats, what the online loss is "
@@ -343,6 +362,26 @@ class Recorder:
                 total = float(v[np.isfinite(v)].sum())
                 if total:
                     kid.inc(total)
+
+    def forecast_horizons(self, model_version: str, sums: np.ndarray, levels: Sequence[str],
+                          tails: Sequence[str]) -> None:
+        """The market job's live scores of every horizon: ``sums [H, 3 + 2 L + 2 P]`` per horizon scored
+        forecasts, NLL (nats), absolute error (%), raw then calibrated hits per level (``levels``: their labels,
+        e.g. ``"80"``), raw then calibrated VaR breaches per tail (``tails``: ``"1"``, ...); see
+        :func:`streamrnn.forecast.calibrate_step.score_sums`."""
+        c = self.cat
+        L, P = len(levels), len(tails)
+        for h, row in enumerate(np.asarray(sums, np.float64).tolist(), 1):
+            lab = {"job": self.job, "model_version": model_version, "horizon": str(h)}
+            for i, name in enumerate(("streamrnn_forecast_scored_total", "streamrnn_forecast_loss_nats_total",
+                                      "streamrnn_forecast_abs_error_percent_total")):
+                c[name].labels(**lab).inc(row[i])
+            for k, lv in enumerate(levels):
+                for how, j in (("raw", 3 + k), ("calibrated", 3 + L + k)):
+                    c["streamrnn_forecast_in_interval_total"].labels(**lab, level=lv, calibration=how).inc(row[j])
+            for k, p in enumerate(tails):
+                for how, j in (("raw", 3 + 2 * L + k), ("calibrated", 3 + 2 * L + P + k)):
+                    c["streamrnn_forecast_var_breaches_total"].labels(**lab, tail=p, calibration=how).inc(row[j])
 
     # -- job-labelled -------------------------------------------------------------------
     def inc(self, name: str, n: float = 1) -> None:
