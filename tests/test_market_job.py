@@ -141,13 +141,34 @@ def _parity(model, files, out: pathlib.Path) -> dict:
     return worst
 
 
+@pytest.fixture(scope="module")
+def synthetic_batch(synthetic, tmp_path_factory) -> dict:
+    """One batch run over the synthetic bars, plotting two symbols (--plot, where the plot extra is installed):
+    its output folder, what it printed, and the PNG."""
+    import contextlib
+    import importlib.util
+    import io
+
+    d = tmp_path_factory.mktemp("synthetic_batch")
+    png = d / "fig" / "f.png" if importlib.util.find_spec("matplotlib") else None
+    flags = ["--plot", str(png), "--plot-symbols", "BB.B,CCC"] if png else []
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert _run(synthetic, d / "out", *flags) == 0
+    return {"out": d / "out", "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "png": png}
+
+
 @pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
-def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
+def test_synthetic_market_parity(model, synthetic, synthetic_batch, tmp_path, replay, capsys):
     # the shipped model is volatility-anchored, so these parity runs cover the job's anchored postprocess
     assert forecast_meta(model)["features"].get("anchor") is True
-    out = tmp_path / "out"
-    # replay: 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
-    assert _run(synthetic, out, *(["--replay", "--window", str(28 * DAY)] if replay else [])) == 0
+    if replay:
+        out = tmp_path / "out"
+        # 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
+        assert _run(synthetic, out, "--replay", "--window", str(28 * DAY)) == 0
+        table = capsys.readouterr().out
+    else:
+        out, table = synthetic_batch["out"], synthetic_batch["stdout"]
     _parity(model, synthetic, out)
     assert not list(out.glob("dead_letters-*.parquet")) or _table(out, "dead_letters").num_rows == 0
     s = market_forecast.read_summary(str(out))
@@ -158,7 +179,6 @@ def test_synthetic_market_parity(model, synthetic, tmp_path, replay, capsys):
     assert math.isclose(s["coverage_80"], float(np.mean(known.column("in80_h1").to_numpy(zero_copy_only=False))),
                         rel_tol=1e-9)
     assert s["simulated"] is False
-    table = capsys.readouterr().out
     assert "live one-bar-ahead forecast scores" in table
     header = next(line for line in table.splitlines() if line.strip().startswith("symbol"))
     assert header.split()[3:5] == ["nll", "(nats/bar)"], header  # the unit of nll_h1, as the progress line
@@ -327,16 +347,15 @@ def test_missing_input_unwritable_output_bad_flags(synthetic, tmp_path, capsys):
     _one_line_error(capsys, _run(synthetic, tmp_path / "o4", "--plot", str(tmp_path / "x.jpg")), "--plot")
 
 
-def test_plot_writes_png(synthetic, tmp_path, capsys):
+def test_plot_writes_png(synthetic_batch):
+    """(The batch parity run plotted two symbols.)"""
     pytest.importorskip("matplotlib", reason="needs the 'plot' extra")
-    out = tmp_path / "out"
-    png = tmp_path / "fig" / "f.png"
-    assert _run(synthetic, out, "--plot", str(png), "--plot-symbols", "BB.B,CCC") == 0
+    png = synthetic_batch["png"]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    assert "BB.B, CCC" in capsys.readouterr().err
+    assert "BB.B, CCC" in synthetic_batch["stderr"]
     with pytest.raises(plot.InputError, match="--plot-symbols"):
-        plot.plot_forecasts(str(out), str(png), symbols=["ZZZ"])
+        plot.plot_forecasts(str(synthetic_batch["out"]), str(png.with_name("other.png")), symbols=["ZZZ"])
 
 
 def test_plot_without_matplotlib_is_one_line(monkeypatch, synthetic, tmp_path, capsys):
