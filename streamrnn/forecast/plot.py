@@ -1,7 +1,8 @@
 """``--plot``: the market job's forecasts drawn per symbol (needs the optional ``plot`` extra: matplotlib).
 
 Per symbol two panels: the close, with each bar's one-bar-ahead median and 80%/95% price
-bands drawn at the bar they forecast; below, the live error (realised minus median, % log
+bands drawn at the bar they forecast (and the online-calibrated 80% band, dashed, where the run has
+it); below, the live error (realised minus median, % log
 return) against the 80%/95% return bands, with the 80%/95% coverage in the title.
 
 Which symbols: ``symbols`` (``--plot-symbols``) in the order given; by default the ``top`` (3)
@@ -108,6 +109,10 @@ def _draw(t: pa.Table, symbol: str, ax, ax_err, last: int | None) -> dict:
     ax.fill_between(at, col("h1_lo80")[k:n - 1], col("h1_hi80")[k:n - 1], color="tab:blue", alpha=0.3,
                     label="80% band", step="mid")
     ax.plot(at, med, color="tab:blue", lw=0.8, label="forecast median")
+    if "h1_cal_lo80" in t.column_names and t.column("h1_cal_lo80").null_count < n:  # the job's online calibration
+        for side in ("lo", "hi"):
+            ax.plot(at, col(f"h1_cal_{side}80")[k:n - 1], color="tab:red", lw=0.7, ls="--", drawstyle="steps-mid",
+                    label="calibrated 80% band (ACI)" if side == "lo" else None)
     ax.plot(ts[k:], close[k:], color="black", lw=1.0, label="close")
     ax.set_title(f"{symbol}: close and one-bar-ahead forecast")
     ax.set_ylabel("price (the bars' currency)")
