@@ -751,7 +751,8 @@ class KeyedOperator:
         side, side_inputs = None, []
         if n_side:
             side_inputs = [inputs(grp) for grp in groups[:n_side]]
-            side = _Background(lambda: [self.model.run_unchecked(i[5], i[8], i[10]) for i in side_inputs])
+            side = _Background(lambda: [self.model.run_unchecked(xb, lengths, st)
+                                        for _, _, _, _, _, xb, _, _, lengths, _, st in side_inputs])
         try:
             for gi in [*range(n_side, len(groups)), *range(n_side)]:
                 grp = groups[gi]
