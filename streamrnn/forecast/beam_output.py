@@ -9,8 +9,13 @@ next bar arrives, the realised one-bar-ahead outcome: ``realised_ret_h1`` (% log
 ``in80_h1 / in95_h1``. They are null while unknown, at the end of the input, and where the
 next bar is a corporate-action jump (its return is not a return; the features' rule).
 
+After them (:func:`output_schema`) come the online-calibrated bands, VaR and ES, and the live scores of
+every horizon (:mod:`.calibrate_step`), then ``model_version, fresh, reset``.
+
 ``summary.json``: per symbol and overall, bars, scored bars, mean ``nll_h1``, ``mae_h1``,
-``coverage_80`` and ``coverage_95`` of the live one-bar-ahead forecasts; dead letters by kind.
+``coverage_80`` and ``coverage_95`` of the live one-bar-ahead forecasts; with a :class:`Calibration`, per
+symbol and overall ``horizons.h{h}`` (scored, NLL, MAE, raw and calibrated coverage per level and VaR breach
+rate per tail, from the ``scored_h{h}_*`` columns) and the calibration settings; dead letters by kind.
 """
 
 from __future__ import annotations

@@ -2,8 +2,11 @@
 
 Flow (after ``JobColumns``; ``beam_jobs/market_forecast.py`` composes it)::
 
-  job rows (blocks, many symbols) -> BySymbol -> (symbol, rows) -> CalibrateSymbol (stateful, per symbol)
-                                  -> job rows + calibrated bands + scores
+  job rows (blocks, many symbols) -> ByShard -> (shard, rows) -> CalibrateShard (stateful, per shard of
+                                  symbols) -> job rows + calibrated bands + scores
+
+The Beam key is a shard of symbols (``shard_of(symbol, num_shards)``, the transform's sharding), so one
+firing calibrates many symbols in a few vectorised calls; each symbol's state is its own rows in the shard's.
 
 **What a row gets.** Bar ``t`` of a symbol carries the model's forecast for ``t + 1 .. t + H``. This step
 
@@ -24,21 +27,25 @@ The order per bar is the calibrator's (learn, then predict), so each bar's calib
 the targets completed by that bar: no look-ahead, and equal to an offline :meth:`OnlineConformal.run` over
 the symbol's rows from its first one (tests/test_market_job_calibration.py checks this, bit for bit).
 
-**State per symbol** (Beam ``ReadModifyWriteState``, Arrow IPC bytes, no pickle): the calibrator's
+**State per symbol** (Beam ``ReadModifyWriteState`` per shard, Arrow IPC bytes, no pickle): the calibrator's
 (:meth:`~.conformal.OnlineConformal.to_arrow`: ``a`` per horizon and target, the ring of the ``a`` issued at the
 last ``H`` origins, the bar count; :func:`~.conformal.state_bytes`) and a ring of the last ``H`` rows (bar
-index, time, close, jump flag, the ``H`` locations and scales). Nothing is kept in memory between timers:
-each firing rebuilds both from Beam state, so a rebuilt worker computes exactly what a warm one would.
+index, time, close, jump flag, the ``H`` locations and scales). Nothing is kept in memory between firings:
+each one rebuilds both from Beam state, so a rebuilt worker computes exactly what a warm one would.
 
-**Order and timestamps.** Rows are buffered per symbol and applied when the watermark passes their timestamp
-(an event-time timer at the earliest pending one), in ``bar`` order; with a bounded input, everything buffered
-is applied at the first firing (one pass per symbol, as ``BarFeatures`` does). A row goes out at the later of
-its own timestamp and the firing time of the timer that applied it, never earlier than that timer (streaming:
-a row is applied only once the watermark passed its timestamp, so both are the same; bounded input: the first
-firing is at the symbol's earliest row, so each row keeps its own). The upstream rows come in ``bar`` order per
-symbol over time (``StatefulInference`` stamps a row when its next event is known), so a row whose ``bar`` is not
-after the symbol's last applied one means that order broke: the step fails loudly rather than calibrate out of
-order.
+**Order and timestamps.** Rows are buffered per shard and applied when the watermark passes their timestamp
+(an event-time timer at the earliest pending one), in ``(symbol, bar)`` order; with a bounded input everything
+buffered is applied at the first firing (one pass per shard, as ``BarFeatures`` does). Each firing emits its
+rows as one block at the later of its own time and its rows' latest timestamp: never earlier than the timer
+that emits it, nor than any row's upstream timestamp (streaming: a row is applied only once the watermark
+passed its timestamp, so the block goes out at the firing's time). Rows released at the end of the input
+(``END_OF_INPUT``) arrive when the watermark is already there; a timer set then never fired on the
+DirectRunner, so a timer at ``END_OF_INPUT`` set from the shard's first row applies them. The upstream rows
+come in ``bar`` order per symbol over time (``StatefulInference`` stamps a row when its next event is known),
+so a row whose ``bar`` is not after the symbol's last applied one means that order broke: the step fails
+loudly rather than calibrate out of order. The state and timer names carry a ``cal_`` prefix: with the same
+names as ``BarFeatures`` (``flush``) in one fused stage, the DirectRunner fired this step's timer on state it
+had never written.
 """
 
 from __future__ import annotations
@@ -299,6 +306,8 @@ class _ByShard(beam.DoFn):
         self.num_shards = int(num_shards)
 
     def process(self, block: pa.RecordBatch, ts=beam.DoFn.TimestampParam) -> Iterator:
+        if not block.num_rows:
+            return
         t = pa.Table.from_batches([block])
         t = t.append_column(REL, pa.array(np.full(t.num_rows, ts.micros, np.int64)))
         names = pc.unique(t.column("symbol"))
