@@ -96,3 +96,17 @@ def pytest_configure(config):
         from file_lines import FileLines
 
         config.pluginmanager.register(FileLines(config), "streamrnn-file-lines")
+
+
+def pytest_collection_finish(session):
+    """The background jobs of the collected test files start now (tests/background.py)."""
+    import background
+
+    if not session.config.option.collectonly:
+        background.start({str(item.path) for item in session.items})
+
+
+def pytest_unconfigure(config):
+    import background
+
+    background.stop()

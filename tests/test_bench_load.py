@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import background
 import numpy as np
 import onnxruntime as ort
 import pyarrow.parquet as pq
@@ -26,10 +27,16 @@ def _graph_state_bytes(path: str) -> int:
     return sum(4 * int(np.prod([d for d in i.shape if d != "batch"])) for i in s.get_inputs() if i.name in ("h", "c"))
 
 
+@background.job("bench load --quick", file=__file__)
+def _quick_run(_folder) -> subprocess.CompletedProcess:
+    """(A subprocess and its workers: it runs beside the other tests, tests/background.py.)"""
+    return subprocess.run([sys.executable, "-m", "streamrnn.bench.load", "--quick", "--json"], capture_output=True,
+                          text=True, timeout=300, env=background.ENV, cwd=background.CWD)
+
+
 @pytest.fixture(scope="module")
 def quick() -> dict:
-    r = subprocess.run([sys.executable, "-m", "streamrnn.bench.load", "--quick", "--json"], capture_output=True,
-                       text=True, timeout=300)
+    r = background.result("bench load --quick")
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)
 

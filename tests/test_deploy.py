@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import background
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,7 +42,8 @@ def versions() -> dict[str, str]:
 
 
 def _env_without_checkout() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("STREAMRNN_MODEL", "PYTHONPATH")}
+    """The test process's environment at its start (tests/background.py) without the checkout's variables."""
+    return {k: v for k, v in background.ENV.items() if k not in ("STREAMRNN_MODEL", "PYTHONPATH")}
 
 
 def _launcher_env() -> dict[str, str]:
@@ -51,34 +53,41 @@ def _launcher_env() -> dict[str, str]:
     return {**_env_without_checkout(), "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    """A clean copy of the checkout: no stale build/ or egg-info of an earlier build leaks into a package."""
-    src = tmp_path_factory.mktemp("deploy") / "src"
+@background.job("deploy: worker venv and wheel", file=__file__)
+def _worker_build(folder: Path) -> tuple[Path, Path, Path]:
+    """(source, worker venv, wheel), built beside the other tests (tests/background.py).
+
+    source: a clean copy of the checkout (no stale build/ or egg-info of an earlier build leaks into a package).
+    worker venv: a fresh venv with the worker installed by deploy/install_worker.sh from the source, as the
+    Dockerfile does; offline and fast: the test venv's site-packages are appended (a .pth) so pip finds the
+    pinned Beam and the other dependencies already installed; streamrnn itself is built and installed into the
+    new venv (pip leaves the checkout's editable install, outside that venv, alone).
+    wheel: ``pip wheel`` of the source."""
+    src = folder / "src"
     shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "dist", "runs", "*.egg-info", "__pycache__", ".hypothesis", ".*_cache"))
-    return src
+    venv, _ = _venv_over_test_env(folder / "venv")
+    _install_worker(src, venv, {**_env_without_checkout(), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"})
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-q", "-w", str(folder / "dist"), str(src)], capture_output=True, text=True, timeout=300,
+                       env=background.ENV)
+    assert r.returncode == 0, r.stderr
+    (whl,) = (folder / "dist").glob("streamrnn-*.whl")
+    return src, venv, whl
 
 
 @pytest.fixture(scope="module")
-def worker_venv(source) -> Path:
-    """A fresh venv with the worker installed by deploy/install_worker.sh from the source, as the Dockerfile does.
-
-    Offline and fast: the test venv's site-packages are appended (a .pth) so pip finds the pinned Beam
-    and the other dependencies already installed; streamrnn itself is built and installed into the new
-    venv (pip leaves the checkout's editable install, outside that venv, alone)."""
-    venv, _ = _venv_over_test_env(source.parent / "venv")
-    env = {**_env_without_checkout(), "PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0"}
-    _install_worker(source, venv, env)
-    return venv
+def worker_venv() -> Path:
+    return background.result("deploy: worker venv and wheel")[1]
 
 
 def _venv_over_test_env(venv: Path) -> tuple[Path, Path]:
     """A fresh venv that also sees this test environment's packages (a .pth after its own site-packages)."""
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120,
+                   env=background.ENV)
     code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
     site = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                          check=True).stdout.strip()
+                          check=True, env=background.ENV).stdout.strip()
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return venv, Path(site)
 
@@ -89,16 +98,6 @@ def _install_worker(source: Path, venv: Path, env: dict[str, str], *flags: str) 
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"streamrnn worker: beam {versions()['BEAM_VERSION']}" in r.stdout, r.stdout
     return r.stdout
-
-
-@pytest.fixture(scope="module")
-def wheel(source) -> Path:
-    out = source.parent / "dist"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                        "-q", "-w", str(out), str(source)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    (whl,) = out.glob("streamrnn-*.whl")
-    return whl
 
 
 def test_install_worker_builds_a_working_worker(worker_venv):
@@ -118,18 +117,28 @@ def test_install_worker_builds_a_working_worker(worker_venv):
     assert got["model_exists"]
 
 
+@background.job("deploy: CPU-only worker venv", file=__file__)
+def _cpu_worker_build(folder: Path) -> tuple[str, Path, subprocess.CompletedProcess]:
+    """install_worker.sh --cpu into a fresh venv: (its output, the venv's site-packages, where its python finds
+    onnxruntime)."""
+    source = background.result("deploy: worker venv and wheel")[0]
+    venv, site = _venv_over_test_env(folder / "venv")
+    out = _install_worker(source, venv, {**_env_without_checkout(), "PIP_NO_BUILD_ISOLATION": "0"}, "--cpu")
+    code = "import onnxruntime; print(onnxruntime.__file__)"
+    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, cwd=folder,
+                       env=_env_without_checkout())
+    return out, site, r
+
+
 @pytest.mark.slow
-def test_install_worker_cpu_builds_a_cpu_only_worker(source, tmp_path):
+def test_install_worker_cpu_builds_a_cpu_only_worker():
     """``--cpu`` (the CPU image's install): ONNX Runtime's CPU build in the venv, no onnxruntime-gpu. This one
     needs the package index: the CPU build is not in the test environment, which has the GPU build."""
-    venv, site = _venv_over_test_env(tmp_path / "venv")
-    out = _install_worker(source, venv, {**_env_without_checkout(), "PIP_NO_BUILD_ISOLATION": "0"}, "--cpu")
+    out, site, r = background.result("deploy: CPU-only worker venv")
     assert "CUDAExecutionProvider" not in out and "CPUExecutionProvider" in out, out
     own = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
     assert {"onnxruntime", "streamrnn"} <= own and "onnxruntime_gpu" not in own, own
-    code = "import onnxruntime; print(onnxruntime.__file__)"
-    r = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True,
-                       cwd=tmp_path, env=_env_without_checkout())
+    assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).resolve().is_relative_to(site.resolve())  # its own build, not the GPU one
 
 
@@ -294,12 +303,12 @@ def _service(args: list[str], port: int, env: dict[str, str], log: Path) -> Iter
             pass
 
 
-@pytest.fixture(scope="module")
-def portable(worker_venv, tmp_path_factory) -> Iterator[tuple[list[str], Path]]:
-    """Pipeline options for the PortableRunner against a local job service and a worker pool whose
-    SDK harnesses run the venv that install_worker.sh built; and the folder of the services' logs
-    and the job service's staged artifacts."""
-    logs = tmp_path_factory.mktemp("services")
+@contextmanager
+def _portable(worker_venv: Path, logs: Path) -> Iterator[list[str]]:
+    """Pipeline options for the PortableRunner against a local job service and a worker pool whose SDK harnesses
+    run the venv that install_worker.sh built; the services' logs and the job service's staged artifacts go to
+    ``logs``."""
+    logs.mkdir()
     job_port, pool_port = _free_port(), _free_port()
     env = _env_without_checkout()
     pool_env = {**env, "PATH": f"{worker_venv / 'bin'}{os.pathsep}{env.get('PATH', '')}",
@@ -311,20 +320,65 @@ def portable(worker_venv, tmp_path_factory) -> Iterator[tuple[list[str], Path]]:
     with _service(job, job_port, env, logs / "job_service.log"), \
             _service(pool, pool_port, pool_env, logs / "worker_pool.log"):
         yield ["--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}", "--environment_type=EXTERNAL",
-               f"--environment_config=localhost:{pool_port}"], logs
+               f"--environment_config=localhost:{pool_port}"]
 
 
-def _run_job(module: str, args: list[str], cwd: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", module, "--quiet", "--metrics-port", "0", *args], capture_output=True,
-                       text=True, timeout=240, cwd=cwd, env=_launcher_env())
-    assert r.returncode == 0, r.stderr[-4000:]
+def _job(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A job as a launcher runs it: a process of its own, the checkout under test, --quiet, no exporter."""
+    return subprocess.run([sys.executable, "-m", module, "--quiet", "--metrics-port", "0", *args], capture_output=True,
+                          text=True, timeout=240, cwd=cwd, env=_launcher_env())
 
 
-def _run_direct(module: str, args: list[str]) -> None:
-    """The reference run: the job on the DirectRunner, in this process (this checkout's code)."""
-    import importlib
+def _equal_runs(job: str, args: list[str], options: list[str], logs: Path, folder: Path) -> dict:
+    """The job on the DirectRunner (direct/) and distributed (dist/): both processes, and the SDK harnesses the
+    pool started for the distributed run."""
+    direct = _job(f"beam_jobs.{job}", [*args, "--output", str(folder / "direct")], folder)
+    before = _harnesses_started(logs)
+    dist = _job(f"beam_jobs.{job}", [*args, "--output", str(folder / "dist"), *options], folder)
+    return {"direct": direct, "dist": dist, "harnesses": _harnesses_started(logs) - before, "folder": folder}
 
-    assert importlib.import_module(module).main(["--quiet", "--metrics-port", "0", *args]) == 0
+
+@background.job("deploy: distributed runs", file=__file__)
+def _distributed(folder: Path) -> dict:
+    """Both jobs run distributed the way Flink on Kubernetes runs Python, and on the DirectRunner for the same
+    input; then the market job with the worker install's shipped model swapped for another one. Beside the other
+    tests (tests/background.py): every step is another process."""
+    from streamrnn import DEFAULT_MODEL
+    from streamrnn.beam.io import demo_events
+    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+
+    _, worker_venv, wheel = background.result("deploy: worker venv and wheel")
+    runs: dict = {"logs": folder / "services"}
+    with _portable(worker_venv, runs["logs"]) as options:
+        # next_token: the model on a shared filesystem (not the checkout), opened by the workers from --model;
+        # the distributed run ships the wheel with --extra_package
+        nt = folder / "next_token"
+        (nt / "shared").mkdir(parents=True)
+        model = shutil.copy(DEFAULT_MODEL, nt / "shared" / "lm.onnx")
+        events = demo_events(nt / "events.jsonl", keys=4)
+        runs["next_token"] = _equal_runs("next_token", ["--input", events, "--model", str(model)],
+                                         [*options, "--extra_package", str(wheel)], runs["logs"], nt)
+        mf = folder / "market_forecast"
+        write_sp500_layout(simulate(["SIMA", "SIMB", "SIMC"], start="2016-01-01", end="2016-05-01", seed=3),
+                           mf / "bars")
+        runs["market_forecast"] = _equal_runs("market_forecast", ["--input", str(mf / "bars")], options,
+                                              runs["logs"], mf)
+        # the market job with the worker install's copy of shipped:market swapped for another model
+        sw = folder / "swapped"
+        code = "from streamrnn import shipped; print(shipped.resolve('shipped:market'))"
+        installed = Path(subprocess.run([str(worker_venv / "bin" / "python"), "-c", code], capture_output=True,
+                                        text=True, check=True, cwd=folder, env=_env_without_checkout()).stdout.strip())
+        write_sp500_layout(simulate(["SIMA"], start="2016-01-01", end="2016-02-01", seed=4), sw / "bars")
+        kept = installed.read_bytes()
+        try:
+            if installed.resolve().is_relative_to(worker_venv.resolve()):  # (never the checkout's: checked below)
+                shutil.copy(DEFAULT_MODEL, installed)
+            swapped = _job("beam_jobs.market_forecast", ["--input", str(sw / "bars"), "--output", str(sw / "out"),
+                                                         *options], folder)
+        finally:
+            installed.write_bytes(kept)
+        runs["swapped"] = {"installed": installed, "run": swapped, "folder": sw}
+    return runs
 
 
 def _table(folder: Path, prefix: str, sort: list[str]) -> pa.Table | None:
@@ -384,88 +438,51 @@ def _harnesses_started(logs: Path) -> int:
     return (logs / "worker_pool.log").read_text().count("Starting worker with command")
 
 
-@pytest.fixture(scope="module")
-def next_token_dist(portable, wheel, tmp_path_factory) -> Path:
-    """The next-token job on the demo events, on the DirectRunner (direct/) and distributed (dist/), the model
-    on a shared filesystem (not the checkout), opened by the workers from --model; the distributed run ships
-    the wheel with ``--extra_package``."""
-    from streamrnn import DEFAULT_MODEL
-    from streamrnn.beam.io import demo_events
-
-    options, logs = portable
-    tmp = tmp_path_factory.mktemp("next_token_dist")
-    shared = tmp / "shared"
-    shared.mkdir()
-    model = shutil.copy(DEFAULT_MODEL, shared / "lm.onnx")
-    events = demo_events(tmp / "events.jsonl", keys=4)
-    common = ["--input", events, "--model", str(model)]
-    _run_direct("beam_jobs.next_token", [*common, "--output", str(tmp / "direct")])
-    before = _harnesses_started(logs)
-    _run_job("beam_jobs.next_token", [*common, "--output", str(tmp / "dist"), *options, "--extra_package",
-                                      str(wheel)], tmp)
-    assert _harnesses_started(logs) > before  # the pool's SDK harnesses ran it, not the job service in-process
-    return tmp
+def _assert_distributed_equals_direct(job: str, main: str, sort: list[str]) -> None:
+    r = background.result("deploy: distributed runs")[job]
+    assert r["direct"].returncode == 0, r["direct"].stderr[-4000:]
+    assert r["dist"].returncode == 0, r["dist"].stderr[-4000:]
+    assert r["harnesses"] > 0  # the pool's SDK harnesses ran it, not the job service in-process
+    _assert_same_outputs(r["folder"] / "direct", r["folder"] / "dist", main, sort)
 
 
 @pytest.mark.slow
-def test_next_token_distributed_equals_direct(next_token_dist):
-    _assert_same_outputs(next_token_dist / "direct", next_token_dist / "dist", "predictions", ["key", "seq", "offset"])
+def test_next_token_distributed_equals_direct():
+    """The model on a shared filesystem (not the checkout), opened by the workers from --model."""
+    _assert_distributed_equals_direct("next_token", "predictions", ["key", "seq", "offset"])
 
 
 @pytest.mark.slow
-def test_market_forecast_distributed_equals_direct(portable, tmp_path):
-    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
-
-    options, logs = portable
-    bars = tmp_path / "bars"
-    write_sp500_layout(simulate(["SIMA", "SIMB", "SIMC"], start="2016-01-01", end="2016-05-01", seed=3), bars)
-    _run_direct("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "direct")])
-    before = _harnesses_started(logs)
-    _run_job("beam_jobs.market_forecast", ["--input", str(bars), "--output", str(tmp_path / "dist"), *options],
-             tmp_path)
-    assert _harnesses_started(logs) > before
-    _assert_same_outputs(tmp_path / "direct", tmp_path / "dist", "forecasts", ["symbol", "ts"])
+def test_market_forecast_distributed_equals_direct():
+    _assert_distributed_equals_direct("market_forecast", "forecasts", ["symbol", "ts"])
 
 
 @pytest.mark.slow
-def test_extra_package_wheel_is_staged_to_the_job_service(portable, wheel, next_token_dist):
+def test_extra_package_wheel_is_staged_to_the_job_service():
     """``--extra_package dist/streamrnn-*.whl`` ships the code to the cluster: the job service receives the
-    wheel byte for byte. (A bare worker_pool_main starts harnesses without Beam's boot, so nothing staged is
-    installed here; boot does that in DOCKER/PROCESS environments and in the image's --worker_pool mode.)"""
-    _, logs = portable
-    assert (next_token_dist / "dist" / "summary.json").is_file()  # the run that staged it
-    same = [p for p in (logs / "staging").rglob(f"*{wheel.name}") if p.read_bytes() == wheel.read_bytes()]
-    assert len(same) == 1, list((logs / "staging").rglob("*"))
+    wheel byte for byte (the next-token job's distributed run shipped it). (A bare worker_pool_main starts
+    harnesses without Beam's boot, so nothing staged is installed here; boot does that in DOCKER/PROCESS
+    environments and in the image's --worker_pool mode.)"""
+    wheel = background.result("deploy: worker venv and wheel")[2]
+    runs = background.result("deploy: distributed runs")
+    assert runs["next_token"]["dist"].returncode == 0, runs["next_token"]["dist"].stderr[-4000:]
+    same = [p for p in (runs["logs"] / "staging").rglob(f"*{wheel.name}") if p.read_bytes() == wheel.read_bytes()]
+    assert len(same) == 1, list((runs["logs"] / "staging").rglob("*"))
     (listing,) = same[0].parent.glob("*extra_packages.txt")
     assert wheel.name in listing.read_text().split()
 
 
 @pytest.mark.slow
-def test_workers_resolve_shipped_models_in_their_own_install(portable, worker_venv, tmp_path):
+def test_workers_resolve_shipped_models_in_their_own_install(worker_venv):
     """``--model shipped:market`` (the default) is resolved by each worker in its venv, not at the launcher's
     path: with the worker install's copy swapped for another model, the workers refuse to run (a one-line
     DeployError naming both models) instead of forecasting with a model the launcher never read."""
-    from streamrnn import DEFAULT_MODEL
-    from streamrnn.forecast.synthetic import simulate, write_sp500_layout
-
-    options, _ = portable
-    code = "from streamrnn import shipped; print(shipped.resolve('shipped:market'))"
-    installed = Path(subprocess.run([str(worker_venv / "bin" / "python"), "-c", code], capture_output=True, text=True,
-                                    check=True, cwd=tmp_path, env=_env_without_checkout()).stdout.strip())
+    sw = background.result("deploy: distributed runs")["swapped"]
+    installed, r = sw["installed"], sw["run"]
     assert installed.resolve().is_relative_to(worker_venv.resolve()) and installed.is_file()
-    bars = tmp_path / "bars"
-    write_sp500_layout(simulate(["SIMA"], start="2016-01-01", end="2016-02-01", seed=4), bars)
-    kept = installed.read_bytes()
-    try:
-        shutil.copy(DEFAULT_MODEL, installed)  # the worker install now ships another model under that name
-        r = subprocess.run([sys.executable, "-m", "beam_jobs.market_forecast", "--quiet", "--metrics-port", "0",
-                            "--input", str(bars), "--output", str(tmp_path / "out"), *options], capture_output=True,
-                           text=True, timeout=240, cwd=tmp_path, env=_launcher_env())
-    finally:
-        installed.write_bytes(kept)
     lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("WARNING:")]
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr and len(lines) == 2, lines  # the job's first line, then the error
     assert re.fullmatch(r"market_forecast: StatefulInference: model 'shipped:market': expected market-\S+ \(what the "
                         r"launcher read\), got charlm-\S+ on worker .*", lines[-1]), lines[-3:]
-    assert not list((tmp_path / "out").glob("forecasts-*.parquet"))  # not one forecast from the other model
+    assert not list((sw["folder"] / "out").glob("forecasts-*.parquet"))  # not one forecast from the other model

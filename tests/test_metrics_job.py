@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import background
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -103,33 +103,40 @@ def _total(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k.startswith(name + "{"))
 
 
-def test_multi_processing_job_is_quiet_and_its_workers_metrics_add_up(tmp_path):
-    """A batch job on 2 worker processes, scraped while it runs: its first scrape shows its series at 0
-    (--metrics-wait: nothing is counted before it), its last one the final figures after the workers exited
-    (--metrics-linger: the launcher serves them, and stops once they were scraped), with no key held after
-    every key expired; the pushed totals cover both workers; and stderr has a few lines."""
-    ev = tmp_path / "ev.jsonl"
+@background.job("multi-processing job with metrics", file=__file__)
+def _mp_job(folder: Path) -> tuple[subprocess.CompletedProcess, _Scraper, _Gateway, Path]:
+    """The job of the test below, scraped and pushing while it runs (beside the other tests: tests/background.py)."""
+    ev = folder / "ev.jsonl"
     ev.write_text("".join(json.dumps({"key": f"k{i % 4}", "ts": 100.0 + i, "seq": i, "text": f"line {i}\n"}) + "\n"
                           for i in range(40)) + '{"key": "k0", "ts": "bad", "seq": 999, "text": "x"}\n')
     gw, port = _Gateway(), _free_port()
     scraper = _Scraper(port)
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "beam_jobs.next_token", "--input", str(ev), "--output", str(tmp_path / "out"),
+            [sys.executable, "-m", "beam_jobs.next_token", "--input", str(ev), "--output", str(folder / "out"),
              "--providers", "cpu", "--shards", "2", "--ttl", "60", "--metrics-port", str(port), "--metrics-job",
              "mpjob", "--metrics-wait", "60", "--metrics-linger", "120", "--pushgateway", gw.address,
              "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env={**background.ENV, "PYTHONPATH": str(ROOT)})
     finally:
         scraper.close()
         gw.close()
+    return out, scraper, gw, folder
+
+
+def test_multi_processing_job_is_quiet_and_its_workers_metrics_add_up():
+    """A batch job on 2 worker processes, scraped while it runs: its first scrape shows its series at 0
+    (--metrics-wait: nothing is counted before it), its last one the final figures after the workers exited
+    (--metrics-linger: the launcher serves them, and stops once they were scraped), with no key held after
+    every key expired; the pushed totals cover both workers; and stderr has a few lines."""
+    out, scraper, gw, folder = background.result("multi-processing job with metrics")
     assert out.returncode == 0, out.stderr
     lines = out.stderr.strip().splitlines()
     noise = [ln for ln in lines if ("INFO" in ln and "INFO streamrnn metrics: serving http" not in ln)
              or "WARNING" in ln or "apitools" in ln]
     assert not noise, out.stderr
     assert len(lines) <= 7, out.stderr
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((folder / "out" / "summary.json").read_text())
     events, dead = summary["events"], sum(summary["dead_letters"].values())
     assert events == sum(len(f"line {i}\n") for i in range(40)) and dead == 1
     first, last = scraper.got[0], scraper.got[-1]
@@ -144,9 +151,14 @@ def test_multi_processing_job_is_quiet_and_its_workers_metrics_add_up(tmp_path):
     assert "metrics pushed to" in out.stderr
 
 
+@background.job("import beam_jobs.next_token", file=__file__)
+def _import_job(_folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import beam_jobs.next_token"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=background.ENV)
+
+
 def test_job_import_prints_no_beam_noise():
-    out = subprocess.run([sys.executable, "-c", "import beam_jobs.next_token"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = background.result("import beam_jobs.next_token")
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
@@ -193,20 +205,26 @@ def test_a_taken_metrics_port_is_one_line_exit_2_and_keeps_old_outputs(tmp_path,
     assert [p.name for p in out.iterdir()] == ["summary.json"]
 
 
-def test_the_default_metrics_port_taken_moves_to_the_next_free_port_in_one_line(tmp_path):
-    """Jobs side by side on one machine with the default port: the second serves the next free port, says so once
-    (also when Beam was imported before the job set up its logging: Beam's import-time warning had put
-    logging's implicit root handler beside the job's, and the line printed twice).
-
-    In a process of its own, as a job runs: in this test process an earlier job's exporter may still serve."""
+@background.job("a job on a taken default metrics port", file=__file__)
+def _default_port_taken(folder: Path) -> tuple[subprocess.CompletedProcess, int]:
     run = ("import sys; from streamrnn.beam import launcher; launcher.METRICS_PORT = int(sys.argv[1]); "
            "from beam_jobs import next_token; sys.exit(next_token.main(sys.argv[2:]))")
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         port = holder.getsockname()[1]
-        r = subprocess.run([sys.executable, "-c", run, str(port), *_job_args(tmp_path)], capture_output=True,
-                           text=True, timeout=240, cwd=Path(__file__).resolve().parents[1])
+        r = subprocess.run([sys.executable, "-c", run, str(port), *_job_args(folder)], capture_output=True,
+                           text=True, timeout=240, cwd=ROOT, env=background.ENV)
+    return r, port
+
+
+def test_the_default_metrics_port_taken_moves_to_the_next_free_port_in_one_line():
+    """Jobs side by side on one machine with the default port: the second serves the next free port, says so once
+    (also when Beam was imported before the job set up its logging: Beam's import-time warning had put
+    logging's implicit root handler beside the job's, and the line printed twice).
+
+    In a process of its own, as a job runs: in this test process an earlier job's exporter may still serve."""
+    r, port = background.result("a job on a taken default metrics port")
     assert r.returncode == 0, r.stderr[-3000:]
     said = [line for line in r.stderr.splitlines() if "in use" in line]
     assert len(said) == 1 and f"port {port} in use; serving http://127.0.0.1:" in said[0], said

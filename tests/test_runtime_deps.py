@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, distribution, packages_distributions
 from pathlib import Path
 
+import background
 import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -66,13 +67,28 @@ def test_the_closure_is_the_runtime_one():
     assert not {"numpy", "pyarrow", "apache_beam", "onnxruntime", "prometheus_client", "streamrnn"} & blocked
 
 
+JOBS = ("next_token", "market_forecast")
+
+
+def _demo_on_runtime_dependencies(job: str):
+    def run(folder: Path) -> tuple[subprocess.CompletedProcess, Path]:
+        out = folder / "out"
+        r = subprocess.run([sys.executable, "-c", RUN_BLOCKED, json.dumps(blocked_modules()), f"beam_jobs.{job}",
+                            "--demo", "--output", str(out), "--quiet", "--metrics-port", "0"],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=background.ENV)
+        return r, out
+
+    return run
+
+
+for _job in JOBS:  # subprocesses: they run beside the other tests (tests/background.py)
+    background.job(f"demo {_job} on runtime dependencies", file=__file__)(_demo_on_runtime_dependencies(_job))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["next_token", "market_forecast"])
-def test_demo_job_runs_on_runtime_dependencies_only(job, tmp_path):
-    out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-c", RUN_BLOCKED, json.dumps(blocked_modules()), f"beam_jobs.{job}",
-                        "--demo", "--output", str(out), "--quiet", "--metrics-port", "0"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+@pytest.mark.parametrize("job", JOBS)
+def test_demo_job_runs_on_runtime_dependencies_only(job):
+    r, out = background.result(f"demo {job} on runtime dependencies")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())
     assert list(out.glob("*.parquet"))

@@ -1,0 +1,108 @@
+"""Work that is mostly other processes, started with the run and done beside the other tests.
+
+A benchmark, a demo job in a subprocess, a venv build: the test process mostly waits for them. A test
+module registers such work with :func:`job` when it is imported; once pytest has collected the run,
+:func:`start` (called by conftest) runs every registered job whose test file is in the run, one at a
+time in registration order (the files' order), on a thread of its own, while this process runs the
+other tests: on a two-core machine the second core does that work. The tests that need a job's result
+call :func:`result`, which waits for it; a job not started yet (its file run alone, or the lane
+behind) runs then, in the caller's thread. An exception in a job is raised by :func:`result`.
+
+A job runs in a thread of the test process, beside tests that patch the environment and the working
+folder: it starts its processes with :data:`ENV` and :data:`CWD` (the test process's when this module
+was imported), and it never runs Beam or the jobs in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+#: the test process's environment and working folder at its start, for a job's subprocesses
+ENV: dict[str, str] = dict(os.environ)
+CWD: str = os.getcwd()
+
+
+class _Job:
+    def __init__(self, name: str, fn: Callable[[Path], Any], file: str):
+        self.name, self.fn, self.file = name, fn, os.path.abspath(file)
+        self.started = False
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.folder: Path | None = None
+
+    def run(self) -> None:
+        try:
+            slug = re.sub(r"[^A-Za-z0-9._]+", "-", self.name).strip("-")  # (a venv refuses ':' in its path)
+            self.folder = Path(tempfile.mkdtemp(prefix=f"streamrnn-{slug}-"))
+            self.value = self.fn(self.folder)
+        except BaseException as e:  # raised again by result(), in the test that needs it
+            self.error = e
+        finally:
+            self.done.set()
+
+
+_JOBS: dict[str, _Job] = {}
+_LOCK = threading.Lock()
+_STOP = threading.Event()
+
+
+def job(name: str, *, file: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
+    """Register ``fn(folder)`` (a fresh temporary folder) as the job ``name`` of the test file ``file``."""
+
+    def register(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+        if name in _JOBS:
+            raise ValueError(f"background job {name!r} registered twice")
+        _JOBS[name] = _Job(name, fn, file)
+        return fn
+
+    return register
+
+
+def _claim(j: _Job) -> bool:
+    with _LOCK:
+        if j.started:
+            return False
+        j.started = True
+        return True
+
+
+def start(files: set[str]) -> None:
+    """Run the jobs of these test files (absolute paths) one after another on a daemon thread."""
+    todo = [j for j in _JOBS.values() if j.file in {os.path.abspath(f) for f in files}]
+
+    def lane() -> None:
+        for j in todo:
+            if _STOP.is_set():
+                return
+            if _claim(j):
+                j.run()
+
+    if todo:
+        threading.Thread(target=lane, name="background-jobs", daemon=True).start()
+
+
+def result(name: str) -> Any:
+    """The job's return value: waits for it, or runs it here if it has not started."""
+    j = _JOBS[name]
+    if _claim(j):
+        j.run()
+    j.done.wait()
+    if j.error is not None:
+        raise j.error
+    return j.value
+
+
+def stop() -> None:
+    """No job starts after this; the folders of the finished ones are removed."""
+    _STOP.set()
+    for j in _JOBS.values():
+        if j.done.is_set() and j.folder is not None:
+            shutil.rmtree(j.folder, ignore_errors=True)
