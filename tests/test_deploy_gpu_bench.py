@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import background
 import onnxruntime as ort
 
 from streamrnn import _probe
@@ -26,9 +27,15 @@ def _cuda_really_loads() -> bool:
         return False
 
 
+@background.job("bench gpu --json", file=__file__)
+def _bench_gpu(_folder) -> subprocess.CompletedProcess:
+    """(A process of its own: it runs beside the other tests, tests/background.py.)"""
+    return subprocess.run([sys.executable, "-m", "streamrnn.cli", "bench", "gpu", "--json"], capture_output=True,
+                          text=True, timeout=300, env=background.ENV, cwd=background.CWD)
+
+
 def test_bench_gpu_json_reports_cuda_and_exits_0():
-    r = subprocess.run([sys.executable, "-m", "streamrnn.cli", "bench", "gpu", "--json"], capture_output=True,
-                       text=True, timeout=300)
+    r = background.result("bench gpu --json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["benchmark"] == "gpu" and res["onnxruntime"] == ort.__version__
