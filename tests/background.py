@@ -15,9 +15,12 @@ was imported), and it never runs Beam or the jobs in this process.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -27,6 +30,8 @@ from typing import Any
 #: the test process's environment and working folder at its start, for a job's subprocesses
 ENV: dict[str, str] = dict(os.environ)
 CWD: str = os.getcwd()
+#: the checkout under test
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Job:
@@ -98,6 +103,23 @@ def result(name: str) -> Any:
     if j.error is not None:
         raise j.error
     return j.value
+
+
+def run_jobs(folder: Path, runs: dict[str, tuple[str, list[str]]], *, timeout: float = 900) -> dict[str, dict]:
+    """Run the jobs ``{name: (module, argv)}``, in this order, in one new process (tests/run_jobs.py: one
+    interpreter and Beam start for all): ``{name: {"rc": exit code, "stdout": ..., "stderr": ...}}``. The
+    process imports the checkout under test (PYTHONPATH), as a job started from it would."""
+    spec = [{"module": module, "argv": argv, "out": str(folder / f"run-{i}.json")}
+            for i, (module, argv) in enumerate(runs.values())]
+    (folder / "runs.json").write_text(json.dumps(spec))
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("run_jobs.py")), str(folder / "runs.json")],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)})
+    got = {}
+    for name, s in zip(runs, spec, strict=True):
+        out = Path(s["out"])  # (none when the process died before this run ended: its stderr is the reason)
+        got[name] = json.loads(out.read_text()) if out.exists() else {"rc": None, "stdout": r.stdout,
+                                                                        "stderr": r.stderr[-4000:]}
+    return got
 
 
 def stop() -> None:

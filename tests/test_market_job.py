@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import apache_beam as beam
+import background
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,9 +52,13 @@ def synthetic(tmp_path_factory) -> list[str]:
                                                         end="2016-08-01", seed=3), folder)]
 
 
+def _argv(files, out: pathlib.Path, *extra: str) -> list[str]:
+    return ["--input", ",".join(files), "--output", str(out), "--quiet", "--metrics-port", "0", "--shards", "3",
+            "--location", "model", *extra]
+
+
 def _run(files, out: pathlib.Path, *extra: str) -> int:
-    return market_forecast.main(["--input", ",".join(files), "--output", str(out), "--quiet", "--metrics-port", "0",
-                                 "--shards", "3", "--location", "model", *extra])
+    return market_forecast.main(_argv(files, out, *extra))
 
 
 def _table(out: pathlib.Path, prefix: str) -> pa.Table:
@@ -141,35 +146,51 @@ def _parity(model, files, out: pathlib.Path) -> dict:
     return worst
 
 
-@pytest.fixture(scope="module")
-def synthetic_batch(synthetic, tmp_path_factory) -> dict:
-    """One batch run over the synthetic bars, plotting two symbols (--plot, where the plot extra is installed):
-    its output folder, what it printed, and the PNG."""
-    import contextlib
+@background.job("market_forecast runs of test_market_job", file=__file__)
+def _job_runs(folder: pathlib.Path) -> dict:
+    """The job runs of the parity, layout and bad-bar tests below, on inputs written here, run one after another
+    in a process of their own (tests/run_jobs.py), beside the other tests (tests/background.py)."""
     import importlib.util
-    import io
 
-    d = tmp_path_factory.mktemp("synthetic_batch")
-    png = d / "fig" / "f.png" if importlib.util.find_spec("matplotlib") else None
-    flags = ["--plot", str(png), "--plot-symbols", "BB.B,CCC"] if png else []
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert _run(synthetic, d / "out", *flags) == 0
-    return {"out": d / "out", "stdout": stdout.getvalue(), "stderr": stderr.getvalue(), "png": png}
+    sim = [str(p) for p in write_sp500_layout(simulate(["AAA", "BB.B", "CCC"], start="2016-01-01", end="2016-08-01",
+                                                       seed=3), folder / "sim")]
+    # the batch run also plots two symbols (where the plot extra is installed): test_plot_writes_png
+    png = folder / "fig" / "f.png" if importlib.util.find_spec("matplotlib") else None
+    runs = {"synthetic/batch": _argv(sim, folder / "synthetic-batch",
+                                     *(["--plot", str(png), "--plot-symbols", "BB.B,CCC"] if png else [])),
+            # 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
+            "synthetic/replay": _argv(sim, folder / "synthetic-replay", "--replay", "--window", str(28 * DAY))}
+    real = _real_files(folder / "real") if SP500.is_dir() else []
+    if real:
+        runs["real/batch"] = _argv(real, folder / "real-batch")
+        runs["real/replay"] = _argv(real, folder / "real-replay", "--replay", "--window", str(182 * DAY))
+    bars = _layout_bars()
+    runs["layout/csv"] = _argv([str(p) for p in write_sp500_layout(bars, folder / "layout-csv")], folder / "layout-a")
+    for form in LAYOUTS:
+        files, flags = _write_layout(bars, folder / f"layout-{form}", form)
+        runs[f"layout/{form}"] = _argv(files, folder / f"layout-{form}-out", *flags)
+    good, nocol = _bad_bars(folder / "bad")
+    runs["bad bars"] = _argv([str(good), str(nocol)], folder / "bad-out")
+    ran = background.run_jobs(folder, {name: ("beam_jobs.market_forecast", argv) for name, argv in runs.items()})
+    return {"sim": sim, "real": real, "png": png, "bad": (good, nocol),
+            "runs": {name: {**ran[name], "out": pathlib.Path(argv[argv.index("--output") + 1])}
+                     for name, argv in runs.items()}}
+
+
+def _ran(name: str) -> dict:
+    """The background run ``name``: it succeeded; its output folder ("out"), what it printed."""
+    r = background.result("market_forecast runs of test_market_job")["runs"][name]
+    assert r["rc"] == 0, r["stderr"][-3000:]
+    return r
 
 
 @pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
-def test_synthetic_market_parity(model, synthetic, synthetic_batch, tmp_path, replay, capsys):
+def test_synthetic_market_parity(model, replay):
     # the shipped model is volatility-anchored, so these parity runs cover the job's anchored postprocess
     assert forecast_meta(model)["features"].get("anchor") is True
-    if replay:
-        out = tmp_path / "out"
-        # 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
-        assert _run(synthetic, out, "--replay", "--window", str(28 * DAY)) == 0
-        table = capsys.readouterr().out
-    else:
-        out, table = synthetic_batch["out"], synthetic_batch["stdout"]
-    _parity(model, synthetic, out)
+    r = _ran("synthetic/replay" if replay else "synthetic/batch")
+    out, table = r["out"], r["stdout"]
+    _parity(model, background.result("market_forecast runs of test_market_job")["sim"], out)
     assert not list(out.glob("dead_letters-*.parquet")) or _table(out, "dead_letters").num_rows == 0
     s = market_forecast.read_summary(str(out))
     t = _table(out, "forecasts")
@@ -184,11 +205,10 @@ def test_synthetic_market_parity(model, synthetic, synthetic_batch, tmp_path, re
     assert header.split()[3:5] == ["nll", "(nats/bar)"], header  # the unit of nll_h1, as the progress line
 
 
-@pytest.fixture(scope="module")
-def real_files(tmp_path_factory) -> list[str]:
+def _real_files(folder: pathlib.Path) -> list[str]:
     """The REAL symbols' rows (unchanged) from 2014-07-01 to 2015-12-31: both corporate-action jumps with a
     year of history before them (the whole 5 years are 3.3x the bars, and no other case)."""
-    folder = tmp_path_factory.mktemp("real")
+    folder.mkdir()
     files = []
     for s in REAL:
         header, *rows = (SP500 / f"{s}_data.csv").read_text().splitlines(keepends=True)
@@ -200,10 +220,9 @@ def real_files(tmp_path_factory) -> list[str]:
 
 @pytest.mark.skipif(not SP500.is_dir(), reason="shared S&P 500 data not mounted")
 @pytest.mark.parametrize("replay", [False, True], ids=["batch", "replay"])
-def test_real_symbols_parity(model, real_files, tmp_path, replay):
-    files = real_files
-    out = tmp_path / "out"
-    assert _run(files, out, *(["--replay", "--window", str(182 * DAY)] if replay else [])) == 0
+def test_real_symbols_parity(model, replay):
+    files = background.result("market_forecast runs of test_market_job")["real"]
+    out = _ran("real/replay" if replay else "real/batch")["out"]
     _parity(model, files, out)
     assert min(len(b) for f in files for b in read_bars(f)) > 350
     t = _table(out, "forecasts")
@@ -237,21 +256,14 @@ def _sorted_forecasts(out: pathlib.Path) -> pa.Table:
     return _table(out, "forecasts").sort_by([("symbol", "ascending"), ("ts", "ascending")])
 
 
-@pytest.fixture(scope="module")
-def csv_layout_forecasts(tmp_path_factory) -> pa.Table:
-    """The forecasts of one run over the layout bars as S&P 500 CSV files, the reference of the other layouts."""
-    d = tmp_path_factory.mktemp("layout_csv")
-    assert _run([str(p) for p in write_sp500_layout(_layout_bars(), d / "csv")], d / "a") == 0
-    return _sorted_forecasts(d / "a")
+LAYOUTS = ("parquet", "long_daily_txt")
 
 
-@pytest.mark.parametrize("form", ["parquet", "long_daily_txt"])
-def test_input_layouts_give_the_same_forecasts(tmp_path, csv_layout_forecasts, form):
-    bars = _layout_bars()
-    files, flags = _write_layout(bars, tmp_path / form, form)
-    assert _run(files, tmp_path / "b", *flags) == 0
-    a, b = csv_layout_forecasts, _sorted_forecasts(tmp_path / "b")
-    assert a.num_rows == sum(len(x) for x in bars)
+@pytest.mark.parametrize("form", LAYOUTS)
+def test_input_layouts_give_the_same_forecasts(form):
+    """The layout's run gives the forecasts of the run over the same bars as S&P 500 CSV files."""
+    a, b = (_sorted_forecasts(_ran(name)["out"]) for name in ("layout/csv", f"layout/{form}"))
+    assert a.num_rows == sum(len(x) for x in _layout_bars())
     assert a.equals(b)
 
 
@@ -263,7 +275,8 @@ def _day(d: int) -> float:
     return float(np.datetime64("2016-01-04", "s").astype(np.int64)) + d * DAY
 
 
-def test_bad_bars_are_dead_letters(model, tmp_path):
+def _bad_bars(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    """A CSV of ABC's bars with bad ones among them, and a file without a close column."""
     lines = ["date,open,high,low,close,volume,Name"]
     rows = [(0, "10,10.5,9.8,10.2,1000,ABC"), (1, "10.2,10.6,10,10.4,1100,ABC"),
             (2, "nan,10.6,10,10.4,1100,ABC"),     # NaN price
@@ -275,12 +288,17 @@ def test_bad_bars_are_dead_letters(model, tmp_path):
             (3, "10.4,10.9,10.3,10.8,900,ABC")]
     for d, r in rows:
         lines.append(f"{np.datetime64(int(_day(d)), 's').astype('datetime64[D]')},{r}")
-    good = tmp_path / "bars.csv"
+    folder.mkdir()
+    good = folder / "bars.csv"
     good.write_text("\n".join(lines) + "\n")
-    nocol = tmp_path / "noclose.csv"
+    nocol = folder / "noclose.csv"
     nocol.write_text("date,open,high,low,volume,Name\n2016-01-04,1,2,0.5,10,XYZ\n")
-    out = tmp_path / "out"
-    assert _run([str(good), str(nocol)], out) == 0
+    return good, nocol
+
+
+def test_bad_bars_are_dead_letters(model):
+    good, nocol = background.result("market_forecast runs of test_market_job")["bad"]
+    out = _ran("bad bars")["out"]
     dead = _table(out, "dead_letters").to_pylist()
     reasons = sorted(d["reason"].split(":")[0] for d in dead)
     assert reasons == sorted(["open", "open", "close", "high/low", "ts", "symbol", f"{nocol}"]), dead
@@ -347,15 +365,15 @@ def test_missing_input_unwritable_output_bad_flags(synthetic, tmp_path, capsys):
     _one_line_error(capsys, _run(synthetic, tmp_path / "o4", "--plot", str(tmp_path / "x.jpg")), "--plot")
 
 
-def test_plot_writes_png(synthetic_batch):
-    """(The batch parity run plotted two symbols.)"""
+def test_plot_writes_png():
+    """(The synthetic batch run plotted two symbols.)"""
     pytest.importorskip("matplotlib", reason="needs the 'plot' extra")
-    png = synthetic_batch["png"]
+    r, png = _ran("synthetic/batch"), background.result("market_forecast runs of test_market_job")["png"]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    assert "BB.B, CCC" in synthetic_batch["stderr"]
+    assert "BB.B, CCC" in r["stderr"]
     with pytest.raises(plot.InputError, match="--plot-symbols"):
-        plot.plot_forecasts(str(synthetic_batch["out"]), str(png.with_name("other.png")), symbols=["ZZZ"])
+        plot.plot_forecasts(str(r["out"]), str(png.with_name("other.png")), symbols=["ZZZ"])
 
 
 def test_plot_without_matplotlib_is_one_line(monkeypatch, synthetic, tmp_path, capsys):
