@@ -106,11 +106,12 @@ def result(name: str) -> Any:
 
 
 def run_jobs(folder: Path, runs: dict[str, tuple[str, list[str]]], *, timeout: float = 900) -> dict[str, dict]:
-    """Run the jobs ``{name: (module, argv)}``, in this order, in one new process (tests/run_jobs.py: one
-    interpreter and Beam start for all): ``{name: {"rc": exit code, "stdout": ..., "stderr": ...}}``. The
-    process imports the checkout under test (PYTHONPATH), as a job started from it would."""
-    spec = [{"module": module, "argv": argv, "out": str(folder / f"run-{i}.json")}
-            for i, (module, argv) in enumerate(runs.values())]
+    """Run the jobs ``{name: (module, argv)}`` (``module:function`` for a function other than ``main``), in this
+    order, in one new process (tests/run_jobs.py: one interpreter and Beam start for all):
+    ``{name: {"rc": exit code, "stdout": ..., "stderr": ...}}``. The process imports the checkout under test
+    (PYTHONPATH), as a job started from it would, and can import the tests' modules."""
+    spec = [{"module": target.partition(":")[0], "function": target.partition(":")[2] or "main", "argv": argv,
+             "out": str(folder / f"run-{i}.json")} for i, (target, argv) in enumerate(runs.values())]
     (folder / "runs.json").write_text(json.dumps(spec))
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("run_jobs.py")), str(folder / "runs.json")],
                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)})

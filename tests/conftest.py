@@ -28,6 +28,13 @@ def make_net(cell: str = "lstm", kind: str = "tokens", hidden: int = 16, layers:
     return net
 
 
+def export_tiny_lm(argv: list[str]) -> int:
+    """The Beam tests' "tiny" LSTM LM (``beam_models["tiny"]``) exported to ``argv[0]``, for the job runs that
+    tests/run_jobs.py makes in a process of their own."""
+    export(make_net("lstm"), argv[0], name="tiny")
+    return 0
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("models")

@@ -2,7 +2,9 @@
 
 SPEC is a JSON list of ``{"module": "beam_jobs.market_forecast", "argv": [...], "out": PATH}``; each job's
 ``main(argv)`` runs as a test would call it, and its exit code and what it printed (stdout, stderr; a
-traceback if it raised) are written to ``out`` as JSON before the next one starts. Background jobs
+traceback if it raised) are written to ``out`` as JSON before the next one starts. An item may name another
+function of the module (``"function"``, e.g. one that writes a job's input or model first); its return value
+is then the exit code written. Background jobs
 (tests/background.py) run a test module's job runs this way: one interpreter and one Beam import for all
 of them, in a process of their own beside the other tests. See :func:`background.run_jobs`.
 """
@@ -23,7 +25,7 @@ def main(spec: str) -> int:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                rc = importlib.import_module(run["module"]).main(run["argv"])
+                rc = getattr(importlib.import_module(run["module"]), run.get("function", "main"))(run["argv"])
             except SystemExit as e:
                 rc = e.code
             except Exception:

@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import background
 import beam_memfs
 import numpy as np
 import pyarrow as pa
@@ -61,24 +62,74 @@ def _reference(model, rows):
     return want
 
 
-@pytest.mark.parametrize("fmt,replay", [("jsonl", True), ("csv", False), ("parquet", False), ("arrow", True)])
-def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
-    path = tmp_path / f"events.{fmt}"
+FORMATS = [("jsonl", True), ("csv", False), ("parquet", False), ("arrow", True)]
+T0S = (1_700_000_000.1234, 12.3456)
+TTL_ROWS = [{"key": "t", "ts": 100.0, "seq": 0, "text": "abc"}, {"key": "t", "ts": 3000.0, "seq": 1, "text": "de"}]
+
+
+def _write_rows(path: pathlib.Path, fmt: str) -> None:
+    """ROWS as an events file of this format."""
     if fmt == "jsonl":
         path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+        return
+    t = pa.Table.from_pylist([{**r, "ts": str(r["ts"])} for r in ROWS])
+    if fmt == "arrow":
+        with pa.ipc.new_file(str(path), t.schema) as w:
+            w.write_table(t, max_chunksize=3)
     else:
-        t = pa.Table.from_pylist([{**r, "ts": str(r["ts"])} for r in ROWS])
-        if fmt == "arrow":
-            with pa.ipc.new_file(str(path), t.schema) as w:
-                w.write_table(t, max_chunksize=3)
-        else:
-            (pq.write_table if fmt == "parquet" else pcsv.write_csv)(t, str(path))
-    out = tmp_path / "out"
-    argv = ["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--window", "60",
-            "--providers", "cpu", "--quiet", "--shards", "2"]
-    assert next_token.main([*argv, "--replay", "--step", "40"] if replay else argv) == 0
+        (pq.write_table if fmt == "parquet" else pcsv.write_csv)(t, str(path))
+
+
+def _sub_ms_rows(t0: float) -> list[dict]:
+    return [{"key": "a", "ts": t0, "seq": 0, "text": "hi"}, {"key": "b", "ts": t0 + 0.0007, "seq": 0, "text": "yo"},
+            {"key": "a", "ts": t0 + 45.0001, "seq": 1, "text": "!"}]
+
+
+@background.job("next_token runs of test_beam_job", file=__file__)
+def _job_runs(folder: pathlib.Path) -> dict:
+    """The job runs of the format, TTL and replay-start tests below (the tiny model exported first), one after
+    another in a process of their own (tests/run_jobs.py), beside the other tests (tests/background.py)."""
+    model = str(folder / "tiny.onnx")
+    runs: dict = {"model": ("conftest:export_tiny_lm", [model])}
+    outs: dict = {}
+    for fmt, replay in FORMATS:
+        path = folder / f"events.{fmt}"
+        _write_rows(path, fmt)
+        outs[fmt] = folder / f"out-{fmt}"
+        argv = ["--input", str(path), "--output", str(outs[fmt]), "--model", model, "--window", "60",
+                "--providers", "cpu", "--quiet", "--shards", "2"]
+        runs[fmt] = ("beam_jobs.next_token", [*argv, "--replay", "--step", "40"] if replay else argv)
+    # TTL: idle 2900 s, past the TTL (1000 s), within the dedupe horizon (1 h) that remembers the ended stream
+    (folder / "ttl.jsonl").write_text("\n".join(json.dumps(r) for r in TTL_ROWS) + "\n")
+    outs["ttl"] = folder / "out-ttl"
+    runs["ttl"] = ("beam_jobs.next_token", ["--input", str(folder / "ttl.jsonl"), "--output", str(outs["ttl"]),
+                                            "--model", model, "--replay", "--ttl", "1000", "--providers", "cpu",
+                                            "--quiet", "--shards", "1"])
+    for t0 in T0S:
+        path = folder / f"sub-ms-{t0}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in _sub_ms_rows(t0)) + "\n")
+        outs[t0] = folder / f"out-sub-ms-{t0}"
+        runs[t0] = ("beam_jobs.next_token", ["--input", str(path), "--output", str(outs[t0]), "--model", model,
+                                             "--replay", "--providers", "cpu", "--quiet", "--shards", "2", "--step",
+                                             "10"])
+    ran = background.run_jobs(folder, runs)
+    return {"model": model, "runs": {name: {**r, "out": outs.get(name)} for name, r in ran.items()}}
+
+
+def _ran(name) -> tuple[dict, str]:
+    """(the background run ``name``, which succeeded, with its output folder as "out"; the model it ran)."""
+    got = background.result("next_token runs of test_beam_job")
+    for n in ("model", name):
+        assert got["runs"][n]["rc"] == 0, got["runs"][n]["stderr"][-3000:]
+    return got["runs"][name], got["model"]
+
+
+@pytest.mark.parametrize("fmt,replay", FORMATS)
+def test_next_token_job(fmt, replay):
+    r, model = _ran(fmt)
+    out = r["out"]
     pred = pa.concat_tables([pq.read_table(str(f)) for f in sorted(out.glob("predictions-*.parquet"))]).to_pylist()
-    want = _reference(load(beam_models["tiny"], providers=[CPU]), ROWS)
+    want = _reference(load(model, providers=[CPU]), ROWS)
     _assert_offline(pred, want)
     dead = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("dead_letters-*.parquet")]).to_pylist()
     kinds = sorted((d["kind"], d["reason"].split(":")[0]) for d in dead)
@@ -94,7 +145,7 @@ def test_next_token_job(beam_models, tmp_path, fmt, replay, capsys):
     assert summary["dead_letters"] == {"duplicate": len("Hello, "), "invalid": 2}  # events (a text row's bytes)
     assert summary["dead_letter_rows"] == {"duplicate": 1, "invalid": 2}  # input rows
     assert [v.split("+")[0] for v in summary["model_version"]] == ["tiny-1.0.0"]
-    printed = capsys.readouterr().out
+    printed = r["stdout"]
     assert "bits/char" in printed
     assert f"dead letters: 3 rows (duplicate 1 row, {len('Hello, ')} bytes; invalid 2 rows)" in printed
 
@@ -119,18 +170,13 @@ def _assert_offline(pred: list[dict], want: dict) -> None:
         assert r["model_version"].startswith("tiny-1.0.0+")
 
 
-def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
+def test_next_token_job_ttl_ends_a_stream():
     """Replay with --ttl: a key idle past the TTL ends its stream (null logprob_next), then restarts fresh."""
-    path = tmp_path / "events.jsonl"
-    # idle 2900 s: past the TTL (1000 s), within the dedupe horizon (1 h) that remembers the ended stream
-    rows = [{"key": "t", "ts": 100.0, "seq": 0, "text": "abc"}, {"key": "t", "ts": 3000.0, "seq": 1, "text": "de"}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    assert next_token.main(["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--replay",
-                            "--ttl", "1000", "--providers", "cpu", "--quiet", "--shards", "1"]) == 0
+    r, model_path = _ran("ttl")
+    out = r["out"]
     pred = sorted(pa.concat_tables([pq.read_table(str(f)) for f in out.glob("predictions-*.parquet")]).to_pylist(),
                   key=lambda r: (r["ts"], r["offset"]))
-    model = load(beam_models["tiny"], providers=[CPU])
+    model = load(model_path, providers=[CPU])
     want = []
     for text in ("abc", "de"):
         toks = lm.encode(text.encode())
@@ -146,16 +192,10 @@ def test_next_token_job_ttl_ends_a_stream(beam_models, tmp_path):
     assert summary["keys"]["t"]["bytes"] == 5 and summary["keys"]["t"]["scored"] == 3
 
 
-@pytest.mark.parametrize("t0", [1_700_000_000.1234, 12.3456])
-def test_replay_from_a_sub_millisecond_first_time(beam_models, tmp_path, t0):
+@pytest.mark.parametrize("t0", T0S)
+def test_replay_from_a_sub_millisecond_first_time(t0):
     """TestStream watermarks must be whole milliseconds: a replay starting at 12.3456 used to end in a traceback."""
-    path = tmp_path / "events.jsonl"
-    rows = [{"key": "a", "ts": t0, "seq": 0, "text": "hi"}, {"key": "b", "ts": t0 + 0.0007, "seq": 0, "text": "yo"},
-            {"key": "a", "ts": t0 + 45.0001, "seq": 1, "text": "!"}]
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    out = tmp_path / "out"
-    assert next_token.main(["--input", str(path), "--output", str(out), "--model", beam_models["tiny"], "--replay",
-                            "--providers", "cpu", "--quiet", "--shards", "2", "--step", "10"]) == 0
+    out = _ran(t0)[0]["out"]
     pred = pa.concat_tables([pq.read_table(str(f)) for f in out.glob("predictions-*.parquet")])
     assert sorted(zip(pred.column("key").to_pylist(), pred.column("pos").to_pylist(), strict=True)) == [
         ("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]

@@ -15,7 +15,7 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from beam_gather import Gather
-from conftest import make_net
+from conftest import export_tiny_lm, make_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -47,7 +47,7 @@ def beam_models(tmp_path_factory):
         d = tmp_path_factory.mktemp("beam_models")
         paths = {"tiny": d / "tiny.onnx", "other": d / "other.onnx", "wide": d / "wide.onnx",
                  "feat": d / "feat.onnx"}
-        export(make_net("lstm"), paths["tiny"], name="tiny")
+        export_tiny_lm([str(paths["tiny"])])
         export(make_net("lstm", seed=1), paths["other"], name="tiny-other", version="2")
         export(make_net("lstm", hidden=24), paths["wide"], name="tiny-wide", version="3")
         export(make_net("lstm", kind="features"), paths["feat"], name="tiny-feat")
