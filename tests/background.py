@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Job:
-    def __init__(self, name: str, fn: Callable[[Path], Any], file: str):
+    def __init__(self, name: str, fn: Callable[[Path], Any], file: str, start_with: str | None):
         self.name, self.fn, self.file = name, fn, os.path.abspath(file)
+        self.start_with = os.path.abspath(start_with) if start_with else None
         self.started = False
         self.done = threading.Event()
         self.value: Any = None
@@ -59,13 +60,18 @@ _LOCK = threading.Lock()
 _STOP = threading.Event()
 
 
-def job(name: str, *, file: str) -> Callable[[Callable[[Path], Any]], Callable[[Path], Any]]:
-    """Register ``fn(folder)`` (a fresh temporary folder) as the job ``name`` of the test file ``file``."""
+def job(name: str, *, file: str, start_with: str | None = None) -> Callable[[Callable[[Path], Any]],
+                                                                          Callable[[Path], Any]]:
+    """Register ``fn(folder)`` (a fresh temporary folder) as the job ``name`` of the test file ``file``.
+
+    ``start_with``: a test file that runs shortly before ``file``; the job starts (on a thread of its own) when
+    that file's first test starts, not with the run: for work whose result ages (an alert's state, which the
+    tests read when they run)."""
 
     def register(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
         if name in _JOBS:
             raise ValueError(f"background job {name!r} registered twice")
-        _JOBS[name] = _Job(name, fn, file)
+        _JOBS[name] = _Job(name, fn, file, start_with)
         return fn
 
     return register
@@ -79,9 +85,14 @@ def _claim(j: _Job) -> bool:
         return True
 
 
+_SELECTED: set[str] = set()
+
+
 def start(files: set[str]) -> None:
-    """Run the jobs of these test files (absolute paths) one after another on a daemon thread."""
-    todo = [j for j in _JOBS.values() if j.file in {os.path.abspath(f) for f in files}]
+    """Run the jobs of these test files (absolute paths) one after another on a daemon thread (those with
+    ``start_with`` in the run: when that file starts, :func:`file_starts`)."""
+    _SELECTED.update(os.path.abspath(f) for f in files)
+    todo = [j for j in _JOBS.values() if j.file in _SELECTED and j.start_with not in _SELECTED]
 
     def lane() -> None:
         for j in todo:
@@ -92,6 +103,13 @@ def start(files: set[str]) -> None:
 
     if todo:
         threading.Thread(target=lane, name="background-jobs", daemon=True).start()
+
+
+def file_starts(file: str) -> None:
+    """The first test of ``file`` starts: the jobs to start with it start, each on a daemon thread."""
+    for j in _JOBS.values():
+        if j.start_with == os.path.abspath(file) and j.file in _SELECTED and not _STOP.is_set() and _claim(j):
+            threading.Thread(target=j.run, name=f"background {j.name}", daemon=True).start()
 
 
 def result(name: str) -> Any:

@@ -113,6 +113,18 @@ def pytest_collection_finish(session):
         background.start({str(item.path) for item in session.items})
 
 
+_STARTED_FILES: set[str] = set()
+
+
+def pytest_runtest_setup(item):
+    """Background jobs that start with this test file start now (tests/background.py)."""
+    if str(item.path) not in _STARTED_FILES:
+        import background
+
+        _STARTED_FILES.add(str(item.path))
+        background.file_starts(str(item.path))
+
+
 def pytest_unconfigure(config):
     import background
 

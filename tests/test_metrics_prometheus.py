@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import socket
@@ -31,6 +30,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import background
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -105,9 +105,13 @@ class Prom:
         return data["result"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("prom")
+@background.job("prometheus scraping a replay", file=__file__, start_with=str(ROOT / "tests" / "test_market_job.py"))
+def _scraped_run(tmp: Path) -> dict:
+    """The Prometheus server and the job it scrapes, until the job has ended: both are processes, so this runs
+    beside the tests before these (tests/background.py), starting with test_market_job.py's: its alerts are
+    read here minutes, not hours, after the job ended. The server is left running for the tests."""
+    if PROM is None or PROMTOOL is None:
+        return {}
     job_port, prom_port = free_port(), free_port()
     (tmp / "prometheus.yml").write_text(
         "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
@@ -118,7 +122,8 @@ def run(tmp_path_factory):
         f"    static_configs: [{{targets: ['127.0.0.1:{job_port}']}}]\n")
     prom_log = open(tmp / "prometheus.log", "w")
     server = subprocess.Popen([PROM, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
-                               f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=prom_log)
+                               f"--web.listen-address=127.0.0.1:{prom_port}"], stdout=prom_log, stderr=prom_log,
+                              env=background.ENV)
     server.log_path = tmp / "prometheus.log"
     job = None
     try:
@@ -134,7 +139,7 @@ def run(tmp_path_factory):
              "--speedup", "6", "--step", "10", "--window", "10", "--providers", "cpu", "--shards", "2",
              "--metrics-port", str(job_port), "--metrics-job", JOB, "--metrics-wait", "30", "--metrics-linger", "30",
              "--log-every", "4"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=job_err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=job_err, env={**background.ENV, "PYTHONPATH": str(ROOT)})
         job.log_path = tmp / "job.err"
         live: dict[str, str] = {}
 
@@ -158,20 +163,36 @@ def run(tmp_path_factory):
                        end=f"{time.time():.3f}", step="0.5")
         points = [(float(t), v) for s in ups["result"] for t, v in s["values"]]
         last_up = max(t for t, v in points if v == "1")
-        yield {"prom": prom, "at": last_up, "out": out, "stderr": stderr, "live": live["text"],
-               "dup_bytes": dup_bytes, "bad_rows": bad_rows, "scrapes": prom.query('sum_over_time(up{job="streamrnn"}'
-                                                                                      '[10m])', time.time())}
+        return {"prom": prom, "at": last_up, "out": out, "stderr": stderr, "live": live["text"],
+                "dup_bytes": dup_bytes, "bad_rows": bad_rows, "scrapes": prom.query('sum_over_time(up{job="streamrnn"}'
+                                                                                       '[10m])', time.time()),
+                "server": server, "prom_log": prom_log}
+    except BaseException:
+        _stop(server, prom_log)
+        raise
     finally:
         if job is not None and job.poll() is None:
             job.kill()
             job.wait()
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        prom_log.close()
+
+
+def _stop(server: subprocess.Popen, log) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def run():
+    got = background.result("prometheus scraping a replay")
+    try:
+        yield got
+    finally:
+        _stop(got["server"], got["prom_log"])
 
 
 def _ok(url: str) -> bool:
