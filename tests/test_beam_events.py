@@ -61,7 +61,7 @@ def test_one_event_at_a_sub_millisecond_time_with_a_ttl_ends(beam_models, tmp_pa
 @given(seed=st.integers(0, 2**16), base=st.sampled_from([0.0, 12.3456, 1.7e9 + 0.000123]),
        window=st.sampled_from([0.001, 0.1, 0.25, 1.0, 7.3]), lateness=st.sampled_from([0.0, 0.0004, 0.3, 5.0]),
        ttl=st.sampled_from([None, 0.05, 1.0, 60.0]), at_once=st.booleans(), n_windows=st.integers(1, 12))
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_random_float_times_windows_lateness_ttls_terminate_and_match_offline(
         beam_models, tmp_path_factory, seed, base, window, lateness, ttl, at_once, n_windows):
     rng = np.random.default_rng(seed)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 from typing import ClassVar
 
 import apache_beam as beam
+import background
 import numpy as np
 import pytest
 import test_beam_transform as tbt
@@ -149,35 +151,47 @@ def test_the_stateful_step_is_named_for_its_shard_count(beam_models):
         assert any(lbl.endswith(f"ShardStep[{n} shards]") for lbl in labels), labels
 
 
-def test_the_next_token_job_rescales_through_save_and_initial_state(beam_models, tmp_path):
-    """next_token --save-state on the first half with 2 shards, --initial-state on the rest with 5: the
-    predictions of both runs are those of one run over the whole file (per byte, <= 1e-6)."""
-    import pyarrow.parquet as pq
-
-    from beam_jobs import next_token
-
+@background.job("next_token save and restore (test_beam_savepoint)", file=__file__)
+def _rescale_runs(folder: Path) -> dict:
+    """The three job runs of the test below (the tiny model exported first), one after another in a process of
+    their own (tests/run_jobs.py), beside the other tests (tests/background.py): the whole file on 3 shards; its
+    first half on 2, saving the state; the rest on 5 from that state."""
     rng = np.random.default_rng(3)
     rows = [{"key": f"u{int(rng.zipf(1.6)) % 6}", "ts": round(float(t), 3), "seq": i,
              "text": "".join(chr(int(c)) for c in rng.integers(97, 123, int(rng.integers(1, 6))))}
             for i, t in enumerate(np.sort(rng.uniform(0, 400, 60)))]
+    model = str(folder / "tiny.onnx")
 
-    def write(name, rs):
-        p = tmp_path / name
-        p.write_text("".join(json.dumps(r) + "\n" for r in rs))
-        return str(p)
+    def job(name, part, *extra):
+        path = folder / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        return ("beam_jobs.next_token", ["--input", str(path), "--output", str(folder / name), "--model", model,
+                                         "--window", "20", "--ttl", "60", "--quiet", *extra])
 
-    def run(name, path, *extra):
-        out = tmp_path / name
-        assert next_token.main(["--input", path, "--output", str(out), "--model", beam_models["tiny"], "--window",
-                                "20", "--ttl", "60", "--quiet", *extra]) == 0
-        t = pq.read_table([str(f) for f in out.glob("predictions-*.parquet")])
+    snap = str(folder / "snap")
+    return background.run_jobs(folder, {
+        "model": ("conftest:export_tiny_lm", [model]),
+        "whole": job("whole", rows, "--shards", "3"),
+        "a": job("a", [r for r in rows if r["ts"] < 200], "--shards", "2", "--save-state", snap),
+        "b": job("b", [r for r in rows if r["ts"] >= 200], "--shards", "5", "--initial-state", snap)}) | {
+            "folder": folder}
+
+
+def test_the_next_token_job_rescales_through_save_and_initial_state():
+    """next_token --save-state on the first half with 2 shards, --initial-state on the rest with 5: the
+    predictions of both runs are those of one run over the whole file (per byte, <= 1e-6)."""
+    import pyarrow.parquet as pq
+
+    runs = background.result("next_token save and restore (test_beam_savepoint)")
+
+    def predictions(name):
+        assert runs[name]["rc"] == 0, runs[name]["stderr"][-3000:]
+        t = pq.read_table([str(f) for f in (runs["folder"] / name).glob("predictions-*.parquet")])
         return {(r["key"], r["seq"], r["offset"]): (r["logprob"], r["logprob_next"], r["reset"])
                 for r in t.to_pylist()}
 
-    whole = run("whole", write("all.jsonl", rows), "--shards", "3")
-    snap = str(tmp_path / "snap")
-    a = run("a", write("a.jsonl", [r for r in rows if r["ts"] < 200]), "--shards", "2", "--save-state", snap)
-    b = run("b", write("b.jsonl", [r for r in rows if r["ts"] >= 200]), "--shards", "5", "--initial-state", snap)
+    assert runs["model"]["rc"] == 0, runs["model"]["stderr"][-3000:]
+    whole, a, b = predictions("whole"), predictions("a"), predictions("b")
     assert not a.keys() & b.keys() and {**a, **b}.keys() == whole.keys()
     for k, (lp, nxt, reset) in whole.items():
         glp, gnxt, greset = {**a, **b}[k]

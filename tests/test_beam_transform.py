@@ -247,7 +247,7 @@ def _check_reasons(rs):
 @given(seed=st.integers(0, 2**16), n_keys=st.integers(1, 5), per_key=st.integers(1, 30),
        window=st.sampled_from([1.0, 7.0, 60.0, 1e4]), shards=st.integers(1, 4), n_dups=st.integers(0, 8),
        flush_at_once=st.booleans())
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_parity_random_permutations_windows_duplicates(beam_models, tmp_path_factory, seed, n_keys, per_key, window,
                                                         shards, n_dups, flush_at_once):
     rng = np.random.default_rng(seed)
