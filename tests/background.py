@@ -10,7 +10,8 @@ behind) runs then, in the caller's thread. An exception in a job is raised by :f
 
 A job runs in a thread of the test process, beside tests that patch the environment and the working
 folder: it starts its processes with :data:`ENV` and :data:`CWD` (the test process's when this module
-was imported), and it never runs Beam or the jobs in this process.
+was imported), and it never runs Beam or the jobs in this process. A run stopped early (``-x``, Ctrl-C)
+starts no further job; one already running finishes on its own.
 """
 
 from __future__ import annotations
