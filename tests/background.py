@@ -9,8 +9,8 @@ call :func:`result`, which waits for it; a job not started yet (its file run alo
 behind) runs then, in the caller's thread. An exception in a job is raised by :func:`result`.
 
 A job runs in a thread of the test process, beside tests that patch the environment and the working
-folder: it starts its processes with :data:`ENV` and :data:`CWD` (the test process's when this module
-was imported), and it never runs Beam or the jobs in this process. A run stopped early (``-x``, Ctrl-C)
+folder: it starts its processes with :data:`ENV` (the test process's when this module was imported) in a
+folder it names, and it never runs Beam or the jobs in this process. A run stopped early (``-x``, Ctrl-C)
 starts no further job; one already running finishes on its own.
 """
 
@@ -28,10 +28,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-#: the test process's environment and working folder at its start, for a job's subprocesses
+#: the test process's environment at its start, for a job's subprocesses
 ENV: dict[str, str] = dict(os.environ)
-CWD: str = os.getcwd()
-#: the checkout under test
+#: the checkout under test (a job's ``python -m`` runs there, so that it imports this checkout)
 ROOT = Path(__file__).resolve().parent.parent
 
 

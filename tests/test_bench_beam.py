@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
+import background
 import pytest
 
 from streamrnn.cli import main as cli
@@ -21,16 +24,18 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
+@background.job("bench beam --quick", file=__file__)
+def _quick_run(_folder) -> subprocess.CompletedProcess:
+    """(A process of its own: it runs beside the other tests, tests/background.py.)"""
+    return subprocess.run([sys.executable, "-m", "streamrnn.cli", "bench", "beam", "--quick", "--json"],
+                          capture_output=True, text=True, timeout=600, env=background.ENV, cwd=background.ROOT)
+
+
 @pytest.fixture(scope="module")
 def quick():
-    import contextlib
-    import io
-
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = cli(["bench", "beam", "--quick", "--json"])
-    assert rc == 0
-    return json.loads(buf.getvalue())
+    r = background.result("bench beam --quick")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)
 
 
 def test_batch_variants_and_their_ratios(quick):

@@ -31,7 +31,7 @@ def _graph_state_bytes(path: str) -> int:
 def _quick_run(_folder) -> subprocess.CompletedProcess:
     """(A subprocess and its workers: it runs beside the other tests, tests/background.py.)"""
     return subprocess.run([sys.executable, "-m", "streamrnn.bench.load", "--quick", "--json"], capture_output=True,
-                          text=True, timeout=300, env=background.ENV, cwd=background.CWD)
+                          text=True, timeout=300, env=background.ENV, cwd=background.ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ def _cuda_really_loads() -> bool:
 def _bench_gpu(_folder) -> subprocess.CompletedProcess:
     """(A process of its own: it runs beside the other tests, tests/background.py.)"""
     return subprocess.run([sys.executable, "-m", "streamrnn.cli", "bench", "gpu", "--json"], capture_output=True,
-                          text=True, timeout=300, env=background.ENV, cwd=background.CWD)
+                          text=True, timeout=300, env=background.ENV, cwd=background.ROOT)
 
 
 def test_bench_gpu_json_reports_cuda_and_exits_0():
