@@ -1,12 +1,13 @@
 """Work that is mostly other processes, started with the run and done beside the other tests.
 
-A benchmark, a demo job in a subprocess, a venv build: the test process mostly waits for them. A test
-module registers such work with :func:`job` when it is imported; once pytest has collected the run,
-:func:`start` (called by conftest) runs every registered job whose test file is in the run, one at a
-time in registration order (the files' order), on a thread of its own, while this process runs the
-other tests: on a two-core machine the second core does that work. The tests that need a job's result
-call :func:`result`, which waits for it; a job not started yet (its file run alone, or the lane
-behind) runs then, in the caller's thread. An exception in a job is raised by :func:`result`.
+A benchmark, a demo job in a subprocess, a venv build, the Beam runner matrices: the test process mostly
+waits for them. A test module registers such work with :func:`job` when it is imported; once pytest has
+collected the run, :func:`start` (called by conftest) runs every registered job whose test file is in the
+run, one at a time in registration order, on a thread of its own, while this process runs the other
+tests: on a two-core machine the second core does that work. conftest runs the files that registered jobs
+after all the others, so that their jobs are done by then. The tests that need a job's result call
+:func:`result`, which waits for it; a job not started yet (its file run alone, or the lane behind) runs
+then, in the caller's thread. An exception in a job is raised by :func:`result`.
 
 A job runs in a thread of the test process, beside tests that patch the environment and the working
 folder: it starts its processes with :data:`ENV` (the test process's when this module was imported) in a
@@ -75,6 +76,11 @@ def job(name: str, *, file: str, start_with: str | None = None) -> Callable[[Cal
         return fn
 
     return register
+
+
+def files() -> set[str]:
+    """The test files (absolute paths) that registered a job."""
+    return {j.file for j in _JOBS.values()}
 
 
 def _claim(j: _Job) -> bool:

@@ -105,6 +105,15 @@ def pytest_configure(config):
         config.pluginmanager.register(FileLines(config), "streamrnn-file-lines")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The test files with background jobs run last (in their order), once their jobs are done: the other files
+    run meanwhile (tests/background.py)."""
+    import background
+
+    late = background.files()
+    items[:] = [i for i in items if str(i.path) not in late] + [i for i in items if str(i.path) in late]
+
+
 def pytest_collection_finish(session):
     """The background jobs of the collected test files start now (tests/background.py)."""
     import background

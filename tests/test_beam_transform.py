@@ -6,10 +6,13 @@ The reference is independent of the pipeline: each key's applied events, sorted 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+from pathlib import Path
 
 import apache_beam as beam
+import background
 import numpy as np
 import pytest
 from apache_beam.metrics.metric import MetricsFilter
@@ -193,43 +196,67 @@ def _next_input(rng):
 AT_ONCE = {"batch": (True, False), "multi_processing": (False,), "portable": (False,)}
 
 
-@pytest.fixture(scope="module", params=list(RUNNERS))
-def runner_run(request, beam_models, tmp_path_factory):
-    """One pipeline per runner with every check of this file that runs on every runner, each on its own
+def _run_runner_cell(runner: str, model: str, folder: Path) -> None:
+    """One pipeline on ``runner`` with every check of this file that runs on every runner, each on its own
     input through its own StatefulInference: parity with dedupe and dead letters, and ``logprob_next``
-    (flushed at once and held back across windows on the batch runner)."""
-    runner = request.param
-    g = Gather(tmp_path_factory.mktemp(f"runner-{runner}"))
+    (flushed at once and held back across windows on the batch runner). Outputs gathered under ``folder``,
+    the parity transform's counters in ``folder/counters.json``."""
+    g = Gather(folder)
     _, _, parity_in, _ = _parity_input(np.random.default_rng(7))
     _, next_in = _next_input(np.random.default_rng(21))
+    p = beam.Pipeline(options=PipelineOptions(RUNNERS[runner]))
+    out, dead = p | "ParityIn" >> beam.Create(parity_in, reshuffle=False) | "Parity" >> StatefulInference(
+        model=model, num_shards=3, window_size=45.0, providers=[CPU])
+    g(out, "parity/outputs")
+    g(dead, "parity/dead")
+    next_src = p | "NextIn" >> beam.Create(next_in, reshuffle=False)
+    for at_once in AT_ONCE[runner]:
+        out, _ = next_src | f"Next[{at_once}]" >> StatefulInference(
+            model=model, num_shards=2, window_size=45.0, providers=[CPU], postprocess=NextTokenPostprocess(3),
+            next_fields=("logprob",), flush_bounded_at_once=at_once, max_steps_per_call=7)
+        g(out, f"next[{at_once}]/outputs")
+    result = p.run()
+    result.wait_until_finish()
+    (folder / "counters.json").write_text(json.dumps(counters(result, "Parity/")))
+
+
+def _run_runner_cells(argv: list[str]) -> int:
+    """tests/run_jobs.py's entry, in a process of its own: the tiny model exported into the folder ``argv[0]``,
+    then every runner's pipeline, gathered under ``argv[0]/RUNNER``."""
+    folder = Path(argv[0])
+    export_tiny_lm([str(folder / "tiny.onnx")])
     with pytest.MonkeyPatch.context() as mp:
         worker_path(mp)
-        p = beam.Pipeline(options=PipelineOptions(RUNNERS[runner]))
-        out, dead = p | "ParityIn" >> beam.Create(parity_in, reshuffle=False) | "Parity" >> StatefulInference(
-            model=beam_models["tiny"], num_shards=3, window_size=45.0, providers=[CPU])
-        g(out, "parity/outputs")
-        g(dead, "parity/dead")
-        next_src = p | "NextIn" >> beam.Create(next_in, reshuffle=False)
-        for at_once in AT_ONCE[runner]:
-            out, _ = next_src | f"Next[{at_once}]" >> StatefulInference(
-                model=beam_models["tiny"], num_shards=2, window_size=45.0, providers=[CPU],
-                postprocess=NextTokenPostprocess(3), next_fields=("logprob",), flush_bounded_at_once=at_once,
-                max_steps_per_call=7)
-            g(out, f"next[{at_once}]/outputs")
-        result = p.run()
-        result.wait_until_finish()
-    return runner, g, result
+        for runner in RUNNERS:
+            _run_runner_cell(runner, str(folder / "tiny.onnx"), folder / runner)
+    return 0
 
 
-def test_parity_dedupe_and_dead_letters_on_every_runner(beam_models, runner_run):
-    runner, g, result = runner_run
+@background.job("parity x runner matrix", file=__file__)
+def _runner_matrix(folder: Path) -> dict:
+    """The runners' pipelines, in a process of their own beside the other tests (tests/background.py)."""
+    return {**background.run_jobs(folder, {"cells": ("test_beam_transform:_run_runner_cells", [str(folder)])})[
+        "cells"], "folder": folder}
+
+
+@pytest.fixture(scope="module", params=list(RUNNERS))
+def runner_run(request):
+    """The runner's pipeline: (runner, the model it ran, its gathered outputs, the parity transform's counters)."""
+    got = background.result("parity x runner matrix")
+    assert got["rc"] == 0, got["stderr"][-4000:]
+    folder = got["folder"] / request.param
+    return (request.param, str(got["folder"] / "tiny.onnx"), Gather(folder),
+            json.loads((folder / "counters.json").read_text()))
+
+
+def test_parity_dedupe_and_dead_letters_on_every_runner(runner_run):
+    runner, model, g, c = runner_run
     events, dups, _, want_dead = _parity_input(np.random.default_rng(7))
-    want = offline(load(beam_models["tiny"], providers=[CPU]), events)
+    want = offline(load(model, providers=[CPU]), events)
     check_outputs(want, fresh_reason=lambda _p: "new")(g["parity/outputs"])
     check_dead(want_dead)(g["parity/dead"])
     _check_reasons(sorted(d.reason for d in g["parity/dead"] if d.kind == "invalid"))
     if runner == "batch":
-        c = counters(result, "Parity/")
         assert c["events_applied"] == len(events)
         assert c["duplicates"] == len(dups) and c["invalid"] == 3 and c["dead_letters"] == len(dups) + 3
         assert c.get("late", 0) == 0 and c["batches"] >= 1
@@ -335,12 +362,12 @@ def test_dead_letter_is_typed():
 
 
 # ---------------------------------------------------------------------------- logprob_next (pair with next event)
-def test_logprob_next_matches_offline(beam_models, runner_run):
+def test_logprob_next_matches_offline(runner_run):
     """at_once (batch): the bounded flush resolves every row; otherwise rows are held back per key across
     windows and the last ones are released by the end-of-input timer."""
-    runner, g, _ = runner_run
+    runner, model, g, _ = runner_run
     events, _ = _next_input(np.random.default_rng(21))
-    want = offline_next(load(beam_models["tiny"], providers=[CPU]), events)
+    want = offline_next(load(model, providers=[CPU]), events)
     for at_once in AT_ONCE[runner]:
         check_next(want)(g[f"next[{at_once}]/outputs"])
 

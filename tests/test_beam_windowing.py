@@ -7,7 +7,10 @@ user's windows on every runner.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import apache_beam as beam
+import background
 import numpy as np
 import pytest
 import test_beam_transform as tbt
@@ -15,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms import window as W
 from beam_gather import Gather
+from conftest import export_tiny_lm
 from test_beam_transform import RUNNERS, check_dead, check_outputs, offline, worker_path
 
 from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
@@ -92,37 +96,58 @@ def _count_is(n):
 RUNNER_CELLS = ["batch", "streaming", "streaming-cold", "multi_processing", "portable"]
 
 
-@pytest.fixture(scope="module", params=RUNNER_CELLS)
-def windowed_run(request, beam_models, tmp_path_factory):
-    """One pipeline per runner; every windowing of WINDOWINGS is its own branch (its own StatefulInference,
-    its own checks) on the same input. "streaming-cold": no shard cache, every flush rebuilds its shard from
-    Beam state."""
-    runner = request.param
-    events = _events()
-    g = Gather(tmp_path_factory.mktemp(f"windowed-{runner}"))
+def _run_cell(runner: str, model: str, g: Gather) -> None:
+    """One pipeline on ``runner``; every windowing of WINDOWINGS is its own branch (its own StatefulInference,
+    its own gathered outputs) on the same input. "streaming-cold": no shard cache, every flush rebuilds its shard
+    from Beam state."""
+    with beam.Pipeline(options=_options(runner)) as p:
+        src = _source(p, _events(), runner)
+        for name, windowing in WINDOWINGS.items():
+            s = src if windowing is None else src | f"UserWindows[{name}]" >> beam.WindowInto(windowing)
+            out, dead = s | f"SI[{name}]" >> StatefulInference(
+                model=model, num_shards=2, window_size=10.0, providers=[CPU],
+                shard_cache_bytes=0 if runner == "streaming-cold" else None)
+            g(out, f"{name}/outputs")
+            g(dead, f"{name}/dead")
+            if windowing is None and runner.startswith("streaming"):  # a global unbounded GBK never fires
+                out = out | f"Windowed[{name}]" >> beam.WindowInto(W.FixedWindows(10_000))
+            counts = (out | f"Key1[{name}]" >> beam.Map(lambda pr: ("all", 1))
+                      | f"Sum[{name}]" >> beam.CombinePerKey(sum) | f"Counts[{name}]" >> beam.Values())
+            g(counts, f"{name}/in_user_windows")
+
+
+def _run_cells(argv: list[str]) -> int:
+    """tests/run_jobs.py's entry, in a process of its own: the tiny model exported into the folder ``argv[0]``,
+    then every runner's pipeline, gathered under ``argv[0]/RUNNER``."""
+    folder = Path(argv[0])
+    export_tiny_lm([str(folder / "tiny.onnx")])
     with pytest.MonkeyPatch.context() as mp:
         worker_path(mp)
-        with beam.Pipeline(options=_options(runner)) as p:
-            src = _source(p, events, runner)
-            for name, windowing in WINDOWINGS.items():
-                s = src if windowing is None else src | f"UserWindows[{name}]" >> beam.WindowInto(windowing)
-                out, dead = s | f"SI[{name}]" >> StatefulInference(
-                    model=beam_models["tiny"], num_shards=2, window_size=10.0, providers=[CPU],
-                    shard_cache_bytes=0 if runner == "streaming-cold" else None)
-                g(out, f"{name}/outputs")
-                g(dead, f"{name}/dead")
-                if windowing is None and runner.startswith("streaming"):  # a global unbounded GBK never fires
-                    out = out | f"Windowed[{name}]" >> beam.WindowInto(W.FixedWindows(10_000))
-                counts = (out | f"Key1[{name}]" >> beam.Map(lambda pr: ("all", 1))
-                          | f"Sum[{name}]" >> beam.CombinePerKey(sum) | f"Counts[{name}]" >> beam.Values())
-                g(counts, f"{name}/in_user_windows")
-    return events, g
+        for runner in RUNNER_CELLS:
+            _run_cell(runner, str(folder / "tiny.onnx"), Gather(folder / runner))
+    return 0
+
+
+@background.job("windowing x runner matrix", file=__file__)
+def _matrix(folder: Path) -> dict:
+    """The runner x windowing pipelines, in a process of their own beside the other tests (tests/background.py)."""
+    return {**background.run_jobs(folder, {"cells": ("test_beam_windowing:_run_cells", [str(folder)])})["cells"],
+            "folder": folder}
+
+
+@pytest.fixture(scope="module", params=RUNNER_CELLS)
+def windowed_run(request):
+    """The runner's pipeline (every windowing a branch of it): the model it ran, its gathered outputs."""
+    got = background.result("windowing x runner matrix")
+    assert got["rc"] == 0, got["stderr"][-4000:]
+    return str(got["folder"] / "tiny.onnx"), Gather(got["folder"] / request.param)
 
 
 @pytest.mark.parametrize("windowing", list(WINDOWINGS))
-def test_windowed_input_on_every_runner_equals_offline(beam_models, windowed_run, windowing):
-    events, g = windowed_run
-    want = offline(load(beam_models["tiny"], providers=[CPU]), events)
+def test_windowed_input_on_every_runner_equals_offline(windowed_run, windowing):
+    model, g = windowed_run
+    events = _events()
+    want = offline(load(model, providers=[CPU]), events)
     copies = 3 if windowing == "sliding" else 1  # outputs return to the user's windows: 30 / 10 per output
     _each_in_windows(check_outputs(want), copies)(g[f"{windowing}/outputs"])
     # a sliding-window element is one event: applied once, never a duplicate dead letter

@@ -105,11 +105,12 @@ class Prom:
         return data["result"]
 
 
-@background.job("prometheus scraping a replay", file=__file__, start_with=str(ROOT / "tests" / "test_market_job.py"))
+@background.job("prometheus scraping a replay", file=__file__, start_with=str(ROOT / "tests" / "test_beam_job.py"))
 def _scraped_run(tmp: Path) -> dict:
     """The Prometheus server and the job it scrapes, until the job has ended: both are processes, so this runs
-    beside the tests before these (tests/background.py), starting with test_market_job.py's: its alerts are
-    read here minutes, not hours, after the job ended. The server is left running for the tests."""
+    beside the tests before these (tests/background.py), starting with test_beam_job.py's (the first of the
+    files run last, a minute before these): its alerts (5 minutes' rates) are read here while they still
+    describe the run. The server is left running for the tests."""
     if PROM is None or PROMTOOL is None:
         return {}
     job_port, prom_port = free_port(), free_port()
