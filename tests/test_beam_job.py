@@ -282,7 +282,7 @@ def _one_line_error(capsys, rc: int, what: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert err[-1].startswith("next_token: ") and what in err[-1], err
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err), err
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "header only", "model", "shipped", "unwritable"])
