@@ -170,7 +170,9 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
             args.live, BarParser(columns), watermark_step=args.window,
             drain=2 * args.window + args.allowed_lateness)  # the features step holds a bar until then
     elif args.replay:
-        bars, unread = p | "ReplayBars" >> ReplayBars(files, columns, step=args.step or args.window)
+        bars, unread = p | "ReplayBars" >> ReplayBars(
+            files, columns, step=args.step or args.window,
+            drain=2 * args.window + args.allowed_lateness)  # as for live input: the features step holds a bar
     else:
         bars, unread = p | "ReadBars" >> ReadBars(files, columns)
     cfg = FeatureConfig(**meta["features"])

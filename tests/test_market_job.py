@@ -158,8 +158,10 @@ def _job_runs(folder: pathlib.Path) -> dict:
     png = folder / "fig" / "f.png" if importlib.util.find_spec("matplotlib") else None
     runs = {"synthetic/batch": _argv(sim, folder / "synthetic-batch",
                                      *(["--plot", str(png), "--plot-symbols", "BB.B,CCC"] if png else [])),
-            # 4-week windows over 7 months, 8 watermark steps (each step costs the DirectRunner about a second)
-            "synthetic/replay": _argv(sim, folder / "synthetic-replay", "--replay", "--window", str(28 * DAY))}
+            # 4-week windows over 7 months in one-week watermark steps: the last window's features are released
+            # after the last step, in the drain (without it the DirectRunner dropped those 36 forecasts silently)
+            "synthetic/replay": _argv(sim, folder / "synthetic-replay", "--replay", "--window", str(28 * DAY),
+                                      "--step", str(7 * DAY))}
     real = _real_files(folder / "real") if SP500.is_dir() else []
     if real:
         runs["real/batch"] = _argv(real, folder / "real-batch")

@@ -2,10 +2,14 @@
 
 Items in event-time order are cut into steps of ``step`` event-time seconds from the first
 (``t0``); each step is added to a TestStream, then the watermark advances to the step's end
-minus ``lag`` (whole milliseconds, rounded down: never ahead of the step's end). Dead letters
-go out in the first step, stamped ``t0``. After the last step the watermark passes the end of
-the input, so every timer fires. A TestStream holds its elements from the start: the files
-are read when the pipeline is built. Runs on the DirectRunner with ``--streaming``.
+(whole milliseconds, rounded down: never ahead of the step's end). Dead letters
+go out in the first step, stamped ``t0``. After the last step the watermark goes on in steps
+through ``drain`` event-time seconds (:func:`drain_marks`), then passes the end of the input, so
+every timer fires. The drain is for pipelines with a stateful step before the one that windows:
+the DirectRunner holds no watermark for a timer's output, so a step that releases held items at a
+time the watermark jumped past hands them downstream after their window expired, where Beam drops
+them. A TestStream holds its elements from the start: the files are read when the pipeline is
+built. Runs on the DirectRunner with ``--streaming``.
 """
 
 from __future__ import annotations
@@ -40,13 +44,22 @@ def step_bounds(ts: np.ndarray, t0: float, step: float) -> list[tuple[int, int, 
     return [(int(a), int(b), int(k[a])) for a, b in zip(starts, ends, strict=True)]
 
 
+def drain_marks(last: float, step: float, drain: float) -> list[float]:
+    """The watermarks (s) after the last step's ``last``: every ``step`` through ``drain`` seconds past it."""
+    if not drain > 0:
+        return []
+    n = math.ceil(drain / step)
+    return [last + step * j for j in range(1, n + 1)]
+
+
 def stepped_stream(steps: Sequence[tuple[list[TimestampedValue], float]], dead: Sequence[DeadLetter],
                    t0: float) -> TestStream:
     """A TestStream of ``steps`` (each: its timestamped items, then the watermark in s), ``dead`` in the first."""
     stream = TestStream()
     first = [TimestampedValue(d, t0) for d in dead]
     for items, wm in steps:
-        stream = stream.add_elements(first + list(items))
+        if first or items:
+            stream = stream.add_elements(first + list(items))
         first = []
         stream = stream.advance_watermark_to(Timestamp(micros=math.floor(wm * 1000) * 1000))
     if first:

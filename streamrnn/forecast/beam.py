@@ -51,7 +51,7 @@ from ..beam.counters import Counters
 from ..beam.live import LiveParser, Message, Parsed, message_rows
 from ..beam.postprocess import Postprocess
 from ..beam.records import DEAD, DeadLetter, Event, event_json
-from ..beam.replay import play, step_bounds, stepped_stream
+from ..beam.replay import drain_marks, play, step_bounds, stepped_stream
 from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
@@ -222,16 +222,23 @@ class ReplayBars(beam.PTransform):
     """Play bar files as an unbounded stream (TestStream, DirectRunner ``--streaming``), in time order.
 
     Bars are cut into steps of ``step`` event-time seconds; after each step the watermark
-    advances to the step's end. The files are read when the pipeline is built (a TestStream
-    holds its elements from the start). Returns ``(bars, dead_letters)``.
+    advances to the step's end. After the last bar it goes on in steps through ``drain`` seconds
+    (:func:`~streamrnn.beam.replay.drain_marks`): give the seconds the steps after it hold a bar
+    (:class:`Features` holds one for its window plus lateness, then the forecast step's window ends;
+    the job passes ``2 * window + allowed_lateness``), or the last window's forecasts are lost on the
+    DirectRunner. The files are read when the pipeline is built (a TestStream holds its elements from
+    the start). Returns ``(bars, dead_letters)``.
     """
 
     def __init__(self, files: list[str], columns: Mapping[str, str] | None = None, *, step: float = 86400.0,
-                 label: str | None = None):
+                 drain: float = 0.0, label: str | None = None):
         super().__init__(label)
         if not step > 0:
             raise InputError(f"ReplayBars: step: expected seconds > 0, got {step!r}")
+        if not (isinstance(drain, (int, float)) and 0 <= drain < 1e11):
+            raise InputError(f"ReplayBars: drain: expected seconds >= 0, got {drain!r}")
         self.files, self.columns, self.step = list(files), dict(columns or {}), float(step)
+        self.drain = float(drain)
 
     def expand(self, pbegin):
         bars, dead = [], []
@@ -246,6 +253,8 @@ class ReplayBars(beam.PTransform):
         at = np.array([max(_sort_ts(b), t0) for b in bars], np.float64)  # a bar without a usable time: first
         steps = [([TimestampedValue(b, float(t)) for b, t in zip(bars[a:e], at[a:e], strict=True)],
                   t0 + (k + 1) * self.step) for a, e, k in step_bounds(at, t0, self.step)]
+        if steps:
+            steps += [([], wm) for wm in drain_marks(steps[-1][1], self.step, self.drain)]
         return play(pbegin, stepped_stream(steps, dead, t0), "bars")
 
 
