@@ -34,7 +34,7 @@ test: $(VENV)/.dev
 	$(PY) -m pytest -q -o console_output_style=classic
 
 bench: $(VENV)/.dev
-	$(PY) -m streamrnn.cli bench operator --json
+	$(PY) -m streamrnn.cli.commands bench operator --json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

@@ -19,7 +19,7 @@ bar arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/s
 model of another task, ``--replay`` off the DirectRunner) is a one-line error with exit code 2,
 found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream. ``--watch``, a
 Pub/Sub subscription or a Kafka topic (JSON rows with the same columns) read live input
-(streaming; :mod:`streamrnn.beam.live`): the same bars, dead letters and outputs.
+(streaming; :mod:`streamrnn.beam.job.live`): the same bars, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -30,20 +30,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamrnn.metrics_logging import guard_imports, quiet_job_logging
+from streamrnn.cli.logs import guard_imports, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
 import apache_beam as beam  # noqa: E402
 
-from streamrnn.beam import StatefulInference, launcher  # noqa: E402
-from streamrnn.beam.launcher import JobError, Output  # noqa: E402
-from streamrnn.beam.live import LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
+from streamrnn.beam import StatefulInference  # noqa: E402
+from streamrnn.beam.job import launcher  # noqa: E402
+from streamrnn.beam.job.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.job.live import LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
+from streamrnn.beam.job.sinks import WriteParquet  # noqa: E402
+from streamrnn.beam.job.summary import SUMMARY, read_summary  # noqa: E402
 from streamrnn.beam.models import load_model  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
-from streamrnn.beam.sinks import WriteParquet  # noqa: E402
-from streamrnn.beam.summary import SUMMARY, read_summary  # noqa: E402
-from streamrnn.cliargs import at_least, fraction  # noqa: E402
+from streamrnn.cli.args import at_least, fraction  # noqa: E402
+from streamrnn.cli.forecast import _fractions as fractions  # noqa: E402  (eval forecast's --levels/--var rule)
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
@@ -64,11 +66,10 @@ from streamrnn.forecast.beam_output import (  # noqa: E402
     print_market_summary,
 )
 from streamrnn.forecast.calibrate_step import Calibrate  # noqa: E402
-from streamrnn.forecast.cli import _fractions as fractions  # noqa: E402  (eval forecast's --levels/--var rule)
 from streamrnn.forecast.conformal import GAMMA, LEVELS, SCALINGS, TAILS, label  # noqa: E402
 from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
 from streamrnn.forecast.features import FeatureConfig  # noqa: E402
-from streamrnn.runtime import CPU  # noqa: E402
+from streamrnn.model.runtime import CPU  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
 DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")

@@ -18,7 +18,7 @@ output is a one-line error with exit code 2, as is a bad flag (a value out of ra
 neither this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner),
 found before any pipeline runs. ``--replay`` plays the file as an unbounded
 stream on the DirectRunner (``--streaming``). ``--watch``, a Pub/Sub subscription or a Kafka topic
-read live input (streaming; :mod:`streamrnn.beam.live`): the same rows, dead letters and outputs.
+read live input (streaming; :mod:`streamrnn.beam.job.live`): the same rows, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from streamrnn.metrics_logging import guard_imports, quiet_job_logging
+from streamrnn.cli.logs import guard_imports, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
@@ -38,15 +38,16 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
-from streamrnn.beam import NextTokenPostprocess, StatefulInference, launcher  # noqa: E402
-from streamrnn.beam.counters import CountUnread  # noqa: E402
-from streamrnn.beam.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
-from streamrnn.beam.launcher import JobError, Output  # noqa: E402
-from streamrnn.beam.live import EventParser, LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
+from streamrnn.beam import NextTokenPostprocess, StatefulInference  # noqa: E402
+from streamrnn.beam.job import launcher  # noqa: E402
+from streamrnn.beam.job.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
+from streamrnn.beam.job.launcher import JobError, Output  # noqa: E402
+from streamrnn.beam.job.live import EventParser, LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
+from streamrnn.beam.job.sinks import WriteParquet  # noqa: E402
+from streamrnn.beam.job.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
-from streamrnn.beam.sinks import WriteParquet  # noqa: E402
-from streamrnn.beam.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
-from streamrnn.cliargs import at_least  # noqa: E402
+from streamrnn.beam.step.counters import CountUnread  # noqa: E402
+from streamrnn.cli.args import at_least  # noqa: E402
 from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 
 PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"

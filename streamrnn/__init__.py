@@ -27,11 +27,11 @@ from .errors import (
     StateError,
     StreamRNNError,
 )
-from .keyed import Evictions, KeyedOperator, KeyedResult
+from .keyed.operator import Evictions, KeyedOperator, KeyedResult
 from .lm import NextTokenOperator, NextTokenResult
-from .model import Model, State, load
-from .runtime import SessionConfig
-from .spec import ModelSpec
+from .model.loaded import Model, State, load
+from .model.runtime import SessionConfig
+from .model.spec import ModelSpec
 
 __version__ = "0.1.0"
 

@@ -7,8 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from streamrnn.model import load  # noqa: E402
-from streamrnn.runtime import CPU  # noqa: E402
+from streamrnn.model.loaded import load  # noqa: E402
+from streamrnn.model.runtime import CPU  # noqa: E402
 from streamrnn.train.export import export  # noqa: E402
 from streamrnn.train.nets import NetConfig, RecurrentNet  # noqa: E402
 

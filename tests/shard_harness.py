@@ -40,15 +40,15 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.utils.timestamp import Timestamp
 
-from streamrnn.beam.apply import Config
-from streamrnn.beam.clock import EARLIEST, END_OF_INPUT_MICROS, release_micros, to_micros
-from streamrnn.beam.intake import DEAD, UPDATE, Intake
 from streamrnn.beam.records import event_json
-from streamrnn.beam.savepoint import MANIFEST, WriteSnapshot, _WriteManifest, _WriteShard, read_manifest
-from streamrnn.beam.stateful import SEED, SNAPSHOT, ShardStep
-from streamrnn.beam.store import CACHE, PARTS, ShardStore, unpack
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.beam.step.apply import Config
+from streamrnn.beam.step.clock import EARLIEST, END_OF_INPUT_MICROS, release_micros, to_micros
+from streamrnn.beam.step.intake import DEAD, UPDATE, Intake
+from streamrnn.beam.step.savepoint import MANIFEST, WriteSnapshot, _WriteManifest, _WriteShard, read_manifest
+from streamrnn.beam.step.stateful import SEED, SNAPSHOT, ShardStep
+from streamrnn.beam.step.store import CACHE, PARTS, ShardStore, unpack
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 
 class Injected(RuntimeError):

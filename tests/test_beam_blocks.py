@@ -19,9 +19,9 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from beam_gather import Gather
 
 from streamrnn.beam import Event, NextTokenPostprocess, Prediction, StatefulInference
-from streamrnn.beam.outputs import explode
 from streamrnn.beam.records import END_OF_INPUT
-from streamrnn.runtime import CPU
+from streamrnn.beam.step.outputs import explode
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models  # the session fixture of tiny models
 
@@ -152,7 +152,7 @@ def test_shard_step_lists_no_helpers_but_keeps_its_state_and_timers():
     from apache_beam.transforms import userstate
     from apache_beam.transforms.core import _DoFnParam
 
-    from streamrnn.beam import stateful as st
+    from streamrnn.beam.step import stateful as st
 
     step = st.ShardStep.__new__(st.ShardStep)
     states, timers = userstate.get_dofn_specs(step)

@@ -23,7 +23,7 @@ from shard_harness import Harness, Scenario
 
 from streamrnn.beam import Event, StatefulInference
 from streamrnn.beam.records import END_OF_INPUT
-from streamrnn.runtime import CPU
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models  # the session fixture of tiny models
 
@@ -161,9 +161,9 @@ def test_two_copies_of_a_row_never_mix(beam_models, order, tmp_path):
 
 
 def test_the_winning_copy_is_whole(beam_models):
-    from streamrnn.beam.apply import duplicates
-    from streamrnn.beam.store import ShardStore
-    from streamrnn.model import load
+    from streamrnn.beam.step.apply import duplicates
+    from streamrnn.beam.step.store import ShardStore
+    from streamrnn.model.loaded import load
 
     store = ShardStore.new(load(beam_models["tiny"], providers=[CPU]), "m", keep_last_output=False)
     t = pa.Table.from_batches([_block("a", 0, 1.0, "xbc", "r1")]).select(["key", "ts", "seq", "sub", "x", "event"])
@@ -254,7 +254,7 @@ def test_two_copies_of_a_file_row_never_mix(beam_models, tmp_path, order):
     duplicates whose dead letters give their fields (not the copy id)."""
     import json
 
-    from streamrnn.beam.event_files import parse_events
+    from streamrnn.beam.job.event_files import parse_events
 
     rows = [{"key": "a", "ts": 1.0, "seq": 0, "text": "xbc"}, {"key": "a", "ts": 1.0, "seq": 0, "text": "ayz"},
             {"key": "a", "ts": 1.0, "seq": 0, "text": "ayz"}]  # and an identical copy

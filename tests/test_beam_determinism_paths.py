@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from shard_harness import Harness, Scenario, snapshot_files
 
 from streamrnn.beam import Event
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models  # the session fixture of tiny models
 

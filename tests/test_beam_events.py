@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from test_beam_transform import check_dead, check_outputs, counters, offline
 
 from streamrnn.beam import Event, StatefulInference
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models
 

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from test_beam_transform import check_outputs, offline
 
 from streamrnn.beam import Event, StatefulInference
-from streamrnn.beam.intake import DEAD, Intake
 from streamrnn.beam.records import from_ipc, to_ipc
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.beam.step.intake import DEAD, Intake
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models
 

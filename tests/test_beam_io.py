@@ -20,8 +20,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamrnn.beam.event_files import TS_MAX, parse_events
-from streamrnn.beam.io import ReadEvents, ReplayEvents, match_inputs, read_events
+from streamrnn.beam.job.event_files import TS_MAX, parse_events
+from streamrnn.beam.job.io import ReadEvents, ReplayEvents, match_inputs, read_events
 from streamrnn.errors import InputError
 
 T0 = 1_700_000_000.0

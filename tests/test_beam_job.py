@@ -21,9 +21,9 @@ import test_beam_transform as tbt
 
 from beam_jobs import next_token
 from streamrnn import lm
-from streamrnn.beam.io import read_events
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.beam.job.io import read_events
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models
 

@@ -21,7 +21,7 @@ from apache_beam.transforms.window import TimestampedValue
 from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
 from streamrnn.beam.records import END_OF_INPUT
 from streamrnn.errors import InputError
-from streamrnn.runtime import CPU
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models  # the session fixture of tiny models
 CUT = 100.0

@@ -19,8 +19,8 @@ from apache_beam.testing import test_stream
 from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 
+from streamrnn.beam.job.sinks import WriteParquet
 from streamrnn.beam.records import DEAD_LETTER_SCHEMA, END_OF_INPUT, DeadLetter
-from streamrnn.beam.sinks import WriteParquet
 
 SCHEMA = pa.schema([("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64())])
 LEGACY_BATCH = "apache_beam.runners.direct.direct_runner.BundleBasedDirectRunner"

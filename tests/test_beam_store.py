@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamrnn.beam import store as st_mod
-from streamrnn.beam.clock import NEVER
-from streamrnn.beam.stateful import Ctrl, ShardStep
+from streamrnn.beam.step import store as st_mod
+from streamrnn.beam.step.clock import NEVER
+from streamrnn.beam.step.stateful import Ctrl, ShardStep
 from streamrnn.errors import InputError
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 
 def _snapshot_dict(store):

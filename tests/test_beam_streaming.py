@@ -15,10 +15,10 @@ from beam_gather import Gather
 from test_beam_transform import check_dead, check_next, check_outputs, counters, offline, offline_next
 
 from streamrnn.beam import Event, ModelUpdate, NextTokenPostprocess, StatefulInference
-from streamrnn.beam import store as store_mod
 from streamrnn.beam.records import END_OF_INPUT
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.beam.step import store as store_mod
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 STREAMING = PipelineOptions(["--streaming"])
 beam_models = tbt.beam_models  # the session fixture of tiny models

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from streamrnn import InputError
 from streamrnn.beam import NAMESPACE, DeadLetter, Event, NextTokenPostprocess, StatefulInference
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 from streamrnn.train.export import export
 
 RUNNERS = {

@@ -23,8 +23,8 @@ from test_beam_transform import RUNNERS, check_dead, check_outputs, offline, wor
 
 from streamrnn.beam import Event, NextTokenPostprocess, StatefulInference
 from streamrnn.beam.records import END_OF_INPUT
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 beam_models = tbt.beam_models  # the session fixture of tiny models
 

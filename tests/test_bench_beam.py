@@ -17,7 +17,7 @@ import sys
 import background
 import pytest
 
-from streamrnn.cli import main as cli
+from streamrnn.cli.commands import main as cli
 
 
 def _positive(x) -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from streamrnn.cli import main
+from streamrnn.cli.commands import main
 
 TRAIN = ["--hidden", "16", "--layers", "2", "--embed", "8", "--batch", "4", "--bptt", "16",
          "--eval-every", "10", "--seed", "3", "--threads", "1"]
@@ -105,7 +105,7 @@ def test_resume_on_other_text_is_refused(text, tmp_path, capsys):
     assert main(["train", "lm", "--text", str(other), "--out", str(out), "--steps", "5", "--restart", *TRAIN]) == 0
     import hashlib
 
-    from streamrnn.model import load
+    from streamrnn.model.loaded import load
 
     assert load(out).spec.training["data_sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
 

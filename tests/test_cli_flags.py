@@ -13,8 +13,8 @@ import os
 
 import pytest
 
-from streamrnn.cli import build_parser, main
-from streamrnn.cliargs import OneLineParser
+from streamrnn.cli.args import OneLineParser
+from streamrnn.cli.commands import build_parser, main
 
 MARKET = "exported/market.onnx"
 
@@ -92,17 +92,17 @@ VALUES = ["0", "-1", "nan", "1e400", str(10**30), "abc", "", ".", "/"]
 
 @pytest.fixture()
 def stubbed(monkeypatch):
-    import streamrnn.cli
-    import streamrnn.evaluate
+    import streamrnn.cli.commands
     import streamrnn.forecast.dataset
     import streamrnn.forecast.evaluate
     import streamrnn.lm
+    import streamrnn.lm.evaluate
     import streamrnn.train.forecast
     import streamrnn.train.lm
 
     for module, name in [(streamrnn.train.lm, "train_lm"), (streamrnn.train.forecast, "train_forecast"),
                          (streamrnn.forecast.dataset, "load"), (streamrnn.forecast.evaluate, "eval_forecast"),
-                         (streamrnn.evaluate, "eval_lm"), (streamrnn.lm, "generate")]:
+                         (streamrnn.lm.evaluate, "eval_lm"), (streamrnn.lm, "generate")]:
         monkeypatch.setattr(module, name, _stop)
     bench_parsers: dict[str, argparse.ArgumentParser] = {}
     real = OneLineParser.parse_args
@@ -116,7 +116,7 @@ def stubbed(monkeypatch):
 
     monkeypatch.setattr(OneLineParser, "parse_args", parse_args)
     parser = build_parser()  # ~14 ms each (argparse); parsing does not change it, so the walk reuses one
-    monkeypatch.setattr(streamrnn.cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(streamrnn.cli.commands, "build_parser", lambda: parser)
     return bench_parsers
 
 

@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from streamrnn.cli import BENCHES, build_parser, main
+from streamrnn.cli.commands import BENCHES, build_parser, main
 
 
 def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from streamrnn.beam.io import demo_events, missing_filesystem
+from streamrnn.beam.job.io import demo_events, missing_filesystem
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "deploy" / "install_worker.sh"
@@ -344,7 +344,7 @@ def _distributed(folder: Path) -> dict:
     input; then the market job with the worker install's shipped model swapped for another one. Beside the other
     tests (tests/background.py): every step is another process."""
     from streamrnn import DEFAULT_MODEL
-    from streamrnn.beam.io import demo_events
+    from streamrnn.beam.job.io import demo_events
     from streamrnn.forecast.synthetic import simulate, write_sp500_layout
 
     _, worker_venv, wheel = background.result("deploy: worker venv and wheel")

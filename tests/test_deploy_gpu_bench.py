@@ -10,9 +10,9 @@ import sys
 import background
 import onnxruntime as ort
 
-from streamrnn import _probe
 from streamrnn.bench import gpu
-from streamrnn.runtime import CPU, CUDA
+from streamrnn.model import _probe
+from streamrnn.model.runtime import CPU, CUDA
 
 
 def _cuda_really_loads() -> bool:

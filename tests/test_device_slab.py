@@ -9,9 +9,10 @@ from conftest import FakeClock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamrnn import KeyedOperator, _slab_ops
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn import KeyedOperator
+from streamrnn.keyed import _slab_ops
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 from streamrnn.train import slab_ops
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from streamrnn import InputError, lm
-from streamrnn.evaluate import carried_logprobs, eval_lm, reset_logprobs
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.lm.evaluate import carried_logprobs, eval_lm, reset_logprobs
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3
 

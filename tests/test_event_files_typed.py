@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamrnn.beam.event_files import TS_MAX, _pylist_cols, _rows_events, block_events, parse_events
+from streamrnn.beam.job.event_files import TS_MAX, _pylist_cols, _rows_events, block_events, parse_events
 
 KEYS = st.one_of(st.none(), st.just(""), st.sampled_from(["a", "b", "ключ", "k" * 40]))
 TSS = st.one_of(st.none(), st.sampled_from([0.0, 1e-4, 1_700_000_000.123456, float("nan"), float("inf"),

@@ -11,9 +11,9 @@ import torch
 from conftest import make_net
 
 from streamrnn import ExportError
-from streamrnn.model import load
-from streamrnn.runtime import CPU
-from streamrnn.spec import SPEC_KEY, ModelSpec, describe
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
+from streamrnn.model.spec import SPEC_KEY, ModelSpec, describe
 from streamrnn.train import graph
 from streamrnn.train.export import export, update_metadata
 

@@ -330,7 +330,7 @@ def test_kupiec_against_the_likelihood_ratio_by_hand_and_chi2():
 
 def test_the_cli_help_states_the_module_defaults(capsys):
     """cli.py keeps numpy out of the CLI's start, so its help spells the defaults out: they must be these."""
-    from streamrnn.cli import main
+    from streamrnn.cli.commands import main
 
     try:
         code = main(["eval", "forecast", "--help"])

@@ -8,7 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from streamrnn.cli import main
+from streamrnn.cli.commands import main
 from streamrnn.errors import InputError
 from streamrnn.forecast.bars import Bars, read_bars
 from streamrnn.forecast.evaluate import MIN_TRAIN, eval_forecast, render_table
@@ -136,7 +136,7 @@ def test_levels_and_the_calibrated_table_against_an_independent_bar_by_bar_calib
     from streamrnn.forecast.distribution import quantile
     from streamrnn.forecast.evaluate import forecast_meta, model_outputs
     from streamrnn.forecast.features import FeatureConfig
-    from streamrnn.model import load
+    from streamrnn.model.loaded import load
 
     levels, tails = (0.5, 0.9), (0.025,)
     r = _run(bars, start=START, end=END, symbols=["FULL"], levels=levels, tails=tails, gamma=[0.02, 0.005])

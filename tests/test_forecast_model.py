@@ -11,13 +11,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("arch")
 
-from streamrnn.cli import main  # noqa: E402
+from streamrnn.cli.commands import main  # noqa: E402
 from streamrnn.forecast import dataset  # noqa: E402
 from streamrnn.forecast.dataset import Split  # noqa: E402
 from streamrnn.forecast.features import FeatureRow, OnlineFeatures  # noqa: E402
 from streamrnn.forecast.synthetic import simulate, write_sp500_layout  # noqa: E402
-from streamrnn.keyed import KeyedOperator  # noqa: E402
-from streamrnn.model import load  # noqa: E402
+from streamrnn.keyed.operator import KeyedOperator  # noqa: E402
+from streamrnn.model.loaded import load  # noqa: E402
 from streamrnn.train.forecast import ForecastTrainConfig, build_net, train_forecast  # noqa: E402
 from streamrnn.train.tcn import CausalTCN, TCNConfig  # noqa: E402
 

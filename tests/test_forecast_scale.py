@@ -139,8 +139,8 @@ def test_the_shipped_market_model_is_anchored_and_its_spec_says_how_to_read_its_
     from pathlib import Path
 
     from streamrnn.forecast.evaluate import forecast_meta
-    from streamrnn.model import load
-    from streamrnn.runtime import CPU
+    from streamrnn.model.loaded import load
+    from streamrnn.model.runtime import CPU
 
     model = load(str(Path(__file__).resolve().parent.parent / "exported" / "market.onnx"), providers=[CPU])
     meta = forecast_meta(model)

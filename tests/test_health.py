@@ -7,10 +7,10 @@ import pytest
 from test_atomic import Boom, _assert_same, _everything, _fail_on_call
 
 from streamrnn import NextTokenOperator
-from streamrnn.health import HealthConfig, decide, ew_padded
-from streamrnn.keyed import KeyedOperator
+from streamrnn.keyed.health import HealthConfig, decide, ew_padded
+from streamrnn.keyed.operator import KeyedOperator
+from streamrnn.keyed.slab import HEALTH_FILL
 from streamrnn.lm import token_logprob
-from streamrnn.slab import HEALTH_FILL
 
 KEYS = ["a", "b", "c"]
 

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from beam_jobs import market_forecast, next_token
-from streamrnn.beam import launcher
+from streamrnn.beam.job import launcher
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -177,7 +177,7 @@ def test_unknown_flag_as_users_run_it(events, tmp_path):
                                             ("gs://b/o/", "gs://b/o/x"), ("/", "/x")])
 def test_output_paths_have_one_separator(root, want):
     """The jobs' 'wrote out//predictions-*.parquet' (issue 16): one separator, however --output ends."""
-    from streamrnn.beam.launcher import join
+    from streamrnn.beam.job.launcher import join
 
     assert join(root, "x") == want
 
@@ -185,7 +185,7 @@ def test_output_paths_have_one_separator(root, want):
 def test_a_summary_of_one_key_says_1_key():
     import io
 
-    from streamrnn.beam.summary import MeanMetric, print_summary
+    from streamrnn.beam.job.summary import MeanMetric, print_summary
 
     out = io.StringIO()
     summary = {"keys": {"a": {"bytes": 2, "scored": 1, "bits_per_char": 3.0}}, "events": 2, "bits_per_char": 3.0,

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrnn import InputError, KeyedOperator, SnapshotError
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 keys_st = st.lists(st.sampled_from(["a", "b", "c", b"d", "é"]), min_size=1, max_size=40)
 

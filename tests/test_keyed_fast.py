@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from test_atomic import Boom, _assert_same, _everything, _fail_on_call
 
 from streamrnn import InputError, KeyedOperator
-from streamrnn.health import HealthConfig
+from streamrnn.keyed.health import HealthConfig
 
 KEYS = ["a", "b", "c", "d", "e"]
 #: health settings that exercise every branch: off, flag, heal watching everything it may (2 at once, so some

@@ -1,4 +1,4 @@
-"""Live input (streamrnn.beam.live): a watched folder, Pub/Sub (a fake subscription), Kafka's row parsing.
+"""Live input (streamrnn.beam.job.live): a watched folder, Pub/Sub (a fake subscription), Kafka's row parsing.
 
 The jobs' live runs are compared with one batch run over the same rows, per event; the files
 of a watched folder are dropped from a thread, each batch when the pipeline has shown it took
@@ -25,9 +25,9 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import Timestamp
 
 from beam_jobs import next_token
-from streamrnn.beam import live
-from streamrnn.beam.event_files import parse_events
-from streamrnn.beam.live import EventClock, EventParser, LiveSource, Message, ParseRecords, ReadLive
+from streamrnn.beam.job import live
+from streamrnn.beam.job.event_files import parse_events
+from streamrnn.beam.job.live import EventClock, EventParser, LiveSource, Message, ParseRecords, ReadLive
 
 beam_models = tbt.beam_models
 
@@ -524,7 +524,7 @@ def test_watermark_steps_and_source_errors():
     src = LiveSource("projects/p/subscriptions/s")
     run = live.LiveRun(src)
     run.progress.error = live.InputError("--input: expected a Pub/Sub subscription this job can pull, got ...")
-    from streamrnn.beam.launcher import JobError
+    from streamrnn.beam.job.launcher import JobError
 
     with pytest.raises(JobError, match="^--input: expected a Pub/Sub subscription"), run:
         pass

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from streamrnn import InputError, NextTokenOperator, lm
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 
 def test_encode_decode_round_trip():

@@ -28,8 +28,8 @@ from streamrnn.forecast.evaluate import forecast_meta, model_outputs
 from streamrnn.forecast.features import FeatureConfig, OnlineFeatures, offline_features, targets
 from streamrnn.forecast.serve import ForecastOperator
 from streamrnn.forecast.synthetic import simulate, write_sp500_layout
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "exported" / "market.onnx")

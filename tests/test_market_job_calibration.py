@@ -34,9 +34,9 @@ from streamrnn.forecast.beam_output import output_schema
 from streamrnn.forecast.calibrate_step import Calibrate, Calibrator, score_sums
 from streamrnn.forecast.conformal import GAMMA, LEVELS, TAILS, OnlineConformal, bands, label
 from streamrnn.forecast.evaluate import forecast_meta
-from streamrnn.metrics import Recorder
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.metrics.catalogue import Recorder
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "exported" / "market.onnx")

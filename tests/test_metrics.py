@@ -26,9 +26,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import streamrnn
-from streamrnn.beam.summary import live_line
+from streamrnn.beam.job.summary import live_line
 from streamrnn.errors import InputError
-from streamrnn.metrics import (
+from streamrnn.metrics.catalogue import (
     BY_NAME,
     CATALOGUE,
     LATENCY_BUCKETS,
@@ -41,7 +41,7 @@ from streamrnn.metrics import (
     reference_loss_nats,
     state_bytes_per_key,
 )
-from streamrnn.metrics_export import (
+from streamrnn.metrics.export import (
     await_scrape,
     check_multiproc_dir,
     directory_registry,
@@ -49,7 +49,7 @@ from streamrnn.metrics_export import (
     start_exporter,
     totals,
 )
-from streamrnn.metrics_operator import MeteredOperator
+from streamrnn.metrics.operator import MeteredOperator
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED_LABELS = {"job", "model", "model_version", "task", "provider", "reason", "horizon", "level", "tail",
@@ -156,7 +156,7 @@ def test_forecast_quality_counters_score_the_previous_forecast_against_scipy(mar
     """ForecastPostprocess scores the previous one-bar-ahead Student-t forecast against the arriving return:
     |realised - median| and whether it fell inside the 80% / 95% intervals (reference: scipy.stats.t)."""
     scipy_t = pytest.importorskip("scipy.stats").t
-    from streamrnn.beam.counters import Counters
+    from streamrnn.beam.step.counters import Counters
     from streamrnn.forecast.beam import ForecastPostprocess
 
     rng = np.random.default_rng(0)
@@ -246,7 +246,7 @@ def test_dead_letters_by_reason_and_gauges_sum_over_shards():
 
 
 def test_a_failing_metric_update_is_logged_once_and_never_raises(monkeypatch, caplog):
-    from streamrnn import metrics
+    from streamrnn.metrics import catalogue as metrics
 
     monkeypatch.setattr(metrics._Guard, "failed", False)
     rec = Recorder("j", CollectorRegistry())
@@ -350,8 +350,8 @@ def test_multiproc_dir_must_be_a_writable_directory(tmp_path):
 
 _WORKER = """
 import sys
-from streamrnn.metrics import recorder
-from streamrnn.metrics_export import serving_registry
+from streamrnn.metrics.catalogue import recorder
+from streamrnn.metrics.export import serving_registry
 n, cuda, stay = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "stay"
 r = recorder("mp")
 r.dead("late", n)

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamrnn.metrics import Recorder
-from streamrnn.metrics_export import push
+from streamrnn.metrics.catalogue import Recorder
+from streamrnn.metrics.export import push
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,9 +36,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamrnn
-from streamrnn.beam.io import _DEMO_TEXT
-from streamrnn.metrics import BY_NAME, CATALOGUE, exported_for, state_bytes_per_key
-from streamrnn.model import load
+from streamrnn.beam.job.io import _DEMO_TEXT
+from streamrnn.metrics.catalogue import BY_NAME, CATALOGUE, exported_for, state_bytes_per_key
+from streamrnn.model.loaded import load
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"

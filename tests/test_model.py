@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import streamrnn
 from streamrnn import InputError, ModelLoadError, StateError
-from streamrnn.model import load
-from streamrnn.runtime import CPU, CUDA, SessionConfig, cuda_usable
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU, CUDA, SessionConfig, cuda_usable
 
 
 def test_initial_state_and_shapes(lstm):
@@ -138,7 +138,7 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     with pytest.raises(ModelLoadError, match="expected a valid ONNX model"):
         load(bad)
     plain = tmp_path / "plain.onnx"
-    from streamrnn import _probe
+    from streamrnn.model import _probe
 
     plain.write_bytes(_probe.identity_model())
     with pytest.raises(ModelLoadError, match=r"metadata: expected key 'streamrnn.spec'"):

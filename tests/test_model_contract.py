@@ -25,9 +25,9 @@ from onnx import helper, numpy_helper
 import streamrnn
 from streamrnn import KeyedOperator, ModelLoadError, SnapshotError, StreamRNNError
 from streamrnn.errors import InferenceError
-from streamrnn.model import ORT_ERRORS, Model, load
-from streamrnn.runtime import CPU, create_session
-from streamrnn.spec import SPEC_KEY, ModelSpec
+from streamrnn.model.loaded import ORT_ERRORS, Model, load
+from streamrnn.model.runtime import CPU, create_session
+from streamrnn.model.spec import SPEC_KEY, ModelSpec
 from streamrnn.train.export import export
 
 MARKET = "exported/market.onnx"
@@ -232,7 +232,7 @@ def _hex(v):
 
 
 def reference_fingerprint(path) -> str:
-    """The documented definition (streamrnn/weights.py), computed with the onnx package alone."""
+    """The documented definition (streamrnn/model/weights.py), computed with the onnx package alone."""
     m = onnx.load(str(path))
     h = hashlib.sha256()
     for t in sorted(m.graph.initializer, key=lambda t: t.name):

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamrnn import InputError, KeyedOperator
-from streamrnn.model import load
-from streamrnn.packing import group, pack
-from streamrnn.runtime import CPU
+from streamrnn.keyed.packing import group, pack
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 
 def zipf_keys(rng: np.random.Generator, n: int, s: float = 1.1, universe: int = 200) -> list[str]:

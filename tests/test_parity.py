@@ -9,8 +9,8 @@ from conftest import CELLS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 TOL = 1e-5
 

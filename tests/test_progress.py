@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from streamrnn import cliargs
-from streamrnn.cli import main
+from streamrnn.cli import args as cliargs
+from streamrnn.cli.commands import main
 
 
 class FakeClock:

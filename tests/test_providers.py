@@ -5,9 +5,10 @@ from __future__ import annotations
 import onnxruntime as ort
 import pytest
 
-from streamrnn import InputError, ModelLoadError, runtime
-from streamrnn.model import load
-from streamrnn.runtime import CPU, CUDA, SessionConfig, cuda_failure_reason, resolve_providers
+from streamrnn import InputError, ModelLoadError
+from streamrnn.model import runtime
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU, CUDA, SessionConfig, cuda_failure_reason, resolve_providers
 
 # What onnxruntime-gpu 1.31 printed on a machine without CUDA 13 (colour codes included).
 ORT_LOG = (
@@ -47,7 +48,7 @@ def test_configured_device_id_is_used():
 
 def test_load_and_cli_accept_the_short_names(lstm_path, capsys):
     assert load(lstm_path, providers="cpu").provider == CPU
-    from streamrnn.cli import main
+    from streamrnn.cli.commands import main
 
     assert main(["generate", "--model", str(lstm_path), "--providers", "cpu", "-n", "3", "--seed", "0"]) == 0
 

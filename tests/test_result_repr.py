@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamrnn.keyed import KeyedOperator, KeyedResult
+from streamrnn.keyed.operator import KeyedOperator, KeyedResult
 
 
 def test_a_keyed_results_repr_is_one_short_line(lstm):

@@ -15,9 +15,9 @@ from onnx import numpy_helper
 
 import streamrnn
 from streamrnn import KeyedOperator, ModelLoadError, SnapshotError, StateError
-from streamrnn.model import load
-from streamrnn.runtime import CPU
-from streamrnn.spec import ModelSpec
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
+from streamrnn.model.spec import ModelSpec
 
 
 def onnx_fingerprint(path) -> str:

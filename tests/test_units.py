@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from streamrnn.beam import launcher
-from streamrnn.beam.summary import live_line
+from streamrnn.beam.job import launcher
+from streamrnn.beam.job.summary import live_line
 
 ROOT = Path(__file__).resolve().parents[1]
 

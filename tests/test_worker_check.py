@@ -15,12 +15,15 @@ from apache_beam.testing.util import assert_that
 from conftest import make_net
 
 import streamrnn
-from streamrnn import DeployError, ModelLoadError, shipped
-from streamrnn.beam import Event, StatefulInference, launcher, worker_check
+from streamrnn import DeployError, ModelLoadError
+from streamrnn.beam import Event, StatefulInference
+from streamrnn.beam.job import launcher
 from streamrnn.beam.models import model_version
-from streamrnn.beam.stateful import ShardStep
-from streamrnn.model import load
-from streamrnn.runtime import CPU
+from streamrnn.beam.step import worker_check
+from streamrnn.beam.step.stateful import ShardStep
+from streamrnn.model import shipped
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 from streamrnn.train.export import export
 
 EVENTS = [Event("a", 10.0 + i, i, 65 + i) for i in range(5)]

@@ -1,6 +1,6 @@
 """Writes deploy/grafana/streamrnn.json, the streamrnn Grafana dashboard (run: python deploy/grafana/generate.py).
 
-Every panel's PromQL uses only catalogued metrics (streamrnn/metrics.py), filtered by the
+Every panel's PromQL uses only catalogued metrics (streamrnn/metrics/catalogue.py), filtered by the
 ``$job`` variable; ``$__rate_interval`` is Grafana's rate window.
 """
 

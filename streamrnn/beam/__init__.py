@@ -13,11 +13,11 @@ records), ``transform`` (the PTransform). See docs/beam.md.
 
 from __future__ import annotations
 
-from .counters import NAMESPACE
 from .models import model_version
-from .outputs import explode
 from .postprocess import NextTokenPostprocess, Postprocess
 from .records import DeadLetter, Event, ModelUpdate, Prediction, shard_of
+from .step.counters import NAMESPACE
+from .step.outputs import explode
 from .transform import StatefulInference, StatefulResult
 
 __all__ = [

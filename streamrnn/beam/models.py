@@ -2,18 +2,18 @@
 
 A non-local model is copied once per machine into a temporary file (``io.local_copy``),
 then loaded with ONNX Runtime like a local one, on the launcher and on every worker.
-``shipped:NAME`` is resolved by each machine in its own install (:mod:`streamrnn.shipped`).
+``shipped:NAME`` is resolved by each machine in its own install (:mod:`streamrnn.model.shipped`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .. import shipped
 from ..errors import InputError
-from ..model import Model, load
-from ..runtime import SessionConfig
-from ..spec import ModelSpec
+from ..model import shipped
+from ..model.loaded import Model, load
+from ..model.runtime import SessionConfig
+from ..model.spec import ModelSpec
 
 
 def model_version(spec: ModelSpec) -> str:
@@ -23,7 +23,7 @@ def model_version(spec: ModelSpec) -> str:
 
 def local_path(path: str) -> str:
     """A local file for ``path`` on any Beam filesystem (a per-machine copy when it is remote)."""
-    from .io import local_copy
+    from .job.io import local_copy
 
     try:
         return shipped.resolve(path) if shipped.is_shipped(path) else local_copy(path)

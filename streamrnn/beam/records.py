@@ -25,7 +25,7 @@ KEY, TS, SEQ, SUB, X, EVENT = "key", "ts", "seq", "sub", "x", "event"
 def _end_of_input():
     from apache_beam.utils.timestamp import Timestamp
 
-    from .clock import END_OF_INPUT_MICROS
+    from .step.clock import END_OF_INPUT_MICROS
 
     return Timestamp(micros=END_OF_INPUT_MICROS)
 

@@ -34,15 +34,15 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from ..errors import InputError
-from ..runtime import CPU, resolve_providers
-from .apply import Config
-from .clock import to_micros
-from .counters import NAMESPACE
-from .intake import DEAD, Intake, OneCopy, UpdateIntake
+from ..model.runtime import CPU, resolve_providers
 from .models import load_model, model_version
 from .postprocess import Postprocess
-from .savepoint import WriteSnapshot, read_manifest, seed_kicks
-from .stateful import SNAPSHOT, ShardStep
+from .step.apply import Config
+from .step.clock import to_micros
+from .step.counters import NAMESPACE
+from .step.intake import DEAD, Intake, OneCopy, UpdateIntake
+from .step.savepoint import WriteSnapshot, read_manifest, seed_kicks
+from .step.stateful import SNAPSHOT, ShardStep
 
 __all__ = ["NAMESPACE", "StatefulInference", "StatefulResult", "model_version"]
 
@@ -121,7 +121,7 @@ class StatefulInference(beam.PTransform):
       fault_injector: testing hook ``f(shard, keys)`` called after a flush's state writes.
       save_state: a folder (any Beam filesystem) where each shard writes its state when the input ends
         (bounded input, or a drain), with a manifest: a snapshot set that ``initial_state`` can seed a new
-        pipeline from, with any ``num_shards`` (see :mod:`streamrnn.beam.savepoint`). Streams are kept as
+        pipeline from, with any ``num_shards`` (see :mod:`streamrnn.beam.step.savepoint`). Streams are kept as
         they are (held rows stay held, and a key expires only once its shard applied events past its
         expiry), so the next run continues them.
       initial_state: a snapshot set written by ``save_state``: every shard takes its keys from it on its

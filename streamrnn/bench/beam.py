@@ -48,7 +48,7 @@ VARIANTS = ("a", "b", "c", "d", "s", "k")
 
 def _events(keys: int, per_key: int, seed: int = 0):
     """Byte events of ``keys`` streams of text-like bytes, interleaved, as (key list, ts, seq, tokens)."""
-    from ..beam.io import _DEMO_TEXT
+    from ..beam.job.io import _DEMO_TEXT
 
     corpus = np.frombuffer(_DEMO_TEXT.encode() * (1 + per_key * keys // len(_DEMO_TEXT)), np.uint8)
     rng = np.random.default_rng(seed)
@@ -63,7 +63,7 @@ def _events(keys: int, per_key: int, seed: int = 0):
 def _write_events(tok, ts, path: str) -> str:
     """The events as a Parquet file (``key, ts, seq, token``), arrival in event-time order, keys interleaved.
 
-    Pipelines read it with :class:`~streamrnn.beam.io.ReadEvents`, as a job does: embedding
+    Pipelines read it with :class:`~streamrnn.beam.job.io.ReadEvents`, as a job does: embedding
     the events in the pipeline with ``beam.Create`` would measure pickling and compressing
     the data into the pipeline graph instead (most of the wall time at 200k events).
     """
@@ -104,7 +104,7 @@ class _Sink:
 
 
 class _IdentityModel:
-    """Stands in for :class:`~streamrnn.model.Model`: task outputs are zeros, state passes through."""
+    """Stands in for :class:`~streamrnn.model.loaded.Model`: task outputs are zeros, state passes through."""
 
     def __init__(self, model):
         self.__dict__.update(model.__dict__)
@@ -123,7 +123,7 @@ class _IdentityModel:
 def identity_models() -> Iterator[None]:
     """Within: the stateful DoFn loads :class:`_IdentityModel` s (it loads models through
     ``stateful.load_model``; the DirectRunner runs it in this process)."""
-    from ..beam import stateful as st
+    from ..beam.step import stateful as st
 
     real = st.load_model
     st.load_model = lambda path, providers="auto": _IdentityModel(real(path, providers))
@@ -137,7 +137,7 @@ def _run_a(model_path, events_path, shards, identity=False):
     import apache_beam as beam
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam.io import ReadEvents
+    from ..beam.job.io import ReadEvents
 
     sink = _Sink(tempfile.mkdtemp(prefix="bench-a-"))
     with identity_models() if identity else contextlib.nullcontext():
@@ -199,7 +199,7 @@ def _run_b(model_path, tok, ts, W=64):
 
 
 def _run_d(model_path, tok):
-    from ..model import load
+    from ..model.loaded import load
 
     m = load(model_path, providers=["CPUExecutionProvider"])
     K, E = tok.shape
@@ -331,7 +331,7 @@ QUICK = {"keys": 12, "events": 40, "repeats": 1, "repeats_b": 1, "hidden": 32, "
 
 def _parser() -> argparse.ArgumentParser:
     from .. import DEFAULT_MODEL
-    from ..cliargs import OneLineParser, at_least
+    from ..cli.args import OneLineParser, at_least
 
     ap = OneLineParser(prog="streamrnn bench beam", description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -405,7 +405,7 @@ def _text(out: dict, text) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cliargs import Heartbeat, parse_with_quick
+    from ..cli.args import Heartbeat, parse_with_quick
     from .beam_report import report, text
 
     ap = _parser()

@@ -35,7 +35,7 @@ def _blocks(tok: np.ndarray, ts: np.ndarray, size: int):
     """Per window of ``size`` micros, in event-time order: (window index, Arrow RecordBatch ``key, ts, seq, x``)."""
     import pyarrow as pa
 
-    from ..beam.clock import to_micros_array
+    from ..beam.step.clock import to_micros_array
 
     K, E = tok.shape
     keys = np.repeat(np.array([f"key-{k:05d}" for k in range(K)], dtype=object), E)
@@ -56,8 +56,8 @@ def _test_stream(blocks, size: int):
     from apache_beam.testing.test_stream import TestStream
     from apache_beam.transforms.window import TimestampedValue
 
-    from ..beam.clock import timestamp
     from ..beam.records import END_OF_INPUT
+    from ..beam.step.clock import timestamp
 
     s = TestStream()
     for w, b in blocks:  # size is whole milliseconds, as TestStream's watermarks must be
@@ -96,8 +96,8 @@ def _shard_blocks(num_shards: int, size: int):
     from apache_beam.transforms.window import GlobalWindow
     from apache_beam.utils.windowed_value import WindowedValue
 
-    from ..beam.clock import release_micros, timestamp, to_micros_array
     from ..beam.records import shard_of, to_ipc
+    from ..beam.step.clock import release_micros, timestamp, to_micros_array
 
     class ShardBlocks(beam.DoFn):
         def process(self, b) -> Iterator:
@@ -124,8 +124,8 @@ def _buffer_emit():
     from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
     from apache_beam.transforms.window import TimestampedValue
 
-    from ..beam.clock import timestamp
     from ..beam.records import from_ipc, to_ipc
+    from ..beam.step.clock import timestamp
 
     class BufferEmit(beam.DoFn):
         PENDING = BagStateSpec("pending", BytesCoder())
@@ -208,7 +208,7 @@ class _Tally:
     """
 
     def __enter__(self):
-        from ..beam import counters as bc
+        from ..beam.step import counters as bc
 
         self.counts: dict[str, int] = {}
         self._real = real = bc._Mirrored.inc
@@ -223,7 +223,7 @@ class _Tally:
         return self
 
     def __exit__(self, *exc) -> None:
-        from ..beam import counters as bc
+        from ..beam.step import counters as bc
 
         bc._Mirrored.inc = self._real
 
@@ -236,7 +236,7 @@ def _run_stateful_once(blocks, model: str, size: int, shards: int, root: str, *,
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..runtime import CPU
+    from ..model.runtime import CPU
 
     sink, dead_root = _Count(root), os.path.join(root, "dead")
     os.makedirs(dead_root)
@@ -330,7 +330,7 @@ def _held_blocks(n_keys: int, *, windows: int, keys_per_flush: int, events_per_k
     keys drawn at random from them, ``events_per_key`` events each. (window index, Arrow block) per window."""
     import pyarrow as pa
 
-    from ..beam.io import _DEMO_TEXT
+    from ..beam.job.io import _DEMO_TEXT
 
     corpus = np.frombuffer(_DEMO_TEXT.encode(), np.uint8).astype(np.int64)
     rng = np.random.default_rng(seed)
@@ -361,7 +361,7 @@ class _FlushLog:
         self.rows: list[tuple[int, float, float, float]] = []
 
     def __enter__(self):
-        from ..beam import stateful as st
+        from ..beam.step import stateful as st
 
         self._real = real = st.ShardStep._flush
         log = self.rows
@@ -376,14 +376,14 @@ class _FlushLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        from ..beam import stateful as st
+        from ..beam.step import stateful as st
 
         st.ShardStep._flush = self._real
 
 
 def _run_held_once(model: str, blocks, size: int, root: str, warmup: int) -> dict:
     """One replay of ``_held_blocks`` through StatefulInference on one shard: per-window seconds in the pipeline."""
-    from ..beam.clock import END_OF_INPUT_MICROS
+    from ..beam.step.clock import END_OF_INPUT_MICROS
 
     with _FlushLog() as fl:
         dt, n_dead, c = _run_stateful_once(blocks, model, size, 1, root)

@@ -1,6 +1,6 @@
 """Key-count sweep of the stateful step's flush: does its cost follow the keys touched or the keys held?
 
-Below Beam, through the code the ``ShardStep`` DoFn runs: a :class:`~streamrnn.beam.stateful.ShardStep`
+Below Beam, through the code the ``ShardStep`` DoFn runs: a :class:`~streamrnn.beam.step.stateful.ShardStep`
 (set up as a worker would) is given in-memory stand-ins for its Beam state and timer, and
 its flush timer (``on_flush``: apply, pairing, TTL, one delta of the shard store, outputs)
 is called once per event-time window, as the runner calls it. Event blocks come from the real ``Intake``.
@@ -105,7 +105,7 @@ class _Shard:
         return dt
 
     def _store_peek(self):
-        from ..beam.store import CACHE
+        from ..beam.step.store import CACHE
 
         store = CACHE.take(self.step.transform_id, 0, _ctrl_token(self.ctrl))
         if store is None:
@@ -137,11 +137,11 @@ def _ctrl_token(ctrl: _Value) -> str | None:
 
 def _step(model: str, window_micros: int, ttl: float | None):
     """A ShardStep configured as the next-token job configures it (one shard), set up as on a worker."""
-    from ..beam.apply import Config
     from ..beam.models import load_model
     from ..beam.postprocess import NextTokenPostprocess
-    from ..beam.stateful import ShardStep
-    from ..runtime import CPU
+    from ..beam.step.apply import Config
+    from ..beam.step.stateful import ShardStep
+    from ..model.runtime import CPU
 
     spec = load_model(model, [CPU]).spec
     cfg = Config(ttl=ttl, size=window_micros, lateness=0, max_steps=256, max_batch=4096, tokens=True,
@@ -156,7 +156,7 @@ def _step(model: str, window_micros: int, ttl: float | None):
 
 def _block(keys: np.ndarray, seqs: np.ndarray, ts: np.ndarray, tokens: np.ndarray, window_micros: int):
     """One window's events through the real Intake: (IPC blob, release micros)."""
-    from ..beam.intake import EVENTS, Intake
+    from ..beam.step.intake import EVENTS, Intake
 
     ik = Intake(tokens=True, vocab=256, n_features=0, num_shards=1, size_micros=window_micros, lateness_micros=0)
     ik.setup()
@@ -192,8 +192,8 @@ def run(model: str, key_counts: list[int], *, keys_per_flush: int = 256, events_
         flushes: int = 12, warmup: int = 2, window: float = 60.0, ttl: float | None = None,
         rebuild_max_keys: int = 10_000, seed: int = 0) -> dict:
     """The sweep (see the module doc); a JSON-able result."""
-    from ..beam.io import _DEMO_TEXT
-    from ..beam.store import CACHE, ShardStore
+    from ..beam.job.io import _DEMO_TEXT
+    from ..beam.step.store import CACHE, ShardStore
 
     corpus = np.frombuffer(_DEMO_TEXT.encode(), np.uint8)
     window_micros = round(window * 1_000_000)

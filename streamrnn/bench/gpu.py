@@ -33,7 +33,7 @@ from collections.abc import Callable
 import numpy as np
 import onnxruntime as ort
 
-from ..cliargs import Heartbeat, OneLineParser, at_least
+from ..cli.args import Heartbeat, OneLineParser, at_least
 from .operator import _interleaved, flops_per_key_step
 
 SHAPES = tuple((B, T) for B in (1, 64, 1024, 8192) for T in (1, 64))
@@ -42,7 +42,7 @@ PARITY_GOAL = 1e-4
 
 
 def _cuda_providers(simulate: bool) -> list:
-    from ..runtime import CPU, CUDA
+    from ..model.runtime import CPU, CUDA
 
     return [CPU] if simulate else [(CUDA, {"device_id": 0}), CPU]
 
@@ -85,7 +85,7 @@ def _random_x(spec, B: int, T: int, rng: np.random.Generator) -> np.ndarray:
 def parity(simulate: bool, B: int = 8, T: int = 64) -> dict:
     """Max |CUDA - CPU| over every output and state of each shipped model, two chained calls."""
     from .. import DEFAULT_MODEL, load
-    from ..runtime import CPU
+    from ..model.runtime import CPU
 
     folder = os.path.dirname(DEFAULT_MODEL)
     res = {}
@@ -112,8 +112,8 @@ def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline
     import torch
 
     from .. import load
-    from ..keyed import KeyedOperator
-    from ..runtime import CPU
+    from ..keyed.operator import KeyedOperator
+    from ..model.runtime import CPU
 
     dev = torch.device("cpu" if simulate else "cuda")
     tnet = net.to(dev)
@@ -169,14 +169,14 @@ def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline
 def beam_events_per_s(path: str, simulate: bool, keys: int, per_key: int,
                       progress: Callable[[str], None] = _quiet) -> dict:
     """``StatefulInference`` on the DirectRunner over the same events, on CUDA and on the CPU provider."""
-    from ..metrics_logging import guard_imports
+    from ..cli.logs import guard_imports
 
     guard_imports()  # before apache_beam: its import-time 'apitools not found' warning stays off stderr
     import apache_beam as beam
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam.io import ReadEvents
-    from ..runtime import CPU
+    from ..beam.job.io import ReadEvents
+    from ..model.runtime import CPU
     from .beam import _events, _write_events
 
     d = tempfile.mkdtemp(prefix="bench-gpu-")
@@ -208,7 +208,7 @@ def run(*, budget_s: float = 220.0, seconds: float = 2.0, min_calls: int = 5, hi
         shapes=SHAPES, beam_keys: int = 1024, beam_per_key: int = 64, simulate: bool = False,
         progress: Callable[[str], None] = _quiet) -> dict:
     """The whole check; ``progress(status)`` is told which part runs (the CLI's progress lines)."""
-    from ..runtime import cuda_usable
+    from ..model.runtime import cuda_usable
 
     t_start = time.monotonic()
     ok, reason = (True, "simulated on the CPU provider (--simulate-on-cpu)") if simulate else cuda_usable(0)

@@ -9,7 +9,7 @@ once the watermark passes ``last event + ttl``, so the keys held at once stay ne
 An expired key's metadata and its applied event ids stay for ``--dedupe-horizon`` of event
 time (duplicate detection), so memory is bounded by the keys seen within that horizon.
 
-The pipeline is a job's: Parquet events read by :class:`~streamrnn.beam.io.ReadEvents`,
+The pipeline is a job's: Parquet events read by :class:`~streamrnn.beam.job.io.ReadEvents`,
 :class:`~streamrnn.beam.StatefulInference` with a next-token postprocess (Arrow output),
 on the DirectRunner with ``--direct_running_mode=multi_processing``, once with
 ``--direct_num_workers=1`` and once with 2, each in its own subprocess. The model is a tiny
@@ -115,7 +115,7 @@ class Sampler(threading.Thread):
         self._halt = threading.Event()
 
     def _gauges(self) -> tuple[float, float, float]:
-        from ..metrics_export import directory_registry, totals
+        from ..metrics.export import directory_registry, totals
 
         try:  # what the exporter serves from the processes' directory (per-shard gauges summed per job)
             t = totals(directory_registry(self.prom_dir))
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> dict:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam.io import ReadEvents
+    from ..beam.job.io import ReadEvents
 
     opts = PipelineOptions(["--direct_running_mode=multi_processing", f"--direct_num_workers={args.workers}"])
     sampler = Sampler(prom_dir, args.sample_every)
@@ -220,8 +220,8 @@ def summarize(rows: list[tuple], n_events: int) -> dict:
 def shipped_state_bytes() -> dict:
     """Per-key bytes of the shipped models from their specs: state tensors, and the last output kept for scoring."""
     from .. import DEFAULT_MODEL
-    from ..metrics import state_bytes_per_key
-    from ..model import load
+    from ..metrics.catalogue import state_bytes_per_key
+    from ..model.loaded import load
 
     out = {}
     for name in ("charlm.onnx", "market.onnx"):
@@ -250,7 +250,7 @@ def _verdict(runs: dict, keys: int) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ..cliargs import OneLineParser, at_least
+    from ..cli.args import OneLineParser, at_least
 
     ap = OneLineParser(prog="streamrnn bench load", description=__doc__.splitlines()[0],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -290,7 +290,7 @@ def _workers(ap: argparse.ArgumentParser, text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..cliargs import Heartbeat, parse_with_quick
+    from ..cli.args import Heartbeat, parse_with_quick
 
     ap = _parser()
     args, argv = parse_with_quick(ap, argv, QUICK)

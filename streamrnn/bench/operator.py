@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..cliargs import Heartbeat, OneLineParser, at_least
+from ..cli.args import Heartbeat, OneLineParser, at_least
 
 SHAPES = ((1, 1), (256, 1), (1, 64), (256, 64))
 
@@ -134,8 +134,8 @@ def _quiet(status: str) -> None:
 def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, min_calls: int, seed: int,
          fresh_model: Callable[[], object] | None = None, progress: Callable[[str], None] = _quiet) -> dict:
     """Zipf vs uniform keys with the same events, and the burst case; packed and unpacked."""
-    from streamrnn.keyed import KeyedOperator
-    from streamrnn.packing import group, pack
+    from streamrnn.keyed.operator import KeyedOperator
+    from streamrnn.keyed.packing import group, pack
 
     rng = np.random.default_rng(seed)
     zk = zipf_keys(rng, events, zipf_s, universe)
@@ -200,8 +200,8 @@ def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: 
     import torch
 
     import streamrnn
-    from streamrnn.keyed import KeyedOperator
-    from streamrnn.runtime import CPU, SessionConfig
+    from streamrnn.keyed.operator import KeyedOperator
+    from streamrnn.model.runtime import CPU, SessionConfig
     from streamrnn.train.export import export
     from streamrnn.train.nets import NetConfig, RecurrentNet
 
@@ -221,8 +221,8 @@ def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: 
         shutil.rmtree(d, ignore_errors=True)
 
     def fresh_model():
-        from streamrnn.model import Model
-        from streamrnn.runtime import create_session
+        from streamrnn.model.loaded import Model
+        from streamrnn.model.runtime import create_session
 
         return Model(create_session(blob, [CPU], cfg, what="bench"), model.spec, source="bench")
 

@@ -46,12 +46,12 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
-from ..beam.clock import TS_LIMIT, release_micros, timestamp, to_micros
-from ..beam.counters import Counters
-from ..beam.live import LiveParser, Message, Parsed, message_rows
+from ..beam.job.live import LiveParser, Message, Parsed, message_rows
+from ..beam.job.replay import drain_marks, play, step_bounds, stepped_stream
 from ..beam.postprocess import Postprocess
 from ..beam.records import DEAD, DeadLetter, Event, event_json
-from ..beam.replay import drain_marks, play, step_bounds, stepped_stream
+from ..beam.step.clock import TS_LIMIT, release_micros, timestamp, to_micros
+from ..beam.step.counters import Counters
 from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
@@ -164,7 +164,7 @@ class ReadBars(beam.PTransform):
 
 
 class BarParser(LiveParser):
-    """Bars for a live source (:mod:`streamrnn.beam.live`), by the batch readers' rules: a file through
+    """Bars for a live source (:mod:`streamrnn.beam.job.live`), by the batch readers' rules: a file through
     :func:`parse_bar_file`, a message's JSON row as a one-row CSV file through it too (so ``--columns`` and
     the column names mean the same). A row without a time takes the message's; one without a symbol is a
     dead letter (a file may name its symbol, a message cannot)."""
@@ -223,7 +223,7 @@ class ReplayBars(beam.PTransform):
 
     Bars are cut into steps of ``step`` event-time seconds; after each step the watermark
     advances to the step's end. After the last bar it goes on in steps through ``drain`` seconds
-    (:func:`~streamrnn.beam.replay.drain_marks`): give the seconds the steps after it hold a bar
+    (:func:`~streamrnn.beam.job.replay.drain_marks`): give the seconds the steps after it hold a bar
     (:class:`Features` holds one for its window plus lateness, then the forecast step's window ends;
     the job passes ``2 * window + allowed_lateness``), or the last window's forecasts are lost on the
     DirectRunner. The files are read when the pipeline is built (a TestStream holds its elements from

@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import trigger
 from apache_beam.transforms.window import GlobalWindows
 
-from ..beam.summary import SUMMARY, dead_letter_line, write_json
+from ..beam.job.summary import SUMMARY, dead_letter_line, write_json
 from .beam import QUANTILES, close_of
 from .calibrate_step import calibrated_fields, horizon_summary, score_sums, scored_fields, sum_names
 from .conformal import GAMMA, LEVELS, TAILS

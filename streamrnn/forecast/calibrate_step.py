@@ -61,11 +61,11 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
-from ..beam.clock import END_OF_INPUT_MICROS, timestamp
-from ..beam.counters import Counters
-from ..beam.intake import REL
 from ..beam.records import from_ipc, shard_of, to_ipc
-from ..metrics import guarded
+from ..beam.step.clock import END_OF_INPUT_MICROS, timestamp
+from ..beam.step.counters import Counters
+from ..beam.step.intake import REL
+from ..metrics.catalogue import guarded
 from .conformal import GAMMA, LEVELS, TAILS, OnlineConformal, bands, label, misses, pit
 from .distribution import nll
 
@@ -333,7 +333,7 @@ _FLUSH, _END = beam.DoFn.TimerParam(_FLUSH_SPEC), beam.DoFn.TimerParam(_END_SPEC
 class CalibrateShard(beam.DoFn):
     """Stateful per shard of symbols: buffered rows applied in bar order when the watermark passes them (module
     doc). ``flush_all`` (a bounded input): everything buffered is applied at the first firing. The live metrics
-    per horizon (:meth:`streamrnn.metrics.Recorder.forecast_horizons`) count the scores this step emits."""
+    per horizon (:meth:`streamrnn.metrics.catalogue.Recorder.forecast_horizons`) count the scores this step emits."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
                  gamma: float = GAMMA, scaling: str = "proportional", flush_all: bool = False):

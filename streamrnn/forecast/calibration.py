@@ -17,7 +17,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ..model import Model
+from ..model.loaded import Model
 from .distribution import covered, nll
 from .features import FeatureConfig, offline_features
 from .scale import absolute

@@ -23,7 +23,7 @@ year and quarter, VaR exceedances with Kupiec's test, ES ratio, by year; and a g
 
 ``parity_max_abs``: the largest difference between the model's outputs when the
 raw bars are streamed bar by bar (online features, then one
-:class:`~streamrnn.keyed.KeyedOperator` call per timestamp with state carried
+:class:`~streamrnn.keyed.operator.KeyedOperator` call per timestamp with state carried
 per symbol) and when each symbol's whole sequence of offline features runs in
 one call.
 """
@@ -37,8 +37,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..errors import InputError
-from ..keyed import KeyedOperator
-from ..model import Model, load
+from ..keyed.operator import KeyedOperator
+from ..model.loaded import Model, load
 from . import baselines, calibration, conformal, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data

@@ -1,6 +1,6 @@
 """Plain progress lines on stderr for long forecast commands (``eval forecast``, ``train forecast``).
 
-The CLI's one heartbeat (:class:`~streamrnn.cliargs.Heartbeat`: quiet for the first ``after``
+The CLI's one heartbeat (:class:`~streamrnn.cli.args.Heartbeat`: quiet for the first ``after``
 seconds, then a line at most every ``every`` seconds), with a status of counted steps, e.g.
 ``eval forecast: 120/505 symbols (AAPL), 31 s``.
 """
@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import IO
 
-from ..cliargs import Heartbeat
+from ..cli.args import Heartbeat
 
 
 class Progress(Heartbeat):

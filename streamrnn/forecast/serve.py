@@ -10,7 +10,7 @@
 
 Each bar first goes through :class:`~streamrnn.forecast.features.OnlineFeatures`
 (a bad bar becomes a dead letter and touches no state), then one
-:class:`~streamrnn.keyed.KeyedOperator` call advances every symbol in the batch.
+:class:`~streamrnn.keyed.operator.KeyedOperator` call advances every symbol in the batch.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..keyed import KeyedOperator
-from ..model import Model
+from ..keyed.operator import KeyedOperator
+from ..model.loaded import Model
 from .distribution import quantile
 from .evaluate import forecast_meta
 from .features import DeadLetter, FeatureConfig, FeatureRow, OnlineFeatures

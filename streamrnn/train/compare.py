@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..cliargs import OneLineParser, at_least, seed
+from ..cli.args import OneLineParser, at_least, seed
 from .lm import LMTrainConfig, train_lm
 from .nets import NetConfig, RecurrentNet
 from .tcn import CausalTCN, TCNConfig, train_tcn_lm

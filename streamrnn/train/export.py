@@ -23,10 +23,10 @@ import onnx
 import torch
 
 from ..errors import ExportError
-from ..model import Model
-from ..runtime import CPU, create_session
-from ..spec import SPEC_KEY, InputSpec, ModelSpec, OutputTensor
-from ..weights import read_graph
+from ..model.loaded import Model
+from ..model.runtime import CPU, create_session
+from ..model.spec import SPEC_KEY, InputSpec, ModelSpec, OutputTensor
+from ..model.weights import read_graph
 from .graph import build_model, set_spec
 from .nets import RecurrentNet
 

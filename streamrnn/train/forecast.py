@@ -28,7 +28,7 @@ from ..forecast.dataset import Prepared, Split
 from ..forecast.features import FEATURE_NAMES, FeatureConfig
 from ..forecast.progress import Progress
 from ..forecast.scale import LOG_VOL
-from ..spec import SPEC_KEY, ModelSpec, OutputTensor
+from ..model.spec import SPEC_KEY, ModelSpec, OutputTensor
 from .graph import set_spec
 from .lm import _progress, lr_at, progress
 from .nets import NetConfig, RecurrentNet

@@ -23,14 +23,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..spec import (
+from ..model.spec import (
     SPEC_KEY,
     InputSpec,
     ModelSpec,
     OutputTensor,
     state_tensors,
 )
-from ..weights import fingerprint, read_initializers
+from ..model.weights import fingerprint, read_initializers
 
 OPSET = 17
 # torch gate order -> ONNX gate order, as row blocks of the stacked weights.

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cliargs import Heartbeat
+from ..cli.args import Heartbeat
 from ..errors import InputError
 from .nets import NetConfig, RecurrentNet
 

@@ -1,6 +1,6 @@
-"""Build the three tiny ONNX graphs that keep keyed state on a device (see :mod:`streamrnn.device_slab`).
+"""Build the three tiny ONNX graphs that keep keyed state on a device (see :mod:`streamrnn.keyed.device_slab`).
 
-The run-time package carries them serialized (``streamrnn/_slab_ops.py``) so it needs no
+The run-time package carries them serialized (``streamrnn/keyed/_slab_ops.py``) so it needs no
 ``onnx`` package; ``tests/test_device_slab.py`` rebuilds them here and checks the bytes.
 All shapes are dynamic: one set of graphs serves every model.
 """
@@ -57,7 +57,7 @@ def pad_model() -> bytes:
 
 
 def source() -> str:
-    """The text of ``streamrnn/_slab_ops.py``."""
+    """The text of ``streamrnn/keyed/_slab_ops.py``."""
     import base64
 
     lines = ['"""Serialized ONNX graphs for device-resident keyed state; built by streamrnn.train.slab_ops."""',

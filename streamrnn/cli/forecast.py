@@ -1,0 +1,183 @@
+"""``streamrnn train forecast`` and ``streamrnn eval forecast`` (hooked into :mod:`streamrnn.cli.commands`)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import InputError
+from ..forecast.bars import parse_columns
+from .args import at_least, fraction, inputs_checked, out_file, seed
+
+SP500 = "../shared/data/market/sp500_daily_2013_2018"
+
+
+@contextmanager
+def _csv_bars(path: str) -> Iterator[None]:
+    """The CSV reader's own error (a binary file: NUL bytes, a stray carriage return) as a user's mistake."""
+    try:
+        yield
+    except csv.Error as e:
+        raise InputError(f"--bars: expected CSV bars, got {path!r}, which the CSV reader refuses: {e}") from e
+
+
+def _train(a: argparse.Namespace) -> int:
+    from ..forecast import dataset
+    from ..forecast.features import FeatureConfig
+    from ..train.forecast import ForecastTrainConfig, export_forecast, save_tcn, train_forecast
+
+    cfg = ForecastTrainConfig(cell=a.cell, hidden=a.hidden, layers=a.layers, dropout=a.dropout, horizons=a.horizons,
+                              batch=a.batch, steps=a.steps, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
+                              threads=a.threads, max_minutes=a.max_minutes,
+                              features=FeatureConfig(bar_seconds=a.bar_seconds, anchor=a.anchor))
+    columns = parse_columns(a.columns)
+    with _csv_bars(a.bars):
+        data = dataset.load(a.bars, cfg.horizons, columns=columns, features=cfg.features)
+    got = dataset.check_frequency(data, cfg.features.bar_seconds, allow=a.allow_frequency)
+    inputs_checked()
+    out = Path(a.out)
+    ckpt = Path(a.checkpoint) if a.checkpoint else out.with_suffix(".ckpt.pt")
+    net, summary = train_forecast(data, cfg, checkpoint=ckpt, resume=not a.restart, log=print)
+    desc = f"{Path(a.bars).name}: {len(data)} symbols, median bar interval {got:g} s"
+    if cfg.cell == "tcn":
+        save_tcn(net, out, cfg, summary, data_desc=desc)
+        print(f"wrote {out} (torch checkpoint of the TCN baseline); checkpoint {ckpt}")
+    else:
+        spec = export_forecast(net, out, cfg, summary, data_desc=desc, name=a.name or out.stem, version=a.version)
+        print(f"wrote {out} (weights sha256 {spec.fingerprint[:16]}; parity "
+              f"{spec.metrics['export_parity_torch_vs_ort']:.2e}); checkpoint {ckpt}")
+    print(f"best validation NLL {summary['val_nll']:.4f} at step {summary['best_step']} "
+          f"({summary['train_seconds']:.0f} s, {summary['train_symbols']} training symbols)")
+    return 0
+
+
+def _symbols(s: str) -> list[str]:
+    """An argparse ``type``: a comma-separated list of at least one symbol."""
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected comma-separated symbols, got {s!r}")
+    return out
+
+
+def _fractions(lo: float, hi: float, what: str):
+    """An argparse ``type``: comma-separated numbers, each in ``(lo, hi)``, at least one, no repeats."""
+    def parse(s: str) -> list[float]:
+        try:
+            out = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or any(not lo < x < hi for x in out) or len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} in ({lo:g}, {hi:g}), got {s!r}")
+        return out
+    return parse
+
+
+def _date(s: str) -> str:
+    """An argparse ``type``: a date ``YYYY-MM-DD`` (as numpy reads it), kept as given."""
+    import numpy as np
+
+    try:
+        ok = len(s) >= 10 and not np.isnat(np.datetime64(s, "s"))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {s!r}")
+    return s
+
+
+def _eval(a: argparse.Namespace) -> int:
+    from ..forecast.evaluate import eval_forecast, render_table
+
+    if a.period is not None and (a.start or a.end):
+        raise InputError(f"--period: expected either --period or --start/--end, got --period {a.period} "
+                         f"and --{'start' if a.start else 'end'}")
+    if a.end and not a.start:
+        raise InputError(f"--end: expected --start with it, got --end {a.end} alone")
+    if a.start and a.end and not np_secs(a.start) < np_secs(a.end):
+        raise InputError(f"--end: expected a date after --start {a.start}, got {a.end}")
+
+    columns = parse_columns(a.columns)
+    with _csv_bars(a.bars):
+        r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
+                          allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
+                          period=a.period or "test", start=a.start, end=a.end,
+                          scaling=a.gamma_scaling,
+                          **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
+                             if v is not None})
+    if a.json:
+        print(json.dumps(r))
+    else:
+        sys.stdout.write(render_table(r))
+    return 0
+
+
+def np_secs(day: str) -> float:
+    import numpy as np
+
+    return float(np.datetime64(day, "s").astype(np.int64))
+
+
+def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction) -> None:
+    """Add ``forecast`` to the ``train`` and ``eval`` sub-commands."""
+    t = train_sub.add_parser("forecast", help="bar forecaster (Student-t over next-H returns) on OHLCV bars")
+    t.add_argument("--bars", default=SP500, help=f"CSV file or directory of bars (default {SP500})")
+    t.add_argument("--out", type=out_file, required=True, help="output .onnx (or .pt for --cell tcn)")
+    t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    t.add_argument("--cell", choices=["lstm", "gru", "rnn", "tcn"], default="lstm")
+    # the same value checks as train lm: a bad value is one line at parse time, never a traceback mid-run or
+    # (--batch 0) a model that trained on nothing
+    t.add_argument("--hidden", type=at_least(1), default=32, help="state size (channels for tcn)")
+    t.add_argument("--layers", type=at_least(1), default=2)
+    t.add_argument("--dropout", type=fraction(0, 1, hi_open=True), default=0.0)
+    t.add_argument("--horizons", type=at_least(1), default=5)
+    t.add_argument("--batch", type=at_least(1), default=32, help="symbols per step")
+    t.add_argument("--steps", type=at_least(1), default=1500)
+    t.add_argument("--max-minutes", type=at_least(0.0), default=0.0)
+    t.add_argument("--lr", type=at_least(0.0, open_=True), default=3e-3)
+    t.add_argument("--eval-every", type=at_least(1), default=100)
+    t.add_argument("--seed", type=seed, default=0)
+    t.add_argument("--threads", type=at_least(0), default=1, help="torch threads (0: torch's default)")
+    t.add_argument("--bar-seconds", type=at_least(0.0, open_=True), default=86400.0,
+                   help="the bar frequency trained for")
+    t.add_argument("--allow-frequency", action="store_true", help="train on bars of another frequency anyway")
+    t.add_argument("--anchor", action="store_true",
+                   help="volatility-anchored model: inputs in running-sd units, scale relative to the EWMA sd "
+                        "(docs/market.md); the market job serves it only through ForecastPostprocess.for_model")
+    t.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
+    t.add_argument("--name")
+    t.add_argument("--version", default="1.0.0")
+    t.set_defaults(fn=_train)
+
+    e = eval_sub.add_parser("forecast", help="forecast metrics per horizon vs naive/EWMA/GARCH baselines")
+    e.add_argument("--model", required=True, help="forecast .onnx model")
+    e.add_argument("--bars", default=SP500, help="CSV file or directory of bars")
+    e.add_argument("--tcn", help="also score a TCN baseline checkpoint (.pt from train forecast --cell tcn)")
+    e.add_argument("--symbols", type=_symbols, help="comma-separated symbols (default: all)")
+    e.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
+    e.add_argument("--allow-frequency", action="store_true", help="evaluate bars of another frequency anyway")
+    e.add_argument("--period", choices=["test", "validation"], default=None,
+                   help="test (default): from the model's test_start; validation: its [fit_end, val_end) (for model "
+                        "design)")
+    e.add_argument("--start", type=_date, help="score the period from this date (YYYY-MM-DD) instead of --period; "
+                                                "baselines are fitted on the bars before it")
+    e.add_argument("--end", type=_date, help="with --start: the period ends before this date (default: the end of "
+                                              "the bars); every target ends before it")
+    # defaults: streamrnn.forecast.conformal's LEVELS, TAILS and GAMMA (not imported here: the CLI starts without numpy)
+    e.add_argument("--levels", type=_fractions(0, 1, "interval levels"),
+                   help="central interval levels scored, raw and ACI-calibrated (default 0.5,0.8,0.95,0.99)")
+    e.add_argument("--var", type=_fractions(0, 0.5, "tail probabilities"),
+                   help="VaR / expected-shortfall tail probabilities, left tail (default 0.01,0.05)")
+    e.add_argument("--gamma", type=_fractions(0, 1, "ACI steps"),
+                   help="ACI step of the 80%% level (default 0.01); several: the first makes the tables, each gets a "
+                        "gamma-scan line")
+    e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",
+                   help="ACI step per target: proportional to its miscoverage (default) or gamma for every target")
+    e.add_argument("--no-garch", action="store_true", help="skip the GARCH baselines (faster)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=_eval)
