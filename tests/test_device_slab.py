@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from streamrnn import KeyedOperator
 from streamrnn.keyed import _slab_ops
 from streamrnn.model.loaded import load
-from streamrnn.model.runtime import CPU
+from streamrnn.model.runtime import CPU, cuda_usable
 from streamrnn.train import slab_ops
 
 
@@ -94,7 +94,7 @@ def test_failed_device_process_keeps_old_slabs(lstm, monkeypatch, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("streamrnn").runtime.cuda_usable()[0], reason="needs a loadable CUDA provider")
+@pytest.mark.skipif(not cuda_usable()[0], reason="needs a loadable CUDA provider")
 def test_cuda_keyed_state_stays_on_the_gpu(lstm_path, rng):
     gpu = KeyedOperator(load(lstm_path, providers="cuda"))
     cpu = KeyedOperator(load(lstm_path, providers="cpu"))
