@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streamrnn.dead_letters import DEAD_LETTER_SCHEMA, DeadLetter
 from streamrnn.errors import InputError
 from streamrnn.forecast.bars import Bars, parse_columns, read_bars, read_csv_text
 from streamrnn.forecast.baselines import ewma_recursion
 from streamrnn.forecast.dataset import check_frequency, prepare
 from streamrnn.forecast.features import (
     FEATURE_NAMES,
-    DeadLetter,
     FeatureConfig,
     FeatureRow,
     OnlineFeatures,
@@ -125,6 +129,19 @@ def test_bad_bar_is_a_dead_letter_and_state_is_untouched(patch, reason):
     assert vars(on.states["ABC"]) == before
     nxt = on.update({**good, "ts": 1.6e9 + 2 * 86400, "close": 10.4})
     assert isinstance(nxt, FeatureRow) and nxt.ret == pytest.approx(100 * math.log(10.4 / 10.2))
+
+
+def test_a_bad_bar_is_the_dead_letter_record_the_jobs_write():
+    """One DeadLetter type: the features' dead letter has the jobs' Parquet columns (key = the symbol, the bar as
+    JSON) and the core that makes it imports no Beam."""
+    bar = {"symbol": "ABC", "ts": 1.6e9, "open": 10.0, "high": 9.0, "low": 9.8, "close": 10.2, "volume": 100.0}
+    r = OnlineFeatures().update(bar)
+    assert r == DeadLetter("ABC", 1.6e9, None, None, "invalid", r.reason, json.dumps(bar, sort_keys=True))
+    assert r.reason.startswith("high/low: expected high >= low")
+    assert pa.Table.from_pylist([r._asdict()], schema=DEAD_LETTER_SCHEMA).num_rows == 1
+    assert OnlineFeatures().update(["not", "a", "bar"]).event == json.dumps({"bar": "['not', 'a', 'bar']"})
+    code = "import sys, streamrnn, streamrnn.forecast.serve; print('apache_beam' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_missing_column_is_a_dead_letter_online_and_an_error_in_files():

@@ -3,20 +3,25 @@
 Events travel through the pipeline as columnar ``pyarrow.RecordBatch`` blocks (one
 Beam element carries many events), so per-element Beam overhead is paid per block,
 not per event. :class:`Event` is the convenient one-event-per-element input form;
-it is converted to columns at the first step.
+it is converted to columns at the first step. :class:`DeadLetter` (and its Parquet schema) is
+:mod:`streamrnn.dead_letters`' one record, re-exported here for the Beam layer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import zlib
 from typing import Any, NamedTuple
 
-import numpy as np
 import pyarrow as pa
+
+# the one dead-letter record (Beam-free, so the core makes the same ones): re-exported for the Beam layer
+from ..dead_letters import DEAD_LETTER_SCHEMA as DEAD_LETTER_SCHEMA
+from ..dead_letters import DeadLetter as DeadLetter
+from ..dead_letters import dead_letters_table as dead_letters_table
+from ..dead_letters import event_json as event_json
 
 #: Event columns inside the pipeline (payload column ``x`` is added per model input kind).
 KEY, TS, SEQ, SUB, X, EVENT = "key", "ts", "seq", "sub", "x", "event"
@@ -87,54 +92,13 @@ class Prediction(NamedTuple):
     outputs: dict[str, Any]
 
 
-class DeadLetter(NamedTuple):
-    """An event that was not applied, with why.
-
-    ``kind`` is ``"invalid"`` (bad input), ``"late"``, ``"duplicate"`` or ``"error"``;
-    ``reason`` is ``"late"`` / ``"duplicate"``, or names the field with what was
-    expected and what was got (``"x: expected a token in [0, 256), got 300"``), or
-    the error. ``event`` is the original event as JSON.
-    """
-
-    key: str | None
-    ts: float | None
-    seq: int | None
-    sub: int | None
-    kind: str
-    reason: str
-    event: str
-
-
 #: The tag of every dead-letter output (one name for the whole Beam layer and both jobs).
 DEAD = "dead_letters"
-
-DEAD_LETTER_SCHEMA = pa.schema([("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()),
-                                ("sub", pa.int64()), ("kind", pa.string()), ("reason", pa.string()),
-                                ("event", pa.string())])
 
 
 def shard_of(key: str, num_shards: int) -> int:
     """The stable shard of a key (crc32; the same in every process)."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % num_shards
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return repr(v)
-    if isinstance(v, bytes):
-        return v.decode("utf-8", "replace")
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(i) for i in v]
-    return v
-
-
-def event_json(d: dict[str, Any]) -> str:
-    """The JSON of an original event (numpy values and non-finite floats made readable)."""
-    return json.dumps({k: _jsonable(v) for k, v in d.items()}, sort_keys=True, default=repr)
 
 
 #: Prefix of an ``event`` value that names a copy of an input row by its content, not its text.
@@ -167,8 +131,3 @@ def to_ipc(batch: pa.RecordBatch | pa.Table) -> bytes:
 
 def from_ipc(blob: bytes) -> pa.Table:
     return pa.ipc.open_stream(blob).read_all()
-
-
-def dead_letters_table(rows: list[DeadLetter]) -> pa.Table:
-    """Dead letters as an Arrow table (``DEAD_LETTER_SCHEMA``)."""
-    return pa.Table.from_pylist([r._asdict() for r in rows], schema=DEAD_LETTER_SCHEMA)

@@ -49,13 +49,14 @@ from apache_beam.transforms.window import TimestampedValue
 from ..beam.job.live import LiveParser, Message, Parsed, message_rows
 from ..beam.job.replay import drain_marks, play, step_bounds, stepped_stream
 from ..beam.postprocess import Postprocess
-from ..beam.records import DEAD, DeadLetter, Event, event_json
+from ..beam.records import DEAD, Event
 from ..beam.step.clock import TS_LIMIT, release_micros, timestamp, to_micros
 from ..beam.step.counters import Counters
+from ..dead_letters import DeadLetter, event_json
 from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
-from .features import FeatureConfig, SymbolState, bar_problem, step_features
+from .features import FeatureConfig, SymbolState, bar_dead_letter, bar_problem, step_features
 from .scale import anchor_log_vol
 from .serve import LEVELS
 
@@ -270,12 +271,11 @@ def close_of(sub: np.ndarray) -> np.ndarray:
 
 
 def _dead_bar(bar: Mapping, reason: str, kind: str = "invalid") -> DeadLetter:
-    sym = bar.get("symbol") if isinstance(bar, Mapping) else None
-    ts = bar.get("ts") if isinstance(bar, Mapping) else None
-    shown = {k: v for k, v in bar.items() if k != _ORDER} if isinstance(bar, Mapping) else {"bar": repr(bar)}
-    return DeadLetter(sym if isinstance(sym, str) else None,
-                      float(ts) if isinstance(ts, (int, float)) and math.isfinite(ts) else None,
-                      None, None, kind, reason, event_json(shown))
+    """:func:`~streamrnn.forecast.features.bar_dead_letter` without the reader's order, its time a finite float
+    or None (the dead-letter Parquet column)."""
+    d = bar_dead_letter({k: v for k, v in bar.items() if k != _ORDER} if isinstance(bar, Mapping) else bar,
+                        reason, kind)
+    return d._replace(ts=float(d.ts) if isinstance(d.ts, (int, float)) and math.isfinite(d.ts) else None)
 
 
 class KeyBars(beam.DoFn):

@@ -36,13 +36,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..dead_letters import DeadLetter
 from ..errors import InputError
 from ..keyed.operator import KeyedOperator
 from ..model.loaded import Model, load
 from . import baselines, calibration, conformal, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
-from .features import DeadLetter, FeatureConfig, OnlineFeatures
+from .features import FeatureConfig, OnlineFeatures
 from .metrics import LEVELS as COVERAGE_LEVELS
 from .metrics import nll, summarize
 from .progress import Progress
@@ -250,7 +251,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         "overlaps_training": _secs(start) < _secs(split.val_end), "model_split": split.to_dict(),
         "bar_interval_s": interval, "parity_max_abs": parity, "parity_bars": parity_n,
         "dead_letters": len(dead), "dead_letter_examples": [
-            {"symbol": d.symbol, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
+            {"symbol": d.key, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
         "jumps_flagged": int(sum(int(p.series.jump.sum()) for p in data)),
         "ewma_t_nu": {"median": float(np.median(list(ewma_nu.values()))), "min": min(ewma_nu.values()),
                       "max": max(ewma_nu.values()), "per_symbol": ewma_nu},

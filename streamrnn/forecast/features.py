@@ -36,10 +36,10 @@ price cell) simply is not there: the next bar's return spans the gap, ``days``
 says how long it was, and a bar more than ``gap_bars`` intervals after the
 previous one is flagged ``gap``. Nothing is reset.
 
-**Bad bars** become :class:`DeadLetter` rows with a reason and leave the
-symbol's state exactly as it was: a missing field, a NaN, zero or negative
-price, negative volume, high < low, a duplicated or older timestamp, an
-unknown symbol format.
+**Bad bars** become :class:`~streamrnn.dead_letters.DeadLetter` rows (:func:`bar_dead_letter`)
+with a reason and leave the symbol's state exactly as it was: a missing field, a NaN, zero or
+negative price, negative volume, high < low, a duplicated or older timestamp, an unknown symbol
+format.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ..dead_letters import DeadLetter, event_json
 from .bars import PRICE_COLUMNS, Bars
 
 FEATURE_NAMES = ("ret", "gap", "body", "range", "dvol", "log_vol", "days", "jump")
@@ -103,14 +104,14 @@ class FeatureRow:
     flags: tuple[str, ...] = ()
 
 
-@dataclass
-class DeadLetter:
-    """A rejected bar and why; the symbol's state was not touched."""
-
-    symbol: object
-    ts: object
-    reason: str
-    bar: dict = field(default_factory=dict)
+def bar_dead_letter(bar: object, reason: str, kind: str = "invalid") -> DeadLetter:
+    """A rejected bar as a :class:`~streamrnn.dead_letters.DeadLetter` (the symbol's state was not touched):
+    ``key`` is its symbol (None when it has no str one), ``ts`` its time as given, ``event`` the bar as JSON."""
+    if not isinstance(bar, Mapping):
+        return DeadLetter(None, None, None, None, kind, reason, event_json({"bar": repr(bar)}))
+    sym = bar.get("symbol")
+    return DeadLetter(sym if isinstance(sym, str) else None, bar.get("ts"), None, None, kind, reason,
+                      event_json(dict(bar)))
 
 
 def bar_problem(bar: Mapping, last_ts: float) -> str | None:
@@ -154,11 +155,11 @@ class OnlineFeatures:
     def update(self, bar: Mapping) -> FeatureRow | DeadLetter:
         sym = bar.get("symbol") if isinstance(bar, Mapping) else None
         if not isinstance(bar, Mapping):
-            return DeadLetter(None, None, f"bar: expected a mapping of columns, got {type(bar).__name__}")
+            return bar_dead_letter(bar, f"bar: expected a mapping of columns, got {type(bar).__name__}")
         st = self.states.get(sym) if isinstance(sym, str) else None
         problem = bar_problem(bar, st.last_ts if st is not None else -math.inf)
         if problem is not None:
-            return DeadLetter(sym, bar.get("ts"), problem, dict(bar))
+            return bar_dead_letter(bar, problem)
         row, new = step_features(st or SymbolState(), {c: float(bar[c]) for c in ("ts", *PRICE_COLUMNS)},
                                  self.config, sym)
         self.states[sym] = new
@@ -233,7 +234,7 @@ def offline_features(bars: Bars, config: FeatureConfig | None = None) -> SymbolS
     dead = []
     for i in np.flatnonzero(~acc):
         row = bars.row(int(i))
-        dead.append(DeadLetter(bars.symbol, row["ts"], bar_problem(row, prev_max[i]) or "rejected", row))
+        dead.append(bar_dead_letter(row, bar_problem(row, prev_max[i]) or "rejected"))
     ts, o, h, lo, c, v = (cols[k][acc] for k in ("ts", *PRICE_COLUMNS))
     m = len(ts)
     prev_c = np.concatenate([[np.nan], c[:-1]])

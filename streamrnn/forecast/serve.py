@@ -19,11 +19,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..dead_letters import DeadLetter
 from ..keyed.operator import KeyedOperator
 from ..model.loaded import Model
 from .distribution import quantile
 from .evaluate import forecast_meta
-from .features import DeadLetter, FeatureConfig, FeatureRow, OnlineFeatures
+from .features import FeatureConfig, FeatureRow, OnlineFeatures
 from .scale import absolute
 
 LEVELS = {"80": (0.10, 0.90), "95": (0.025, 0.975)}
