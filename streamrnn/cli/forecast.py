@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..forecast.bars import parse_columns
-from .args import at_least, fraction, inputs_checked, out_file, seed
+from .args import at_least, fraction, inputs_checked, out_file, seed, utf8
 
 SP500 = "../shared/data/market/sp500_daily_2013_2018"
 
@@ -35,9 +35,8 @@ def _train(a: argparse.Namespace) -> int:
                               batch=a.batch, steps=a.steps, lr=a.lr, eval_every=a.eval_every, seed=a.seed,
                               threads=a.threads, max_minutes=a.max_minutes,
                               features=FeatureConfig(bar_seconds=a.bar_seconds, anchor=a.anchor))
-    columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
-        data = dataset.load(a.bars, cfg.horizons, columns=columns, features=cfg.features)
+        data = dataset.load(a.bars, cfg.horizons, columns=a.columns, features=cfg.features)
     got = dataset.check_frequency(data, cfg.features.bar_seconds, allow=a.allow_frequency)
     inputs_checked()
     out = Path(a.out)
@@ -57,11 +56,19 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _symbols(s: str) -> list[str]:
-    """An argparse ``type``: a comma-separated list of at least one symbol."""
-    out = [x.strip() for x in s.split(",") if x.strip()]
+    """An argparse ``type``: a comma-separated list of at least one symbol (repeats dropped)."""
+    out = list(dict.fromkeys(x.strip() for x in s.split(",") if x.strip()))
     if not out:
         raise argparse.ArgumentTypeError(f"expected comma-separated symbols, got {s!r}")
     return out
+
+
+def _columns(s: str) -> dict[str, str]:
+    """An argparse ``type``: ``NAME=COLUMN`` pairs (:func:`~streamrnn.forecast.bars.parse_columns`' rule)."""
+    try:
+        return parse_columns(s)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--columns: ")) from None
 
 
 def _fractions(lo: float, hi: float, what: str):
@@ -91,8 +98,12 @@ def _date(s: str) -> str:
 
 
 def _eval(a: argparse.Namespace) -> int:
-    from ..forecast.evaluate import eval_forecast, render_table
+    from ..forecast.evaluate import eval_forecast, render_table, skipped_lines
 
+    if a.report:
+        from ..forecast.report import check_report
+
+        check_report(a.report)  # before any work: a missing extra must not end a long run
     if a.period is not None and (a.start or a.end):
         raise InputError(f"--period: expected either --period or --start/--end, got --period {a.period} "
                          f"and --{'start' if a.start else 'end'}")
@@ -101,18 +112,25 @@ def _eval(a: argparse.Namespace) -> int:
     if a.start and a.end and not np_secs(a.start) < np_secs(a.end):
         raise InputError(f"--end: expected a date after --start {a.start}, got {a.end}")
 
-    columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
-        r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
+        r = eval_forecast(a.model, a.bars, columns=a.columns, tcn=a.tcn, symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
-                          scaling=a.gamma_scaling,
+                          scaling=a.gamma_scaling, regime_window=a.regime_window,
                           **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
                              if v is not None})
     if a.json:
+        for line in skipped_lines(r["skipped"]):  # stdout is the JSON; a skipped symbol is never silent
+            print(line, file=sys.stderr)
         print(json.dumps(r))
     else:
         sys.stdout.write(render_table(r))
+    if a.report:
+        from ..forecast.report import write_report
+
+        d = write_report(r, a.report)
+        print(f"wrote {a.report} (h1 coverage by year {d['years'][0]}..{d['years'][-1]}, PIT histogram, NLL by year "
+              f"against {d['best']})", file=sys.stderr if a.json else sys.stdout)
     return 0
 
 
@@ -127,7 +145,8 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     t = train_sub.add_parser("forecast", help="bar forecaster (Student-t over next-H returns) on OHLCV bars")
     t.add_argument("--bars", default=SP500, help=f"CSV file or directory of bars (default {SP500})")
     t.add_argument("--out", type=out_file, required=True, help="output .onnx (or .pt for --cell tcn)")
-    t.add_argument("--checkpoint", help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
+    t.add_argument("--checkpoint", type=out_file,
+                   help="checkpoint path (default: OUT with .ckpt.pt); resumed if present")
     t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     t.add_argument("--cell", choices=["lstm", "gru", "rnn", "tcn"], default="lstm")
     # the same value checks as train lm: a bad value is one line at parse time, never a traceback mid-run or
@@ -149,23 +168,31 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     t.add_argument("--anchor", action="store_true",
                    help="volatility-anchored model: inputs in running-sd units, scale relative to the EWMA sd "
                         "(docs/market.md); the market job serves it only through ForecastPostprocess.for_model")
-    t.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
-    t.add_argument("--name")
-    t.add_argument("--version", default="1.0.0")
+    t.add_argument("--columns", type=_columns, default={}, help="column mapping, e.g. ts=When,symbol=Ticker")
+    t.add_argument("--name", type=utf8, help="model name in its spec (default: OUT's stem)")
+    t.add_argument("--version", type=utf8, default="1.0.0", help="model version in its spec")
     t.set_defaults(fn=_train)
 
-    e = eval_sub.add_parser("forecast", help="forecast metrics per horizon vs naive/EWMA/GARCH baselines")
+    e = eval_sub.add_parser(
+        "forecast", help="rolling-origin backtest: the model vs naive/EWMA/GARCH baselines refitted yearly",
+        description="Score the forecaster against naive, EWMA-normal, EWMA-t, GARCH-normal and GARCH-t over a period "
+                    "(--start/--end, or the model's test or validation split). The baselines are refitted at the "
+                    "start and every 1 January after it on the bars before, then filtered forward. Tables: overall, "
+                    "per year and per realised-volatility regime (NLL, CRPS, MAE, MASE, coverage of every --levels "
+                    "level), day-clustered Diebold-Mariano tests of the model against each baseline, online (ACI) "
+                    "calibration; every skipped symbol is named with its reason (docs/market.md).")
     e.add_argument("--model", required=True, help="forecast .onnx model")
     e.add_argument("--bars", default=SP500, help="CSV file or directory of bars")
     e.add_argument("--tcn", help="also score a TCN baseline checkpoint (.pt from train forecast --cell tcn)")
     e.add_argument("--symbols", type=_symbols, help="comma-separated symbols (default: all)")
-    e.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker")
+    e.add_argument("--columns", type=_columns, default={}, help="column mapping, e.g. ts=When,symbol=Ticker")
     e.add_argument("--allow-frequency", action="store_true", help="evaluate bars of another frequency anyway")
     e.add_argument("--period", choices=["test", "validation"], default=None,
                    help="test (default): from the model's test_start; validation: its [fit_end, val_end) (for model "
                         "design)")
     e.add_argument("--start", type=_date, help="score the period from this date (YYYY-MM-DD) instead of --period; "
-                                                "baselines are fitted on the bars before it")
+                                                "baselines are refitted here and every 1 January after, each time on "
+                                                "the bars before")
     e.add_argument("--end", type=_date, help="with --start: the period ends before this date (default: the end of "
                                               "the bars); every target ends before it")
     # defaults: streamrnn.forecast.conformal's LEVELS, TAILS and GAMMA (not imported here: the CLI starts without numpy)
@@ -178,6 +205,13 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                         "gamma-scan line")
     e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",
                    help="ACI step per target: proportional to its miscoverage (default) or gamma for every target")
+    e.add_argument("--regime-window", type=at_least(2), default=21,
+                   help="bars of the realised volatility that sorts origins into low/mid/high regimes (terciles of "
+                        "the symbol's own before each yearly origin; default 21)")
     e.add_argument("--no-garch", action="store_true", help="skip the GARCH baselines (faster)")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="the whole result as one JSON object on stdout (skipped "
+                                                       "symbols and progress on stderr)")
+    e.add_argument("--report", type=out_file, metavar="PNG",
+                   help="also draw h1 coverage by year against the nominal band, a PIT histogram and NLL by year "
+                        "against the best baseline (needs matplotlib: pip install 'streamrnn[plot]')")
     e.set_defaults(fn=_eval)

@@ -40,12 +40,12 @@ from ..dead_letters import DeadLetter
 from ..errors import InputError
 from ..keyed.operator import KeyedOperator
 from ..model.loaded import Model, load
-from . import baselines, calibration, conformal, scale
+from . import backtest, calibration, conformal, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import FeatureConfig, OnlineFeatures
 from .metrics import LEVELS as COVERAGE_LEVELS
-from .metrics import nll, summarize
+from .metrics import nll
 from .progress import Progress
 
 MIN_TRAIN = 250
@@ -130,142 +130,179 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                   parity_symbols: int = 100, period: str = "test", start: str | None = None,
                   end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
                   tails: Sequence[float] = conformal.TAILS,
-                  gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional") -> dict:
+                  gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional",
+                  regime_window: int = backtest.REGIME_WINDOW) -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
     interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
     tables, every one gets a ``conformal.gamma_scan`` entry); ``scaling``: the steps per target
-    (:class:`~.conformal.ConformalConfig`)."""
+    (:class:`~.conformal.ConformalConfig`); ``regime_window``: the bars of the realised volatility that
+    sorts origins into regimes (:mod:`.backtest`). ``progress``: plain lines on stderr once it runs 10 s."""
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
     cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling)
     for g in gammas[1:]:
         conformal.ConformalConfig(1, gamma=g)
+    if isinstance(regime_window, bool) or not isinstance(regime_window, int) or regime_window < 2:
+        raise InputError(f"eval forecast: regime_window: expected an int >= 2, got {regime_window!r}")
     cov_levels = tuple(sorted({*COVERAGE_LEVELS, *cal_cfg.levels}))
     t0 = time.perf_counter()
     bar = Progress("eval forecast", enabled=progress)
-    model = load(model_path, providers=["CPUExecutionProvider"])
-    meta = forecast_meta(model)
-    H = int(meta["horizons"])
-    fcfg = FeatureConfig(**meta["features"])
-    split = Split(**meta["split"])
-    df_model = np.asarray(meta["df"], np.float64)
-    data = load_data(bars, H, columns=columns, features=fcfg, symbols=symbols)
-    interval = check_frequency(data, fcfg.bar_seconds, allow=allow_frequency)
-    if start is not None or end is not None:
-        if start is None:
-            raise InputError("eval forecast: end: expected a start date with it, got none")
-        start, end = _day(start, "start"), (_day(end, "end") if end is not None else None)
-        if end is not None and not _secs(start) < _secs(end):
-            raise InputError(f"eval forecast: end: expected a date after start {start}, got {end}")
-        period = "custom"
-    elif period not in ("test", "validation"):
-        raise InputError(f"eval forecast: period: expected 'test' or 'validation', got {period!r}")
-    else:
-        start = split.test_start if period == "test" else split.fit_end
-        end = None if period == "test" else split.val_end
-    test_ts = float(np.datetime64(start, "s").astype(np.int64))
-    whole = model_outputs(model, data)
-    parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
-    tcn_out = _tcn_outputs(tcn, data, H, meta) if tcn else None
-    preds: dict[str, list] = {m: [] for m in METHODS}
-    ys, masks, groups, heldout, days = [], [], [], [], []
-    scored: list[tuple[int, np.ndarray]] = []
-    skipped = []
-    ewma_nu: dict[str, float] = {}
-    for k, p in enumerate(data):
-        s = p.series
-        n_train = int((s.ts < test_ts).sum())
-        train_ret = s.ret[1:n_train][~s.jump[1:n_train]]
-        window = p.window(start, end)
-        origins = np.flatnonzero(window.any(axis=1))
-        reason = _skip_reason(s.ts, len(train_ret), len(origins), start, end)
-        if reason is not None:
-            skipped.append((s.symbol, reason))
-            continue
-        bar.tick(k + 1, len(data), "symbols scored", s.symbol)
-        loc, ls = whole[k]
-        preds["lstm"].append((loc[origins], np.exp(ls[origins]), np.broadcast_to(df_model, (len(origins), H))))
-        preds["naive"].append(baselines.naive(baselines.sd(train_ret), len(origins), H))
-        preds["ewma_normal"].append(baselines.ewma(s.var[origins], H))
-        # EWMA-t: the shape fitted on the pairs (var after bar j, return of bar j + 1) with bar j + 1 before start
-        j = np.arange(baselines.EWMA_BURN_IN, n_train - 1)
-        j = j[~s.jump[j + 1]]
-        nu = baselines.fit_t_shape(s.ret[j + 1], s.var[j])
-        ewma_nu[s.symbol] = nu
-        preds["ewma_t"].append(baselines.ewma_t(s.var[origins], H, nu))
-        if garch:
-            # arch sees returns 1..n-1 (index j is bar j+1); it fits on those before test_start
-            for name, dist in (("garch_normal", "normal"), ("garch_t", "t")):
-                f, _ = baselines.garch(s.ret[1:], n_train - 1, origins - 1, H, dist)
-                preds[name].append(f)
-        if tcn_out is not None:
-            tl, ts_, tdf = tcn_out
-            preds["tcn"].append((tl[k][origins], np.exp(ts_[k][origins]), np.broadcast_to(tdf, (len(origins), H))))
-        days.append(s.ts[origins] // 86400)
-        ys.append(p.y[origins])
-        masks.append(window[origins])
-        groups.append(np.full(len(origins), s.symbol, dtype=object))
-        heldout.append(np.full(len(origins), split.held_out(s.symbol)))
-        scored.append((k, origins))
-    if not ys:
-        why = "; ".join(f"{sym} {r}" for sym, r in skipped[:5]) + (f"; {len(skipped) - 5} more"
-                                                                     if len(skipped) > 5 else "")
-        raise InputError(f"eval forecast: period {start}..{end or 'end'}: expected symbols to score (>= "
-                         f"{MIN_TRAIN} returns before {start} and a valid target in the period), got none of "
-                         f"{len(data)} ({why})")
-    Y, M = np.concatenate(ys), np.concatenate(masks)
-    G, HO, D = np.concatenate(groups), np.concatenate(heldout), np.concatenate(days)
-    cat = {m: tuple(np.concatenate([f[j] for f in v]) for j in range(3)) for m, v in preds.items() if v}
+    with bar:
+        bar.update("loading the model and the bars")
+        model = load(model_path, providers=["CPUExecutionProvider"])
+        meta = forecast_meta(model)
+        H = int(meta["horizons"])
+        fcfg = FeatureConfig(**meta["features"])
+        split = Split(**meta["split"])
+        df_model = np.asarray(meta["df"], np.float64)
+        data = load_data(bars, H, columns=columns, features=fcfg, symbols=symbols)
+        missing = [s for s in dict.fromkeys(symbols or ()) if s not in {p.symbol for p in data}]
+        if symbols is not None and not data:
+            raise InputError(f"eval forecast: symbols: expected symbols that are in {bars}, got none of "
+                             f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        interval = check_frequency(data, fcfg.bar_seconds, allow=allow_frequency)
+        if start is not None or end is not None:
+            if start is None:
+                raise InputError("eval forecast: end: expected a start date with it, got none")
+            start, end = _day(start, "start"), (_day(end, "end") if end is not None else None)
+            if end is not None and not _secs(start) < _secs(end):
+                raise InputError(f"eval forecast: end: expected a date after start {start}, got {end}")
+            period = "custom"
+        elif period not in ("test", "validation"):
+            raise InputError(f"eval forecast: period: expected 'test' or 'validation', got {period!r}")
+        else:
+            start = split.test_start if period == "test" else split.fit_end
+            end = None if period == "test" else split.val_end
+        test_ts = _secs(start)
+        bar.update("running the model over every symbol")
+        whole = model_outputs(model, data)
+        parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
+        tcn_out = _tcn_outputs(tcn, data, H, meta) if tcn else None
+        cuts = backtest.yearly_origins(start, end, max(float(p.series.ts[-1]) for p in data if len(p.series)))
+        preds: dict[str, list] = {m: [] for m in METHODS}
+        ys, masks, groups, heldout, days, regimes = [], [], [], [], [], []
+        scored: list[tuple[int, np.ndarray]] = []
+        skipped = [(sym, "(not in the bars)") for sym in missing]
+        fits: dict[str, list[dict]] = {}
+        for k, p in enumerate(data):
+            s = p.series
+            n_train = int((s.ts < test_ts).sum())
+            n_ret = int((~s.jump[1:n_train]).sum())
+            window = p.window(start, end)
+            origins = np.flatnonzero(window.any(axis=1))
+            reason = _skip_reason(s.ts, n_ret, len(origins), start, end)
+            if reason is not None:
+                skipped.append((s.symbol, reason))
+                continue
+            bar.tick(k + 1, len(data), "symbols fitted and scored", s.symbol)
+            loc, ls = whole[k]
+            preds["lstm"].append((loc[origins], np.exp(ls[origins]), np.broadcast_to(df_model, (len(origins), H))))
+            base, fits[s.symbol] = backtest.baseline_forecasts(s, origins, cuts, H, garch=garch)
+            for m, f in base.items():
+                preds[m].append(f)
+            if tcn_out is not None:
+                tl, ts_, tdf = tcn_out
+                preds["tcn"].append((tl[k][origins], np.exp(ts_[k][origins]),
+                                     np.broadcast_to(tdf, (len(origins), H))))
+            regimes.append(backtest.regime_codes(s, origins, cuts, regime_window))
+            days.append(s.ts[origins] // 86400)
+            ys.append(p.y[origins])
+            masks.append(window[origins])
+            groups.append(np.full(len(origins), s.symbol, dtype=object))
+            heldout.append(np.full(len(origins), split.held_out(s.symbol)))
+            scored.append((k, origins))
+        if not ys:
+            why = "; ".join(f"{sym} {r}" for sym, r in skipped[:5]) + (f"; {len(skipped) - 5} more"
+                                                                         if len(skipped) > 5 else "")
+            raise InputError(f"eval forecast: period {start}..{end or 'end'}: expected symbols to score (>= "
+                             f"{MIN_TRAIN} returns before {start} and a valid target in the period), got none of "
+                             f"{len(data) + len(missing)} ({why})")
+        Y, M = np.concatenate(ys), np.concatenate(masks)
+        G, HO, D = np.concatenate(groups), np.concatenate(heldout), np.concatenate(days)
+        R, YR = np.concatenate(regimes), backtest.year_of(D)
+        cat = {m: tuple(np.concatenate([f[j] for f in v]) for j in range(3)) for m, v in preds.items() if v}
+        bar.update(f"scoring {int(M.sum())} targets of {len(cat)} forecasters")
+        Yf = np.where(M, Y, 0.0)  # unscored targets: any finite value (masked out of every table)
+        pts = {m: backtest.point_scores(Yf, *cat[m]) for m in cat}
+        codes = np.unique(G, return_inverse=True)[1]
+        everything = np.ones(len(Y), bool)
+        sels = (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))
 
-    def table(sel: np.ndarray) -> dict:
-        res = {}
-        for m in METHODS:
-            res[m] = {}
-            for h in range(H):
-                pts = sel & M[:, h]
-                if m in cat:
-                    loc, scale, df = (a[pts, h] for a in cat[m])
-                    res[m][f"h{h + 1}"] = summarize(Y[pts, h], loc, scale, df, G[pts], levels=cov_levels)
-                else:
-                    res[m][f"h{h + 1}"] = dict.fromkeys(
-                        ("nll", "crps", "mae", "mase", *(f"coverage_{conformal.label(x)}" for x in cov_levels)),
-                        None)
-        return res
+        def table(sel: np.ndarray) -> dict:
+            return {m: backtest.aggregate(pts[m], Yf, M & sel[:, None], codes, cov_levels) if m in pts else {
+                f"h{h + 1}": dict.fromkeys(("nll", "crps", "mae", "mase",
+                                            *(backtest.coverage_key(x) for x in cov_levels)))
+                for h in range(H)} for m in METHODS}
 
-    def location(sel: np.ndarray) -> dict:
-        return {m: {f"h{h + 1}": location_bias(Y[sel & M[:, h], h], *(a[sel & M[:, h], h] for a in cat[m]),
-                                               D[sel & M[:, h]])
-                    for h in range(H)} for m in ("lstm", "tcn") if m in cat}
+        def location(sel: np.ndarray) -> dict:
+            return {m: {f"h{h + 1}": location_bias(Y[sel & M[:, h], h], *(a[sel & M[:, h], h] for a in cat[m]),
+                                                   D[sel & M[:, h]])
+                        for h in range(H)} for m in ("lstm", "tcn") if m in cat}
 
-    everything = np.ones(len(Y), bool)
-    dead = [d for p in data for d in p.series.dead]
+        bar.update("backtest tables and Diebold-Mariano tests")
+        bt = _backtest_block(pts, table, M, D, YR, R, sels, cuts, regime_window, fits)
+        dead = [d for p in data for d in p.series.dead]
+        nus = {sym: f[0]["ewma_t_nu"] for sym, f in fits.items()}
+        all_nus = [x["ewma_t_nu"] for f in fits.values() for x in f]
+        return {
+            "model": model_path, "bars": bars, "n_bars": int(sum(len(p.series) for p in data)),
+            "n_symbols": len(data) - len(skipped) + len(missing), "n_symbols_heldout": len(set(G[HO])),
+            "skipped_symbols": [sym for sym, _ in skipped],
+            "skipped": [{"symbol": sym, "reason": r} for sym, r in skipped],
+            "period": period, "start": start, "end": end, "horizons": H, "levels": list(cov_levels),
+            # a chosen period that reaches into the bars the model was fitted or selected on is in-sample there
+            "overlaps_training": _secs(start) < _secs(split.val_end), "model_split": split.to_dict(),
+            "bar_interval_s": interval, "parity_max_abs": parity, "parity_bars": parity_n,
+            "dead_letters": len(dead), "dead_letter_examples": [
+                {"symbol": d.key, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
+            "jumps_flagged": int(sum(int(p.series.jump.sum()) for p in data)),
+            # the shape at the first origin per symbol; every refit's in backtest.fits
+            "ewma_t_nu": {"median": float(np.median(all_nus)), "min": float(min(all_nus)),
+                          "max": float(max(all_nus)), "per_symbol": nus},
+            "metrics": table(everything),
+            "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
+            "backtest": bt,
+            "location": {"all": location(everything), "seen_symbols": location(~HO),
+                         "heldout_symbols": location(HO)},
+            # calibration over regimes (issue 15): h1 per calendar year, and the model on known-sd synthetic series
+            "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
+                                                     D[sel & M[:, 0]]) for m in cat}
+                        for grp, sel in sels},
+            "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar),
+            "known_sd": calibration.known_sd_table(model, meta),
+            "shocks": calibration.shock_response(model, meta),
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+
+
+def _backtest_block(pts: Mapping[str, Mapping[str, np.ndarray]], table, M: np.ndarray, D: np.ndarray,
+                    YR: np.ndarray, R: np.ndarray, sels, cuts: Sequence[float], regime_window: int,
+                    fits: Mapping[str, list[dict]]) -> dict:
+    """The rolling-origin backtest's tables (:mod:`.backtest`): per group, per year and per regime; the
+    Diebold-Mariano tests of the model against every baseline (and the TCN) overall, per year and per regime;
+    the PIT histograms (h1); the best baseline (lowest h1 NLL over all symbols) and every refit."""
+    others = {m: pts[m] for m in (*backtest.BASELINES, "tcn") if m in pts}
+    h1 = M[:, 0]
+    best = min((m for m in backtest.BASELINES if m in pts), key=lambda m: float(pts[m]["nll"][h1, 0].mean()))
+
+    def dm(sel: np.ndarray) -> dict:
+        return backtest.dm_table(pts["lstm"], others, M & sel[:, None], D)
+
+    def parts(sel: np.ndarray, fn) -> dict:
+        return {"by_year": {str(int(y)): fn(sel & (YR == y)) for y in np.unique(YR[sel])},
+                "by_regime": {name: fn(sel & (R == i)) for i, name in enumerate(backtest.REGIMES)}}
+
     return {
-        "model": model_path, "bars": bars, "n_bars": int(sum(len(p.series) for p in data)),
-        "n_symbols": len(data) - len(skipped), "n_symbols_heldout": len(set(G[HO])),
-        "skipped_symbols": [sym for sym, _ in skipped],
-        "skipped": [{"symbol": sym, "reason": r} for sym, r in skipped],
-        "period": period, "start": start, "end": end, "horizons": H,
-        # a chosen period that reaches into the bars the model was fitted or selected on is in-sample there
-        "overlaps_training": _secs(start) < _secs(split.val_end), "model_split": split.to_dict(),
-        "bar_interval_s": interval, "parity_max_abs": parity, "parity_bars": parity_n,
-        "dead_letters": len(dead), "dead_letter_examples": [
-            {"symbol": d.key, "ts": d.ts, "reason": d.reason} for d in dead[:5]],
-        "jumps_flagged": int(sum(int(p.series.jump.sum()) for p in data)),
-        "ewma_t_nu": {"median": float(np.median(list(ewma_nu.values()))), "min": min(ewma_nu.values()),
-                      "max": max(ewma_nu.values()), "per_symbol": ewma_nu},
-        "metrics": table(everything),
-        "groups": {"seen_symbols": table(~HO), "heldout_symbols": table(HO)},
-        "location": {"all": location(everything), "seen_symbols": location(~HO), "heldout_symbols": location(HO)},
-        # calibration over regimes (issue 15): h1 per calendar year, and the model on known-sd synthetic series
-        "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
-                                                 D[sel & M[:, 0]]) for m in cat}
-                    for grp, sel in (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))},
-        "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar),
-        "known_sd": calibration.known_sd_table(model, meta),
-        "shocks": calibration.shock_response(model, meta),
-        "seconds": round(time.perf_counter() - t0, 1),
+        "refit": "yearly", "origins": [backtest.date_of(c) for c in cuts], "best_baseline": best,
+        "regime": {"window": regime_window, "labels": list(backtest.REGIMES),
+                   "share": {name: float((R[h1] == i).mean()) for i, name in enumerate(backtest.REGIMES)},
+                   "unknown": int((R[h1] < 0).sum())},
+        "groups": {g: parts(sel, table) for g, sel in sels},
+        "dm": {g: {"overall": dm(sel), **parts(sel, dm)} for g, sel in sels},
+        "pit": {"bins": backtest.PIT_BINS, "h1": {m: backtest.pit_histogram(p["pit"][h1, 0]) for m, p in pts.items()}},
+        "fits": dict(fits),
     }
 
 
@@ -397,13 +434,70 @@ def _tcn_outputs(path: str, data: list[Prepared], H: int, meta: Mapping):
     return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
 
 
-def _skipped_text(skipped: list[dict], inline: int = 3) -> str:
-    """Every skipped symbol with its reason: inline when few, else one line each."""
+def _skipped_text(skipped: list[dict]) -> str:
+    """Every skipped symbol with its reason, one line each (:func:`skipped_lines`)."""
     if not skipped:
         return "; skipped none"
-    if len(skipped) <= inline:
-        return "".join(f"; skipped {k['symbol']} {k['reason']}" for k in skipped)
-    return f"; skipped {len(skipped)}:" + "".join(f"\n  skipped {k['symbol']} {k['reason']}" for k in skipped)
+    return f"; skipped {len(skipped)}:" + "".join(f"\n  {line}" for line in skipped_lines(skipped))
+
+
+def skipped_lines(skipped: list[dict]) -> list[str]:
+    """``skipped SYMBOL (reason)`` per symbol that was not scored (the CLI prints them on stderr with --json)."""
+    return [f"skipped {k['symbol']} {k['reason']}" for k in skipped]
+
+
+def _fmt(v, spec: str = ".4f", width: int = 7) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return f"{'-':>{width}s}"
+    sign = spec[0] if spec[0] in "+-" else ""
+    return f"{v:{sign}{width}{spec.lstrip('+-')}}"
+
+
+def render_backtest(r: Mapping) -> list[str]:
+    """Text lines of the rolling-origin backtest: the refits, the Diebold-Mariano tests (h1 and the last
+    horizon, every group), and h1 per year and per regime (all symbols): the model against the best baseline."""
+    bt = r.get("backtest")
+    if not bt:
+        return []
+    H, levels = r["horizons"], r.get("levels") or [0.8, 0.95]
+    best = bt["best_baseline"]
+    reg = bt["regime"]
+    share = " / ".join(f"{k} {100 * v:.0f}%" for k, v in reg["share"].items())
+    lines = [f"\nbacktest: yearly origins {', '.join(bt['origins'])}; every baseline refitted on each symbol's bars "
+             "before each origin, then filtered forward with those parameters",
+             f"regimes: {reg['window']}-bar realised vol at the origin against the terciles of the symbol's own before "
+             f"the origin's yearly refit (h1 points: {share}"
+             + (f"; {reg['unknown']} unknown" if reg["unknown"] else "") + ")",
+             "Diebold-Mariano, model minus baseline (loss per point, averaged per day; Newey-West t, p; negative: the "
+             "model is better)",
+             f"  {'group':16s} {'baseline':13s} h     dNLL       t       p     dCRPS       t       p   days"]
+    for g, by in bt["dm"].items():
+        for m, hs in by["overall"].items():
+            for h in dict.fromkeys(("h1", f"h{H}")):
+                v = hs[h]
+                if not v["nll"].get("n"):
+                    continue
+                lines.append(f"  {g:16s} {NAMES.get(m, m):13s} {h:3s} " + " ".join(
+                    f"{_fmt(v[k].get('mean_diff'), '+.4f', 8)} {_fmt(v[k].get('t'), '+.2f')} "
+                    f"{_fmt(v[k].get('p'), '.3f')}" for k in ("nll", "crps")) + f" {v['nll']['days']:6d}")
+    covs = [backtest.coverage_key(x) for x in levels]
+    head = (f"n       NLL model {NAMES.get(best, best):>12s}  DM t   CRPS model {NAMES.get(best, best):>12s}   MASE "
+            + " ".join(f"{'cov' + k.split('_')[1]:>6s}" for k in covs))
+    tabs = bt["groups"]["all"]
+    dms = bt["dm"]["all"]
+    for part, what in (("by_year", "year"), ("by_regime", "regime")):
+        lines.append(f"h1 by {what}, all symbols (coverage: the model's raw bands, %)")
+        lines.append(f"  {what:7s} {head}")
+        for key, t in tabs[part].items():
+            a, b = t["lstm"]["h1"], t[best]["h1"]
+            if not a["n"]:
+                continue
+            d = dms[part][key][best]["h1"]["nll"]
+            lines.append(f"  {key:7s} {a['n']:<7d} {_fmt(a['nll'], '.4f', 9)} {_fmt(b['nll'], '.4f', 12)} "
+                         f"{_fmt(d.get('t'), '+.1f', 5)}  {_fmt(a['crps'], '.4f', 10)} {_fmt(b['crps'], '.4f', 12)} "
+                         f"{_fmt(a['mase'], '.3f', 6)} "
+                         + " ".join(_fmt(None if a[k] is None else 100 * a[k], '.1f', 6) for k in covs))
+    return lines
 
 
 def render_table(r: dict) -> str:
@@ -439,14 +533,17 @@ def render_table(r: dict) -> str:
     lines += calibration.render({"known_sd": r.get("known_sd"), "shocks": r.get("shocks"),
                                  "by_year": {NAMES.get(m, m): v for m, v in years.items()
                                              if m in ("lstm", "ewma_t", "garch_t")}})
+    covs = [backtest.coverage_key(x) for x in r.get("levels") or (0.8, 0.95)]
+    lines += render_backtest(r)
     for gname, tab in (("all", r["metrics"]), *r["groups"].items()):
-        lines.append(f"\n[{gname}]  method h   nll     crps    mae     mase    cov80   cov95")
+        lines.append(f"\n[{gname}]  method h   nll     crps    mae     mase    "
+                     + " ".join(f"{'cov' + k.split('_')[1]:7s}" for k in covs))
         for m, hs in tab.items():
             if all(v["nll"] is None and v["mae"] is None for v in hs.values()):
                 continue
             for h, v in hs.items():
                 lines.append(f"  {NAMES.get(m, m):13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
-                    "nll", "crps", "mae", "mase", "coverage_80", "coverage_95")))
+                    "nll", "crps", "mae", "mase", *covs)))
     return "\n".join(lines) + "\n"
 
 
