@@ -7,7 +7,7 @@ import pytest
 from test_atomic import Boom, _assert_same, _everything, _fail_on_call
 
 from streamrnn import NextTokenOperator
-from streamrnn.keyed.health import HealthConfig, decide, ew_padded
+from streamrnn.keyed.health import UNWATCHED, HealthConfig, ew_padded, scan
 from streamrnn.keyed.operator import KeyedOperator
 from streamrnn.keyed.slab import HEALTH_FILL
 from streamrnn.lm import token_logprob
@@ -109,13 +109,16 @@ def test_hysteresis_does_not_flap():
     cols = _cols(1, shadow_slot=np.array([0]), ew_num=np.array([5.0]), ew_den=np.array([1.0]))
     heals = []
     for carried, shadow in [(2.0, 1.0), (1.0, 1.0), (2.0, 1.0), (1.0, 1.5), (2.0, 1.0), (2.0, 1.0)]:
-        v = decide(cfg, cols, np.full((1, 2), carried), np.full((1, 2), shadow), np.array([2]), np.array([10]),
-                   np.array([True]), 10)
+        v = scan(cfg, cols, np.full((1, 2), carried), np.full((1, 2), shadow), np.array([2]), np.array([10]),
+                 np.array([True]), 9, _no_fresh)
         heals.append(bool(v.heal[0]))
+        assert v.shadow[0] != UNWATCHED  # watched again at once (ew 5 > 1.15): a fresh shadow with the next call
         cols = v.cols
-        if v.release[0] or v.start[0]:  # watched again with a fresh shadow
-            cols["shadow_slot"] = np.array([0])
     assert heals == [False, False, False, False, False, True]
+
+
+def _no_fresh(asks):
+    raise AssertionError(f"no fresh shadow expected within the call, got {asks}")
 
 
 def test_a_failed_call_changes_no_health_field(lstm, monkeypatch, rng):

@@ -17,11 +17,18 @@ snapshot carries them as ``health_*`` columns, exactly):
   same model calls as the carried states. Over a window of ``window`` shadow steps the carried and shadow
   losses are summed over the events both scored, leaving out the shadow's first ``warmup`` steps (the
   question is whether the shadow state, once it has some context, predicts better than the carried). The
-  window closes at the end of the call in which it reached ``window`` steps: a **strike** when the
-  carried mean exceeds the shadow's by more than ``margin`` nats/byte. A strike keeps the shadow running
-  into the next window (it gains context); no strike ends the watch (the rule above may start a new,
-  fresh shadow at once). ``patience`` consecutive strikes **heal** (policy ``heal``): the key's state and
-  last output become the shadow's; its last event of that call says ``reset="health"``.
+  window closes at its ``window``-th shadow step: a **strike** when the carried mean exceeds the shadow's by
+  more than ``margin`` nats/byte. A strike keeps the shadow running into the next window (it gains context);
+  no strike ends the watch (the rule above may start a new, fresh shadow at once, from the next event).
+  ``patience`` consecutive strikes **heal** (policy ``heal``): the key's state and last output become the
+  shadow's at that event, which says ``reset="health"``; the key's later events run from the healed state.
+* **splits**: every rule acts at an event, not at a call's end, so a key's verdicts, heals and outputs do
+  not depend on how its events are split into calls (one call of 200 events or 200 calls of one; the
+  floating-point EW sums may differ in the last bits). A call of several events per key runs the rule
+  event by event (:func:`scan`): a heal within the call switches the key to its shadow's run, and a watch
+  that starts after an event runs a fresh shadow over the key's later events of the call (one extra model
+  call for all such keys). Only ``max_watch`` makes keys depend on each other: when it binds, which keys
+  get a shadow depends on the order of the events of different keys.
 * ``state_health`` of an event: the carried / shadow loss over the current window for a watched key with
   scored pairs, else the EW loss / reference (NaN without a reference); a key is in **bad health** when
   it exceeds ``1 + watch_margin``.
@@ -34,7 +41,9 @@ Only next-token models (task ``lm``) have a loss here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -143,23 +152,42 @@ def ew_scalar(num0: float, den0: float, loss: float, alpha: float) -> tuple[floa
     return d * num0 + alpha * loss, d * den0 + alpha
 
 
+#: run numbers of one call (:class:`Verdict`): the key's carried state, the shadow that ran from the call's
+#: start; fresh shadows started within the call are 2, 3, ...
+CARRIED, SHADOW = 0, 1
+#: :attr:`Verdict.shadow` of a key that is not watched after the call, and of one whose fresh shadow starts with
+#: its next event (the watch began at the call's last event)
+UNWATCHED, NEXT = -1, -2
+
+
 @dataclass
 class Verdict:
-    """What one call does to its keys' health (computed before anything changes)."""
+    """What one call does to its keys' health (computed before anything changes).
+
+    Runs: :data:`CARRIED` (the key's state through the call), :data:`SHADOW` (the shadow it had when the call
+    began), 2, 3, ... (fresh shadows that the call started after an event, the key's next events as extra rows)."""
 
     cols: dict[str, np.ndarray]  # new column values of the call's keys [B]
     health: np.ndarray           # state_health of each position [B, T]
     last_health: np.ndarray      # of each key's last event [B]
-    heal: np.ndarray             # [B] bool: state becomes the shadow's
-    keep_shadow: np.ndarray      # [B] bool: watched, shadow goes on
-    release: np.ndarray          # [B] bool: watched, shadow ends (heal included)
-    start: np.ndarray            # [B] bool: a new (fresh) shadow starts after this call
+    carried: np.ndarray          # [B] int: the run whose state the key carries after the call
+    shadow: np.ndarray           # [B] int: the run its shadow goes on as (UNWATCHED, NEXT, or a run)
+    heals: list[tuple[int, int, int]]  # (key row, column, run): from that event on, the key's state is run's
+
+    @property
+    def heal(self) -> np.ndarray:
+        """[B] bool: keys healed in the call."""
+        return self.carried != CARRIED
 
 
 def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: np.ndarray | None,
            counts: np.ndarray, steps_after: np.ndarray, watched: np.ndarray, room: int) -> Verdict:
     """Pure: the next health columns of ``B`` keys from this call's carried losses ``lc [B, T]`` and shadow
-    losses ``ls [B, T]`` (NaN: not scored or padding), ``watched [B]`` (a shadow ran), ``room`` new watches."""
+    losses ``ls [B, 1]`` (NaN: not scored or padding), ``watched [B]`` (a shadow ran), ``room`` free watches.
+
+    Vectorised over keys, for calls where no rule can act before a key's last event: one event per key
+    (``T == 1``), or no shadow (``flag``, or no key watched and none that may start). Everything else goes
+    through :func:`scan`, event by event; both give what calls of one event each give."""
     B, T = lc.shape
     if T == 1:
         num, den = ew_one(cols["ew_num"], cols["ew_den"], lc[:, 0], cfg.alpha)
@@ -171,28 +199,21 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
     ref = cfg.reference
     new = dict(cols)
     new["ew_num"], new["ew_den"] = num, den
-    heal = np.zeros(B, bool)
-    keep = np.zeros(B, bool)
-    release = np.zeros(B, bool)
+    carried = np.zeros(B, np.int64)
+    shadow = np.full(B, UNWATCHED, np.int64)
+    heal = keep = release = np.zeros(B, bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         health = nump / denp / ref if ref is not None else np.full((B, T), np.nan)
         ew_now = num / den
         if ls is not None and watched.any():
-            if T == 1:  # the sums over one position (the cumulative sums below, without their passes)
-                pair = watched & ~np.isnan(lc[:, 0]) & ~np.isnan(ls[:, 0]) & (cols["shadow_age"] + 1 > cfg.warmup)
-                win_c = np.where(pair, lc[:, 0], 0.0) + cols["win_carried"]
-                win_s = np.where(pair, ls[:, 0], 0.0) + cols["win_shadow"]
-                win_p = pair + cols["win_pairs"]
-                health = np.where((watched & (win_p > 0))[:, None], (win_c / win_s)[:, None], health)
-            else:
-                age = cols["shadow_age"][:, None] + np.arange(1, T + 1)[None, :]  # shadow steps after each position
-                pair = watched[:, None] & ~np.isnan(lc) & ~np.isnan(ls) & (age > cfg.warmup)
-                cc = np.cumsum(np.where(pair, lc, 0.0), axis=1) + cols["win_carried"][:, None]
-                cs = np.cumsum(np.where(pair, ls, 0.0), axis=1) + cols["win_shadow"][:, None]
-                cp = np.cumsum(pair, axis=1) + cols["win_pairs"][:, None]
-                health = np.where(watched[:, None] & (cp > 0), cc / cs, health)
-                win_c, win_s, win_p = cc[:, -1], cs[:, -1], cp[:, -1]
-            win_n = cols["win_steps"] + np.where(watched, counts, 0)
+            if T != 1:
+                raise ValueError("decide: a watched key over more than one event: use scan")
+            pair = watched & ~np.isnan(lc[:, 0]) & ~np.isnan(ls[:, 0]) & (cols["shadow_age"] + 1 > cfg.warmup)
+            win_c = np.where(pair, lc[:, 0], 0.0) + cols["win_carried"]
+            win_s = np.where(pair, ls[:, 0], 0.0) + cols["win_shadow"]
+            win_p = pair + cols["win_pairs"]
+            health = np.where((watched & (win_p > 0))[:, None], (win_c / win_s)[:, None], health)
+            win_n = cols["win_steps"] + watched
             close = watched & (win_n >= cfg.window)
             if close.any():
                 decisive = close & (win_p > 0)
@@ -211,8 +232,10 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
             else:  # no window closes (most calls): no verdict, the sums go on
                 keep = watched
                 new["win_steps"], new["win_pairs"], new["win_carried"], new["win_shadow"] = win_n, win_p, win_c, win_s
-            new["shadow_age"] = np.where(keep, cols["shadow_age"] + counts, 0)
-    start = np.zeros(B, bool)
+            new["shadow_age"] = np.where(keep, cols["shadow_age"] + 1, 0)
+            carried[heal] = SHADOW
+            shadow[keep] = SHADOW
+    room += int(np.count_nonzero(release))  # a released shadow's slot serves a new watch at once
     if cfg.policy == "heal" and room > 0:
         start = want_watch(cfg, ew_now, steps_after) & ~keep
         idx = np.flatnonzero(start)
@@ -223,9 +246,134 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
                 new[n] = np.where(start, 0, new[n])
             for n in ("win_carried", "win_shadow"):
                 new[n] = np.where(start, 0.0, new[n])
+            shadow[start] = NEXT
     last_health = health[np.arange(B), counts - 1] if T > 1 else health[:, 0]
     new["last_health"] = last_health
-    return Verdict(new, health, last_health, heal, keep, release, start)
+    heals = [(int(b), int(counts[b]) - 1, SHADOW) for b in np.flatnonzero(heal)]
+    return Verdict(new, health, last_health, carried, shadow, heals)
+
+
+#: ``fresh(requests)`` of :func:`scan`: for each ``(key row, column, run)``, the losses ``[T]`` of a fresh shadow
+#: started after that column over the key's later events (NaN up to and including its first event)
+FreshRuns = Callable[[list[tuple[int, int, int]]], list[np.ndarray]]
+
+
+def scan(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: np.ndarray | None,
+         counts: np.ndarray, steps_before: np.ndarray, watched: np.ndarray, room: int, fresh: FreshRuns) -> Verdict:
+    """The rule event by event over a call of several events per key (policy ``heal``): a window closes at its
+    ``window``-th shadow step wherever that falls in the call, a heal switches the key to its shadow's run at
+    that event (its later events are the shadow's), and a watch that starts after an event runs a fresh shadow
+    over the key's later events of the call (``fresh`` runs them, batched over keys). So a key's verdicts,
+    heals and outputs do not depend on how its events are split into calls.
+
+    Keys that are not watched and whose EW loss (:func:`want_watch`) asks for no watch anywhere in the call
+    take :func:`decide`'s vectorised update; the others are stepped in Python, a few microseconds an event."""
+    B, T = lc.shape
+    nump, denp = ew_padded(cols["ew_num"], cols["ew_den"], lc, cfg.alpha, cfg.half_life)
+    cand = np.zeros(B, bool)
+    if cfg.policy == "heal" and (room > 0 or watched.any()):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            want = want_watch(cfg, nump / denp, steps_before[:, None] + np.arange(1, T + 1)[None, :])
+        cand = (want & (np.arange(T)[None, :] < counts[:, None])).any(axis=1)
+    active = np.flatnonzero(watched | cand)
+    v = decide(cfg, cols, lc, None, counts, steps_before + counts, np.zeros(B, bool), 0)
+    if not len(active):
+        return v
+    box = [room]
+    gens, results, asks = {}, {}, []
+    for b in active.tolist():
+        c = {n: a[b] for n, a in cols.items()}
+        gens[b] = _key_scan(cfg, c, lc[b], None if ls is None else ls[b], int(counts[b]), int(steps_before[b]),
+                            bool(watched[b]), box)
+        _advance(gens, results, asks, b, None)
+    while asks:
+        todo, asks = asks, []
+        for (b, _, _), loss in zip(todo, fresh(todo), strict=True):
+            _advance(gens, results, asks, b, loss)
+    for b, (c, health, carried, shadow, heals) in results.items():
+        for n, val in c.items():
+            v.cols[n][b] = val
+        v.health[b, :len(health)] = health
+        v.last_health[b] = health[-1]
+        v.carried[b], v.shadow[b] = carried, shadow
+        v.heals += [(b, t, r) for t, r in heals]
+    return v
+
+
+def _advance(gens: dict, results: dict, asks: list, b: int, value: Any) -> None:
+    """Run key ``b``'s scan to its next request for a fresh shadow (queued in ``asks``) or to its end."""
+    try:
+        t, run = gens[b].send(value)
+        asks.append((b, t, run))
+    except StopIteration as e:
+        results[b] = e.value
+        del gens[b]
+
+
+def _key_scan(cfg: HealthConfig, c: dict, lc: np.ndarray, ls: np.ndarray | None, n: int, steps_before: int,
+              watched: bool, room: list[int]) -> Generator[tuple[int, int], np.ndarray, tuple]:
+    """One key's rule over its ``n`` events of a call, in the operations (and so the bits) of ``n`` calls of one
+    event through :func:`decide`. Yields ``(column, run)`` to ask for a fresh shadow after that column (and
+    receives its losses); returns the key's new columns, per-event health, final carried and shadow runs and
+    heals. ``room`` is the call's shared count of free watches."""
+    alpha, ref = cfg.alpha, cfg.reference
+    d = 1.0 - alpha
+    heal_policy = cfg.policy == "heal"
+    num, den = float(c["ew_num"]), float(c["ew_den"])
+    ws, wp, wc, wsh = int(c["win_steps"]), int(c["win_pairs"]), float(c["win_carried"]), float(c["win_shadow"])
+    strikes, age, ratio = int(c["strikes"]), int(c["shadow_age"]), float(c["ratio"])
+    losses: dict[int, np.ndarray | None] = {CARRIED: lc, SHADOW: ls}
+    carried, shadow, next_run = CARRIED, SHADOW if watched else UNWATCHED, SHADOW + 1
+    health = np.empty(n)
+    heals: list[tuple[int, int]] = []
+    for t in range(n):
+        lcar = float(losses[carried][t])
+        if lcar == lcar:  # scored (as ew_one)
+            num, den = d * num + alpha * lcar, d * den + alpha
+        ew_now = num / den if den != 0 else math.nan
+        h = ew_now / ref if ref is not None else math.nan
+        if shadow >= 0:
+            lsh = float(losses[shadow][t])
+            age += 1
+            ws += 1
+            if lcar == lcar and lsh == lsh and age > cfg.warmup:
+                wp += 1
+                wc += lcar
+                wsh += lsh
+            if wp > 0:
+                h = wc / wsh if wsh != 0 else math.copysign(math.inf, wc) if wc else math.nan
+            if ws >= cfg.window:
+                strike = False
+                if wp > 0:
+                    mc, ms = wc / wp, wsh / wp
+                    strike = mc > ms + cfg.margin
+                    ratio = mc / ms if ms != 0 else (math.copysign(math.inf, mc) if mc else math.nan)
+                strikes = strikes + 1 if strike else 0
+                ws = wp = 0
+                wc = wsh = 0.0
+                healed = heal_policy and strikes >= cfg.patience
+                if healed:
+                    strikes = 0
+                    carried = shadow
+                    heals.append((t, shadow))
+                if healed or not strike:
+                    shadow, age = UNWATCHED, 0
+                    room[0] += 1
+        health[t] = h
+        if (shadow == UNWATCHED and heal_policy and room[0] > 0
+                and want_watch(cfg, ew_now, steps_before + t + 1)):
+            ws = wp = strikes = age = 0
+            wc = wsh = 0.0
+            room[0] -= 1
+            if t < n - 1:
+                losses[next_run] = yield t, next_run
+                shadow, next_run = next_run, next_run + 1
+            else:
+                shadow = NEXT
+    new = {"ew_num": num, "ew_den": den, "win_steps": ws, "win_pairs": wp, "win_carried": wc, "win_shadow": wsh,
+           "strikes": strikes, "shadow_age": age if shadow != NEXT else 0, "ratio": ratio,
+           "last_health": health[-1]}
+    return new, health, carried, shadow, heals
 
 
 def want_watch(cfg: HealthConfig, ew_now: np.ndarray, steps_after: np.ndarray) -> np.ndarray:

@@ -443,7 +443,8 @@ class KeyedOperator:
             shadow = {"row_of": np.full(N, -1, np.int64), "state": {n: new.raw(n)[:, N:] for n in names},
                       "last": {n: v[N:, 0] for n, v in o.items()}}
             shadow["row_of"][watched] = np.arange(len(watched))
-            healed = self._commit_health(verdict, at, shadow, sh)
+            self._commit_health(verdict, at, shadow, sh)
+            healed = np.flatnonzero(verdict.heal)
             if len(healed):  # the key's output is now the shadow's (the state's), as in the general path
                 reset[healed] = hl.HEALTH
                 for n, a in shadow["last"].items():
@@ -511,7 +512,7 @@ class KeyedOperator:
             pool = store.shadow
             sh = store.health["shadow_slot"][at]
             watched = np.flatnonzero(sh >= 0)
-            room = cfg.max_watch - pool.used + len(watched)
+            room = cfg.max_watch - pool.used
             if len(watched):
                 ls = np.full((N, 1), np.nan)
                 ls[watched, 0] = -pool.last["logprobs"][sh[watched], x[watched]].astype(np.float64)
@@ -536,7 +537,7 @@ class KeyedOperator:
         outs, new_state, last_row, prev, lc, shadow = self._run(g, x, hs, fresh, sh)
         verdict = None
         if self._health_on:
-            verdict = self._health_verdict(g, hs, fresh, steps_before, lc, shadow, sh)
+            verdict = self._health_verdict(g, x, hs, fresh, steps_before, lc, shadow, sh)
         # -- commit: plan where new keys go, build new device slabs, then change the store
         new_rows = np.flatnonzero(fresh)
         why = self._reasons(g.keys, held, new_rows)
@@ -566,30 +567,55 @@ class KeyedOperator:
             store.last[n][slots] = a
         store.steps[slots] = steps_before + g.counts
         if verdict is not None:
-            healed = self._commit_health(verdict, slots, shadow, sh)
+            self._commit_health(verdict, slots, shadow, sh)
         first = fresh[g.rows] & (g.cols == 0)
         reset = np.full(N, "", object)
         reset[first] = why[g.rows[first]]
         if verdict is None:
             return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset)
-        if len(healed):  # the key's last event of the call: its output is now the shadow's (the state's)
-            ev = self._last_events(g)[healed]
-            reset[ev] = hl.HEALTH
-            rows = shadow["row_of"][healed]
-            for n, a in shadow["last"].items():
-                outs[n][ev] = a[rows]
+        if verdict.heals:  # from a heal's event on, the key's outputs are its shadow's (now its state's)
+            self._healed_outputs(g, verdict, shadow, outs, prev, reset)
         return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset,
                            verdict.health[g.rows, g.cols], int(np.count_nonzero(hl.bad(self.health,
                                                                                         verdict.last_health))))
 
     @staticmethod
-    def _last_events(g) -> np.ndarray:
-        """Index of each key's last event of the call ``[B]``."""
-        out = np.empty(len(g.keys), np.int64)
-        out[g.rows] = np.arange(len(g.rows))  # later events overwrite earlier ones
+    def _event_of(g) -> np.ndarray:
+        """Index of each key's events by column ``[B, T]`` (-1: padding)."""
+        out = np.full((len(g.keys), int(g.counts.max())), -1, np.int64)
+        out[g.rows, g.cols] = np.arange(len(g.rows))
         return out
 
-    def _health_verdict(self, g, hs, fresh, steps_before, lc, shadow, sh) -> hl.Verdict:
+    def _healed_outputs(self, g, v: hl.Verdict, shadow: dict, outs: dict, prev: dict, reset: np.ndarray) -> None:
+        """Outputs of healed keys: from each heal's event on, the run the key switched to (a shadow that ran from
+        the call's start, or a fresh one the call started); ``reset="health"`` at the heal's event; the
+        prediction of the event after it is the healed output."""
+        ev_of = shadow.get("event_of")
+        if ev_of is None:
+            ev_of = self._event_of(g)
+        after, before = [], []
+        for b, t, run in sorted(v.heals):  # a key's later heals overwrite its later events
+            n_ev = int(g.counts[b])
+            ev = ev_of[b, t:n_ev]
+            reset[ev[0]] = hl.HEALTH
+            for n in outs:
+                outs[n][ev] = self._run_outputs(shadow, b, t, n_ev, run, n)
+            after.append(ev[1:])
+            before.append(ev[:-1])
+        if prev:
+            ev, bev = np.concatenate(after), np.concatenate(before)
+            for n in prev:
+                prev[n][ev] = outs[n][bev]
+
+    @staticmethod
+    def _run_outputs(shadow: dict, b: int, t0: int, t1: int, run: int, name: str) -> np.ndarray:
+        """Outputs of key row ``b``'s ``run`` at its columns ``t0 .. t1 - 1``."""
+        if run == hl.SHADOW:
+            return shadow["outs"][name][shadow["event_of"][b, t0:t1]]
+        f = shadow["fresh"][(b, run)]
+        return f["outs"][name][t0 - f["from"]:t1 - f["from"]]
+
+    def _health_verdict(self, g, x, hs, fresh, steps_before, lc, shadow, sh) -> hl.Verdict:
         """This call's health decisions (pure: reads the store, changes nothing)."""
         store, cfg = self._store, self.health
         B = len(g.keys)
@@ -606,45 +632,103 @@ class KeyedOperator:
             lcp[g.rows, g.cols] = lc
         watched = np.zeros(B, bool) if sh is None else sh >= 0
         lsp = None
-        if shadow is not None and len(shadow["rows"]):
-            lsp = np.full((B, T), np.nan)
-            ev = shadow["events"]
-            lsp[g.rows[ev], g.cols[ev]] = shadow["loss"]
+        if shadow is not None:
+            shadow["event_of"] = self._event_of(g)
+            shadow["fresh"] = {}
+            if len(shadow["rows"]):
+                lsp = np.full((B, T), np.nan)
+                ev = shadow["events"]
+                lsp[g.rows[ev], g.cols[ev]] = shadow["loss"]
         room = 0
         if cfg.policy == "heal":
-            room = cfg.max_watch - store.shadow.used + int(np.count_nonzero(watched))
+            room = cfg.max_watch - store.shadow.used
+            if T > 1:
+                return hl.scan(cfg, cols, lcp, lsp, g.counts, steps_before, watched, room,
+                               lambda asks: self._fresh_runs(g, x, asks, shadow))
         return hl.decide(cfg, cols, lcp, lsp, g.counts, steps_before + g.counts, watched, room)
 
-    def _commit_health(self, v: hl.Verdict, slots: np.ndarray, shadow, sh) -> np.ndarray:
-        """Write a verdict (after the carried state was written); returns the healed key rows."""
+    def _fresh_runs(self, g, x: np.ndarray, asks: list[tuple[int, int, int]], shadow: dict) -> list[np.ndarray]:
+        """Fresh shadows that a call starts after an event (:func:`streamrnn.keyed.health.scan`): each over its
+        key's later events of the call, from the initial state, as rows of one model call. Keeps their outputs,
+        final state and last output in ``shadow["fresh"]``; returns their losses by column."""
+        ev_of = shadow["event_of"]
+        T = ev_of.shape[1]
+        starts = np.array([t + 1 for _, t, _ in asks], np.int64)
+        lens = np.array([int(g.counts[b]) for b, _, _ in asks], np.int64) - starts
+        K, L = len(asks), int(lens.max())
+        ev = np.zeros((K, L), np.int64)
+        for i, (b, t, _) in enumerate(asks):
+            ev[i, :lens[i]] = ev_of[b, t + 1:t + 1 + lens[i]]
+        xb = np.zeros((K, L, *x.shape[1:]), x.dtype)
+        valid = np.arange(L)[None, :] < lens[:, None]
+        xb[valid] = x[ev[valid]]
+        o, new = self.model.run_unchecked(xb, lens.astype(np.int32), self.model.initial_state(K))
+        lp = o["logprobs"]
+        out = []
+        for i, (b, t, run) in enumerate(asks):
+            n = int(lens[i])
+            loss = np.full(T, np.nan)
+            if n > 1:
+                loss[t + 2:t + 1 + n] = -lp[i, np.arange(n - 1), xb[i, 1:n]].astype(np.float64)
+            out.append(loss)
+            shadow["fresh"][(b, run)] = {
+                "from": t + 1, "outs": {k: v[i, :n] for k, v in o.items()},
+                "state": {k: new.raw(k)[:, i] for k in self._state_names},
+                "last": {k: v[i, n - 1] for k, v in o.items()}}
+        return out
+
+    def _commit_health(self, v: hl.Verdict, slots: np.ndarray, shadow, sh) -> None:
+        """Write a verdict (after the carried state was written): healed keys take their run's state and last
+        output; shadows go on, end, or start (a pool slot each)."""
         store = self._store
-        pool = store.shadow
-        healed = np.flatnonzero(v.heal)
-        if len(healed):
-            rows = shadow["row_of"][healed]
-            for n, a in shadow["state"].items():
-                store.slab[n][:, slots[healed]] = a[:, rows]
-            for n, a in shadow["last"].items():
-                store.last[n][slots[healed]] = a[rows]
-            self.health_counts.heals += len(healed)
+        self.health_counts.heals += len(v.heals)
+        for b in np.flatnonzero(v.carried != hl.CARRIED):
+            st, last = self._run_state(shadow, int(b), int(v.carried[b]))
+            for n, a in st.items():
+                store.slab[n][:, slots[b]] = a
+            for n, a in last.items():
+                store.last[n][slots[b]] = a
+        cols = v.cols
         if sh is not None:
-            keep = np.flatnonzero(v.keep_shadow)
+            pool = store.shadow
+            had = sh >= 0
+            fin = v.shadow
+            gone = np.flatnonzero(had & (fin == hl.UNWATCHED))
+            pool.release(sh[gone])
+            slot = np.where(had & (fin != hl.UNWATCHED), sh, -1)
+            new = np.flatnonzero(~had & (fin != hl.UNWATCHED))
+            if len(new):
+                slot[new] = pool.allocate(len(new))  # the initial state, no last output
+            keep = np.flatnonzero(fin == hl.SHADOW)
             if len(keep):
                 rows = shadow["row_of"][keep]
                 for n, a in shadow["state"].items():
-                    pool.slab[n][:, sh[keep]] = a[:, rows]
+                    pool.slab[n][:, slot[keep]] = a[:, rows]
                 for n, a in shadow["last"].items():
-                    pool.last[n][sh[keep]] = a[rows]
-            gone = np.flatnonzero(v.release)
-            pool.release(sh[gone])
-            cols = v.cols
-            cols["shadow_slot"] = np.where(v.release, -1, cols["shadow_slot"])
-            start = np.flatnonzero(v.start)
-            if len(start):
-                cols["shadow_slot"][start] = pool.allocate(len(start))
-        for n, a in v.cols.items():
+                    pool.last[n][slot[keep]] = a[rows]
+            for b in np.flatnonzero(had & (fin == hl.NEXT)):  # ended and started again at the last event
+                for a in pool.slab.values():
+                    a[:, slot[b]] = 0.0
+                for a in pool.last.values():
+                    a[slot[b]] = np.nan
+            for b in np.flatnonzero(fin > hl.SHADOW):  # a fresh shadow the call started, going on
+                st, last = self._run_state(shadow, int(b), int(fin[b]))
+                for n, a in st.items():
+                    pool.slab[n][:, slot[b]] = a
+                for n, a in last.items():
+                    pool.last[n][slot[b]] = a
+            cols["shadow_slot"] = slot
+        for n, a in cols.items():
             store.health[n][slots] = a
-        return healed
+
+    @staticmethod
+    def _run_state(shadow: dict, b: int, run: int) -> tuple[dict, dict]:
+        """Final state ``{name: [layers, ...]}`` and last output of key row ``b``'s shadow ``run``."""
+        if run == hl.SHADOW:
+            r = shadow["row_of"][b]
+            return {n: a[:, r] for n, a in shadow["state"].items()}, {n: a[r] for n, a in shadow["last"].items()}
+        f = shadow["fresh"][(b, run)]
+        return f["state"], f["last"]
 
     def _reasons(self, keys: list[Key], held: np.ndarray, new_rows: np.ndarray) -> np.ndarray:
         """Why each key of a call starts fresh (``[B]``, '' for keys that continue); reads, changes nothing."""
@@ -693,7 +777,7 @@ class KeyedOperator:
             watched = np.flatnonzero(sh >= 0)
             row_of = np.full(B, -1, np.int64)
             row_of[watched] = np.arange(len(watched))
-            shadow = {"rows": watched, "row_of": row_of, "events": [], "loss": [],
+            shadow = {"rows": watched, "row_of": row_of, "events": [], "loss": [], "outs": {},
                       "state": {n: np.empty((t[0], len(watched), *t[1:]), np.float32)
                                 for n, t in self._state_tail.items()},
                       "last": {n: np.empty((len(watched), *t), np.float32) for n, t in self._out_tail.items()}}
@@ -802,6 +886,11 @@ class KeyedOperator:
                             self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts)
                     if len(wrow):
                         shadow["last"][n][shadow["row_of"][grp[wrow]]] = vs[np.arange(len(wrow)), counts[wrow] - 1]
+                        wpos = np.full(len(counts), -1, np.int64)
+                        wpos[wrow] = np.arange(len(wrow))
+                        sel = np.flatnonzero(wpos[lr] >= 0)
+                        shadow["outs"].setdefault(n, np.full((N, *v.shape[2:]), np.nan, np.float32))[
+                            sel if isinstance(ev, slice) else ev[sel]] = vs[wpos[lr[sel]], c[sel]]
                 if len(wrow):
                     rows = shadow["row_of"][grp[wrow]]
                     for n in self._state_names:
