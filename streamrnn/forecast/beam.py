@@ -46,6 +46,7 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
+from ..beam.job.io import ParseFiles
 from ..beam.job.live import LiveParser, Message, Parsed, message_rows
 from ..beam.job.replay import drain_marks, play, step_bounds, stepped_stream
 from ..beam.postprocess import Postprocess
@@ -137,19 +138,6 @@ def check_bar_frequency(files: Sequence[str], columns: Mapping[str, str] | None,
     return got
 
 
-class _ReadFile(beam.DoFn):
-    def __init__(self, files: list[str], columns: Mapping[str, str] | None):
-        self.index = {f: i for i, f in enumerate(files)}
-        self.columns = dict(columns or {})
-
-    def process(self, f: fileio.ReadableFile) -> Iterator:
-        path = f.metadata.path
-        bars, dead = parse_bar_file(f.read(), path, self.index.get(path, len(self.index)), self.columns)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, d)
-        yield from bars
-
-
 class ReadBars(beam.PTransform):
     """Read bar files (``bar_files`` output) inside the pipeline: ``(bars, dead_letters)``."""
 
@@ -160,7 +148,8 @@ class ReadBars(beam.PTransform):
     def expand(self, pbegin):
         res = (pbegin | "Files" >> beam.Create(self.files) | "Match" >> fileio.MatchAll()
                | "Open" >> fileio.ReadMatches(compression="uncompressed")
-               | "Parse" >> beam.ParDo(_ReadFile(self.files, self.columns)).with_outputs(DEAD, main="bars"))
+               | "Parse" >> beam.ParDo(ParseFiles(BarParser(self.columns), self.files, timestamped=False))
+               .with_outputs(DEAD, main="bars"))
         return res.bars, res[DEAD]
 
 

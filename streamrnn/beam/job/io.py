@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import apache_beam as beam
@@ -29,11 +29,12 @@ from apache_beam.transforms.window import TimestampedValue
 from ...errors import InputError
 from ..records import DEAD, TS, DeadLetter
 from .event_files import FORMATS, format_of, parse_events
+from .live import EventParser, LiveParser
 from .replay import play, step_bounds, stepped_stream
 
 #: Output tag of the rows that cannot be used (dead letters).
 
-__all__ = ["FORMATS", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy", "match_inputs",
+__all__ = ["FORMATS", "ParseFiles", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy", "match_inputs",
            "read_events"]
 
 
@@ -124,19 +125,28 @@ def _first_ts(table: pa.Table) -> float:
     return float(pc.min(table.column(TS)).as_py()) if table.num_rows else 0.0
 
 
-class _ReadFile(beam.DoFn):
-    """One matched file -> its event blocks (timestamped by their earliest event) and dead letters."""
+class ParseFiles(beam.DoFn):
+    """One matched file -> its elements (main output) and dead letters (``DEAD``), by a job's parser.
 
-    def __init__(self, block_rows: int):
-        self.block_rows = block_rows
+    The one rule for reading files inside the pipeline, for events and bars alike: the parser is the
+    job's :class:`~streamrnn.beam.job.live.LiveParser` (the live sources use it too). ``files`` is the
+    launch-time list, whose positions are the files' indices (a file not in it comes after them). With
+    ``timestamped``, each element carries its earliest event time and the dead letters the file's
+    earliest (0.0 without one); else they keep the file's timestamp.
+    """
+
+    def __init__(self, parser: LiveParser, files: Sequence[str] = (), *, timestamped: bool = True):
+        self.parser, self.timestamped = parser, timestamped
+        self.index = {f: i for i, f in enumerate(files)}
 
     def process(self, f: fileio.ReadableFile) -> Iterator:
-        table, dead = parse_events(f.read(), f.metadata.path)
-        t0 = _first_ts(table)
-        for d in dead:
-            yield beam.pvalue.TaggedOutput(DEAD, TimestampedValue(d, t0))
-        for b in blocks(table, self.block_rows):
-            yield TimestampedValue(b, float(pc.min(b.column(TS)).as_py()))
+        path = f.metadata.path
+        parsed = self.parser.file(path, f.read(), self.index.get(path, len(self.index)))
+        t0 = min((t for _, t in parsed.items), default=0.0)
+        for d in parsed.dead:
+            yield beam.pvalue.TaggedOutput(DEAD, TimestampedValue(d, t0) if self.timestamped else d)
+        for item, t in parsed.items:
+            yield TimestampedValue(item, t) if self.timestamped else item
 
 
 class ReadEvents(beam.PTransform):
@@ -153,7 +163,7 @@ class ReadEvents(beam.PTransform):
     def expand(self, pbegin):
         res = (pbegin | "Match" >> fileio.MatchFiles(self.path)
                | "Open" >> fileio.ReadMatches(compression="uncompressed")
-               | "Parse" >> beam.ParDo(_ReadFile(self.block_rows)).with_outputs(DEAD, main="blocks"))
+               | "Parse" >> beam.ParDo(ParseFiles(EventParser(self.block_rows))).with_outputs(DEAD, main="blocks"))
         return res.blocks, res[DEAD]
 
 

@@ -257,7 +257,8 @@ class Parsed(NamedTuple):
 
 
 class LiveParser(ABC):
-    """How a job turns what a live source takes into its pipeline elements (events blocks, bars)."""
+    """How a job turns its input into pipeline elements (event blocks, bars): the files of a batch run
+    (:class:`~streamrnn.beam.job.io.ParseFiles`) and what a live source takes alike."""
 
     @abstractmethod
     def accepts(self, path: str) -> bool:
