@@ -24,6 +24,7 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import Any, Literal, NamedTuple
 
 import apache_beam as beam
@@ -34,6 +35,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from ..errors import InputError
+from ..keyed.health import HealthConfig
+from ..keyed.health import resolve as resolve_health
 from ..model.runtime import CPU, resolve_providers
 from .models import load_model, model_version
 from .postprocess import Postprocess
@@ -128,6 +131,12 @@ class StatefulInference(beam.PTransform):
         first flush. Another model or state signature is refused here, in one line.
       shard_cache_bytes: bytes of decoded shard state a worker process keeps between flushes (default
         1 GiB, or ``STREAMRNN_SHARD_CACHE_BYTES``); 0 rebuilds each flush from Beam state (same results).
+      health: carried-state health, as ``KeyedOperator(health=...)`` (:mod:`streamrnn.keyed.health`): ``"off"``
+        (default), ``"flag"`` (outputs gain ``state_health``; the ``streamrnn_health_bad_keys`` gauge) or
+        ``"heal"`` (also a fresh shadow per watched key, and a key whose shadow does better for long enough takes
+        its state: ``reset="health"``, counted in ``streamrnn_health_resets_total``), or a ``HealthConfig``.
+        Next-token models only. The health columns (and shadows) are part of each key's state in the shard
+        store, so warm, rebuilt and retried flushes give the same results.
     """
 
     def __init__(self, *, model: str | os.PathLike, num_shards: int = 16, window_size: float = 60.0,
@@ -138,7 +147,8 @@ class StatefulInference(beam.PTransform):
                  flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
                  shard_cache_bytes: int | None = None, save_state: str | os.PathLike | None = None,
-                 initial_state: str | os.PathLike | None = None, label: str | None = None):
+                 initial_state: str | os.PathLike | None = None, health: str | HealthConfig = "off",
+                 label: str | None = None):
         super().__init__(label)
 
         def num(v: Any) -> bool:
@@ -195,6 +205,11 @@ class StatefulInference(beam.PTransform):
         self.flush_bounded_at_once = flush_bounded_at_once
         self.fault_injector = fault_injector
         self.shard_cache_bytes = shard_cache_bytes
+        try:  # the operator's own checks, here at construction rather than on the workers
+            resolve_health(health, SimpleNamespace(spec=self.spec), 1)
+        except InputError as e:
+            raise InputError(str(e).replace("KeyedOperator:", "StatefulInference:", 1)) from None
+        self.health = health
         self._id = uuid.uuid4().hex  # names this transform's shard caches in worker processes
 
     def expand(self, events: beam.PCollection) -> StatefulResult:
@@ -242,7 +257,8 @@ class StatefulInference(beam.PTransform):
             cfg=cfg, dedupe_horizon=horizon, keep_last_output=self.keep_last_output, output=self.output,
             providers=self.providers, flush_all=flush_all, next_fields=self.next_fields,
             fault_injector=self.fault_injector, cache_bytes=self.shard_cache_bytes,
-            save_state=self.save_state is not None, initial_state=self.initial_state, manifest=self.manifest))
+            save_state=self.save_state is not None, initial_state=self.initial_state, manifest=self.manifest,
+            health=self.health))
             .with_outputs(DEAD, SNAPSHOT, main="outputs"))
         if self.save_state is not None:
             _ = applied[SNAPSHOT] | "SaveState" >> WriteSnapshot(self.save_state, spec, {

@@ -327,6 +327,18 @@ class KeyedOperator:
             slot = self._slot(key, self._limit("steps_of"))
             return 0 if slot is None else int(self._store.steps[slot])
 
+    def bad_health_keys(self) -> int:
+        """How many held (unexpired) keys are in bad health now: ``state_health`` of their last event above
+        ``1 + watch_margin`` (0 with health off); what the ``streamrnn_health_bad_keys`` gauge reports."""
+        if not self._health_on:
+            return 0
+        with self._lock:
+            store, limit = self._store, self._limit("bad_health_keys")
+            bad = store.in_use & hl.bad(self.health, store.health["last_health"])
+            if limit is not None:
+                bad &= store.seen >= limit
+            return int(np.count_nonzero(bad))
+
     def process(self, keys: Sequence[Key], x: Any) -> KeyedResult:
         """Apply one step per event, in order; all-or-nothing.
 

@@ -94,6 +94,11 @@ CATALOGUE: tuple[MetricDef, ...] = (
               mode="livesum"),
     MetricDef("streamrnn_state_bytes", "gauge", "Bytes of recurrent state held for the active keys.", JOB,
               mode="livesum"),
+    MetricDef("streamrnn_health_bad_keys", "gauge",
+              "Keys whose carried state is in bad health (state_health above 1 + watch_margin at their last event; "
+              "0 with health off): the sum over shards of each shard's latest report.", JOB, mode="livesum"),
+    MetricDef("streamrnn_health_resets_total", "counter",
+              "Key states replaced by their fresh shadow's state (health='heal': reset='health').", JOB),
     MetricDef("streamrnn_model_info", "gauge", "1 for each model a worker has loaded, with the provider in use.",
               MODEL, mode="livemax"),
     MetricDef("streamrnn_cuda_expected", "gauge",
@@ -140,7 +145,8 @@ BY_NAME: dict[str, MetricDef] = {d.name: d for d in CATALOGUE}
 
 #: multiprocess mode: catalogued gauge -> the internal per-shard gauge whose latest report per shard is summed
 SHARD_GAUGES = {"streamrnn_active_keys": "streamrnn_shard_active_keys",
-                "streamrnn_state_bytes": "streamrnn_shard_state_bytes"}
+                "streamrnn_state_bytes": "streamrnn_shard_state_bytes",
+                "streamrnn_health_bad_keys": "streamrnn_shard_health_bad_keys"}
 
 
 def exported_for(d: MetricDef, task: str) -> bool:
@@ -391,8 +397,9 @@ class Recorder:
     def dead(self, reason: str, n: int = 1) -> None:
         self.dead_children[reason].inc(n)
 
-    def shard_state(self, shard: Any, keys: int, nbytes: int) -> None:
-        """A shard's (keys, bytes) after a flush: the gauges are the sum over shards of each one's latest report.
+    def shard_state(self, shard: Any, keys: int, nbytes: int, bad: int = 0) -> None:
+        """A shard's (keys, bytes, keys in bad health) after a flush: the gauges are the sum over shards of each
+        one's latest report.
 
         One process: the sum over this process's shards. Multiprocess mode: each report goes to the
         per-shard gauges (see the module notes), summed over every process's latest report per shard
@@ -400,16 +407,14 @@ class Recorder:
         """
         if self._shard_gauges is not None:
             label = ":".join(map(str, shard)) if isinstance(shard, tuple) else str(shard)
-            keys_g, bytes_g = self._shard_gauges
-            keys_g.labels(job=self.job, shard=label).set(keys)
-            bytes_g.labels(job=self.job, shard=label).set(nbytes)
+            for g, v in zip(self._shard_gauges, (keys, nbytes, bad), strict=True):  # SHARD_GAUGES order
+                g.labels(job=self.job, shard=label).set(v)
             return
         with self._lock:
-            self._shards[shard] = (keys, nbytes)
-            k = sum(v[0] for v in self._shards.values())
-            b = sum(v[1] for v in self._shards.values())
-        self.job_children["streamrnn_active_keys"].set(k)
-        self.job_children["streamrnn_state_bytes"].set(b)
+            self._shards[shard] = (keys, nbytes, bad)
+            sums = [sum(v[i] for v in self._shards.values()) for i in range(3)]
+        for name, v in zip(SHARD_GAUGES, sums, strict=True):
+            self.job_children[name].set(v)
 
 
 _RECORDERS: dict[tuple[str, int], Recorder] = {}

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ...keyed.health import HEALTH
 from ...model.loaded import Model
 from ..postprocess import Postprocess
 from ..records import EVENT, KEY, SEQ, SUB, TS, event_json, original_text
@@ -333,6 +334,8 @@ def _call(plan: _Plan, segs: np.ndarray, store: ShardStore, cfg: Config, m: Coun
         return
     m.batch(store.op.model, time.perf_counter() - t0, len(rows))
     post = cfg.postprocess(plan.xv[rows], r.outputs, r.prev_outputs) if cfg.postprocess is not None else r.outputs
+    if r.state_health is not None:  # health on: each event's state health (streamrnn.keyed.health)
+        post = {**post, "state_health": r.state_health}
     m.scored(store.op.model, post)
     for name, val in post.items():
         if name not in res.outputs:
@@ -342,6 +345,10 @@ def _call(plan: _Plan, segs: np.ndarray, store: ShardStore, cfg: Config, m: Coun
     res.fresh[rows] = r.fresh
     for j in np.flatnonzero(r.fresh):
         res.reset[rows[j]] = reasons.get(ok[rows[j]], "")
+    if r.state_health is not None:
+        healed = rows[r.reset == HEALTH]  # the key's state became its fresh shadow's at this event
+        res.reset[healed] = HEALTH
+        m.health_resets.inc(len(healed))
     res.ver[rows] = version
     res.applied[rows] = True
     for s in segs:

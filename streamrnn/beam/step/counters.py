@@ -30,7 +30,8 @@ _MIRROR = {"events_in": "streamrnn_events_in_total", "flushes": "streamrnn_flush
            "expired": "streamrnn_expired_keys_total", "model_update_resets": "streamrnn_model_update_resets_total",
            "model_switches": "streamrnn_model_switches_total", "state_compactions": "streamrnn_state_compactions_total",
            "state_rebuilds": "streamrnn_state_rebuilds_total",
-           "state_bytes_written": "streamrnn_state_written_bytes_total"}
+           "state_bytes_written": "streamrnn_state_written_bytes_total",
+           "health_resets": "streamrnn_health_resets_total"}
 
 log = logging.getLogger("streamrnn.metrics")
 
@@ -78,6 +79,7 @@ class Counters:
         self.compactions = c("state_compactions")
         self.rebuilds = c("state_rebuilds")
         self.state_bytes_written = c("state_bytes_written")
+        self.health_resets = c("health_resets")
         self._dead = {k: Metrics.counter(NAMESPACE, v) for k, v in _DEAD_COUNTER.items()}
         self._dead_total = Metrics.counter(NAMESPACE, "dead_letters")
         self.batch_latency = Metrics.distribution(NAMESPACE, "batch_latency_us")
@@ -135,7 +137,7 @@ class Counters:
         from ...metrics.catalogue import state_bytes_per_key
 
         keys = len(store.op)
-        self.prom.shard_state(shard, keys, keys * state_bytes_per_key(store.op.model))
+        self.prom.shard_state(shard, keys, keys * state_bytes_per_key(store.op.model), store.op.bad_health_keys())
 
 
 class CountUnread(beam.DoFn):

@@ -25,6 +25,7 @@ from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils import shared
 
 from ...errors import InputError
+from ...keyed.health import HealthConfig
 from ...model.loaded import Model
 from ...model.spec import ModelSpec
 from ..models import load_model, model_version
@@ -100,7 +101,7 @@ class ShardStep(beam.DoFn):
                  dedupe_horizon: int, keep_last_output: bool, output: str, providers: Any, flush_all: bool,
                  next_fields: Sequence[str], fault_injector: Callable[[int, list[str]], None] | None,
                  cache_bytes: int | None = None, save_state: bool = False, initial_state: str | None = None,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, health: str | HealthConfig = "off"):
         self.launcher_env = worker_check.environment()  # pickled with the DoFn: checked on the worker
         self.transform_id = transform_id
         self.model_path = model_path
@@ -118,6 +119,7 @@ class ShardStep(beam.DoFn):
         self.save_state = save_state
         self.initial_state = initial_state
         self.manifest = manifest
+        self.health = health  # carried-state health policy of every shard's keys (streamrnn.keyed.health)
         # the release time of the last window the saved run applied: later arrivals of it are late here too
         ends = [sh.get("extra", {}).get("applied_max", EARLIEST) for sh in (manifest or {}).get("shards", [])]
         self._cut = self._release(max(ends)) if ends and max(ends) > EARLIEST else None
@@ -177,14 +179,15 @@ class ShardStep(beam.DoFn):
         if not blobs and self.initial_state is not None:  # a new pipeline seeded from a snapshot set
             blob = seed_blob(self.initial_state, self.manifest, shard, self.num_shards, self.model_path)
             store, change = ShardStore.from_log([blob], self._model, keep_last_output=self.keep_last_output,
-                                                default_path=self.model_path)
+                                                default_path=self.model_path, health=self.health)
             store.log.seq, store.log.full = 0, True  # its first write is its base snapshot
         elif not blobs:
-            store = ShardStore.new(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output)
+            store = ShardStore.new(self._model(ctrl.model), ctrl.model, keep_last_output=self.keep_last_output,
+                                   health=self.health)
         else:
             self.m.rebuilds.inc()
             store, change = ShardStore.from_log(blobs, self._model, keep_last_output=self.keep_last_output,
-                                                default_path=ctrl.model)
+                                                default_path=ctrl.model, health=self.health)
         store.token = ctrl.token or ""  # it now mirrors what Beam state holds
         return store, change
 

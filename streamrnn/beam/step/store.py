@@ -40,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from ...keyed import snapshot
+from ...keyed.health import HealthConfig
 from ...keyed.operator import KeyedOperator
 from ...model.loaded import Model
 from ..records import KEY, SEQ
@@ -93,9 +94,12 @@ class StoreLog:
 class ShardStore:
     """The lasting state of one shard, plus indexes derived from it (expiry and id heaps) and its log."""
 
-    def __init__(self, op: KeyedOperator, model_path: str):
+    def __init__(self, op: KeyedOperator, model_path: str, health: str | HealthConfig = "off"):
         self.op = op
         self.model_path = model_path
+        #: the carried-state health policy (``StatefulInference(health=...)``); its columns are part of each key's
+        #: state rows (``health_*``, and the shadow's state under ``heal``), so the log carries them
+        self.health = health
         self.meta: dict[str, KeyMeta] = {}
         self.ids: dict[tuple[str, int], int] = {}  # (key, seq) -> the applied row's event time (micros)
         self.held: dict[str, pa.Table] = {}  # key -> its one held-back output row
@@ -136,7 +140,7 @@ class ShardStore:
         """Serve the key streams with ``model`` from now on. Same state shapes: every key's state goes on;
         other shapes: every live key's stream ends (``model_update``). Returns the keys whose stream ended."""
         ended: list[str] = []
-        fresh = ShardStore.new(model, path, keep_last_output=self.op.keep_last_output)
+        fresh = ShardStore.new(model, path, keep_last_output=self.op.keep_last_output, health=self.health)
         if model.spec.state_signature == self.op.model.spec.state_signature:
             fresh.op.restore(self.op.snapshot(), allow_other_model=True)
         else:
@@ -286,6 +290,7 @@ class ShardStore:
                      "held": _held_table(self.held, lg.held_touched)}
         lg.seq += 1
         head = {"seq": lg.seq, "full": full, "model": self.model_path, "scalars": self._scalars(),
+                "health": _policy(self.health),
                 "held_cleared": [] if full else sorted(k for k in lg.held_touched if k not in self.held)}
         blob = _pack(head, {k: _ipc(v) for k, v in parts.items()})
         n = len(keys) + len(ids) + (len(self.held) if full else len(lg.held_touched))
@@ -309,29 +314,36 @@ class ShardStore:
 
     def full_blob(self, extra: dict | None = None) -> bytes:
         """The whole store as one full blob (a snapshot to keep; the log is not touched)."""
-        return pack_full(self._parts_full()[0], model=self.model_path, scalars=self._scalars(), extra=extra)
+        return pack_full(self._parts_full()[0], model=self.model_path, scalars=self._scalars(), extra=extra,
+                         health=_policy(self.health))
 
     # -- building a store ------------------------------------------------------------------
     @classmethod
-    def new(cls, model: Model, path: str, *, keep_last_output: bool) -> ShardStore:
-        # event time rules here (the TTL is the store's, in event time): no wall clock in the state
+    def new(cls, model: Model, path: str, *, keep_last_output: bool, health: str | HealthConfig = "off") -> ShardStore:
+        # event time rules here (the TTL is the store's, in event time): no wall clock in the state. Health
+        # 'heal' keeps its shadows beside the host state: the state stays on the host there.
         return cls(KeyedOperator(model, max_keys=_MAX_KEYS, ttl=None, keep_last_output=keep_last_output,
-                                 initial_capacity=16, clock=_no_wall_clock), path)
+                                 initial_capacity=16, clock=_no_wall_clock, health=health,
+                                 state_on_device=False if _policy(health) == "heal" else None), path, health)
 
     @classmethod
     def from_log(cls, blobs: list[bytes], load_model: Callable[[str], Model], *, keep_last_output: bool,
-                 default_path: str) -> tuple[ShardStore, ModelChange | None]:
+                 default_path: str, health: str | HealthConfig | None = None) -> tuple[ShardStore, ModelChange | None]:
         """Replay the log (in delta order, from the last full snapshot) into a fresh store.
 
-        Returns the store and, when the file at the state's model path now holds another model,
-        the :class:`ModelChange` that the next flush must report (the store already reflects it).
+        ``health``: the policy to serve with (None: the one the log was written with; its columns are restored
+        exactly either way, as far as the policy keeps them). Returns the store and, when the file at the state's
+        model path now holds another model, the :class:`ModelChange` that the next flush must report (the store
+        already reflects it).
         """
         deltas = sorted((_unpack(b) for b in blobs), key=lambda d: d[0]["seq"])
         fulls = [i for i, (h, _) in enumerate(deltas) if h["full"]]
         if fulls:
             deltas = deltas[fulls[-1]:]
         path = deltas[-1][0]["model"] if deltas else default_path
-        store = cls.new(load_model(path), path, keep_last_output=keep_last_output)
+        if health is None:
+            health = deltas[-1][0].get("health", "off") if deltas else "off"
+        store = cls.new(load_model(path), path, keep_last_output=keep_last_output, health=health)
         states: list[pa.Table] = []
         schema_meta = None
         for head, parts in deltas:
@@ -393,6 +405,11 @@ class ShardStore:
         return store, change
 
 
+def _policy(health: str | HealthConfig | None) -> str:
+    """The policy name of a ``health`` argument."""
+    return health.policy if isinstance(health, HealthConfig) else (health or "off")
+
+
 def _canon(v: Any) -> Any:
     """Plain values that compare equal when equal (NaN as a string)."""
     if isinstance(v, float) and v != v:
@@ -429,9 +446,11 @@ def _pack(head: dict, parts: dict[str, bytes]) -> bytes:
 PARTS = ("state", "meta", "ids", "held")
 
 
-def pack_full(parts: dict[str, pa.Table], *, model: str, scalars: dict[str, int], extra: dict | None = None) -> bytes:
+def pack_full(parts: dict[str, pa.Table], *, model: str, scalars: dict[str, int], extra: dict | None = None,
+              health: str = "off") -> bytes:
     """A full blob (what a compaction writes) from its tables; ``from_log([blob])`` is that store."""
-    head = {"seq": 1, "full": True, "model": model, "scalars": scalars, "held_cleared": [], "extra": extra or {}}
+    head = {"seq": 1, "full": True, "model": model, "scalars": scalars, "held_cleared": [], "extra": extra or {},
+            "health": health}
     return _pack(head, {k: _ipc(parts[k]) for k in PARTS})
 
 
