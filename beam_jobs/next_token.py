@@ -115,6 +115,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "filesystem) for a later run's --initial-state; streams are kept, not ended")
     ap.add_argument("--initial-state", metavar="DIR", default=None,
                     help="start from a --save-state snapshot (of the same model), with any --shards")
+    ap.add_argument("--health", choices=("off", "flag", "heal"), default="off",
+                    help="carried-state health (docs/beam.md): 'flag' counts keys in bad health, 'heal' also replaces "
+                         "a key's state by a fresh shadow's when that does better for long enough, reset 'health' "
+                         "(default: %(default)s)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -155,7 +159,7 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
             model=args.model, num_shards=args.shards, window_size=args.window,
             allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
             next_fields=("logprob",), output="arrow", providers=args.providers, save_state=args.save_state,
-            initial_state=args.initial_state)
+            initial_state=args.initial_state, health=args.health)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
     launcher.require_task(args.model, inference.spec, "lm", "a language model")
