@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import streamrnn
-from streamrnn.beam.job.io import _DEMO_TEXT
+from streamrnn.beam.job.io import DEMO_TEXT
 from streamrnn.metrics.catalogue import BY_NAME, CATALOGUE, exported_for, state_bytes_per_key
 from streamrnn.model.loaded import load
 
@@ -66,7 +66,7 @@ def write_events(path: Path) -> tuple[int, int]:
     stops in Beam's TestStream (watermarks must be whole ms), reported to the Beam layer.
 
     Returns (duplicated bytes, bad rows)."""
-    lines = _DEMO_TEXT.strip().split("\n")
+    lines = DEMO_TEXT.strip().split("\n")
     rng = np.random.default_rng(7)
     t0 = 1_700_000_000.0
     rows = []

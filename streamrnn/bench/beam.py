@@ -29,7 +29,6 @@ section at a toy size (a smoke test, not a measurement).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -39,121 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 
 import numpy as np
 
+from .common import Sink, byte_events, code_state, make_model, run_stateful, write_byte_events
+
 VARIANTS = ("a", "b", "c", "d", "s", "k")
-
-
-def _events(keys: int, per_key: int, seed: int = 0):
-    """Byte events of ``keys`` streams of text-like bytes, interleaved, as (key list, ts, seq, tokens)."""
-    from ..beam.job.io import _DEMO_TEXT
-
-    corpus = np.frombuffer(_DEMO_TEXT.encode() * (1 + per_key * keys // len(_DEMO_TEXT)), np.uint8)
-    rng = np.random.default_rng(seed)
-    tok = np.empty((keys, per_key), np.int64)
-    for k in range(keys):
-        s = int(rng.integers(0, len(corpus) - per_key))
-        tok[k] = corpus[s:s + per_key]
-    ts = 1_000.0 + np.arange(per_key)[None, :] * 1.0 + rng.uniform(0, 0.5, (keys, 1))
-    return tok, ts
-
-
-def _write_events(tok, ts, path: str) -> str:
-    """The events as a Parquet file (``key, ts, seq, token``), arrival in event-time order, keys interleaved.
-
-    Pipelines read it with :class:`~streamrnn.beam.job.io.ReadEvents`, as a job does: embedding
-    the events in the pipeline with ``beam.Create`` would measure pickling and compressing
-    the data into the pipeline graph instead (most of the wall time at 200k events).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    K, E = tok.shape
-    keys = np.repeat(np.array([f"key-{k:05d}" for k in range(K)], dtype=object)[None, :], E, axis=0).T
-    order = np.argsort(ts.reshape(-1), kind="stable")
-    pq.write_table(pa.table({"key": pa.array(keys.reshape(-1)[order].tolist(), pa.string()),
-                             "ts": ts.reshape(-1)[order], "seq": np.tile(np.arange(E), K)[order],
-                             "token": tok.reshape(-1)[order]}), path)
-    return path
-
-
-class _Sink:
-    """Collects results across the pickling boundary: one .npy file per element, read back after the run."""
-
-    def __init__(self, root: str):
-        self.root = root
-        os.makedirs(root, exist_ok=True)
-
-    def __call__(self, item):
-        import pickle
-        import uuid
-
-        with open(os.path.join(self.root, uuid.uuid4().hex), "wb") as f:
-            pickle.dump(item, f)
-
-    def read(self) -> list:
-        import pickle
-
-        out = []
-        for name in os.listdir(self.root):
-            with open(os.path.join(self.root, name), "rb") as f:
-                out.append(pickle.load(f))
-        return out
-
-
-class _IdentityModel:
-    """Stands in for :class:`~streamrnn.model.loaded.Model`: task outputs are zeros, state passes through."""
-
-    def __init__(self, model):
-        self.__dict__.update(model.__dict__)
-        self._real = model
-        self.spec = model.spec
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def run_unchecked(self, x, lengths, state):
-        B, T = x.shape[:2]
-        return {"logprobs": np.zeros((B, T, 256), np.float32)}, state
-
-
-@contextlib.contextmanager
-def identity_models() -> Iterator[None]:
-    """Within: the stateful DoFn loads :class:`_IdentityModel` s (it loads models through
-    ``stateful.load_model``; the DirectRunner runs it in this process)."""
-    from ..beam.step import stateful as st
-
-    real = st.load_model
-    st.load_model = lambda path, providers="auto": _IdentityModel(real(path, providers))
-    try:
-        yield
-    finally:
-        st.load_model = real
-
-
-def _run_a(model_path, events_path, shards, identity=False):
-    import apache_beam as beam
-
-    from ..beam import NextTokenPostprocess, StatefulInference
-    from ..beam.job.io import ReadEvents
-
-    sink = _Sink(tempfile.mkdtemp(prefix="bench-a-"))
-    with identity_models() if identity else contextlib.nullcontext():
-        t0, c0 = time.perf_counter(), time.process_time()
-        with beam.Pipeline() as p:
-            blocks, _unread = p | ReadEvents(events_path, block_rows=8192)
-            out, _ = blocks | StatefulInference(
-                model=model_path, num_shards=shards, window_size=60.0, postprocess=NextTokenPostprocess(5),
-                output="arrow", providers=["CPUExecutionProvider"])
-            # the columns the checks need, as Arrow / numpy (no per-row Python objects inside the timed run)
-            out | beam.Map(lambda b: (b.column("key"), b.column("seq").to_numpy(),
-                                      b.column("logprob").to_numpy())) | beam.Map(sink)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    got = sink.read()
-    shutil.rmtree(sink.root, ignore_errors=True)
-    return dt, got, cpu
 
 
 def _run_b(model_path, tok, ts, W=64):
@@ -184,7 +74,7 @@ def _run_b(model_path, tok, ts, W=64):
         for i in range(E):
             yield (k, i), tok[k, max(0, i - W + 1):i + 1]
 
-    sink = _Sink(tempfile.mkdtemp(prefix="bench-b-"))
+    sink = Sink(tempfile.mkdtemp(prefix="bench-b-"))
     handler = KeyedModelHandler(OnnxModelHandlerNumpy(model_path, providers=["CPUExecutionProvider"],
                                                       inference_fn=infer, max_batch_size=256))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -225,7 +115,7 @@ def _one(args) -> dict:
     if args.variant == "s":
         from .beam_stream import run as stream
 
-        tok, ts = _events(args.stream_keys or args.keys, args.stream_events or args.events)
+        tok, ts = byte_events(args.stream_keys or args.keys, args.stream_events or args.events)
         res = stream(args.model, tok, ts, windows=args.stream_windows, shards=args.shards,
                      repeats=args.stream_repeats, no_cache=args.stream_cold)
         if args.stream_held != "0":
@@ -236,13 +126,13 @@ def _one(args) -> dict:
                                         events_per_key=args.sweep_events_per_key, windows=args.stream_held_windows,
                                         warmup=args.stream_held_warmup, repeats=args.stream_held_repeats)
         return {**res, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    tok, ts = _events(args.keys, args.events)
+    tok, ts = byte_events(args.keys, args.events)
     n = tok.size
     times, cpus, extra = [], [], {}
-    events_path = _write_events(tok, ts, os.path.join(tempfile.mkdtemp(prefix="bench-events-"), "events.parquet"))
+    events_path = write_byte_events(tok, ts, os.path.join(tempfile.mkdtemp(prefix="bench-events-"), "events.parquet"))
     for r in range(args.repeats if args.variant != "b" else args.repeats_b):
         if args.variant == "a" or args.variant == "c":
-            dt, got, cpu = _run_a(args.model, events_path, args.shards, identity=args.variant == "c")
+            dt, got, cpu = run_stateful(args.model, events_path, args.shards, identity=args.variant == "c")
             n_out = sum(len(k) for k, _, _ in got)
             if n_out != n:
                 raise RuntimeError(f"bench ({args.variant}): expected {n} outputs, got {n_out}")
@@ -278,18 +168,6 @@ def _one(args) -> dict:
             "events_per_cpu_s": n / statistics.median(cpus), **extra}
 
 
-def _code_state() -> dict:
-    """The commit measured, and which library files differed from it (others edit the same checkout)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", "-C", root, *a], capture_output=True, text=True)
-        return r.stdout if r.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
-            "uncommitted": [ln[3:] for ln in git("status", "--porcelain", "--", "streamrnn").splitlines()]}
-
-
 def _key_counts(text: str) -> str:
     """``--sweep-keys``: comma-separated ints >= 1 (kept as text: it travels to the variant's subprocess)."""
     try:
@@ -307,18 +185,6 @@ def _key_counts_or_off(text: str) -> str:
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
-
-
-def _make_model(path: str, hidden: int, layers: int) -> None:
-    try:
-        import torch
-
-        from ..train.export import export
-        from ..train.nets import NetConfig, RecurrentNet
-    except ImportError as e:  # pragma: no cover
-        raise SystemExit(f"streamrnn bench beam: needs the 'train' extra (torch) to build the bench model: {e}") from e
-    torch.manual_seed(0)
-    export(RecurrentNet(NetConfig(hidden=hidden, layers=layers)), path, name=f"bench-lm-{layers}x{hidden}")
 
 
 #: ``--quick``: every section at a toy size (a smoke test; the numbers mean nothing).
@@ -422,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model
         if model is None and set(args.variants) - {"k"}:
             model = os.path.join(tmp, "bench.onnx")
-            _make_model(model, args.hidden, args.layers)
+            make_model(model, args.hidden, args.layers)
         results = {}
         # plain lines on stderr while a variant runs long: after 10 s, at most every 10 s
         with Heartbeat("streamrnn bench beam", "starting") as beat:
@@ -446,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         config = {"keys": args.keys, "events_per_key": args.events, "shards": args.shards,
                   "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM", "sweep_model": args.sweep_model,
                   "runner": "DirectRunner (batch) for a-d", "window_b": 64, "repeats": args.repeats,
-                  "quick": args.quick, "cpus": os.cpu_count(), "code": _code_state(),
+                  "quick": args.quick, "cpus": os.cpu_count(), "code": code_state(),
                   "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]}
         out = report(results, config, (os.path.join(tmp, "lp_a.npy"), os.path.join(tmp, "lp_b.npy")))
         _more_goals(out)

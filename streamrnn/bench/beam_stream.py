@@ -192,7 +192,7 @@ def _run_stateful(blocks, model: str, size: int, shards: int, root: str, *, iden
                   cache_bytes: int | None = None) -> tuple[float, int, dict[str, int]]:
     import contextlib
 
-    from .beam import identity_models
+    from .common import identity_models
 
     with identity_models() if identity else contextlib.nullcontext():
         return _run_stateful_once(blocks, model, size, shards, root, cache_bytes=cache_bytes)
@@ -330,9 +330,9 @@ def _held_blocks(n_keys: int, *, windows: int, keys_per_flush: int, events_per_k
     keys drawn at random from them, ``events_per_key`` events each. (window index, Arrow block) per window."""
     import pyarrow as pa
 
-    from ..beam.job.io import _DEMO_TEXT
+    from ..beam.job.io import DEMO_TEXT
 
-    corpus = np.frombuffer(_DEMO_TEXT.encode(), np.uint8).astype(np.int64)
+    corpus = np.frombuffer(DEMO_TEXT.encode(), np.uint8).astype(np.int64)
     rng = np.random.default_rng(seed)
     base = 1_000_000_000_000 // size  # window index of the first window (event time ~ 11.6 days after the epoch)
     names = np.array([f"key-{i:06d}" for i in range(n_keys)], dtype=object)

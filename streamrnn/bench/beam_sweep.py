@@ -192,10 +192,10 @@ def run(model: str, key_counts: list[int], *, keys_per_flush: int = 256, events_
         flushes: int = 12, warmup: int = 2, window: float = 60.0, ttl: float | None = None,
         rebuild_max_keys: int = 10_000, seed: int = 0) -> dict:
     """The sweep (see the module doc); a JSON-able result."""
-    from ..beam.job.io import _DEMO_TEXT
+    from ..beam.job.io import DEMO_TEXT
     from ..beam.step.store import CACHE, ShardStore
 
-    corpus = np.frombuffer(_DEMO_TEXT.encode(), np.uint8)
+    corpus = np.frombuffer(DEMO_TEXT.encode(), np.uint8)
     window_micros = round(window * 1_000_000)
     rng = np.random.default_rng(seed)
     base = 1_000_000  # window index of the first window (event time ~ 1.9 years after the epoch)

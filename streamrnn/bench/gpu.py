@@ -34,7 +34,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..cli.args import Heartbeat, OneLineParser, at_least
-from .operator import _interleaved, flops_per_key_step
+from .common import byte_events, interleaved, write_byte_events
+from .operator import flops_per_key_step
 
 SHAPES = tuple((B, T) for B in (1, 64, 1024, 8192) for T in (1, 64))
 CPU_MAX_KEY_STEPS = 65_536  # larger calls on the CPU provider would take most of the time budget
@@ -152,8 +153,8 @@ def _throughput(path: str, net, shapes, seconds: float, min_calls: int, deadline
             variants["cpu"] = lambda x=x, lens=lens, host=host: cpu.run_unchecked(x, lens, host)
         for fn in (*variants.values(), cudnn):
             fn()
-        samples = _interleaved(variants, seconds, min_calls)
-        samples.update(_interleaved({"cudnn": cudnn}, seconds / 3, min_calls))
+        samples = interleaved(variants, seconds, min_calls)
+        samples.update(interleaved({"cudnn": cudnn}, seconds / 3, min_calls))
         med = {k: statistics.median(v) for k, v in samples.items()}
         row = {"B": B, "T": T, "calls": len(samples["device"]),
                **{k: {"key_steps_per_s": B * T / v, "median_s_per_call": v} for k, v in med.items()},
@@ -177,11 +178,10 @@ def beam_events_per_s(path: str, simulate: bool, keys: int, per_key: int,
     from ..beam import NextTokenPostprocess, StatefulInference
     from ..beam.job.io import ReadEvents
     from ..model.runtime import CPU
-    from .beam import _events, _write_events
 
     d = tempfile.mkdtemp(prefix="bench-gpu-")
     try:
-        events = _write_events(*_events(keys, per_key), os.path.join(d, "events.parquet"))
+        events = write_byte_events(*byte_events(keys, per_key), os.path.join(d, "events.parquet"))
         out = {}
         for label, providers in (("cuda", _cuda_providers(simulate)), ("cpu", [CPU])):
             progress(f"Beam pipeline on {label}, {keys * per_key:,} events")

@@ -306,14 +306,14 @@ def main(argv: list[str] | None = None) -> int:
 def _bench(args: argparse.Namespace, argv: list[str], workers: list[int], tmp: str,
            progress: Callable[[str], None]) -> int:
     """The runs of :func:`main` (``progress(status)``: the CLI's progress lines)."""
-    from .beam import _code_state, _make_model
+    from .common import code_state, make_model
 
     try:
         load_before = os.getloadavg()
         model = args.model or os.path.join(tmp, "tiny.onnx")
         if args.model is None:
             progress("building the model")
-            _make_model(model, args.hidden, args.layers)
+            make_model(model, args.hidden, args.layers)
         progress(f"writing {args.keys:,} keys' events")
         events_path = os.path.join(tmp, "events.parquet")
         n = write_events(events_path, keys=args.keys, waves=args.waves, events_per_key=args.events_per_key,
@@ -336,7 +336,7 @@ def _bench(args: argparse.Namespace, argv: list[str], workers: list[int], tmp: s
                           "dedupe_horizon_s": args.dedupe_horizon or 3600.0,
                           "model": args.model or f"random {args.layers}x{args.hidden} LSTM LM (tiny, bench-built)",
                           "runner": "DirectRunner multi_processing (FnApiRunner), batch", "quick": args.quick,
-                          "cpus": os.cpu_count(), "code": _code_state(),
+                          "cpus": os.cpu_count(), "code": code_state(),
                           "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)]},
                "runs": runs, "events_per_s": eps,
                "ratio_2_over_1_workers": eps["2"] / eps["1"] if "1" in eps and "2" in eps else None,

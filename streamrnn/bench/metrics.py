@@ -23,23 +23,23 @@ import time
 
 from .. import DEFAULT_MODEL
 from ..metrics.export import ENV_SWITCH
-from .beam import _events, _run_a, _write_events
+from .common import byte_events, run_stateful, write_byte_events
 
 
 def run(keys: int, events: int, repeats: int, shards: int, identity: bool, model: str = DEFAULT_MODEL) -> dict:
-    tok, ts = _events(keys, events)
+    tok, ts = byte_events(keys, events)
     root = tempfile.mkdtemp(prefix="metrics-bench-")
-    path = _write_events(tok, ts, os.path.join(root, "events.parquet"))
+    path = write_byte_events(tok, ts, os.path.join(root, "events.parquet"))
     times: dict[str, list[float]] = {"on": [], "off": []}
     cpu: dict[str, list[float]] = {"on": [], "off": []}
     before = os.environ.get(ENV_SWITCH)
     try:
-        _run_a(model, path, shards, identity=identity)  # warm-up: imports, model load, caches
+        run_stateful(model, path, shards, identity=identity)  # warm-up: imports, model load, caches
         for _ in range(repeats):
             for mode in ("on", "off"):
                 os.environ[ENV_SWITCH] = mode
                 c0 = time.process_time()
-                dt, got = _run_a(model, path, shards, identity=identity)
+                dt, got, _ = run_stateful(model, path, shards, identity=identity)
                 cpu[mode].append(time.process_time() - c0)
                 n_out = sum(len(k) for k, _, _ in got)
                 if n_out != tok.size:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..cli.args import Heartbeat, OneLineParser, at_least
+from .common import interleaved
 
 SHAPES = ((1, 1), (256, 1), (1, 64), (256, 64))
 
@@ -64,24 +65,6 @@ def flops_per_key_step(layers: int, hidden: int, in_dim: int, out_dim: int, gate
         d = in_dim if li == 0 else hidden
         f += 2 * gates * hidden * (d + hidden)
     return f + 2 * hidden * out_dim
-
-
-def _interleaved(variants: dict[str, Callable[[], object]], seconds: float, min_calls: int,
-                 seed: int = 0) -> dict[str, list[float]]:
-    """Per-call times of each variant, one call of each per round in a random order, until
-    ``seconds`` have passed and every variant has ``min_calls`` samples."""
-    samples: dict[str, list[float]] = {k: [] for k in variants}
-    names = list(variants)
-    rng = np.random.default_rng(seed)
-    perf = time.perf_counter
-    t_end = perf() + seconds
-    while len(samples[names[0]]) < min_calls or perf() < t_end:
-        for i in rng.permutation(len(names)):
-            fn = variants[names[i]]
-            t = perf()
-            fn()
-            samples[names[i]].append(perf() - t)
-    return samples
 
 
 def zipf_keys(rng: np.random.Generator, n: int, s: float, universe: int) -> list[str]:
@@ -159,11 +142,11 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
     # the packed variants of every case interleaved call by call (the Zipf / uniform ratio is a ratio of
     # calls timed under the same load); the unpacked ones can be ~30x slower: a few calls each, apart
     progress(f"skewed keys, {len(cases)} cases interleaved")
-    packed = _interleaved({name: b[4]["packed"] for name, b in built.items()}, seconds * len(cases), min_calls,
+    packed = interleaved({name: b[4]["packed"] for name, b in built.items()}, seconds * len(cases), min_calls,
                           seed)
     for i, (name, (keys, x, g, ops, variants)) in enumerate(built.items()):
         progress(f"skewed keys, case {i + 1}/{len(cases)} ({name}) unpacked")
-        samples = {"packed": packed[name], **_interleaved({"unpacked": variants["unpacked"]}, 0.0, 3, seed)}
+        samples = {"packed": packed[name], **interleaved({"unpacked": variants["unpacked"]}, 0.0, 3, seed)}
         groups = pack(g.counts)
         row = {"events": len(keys), "keys": len(g.keys), "busiest": int(g.counts.max()),
                "padded_key_steps_packed": int(sum(len(gr) * g.counts[gr].max() for gr in groups)),
@@ -262,8 +245,8 @@ def run(*, hidden: int = 256, layers: int = 2, seconds: float = 4.0, min_calls: 
         }
         for fn in (*variants.values(), torch_call):
             fn()
-        samples = _interleaved(variants, seconds, min_calls, seed)
-        samples.update(_interleaved({"torch": torch_call}, seconds / 3, min_calls, seed))
+        samples = interleaved(variants, seconds, min_calls, seed)
+        samples.update(interleaved({"torch": torch_call}, seconds / 3, min_calls, seed))
         med = {k: statistics.median(v) for k, v in samples.items()}
         row = {"B": B, "T": T, "calls_per_variant": len(samples["raw"])}
         for k, v in med.items():

@@ -34,8 +34,8 @@ from .replay import play, step_bounds, stepped_stream
 
 #: Output tag of the rows that cannot be used (dead letters).
 
-__all__ = ["FORMATS", "ParseFiles", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy", "match_inputs",
-           "read_events"]
+__all__ = ["DEMO_TEXT", "FORMATS", "ParseFiles", "ReadEvents", "ReplayEvents", "blocks", "demo_events", "local_copy",
+           "match_inputs", "read_events"]
 
 
 #: Beam's extra that brings each scheme's filesystem
@@ -230,7 +230,7 @@ def demo_events(path: str | os.PathLike, *, keys: int = 6, seed: int = 0) -> str
     """Write a small JSONL event file: several keys' text, interleaved and out of order, a duplicate
     row and an unreadable row. Returns the path."""
     rng = np.random.default_rng(seed)
-    lines = _DEMO_TEXT.strip().split("\n")
+    lines = DEMO_TEXT.strip().split("\n")
     rows = []
     t0 = 1_700_000_000.0
     for k in range(keys):
@@ -251,7 +251,8 @@ def demo_events(path: str | os.PathLike, *, keys: int = 6, seed: int = 0) -> str
     return os.fspath(path)
 
 
-_DEMO_TEXT = """
+#: The demo events' text (Coriolanus, act 1): ``demo_events`` and the benchmarks' byte events.
+DEMO_TEXT = """
 First Citizen: Before we proceed any further, hear me speak.
 All: Speak, speak.
 First Citizen: You are all resolved rather to die than to famish?
