@@ -67,6 +67,11 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
         (f"sum by (job, model_version) (rate(streamrnn_online_abs_error_percent_total{{{J}}}[{RI}])) / "
          f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
          "{{job}} {{model_version}} MAE of the median")], 12),
+    ("Carried-state health: share of active keys in bad health (health flag/heal)", "percentunit", "timeseries", [
+        (f"sum by (job) (streamrnn_health_bad_keys{{{J}}}) / (sum by (job) (streamrnn_active_keys{{{J}}}) > 0)",
+         "{{job}} bad health")], 12),
+    ("Health resets: states replaced by their fresh shadow's (health heal, keys/s)", "ops", "timeseries", [
+        (f"sum by (job) (rate(streamrnn_health_resets_total{{{J}}}[{RI}]))", "{{job}} heals/s")], 12),
     ("Target health per job (1 = /metrics scraped, 0 = down)", "short", "timeseries", [
         (f"max by (job, instance) (last_over_time(streamrnn_cuda_expected{{{J}}}[1d]) * 0) "
          "+ on (instance) group_left () max by (instance) (up)", "{{job}} {{instance}}")], 12),
