@@ -68,7 +68,7 @@ PANELS: list[tuple[str, str, str, list[tuple[str, str]], int]] = [
          f"clamp_min(sum by (job, model_version) (rate(streamrnn_online_scored_events_total{{{J}}}[{RI}])), 1e-9)",
          "{{job}} {{model_version}} MAE of the median")], 12),
     ("Carried-state health: share of active keys in bad health (health flag/heal)", "percentunit", "timeseries", [
-        (f"sum by (job) (streamrnn_health_bad_keys{{{J}}}) / (sum by (job) (streamrnn_active_keys{{{J}}}) > 0)",
+        (f"sum by (job) (streamrnn_health_bad_keys{{{J}}}) / clamp_min(sum by (job) (streamrnn_active_keys{{{J}}}), 1)",
          "{{job}} bad health")], 12),
     ("Health resets: states replaced by their fresh shadow's (health heal, keys/s)", "ops", "timeseries", [
         (f"sum by (job) (rate(streamrnn_health_resets_total{{{J}}}[{RI}]))", "{{job}} heals/s")], 12),
