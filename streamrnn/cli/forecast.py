@@ -36,7 +36,7 @@ def _train(a: argparse.Namespace) -> int:
                               threads=a.threads, max_minutes=a.max_minutes,
                               features=FeatureConfig(bar_seconds=a.bar_seconds, anchor=a.anchor))
     with _csv_bars(a.bars):
-        data = dataset.load(a.bars, cfg.horizons, columns=a.columns, features=cfg.features)
+        data = dataset.load(a.bars, cfg.horizons, columns=parse_columns(a.columns), features=cfg.features)
     got = dataset.check_frequency(data, cfg.features.bar_seconds, allow=a.allow_frequency)
     inputs_checked()
     out = Path(a.out)
@@ -61,14 +61,6 @@ def _symbols(s: str) -> list[str]:
     if not out:
         raise argparse.ArgumentTypeError(f"expected comma-separated symbols, got {s!r}")
     return out
-
-
-def _columns(s: str) -> dict[str, str]:
-    """An argparse ``type``: ``NAME=COLUMN`` pairs (:func:`~streamrnn.forecast.bars.parse_columns`' rule)."""
-    try:
-        return parse_columns(s)
-    except InputError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--columns: ")) from None
 
 
 def _fractions(lo: float, hi: float, what: str):
@@ -112,8 +104,9 @@ def _eval(a: argparse.Namespace) -> int:
     if a.start and a.end and not np_secs(a.start) < np_secs(a.end):
         raise InputError(f"--end: expected a date after --start {a.start}, got {a.end}")
 
+    columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
-        r = eval_forecast(a.model, a.bars, columns=a.columns, tcn=a.tcn, symbols=a.symbols,
+        r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
                           scaling=a.gamma_scaling, regime_window=a.regime_window,
@@ -126,11 +119,11 @@ def _eval(a: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_table(r))
     if a.report:
-        from ..forecast.report import write_report
+        from ..forecast.report import NAMES, write_report
 
         d = write_report(r, a.report)
         print(f"wrote {a.report} (h1 coverage by year {d['years'][0]}..{d['years'][-1]}, PIT histogram, NLL by year "
-              f"against {d['best']})", file=sys.stderr if a.json else sys.stdout)
+              f"against {NAMES[d['best']]})", file=sys.stderr if a.json else sys.stdout)
     return 0
 
 
@@ -168,7 +161,7 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     t.add_argument("--anchor", action="store_true",
                    help="volatility-anchored model: inputs in running-sd units, scale relative to the EWMA sd "
                         "(docs/market.md); the market job serves it only through ForecastPostprocess.for_model")
-    t.add_argument("--columns", type=_columns, default={}, help="column mapping, e.g. ts=When,symbol=Ticker")
+    t.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker (checked before any work)")
     t.add_argument("--name", type=utf8, help="model name in its spec (default: OUT's stem)")
     t.add_argument("--version", type=utf8, default="1.0.0", help="model version in its spec")
     t.set_defaults(fn=_train)
@@ -185,7 +178,7 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     e.add_argument("--bars", default=SP500, help="CSV file or directory of bars")
     e.add_argument("--tcn", help="also score a TCN baseline checkpoint (.pt from train forecast --cell tcn)")
     e.add_argument("--symbols", type=_symbols, help="comma-separated symbols (default: all)")
-    e.add_argument("--columns", type=_columns, default={}, help="column mapping, e.g. ts=When,symbol=Ticker")
+    e.add_argument("--columns", help="column mapping, e.g. ts=When,symbol=Ticker (checked before any work)")
     e.add_argument("--allow-frequency", action="store_true", help="evaluate bars of another frequency anyway")
     e.add_argument("--period", choices=["test", "validation"], default=None,
                    help="test (default): from the model's test_start; validation: its [fit_end, val_end) (for model "

@@ -33,7 +33,8 @@ def check_report(png: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise InputError("--report: expected matplotlib (pip install 'streamrnn[plot]'), got it not installed") from None
+        raise InputError("--report: expected matplotlib (pip install 'streamrnn[plot]'), got it not "
+                         "installed") from None
 
 
 def _label(level: float) -> str:
