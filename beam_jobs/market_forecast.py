@@ -37,16 +37,26 @@ guard_imports()  # before apache_beam: no import-time warnings on the user's ter
 import apache_beam as beam  # noqa: E402
 
 from streamrnn.beam import StatefulInference  # noqa: E402
-from streamrnn.beam.job import launcher  # noqa: E402
-from streamrnn.beam.job.launcher import JobError, Output  # noqa: E402
-from streamrnn.beam.job.live import LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
-from streamrnn.beam.job.sinks import WriteParquet  # noqa: E402
-from streamrnn.beam.job.summary import SUMMARY, read_summary  # noqa: E402
-from streamrnn.beam.models import load_model  # noqa: E402
-from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
-from streamrnn.cli.args import at_least, fraction  # noqa: E402
+from streamrnn.beam.job import (  # noqa: E402
+    CPU,
+    DEAD_LETTER_SCHEMA,
+    SUMMARY,
+    InputError,
+    JobError,
+    LiveRun,
+    ModelLoadError,
+    Output,
+    ReadLive,
+    WriteParquet,
+    add_live_args,
+    at_least,
+    fraction,
+    launcher,
+    live_source,
+    load_model,
+    read_summary,
+)
 from streamrnn.cli.forecast import _fractions as fractions  # noqa: E402  (eval forecast's --levels/--var rule)
-from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
     LOCATIONS,
@@ -69,7 +79,6 @@ from streamrnn.forecast.calibrate_step import Calibrate  # noqa: E402
 from streamrnn.forecast.conformal import GAMMA, LEVELS, SCALINGS, TAILS, label  # noqa: E402
 from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
 from streamrnn.forecast.features import FeatureConfig  # noqa: E402
-from streamrnn.model.runtime import CPU  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
 DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")

@@ -39,16 +39,30 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
 
 from streamrnn.beam import NextTokenPostprocess, StatefulInference  # noqa: E402
-from streamrnn.beam.job import launcher  # noqa: E402
-from streamrnn.beam.job.io import ReadEvents, ReplayEvents, demo_events  # noqa: E402
-from streamrnn.beam.job.launcher import JobError, Output  # noqa: E402
-from streamrnn.beam.job.live import EventParser, LiveRun, ReadLive, add_live_args, live_source  # noqa: E402
-from streamrnn.beam.job.sinks import WriteParquet  # noqa: E402
-from streamrnn.beam.job.summary import SUMMARY, MeanMetric, WriteSummary, print_summary, read_summary  # noqa: E402
-from streamrnn.beam.records import DEAD_LETTER_SCHEMA  # noqa: E402
-from streamrnn.beam.step.counters import CountUnread  # noqa: E402
-from streamrnn.cli.args import at_least  # noqa: E402
-from streamrnn.errors import InputError, ModelLoadError  # noqa: E402
+from streamrnn.beam.job import (  # noqa: E402
+    DEAD_LETTER_SCHEMA,
+    SUMMARY,
+    CountUnread,
+    EventParser,
+    InputError,
+    JobError,
+    LiveRun,
+    MeanMetric,
+    ModelLoadError,
+    Output,
+    ReadEvents,
+    ReadLive,
+    ReplayEvents,
+    WriteParquet,
+    WriteSummary,
+    add_live_args,
+    at_least,
+    demo_events,
+    launcher,
+    live_source,
+    print_summary,
+    read_summary,
+)
 
 PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"
 BITS_PER_CHAR = MeanMetric("bits_per_char", "logprob_next", scale=-1.0 / math.log(2.0), count_name="bytes")

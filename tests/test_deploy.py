@@ -365,7 +365,7 @@ def _distributed(folder: Path) -> dict:
                                               runs["logs"], mf)
         # the market job with the worker install's copy of shipped:market swapped for another model
         sw = folder / "swapped"
-        code = "from streamrnn import shipped; print(shipped.resolve('shipped:market'))"
+        code = "from streamrnn.model import shipped; print(shipped.resolve('shipped:market'))"
         installed = Path(subprocess.run([str(worker_venv / "bin" / "python"), "-c", code], capture_output=True,
                                         text=True, check=True, cwd=folder, env=_env_without_checkout()).stdout.strip())
         write_sp500_layout(simulate(["SIMA"], start="2016-01-01", end="2016-02-01", seed=4), sw / "bars")
