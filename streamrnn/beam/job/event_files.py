@@ -65,7 +65,8 @@ def _raw(b: bytes) -> str:
     return b.decode("utf-8", "backslashreplace")
 
 
-def _utf8_error(field: str, e: UnicodeDecodeError) -> str:
+def utf8_error(field: str, e: UnicodeDecodeError) -> str:
+    """The reason for bytes that are not UTF-8, naming the field, the byte and its offset (files and messages alike)."""
     return (f"{field}: expected UTF-8 text, got the byte 0x{e.object[e.start]:02x} at byte offset {e.start}, "
             "which is not UTF-8")
 
@@ -90,7 +91,7 @@ def _jsonl_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
         try:
             r = json.loads(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            dead.append(_dead(_utf8_error(f"line {i + 1}", e), here))
+            dead.append(_dead(utf8_error(f"line {i + 1}", e), here))
         except json.JSONDecodeError as e:
             dead.append(_dead(f"line {i + 1}: expected a JSON object, got invalid JSON ({e.msg})", here))
         else:
@@ -109,7 +110,7 @@ def _csv_blocks(data: bytes, dead: list[DeadLetter]) -> Iterator[Block]:
     try:
         names = next(csv.reader([header.decode("utf-8")]), [])
     except UnicodeDecodeError as e:
-        dead.append(_dead(_utf8_error("CSV header", e), {"line": 1, "raw": _raw(header)}))
+        dead.append(_dead(utf8_error("CSV header", e), {"line": 1, "raw": _raw(header)}))
         return
     bad: list[int] = []
 
@@ -221,7 +222,7 @@ def _as_text(field: str, v: Any) -> tuple[str | None, str | None]:
         try:
             v = v.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, _utf8_error(field, e)
+            return None, utf8_error(field, e)
     if isinstance(v, str) and v:
         return v, None
     return None, f"{field}: expected a non-empty string, got {v!r}"
@@ -233,7 +234,7 @@ def parse_ts(v: Any) -> tuple[float | None, str | None]:
         try:
             v = v.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, _utf8_error("ts", e)
+            return None, utf8_error("ts", e)
     got = v
     t: float | None = None
     if isinstance(v, (int, float)) and not isinstance(v, bool):

@@ -77,7 +77,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from ...errors import InputError
 from ..records import DEAD, TS, DeadLetter, event_json, from_ipc, to_ipc
 from ..step.clock import END_OF_INPUT_MICROS, to_micros
-from .event_files import _utf8_error, format_of, parse_events
+from .event_files import format_of, parse_events, utf8_error
 
 log = logging.getLogger("streamrnn.live")
 
@@ -206,7 +206,7 @@ def message_rows(messages: Sequence[Message], *, fallbacks: bool = True
         try:
             r = json.loads(m.data.decode("utf-8"))
         except UnicodeDecodeError as e:
-            why = _utf8_error(name, e)
+            why = utf8_error(name, e)
         except json.JSONDecodeError as e:
             why = f"{name}: expected a JSON object, got invalid JSON ({e.msg})"
         else:
