@@ -89,6 +89,7 @@ def baseline_forecasts(s: SymbolSeries, origins: np.ndarray, cuts: Sequence[floa
     out = {m: (np.zeros((n, H)), np.ones((n, H)), np.full((n, H), np.inf)) for m in methods}
     seg = segment_of(s.ts[origins], cuts)
     fits = []
+    accepted: dict[str, dict] = {}  # the last GARCH parameters that did not look failed (baselines.garch)
     for k in np.unique(seg):
         rows = np.flatnonzero(seg == k)
         o = origins[rows]
@@ -107,8 +108,13 @@ def baseline_forecasts(s: SymbolSeries, origins: np.ndarray, cuts: Sequence[floa
             # arch sees returns 1..last origin (index i - 1 is bar i's return); fitted on those before the cut
             ret = s.ret[1:int(o.max()) + 1]
             for name, dist in (("garch_normal", "normal"), ("garch_t", "t")):
-                got[name], params = baselines.garch(ret, n_train - 1, o - 1, H, dist)
+                info: dict = {}
+                got[name], params = baselines.garch(ret, n_train - 1, o - 1, H, dist, info=info,
+                                                    fallback=accepted.get(name))
                 fit[name] = params
+                fit[f"{name}_fit"] = info
+                if not info["suspect"]:
+                    accepted[name] = params
         for m in methods:
             for a, b in zip(out[m], got[m], strict=True):
                 a[rows] = b

@@ -14,8 +14,11 @@ Every baseline returns ``(loc, scale, df)`` arrays ``[n_origins, H]`` (``df = in
 * ``garch_normal`` / ``garch_t``: GARCH(1,1) with a constant mean, normal or Student-t
   innovations, fitted by the ``arch`` library on the symbol's training period only; the
   forecasts for later origins come from ``arch``'s own ``forecast`` with those fixed
-  parameters. For ``h > 1`` the sum of the per-step variances is used with the same
-  shape (for the t: a t with the fitted ``nu``, an approximation; h = 1 is exact).
+  parameters. A fit that looks failed (no convergence, or a daily mean beyond half an sd, an
+  intercept above the variance, a t at its bound) is refitted once from a standard start, and if
+  that fails too, the previous refit's parameters are kept (:func:`garch`). For ``h > 1`` the sum
+  of the per-step variances is used with the same shape (for the t: a t with the fitted ``nu``, an
+  approximation; h = 1 is exact).
 """
 
 from __future__ import annotations
@@ -81,20 +84,52 @@ def ewma_recursion(ret: np.ndarray, lam: float, v0: float) -> np.ndarray:
     return out
 
 
-def garch(ret: np.ndarray, n_train: int, origins: np.ndarray, horizons: int, dist: str = "t"
+def _suspicious(res, train: np.ndarray) -> bool:
+    """A GARCH fit a quant would not accept as it is: the optimizer did not converge, or it converged to a daily
+    mean beyond half a standard deviation, an intercept above the sample variance, or a t at its upper bound
+    (seen on split-adjusted histories whose early prices are quantised: most returns exactly 0)."""
+    p = res.params
+    v = float(np.var(train)) if len(train) > 1 else math.inf
+    return (res.convergence_flag != 0 or not math.isfinite(res.loglikelihood)
+            or abs(float(p["mu"])) > 0.5 * math.sqrt(v) or float(p["omega"]) > v or float(p.get("nu", 0.0)) >= 499.0)
+
+
+def garch(ret: np.ndarray, n_train: int, origins: np.ndarray, horizons: int, dist: str = "t", *,
+          info: dict | None = None, fallback: dict | None = None
           ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], dict]:
     """GARCH(1,1) fitted on ``ret[:n_train]``; forecasts from each index in ``origins`` (into ``ret``).
 
     ``ret`` are one symbol's consecutive % returns (``ret[i]`` is known at origin ``i``).
-    Returns ``(loc, scale, df)`` and the fitted parameters.
+    Returns ``(loc, scale, df)`` and the fitted parameters. A fit that looks failed (:func:`_suspicious`) is
+    refitted once from a standard start (mean, 5% of the variance, alpha 0.05, beta 0.90, nu 8) and the converged
+    fit with the higher likelihood is kept; if that still looks failed and ``fallback`` (an earlier fit's
+    parameters) is given, those are used instead, fixed. ``info`` (if given) gets ``converged``, ``loglik``,
+    ``restarted``, ``suspect`` (the fit kept still looks failed) and ``fallback`` (the earlier parameters were used;
+    the parameters returned are those).
     """
     from arch import arch_model
 
     am = arch_model(ret, mean="Constant", vol="GARCH", p=1, q=1, dist="t" if dist == "t" else "normal",
                     rescale=False)
+    train = np.asarray(ret[:n_train], np.float64)
+    restarted = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = am.fit(last_obs=n_train, disp="off", show_warning=False)
+        if _suspicious(res, train) and len(train) > 1:
+            restarted = True
+            start = [float(train.mean()), 0.05 * float(train.var()), 0.05, 0.90] + ([8.0] if dist == "t" else [])
+            alt = am.fit(last_obs=n_train, disp="off", show_warning=False, starting_values=np.array(start))
+            ok_alt, ok_res = alt.convergence_flag == 0, res.convergence_flag == 0
+            if (ok_alt, alt.loglikelihood) > (ok_res, res.loglikelihood):
+                res = alt
+        suspect = restarted and _suspicious(res, train)
+        used_fallback = suspect and fallback is not None
+        if info is not None:
+            info.update(converged=bool(res.convergence_flag == 0), loglik=float(res.loglikelihood),
+                        restarted=restarted, suspect=bool(suspect), fallback=bool(used_fallback))
+        if used_fallback:
+            res = am.fix(np.array([fallback[k] for k in res.params.index]), last_obs=n_train)
     params = {k: float(v) for k, v in res.params.items()}
     n = len(origins)
     if n == 0:
