@@ -1,10 +1,14 @@
-"""A terminal run shows none of Beam's import-time noise."""
+"""A terminal run shows none of Beam's import-time noise, and a job's log lines print once, cleanly."""
 
 from __future__ import annotations
 
+import io
+import logging
 import subprocess
 import sys
 from pathlib import Path
+
+from streamrnn.cli.logs import quiet_job_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,3 +22,26 @@ def test_beam_imported_during_a_cli_run_prints_no_import_time_noise():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "apitools" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.splitlines()[-1:] == ["kept"]  # other warnings still show, once
+
+
+def test_an_implicit_handler_on_a_closed_stream_is_replaced_not_left_to_print_tracebacks(capsys):
+    """logging.basicConfig() ran while sys.stderr was a stream that is closed now (an earlier test's capture,
+    a replaced stderr): the job's logging replaces that handler, so its lines print no "Logging error"."""
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    old = io.StringIO()
+    stale = logging.StreamHandler(old)
+    stale.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    old.close()
+    try:
+        root.handlers = [stale]
+        quiet_job_logging("job")
+        logging.getLogger("streamrnn.metrics").info("streamrnn metrics: serving http://127.0.0.1:1/metrics")
+        logging.getLogger("streamrnn").warning("a warning")
+        err = capsys.readouterr().err
+        assert stale not in root.handlers
+        assert "Logging error" not in err and "Traceback" not in err, err
+        assert err.splitlines() == ["job: INFO streamrnn metrics: serving http://127.0.0.1:1/metrics",
+                                    "job: WARNING a warning"], err
+    finally:
+        root.handlers, root.level = saved, level

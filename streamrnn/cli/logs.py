@@ -62,9 +62,13 @@ class _Stderr(logging.StreamHandler):
 
 def _implicit(h: logging.Handler) -> bool:
     """The handler ``logging.basicConfig()`` puts on the root when a module logs before any is set (Beam does at
-    import): with the job's own, every line would print twice. A handler anyone configured is kept."""
-    return (type(h) is logging.StreamHandler and getattr(h, "stream", None) in (sys.stderr, sys.__stderr__)
-            and h.formatter is not None and h.formatter._fmt == logging.BASIC_FORMAT)
+    import): with the job's own, every line would print twice. It holds the ``sys.stderr`` of that moment, which
+    may since have been replaced and closed (a test's captured stream: each later line would then print a
+    "Logging error" traceback). A handler anyone configured is kept."""
+    stream = getattr(h, "stream", None)
+    return (type(h) is logging.StreamHandler and h.formatter is not None
+            and h.formatter._fmt == logging.BASIC_FORMAT
+            and (stream in (sys.stderr, sys.__stderr__) or bool(getattr(stream, "closed", False))))
 
 
 def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
