@@ -207,7 +207,7 @@ def test_a_taken_metrics_port_is_one_line_exit_2_and_keeps_old_outputs(tmp_path,
 
 @background.job("a job on a taken default metrics port", file=__file__)
 def _default_port_taken(folder: Path) -> tuple[subprocess.CompletedProcess, int]:
-    run = ("import sys; from streamrnn.beam import launcher; launcher.METRICS_PORT = int(sys.argv[1]); "
+    run = ("import sys; from streamrnn.beam.job import launcher; launcher.METRICS_PORT = int(sys.argv[1]); "
            "from beam_jobs import next_token; sys.exit(next_token.main(sys.argv[2:]))")
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
