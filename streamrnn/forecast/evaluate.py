@@ -468,6 +468,7 @@ def render_backtest(r: Mapping) -> list[str]:
              f"regimes: {reg['window']}-bar realised vol at the origin against the terciles of the symbol's own before "
              f"the origin's yearly refit (h1 points: {share}"
              + (f"; {reg['unknown']} unknown" if reg["unknown"] else "") + ")",
+             *_garch_fit_lines(bt.get("fits", {})),
              "Diebold-Mariano, model minus baseline (loss per point, averaged per day; Newey-West t, p; negative: the "
              "model is better)",
              f"  {'group':16s} {'baseline':13s} h     dNLL       t       p     dCRPS       t       p   days"]
@@ -498,6 +499,21 @@ def render_backtest(r: Mapping) -> list[str]:
                          f"{_fmt(a['mase'], '.3f', 6)} "
                          + " ".join(_fmt(None if a[k] is None else 100 * a[k], '.1f', 6) for k in covs))
     return lines
+
+
+def _garch_fit_lines(fits: Mapping[str, list[dict]]) -> list[str]:
+    """One line per GARCH baseline that needed help: refits restarted, and those that kept an earlier refit's
+    parameters (:func:`.baselines.garch`), with the symbols."""
+    out = []
+    for name in ("garch_normal", "garch_t"):
+        infos = [(sym, f[f"{name}_fit"]) for sym, fs in fits.items() for f in fs if f"{name}_fit" in f]
+        restarted = [sym for sym, i in infos if i["restarted"]]
+        kept = sorted({sym for sym, i in infos if i["fallback"]})
+        if restarted:
+            out.append(f"{NAMES[name]}: {len(restarted)} of {len(infos)} refits looked failed and were restarted; "
+                       f"{sum(i['fallback'] for _, i in infos)} kept the previous refit's parameters"
+                       + (f" ({', '.join(kept[:8])}{' ...' if len(kept) > 8 else ''})" if kept else ""))
+    return out
 
 
 def render_table(r: dict) -> str:
