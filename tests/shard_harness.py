@@ -171,8 +171,9 @@ class Harness:
         from streamrnn.beam.postprocess import NextTokenPostprocess
 
         post = NextTokenPostprocess(3) if sc.next_fields else None
-        cfg = Config(ttl=sc.ttl, size=self.size, lateness=self.late, max_steps=4, max_batch=3, tokens=True,
-                     n_features=0, postprocess=post)
+        tokens, n_features = model.spec.input.kind == "tokens", model.spec.input.n_features or 0  # LM or features
+        cfg = Config(ttl=sc.ttl, size=self.size, lateness=self.late, max_steps=4, max_batch=3, tokens=tokens,
+                     n_features=n_features, postprocess=post)
         self.spec = model.spec
         self.manifest = None if initial_state is None else read_manifest(initial_state, model.spec,
                                                                          next_fields=tuple(sc.next_fields))
@@ -183,7 +184,7 @@ class Harness:
                               cache_bytes=0 if mode == "cold" else 1 << 30, save_state=save_state,
                               initial_state=initial_state, manifest=self.manifest)
         self.step.setup()
-        self.intake = Intake(tokens=True, vocab=model.spec.input.vocab_size, n_features=0,
+        self.intake = Intake(tokens=tokens, vocab=model.spec.input.vocab_size or 0, n_features=n_features,
                              num_shards=sc.num_shards, size_micros=self.size, lateness_micros=self.late)
         self.intake.setup()
         self.w = _Writes(fail_at, fail_in)

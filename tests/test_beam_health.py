@@ -152,7 +152,8 @@ def test_pipeline_outputs_state_health_and_counts_heals(beam_models, tmp_path):
 
 @pytest.mark.parametrize(("health", "which", "says"), [
     ("sometimes", "tiny", "health: expected one of off, flag, heal"),
-    ("heal", "feat", "expected a next-token model (task 'lm'), got task"),
+    ("heal", "feat", "expected a next-token model (task 'lm') or a forecaster (task 'forecast' with "
+                     "training.forecast), got task 'forecast' without training.forecast"),
     (HealthConfig("heal", window=0), "tiny", "health.window: expected an int >= 1, got 0"),
 ])
 def test_bad_health_is_one_line_at_construction(beam_models, health, which, says):

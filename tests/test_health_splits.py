@@ -43,18 +43,29 @@ def _events(seed: int) -> tuple[list[str], np.ndarray]:
 def _run(model, cfg: HealthConfig, keys: list[str], x: np.ndarray, cuts: list[int]) -> tuple[dict, KeyedOperator]:
     op = KeyedOperator(model, keep_last_output=True, health=cfg)
     parts = {"logprobs": [], "prev": [], "health": [], "reset": []}
+    name = model.spec.outputs[0].name  # "logprobs" of an LM ("mean" of a forecaster)
     for a, b in zip([0, *cuts], [*cuts, len(keys)], strict=True):
         r = op.process(keys[a:b], x[a:b])
-        parts["logprobs"].append(r.outputs["logprobs"])
-        parts["prev"].append(r.prev_outputs["logprobs"])
+        parts["logprobs"].append(r.outputs[name])
+        parts["prev"].append(r.prev_outputs[name])
         parts["health"].append(r.state_health)
         parts["reset"] += r.reset.tolist()
     return {k: v if k == "reset" else np.concatenate(v) for k, v in parts.items()}, op
 
 
-def reference(model, cfg: HealthConfig, x: np.ndarray) -> dict:
-    """One key's events, one model step each, the rule as docs/operator.md states it (no watch limit)."""
+def lm_loss(last: dict, prev_x, x) -> float:
+    """A next-token model's loss of token ``x`` under the previous outputs ``last``: -logprob."""
+    return -float(last["logprobs"][x])
+
+
+def reference(model, cfg: HealthConfig, x: np.ndarray, loss=lm_loss) -> dict:
+    """One key's events, one model step each, the rule as docs/operator.md states it (no watch limit).
+
+    ``loss(last, prev_x, x)``: an event's loss under the outputs ``last`` (``{name: [...]}``) of the step before
+    (``prev_x`` its input). The first output (``logprobs`` of an LM) is what comes back as ``logprobs``."""
     ref = cfg.reference
+    name = model.spec.outputs[0].name
+    width = tuple(int(d) for d in model.spec.outputs[0].shape[2:])
     a = 1.0 - 2.0 ** (-1.0 / cfg.half_life)
     state, last = model.initial_state(1), None
     shadow = shadow_last = None  # the fresh run of a watched key
@@ -62,20 +73,21 @@ def reference(model, cfg: HealthConfig, x: np.ndarray) -> dict:
     steps = strikes = age = w_steps = w_pairs = 0
     w_c = w_s = 0.0
     out = {"logprobs": [], "prev": [], "health": [], "reset": []}
-    for tok in x.tolist():
-        lc = -float(last[tok]) if last is not None else math.nan
-        out["prev"].append(last if last is not None else np.full(256, np.nan, np.float32))
-        o, state = model.step(np.array([[tok]]), state)
-        y = o["logprobs"][0, 0]
+    prev_x = None
+    for tok in x:
+        lc = loss(last, prev_x, tok) if last is not None else math.nan
+        out["prev"].append(last[name] if last is not None else np.full(width, np.nan, np.float32))
+        o, state = model.step(np.asarray(tok)[None, None], state)
+        y = {n: v[0, 0] for n, v in o.items()}
         if not math.isnan(lc):
             num, den = (1 - a) * num + a * lc, (1 - a) * den + a
         ew = num / den if den else math.nan
         h = ew / ref if ref is not None else math.nan
         reset = "new" if steps == 0 else ""
         if shadow is not None:
-            ls = -float(shadow_last[tok]) if shadow_last is not None else math.nan
-            o2, shadow = model.step(np.array([[tok]]), shadow)
-            shadow_last = o2["logprobs"][0, 0]
+            ls = loss(shadow_last, prev_x, tok) if shadow_last is not None else math.nan
+            o2, shadow = model.step(np.asarray(tok)[None, None], shadow)
+            shadow_last = {n: v[0, 0] for n, v in o2.items()}
             age += 1
             w_steps += 1
             if not math.isnan(lc) and not math.isnan(ls) and age > cfg.warmup:
@@ -101,8 +113,8 @@ def reference(model, cfg: HealthConfig, x: np.ndarray) -> dict:
                 shadow, shadow_last = model.initial_state(1), None
                 w_steps = w_pairs = strikes = age = 0
                 w_c = w_s = 0.0
-        last = y
-        out["logprobs"].append(y)
+        last, prev_x = y, tok
+        out["logprobs"].append(y[name])
         out["health"].append(h)
         out["reset"].append(reset)
     return {k: v if k == "reset" else np.array(v) for k, v in out.items()}

@@ -135,8 +135,9 @@ class StatefulInference(beam.PTransform):
         (default), ``"flag"`` (outputs gain ``state_health``; the ``streamrnn_health_bad_keys`` gauge) or
         ``"heal"`` (also a fresh shadow per watched key, and a key whose shadow does better for long enough takes
         its state: ``reset="health"``, counted in ``streamrnn_health_resets_total``), or a ``HealthConfig``.
-        Next-token models only. The health columns (and shadows) are part of each key's state in the shard
-        store, so warm, rebuilt and retried flushes give the same results.
+        Next-token models and forecasters (the loss per task: :func:`streamrnn.keyed.health.task_loss`). The
+        health columns (and shadows) are part of each key's state in the shard store, so warm, rebuilt and retried
+        flushes give the same results.
     """
 
     def __init__(self, *, model: str | os.PathLike, num_shards: int = 16, window_size: float = 60.0,

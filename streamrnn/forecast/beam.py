@@ -58,7 +58,7 @@ from ..errors import InputError
 from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
 from .features import FeatureConfig, SymbolState, bar_dead_letter, bar_problem, step_features
-from .scale import anchor_log_vol
+from .scale import anchor_log_vol, previous_forecast
 from .serve import LEVELS
 
 BAR_EXTENSIONS = (".csv", ".txt", ".parquet")
@@ -438,17 +438,11 @@ class ForecastPostprocess(Postprocess):
         x = np.asarray(x, np.float64)
         mean = outputs["mean"].astype(np.float64)
         log_scale = outputs["log_scale"].astype(np.float64)
-        prev_mean = prev_outputs["mean"][:, 0].astype(np.float64)
-        prev_ls = prev_outputs["log_scale"][:, 0].astype(np.float64)
-        ret = x[:, 0]
+        ret, prev_mean, prev_ls = previous_forecast(x, prev_outputs["mean"][:, 0], prev_outputs["log_scale"][:, 0],
+                                                    anchor=self.anchor, lam=self.lam)
         if self.anchor:
             lv = anchor_log_vol(x)  # float32, as the model reads it (eval forecast and ForecastOperator alike)
-            ret = x[:, 0] * np.exp(x[:, 5])
-            with np.errstate(invalid="ignore", divide="ignore"):
-                shrink = np.maximum(1.0 - (1.0 - self.lam) * x[:, 0] ** 2, 1e-300) / self.lam
-                prev_lv = np.where(x[:, 7] > 0.5, lv, lv + 0.5 * np.log(shrink))
             mean, log_scale = mean * np.exp(lv)[:, None], log_scale + lv[:, None]
-            prev_mean, prev_ls = prev_mean * np.exp(prev_lv), prev_ls + prev_lv
         loc = self._loc(mean)
         scale = np.exp(log_scale)
         df = np.broadcast_to(np.asarray(self.df), loc.shape)

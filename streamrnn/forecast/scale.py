@@ -48,3 +48,28 @@ def bar_return(meta: Mapping, x) -> np.ndarray:
     """This bar's cleaned % log return from its features ``x [..., F]`` (feature 0, in sd units when anchored)."""
     x = np.asarray(x, np.float64)
     return x[..., RET] * np.exp(x[..., LOG_VOL]) if anchored(meta) else x[..., RET]
+
+
+JUMP = FEATURE_NAMES.index("jump")
+
+
+def previous_forecast(x, prev_mean, prev_log_scale, *, anchor: bool, lam: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """This bar's % log return and the previous bar's one-bar-ahead ``(loc, log_scale)``, absolute, from this bar's
+    features ``x [N, F]`` and the previous outputs' first horizon ``prev_mean, prev_log_scale [N]``.
+
+    With ``anchor`` the previous bar's sd, which anchored that forecast, is recovered exactly from this bar's
+    features by inverting one EWMA step (``v_prev = v (1 - (1 - lam) z^2) / lam``, ``z = x[:, 0]``; unchanged on a
+    jump bar). The one rule of the market job's :class:`~streamrnn.forecast.beam.ForecastPostprocess` and the
+    forecaster's carried-state health loss (:mod:`streamrnn.keyed.health`)."""
+    x = np.asarray(x, np.float64)
+    prev_mean = np.asarray(prev_mean, np.float64)
+    prev_ls = np.asarray(prev_log_scale, np.float64)
+    if not anchor:
+        return x[:, RET], prev_mean, prev_ls
+    lv = anchor_log_vol(x)  # float32, as the model reads it (eval forecast and ForecastOperator alike)
+    ret = x[:, RET] * np.exp(x[:, LOG_VOL])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shrink = np.maximum(1.0 - (1.0 - lam) * x[:, RET] ** 2, 1e-300) / lam
+        prev_lv = np.where(x[:, JUMP] > 0.5, lv, lv + 0.5 * np.log(shrink))
+    return ret, prev_mean * np.exp(prev_lv), prev_ls + prev_lv

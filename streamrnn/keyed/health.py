@@ -4,8 +4,9 @@ Per key, beside its state, the operator keeps plain numeric columns (:data:`stre
 snapshot carries them as ``health_*`` columns, exactly):
 
 * **online loss** of the carried state, exponentially weighted: every scored event (an event whose token
-  the key's previous output had predicted; a key's first event is not scored) adds its loss
-  ``l = -logprob`` (nats/byte) as ``num = d * num + a * l``, ``den = d * den + a`` with
+  the key's previous output had predicted; a key's first event is not scored) adds its loss ``l`` (next-token:
+  ``-logprob``, nats/byte; forecasts: the bar's NLL; see the loss below) as ``num = d * num + a * l``,
+  ``den = d * den + a`` with
   ``a = 1 - 2 ** (-1 / half_life)``, ``d = 1 - a``; the EW loss is ``num / den`` (bias-corrected: exact
   mean of the first events, then forgetting with the half-life).
 * **watch rule**: after each call, a key that is not watched becomes watched when its EW loss exceeds
@@ -18,7 +19,7 @@ snapshot carries them as ``health_*`` columns, exactly):
   losses are summed over the events both scored, leaving out the shadow's first ``warmup`` steps (the
   question is whether the shadow state, once it has some context, predicts better than the carried). The
   window closes at its ``window``-th shadow step: a **strike** when the carried mean exceeds the shadow's by
-  more than ``margin`` nats/byte. A strike keeps the shadow running into the next window (it gains context);
+  more than ``margin`` nats (per event). A strike keeps the shadow running into the next window (it gains context);
   no strike ends the watch (the rule above may start a new, fresh shadow at once, from the next event).
   ``patience`` consecutive strikes **heal** (policy ``heal``): the key's state and last output become the
   shadow's at that event, which says ``reset="health"``; the key's later events run from the healed state.
@@ -35,19 +36,30 @@ snapshot carries them as ``health_*`` columns, exactly):
 
 Policies: ``off`` (nothing kept, results as before), ``flag`` (EW loss, ``state_health``, bad-health counts;
 no shadow, so nothing runs but a few vector operations), ``heal`` (the shadow, the strikes, the heals).
-Only next-token models (task ``lm``) have a loss here.
+
+**The loss, per task** (:func:`task_loss`, the one place the operator takes it from): a next-token model's is
+``-logprob`` of the event's token under the previous output (nats/byte); a forecaster's (task ``forecast`` with a
+``training.forecast`` block) is the NLL of the realised bar's % log return under the previous bar's one-bar-ahead
+Student-t forecast, the model's own location, the anchored scale recovered from the bar's features
+(:func:`streamrnn.forecast.scale.previous_forecast`, the market job's rule) and the first horizon's df (nats/bar;
+NaN, not scored, on a jump bar). A forecaster has no default reference: its spec's ``val_nll`` is a mean over
+symbols whose level moves with each symbol's volatility (a 4%-sd symbol scores ~1.4 nats above a 1%-sd one
+under a perfect forecast), so it would flag volatile keys rather than bad states; it samples its watches
+instead (pass ``HealthConfig(reference=...)`` for a fleet of similar keys).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from ..forecast.distribution import nll
+from ..forecast.scale import JUMP, previous_forecast
 
 POLICIES = ("off", "flag", "heal")
 HEALTH = "health"  #: ``reset`` of the event after which a key's state was replaced by its shadow's
@@ -58,13 +70,13 @@ class HealthConfig:
     """How a :class:`~streamrnn.keyed.operator.KeyedOperator` watches and heals carried state (see the module doc)."""
 
     policy: str = "flag"
-    half_life: float = 256.0      # events (bytes) of the EW online loss
+    half_life: float = 256.0      # events (bytes, bars) of the EW online loss
     window: int = 64              # shadow steps per verdict
     patience: int = 2             # consecutive strikes that heal
     warmup: int = 16              # a fresh shadow's first steps are not compared (it has no context yet)
-    margin: float = 0.05          # nats/byte: carried mean above shadow mean by more than this is a strike
+    margin: float = 0.05          # nats/event: carried mean above shadow mean by more than this is a strike
     watch_margin: float = 0.15    # watch (and bad health) above reference * (1 + watch_margin)
-    reference: float | None = None  # nats/byte; None: the model's val_nats_per_char, else sampling
+    reference: float | None = None  # nats/event; None: a next-token model's val_nats_per_char, else sampling
     sample_every: int = 8         # without a reference: watch one window in this many
     max_watch: int | None = None  # most keys watched at once (None: max_keys // 4, at least 1)
 
@@ -89,9 +101,8 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
     else:
         raise InputError(f"KeyedOperator: health: expected 'off', 'flag', 'heal' or a HealthConfig, "
                          f"got {type(health).__name__}")
-    if cfg.policy != "off" and model.spec.task != "lm":
-        raise InputError(f"KeyedOperator: health={cfg.policy!r}: expected a next-token model (task 'lm'), "
-                         f"got task {model.spec.task!r}; pass health='off'")
+    if cfg.policy != "off":
+        task_loss(model.spec, f"health={cfg.policy!r}")  # a task without a loss: one line, here
     for name, lo in (("half_life", 0.0), ("margin", -math.inf), ("watch_margin", -1.0)):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
@@ -101,7 +112,7 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
         if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
             raise InputError(f"KeyedOperator: health.{name}: expected an int >= 1, got {v!r}")
     ref = cfg.reference
-    if ref is None:
+    if ref is None and model.spec.task == "lm":
         ref = (model.spec.metrics or {}).get("val_nats_per_char")
     if ref is not None and not (isinstance(ref, (int, float)) and 0 < ref < math.inf):
         raise InputError(f"KeyedOperator: health.reference: expected a positive number of nats, got {ref!r}")
@@ -109,6 +120,47 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
     if not (isinstance(mw, (int, np.integer)) and mw >= 0):
         raise InputError(f"KeyedOperator: health.max_watch: expected an int >= 0, got {mw!r}")
     return replace(cfg, reference=None if ref is None else float(ref), max_watch=int(mw))
+
+
+#: a task's loss: ``loss(outputs, at, x)``, each event's loss ``[n]`` (float64 nats; NaN: not scored) from the
+#: prediction ``{name: outputs[name][at]}`` made before it (``at`` a tuple of index arrays, e.g. ``(slots,)`` of the
+#: store's last outputs, or ``(rows, cols)`` of a call's ``[B, T, ...]`` outputs) and the event's input ``x [n, ...]``
+Loss = Callable[[Mapping[str, np.ndarray], tuple, np.ndarray], np.ndarray]
+
+
+def lm_loss(outputs: Mapping[str, np.ndarray], at: tuple, x: np.ndarray) -> np.ndarray:
+    """A next-token model's loss: ``-logprob`` of the token (nats/byte)."""
+    return -outputs["logprobs"][(*at, x)].astype(np.float64)
+
+
+@dataclass(frozen=True)
+class ForecastLoss:
+    """A forecaster's loss: the NLL of the bar's realised % log return under the previous bar's one-bar-ahead
+    Student-t forecast (module doc); NaN on a jump bar (never a target) and where no forecast came before."""
+
+    df: float
+    anchor: bool
+    lam: float
+
+    def __call__(self, outputs: Mapping[str, np.ndarray], at: tuple, x: np.ndarray) -> np.ndarray:
+        ret, loc, log_scale = previous_forecast(x, outputs["mean"][(*at, 0)], outputs["log_scale"][(*at, 0)],
+                                                anchor=self.anchor, lam=self.lam)
+        with np.errstate(invalid="ignore", over="ignore"):
+            out = nll(ret, loc, np.exp(log_scale), self.df)
+        return np.where(np.asarray(x)[:, JUMP] > 0.5, np.nan, out)
+
+
+def task_loss(spec: Any, what: str = "health") -> Loss:
+    """The health loss of a model of this spec (module doc); InputError (one line) for a task without one."""
+    if spec.task == "lm":
+        return lm_loss
+    meta = (spec.training or {}).get("forecast") if spec.task == "forecast" else None
+    if isinstance(meta, Mapping) and meta.get("df"):
+        feats = dict(meta.get("features") or {})
+        return ForecastLoss(float(meta["df"][0]), bool(feats.get("anchor", False)), float(feats.get("lam", 0.94)))
+    raise InputError(f"KeyedOperator: {what}: expected a next-token model (task 'lm') or a forecaster (task "
+                     f"'forecast' with training.forecast), got task {spec.task!r}"
+                     f"{' without training.forecast' if spec.task == 'forecast' else ''}; pass health='off'")
 
 
 def ew_padded(num0: np.ndarray, den0: np.ndarray, loss: np.ndarray, alpha: float,

@@ -188,6 +188,7 @@ class KeyedOperator:
         self.health = cfg
         self._health_on = cfg.policy != "off"
         self._alpha = cfg.alpha
+        self._loss = hl.task_loss(model.spec) if self._health_on else None  # the task's health loss
         self._keep_last = self.keep_last_output or self._health_on
         self.model = model
         spec = model.spec
@@ -489,8 +490,9 @@ class KeyedOperator:
             s = at.start
             if heal and h["shadow_slot"][s] >= 0:
                 return None
-            num, den = hl.ew_scalar(float(h["ew_num"][s]), float(h["ew_den"][s]),
-                                    -float(store.last["logprobs"][s, x[0]]), self._alpha)
+            lc = (-float(store.last["logprobs"][s, x[0]]) if self._loss is hl.lm_loss  # the LM's loss, in floats
+                  else float(self._loss(store.last, (np.array([s]),), x[:1])[0]))
+            num, den = hl.ew_scalar(float(h["ew_num"][s]), float(h["ew_den"][s]), lc, self._alpha)
             if not den > 0:
                 return None
             ew_now = num / den
@@ -499,7 +501,7 @@ class KeyedOperator:
         else:
             if heal and (h["shadow_slot"][at] >= 0).any():
                 return None
-            lc = -store.last["logprobs"][at, x].astype(np.float64)
+            lc = self._loss(store.last, (at,), x)
             num, den = hl.ew_one(h["ew_num"][at], h["ew_den"][at], lc, self._alpha)
             with np.errstate(invalid="ignore", divide="ignore"):
                 ew_now = num / den
@@ -518,7 +520,7 @@ class KeyedOperator:
         cfg, store = self.health, self._store
         N = len(at)
         cols = {n: a[at] for n, a in store.health.items()}
-        lc = -store.last["logprobs"][at, x].astype(np.float64)
+        lc = self._loss(store.last, (at,), x)
         sh, watched, ls, room = None, np.zeros(0, np.int64), None, 0
         if cfg.policy == "heal":
             pool = store.shadow
@@ -527,7 +529,7 @@ class KeyedOperator:
             room = cfg.max_watch - pool.used
             if len(watched):
                 ls = np.full((N, 1), np.nan)
-                ls[watched, 0] = -pool.last["logprobs"][sh[watched], x[watched]].astype(np.float64)
+                ls[watched, 0] = self._loss(pool.last, (sh[watched],), x[watched])
         v = hl.decide(cfg, cols, lc[:, None], ls, np.ones(N, np.int64), store.steps[at] + 1,
                       np.zeros(N, bool) if sh is None else sh >= 0, room)
         return v, sh, watched
@@ -675,13 +677,12 @@ class KeyedOperator:
         valid = np.arange(L)[None, :] < lens[:, None]
         xb[valid] = x[ev[valid]]
         o, new = self.model.run_unchecked(xb, lens.astype(np.int32), self.model.initial_state(K))
-        lp = o["logprobs"]
         out = []
         for i, (b, t, run) in enumerate(asks):
             n = int(lens[i])
             loss = np.full(T, np.nan)
             if n > 1:
-                loss[t + 2:t + 1 + n] = -lp[i, np.arange(n - 1), xb[i, 1:n]].astype(np.float64)
+                loss[t + 2:t + 1 + n] = self._loss(o, (np.full(n - 1, i), np.arange(n - 1)), xb[i, 1:n])
             out.append(loss)
             shadow["fresh"][(b, run)] = {
                 "from": t + 1, "outs": {k: v[i, :n] for k, v in o.items()},
@@ -883,19 +884,6 @@ class KeyedOperator:
                             prev[n] = p
                         else:
                             prev.setdefault(n, np.empty((N, *v.shape[2:]), np.float32))[ev] = p
-                    if health and n == "logprobs":
-                        xe = x[ev]
-                        first = c == 0
-                        lp = np.empty(len(c), np.float32)
-                        fr = np.flatnonzero(first)
-                        lp[fr] = store.last[n][gh[lr[fr]], xe[fr]]
-                        lp[fr[gf[lr[fr]]]] = np.nan
-                        nf = np.flatnonzero(~first)
-                        if len(nf):
-                            lp[nf] = v[lr[nf], c[nf] - 1, xe[nf]]
-                        lc[ev] = -lp.astype(np.float64)
-                        if len(wrow):
-                            self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, vs, sh, counts)
                     if len(wrow):
                         shadow["last"][n][shadow["row_of"][grp[wrow]]] = vs[np.arange(len(wrow)), counts[wrow] - 1]
                         wpos = np.full(len(counts), -1, np.int64)
@@ -903,6 +891,22 @@ class KeyedOperator:
                         sel = np.flatnonzero(wpos[lr] >= 0)
                         shadow["outs"].setdefault(n, np.full((N, *v.shape[2:]), np.nan, np.float32))[
                             sel if isinstance(ev, slice) else ev[sel]] = vs[wpos[lr[sel]], c[sel]]
+                if health:  # each event's loss under its key's previous output (the task's loss)
+                    oc = {n: v[:nb] for n, v in o.items()} if len(wrow) else o
+                    xe = x[ev]
+                    first = c == 0
+                    loss = np.empty(len(c), np.float64)
+                    fr = np.flatnonzero(first)
+                    if len(fr):
+                        loss[fr] = self._loss(store.last, (gh[lr[fr]],), xe[fr])
+                        loss[fr[gf[lr[fr]]]] = np.nan  # a fresh key's first event: nothing predicted it
+                    nf = np.flatnonzero(~first)
+                    if len(nf):
+                        loss[nf] = self._loss(oc, (lr[nf], c[nf] - 1), xe[nf])
+                    lc[ev] = loss
+                    if len(wrow):
+                        self._shadow_losses(shadow, grp, wrow, lr, c, ev, xe, {n: v[nb:] for n, v in o.items()},
+                                            sh, counts)
                 if len(wrow):
                     rows = shadow["row_of"][grp[wrow]]
                     for n in self._state_names:
@@ -947,14 +951,17 @@ class KeyedOperator:
         pos[wrow] = np.arange(len(wrow))
         sel = np.flatnonzero(pos[lr] >= 0)
         r, cc, xs = pos[lr[sel]], c[sel], xe[sel]
-        lp = np.empty(len(sel), np.float32)
+        loss = np.empty(len(sel), np.float64)
         first = cc == 0
         slot = sh[grp][wrow][r[first]]
-        lp[first] = self._store.shadow.last["logprobs"][slot, xs[first]]
-        lp[~first] = vs[r[~first], cc[~first] - 1, xs[~first]]
+        if len(slot):
+            loss[first] = self._loss(self._store.shadow.last, (slot,), xs[first])
+        nf = ~first
+        if nf.any():
+            loss[nf] = self._loss(vs, (r[nf], cc[nf] - 1), xs[nf])
         events = sel if isinstance(ev, slice) else ev[sel]
         shadow["events"].append(np.asarray(events, np.int64))
-        shadow["loss"].append(-lp.astype(np.float64))
+        shadow["loss"].append(loss)
 
     # -- snapshot / restore ------------------------------------------------------
     def snapshot(self, keys: Sequence[Key] | None = None) -> pa.Table:
