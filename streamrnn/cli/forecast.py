@@ -89,6 +89,17 @@ def _date(s: str) -> str:
     return s
 
 
+def _tcn(path: str | None):
+    """``--tcn``: the checkpoint's outputs for eval forecast (torch is imported only when one is given)."""
+    if path is None:
+        return None
+    from functools import partial
+
+    from ..train.forecast import tcn_outputs
+
+    return partial(tcn_outputs, path)
+
+
 def _eval(a: argparse.Namespace) -> int:
     from ..forecast.evaluate import eval_forecast, render_table, skipped_lines
 
@@ -106,7 +117,7 @@ def _eval(a: argparse.Namespace) -> int:
 
     columns = parse_columns(a.columns)
     with _csv_bars(a.bars):
-        r = eval_forecast(a.model, a.bars, columns=columns, tcn=a.tcn, symbols=a.symbols,
+        r = eval_forecast(a.model, a.bars, columns=columns, tcn=_tcn(a.tcn), symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
                           scaling=a.gamma_scaling, regime_window=a.regime_window,

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from .progress import Progress
 MIN_TRAIN = 250
 NAMES = {"ewma_normal": "EWMA-normal", "ewma_t": "EWMA-t", "garch_normal": "GARCH-normal", "garch_t": "GARCH-t"}
 METHODS = ("lstm", "naive", "ewma_normal", "ewma_t", "garch_normal", "garch_t", "tcn")
+#: ``(data, horizons, the model's forecast meta) -> (locs, log_scales, df)`` per symbol of ``data``: a second model
+#: scored beside the LSTM (the CLI binds ``streamrnn.train.forecast.tcn_outputs`` to ``--tcn``; torch stays there)
+TcnOutputs = Callable[[list[Prepared], int, Mapping], tuple]
 
 
 def forecast_meta(model: Model) -> dict:
@@ -125,8 +128,9 @@ def _raw(s, i: int, c: str) -> float:
     return s.raw[c][i]
 
 
-def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | None = None, tcn: str | None = None,
-                  symbols=None, allow_frequency: bool = False, garch: bool = True, progress: bool = False,
+def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | None = None,
+                  tcn: TcnOutputs | None = None, symbols=None, allow_frequency: bool = False, garch: bool = True,
+                  progress: bool = False,
                   parity_symbols: int = 100, period: str = "test", start: str | None = None,
                   end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
                   tails: Sequence[float] = conformal.TAILS,
@@ -137,7 +141,8 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
     tables, every one gets a ``conformal.gamma_scan`` entry); ``scaling``: the steps per target
     (:class:`~.conformal.ConformalConfig`); ``regime_window``: the bars of the realised volatility that
-    sorts origins into regimes (:mod:`.backtest`). ``progress``: plain lines on stderr once it runs 10 s."""
+    sorts origins into regimes (:mod:`.backtest`). ``progress``: plain lines on stderr once it runs 10 s.
+    ``tcn``: a second model's outputs (:data:`TcnOutputs`), scored as ``tcn``."""
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
@@ -179,7 +184,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         bar.update("running the model over every symbol")
         whole = model_outputs(model, data)
         parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
-        tcn_out = _tcn_outputs(tcn, data, H, meta) if tcn else None
+        tcn_out = tcn(data, H, meta) if tcn is not None else None
         cuts = backtest.yearly_origins(start, end, max(float(p.series.ts[-1]) for p in data if len(p.series)))
         preds: dict[str, list] = {m: [] for m in METHODS}
         ys, masks, groups, heldout, days, regimes = [], [], [], [], [], []
@@ -414,24 +419,6 @@ def _skip_reason(ts: np.ndarray, n_train: int, n_origins: int, start: str, end: 
     if n_train < MIN_TRAIN:
         return (f"(starts {first}: {n_train} returns before {start}, the baselines need {MIN_TRAIN})")
     return None
-
-
-def _tcn_outputs(path: str, data: list[Prepared], H: int, meta: Mapping):
-    import torch
-
-    from ..train.forecast import load_tcn
-
-    net, blob = load_tcn(path)
-    mean, std = np.asarray(blob["feature_mean"]), np.asarray(blob["feature_std"])
-    locs, lss = [], []
-    with torch.no_grad():
-        for p in data:
-            x = torch.from_numpy(((p.series.x - mean) / std).astype(np.float32))[None]
-            out, _ = net(x)
-            loc, ls = scale.absolute(meta, out[0, :, :H].double().numpy(), out[0, :, H:].double().numpy(), p.series.x)
-            locs.append(loc)
-            lss.append(ls)
-    return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
 
 
 def _skipped_text(skipped: list[dict]) -> str:

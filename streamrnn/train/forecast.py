@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..forecast import scale
 from ..forecast.dataset import Prepared, Split
 from ..forecast.features import FEATURE_NAMES, FeatureConfig
 from ..forecast.progress import Progress
@@ -325,3 +327,20 @@ def load_tcn(path: str | os.PathLike) -> tuple[ForecastTCN, dict]:
     net = ForecastTCN(TCNConfig(**blob["tcn"]), meta["horizons"])
     net.load_state_dict(blob["state_dict"])
     return net.eval(), blob
+
+
+def tcn_outputs(path: str, data: list[Prepared], H: int, meta: Mapping) -> tuple[list, list, np.ndarray]:
+    """A TCN checkpoint's absolute forecasts on ``data`` (``eval forecast --tcn``: the evaluator's
+    :data:`~streamrnn.forecast.evaluate.TcnOutputs` with ``path`` bound): per symbol the locations and log
+    scales of every horizon, and the checkpoint's Student-t df."""
+    net, blob = load_tcn(path)
+    mean, std = np.asarray(blob["feature_mean"]), np.asarray(blob["feature_std"])
+    locs, lss = [], []
+    with torch.no_grad():
+        for p in data:
+            x = torch.from_numpy(((p.series.x - mean) / std).astype(np.float32))[None]
+            out, _ = net(x)
+            loc, ls = scale.absolute(meta, out[0, :, :H].double().numpy(), out[0, :, H:].double().numpy(), p.series.x)
+            locs.append(loc)
+            lss.append(ls)
+    return locs, lss, np.asarray(blob["forecast"]["df"], np.float64)
