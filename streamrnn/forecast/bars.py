@@ -35,7 +35,8 @@ from ..errors import InputError
 
 PRICE_COLUMNS = ("open", "high", "low", "close", "volume")
 CANONICAL = ("symbol", "ts", *PRICE_COLUMNS)
-_ALIASES = {
+#: the column names each canonical column is found under (lower case), in order of preference
+COLUMN_ALIASES = {
     "symbol": ("symbol", "name", "ticker"),
     "ts": ("ts", "timestamp", "datetime", "date"),
     "time": ("time",),
@@ -121,7 +122,7 @@ def _find(header: list[str], name: str, mapping: Mapping[str, str], path: str, r
             raise InputError(f"{path}: column {mapping[name]!r} (mapped to {name}): expected in the header, "
                              f"got {header}")
         return lower.index(want)
-    for alias in _ALIASES.get(name, (name,)):
+    for alias in COLUMN_ALIASES.get(name, (name,)):
         if alias in lower:
             return lower.index(alias)
     if required:

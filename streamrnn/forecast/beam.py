@@ -55,7 +55,7 @@ from ..beam.step.clock import TS_LIMIT, release_micros, timestamp, to_micros
 from ..beam.step.counters import Counters
 from ..dead_letters import DeadLetter, event_json
 from ..errors import InputError
-from .bars import _ALIASES, PRICE_COLUMNS, read_csv_text
+from .bars import COLUMN_ALIASES, PRICE_COLUMNS, read_csv_text
 from .distribution import nll, quantile
 from .features import FeatureConfig, SymbolState, bar_dead_letter, bar_problem, step_features
 from .scale import anchor_log_vol, previous_forecast
@@ -175,8 +175,8 @@ class BarParser(LiveParser):
     def messages(self, messages: Sequence[Message], source: str) -> Parsed:
         rows, pos, dead = message_rows(messages, fallbacks=False)
         # the names the bar reader takes for ts and symbol (or the one --columns maps)
-        ts_names = (self.columns["ts"].lower(),) if "ts" in self.columns else _ALIASES["ts"]
-        sym_names = (self.columns["symbol"].lower(),) if "symbol" in self.columns else _ALIASES["symbol"]
+        ts_names = (self.columns["ts"].lower(),) if "ts" in self.columns else COLUMN_ALIASES["ts"]
+        sym_names = (self.columns["symbol"].lower(),) if "symbol" in self.columns else COLUMN_ALIASES["symbol"]
         bars: list[dict] = []
         for r, i in zip(rows, pos, strict=True):
             m = messages[i]
