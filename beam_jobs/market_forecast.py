@@ -5,21 +5,20 @@
     python -m beam_jobs.market_forecast --input 'gs://b/bars/*.csv' --watch --output DIR   # new files, live
     python -m beam_jobs.market_forecast --input projects/P/subscriptions/S --output DIR    # JSON bars, live
 
-``BARS``: CSV or Parquet bar files, directories of them or globs (comma-separated), on any
-Beam filesystem, with columns symbol, ts (date or timestamp), open, high, low, close, volume;
-the layouts of ``shared/data/market`` are recognised, others take ``--columns
-ts=When,symbol=Ticker``. Each symbol's bars go through online features (state: last close,
-volume, time, EWMA variance; applied in time order at each window's release) and then the
-forecaster's carried LSTM state in ``StatefulInference``. Outputs: ``DIR/forecasts-*.parquet``
-(one row per bar: symbol, ts, close, per-horizon median and interval prices, return
-distribution, and the realised next-bar return, error, NLL and interval hits once the next
-bar arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/summary.json``
-(live NLL and coverage per symbol). A missing input, a missing model, an unwritable output or
-``--plot`` file, or a bad flag (a value out of range, a flag neither this job nor Beam knows, a
-model of another task, ``--replay`` off the DirectRunner) is a one-line error with exit code 2,
-found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream. ``--watch``, a
-Pub/Sub subscription or a Kafka topic (JSON rows with the same columns) read live input
-(streaming; :mod:`streamrnn.beam.job.live`): the same bars, dead letters and outputs.
+``BARS``: CSV or Parquet bar files, directories of them or globs (comma-separated), on any Beam filesystem,
+with columns symbol, ts (date or timestamp), open, high, low, close, volume; the layouts of
+``shared/data/market`` are recognised, others take ``--columns ts=When,symbol=Ticker``. Each symbol's bars go
+through online features (state: last close, volume, time, EWMA variance; applied in time order at each
+window's release) and then the forecaster's carried LSTM state in ``StatefulInference``. Outputs:
+``DIR/forecasts-*.parquet`` (one row per bar: symbol, ts, close, per-horizon median and interval prices,
+return distribution, and the realised next-bar return, error, NLL and interval hits once the next bar
+arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/summary.json`` (live NLL and
+coverage per symbol). ``--health flag|heal`` adds ``state_health`` to the forecasts. A missing input, a
+missing model, an unwritable output or ``--plot`` file, or a bad flag (a value out of range, a flag neither
+this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner) is a one-line error with
+exit code 2, found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream. ``--watch``,
+a Pub/Sub subscription or a Kafka topic (JSON rows with the same columns) read live input (streaming;
+:mod:`streamrnn.beam.job.live`): the same bars, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -135,6 +134,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gamma-scaling", choices=SCALINGS, default=SCALINGS[0],
                     help="each level's step: proportional to its miscoverage, or the same constant step for all "
                          "(default: %(default)s)")
+    ap.add_argument("--health", choices=("off", "flag", "heal"), default="off",
+                    help="carried-state health (docs/operator.md): 'flag' adds state_health to the forecasts and "
+                         "counts symbols in bad health, 'heal' also watches a sample of symbols with a fresh shadow "
+                         "state and replaces a symbol's state by it when the shadow forecasts better for long "
+                         "enough, reset 'health' (default: %(default)s)")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -164,7 +168,7 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             # df, and for a volatility-anchored model its EWMA anchor: absolute scales, as eval forecast's
             postprocess=ForecastPostprocess.for_model(meta, location=args.location), next_fields=("ret", "jump"),
             output="arrow",
-            providers=args.providers)
+            providers=args.providers, health=args.health)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
     return inf, meta
@@ -194,7 +198,7 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
             | "Calibrate" >> Calibrate(df, levels=cal.levels, tails=cal.tails, gamma=cal.gamma, scaling=cal.scaling,
                                        num_shards=args.shards))
     dead_all = (unread, bad_bars, dead) | "AllDeadLetters" >> beam.Flatten()
-    schema = output_schema(cal.horizons, cal.levels, cal.tails)
+    schema = output_schema(cal.horizons, cal.levels, cal.tails, health=args.health != "off")
     rows | "WriteForecasts" >> WriteParquet(args.output, prefix=FORECASTS, schema=schema, temp_directory=temp_dir)
     dead_all | "WriteDeadLetters" >> WriteParquet(args.output, prefix=DEAD_LETTERS, schema=DEAD_LETTER_SCHEMA,
                                                   temp_directory=temp_dir)

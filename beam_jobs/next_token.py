@@ -6,19 +6,18 @@
     python -m beam_jobs.next_token --input projects/P/subscriptions/S --output DIR     # Pub/Sub, JSON rows
     python -m beam_jobs.next_token --input kafka://BROKERS/TOPIC --output DIR --runner FlinkRunner ...
 
-``EVENTS`` is a file or glob (.jsonl, .csv, .parquet, .arrow) on any Beam filesystem
-(local, gs://, s3://, hdfs://); workers read it, the launcher only lists it. The pipeline
-writes, through Beam's file sinks (temporary files, finalized per event-time window, so a
-retried bundle never leaves a second copy): ``DIR/predictions-*.parquet`` (one row per
-input byte: key, ts, seq, offset, pos, topk_tokens, topk_probs, logprob, logprob_next,
-model_version, fresh, reset), ``DIR/dead_letters-*.parquet`` (original row + reason) and
-``DIR/summary.json`` (per-key online bits/char, combined in the pipeline). Rows that cannot
-be read are dead letters; a missing or empty input, a missing model or an unwritable
-output is a one-line error with exit code 2, as is a bad flag (a value out of range, a flag
-neither this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner),
-found before any pipeline runs. ``--replay`` plays the file as an unbounded
-stream on the DirectRunner (``--streaming``). ``--watch``, a Pub/Sub subscription or a Kafka topic
-read live input (streaming; :mod:`streamrnn.beam.job.live`): the same rows, dead letters and outputs.
+``EVENTS`` is a file or glob (.jsonl, .csv, .parquet, .arrow) on any Beam filesystem (local, gs://, s3://,
+hdfs://); workers read it, the launcher only lists it. The pipeline writes, through Beam's file sinks
+(temporary files, finalized per event-time window, so a retried bundle never leaves a second copy):
+``DIR/predictions-*.parquet`` (one row per input byte: key, ts, seq, offset, pos, topk_tokens, topk_probs,
+logprob, logprob_next, [state_health with ``--health flag|heal``], model_version, fresh, reset),
+``DIR/dead_letters-*.parquet`` (original row + reason) and ``DIR/summary.json`` (per-key online bits/char,
+combined in the pipeline). Rows that cannot be read are dead letters; a missing or empty input, a missing
+model or an unwritable output is a one-line error with exit code 2, as is a bad flag (a value out of range, a
+flag neither this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner), found
+before any pipeline runs. ``--replay`` plays the file as an unbounded stream on the DirectRunner
+(``--streaming``). ``--watch``, a Pub/Sub subscription or a Kafka topic read live input (streaming;
+:mod:`streamrnn.beam.job.live`): the same rows, dead letters and outputs.
 """
 
 from __future__ import annotations
@@ -71,13 +70,22 @@ PREDICTION_SCHEMA = pa.schema([
     ("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()), ("offset", pa.int64()), ("pos", pa.int64()),
     ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
     ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
+HEALTH_FIELD = pa.field("state_health", pa.float64())  #: with --health flag or heal only, before model_version
+
+
+def prediction_schema(health: bool = False) -> pa.Schema:
+    """The predictions' columns: :data:`PREDICTION_SCHEMA`, with ``health`` also ``state_health``."""
+    if not health:
+        return PREDICTION_SCHEMA
+    return PREDICTION_SCHEMA.insert(PREDICTION_SCHEMA.get_field_index("model_version"), HEALTH_FIELD)
 
 
 def job_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
     """The transform's Arrow block (with ``logprob_next`` paired in the pipeline) in the job's columns.
 
     ``logprob`` (this byte's log-prob given the previous ones) is null where the key's stream
-    started fresh; ``logprob_next`` is null for a stream's last byte.
+    started fresh; ``logprob_next`` is null for a stream's last byte. With health on, ``state_health`` (null where
+    unknown: no reference loss and no shadow window yet).
     """
     lp = batch.column("logprob").cast(pa.float64())
     lp = pc.if_else(pc.is_nan(lp), pa.nulls(len(lp), pa.float64()), lp)
@@ -88,7 +96,11 @@ def job_columns(batch: pa.RecordBatch) -> pa.RecordBatch:
             "logprob_next": batch.column("logprob_next").cast(pa.float64()),
             "model_version": batch.column("model_version"), "fresh": batch.column("fresh"),
             "reset": batch.column("reset")}
-    return pa.RecordBatch.from_arrays([cols[f.name] for f in PREDICTION_SCHEMA], schema=PREDICTION_SCHEMA)
+    schema = prediction_schema(HEALTH_FIELD.name in batch.schema.names)
+    if schema is not PREDICTION_SCHEMA:
+        sh = batch.column(HEALTH_FIELD.name).cast(pa.float64())
+        cols[HEALTH_FIELD.name] = pc.if_else(pc.is_nan(sh), pa.nulls(len(sh), pa.float64()), sh)
+    return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
 def _lists(arr: pa.Array, typ: pa.DataType) -> pa.Array:
@@ -159,7 +171,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, inference: StatefulInferen
     preds = out | "JobColumns" >> beam.Map(job_columns)
     unread = unread | "CountUnread" >> beam.ParDo(CountUnread())
     dead_all = (dead, unread) | "AllDeadLetters" >> beam.Flatten()
-    preds | "WritePredictions" >> WriteParquet(args.output, prefix=PREDICTIONS, schema=PREDICTION_SCHEMA,
+    schema = prediction_schema(args.health != "off")
+    preds | "WritePredictions" >> WriteParquet(args.output, prefix=PREDICTIONS, schema=schema,
                                                temp_directory=temp_dir)
     dead_all | "WriteDeadLetters" >> WriteParquet(args.output, prefix=DEAD_LETTERS, schema=DEAD_LETTER_SCHEMA,
                                                   temp_directory=temp_dir)

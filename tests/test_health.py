@@ -160,3 +160,13 @@ def test_off_gives_todays_results(lstm, rng):
         np.testing.assert_array_equal(x.outputs["logprobs"], y.outputs["logprobs"])  # shadows change nothing
         np.testing.assert_array_equal(x.prev_outputs["logprobs"], y.prev_outputs["logprobs"])
     assert not any(c.startswith("health_") for c in off.snapshot().column_names)
+
+
+def test_a_snapshot_of_no_keys_under_heal(lstm):
+    """A shard's delta may name no held key: an empty snapshot with the shadow columns, restorable (its reshape of
+    zero rows failed)."""
+    op = KeyedOperator(lstm, health=HealthConfig("heal", reference=1e-3))
+    op.process(["a"] * 3, np.array([1, 2, 3]))
+    t = op.snapshot(keys=[])
+    assert t.num_rows == 0 and any(c.startswith("shadow_last_") for c in t.column_names)
+    assert KeyedOperator(lstm, health=HealthConfig("heal", reference=1e-3)).restore(t) == 0

@@ -10,7 +10,9 @@ next bar arrives, the realised one-bar-ahead outcome: ``realised_ret_h1`` (% log
 next bar is a corporate-action jump (its return is not a return; the features' rule).
 
 After them (:func:`output_schema`) come the online-calibrated bands, VaR and ES, and the live scores of
-every horizon (:mod:`.calibrate_step`), then ``model_version, fresh, reset``.
+every horizon (:mod:`.calibrate_step`), then, with ``--health flag`` or ``heal`` only, ``state_health`` (the
+symbol's carried-state health at this bar, :mod:`streamrnn.keyed.health`; null where unknown), then
+``model_version, fresh, reset`` (``reset="health"``: the symbol's state was replaced by its fresh shadow's).
 
 ``summary.json``: per symbol and overall, bars, scored bars, mean ``nll_h1``, ``mae_h1``,
 ``coverage_80`` and ``coverage_95`` of the live one-bar-ahead forecasts; with a :class:`Calibration`, per
@@ -43,8 +45,12 @@ TRAILING = ("model_version", "fresh", "reset")
 STATS = ("scored", "nll_h1", "abs_error_h1", "in80_h1", "in95_h1")
 
 
-def base_schema(horizons: int) -> pa.Schema:
-    """The rows :func:`job_columns` makes: the model's forecast and its h1 outcome (before calibration)."""
+HEALTH_FIELD = pa.field("state_health", pa.float64())  #: with carried-state health on (flag, heal) only
+
+
+def base_schema(horizons: int, health: bool = False) -> pa.Schema:
+    """The rows :func:`job_columns` makes: the model's forecast and its h1 outcome (before calibration); with
+    ``health``, ``state_health`` before the trailing columns."""
     fields = [("symbol", pa.string()), ("ts", pa.float64()), ("close", pa.float64()), ("bar", pa.int64()),
               ("flags", pa.string())]
     for h in range(1, horizons + 1):
@@ -52,17 +58,19 @@ def base_schema(horizons: int) -> pa.Schema:
         fields += [(f"h{h}_ret_loc", pa.float64()), (f"h{h}_ret_scale", pa.float64())]
     fields += [("realised_ret_h1", pa.float64()), ("realised_close_h1", pa.float64()), ("error_h1", pa.float64()),
                ("nll_h1", pa.float64()), ("in80_h1", pa.bool_()), ("in95_h1", pa.bool_()),
+               *([HEALTH_FIELD] if health else []),
                *((c, pa.string() if c != "fresh" else pa.bool_()) for c in TRAILING)]
     return pa.schema(fields)
 
 
-def output_schema(horizons: int, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS) -> pa.Schema:
+def output_schema(horizons: int, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS, *,
+                  health: bool = False) -> pa.Schema:
     """The job's output rows: :func:`base_schema`, then the calibrated bands and the live scores of every horizon
-    (:mod:`.calibrate_step`), then ``model_version, fresh, reset``."""
+    (:mod:`.calibrate_step`), then ``state_health`` (``health`` only) and ``model_version, fresh, reset``."""
     base = base_schema(horizons)
     head = [f for f in base if f.name not in TRAILING]
     return pa.schema([*head, *calibrated_fields(horizons, levels, tails), *scored_fields(horizons, levels, tails),
-                      *(base.field(c) for c in TRAILING)])
+                      *([HEALTH_FIELD] if health else []), *(base.field(c) for c in TRAILING)])
 
 
 def _matrix(col: pa.Array | pa.ChunkedArray, n: int) -> np.ndarray:
@@ -104,9 +112,13 @@ def job_columns(batch: pa.RecordBatch, df: list[float], gap_bars: float) -> pa.R
     cols["nll_h1"] = _nullable(nll(y, loc[:, 0], scale[:, 0], np.full(n, df[0])), known)
     cols["in80_h1"] = _nullable((y >= lo80) & (y <= hi80), known, pa.bool_())
     cols["in95_h1"] = _nullable((y >= lo95) & (y <= hi95), known, pa.bool_())
+    health = HEALTH_FIELD.name in batch.schema.names
+    if health:  # NaN (no reference, no shadow window yet) is unknown: null
+        sh = batch.column(HEALTH_FIELD.name).to_numpy(zero_copy_only=False).astype(np.float64)
+        cols[HEALTH_FIELD.name] = _nullable(sh, ~np.isnan(sh))
     for c in ("model_version", "fresh", "reset"):
         cols[c] = batch.column(c)
-    schema = base_schema(H)
+    schema = base_schema(H, health)
     return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 

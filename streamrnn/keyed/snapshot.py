@@ -60,7 +60,7 @@ def encode(keys: list, steps: np.ndarray, seen: np.ndarray, states: dict[str, np
                 if n == "shadow":
                     cols[f"shadow_{s}"] = _fixed_list(v)
                 else:  # no prediction yet (NaN): zeros, and shadow_none_<output> says so
-                    none = np.isnan(v.reshape(len(v), -1)).any(axis=1)
+                    none = np.isnan(v.reshape(len(v), int(np.prod(v.shape[1:])))).any(axis=1)  # (-1 fails on no keys)
                     cols[f"shadow_last_{s}"] = _fixed_list(np.where(none.reshape(-1, *([1] * (v.ndim - 1))), 0.0, v))
                     cols[f"shadow_none_{s}"] = pa.array(none, pa.bool_())
         elif n == "watched":

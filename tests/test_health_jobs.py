@@ -1,0 +1,125 @@
+"""``--health`` on both jobs (issue 17), through their ``main()``: with ``flag`` or ``heal`` the Parquet outputs gain
+``state_health`` (null where unknown), equal to ``KeyedOperator(health=...)`` over each key's events, with the heals
+as ``reset="health"``; with ``off`` (the default) the column is absent and the schema is the one before."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from beam_jobs import market_forecast, next_token
+from streamrnn.forecast.beam_output import output_schema
+from streamrnn.forecast.evaluate import forecast_meta
+from streamrnn.forecast.features import FeatureConfig, offline_features
+from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+from streamrnn.keyed.operator import KeyedOperator
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LM, MARKET = str(ROOT / "exported" / "charlm.onnx"), str(ROOT / "exported" / "market.onnx")
+
+
+def _table(folder: pathlib.Path, prefix: str):
+    return pq.read_table(sorted(folder.glob(f"{prefix}-*.parquet")))
+
+
+def _nan(v) -> float:
+    return math.nan if v is None else v
+
+
+# -- next_token ----------------------------------------------------------------------------------------------------
+TEXTS = {  # English, then random letters (out of domain: the EW loss passes the reference and a shadow starts)
+    "en": "The quick brown fox jumps over the lazy dog while the cat sleeps in the warm sun. " * 3,
+    "noise": "".join(np.random.default_rng(0).choice(list("qxzjkvQXZJK0123456789{}[]|~^"), 300)),
+}
+
+
+@pytest.fixture(scope="module")
+def lm_runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm_health")
+    events = d / "events.jsonl"
+    events.write_text("".join(json.dumps({"key": k, "ts": 1000.0 + i, "seq": 0, "text": t}) + "\n"
+                              for i, (k, t) in enumerate(TEXTS.items())))
+    out = {}
+    for health in ("off", "heal"):
+        out[health] = d / health
+        argv = ["--input", str(events), "--output", str(out[health]), "--model", LM, "--providers", "cpu", "--quiet",
+                "--shards", "2", "--metrics-port", "0", *(["--health", health] if health != "off" else [])]
+        assert next_token.main(argv) == 0
+    return {h: _table(f, next_token.PREDICTIONS) for h, f in out.items()}
+
+
+def test_next_token_off_writes_the_schema_before(lm_runs):
+    t = lm_runs["off"]
+    assert t.schema.equals(next_token.PREDICTION_SCHEMA) and "state_health" not in t.column_names
+
+
+def test_next_token_heal_writes_the_operators_state_health_and_heals(lm_runs):
+    t = lm_runs["heal"]
+    assert t.schema.equals(next_token.prediction_schema(True))
+    assert t.schema.names.index("state_health") == t.schema.names.index("model_version") - 1
+    op = KeyedOperator(load(LM, providers=[CPU]), health="heal")
+    rows = t.to_pylist()
+    for k, text in TEXTS.items():
+        mine = sorted((r for r in rows if r["key"] == k), key=lambda r: r["offset"])
+        r = op.process([k] * len(text), np.frombuffer(text.encode(), np.uint8).astype(np.int64))
+        assert [x["reset"] for x in mine] == ["new", *r.reset.tolist()[1:]]
+        got = np.array([_nan(x["state_health"]) for x in mine])
+        np.testing.assert_allclose(got, r.state_health, rtol=1e-5, equal_nan=True)
+    noise = np.array([_nan(x["state_health"]) for x in rows if x["key"] == "noise"])
+    # charlm's reference loss makes it known from the second byte, in bad health at once (EW loss / reference), then
+    # the watch's carried / shadow ratio (a fresh state does no better on noise: about 1)
+    assert np.isfinite(noise[1:]).all() and noise[1:10].min() > 1.15 and abs(noise[-1] - 1.0) < 0.1
+    assert {x["state_health"] is None for x in rows if x["offset"] == 0} == {True}  # a first byte: unknown
+
+
+# -- market_forecast -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def market_runs(tmp_path_factory):
+    """Two simulated symbols of ~630 daily bars (the forecaster samples a watch in one 64-bar window of 8)."""
+    d = tmp_path_factory.mktemp("market_health")
+    bars = simulate(["AAA", "BBB"], start="2014-01-01", end="2016-06-01", seed=11)
+    files = [str(p) for p in write_sp500_layout(bars, d / "bars")]
+    out = {}
+    for health in ("off", "heal"):
+        out[health] = d / health
+        argv = ["--input", ",".join(files), "--output", str(out[health]), "--model", MARKET, "--quiet",
+                "--metrics-port", "0", "--shards", "2", "--location", "model",
+                *(["--health", health] if health != "off" else [])]
+        assert market_forecast.main(argv) == 0
+    return bars, {h: _table(f, market_forecast.FORECASTS) for h, f in out.items()}
+
+
+def test_market_off_writes_the_schema_before(market_runs):
+    _, t = market_runs
+    assert "state_health" not in t["off"].column_names
+    assert t["off"].schema.names == output_schema(5).names
+    assert t["heal"].schema.names == output_schema(5, health=True).names
+    assert t["heal"].schema.names.index("state_health") == t["heal"].schema.names.index("model_version") - 1
+
+
+def test_market_health_is_the_operators(market_runs):
+    """A forecaster has no reference loss: state_health is unknown (null) outside the sampled watches, which give
+    the carried / shadow NLL ratio, and the heals, as the operator over the symbol's features."""
+    bars, t = market_runs
+    model = load(MARKET, providers=[CPU])
+    cfg = FeatureConfig(**forecast_meta(model)["features"])
+    op = KeyedOperator(model, health="heal")
+    rows = t["heal"].to_pylist()
+    known = 0
+    for b in bars:
+        x = offline_features(b, cfg).x.astype(np.float32)
+        mine = sorted((r for r in rows if r["symbol"] == b.symbol), key=lambda r: r["bar"])
+        assert [r["bar"] for r in mine] == list(range(len(x)))
+        r = op.process([b.symbol] * len(x), x)
+        assert [m["reset"] for m in mine] == ["new", *r.reset.tolist()[1:]]
+        got = np.array([_nan(m["state_health"]) for m in mine])
+        np.testing.assert_allclose(got, r.state_health, rtol=1e-5, equal_nan=True)
+        known += int(np.isfinite(got).sum())
+    assert 0 < known < t["heal"].num_rows
