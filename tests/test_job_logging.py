@@ -45,3 +45,26 @@ def test_an_implicit_handler_on_a_closed_stream_is_replaced_not_left_to_print_tr
                                     "job: WARNING a warning"], err
     finally:
         root.handlers, root.level = saved, level
+
+
+def test_the_cli_leaves_no_handler_on_the_stream_it_ran_with(capsys):
+    """``streamrnn ...`` called in-process while sys.stderr was another stream (closed since): later log lines
+    go to the stderr of their moment, with no "Logging error" traceback."""
+    import contextlib
+
+    from streamrnn.cli import main
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    first = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(first), contextlib.redirect_stdout(io.StringIO()):
+            assert main(["info"]) == 0
+        first.close()
+        logging.getLogger("streamrnn").warning("after the command")
+        err = capsys.readouterr().err
+        assert "Logging error" not in err and "Traceback" not in err, err
+        assert err.splitlines() == ["after the command"], err
+        assert sum(getattr(h, "_streamrnn_job", False) for h in root.handlers) == 1
+    finally:
+        root.handlers, root.level = saved, level

@@ -21,7 +21,7 @@ from .args import (
     seed,
     utf8,
 )
-from .logs import DropNoise
+from .logs import cli_logging
 
 
 def _info(a: argparse.Namespace) -> int:
@@ -279,10 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed in one line)
         return int(e.code or 0)
-    # force: a handler bound to an earlier sys.stderr (a closed capture, a replaced stream) never lingers
-    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s", force=True)
-    for h in logging.getLogger().handlers:
-        h.addFilter(DropNoise())  # Beam's import-time noise ("apitools not found") on a run that reads no GCP
+    cli_logging(verbose=a.verbose)  # Beam's import-time noise ("apitools not found") dropped on a run without GCP
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
     with HeldLog() as held:
         try:

@@ -71,19 +71,35 @@ def _implicit(h: logging.Handler) -> bool:
             and (stream in (sys.stderr, sys.__stderr__) or bool(getattr(stream, "closed", False))))
 
 
-def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
-    """One stderr handler on the root: WARNING and up (INFO with ``verbose``); the exporter's address always."""
+def _terminal_handler(fmt: str) -> logging.Handler:
+    """The root's one stderr handler (replacing an earlier one of ours and the implicit one): it writes to whatever
+    ``sys.stderr`` is when a line is logged, so it never holds a stream that was replaced and closed since."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_streamrnn_job", False) or _implicit(h):
             root.removeHandler(h)
     handler = _Stderr()
     handler._streamrnn_job = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(f"{prog}: %(levelname)s %(message)s"))
+    handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(DropNoise())
+    root.addHandler(handler)
+    return handler
+
+
+def cli_logging(*, verbose: bool = False) -> logging.Handler:
+    """The ``streamrnn`` command's terminal: plain messages, WARNING and up (INFO with ``verbose``); Beam's
+    import-time noise dropped."""
+    handler = _terminal_handler("%(message)s")
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    return handler
+
+
+def quiet_job_logging(prog: str, *, verbose: bool = False) -> logging.Handler:
+    """One stderr handler on the root: WARNING and up (INFO with ``verbose``); the exporter's address always."""
+    root = logging.getLogger()
+    handler = _terminal_handler(f"{prog}: %(levelname)s %(message)s")
     if not verbose:
         handler.addFilter(_DropDeployErrors())
-    root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in ("apache_beam", "root"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
