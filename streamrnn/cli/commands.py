@@ -92,9 +92,32 @@ def _eval_lm(a: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_health(a: argparse.Namespace) -> int:
-    from ..lm.evaluate import eval_health, out_of_domain_text
+def _heal_config(a: argparse.Namespace):
+    """The ``heal`` policy's config from ``--health-*`` (HealthConfig's defaults where not given)."""
+    from ..keyed.health import HealthConfig
 
+    given = {k: getattr(a, f"health_{k}") for k in ("window", "margin", "patience", "sample_every")}
+    return HealthConfig("heal", **{k: v for k, v in given.items() if v is not None})
+
+
+def _eval_health(a: argparse.Namespace) -> int:
+    from .. import DEFAULT_MODEL
+    from ..lm.evaluate import eval_health, out_of_domain_text
+    from ..model.loaded import load
+
+    if a.task == "forecast" and a.model == DEFAULT_MODEL:
+        from ..model.shipped import resolve
+
+        a.model = resolve("shipped:market")
+    m = load(a.model, providers=a.providers)
+    task = a.task or m.spec.task
+    if task != m.spec.task:
+        raise InputError(f"--model: expected a model of task {task!r} (--task), got task {m.spec.task!r} ({a.model})")
+    if task == "forecast":
+        return _eval_forecast_health(a, m)
+    if a.text is None:
+        raise InputError("--text: expected the language model's training text (its validation part is scored), "
+                         "got none")
     data = read_file("--text", a.text)
     if a.last_frac:
         data = data[int(len(data) * (1 - a.last_frac)):]
@@ -104,12 +127,13 @@ def _eval_health(a: argparse.Namespace) -> int:
         raise InputError(f"--text: expected at least {2 * a.streams} bytes (2 per stream), got {len(data)}")
     m = _language_model(a)
     inputs_checked()
+    step = a.step or 4
     texts = {"validation": data, "out_of_domain": out_of_domain_text(a.ood_bytes or len(data), seed=a.seed)}
     res = {}
     with Heartbeat("streamrnn eval health") as progress:
         for name, d in texts.items():
-            res[name] = eval_health(m, d, text=name, streams=a.streams, step=a.step, reset_every=a.reset_every,
-                                    progress=progress.update).to_dict()
+            res[name] = eval_health(m, d, text=name, streams=a.streams, step=step, reset_every=a.reset_every,
+                                    heal=_heal_config(a), progress=progress.update).to_dict()
     v, o = res["validation"]["bits_per_char"], res["out_of_domain"]["bits_per_char"]
     reset = f"reset{a.reset_every}"
     goals = {"heal_le_min_carried_reset_plus_0.02_out_of_domain": {
@@ -127,6 +151,33 @@ def _eval_health(a: argparse.Namespace) -> int:
                   f"{reset} {b[reset]:.4f}, flag {b['flag']:.4f}, heal {b['heal']:.4f} ({r['heals']} heals)")
         for k, g in goals.items():
             print(f"goal {k}: {g['value']:+.4f} bits/char {'MET' if g['met'] else 'MISSED'}")
+    return 0
+
+
+def _eval_forecast_health(a: argparse.Namespace, m) -> int:
+    """``eval health`` of a forecaster: simulated symbols with a volatility break (streamrnn.forecast.health_eval)."""
+    from ..forecast.health_eval import eval_forecast_health
+
+    inputs_checked()
+    with Heartbeat("streamrnn eval health") as progress:
+        r = eval_forecast_health(m, streams=a.streams, calm_bars=a.calm_bars, break_bars=a.break_bars,
+                                 calm_sd=a.calm_sd, break_sd=a.break_sd, step=a.step or 1,
+                                 reset_every=a.reset_every, seed=a.seed, heal=_heal_config(a),
+                                 progress=progress.update).to_dict()
+    if a.json:
+        print(json.dumps({"model": a.model, "task": "forecast", **r}))
+        return 0
+    print(f"{r['streams']} simulated symbols x {r['bars_per_stream']} bars (daily sd {r['calm_sd']:g}%, then "
+          f"{r['break_sd']:g}% over bars {r['parts']['break'][0]}..{r['parts']['break'][1] - 1}, then "
+          f"{r['calm_sd']:g}%), {r['scored_bars']} scored; mean NLL (nats/bar):")
+    parts = ("calm", "calm_before", "break", "calm_after", "all")
+    print(f"  {'policy':<10}" + "".join(f"{p:>13}" for p in parts))
+    for k, v in r["nll"].items():
+        print(f"  {k:<10}" + "".join(f"{v[p]:>13.4f}" for p in parts))
+    print(f"heal: {r['heals']} heals ({', '.join(f'{p} {n}' for p, n in r['heals_by_part'].items())})")
+    g = r["target"]
+    print(f"goal heal_le_carried_plus_{g['limit']:g}_calm: {g['heal_minus_carried_calm']:+.4f} nats/bar "
+          f"{'MET' if g['met'] else 'MISSED'}")
     return 0
 
 
@@ -228,18 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval_lm)
 
-    e = esub.add_parser("health", help="bits/char of carried state, reset-every-N and the health policies "
-                                       "(flag, heal) on validation and out-of-domain text")
+    e = esub.add_parser("health", help="carried state, reset-every-N and the health policies (flag, heal): an LM's "
+                                       "bits/char on validation and out-of-domain text, a forecaster's NLL on "
+                                       "simulated symbols with a volatility break")
     model_args(e)
-    e.add_argument("--text", required=True, help="the model's training text (its validation part is scored)")
+    e.add_argument("--task", choices=("lm", "forecast"), default=None,
+                   help="lm or forecast (default: the model's task; forecast without --model: the shipped market "
+                        "model)")
+    e.add_argument("--text", help="lm: the model's training text (its validation part is scored)")
     e.add_argument("--last-frac", type=fraction(0, 1), default=0.1,
                    help="score only the last fraction of the file (0.1 = the validation split)")
-    e.add_argument("--streams", type=at_least(1), default=32, help="keys the text is split into")
-    e.add_argument("--step", type=at_least(1), default=4, help="bytes per key per call")
+    e.add_argument("--streams", type=at_least(1), default=32, help="keys (text streams, or simulated symbols)")
+    e.add_argument("--step", type=at_least(1), default=None, help="events per key per call (default: 4 bytes, 1 bar)")
     e.add_argument("--reset-every", type=at_least(1), default=64)
     e.add_argument("--ood-bytes", type=at_least(0), default=0,
                    help="size of the out-of-domain text built at run time (0: as the validation text)")
-    e.add_argument("--seed", type=seed, default=0, help="seed of the out-of-domain text")
+    e.add_argument("--seed", type=seed, default=0, help="seed of the out-of-domain text, or of the simulated symbols")
+    e.add_argument("--calm-bars", type=at_least(1), default=500, help="forecast: calm bars before and after the break")
+    e.add_argument("--break-bars", type=at_least(1), default=250, help="forecast: bars of the high-volatility regime")
+    e.add_argument("--calm-sd", type=at_least(0.01), default=1.0, help="forecast: calm daily sd, %% (default: 1)")
+    e.add_argument("--break-sd", type=at_least(0.01), default=4.0,
+                   help="forecast: the break's daily sd, %% (default: 4)")
+    e.add_argument("--health-window", type=at_least(1), default=None, help="heal: shadow steps per verdict")
+    e.add_argument("--health-margin", type=float, default=None, help="heal: nats/event a strike needs")
+    e.add_argument("--health-patience", type=at_least(1), default=None, help="heal: consecutive strikes that heal")
+    e.add_argument("--health-sample-every", type=at_least(1), default=None,
+                   help="heal without a reference loss: watch one window in this many")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=_eval_health)
 

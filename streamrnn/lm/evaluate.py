@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -149,33 +150,41 @@ def out_of_domain_text(n_bytes: int, seed: int = 0, root=None) -> bytes:
     return b"".join(out)[:n_bytes]
 
 
-def _policy_run(model: Model, segs: np.ndarray, step: int, health, progress: Progress, label: str):
-    """Per-byte log-prob of every stream under one policy (NaN for each stream's first byte); heals; the
-    largest share of keys in bad health after a call."""
+def policy_run(model: Model, segs: np.ndarray, step: int, health, progress: Progress, label: str, *,
+               heal_mask: bool = False) -> tuple:
+    """Per-event loss of every stream under one health policy (the model's task loss,
+    :func:`streamrnn.keyed.health.task_loss`: nats; NaN for each stream's first event and any event the task does
+    not score), streams ``segs [S, L, ...]`` fed ``step`` events per key per call; heals; the largest share of keys
+    in bad health after a call; with ``heal_mask``, also where the heals were (``[S, L]`` bool)."""
+    from ..keyed.health import HEALTH, task_loss
     from ..keyed.operator import KeyedOperator
-    from . import token_logprob
 
-    S, L = segs.shape
+    S, L = segs.shape[:2]
+    loss_of = task_loss(model.spec)
     op = KeyedOperator(model, max_keys=S, keep_last_output=True, health=health)
     names = [f"s{i}" for i in range(S)]
     keys = [k for k in names for _ in range(step)]
-    lp = np.full((S, L), np.nan)
+    loss = np.full((S, L), np.nan)
+    healed = np.zeros((S, L), bool)
     worst = 0.0
     for t0 in range(0, L, step):
         if t0 % (step * 256) == 0:
-            progress(f"{label}: {t0 * S:,}/{L * S:,} bytes")
+            progress(f"{label}: {t0 * S:,}/{L * S:,} events")
         n = min(step, L - t0)
         ks = keys if n == step else [k for k in names for _ in range(n)]
-        x = segs[:, t0:t0 + n].reshape(-1)
+        x = segs[:, t0:t0 + n].reshape(S * n, *segs.shape[2:])
         r = op.process(ks, x)
-        lp[:, t0:t0 + n] = token_logprob(r.prev_outputs["logprobs"], x).reshape(S, n)
+        loss[:, t0:t0 + n] = loss_of(r.prev_outputs, (np.arange(S * n),), x).reshape(S, n)
+        healed[:, t0:t0 + n] = (r.reset == HEALTH).reshape(S, n)
         if r.bad_health is not None:
             worst = max(worst, r.bad_health / S)
-    return lp, op.health_counts.heals, worst
+    if heal_mask:
+        return loss, op.health_counts.heals, worst, healed
+    return loss, op.health_counts.heals, worst
 
 
 def eval_health(model: Model, data: bytes, *, text: str = "text", streams: int = 32, step: int = 4,
-                reset_every: int = 64, progress: Progress = _quiet) -> HealthEval:
+                reset_every: int = 64, heal: Any = "heal", progress: Progress = _quiet) -> HealthEval:
     """Bits/char of carried state, reset-every-N, ``flag`` and ``heal`` on ``data`` split into ``streams``
     contiguous streams (keys), ``step`` bytes per key per call. Each stream's first byte is not scored by
     any policy (nothing predicted it); reset-every-N scores a window's first byte by the previous window."""
@@ -190,8 +199,9 @@ def eval_health(model: Model, data: bytes, *, text: str = "text", streams: int =
     lps, heals = {}, 0
     worst = 0.0
     for policy in ("off", "flag", "heal"):
-        lp, h, w = _policy_run(model, segs, step, policy, progress, f"{text}, health={policy}")
-        lps["carried" if policy == "off" else policy] = lp[:, 1:]
+        loss, h, w = policy_run(model, segs, step, heal if policy == "heal" else policy, progress,
+                                f"{text}, health={policy}")
+        lps["carried" if policy == "off" else policy] = -loss[:, 1:]
         if policy == "heal":
             heals, worst = h, w
     progress(f"{text}, state reset every {reset_every} bytes")
