@@ -50,12 +50,12 @@ from streamrnn.beam.job import (  # noqa: E402
     add_live_args,
     at_least,
     fraction,
+    fractions,
     launcher,
     live_source,
     load_model,
     read_summary,
 )
-from streamrnn.cli.forecast import _fractions as fractions  # noqa: E402  (eval forecast's --levels/--var rule)
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
     LOCATIONS,

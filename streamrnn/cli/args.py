@@ -97,6 +97,22 @@ def fraction(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = Fal
     return parse
 
 
+def fractions(lo: float, hi: float, what: str) -> Callable[[str], list[float]]:
+    """An argparse ``type``: comma-separated numbers, each in ``(lo, hi)``, at least one, no repeats (``what``
+    names them in the error)."""
+    def parse(s: str) -> list[float]:
+        try:
+            out = [float(x) for x in s.split(",") if x.strip()]
+        except ValueError:
+            out = []
+        if not out or any(not lo < x < hi for x in out) or len(set(out)) != len(out):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what} in ({lo:g}, {hi:g}), got {s!r}")
+        return out
+
+    parse.__name__ = "fractions"
+    return parse
+
+
 def read_file(flag: str, path: str | os.PathLike) -> bytes:
     """The bytes of a file named on the command line; InputError naming ``flag`` if unreadable."""
     try:

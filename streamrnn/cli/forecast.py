@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..forecast.bars import parse_columns
-from .args import at_least, fraction, inputs_checked, out_file, seed, utf8
+from .args import at_least, fraction, fractions, inputs_checked, out_file, seed, utf8
 
 SP500 = "../shared/data/market/sp500_daily_2013_2018"
 
@@ -61,19 +61,6 @@ def _symbols(s: str) -> list[str]:
     if not out:
         raise argparse.ArgumentTypeError(f"expected comma-separated symbols, got {s!r}")
     return out
-
-
-def _fractions(lo: float, hi: float, what: str):
-    """An argparse ``type``: comma-separated numbers, each in ``(lo, hi)``, at least one, no repeats."""
-    def parse(s: str) -> list[float]:
-        try:
-            out = [float(x) for x in s.split(",") if x.strip()]
-        except ValueError:
-            out = []
-        if not out or any(not lo < x < hi for x in out) or len(set(out)) != len(out):
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what} in ({lo:g}, {hi:g}), got {s!r}")
-        return out
-    return parse
 
 
 def _date(s: str) -> str:
@@ -200,11 +187,11 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
     e.add_argument("--end", type=_date, help="with --start: the period ends before this date (default: the end of "
                                               "the bars); every target ends before it")
     # defaults: streamrnn.forecast.conformal's LEVELS, TAILS and GAMMA (not imported here: the CLI starts without numpy)
-    e.add_argument("--levels", type=_fractions(0, 1, "interval levels"),
+    e.add_argument("--levels", type=fractions(0, 1, "interval levels"),
                    help="central interval levels scored, raw and ACI-calibrated (default 0.5,0.8,0.95,0.99)")
-    e.add_argument("--var", type=_fractions(0, 0.5, "tail probabilities"),
+    e.add_argument("--var", type=fractions(0, 0.5, "tail probabilities"),
                    help="VaR / expected-shortfall tail probabilities, left tail (default 0.01,0.05)")
-    e.add_argument("--gamma", type=_fractions(0, 1, "ACI steps"),
+    e.add_argument("--gamma", type=fractions(0, 1, "ACI steps"),
                    help="ACI step of the 80%% level (default 0.01); several: the first makes the tables, each gets a "
                         "gamma-scan line")
     e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",

@@ -3,7 +3,8 @@
 
 * running a job: ``launcher`` (the job's flag parser and Beam's flags, the checks made before a pipeline runs,
   ``execute`` and ``run``: errors in one line, exit 2), :class:`JobError`, :class:`Output`; flag validators
-  ``at_least`` and ``fraction``; the errors a job turns into one line (``InputError``, ``ModelLoadError``);
+  ``at_least``, ``fraction`` and ``fractions``; the errors a job turns into one line (``InputError``,
+  ``ModelLoadError``);
 * input: :class:`ReadEvents` / :class:`ReplayEvents` (event files, batch or replayed), ``demo_events``;
   :class:`ParseFiles` and :class:`LiveParser` (a job's own rows, read by the same rules), :class:`EventParser`;
   live input: :class:`ReadLive`, :class:`LiveRun`, ``add_live_args``, ``live_source``;
@@ -16,7 +17,7 @@ The modules behind it: ``launcher``, ``io``, ``event_files``, ``replay``, ``live
 
 from __future__ import annotations
 
-from ...cli.args import at_least, fraction
+from ...cli.args import at_least, fraction, fractions
 from ...errors import InputError, ModelLoadError
 from ...model.runtime import CPU
 from ..models import load_model
@@ -52,6 +53,7 @@ __all__ = [
     "at_least",
     "demo_events",
     "fraction",
+    "fractions",
     "launcher",
     "live_source",
     "load_model",
