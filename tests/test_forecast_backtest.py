@@ -14,7 +14,7 @@ import pytest
 from scipy import integrate, stats
 
 from streamrnn.cli.commands import main
-from streamrnn.forecast import backtest
+from streamrnn.forecast import backtest, conformal
 from streamrnn.forecast.bars import Bars, read_bars
 from streamrnn.forecast.dataset import prepare
 from streamrnn.forecast.evaluate import eval_forecast, forecast_meta, model_outputs, render_table
@@ -285,29 +285,65 @@ def test_tables_per_year_and_regime_partition_the_points_and_equal_summarize(res
             assert sum(t[m][h]["n"] for t in tab["by_regime"].values()) == n - bt["regime"]["unknown"] * (h == "h1")
     assert list(tab["by_year"]) == ["2015", "2016", "2017"]
     # the model's cells against summarize on points rebuilt here: its outputs, the period's targets, the regimes
-    model = load(MODEL, providers=["CPUExecutionProvider"])
-    meta = forecast_meta(model)
-    Hm = int(meta["horizons"])
-    cfg = FeatureConfig(**meta["features"])
-    cuts = [_secs(d) for d in bt["origins"]]
-    rows = []
-    for sym in ("AAA", "BBB"):
-        (b,) = read_bars(str(market / f"{sym}_data.csv"))
-        p = prepare(offline_features(b, cfg), Hm)
-        loc, ls = model_outputs(model, [p])[0]
-        w = p.window(START, "2017-03-01")
-        o = np.flatnonzero(w[:, 0])
-        yr = (p.series.ts[o] // 86400).astype("datetime64[D]").astype("datetime64[Y]").astype(int) + 1970
-        reg = backtest.regime_codes(p.series, o, cuts)
-        rows.append((p.y[o, 0], loc[o, 0], np.exp(ls[o, 0]), np.full(len(o), sym, object), yr, reg))
-    y, loc, sc, g, yr, reg = (np.concatenate(a) for a in zip(*rows, strict=True))
-    df = float(meta["df"][0])
+    y, loc, sc, g, yr, reg, _, df = _rebuilt(market, bt)
     for key, sel in (("2016", yr == 2016), ("high", reg == 2), ("low", reg == 0)):
         part = "by_year" if key.isdigit() else "by_regime"
         want = summarize(y[sel], loc[sel], sc[sel], df, g[sel], levels=(0.5, 0.8, 0.95))
         got = tab[part][key]["lstm"]["h1"]
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-9), (key, k)
+
+
+def _rebuilt(market: pathlib.Path, bt: dict, levels=(0.5, 0.8, 0.95)):
+    """The model's h1 points of AAA and BBB in the period, rebuilt here: target, loc, scale, symbol, year, regime,
+    and whether each target fell inside the online-calibrated band of every level (an OnlineConformal run over the
+    symbol's whole history from its first bar, its bands drawn by conformal.bands), and the h1 df."""
+    model = load(MODEL, providers=["CPUExecutionProvider"])
+    meta = forecast_meta(model)
+    Hm = int(meta["horizons"])
+    cfg = FeatureConfig(**meta["features"])
+    cuts = [_secs(d) for d in bt["origins"]]
+    df_all = np.asarray(meta["df"], np.float64)
+    rows = []
+    for sym in ("AAA", "BBB"):
+        (b,) = read_bars(str(market / f"{sym}_data.csv"))
+        p = prepare(offline_features(b, cfg), Hm)
+        loc, ls = model_outputs(model, [p])[0]
+        cal = conformal.OnlineConformal(df_all, levels=levels, tails=())
+        alpha = cal.run([sym], np.where(p.valid, p.y, 0.0)[None], loc[None], np.exp(ls)[None], p.valid[None])[0]
+        w = p.window(START, "2017-03-01")
+        o = np.flatnonzero(w[:, 0])
+        band = conformal.bands(alpha[o, :1], loc[o, :1], np.exp(ls[o, :1]), df_all[:1], cal.config)
+        inside = np.stack([(band[f"lo{conformal.label(lv)}"][:, 0] <= p.y[o, 0])
+                           & (p.y[o, 0] <= band[f"hi{conformal.label(lv)}"][:, 0]) for lv in levels], 1)
+        yr = (p.series.ts[o] // 86400).astype("datetime64[D]").astype("datetime64[Y]").astype(int) + 1970
+        reg = backtest.regime_codes(p.series, o, cuts)
+        rows.append((p.y[o, 0], loc[o, 0], np.exp(ls[o, 0]), np.full(len(o), sym, object), yr, reg, inside))
+    return (*(np.concatenate(a) for a in zip(*rows, strict=True)), float(df_all[0]))
+
+
+def test_tables_show_the_aci_calibrated_coverage_beside_the_raw(result, market):
+    """Every table cell of the model has the coverage of the bands the job serves (recalibrated online, ACI)
+    beside the raw: equal to bands rebuilt here per year and per regime, and to the conformal block's."""
+    bt = result["backtest"]
+    tab = bt["groups"]["all"]
+    *_, yr, reg, inside, _ = _rebuilt(market, bt)
+    for key, sel in (("2015", yr == 2015), ("2016", yr == 2016), ("2017", yr == 2017), ("low", reg == 0),
+                     ("mid", reg == 1), ("high", reg == 2)):
+        got = tab["by_year" if key.isdigit() else "by_regime"][key]["lstm"]["h1"]
+        for k, lv in enumerate((0.5, 0.8, 0.95)):
+            assert got[backtest.aci_coverage_key(lv)] == pytest.approx(inside[sel, k].mean(), rel=1e-12), (key, lv)
+        if key.isdigit():
+            assert 100 * got["aci_coverage_80"] == pytest.approx(
+                result["conformal"]["groups"]["all"]["h1"]["by_year"][key]["aci"]["80"], rel=1e-12)
+    assert result["metrics"]["lstm"]["h1"]["aci_coverage_80"] == pytest.approx(inside[:, 1].mean(), rel=1e-12)
+    assert "aci_coverage_80" not in result["metrics"]["ewma_t"]["h1"]
+    text = render_table(result)
+    assert "h1 by year, all symbols (coverage %: raw/ACI-calibrated bands of the model)" in text
+    row = next(x for x in text.splitlines() if x.startswith("  2016 "))
+    a = tab["by_year"]["2016"]["lstm"]["h1"]
+    assert f"{100 * a['coverage_80']:5.1f}/{100 * a['aci_coverage_80']:5.1f}" in row
+    assert any(x.startswith("  lstm + ACI    h1") for x in text.splitlines())
 
 
 def test_dm_block_and_best_baseline(result):

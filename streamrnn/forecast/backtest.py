@@ -173,10 +173,17 @@ def coverage_key(level: float) -> str:
     return f"coverage_{100 * level:.10g}"
 
 
+def aci_coverage_key(level: float) -> str:
+    """The coverage of the online-calibrated (ACI) band at ``level``: ``aci_coverage_80``."""
+    return f"aci_{coverage_key(level)}"
+
+
 def aggregate(pts: Mapping[str, np.ndarray], y: np.ndarray, scored: np.ndarray, sym: np.ndarray,
-              levels: Sequence[float]) -> dict:
+              levels: Sequence[float], aci: Mapping[float, np.ndarray] | None = None) -> dict:
     """One method's table cell per horizon (``h1``..) over the points ``scored [N, H]``: n, NLL, CRPS, MAE, MASE
-    and the coverage of every level; None where nothing is scored. ``sym``: int symbol codes ``[N]``."""
+    and the coverage of every level; None where nothing is scored. ``sym``: int symbol codes ``[N]``. ``aci``:
+    per level, whether each point ``[N, H]`` fell inside the online-calibrated band; adds the coverage of those
+    bands as ``aci_coverage_{L}`` (:func:`aci_coverage_key`)."""
     out = {}
     n_sym = int(sym.max()) + 1 if len(sym) else 0
     for h in range(scored.shape[1]):
@@ -184,7 +191,8 @@ def aggregate(pts: Mapping[str, np.ndarray], y: np.ndarray, scored: np.ndarray, 
         n = int(m.sum())
         if n == 0:
             out[f"h{h + 1}"] = {"nll": None, "crps": None, "mae": None, "mase": None,
-                                **{coverage_key(lv): None for lv in levels}, "n": 0}
+                                **{coverage_key(lv): None for lv in levels},
+                                **{aci_coverage_key(lv): None for lv in aci or ()}, "n": 0}
             continue
         ae = pts["ae"][m, h]
         s_ae = np.bincount(sym[m], ae, n_sym)
@@ -194,7 +202,8 @@ def aggregate(pts: Mapping[str, np.ndarray], y: np.ndarray, scored: np.ndarray, 
         out[f"h{h + 1}"] = {
             "nll": float(pts["nll"][m, h].mean()), "crps": float(pts["crps"][m, h].mean()), "mae": float(ae.mean()),
             "mase": float(np.median(s_ae[ok] / s_naive[ok])) if ok.any() else None,
-            **{coverage_key(lv): float((p2 >= 1.0 - lv).mean()) for lv in levels}, "n": n}
+            **{coverage_key(lv): float((p2 >= 1.0 - lv).mean()) for lv in levels},
+            **{aci_coverage_key(lv): float(hit[m, h].mean()) for lv, hit in (aci or {}).items()}, "n": n}
     return out
 
 

@@ -234,9 +234,15 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         codes = np.unique(G, return_inverse=True)[1]
         everything = np.ones(len(Y), bool)
         sels = (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))
+        bar.update("online calibration (ACI) of every symbol from its first bar")
+        aci = _aci_alphas(data, whole, scored, df_model, cal_cfg, gammas[0])
+        # the model's ACI-calibrated bands beside its raw ones in every table: hit iff the two-sided tail mass of
+        # the outcome is at least the a issued at its origin (conformal.misses)
+        aci_in = {lv: pts["lstm"]["p2"] >= conformal.issued(aci[..., k]) for k, lv in enumerate(cal_cfg.levels)}
 
         def table(sel: np.ndarray) -> dict:
-            return {m: backtest.aggregate(pts[m], Yf, M & sel[:, None], codes, cov_levels) if m in pts else {
+            return {m: backtest.aggregate(pts[m], Yf, M & sel[:, None], codes, cov_levels,
+                                          aci=aci_in if m == "lstm" else None) if m in pts else {
                 f"h{h + 1}": dict.fromkeys(("nll", "crps", "mae", "mase",
                                             *(backtest.coverage_key(x) for x in cov_levels)))
                 for h in range(H)} for m in METHODS}
@@ -275,7 +281,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
             "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
                                                      D[sel & M[:, 0]]) for m in cat}
                         for grp, sel in sels},
-            "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar),
+            "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar, aci),
             "known_sd": calibration.known_sd_table(model, meta),
             "shocks": calibration.shock_response(model, meta),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -313,26 +319,15 @@ def _backtest_block(pts: Mapping[str, Mapping[str, np.ndarray]], table, M: np.nd
 
 def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]], scored: list[tuple[int, np.ndarray]],
                df: np.ndarray, Y: np.ndarray, M: np.ndarray, D: np.ndarray, G: np.ndarray, HO: np.ndarray,
-               cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress) -> dict:
-    """The model's intervals and VaR raw and ACI-calibrated (:mod:`.conformal`), per group and horizon. The
-    calibrator runs over each scored symbol's whole history from its first bar (causal: the ``a`` at an
-    origin has seen only the targets completed by then), and is scored at the period's origins."""
+               cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress, first: np.ndarray) -> dict:
+    """The model's intervals and VaR raw and ACI-calibrated (:mod:`.conformal`), per group and horizon
+    (``first``: :func:`_aci_alphas` at ``gammas[0]``; every other gamma is run here for the scan)."""
     H = len(df)
-    syms = [data[k].symbol for k, _ in scored]
-    ys = [np.where(data[k].valid, data[k].y, 0.0) for k, _ in scored]
-    locs = [whole[k][0] for k, _ in scored]
-    scales = [np.exp(whole[k][1]) for k, _ in scored]
-    valids = [data[k].valid for k, _ in scored]
     loc = np.concatenate([whole[k][0][o] for k, o in scored])
     sc = np.concatenate([np.exp(whole[k][1][o]) for k, o in scored])
     Ym = np.where(M, Y, np.nan)
     sels = (("all", np.ones(len(Y), bool)), ("seen_symbols", ~HO), ("heldout_symbols", HO))
     codes = np.unique(G, return_inverse=True)[1]  # symbols as ints: the per-symbol Kupiec counts are bincounts
-
-    def issued(g: float) -> np.ndarray:
-        cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=g, scaling=cfg.scaling)
-        a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
-        return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
 
     def tables(a: np.ndarray, groups) -> dict:
         # widths, interval scores, VaR losses and ES at h1 only (each costs a quantile per point and target)
@@ -345,13 +340,29 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
     for i, g in enumerate(gammas):
         bar.tick(i, len(gammas), "ACI runs", f"gamma {g:g}")
         if i == 0:
-            groups = tables(issued(g), sels)
+            groups = tables(first, sels)
             tabs = groups["all"]
         else:
-            tabs = tables(issued(g), sels[:1])["all"]
+            tabs = tables(_aci_alphas(data, whole, scored, df, cfg, g), sels[:1])["all"]
         scan.append({"gamma": g, **{h: _scan_row(t) for h, t in tabs.items()}})
     return {**cfg.to_dict(), "horizons": H, "gamma": gammas[0], "warm_up": "each symbol's bars from its first",
             "groups": groups, "gamma_scan": scan}
+
+
+def _aci_alphas(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
+                scored: list[tuple[int, np.ndarray]], df: np.ndarray, cfg: conformal.ConformalConfig,
+                gamma: float) -> np.ndarray:
+    """The ``a`` the online calibrator (:mod:`.conformal`, step ``gamma``) issued at every scored origin
+    ``[N, H, K]``, in the order of the scored points. It runs over each scored symbol's whole history from its
+    first bar (causal: the ``a`` at an origin has seen only the targets completed by then), as the job does."""
+    syms = [data[k].symbol for k, _ in scored]
+    ys = [np.where(data[k].valid, data[k].y, 0.0) for k, _ in scored]
+    locs = [whole[k][0] for k, _ in scored]
+    scales = [np.exp(whole[k][1]) for k, _ in scored]
+    valids = [data[k].valid for k, _ in scored]
+    cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=gamma, scaling=cfg.scaling)
+    a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
+    return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
 
 
 def _scan_row(t: dict) -> dict:
@@ -468,13 +479,21 @@ def render_backtest(r: Mapping) -> list[str]:
                 lines.append(f"  {g:16s} {NAMES.get(m, m):13s} {h:3s} " + " ".join(
                     f"{_fmt(v[k].get('mean_diff'), '+.4f', 8)} {_fmt(v[k].get('t'), '+.2f')} "
                     f"{_fmt(v[k].get('p'), '.3f')}" for k in ("nll", "crps")) + f" {v['nll']['days']:6d}")
-    covs = [backtest.coverage_key(x) for x in levels]
-    head = (f"n       NLL model {NAMES.get(best, best):>12s}  DM t   CRPS model {NAMES.get(best, best):>12s}   MASE "
-            + " ".join(f"{'cov' + k.split('_')[1]:>6s}" for k in covs))
     tabs = bt["groups"]["all"]
     dms = bt["dm"]["all"]
+    first = next((t["lstm"]["h1"] for t in tabs["by_year"].values() if t["lstm"]["h1"]["n"]), {})
+    covs = [(backtest.coverage_key(x), backtest.aci_coverage_key(x)) for x in levels]
+    covs = [(k, a if a in first else None) for k, a in covs]
+
+    def cov(v: Mapping) -> str:
+        return " ".join(_fmt(None if v[k] is None else 100 * v[k], ".1f", 5)
+                        + (f"/{_fmt(None if v[a] is None else 100 * v[a], '.1f', 5)}" if a else "") for k, a in covs)
+
+    head = (f"n       NLL model {NAMES.get(best, best):>12s}  DM t   CRPS model {NAMES.get(best, best):>12s}   MASE "
+            + " ".join(f"{'cov' + k.split('_')[1]:>{11 if a else 5}s}" for k, a in covs))
+    what_cov = ("raw/ACI-calibrated bands of the model" if any(a for _, a in covs) else "the model's raw bands")
     for part, what in (("by_year", "year"), ("by_regime", "regime")):
-        lines.append(f"h1 by {what}, all symbols (coverage: the model's raw bands, %)")
+        lines.append(f"h1 by {what}, all symbols (coverage %: {what_cov})")
         lines.append(f"  {what:7s} {head}")
         for key, t in tabs[part].items():
             a, b = t["lstm"]["h1"], t[best]["h1"]
@@ -483,8 +502,7 @@ def render_backtest(r: Mapping) -> list[str]:
             d = dms[part][key][best]["h1"]["nll"]
             lines.append(f"  {key:7s} {a['n']:<7d} {_fmt(a['nll'], '.4f', 9)} {_fmt(b['nll'], '.4f', 12)} "
                          f"{_fmt(d.get('t'), '+.1f', 5)}  {_fmt(a['crps'], '.4f', 10)} {_fmt(b['crps'], '.4f', 12)} "
-                         f"{_fmt(a['mase'], '.3f', 6)} "
-                         + " ".join(_fmt(None if a[k] is None else 100 * a[k], '.1f', 6) for k in covs))
+                         f"{_fmt(a['mase'], '.3f', 6)} " + cov(a))
     return lines
 
 
@@ -524,8 +542,9 @@ def render_table(r: dict) -> str:
                     f"origins; NLL {v['nll']:.4f}, with zero location {v['nll_zero_loc']:.4f} (gain t "
                     f"{v['nll_gain_t']:+.1f}: {'skill' if v['location_skill'] else 'no skill'} over zero drift)")
     if r.get("overlaps_training"):
-        lines.append(f"note: the period starts before {r['model_split']['val_end']}, inside the bars the model was "
-                     "fitted or selected on: its scores there are in-sample")
+        lines.append(f"note: the period starts before {r['model_split']['val_end']}, the end of the model's "
+                     "training and validation period: on bars it was fitted or selected on, its scores there are "
+                     "in-sample")
 
     def fmt(v) -> str:
         return "    -" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
@@ -536,7 +555,8 @@ def render_table(r: dict) -> str:
     lines += calibration.render({"known_sd": r.get("known_sd"), "shocks": r.get("shocks"),
                                  "by_year": {NAMES.get(m, m): v for m, v in years.items()
                                              if m in ("lstm", "ewma_t", "garch_t")}})
-    covs = [backtest.coverage_key(x) for x in r.get("levels") or (0.8, 0.95)]
+    levels = r.get("levels") or (0.8, 0.95)
+    covs = [backtest.coverage_key(x) for x in levels]
     lines += render_backtest(r)
     for gname, tab in (("all", r["metrics"]), *r["groups"].items()):
         lines.append(f"\n[{gname}]  method h   nll     crps    mae     mase    "
@@ -547,6 +567,11 @@ def render_table(r: dict) -> str:
             for h, v in hs.items():
                 lines.append(f"  {NAMES.get(m, m):13s} {h:3s} " + " ".join(fmt(v[k]) for k in (
                     "nll", "crps", "mae", "mase", *covs)))
+            if m == "lstm" and any(backtest.aci_coverage_key(x) in hs["h1"] for x in levels):
+                # the bands the job serves: the model's recalibrated online (ACI); coverage only
+                for h, v in hs.items():
+                    lines.append(f"  {'lstm + ACI':13s} {h:3s} " + " ".join(
+                        [f"{'-':>6s}"] * 4 + [fmt(v.get(backtest.aci_coverage_key(x))) for x in levels]))
     return "\n".join(lines) + "\n"
 
 
