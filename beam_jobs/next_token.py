@@ -28,7 +28,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from streamrnn.cli.logs import guard_imports, quiet_job_logging
+from streamrnn.cli.logs import guard_imports, imports_done, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
@@ -71,6 +71,8 @@ PREDICTION_SCHEMA = pa.schema([
     ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
     ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
 HEALTH_FIELD = pa.field("state_health", pa.float64())  #: with --health flag or heal only, before model_version
+
+imports_done()  # the placeholder goes: a program importing this module configures logging itself
 
 
 def prediction_schema(health: bool = False) -> pa.Schema:

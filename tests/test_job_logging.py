@@ -21,7 +21,8 @@ def test_beam_imported_during_a_cli_run_prints_no_import_time_noise():
     r = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "apitools" not in r.stderr, r.stderr[-2000:]
-    assert r.stderr.splitlines()[-1:] == ["kept"]  # other warnings still show, once
+    # other warnings still show, once, as the caller's logging prints them (the command left it as it was)
+    assert r.stderr.splitlines()[-1:] == ["WARNING:root:kept"]
 
 
 def test_an_implicit_handler_on_a_closed_stream_is_replaced_not_left_to_print_tracebacks(capsys):
@@ -61,10 +62,41 @@ def test_the_cli_leaves_no_handler_on_the_stream_it_ran_with(capsys):
         with contextlib.redirect_stderr(first), contextlib.redirect_stdout(io.StringIO()):
             assert main(["info"]) == 0
         first.close()
+        root.handlers.append(logging.StreamHandler(sys.stderr))  # the caller's own, after the command
         logging.getLogger("streamrnn").warning("after the command")
         err = capsys.readouterr().err
         assert "Logging error" not in err and "Traceback" not in err, err
         assert err.splitlines() == ["after the command"], err
-        assert sum(getattr(h, "_streamrnn_job", False) for h in root.handlers) == 1
+        assert not [h for h in root.handlers if getattr(h, "_streamrnn_job", False)]
+    finally:
+        root.handlers, root.level = saved, level
+
+
+def test_importing_a_job_module_leaves_the_programs_logging_to_it():
+    """A program that imports a job (to build on its pipeline) and then calls basicConfig sees its warnings."""
+    run = ("import logging, beam_jobs.next_token, beam_jobs.market_forecast; "
+           "logging.basicConfig(format='APP %(message)s'); "
+           "logging.getLogger('x').warning('hi')")
+    r = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == ["APP hi"], r.stderr
+
+
+def test_a_command_run_in_process_leaves_the_callers_logging_as_it_was(capsys):
+    import contextlib
+
+    from streamrnn.cli import main
+
+    root = logging.getLogger()
+    saved, level = list(root.handlers), root.level
+    mine = logging.StreamHandler(io.StringIO())
+    try:
+        root.handlers = [mine]
+        root.setLevel(logging.INFO)
+        before = (list(root.handlers), root.level, logging.getLogger("streamrnn").level)
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["info"]) == 0
+            assert main(["info", "--no-such-flag"]) == 2
+        assert (list(root.handlers), root.level, logging.getLogger("streamrnn").level) == before
     finally:
         root.handlers, root.level = saved, level

@@ -21,7 +21,7 @@ from .args import (
     seed,
     utf8,
 )
-from .logs import cli_logging
+from .logs import cli_logging, kept_logging
 
 
 def _info(a: argparse.Namespace) -> int:
@@ -344,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unrecognized arguments: {' '.join(rest)}")
     except SystemExit as e:  # argparse: --help (0) or a usage error (2, already printed in one line)
         return int(e.code or 0)
+    with kept_logging():  # an in-process call leaves the caller's logging as it was
+        return _run(a, rest)
+
+
+def _run(a: argparse.Namespace, rest: list[str]) -> int:
     cli_logging(verbose=a.verbose)  # Beam's import-time noise ("apitools not found") dropped on a run without GCP
     logging.getLogger("streamrnn").setLevel(logging.INFO)  # the one provider line, and progress
     with HeldLog() as held:

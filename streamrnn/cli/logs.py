@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 #: Messages that are noise on every run (also when a worker process forwards them).
 NOISE = ("apitools not found", "No semi_persistent_directory found", "Discarding unparseable args")
@@ -90,7 +91,10 @@ def cli_logging(*, verbose: bool = False) -> logging.Handler:
     """The ``streamrnn`` command's terminal: plain messages, WARNING and up (INFO with ``verbose``); Beam's
     import-time noise dropped."""
     handler = _terminal_handler("%(message)s")
-    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(f, DropNoise) for f in root.filters):
+        root.addFilter(DropNoise())  # also when Beam is imported after the command (in-process callers)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
     return handler
 
 
@@ -122,6 +126,34 @@ def guard_imports() -> None:
         h = logging.NullHandler()
         h._streamrnn_job = True  # type: ignore[attr-defined]
         root.addHandler(h)
+
+
+def imports_done() -> None:
+    """After a job module's imports: the placeholder :func:`guard_imports` set is removed again, so a program
+    that imports the job (to build on its pipeline) configures logging as if it had not."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if type(h) is logging.NullHandler and getattr(h, "_streamrnn_job", False):
+            root.removeHandler(h)
+
+
+@contextmanager
+def kept_logging() -> Iterator[None]:
+    """The root logger's handlers, filters and level, and the levels of streamrnn's and Beam's loggers, restored
+    on exit: a command run in-process (``streamrnn.cli.main([...])``) leaves its caller's logging as it was.
+    The :class:`DropNoise` filter stays on the root (Beam's import-time lines, if Beam is imported later)."""
+    root = logging.getLogger()
+    names = ("streamrnn", "streamrnn.metrics", "apache_beam", "root")
+    handlers, filters, level = list(root.handlers), list(root.filters), root.level
+    levels = {n: logging.getLogger(n).level for n in names}
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.filters[:] = filters + [f for f in root.filters if isinstance(f, DropNoise) and f not in filters]
+        root.setLevel(level)
+        for n, lv in levels.items():
+            logging.getLogger(n).setLevel(lv)
 
 
 # -- worker processes (a multi_processing DirectRunner's SDK harnesses) -----------------------------
