@@ -95,9 +95,13 @@ ALPHA_MIN = 1e-6
 STATE_BOUNDS = (-1.0, 2.0)
 REFERENCE_ALPHA = 0.2
 SCALINGS = ("proportional", "constant")
+METHODS = ("aci", "agaci")
+METHOD = "aci"
+GAMMAS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
 LEVELS = (0.5, 0.8, 0.95, 0.99)
 TAILS = (0.01, 0.05)
 STATE_FIELDS = ("alpha", "issued", "seq")
+EXPERT_FIELDS = ("ealpha", "eedge", "regret", "sq", "bound")
 
 
 def label(x: float) -> str:
@@ -114,10 +118,22 @@ class ConformalConfig:
     tails: tuple[float, ...] = TAILS
     gamma: float = GAMMA
     scaling: str = "proportional"  # or "constant" (module doc, Steps)
+    method: str = METHOD  # "aci" (one step) or "agaci" (experts at ``gammas``, aggregated online; module doc)
+    gammas: tuple[float, ...] = GAMMAS  # the experts' 80% steps (``agaci`` only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(float(x) for x in self.levels))
         object.__setattr__(self, "tails", tuple(float(x) for x in self.tails))
+        if self.method not in METHODS:
+            raise InputError(f"conformal: method: expected one of {list(METHODS)}, got {self.method!r}")
+        try:
+            gs = tuple(float(g) for g in self.gammas)
+        except (TypeError, ValueError):
+            raise InputError(f"conformal: gammas: expected steps in (0, 1), got {self.gammas!r}") from None
+        if (not gs or len(set(gs)) != len(gs) or not all(0.0 < g < 1.0 for g in gs)
+                or any(isinstance(g, bool) for g in self.gammas)):
+            raise InputError(f"conformal: gammas: expected distinct steps in (0, 1), got {list(self.gammas)}")
+        object.__setattr__(self, "gammas", gs)
         if not isinstance(self.horizons, (int, np.integer)) or isinstance(self.horizons, bool) or self.horizons < 1:
             raise InputError(f"conformal: horizons: expected an int >= 1, got {self.horizons!r}")
         for name, vals, hi in (("levels", self.levels, 1.0), ("tails", self.tails, 0.5)):
@@ -145,13 +161,51 @@ class ConformalConfig:
         return float(self.gamma) * self.nominal / REFERENCE_ALPHA
 
     @property
+    def expert_steps(self) -> np.ndarray:
+        """``agaci``: the step of each target and expert ``[K, E]`` (:attr:`steps` at each of ``gammas``)."""
+        unit = np.ones(len(self.nominal)) if self.scaling == "constant" else self.nominal / REFERENCE_ALPHA
+        return unit[:, None] * np.asarray(self.gammas)[None, :]
+
+    @property
     def two_sided(self) -> np.ndarray:
         """Per target ``[K]``: a central interval (True) or a left tail (False)."""
         return np.array([True] * len(self.levels) + [False] * len(self.tails))
 
     def to_dict(self) -> dict:
-        return {"horizons": int(self.horizons), "levels": list(self.levels), "tails": list(self.tails),
-                "gamma": float(self.gamma), "scaling": self.scaling}
+        out = {"horizons": int(self.horizons), "levels": list(self.levels), "tails": list(self.tails),
+               "gamma": float(self.gamma), "scaling": self.scaling, "method": self.method}
+        if self.method == "agaci":
+            out["gammas"] = list(self.gammas)
+        return out
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The state arrays per key: :data:`STATE_FIELDS`, plus :data:`EXPERT_FIELDS` for ``agaci``."""
+        return STATE_FIELDS + (EXPERT_FIELDS if self.method == "agaci" else ())
+
+    def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each state array for ``n`` keys."""
+        H, K, E = self.horizons, len(self.nominal), len(self.gammas)
+        out = {"alpha": (n, H, K), "issued": (n, H, H, K), "seq": (n,)}
+        if self.method == "agaci":
+            out.update(ealpha=(n, H, K, E), eedge=(n, H, H, K, E), regret=(n, H, K, E), sq=(n, H, K, E),
+                       bound=(n, H, K))
+        return out
+
+    def fresh(self, n: int) -> dict[str, np.ndarray]:
+        """The state of ``n`` new keys: every ``a`` (and every expert's) at the nominal, no regret."""
+        out = {}
+        for f, shape in self.shapes(n).items():
+            if f == "seq":
+                out[f] = np.zeros(shape, np.int64)
+            elif f in ("regret", "sq", "bound"):
+                out[f] = np.zeros(shape)
+            elif f == "eedge":
+                out[f] = np.zeros(shape)  # set with the df (OnlineConformal._fresh)
+            else:
+                nom = self.nominal[:, None] if f == "ealpha" else self.nominal
+                out[f] = np.array(np.broadcast_to(nom, shape), np.float64)
+        return out
 
 
 def pit(y, loc, scale, df) -> tuple[np.ndarray, np.ndarray]:
@@ -181,6 +235,80 @@ def _step(alpha: np.ndarray, miss: np.ndarray, valid: np.ndarray, cfg: Conformal
     return np.where(valid[..., None], new, alpha)
 
 
+def _edge(alpha: np.ndarray, two_sided: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """The band edge in scale units at miscoverage ``alpha [n, H, K, ...]`` (drawn at the clip): the half-width
+    ``t^-1(1 - a/2)`` of a central interval, the quantile ``t^-1(a)`` of a left tail. ``df [H]``."""
+    a = issued(alpha)
+    ts = two_sided.reshape((1, 1, -1) + (1,) * (a.ndim - 3))
+    d = np.broadcast_to(df.reshape((1, -1) + (1,) * (a.ndim - 2)), a.shape)
+    return std_quantiles(np.where(ts, 1.0 - 0.5 * a, a), d)
+
+
+def _advance(st: dict[str, np.ndarray], z: np.ndarray, p2: np.ndarray, lower: np.ndarray, v: np.ndarray,
+             cfg: ConformalConfig, df: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One bar of ``n`` keys: the state rows ``st`` (:meth:`ConformalConfig.shapes`) learn the targets whose
+    scores (``p2``, ``lower [n, H]``) are ``valid [n, H]`` (horizon ``h``'s from the origin ``h + 1`` bars back,
+    whose ``a`` is in the ring at slot ``(seq - 1 - h) % H``), then open this bar's origin. Returns the new
+    rows (new arrays) and the misses of the issued (aggregate) bands ``[n, H, K]``. ``z [n, H]``: the outcomes in
+    scale units (``agaci``: an expert missed when ``|z|`` is beyond its interval's edge, ``z`` below its VaR's)."""
+    n, H = v.shape
+    slot = (st["seq"][:, None] - 1 - np.arange(H)[None, :]) % H
+    ni, hi = np.arange(n)[:, None], np.arange(H)[None, :]
+    a_iss = st["issued"][ni, slot, hi]
+    miss = misses(p2, lower, a_iss, cfg.two_sided) & v[..., None]
+    out = dict(st)
+    if cfg.method == "aci":
+        out["alpha"] = _step(st["alpha"], miss, v, cfg)
+    else:
+        vv = v[..., None, None]
+        q_e = st["eedge"][ni, slot, hi]  # [n, H, K, E]: each expert's edge issued at the origin
+        ts = cfg.two_sided[:, None]
+        emiss = np.where(ts, np.abs(z)[..., None, None] > q_e, z[..., None, None] < q_e) & vv
+        ealpha = np.clip(st["ealpha"] + cfg.expert_steps * (cfg.nominal[:, None] - emiss), *STATE_BOUNDS)
+        out["ealpha"] = np.where(vv, ealpha, st["ealpha"])
+        # BOA with the gradient trick: the pinball loss of the aggregate edge, linearised there
+        grad = np.where(cfg.two_sided, cfg.nominal - miss, miss - cfg.nominal)  # d pinball / d edge
+        q_a = _edge(a_iss, cfg.two_sided, df)
+        r = np.where(vv, grad[..., None] * (q_a[..., None] - q_e), 0.0)  # regret against each expert
+        eta = _eta(st["sq"], st["bound"], r.shape[-1])
+        out["regret"] = st["regret"] + r - np.where(np.isfinite(eta), eta, 0.0) * r * r
+        out["sq"] = st["sq"] + r * r
+        out["bound"] = np.maximum(st["bound"], np.abs(r).max(-1))
+        w = boa_weights(out["regret"], out["sq"], out["bound"])
+        edges = _edge(out["ealpha"], cfg.two_sided, df)
+        q = (w * edges).sum(-1)
+        p2q, lowq = pit(q, 0.0, 1.0, df[None, :, None])
+        agg = np.where(cfg.two_sided, p2q, lowq)
+        out["alpha"] = np.where(v[..., None], agg, st["alpha"])
+    out["issued"] = st["issued"].copy()
+    out["issued"][np.arange(n), st["seq"] % H] = out["alpha"]
+    if cfg.method == "agaci":
+        out["eedge"] = st["eedge"].copy()
+        out["eedge"][np.arange(n), st["seq"] % H] = edges
+    out["seq"] = st["seq"] + 1
+    return out, miss
+
+
+def _eta(sq: np.ndarray, bound: np.ndarray, experts: int) -> np.ndarray:
+    """BOA's learning rate per expert: ``min(1 / (2 B), sqrt(ln E / V))`` (``inf`` before any regret)."""
+    with np.errstate(divide="ignore"):
+        return np.minimum(1.0 / (2.0 * bound[..., None]), np.sqrt(math.log(max(experts, 2)) / sq))
+
+
+def boa_weights(regret: np.ndarray, sq: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """BOA's weights ``[..., E]`` from the regularised cumulative regrets, the sums of squared regrets and the
+    largest |regret| (Wintenberger 2017; uniform prior): ``w_e ∝ eta_e exp(eta_e R_e)``; uniform before any
+    regret (``bound`` 0)."""
+    E = regret.shape[-1]
+    eta = _eta(sq, bound, E)
+    live = bound[..., None] > 0
+    eta = np.where(live, eta, 1.0)
+    logw = np.where(live, np.log(eta) + eta * regret, 0.0)
+    logw = logw - logw.max(-1, keepdims=True)
+    w = np.exp(logw)
+    return w / w.sum(-1, keepdims=True)
+
+
 def bands(alpha, loc, scale, df, cfg: ConformalConfig) -> dict[str, np.ndarray]:
     """Bands of the model's Student-t at miscoverages ``alpha [..., H, K]`` (``loc``, ``scale [..., H]``, ``df [H]``):
     ``lo{L}``/``hi{L}`` per level and ``var{p}``/``es{p}`` (positive losses) per tail, each ``[..., H]``.
@@ -204,16 +332,46 @@ class OnlineConformal:
     (``inf`` for a Gaussian); ``H = len(df)``."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional"):
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD,
+                 gammas: Sequence[float] = GAMMAS):
         self.df = np.asarray(df, np.float64).reshape(-1)
         if not len(self.df) or not (self.df > 0).all():
             raise InputError(f"conformal: df: expected one value > 0 per horizon, got {list(self.df)}")
-        self.config = ConformalConfig(len(self.df), tuple(levels), tuple(tails), gamma, scaling)
-        H, K = self.config.horizons, len(self.config.nominal)
+        self.config = ConformalConfig(len(self.df), tuple(levels), tuple(tails), gamma, scaling, method,
+                                      tuple(gammas) if isinstance(gammas, (list, tuple)) else gammas)
         self._keys: dict[str, int] = {}
-        self.alpha = np.empty((0, H, K))
-        self.issued = np.empty((0, H, H, K))
-        self.seq = np.empty(0, np.int64)
+        self._st = self._fresh(0)
+
+    def _fresh(self, n: int) -> dict[str, np.ndarray]:
+        """:meth:`ConformalConfig.fresh` with the experts' edges at the nominal ``a`` (``agaci``)."""
+        st = self.config.fresh(n)
+        if "eedge" in st:
+            c = self.config
+            nom = np.broadcast_to(c.nominal[:, None], (1, c.horizons, len(c.nominal), len(c.gammas)))
+            st["eedge"][:] = _edge(nom, c.two_sided, self.df)[:, None]
+        return st
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """The ``a`` each key's next band is drawn at ``[S, H, K]`` (``agaci``: the aggregate's)."""
+        return self._st["alpha"]
+
+    @property
+    def issued(self) -> np.ndarray:
+        """The ring of the ``a`` issued at the last ``H`` origins ``[S, H, H, K]``."""
+        return self._st["issued"]
+
+    @property
+    def seq(self) -> np.ndarray:
+        """Bars learned per key ``[S]``."""
+        return self._st["seq"]
+
+    def weights(self, key: str) -> np.ndarray:
+        """``agaci``: one key's experts' current weights ``[H, K, E]``."""
+        st = self.state_of(key)
+        if self.config.method != "agaci":
+            raise InputError(f"conformal weights: method: expected 'agaci', got {self.config.method!r}")
+        return boa_weights(st["regret"], st["sq"], st["bound"])
 
     # ---- keys ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -230,7 +388,7 @@ class OnlineConformal:
         if key not in self._keys:
             raise InputError(f"conformal: key: expected a key with state, got {key!r}")
         r = self._keys[key]
-        return {"alpha": self.alpha[r].copy(), "issued": self.issued[r].copy(), "seq": np.int64(self.seq[r])}
+        return {f: (np.int64(a[r]) if f == "seq" else a[r].copy()) for f, a in self._st.items()}
 
     def _rows(self, keys: Sequence[str], what: str) -> tuple[np.ndarray, list[str]]:
         """Rows of ``keys`` (new keys at ``len(self) + i``, not yet added) and the new keys."""
@@ -250,18 +408,15 @@ class OnlineConformal:
                 new.append(k)
         return np.asarray(rows, np.int64), new
 
-    def _grown(self, new: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _grown(self, new: list[str]) -> dict[str, np.ndarray]:
         """The state arrays with fresh rows for ``new`` keys appended (copies; nothing committed)."""
-        n = len(new)
-        fresh = np.broadcast_to(self.config.nominal, (n, *self.alpha.shape[1:]))
-        return (np.concatenate([self.alpha, fresh]),
-                np.concatenate([self.issued, np.broadcast_to(self.config.nominal, (n, *self.issued.shape[1:]))]),
-                np.concatenate([self.seq, np.zeros(n, np.int64)]))
+        fresh = self._fresh(len(new))
+        return {f: np.concatenate([a, fresh[f]]) for f, a in self._st.items()}
 
-    def _commit(self, new: list[str], alpha: np.ndarray, issued: np.ndarray, seq: np.ndarray) -> None:
+    def _commit(self, new: list[str], st: dict[str, np.ndarray]) -> None:
         for k in new:
             self._keys[k] = len(self._keys)
-        self.alpha, self.issued, self.seq = alpha, issued, seq
+        self._st = st
 
     # ---- checks -------------------------------------------------------------------------------------------
     def _matrix(self, what: str, name: str, v, n: int, dtype=np.float64) -> np.ndarray:
@@ -295,7 +450,8 @@ class OnlineConformal:
             loc_m = self._matrix("learn", "loc", loc, n)
             scale_m = self._matrix("learn", "scale", scale, n)
             valid_m = np.ones((n, H), bool) if valid is None else self._matrix("learn", "valid", valid, n, bool)
-        alpha, issued, seq = self._grown(new)
+        st = self._grown(new)
+        seq = st["seq"]
         origin = seq[rows][:, None] - 1 - np.arange(H)[None, :]
         for name, arr, ok in (("y", y_m, np.isfinite(y_m)), ("loc", loc_m, np.isfinite(loc_m)),
                               ("scale", scale_m, np.isfinite(scale_m) & (scale_m > 0)), ("valid", origin, origin >= 0)):
@@ -311,13 +467,11 @@ class OnlineConformal:
                                  f"(key {key!r}, h{h + 1})")
         z_ok = np.where(valid_m, y_m, 0.0), np.where(valid_m, loc_m, 0.0), np.where(valid_m, scale_m, 1.0)
         p2, lower = pit(*z_ok, self.df)
-        hh = np.arange(H)[None, :]
-        a_issued = issued[rows[:, None], np.where(origin >= 0, origin, 0) % H, hh]  # [n, H, K]
-        miss = misses(p2, lower, a_issued, self.config.two_sided) & valid_m[..., None]
-        alpha[rows] = _step(alpha[rows], miss, valid_m, self.config)
-        issued[rows, seq[rows] % H] = alpha[rows]
-        seq[rows] += 1
-        self._commit(new, alpha, issued, seq)
+        z = (z_ok[0] - z_ok[1]) / z_ok[2]
+        got, miss = _advance({f: a[rows] for f, a in st.items()}, z, p2, lower, valid_m, self.config, self.df)
+        for f, a in got.items():
+            st[f][rows] = a
+        self._commit(new, st)
         return miss
 
     def predict(self, keys: Sequence[str], loc, scale) -> dict[str, np.ndarray]:
@@ -326,7 +480,7 @@ class OnlineConformal:
         rows, new = self._rows(keys, "predict")
         n = len(rows)
         loc_m, scale_m = self._matrix("predict", "loc", loc, n), self._matrix("predict", "scale", scale, n)
-        alpha = np.concatenate([self.alpha, np.broadcast_to(self.config.nominal, (len(new), *self.alpha.shape[1:]))])
+        alpha = np.concatenate([self.alpha, self._fresh(len(new))["alpha"]])
         a = alpha[rows]
         return {"alpha": a, **bands(a, loc_m, scale_m, self.df, self.config)}
 
@@ -367,117 +521,138 @@ class OnlineConformal:
                 s, t, h = map(int, np.argwhere(bad)[0])
                 raise InputError(f"conformal run: {name}: expected a finite number{' > 0' if name == 'scale' else ''} "
                                  f"where valid, got {float(arr[s, t, h])!r} (key {keys[s]!r}, origin {t}, h{h + 1})")
-        alpha, issued, seq = self._grown(new)
-        p2, lower = pit(np.where(valid, y, 0.0), np.where(valid, loc, 0.0), np.where(valid, scale, 1.0), self.df)
+        st = self._grown(new)
+        yv, lv, sv = np.where(valid, y, 0.0), np.where(valid, loc, 0.0), np.where(valid, scale, 1.0)
+        p2, lower = pit(yv, lv, sv, self.df)
+        zz = (yv - lv) / sv
         out = np.empty((S, T, H, K))
-        a = alpha[rows]
-        ring, sq = issued[rows], seq[rows].copy()
+        cur = {f: a[rows] for f, a in st.items()}
         for t in range(T):
             live = t < lengths
             o = t - 1 - np.arange(H)  # the origin each horizon's target completes at bar t
             ok = o >= 0
             v = np.zeros((S, H), bool)
-            pp, lw = np.zeros((S, H)), np.zeros((S, H))
+            pp, lw, zt = np.zeros((S, H)), np.zeros((S, H)), np.zeros((S, H))
             v[:, ok] = valid[:, o[ok], np.flatnonzero(ok)]
+            zt[:, ok] = zz[:, o[ok], np.flatnonzero(ok)]
             pp[:, ok] = p2[:, o[ok], np.flatnonzero(ok)]
             lw[:, ok] = lower[:, o[ok], np.flatnonzero(ok)]
             v &= live[:, None]
-            # the a issued at origin o: out[:, o] (this run), the same value as the ring slot
-            a_issued = np.empty((S, H, K))
-            a_issued[:, ok] = out[:, o[ok], np.flatnonzero(ok)]
-            a_issued[:, ~ok] = a[:, ~ok]  # no target there (v is False)
-            miss = misses(pp, lw, a_issued, self.config.two_sided) & v[..., None]
-            a = np.where(live[:, None, None], _step(a, miss, v, self.config), a)
-            out[:, t] = a
-            ring[live, sq[live] % H] = a[live]
-            sq += live
-        alpha[rows], issued[rows], seq[rows] = a, ring, sq
-        self._commit(new, alpha, issued, seq)
+            if live.all():
+                cur, _ = _advance(cur, zt, pp, lw, v, self.config, self.df)
+            else:
+                got, _ = _advance({f: a[live] for f, a in cur.items()}, zt[live], pp[live], lw[live], v[live],
+                                  self.config, self.df)
+                for f, a in got.items():
+                    cur[f] = cur[f].copy()
+                    cur[f][live] = a
+            out[:, t] = cur["alpha"]
+        for f, a in cur.items():
+            st[f][rows] = a
+        self._commit(new, st)
         return out
 
     # ---- snapshot / restore -------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
-        """The whole state as plain arrays (copies): ``keys`` (str), ``alpha``, ``issued``, ``seq``, and ``config``
-        (a JSON string: horizons, levels, tails, gamma)."""
-        return {"keys": np.array(list(self._keys), dtype=object), "alpha": self.alpha.copy(),
-                "issued": self.issued.copy(), "seq": self.seq.copy(), "config": json.dumps(self.config.to_dict())}
+        """The whole state as plain arrays (copies): ``keys`` (str), the :attr:`ConformalConfig.fields` (``alpha``,
+        ``issued``, ``seq``; ``agaci`` also ``ealpha``, ``eissued``, ``regret``, ``sq``, ``bound``), and ``config``
+        (a JSON string: :meth:`ConformalConfig.to_dict`)."""
+        return {"keys": np.array(list(self._keys), dtype=object), **{f: a.copy() for f, a in self._st.items()},
+                "config": json.dumps(self.config.to_dict())}
 
     def to_arrow(self):
-        """The state as an Arrow table, one row per key: ``key`` string, ``seq`` int64, ``alpha`` and ``issued``
-        fixed-size lists of float64 (``H * K`` and ``H * H * K``, row-major); the config in the schema metadata."""
+        """The state as an Arrow table, one row per key: ``key`` string, ``seq`` int64, every other state array a
+        fixed-size list of float64 (its per-key shape, row-major); the config in the schema metadata."""
         import pyarrow as pa
 
-        H, K = self.config.horizons, len(self.config.nominal)
-        cols = {"key": pa.array(list(self._keys), pa.string()), "seq": pa.array(self.seq, pa.int64()),
-                "alpha": pa.FixedSizeListArray.from_arrays(pa.array(self.alpha.reshape(-1)), H * K),
-                "issued": pa.FixedSizeListArray.from_arrays(pa.array(self.issued.reshape(-1)), H * H * K)}
+        cols = {"key": pa.array(list(self._keys), pa.string()), "seq": pa.array(self.seq, pa.int64())}
+        for f, shape in self.config.shapes(len(self)).items():
+            if f != "seq":
+                cols[f] = pa.FixedSizeListArray.from_arrays(pa.array(self._st[f].reshape(-1)), math.prod(shape[1:]))
         return pa.table(cols).replace_schema_metadata({"streamrnn.conformal": json.dumps(self.config.to_dict())})
 
     def restore(self, snap) -> None:
-        """Replace the state by a :meth:`snapshot` dict or a :meth:`to_arrow` table of the same levels, tails and
-        horizons (gamma may differ: it is the step, not the state's meaning). A bad snapshot raises
-        :class:`~streamrnn.errors.SnapshotError` naming the field; the state is then unchanged."""
-        H, K = self.config.horizons, len(self.config.nominal)
+        """Replace the state by a :meth:`snapshot` dict or a :meth:`to_arrow` table of the same levels, tails,
+        horizons, method and (``agaci``) expert steps (gamma may differ: it is the step, not the state's meaning).
+        A bad snapshot raises :class:`~streamrnn.errors.SnapshotError` naming the field; the state is then
+        unchanged."""
+        fields = self.config.fields
         if isinstance(snap, Mapping):
             cfg, keys = snap.get("config"), snap.get("keys")
-            arrays = {f: snap.get(f) for f in STATE_FIELDS}
+            arrays = {f: snap.get(f) for f in fields}
         else:
             meta = (snap.schema.metadata or {}).get(b"streamrnn.conformal")
             cfg = meta.decode() if meta is not None else None
             names = set(snap.column_names)
-            miss = [f for f in ("key", *STATE_FIELDS) if f not in names]
+            miss = [f for f in ("key", *fields) if f not in names]
             if miss:
                 raise SnapshotError(f"conformal restore: {miss[0]}: expected a column, got columns {sorted(names)}")
             S = snap.num_rows
             keys = snap.column("key").to_pylist()
             arrays = {"seq": snap.column("seq").to_numpy()}
-            for f, width in (("alpha", H * K), ("issued", H * H * K)):
+            for f, shape in self.config.shapes(S).items():
+                if f == "seq":
+                    continue
+                width = math.prod(shape[1:])
                 col = snap.column(f).combine_chunks()
                 flat = col.flatten().to_numpy(zero_copy_only=False) if len(col) else np.empty(0)
                 if len(flat) != S * width:
                     raise SnapshotError(f"conformal restore: {f}: expected {width} values per key, got "
                                         f"{len(flat) / max(S, 1):g}")
-                arrays[f] = flat.reshape(S, *((H, K) if f == "alpha" else (H, H, K)))
+                arrays[f] = flat.reshape(shape)
         try:
             got = json.loads(cfg) if cfg is not None else None
         except (TypeError, ValueError):
             got = cfg
         want = self.config.to_dict()
-        fields = ("horizons", "levels", "tails")
-        if not isinstance(got, dict) or any(got.get(k) != want[k] for k in fields):
-            shown = [got.get(k) for k in fields] if isinstance(got, dict) else got
-            raise SnapshotError(f"conformal restore: config: expected horizons/levels/tails "
-                                f"{[want[k] for k in fields]}, got {shown!r}")
+        if isinstance(got, dict):
+            got = {"method": "aci", **got}  # snapshots from before the method field are ACI's
+        for meaning in (("horizons", "levels", "tails"),
+                        ("method", "gammas") if self.config.method == "agaci" else ("method",)):
+            if not isinstance(got, dict) or any(got.get(k) != want[k] for k in meaning):
+                shown = [got.get(k) for k in meaning] if isinstance(got, dict) else got
+                raise SnapshotError(f"conformal restore: config: expected {'/'.join(meaning)} "
+                                    f"{[want[k] for k in meaning]}, got {shown!r}")
         if keys is None:
             raise SnapshotError("conformal restore: keys: expected the key names, got none")
         keys = [str(k) for k in keys]
         S = len(keys)
         if len(set(keys)) != S:
             raise SnapshotError("conformal restore: keys: expected distinct keys, got a repeat")
-        shapes = {"alpha": (S, H, K), "issued": (S, H, H, K), "seq": (S,)}
         out = {}
-        for f, shape in shapes.items():
+        for f, shape in self.config.shapes(S).items():
             a = arrays.get(f)
             a = None if a is None else np.asarray(a)
             if a is None or a.shape != shape:
                 raise SnapshotError(f"conformal restore: {f}: expected shape {shape}, got "
                                     f"{None if a is None else a.shape}")
             out[f] = a.astype(np.int64 if f == "seq" else np.float64, copy=True)
-        for f in ("alpha", "issued"):
+        for f in ("alpha", "issued", "ealpha"):
+            if f not in out:
+                continue
             a = out[f]
             ok = np.isfinite(a) & (a >= STATE_BOUNDS[0]) & (a <= STATE_BOUNDS[1])
             if not ok.all():
                 raise SnapshotError(f"conformal restore: {f}: expected values in [{STATE_BOUNDS[0]:g}, "
                                     f"{STATE_BOUNDS[1]:g}], got {float(a[~ok][0])!r}")
+        for f in ("regret", "eedge", "sq", "bound"):
+            pos = f in ("sq", "bound")
+            if f in out and not (np.isfinite(out[f]).all() and (not pos or (out[f] >= 0).all())):
+                bad = out[f][~(np.isfinite(out[f]) & ((out[f] >= 0) | (not pos)))][0]
+                want_v = "finite values" + (" >= 0" if pos else "")
+                raise SnapshotError(f"conformal restore: {f}: expected {want_v}, got {float(bad)!r}")
         if (out["seq"] < 0).any():
             raise SnapshotError(f"conformal restore: seq: expected counts >= 0, got {int(out['seq'].min())}")
         self._keys = {k: i for i, k in enumerate(keys)}
-        self.alpha, self.issued, self.seq = out["alpha"], out["issued"], out["seq"]
+        self._st = out
 
 
-def state_bytes(horizons: int, targets: int) -> int:
-    """Bytes of one key's state: ``alpha``, ``issued`` (float64) and ``seq`` (int64)."""
-    return 8 * (horizons * targets + horizons * horizons * targets + 1)
+def state_bytes(horizons: int, targets: int, experts: int = 0) -> int:
+    """Bytes of one key's state: ``alpha``, ``issued`` (float64) and ``seq`` (int64); with ``experts`` (``agaci``)
+    also ``ealpha``, ``eissued``, ``regret``, ``sq`` per expert and ``bound``."""
+    H, K, E = horizons, targets, experts
+    agg = (H * K * E + H * H * K * E + 2 * H * K * E + H * K) if E else 0
+    return 8 * (H * K + H * H * K + 1 + agg)
 
 
 def kupiec(n: int, x: int, p: float) -> tuple[float, float]:
@@ -493,5 +668,6 @@ def kupiec(n: int, x: int, p: float) -> tuple[float, float]:
     return lr, math.erfc(math.sqrt(lr / 2.0))
 
 
-__all__ = ["ALPHA_MIN", "GAMMA", "LEVELS", "STATE_BOUNDS", "TAILS", "ConformalConfig", "OnlineConformal", "bands",
+__all__ = ["ALPHA_MIN", "GAMMA", "GAMMAS", "LEVELS", "METHOD", "METHODS", "STATE_BOUNDS", "TAILS", "ConformalConfig",
+           "OnlineConformal", "bands", "boa_weights",
            "issued", "kupiec", "label", "misses", "pit", "state_bytes"]
