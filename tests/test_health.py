@@ -81,20 +81,33 @@ def test_shadow_loss_equals_a_fresh_operator_over_the_same_window(lstm, rng):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
-def test_heal_replaces_the_state_by_a_fresh_runs(lstm, rng):
+def test_heal_resets_the_state_and_the_shadow_goes_on_without_the_reset(lstm, rng):
+    """A heal after the window's last event: the key's state becomes the initial state (its last output is kept:
+    it predicts the next event), its shadow goes on as the state it had, and its next event says
+    reset="health" and runs as a fresh key's first event."""
     op = KeyedOperator(lstm, keep_last_output=True, health=_heal_cfg())
-    toks = _stream(rng, 10)
+    toks = _stream(rng, 7)
     _feed(op, toks[:, :2], 2)  # watch starts after this call
-    rs = _feed(op, toks[:, 2:6], 4)  # a 4-step window closes: strike, patience 1: heal
+    rs = _feed(op, toks[:, 2:6], 4)  # a 4-step window closes: strike, patience 1: heal after its 4th event
     assert op.health_counts.heals == 3
-    assert rs[0].reset.tolist() == ["", "", "", "health"] * 3
-    fresh = KeyedOperator(lstm, keep_last_output=True, health="off")
-    r = fresh.process([k for k in KEYS for _ in range(4)], toks[:, 2:6].reshape(-1))
-    for i, k in enumerate(KEYS):
+    assert rs[0].reset.tolist() == [""] * 12
+    off = KeyedOperator(lstm, keep_last_output=True, health="off")
+    _feed(off, toks[:, :6], 3)
+    s = op._store
+    for k in KEYS:
+        slot = s.slots[k]
+        sh = s.health["shadow_slot"][slot]
+        assert sh >= 0 and s.health["regime"][slot] == 1
         for n in ("h", "c"):
-            np.testing.assert_allclose(op.state_of(k)[n], fresh.state_of(k)[n], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(op.last_output(k)["logprobs"], fresh.last_output(k)["logprobs"], atol=1e-5)
-        np.testing.assert_allclose(rs[0].outputs["logprobs"][4 * i + 3], r.outputs["logprobs"][4 * i + 3], atol=1e-5)
+            assert not op.state_of(k)[n].any()
+            np.testing.assert_allclose(s.shadow.slab[n][:, sh], off.state_of(k)[n][:, 0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(op.last_output(k)["logprobs"], off.last_output(k)["logprobs"], atol=1e-5)
+    r = op.process(KEYS, toks[:, 6])
+    assert r.reset.tolist() == ["health"] * 3
+    fresh = KeyedOperator(lstm, keep_last_output=True, health="off").process(KEYS, toks[:, 6])
+    np.testing.assert_allclose(r.outputs["logprobs"], fresh.outputs["logprobs"], atol=1e-5)
+    np.testing.assert_allclose(r.prev_outputs["logprobs"], off.process(KEYS, toks[:, 6]).prev_outputs["logprobs"],
+                               atol=1e-5)
 
 
 def _cols(B, **kw):

@@ -17,6 +17,7 @@ from streamrnn.forecast.beam_output import output_schema
 from streamrnn.forecast.evaluate import forecast_meta
 from streamrnn.forecast.features import FeatureConfig, offline_features
 from streamrnn.forecast.synthetic import simulate, write_sp500_layout
+from streamrnn.keyed.health import HEALTH
 from streamrnn.keyed.operator import KeyedOperator
 from streamrnn.model.loaded import load
 from streamrnn.model.runtime import CPU
@@ -73,9 +74,12 @@ def test_next_token_heal_writes_the_operators_state_health_and_heals(lm_runs):
         got = np.array([_nan(x["state_health"]) for x in mine])
         np.testing.assert_allclose(got, r.state_health, rtol=1e-5, equal_nan=True)
     noise = np.array([_nan(x["state_health"]) for x in rows if x["key"] == "noise"])
-    # charlm's reference loss makes it known from the second byte, in bad health at once (EW loss / reference), then
-    # the watch's carried / shadow ratio (a fresh state does no better on noise: about 1)
-    assert np.isfinite(noise[1:]).all() and noise[1:10].min() > 1.15 and abs(noise[-1] - 1.0) < 0.1
+    # charlm's reference loss makes it known from the second byte, in bad health at once (EW loss / reference; the
+    # watch starts after it, and its shadow's first byte is not scored), then the window's carried / shadow ratio;
+    # on noise a young state does better than one with context: the key heals, and while it heals (reset again
+    # every reset window) its served, reset state scores below the shadow that goes on without the reset
+    assert np.isfinite(noise[1:]).all() and noise[1:3].min() > 1.15 and noise[-1] < 1.0
+    assert [x["reset"] for x in rows if x["key"] == "noise"].count(HEALTH) >= 2
     assert {x["state_health"] is None for x in rows if x["offset"] == 0} == {True}  # a first byte: unknown
 
 
@@ -120,6 +124,7 @@ def test_market_health_is_the_operators(market_runs):
         r = op.process([b.symbol] * len(x), x)
         assert [m["reset"] for m in mine] == ["new", *r.reset.tolist()[1:]]
         got = np.array([_nan(m["state_health"]) for m in mine])
-        np.testing.assert_allclose(got, r.state_health, rtol=1e-5, equal_nan=True)
+        # window sums of float32 NLLs from calls of other batch shapes: equal to ~2e-5 (the resets above exactly)
+        np.testing.assert_allclose(got, r.state_health, rtol=1e-4, equal_nan=True)
         known += int(np.isfinite(got).sum())
     assert 0 < known < t["heal"].num_rows

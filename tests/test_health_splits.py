@@ -19,12 +19,16 @@ from streamrnn.keyed.operator import KeyedOperator
 
 KEYS = ("a", "b", "c")
 N_EACH = 36
-#: the rule's branches: strikes that always heal after 2 windows; real verdicts (margin 0); sampled watches
-#: (the test model has no reference loss); windows that never strike (a watch ends and restarts every window)
+#: the rule's branches: strikes that always heal after 2 windows, then reset again every 4 steps; real verdicts
+#: (margin 0) of watches and of healing keys; sampled watches (the test model has no reference loss) that heal
+#: and stop healing after one reset window; windows that never strike (a watch ends and restarts every window)
 CONFIGS = {
-    "strikes": HealthConfig("heal", reference=1e-3, window=5, warmup=1, patience=2, margin=-1e9),
-    "real": HealthConfig("heal", reference=1e-3, window=6, warmup=2, patience=1, margin=0.0, half_life=8.0),
-    "sampled": HealthConfig("heal", window=4, sample_every=3, warmup=0, patience=1, margin=-1e9),
+    "strikes": HealthConfig("heal", reference=1e-3, window=5, warmup=1, patience=2, margin=-1e9, reset_window=4,
+                            stay_margin=-1e9),
+    "real": HealthConfig("heal", reference=1e-3, window=6, warmup=2, patience=1, margin=0.0, half_life=8.0,
+                         reset_window=5, stay_margin=0.0),
+    "sampled": HealthConfig("heal", window=4, sample_every=3, warmup=0, patience=1, margin=-1e9, reset_window=3,
+                            stay_margin=1e9),
     "never": HealthConfig("heal", reference=1e-3, window=3, warmup=0, patience=1, margin=1e9),
     "flag": HealthConfig("flag", reference=2.0, half_life=4.0),
 }
@@ -68,13 +72,17 @@ def reference(model, cfg: HealthConfig, x: np.ndarray, loss=lm_loss) -> dict:
     width = tuple(int(d) for d in model.spec.outputs[0].shape[2:])
     a = 1.0 - 2.0 ** (-1.0 / cfg.half_life)
     state, last = model.initial_state(1), None
-    shadow = shadow_last = None  # the fresh run of a watched key
+    shadow = shadow_last = None  # a watched key's fresh run; a healing key's run without the last reset
+    healing = False
     num = den = 0.0
     steps = strikes = age = w_steps = w_pairs = 0
     w_c = w_s = 0.0
     out = {"logprobs": [], "prev": [], "health": [], "reset": []}
     prev_x = None
     for tok in x:
+        reset = "new" if steps == 0 else ""
+        if healing and age == 0:  # the first event from a reset state (predicted by the output before the reset)
+            reset = HEALTH
         lc = loss(last, prev_x, tok) if last is not None else math.nan
         out["prev"].append(last[name] if last is not None else np.full(width, np.nan, np.float32))
         o, state = model.step(np.asarray(tok)[None, None], state)
@@ -83,28 +91,31 @@ def reference(model, cfg: HealthConfig, x: np.ndarray, loss=lm_loss) -> dict:
             num, den = (1 - a) * num + a * lc, (1 - a) * den + a
         ew = num / den if den else math.nan
         h = ew / ref if ref is not None else math.nan
-        reset = "new" if steps == 0 else ""
         if shadow is not None:
             ls = loss(shadow_last, prev_x, tok) if shadow_last is not None else math.nan
             o2, shadow = model.step(np.asarray(tok)[None, None], shadow)
             shadow_last = {n: v[0, 0] for n, v in o2.items()}
             age += 1
             w_steps += 1
-            if not math.isnan(lc) and not math.isnan(ls) and age > cfg.warmup:
+            if not math.isnan(lc) and not math.isnan(ls) and (healing or age > cfg.warmup):
                 w_pairs, w_c, w_s = w_pairs + 1, w_c + lc, w_s + ls
             if w_pairs:
                 h = w_c / w_s
-            if w_steps == cfg.window:  # the window closes at its window-th shadow step
-                strike = bool(w_pairs) and w_c / w_pairs > w_s / w_pairs + cfg.margin
-                strikes = strikes + 1 if strike else 0
+            if w_steps == (cfg.reset_window if healing else cfg.window):  # the window closes at its last step
+                mc, ms = (w_c / w_pairs, w_s / w_pairs) if w_pairs else (math.nan, math.nan)
+                strike = bool(w_pairs) and not healing and mc > ms + cfg.margin  # the fresh shadow does better
+                again = bool(w_pairs) and healing and ms > mc + cfg.stay_margin  # the reset state does better
+                if not healing:
+                    strikes = strikes + 1 if strike else 0
                 w_steps = w_pairs = 0
                 w_c = w_s = 0.0
-                healed = cfg.policy == "heal" and strikes >= cfg.patience
-                if healed:  # the key's state and output become the shadow's
-                    state, y, strikes, reset = shadow, shadow_last, 0, HEALTH
-                if healed or not strike:
+                healed = not healing and cfg.policy == "heal" and strikes >= cfg.patience
+                if healed or again:  # reset the state after this event; the shadow goes on without the reset
+                    shadow, shadow_last = state, y
+                    state, strikes, age, healing = model.initial_state(1), 0, 0, True
+                elif healing or not strike:
                     shadow = shadow_last = None
-                    age = 0
+                    age, healing = 0, False
         steps += 1
         if shadow is None and cfg.policy == "heal":
             want = (ew > ref * (1 + cfg.watch_margin) if ref is not None
@@ -112,6 +123,7 @@ def reference(model, cfg: HealthConfig, x: np.ndarray, loss=lm_loss) -> dict:
             if want:  # a fresh shadow from the next event on
                 shadow, shadow_last = model.initial_state(1), None
                 w_steps = w_pairs = strikes = age = 0
+                healing = False
                 w_c = w_s = 0.0
         last, prev_x = y, tok
         out["logprobs"].append(y[name])

@@ -71,10 +71,12 @@ class HealthConfig:
 
     policy: str = "flag"
     half_life: float = 256.0      # events (bytes, bars) of the EW online loss
-    window: int = 64              # shadow steps per verdict
-    patience: int = 2             # consecutive strikes that heal
-    warmup: int = 16              # a fresh shadow's first steps are not compared (it has no context yet)
+    window: int = 64              # shadow steps per verdict of a watch
+    patience: int = 1             # consecutive strikes that heal
+    warmup: int = 0               # a watch's fresh shadow's first steps are not compared
     margin: float = 0.05          # nats/event: carried mean above shadow mean by more than this is a strike
+    reset_window: int = 32        # steps per verdict of a healing key (reset again, or stop)
+    stay_margin: float = 0.0      # nats/event: a healing key resets again while resetting wins by more than this
     watch_margin: float = 0.15    # watch (and bad health) above reference * (1 + watch_margin)
     reference: float | None = None  # nats/event; None: a next-token model's val_nats_per_char, else sampling
     sample_every: int = 8         # without a reference: watch one window in this many
@@ -103,11 +105,11 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
                          f"got {type(health).__name__}")
     if cfg.policy != "off":
         task_loss(model.spec, f"health={cfg.policy!r}")  # a task without a loss: one line, here
-    for name, lo in (("half_life", 0.0), ("margin", -math.inf), ("watch_margin", -1.0)):
+    for name, lo in (("half_life", 0.0), ("margin", -math.inf), ("watch_margin", -1.0), ("stay_margin", -math.inf)):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, float)) and math.isfinite(v) and v > lo):
             raise InputError(f"KeyedOperator: health.{name}: expected a finite number > {lo}, got {v!r}")
-    for name in ("window", "patience", "sample_every"):
+    for name in ("window", "patience", "sample_every", "reset_window"):
         v = getattr(cfg, name)
         if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
             raise InputError(f"KeyedOperator: health.{name}: expected an int >= 1, got {v!r}")
@@ -196,16 +198,8 @@ def ew_one(num0: np.ndarray, den0: np.ndarray, loss: np.ndarray, alpha: float) -
     return (np.where(v, d * num0 + alpha * np.where(v, loss, 0.0), num0), np.where(v, d * den0 + alpha, den0))
 
 
-def ew_scalar(num0: float, den0: float, loss: float, alpha: float) -> tuple[float, float]:
-    """:func:`ew_one` for one key, in Python floats (the same operations, so the same bits)."""
-    if loss != loss:  # NaN: not scored
-        return num0, den0
-    d = 1.0 - alpha
-    return d * num0 + alpha * loss, d * den0 + alpha
-
-
 #: run numbers of one call (:class:`Verdict`): the key's carried state, the shadow that ran from the call's
-#: start; fresh shadows started within the call are 2, 3, ...
+#: start; fresh runs started within the call (a watch's shadow, or a healing key's reset state) are 2, 3, ...
 CARRIED, SHADOW = 0, 1
 #: :attr:`Verdict.shadow` of a key that is not watched after the call, and of one whose fresh shadow starts with
 #: its next event (the watch began at the call's last event)
@@ -217,19 +211,25 @@ class Verdict:
     """What one call does to its keys' health (computed before anything changes).
 
     Runs: :data:`CARRIED` (the key's state through the call), :data:`SHADOW` (the shadow it had when the call
-    began), 2, 3, ... (fresh shadows that the call started after an event, the key's next events as extra rows)."""
+    began), 2, 3, ... (fresh runs that the call started after an event over the key's next events, as extra
+    rows: a watch's shadow, or the reset state of a heal)."""
 
     cols: dict[str, np.ndarray]  # new column values of the call's keys [B]
     health: np.ndarray           # state_health of each position [B, T]
     last_health: np.ndarray      # of each key's last event [B]
-    carried: np.ndarray          # [B] int: the run whose state the key carries after the call
+    carried: np.ndarray          # [B] int: the run whose state and last output the key carries after the call
     shadow: np.ndarray           # [B] int: the run its shadow goes on as (UNWATCHED, NEXT, or a run)
-    heals: list[tuple[int, int, int]]  # (key row, column, run): from that event on, the key's state is run's
+    heals: list[tuple[int, int, int]]  # (key row, column, run): the state was reset after that column; the
+    #                                    key's later events of the call are run's (NEXT: none in this call)
+    zero: np.ndarray             # [B] bool: the state is reset after the call's last event (last output kept)
+    marks: np.ndarray            # [B, T] bool: events that ran from a state reset by health (reset="health")
 
     @property
     def heal(self) -> np.ndarray:
-        """[B] bool: keys healed in the call."""
-        return self.carried != CARRIED
+        """[B] bool: keys healed (their state reset) in the call."""
+        out = np.zeros(len(self.carried), bool)
+        out[[b for b, _, _ in self.heals]] = True
+        return out
 
 
 def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: np.ndarray | None,
@@ -253,30 +253,36 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
     new["ew_num"], new["ew_den"] = num, den
     carried = np.zeros(B, np.int64)
     shadow = np.full(B, UNWATCHED, np.int64)
-    heal = keep = release = np.zeros(B, bool)
+    zero = keep = release = np.zeros(B, bool)
+    marks = np.zeros((B, T), bool)
     with np.errstate(invalid="ignore", divide="ignore"):
         health = nump / denp / ref if ref is not None else np.full((B, T), np.nan)
         ew_now = num / den
         if ls is not None and watched.any():
             if T != 1:
                 raise ValueError("decide: a watched key over more than one event: use scan")
-            pair = watched & ~np.isnan(lc[:, 0]) & ~np.isnan(ls[:, 0]) & (cols["shadow_age"] + 1 > cfg.warmup)
+            rg = watched & (cols["regime"] != 0)  # healing keys: carried = the reset state, shadow = no reset
+            marks = (rg & (cols["shadow_age"] == 0))[:, None]
+            pair = watched & ~np.isnan(lc[:, 0]) & ~np.isnan(ls[:, 0]) & (rg | (cols["shadow_age"] + 1 > cfg.warmup))
             win_c = np.where(pair, lc[:, 0], 0.0) + cols["win_carried"]
             win_s = np.where(pair, ls[:, 0], 0.0) + cols["win_shadow"]
             win_p = pair + cols["win_pairs"]
             health = np.where((watched & (win_p > 0))[:, None], (win_c / win_s)[:, None], health)
             win_n = cols["win_steps"] + watched
-            close = watched & (win_n >= cfg.window)
+            close = watched & (win_n >= np.where(rg, cfg.reset_window, cfg.window))
             if close.any():
                 decisive = close & (win_p > 0)
                 mc, ms = win_c / win_p, win_s / win_p
-                strike = decisive & (mc > ms + cfg.margin)
-                strikes = np.where(close, np.where(strike, cols["strikes"] + 1, 0), cols["strikes"])
+                strike = decisive & ~rg & (mc > ms + cfg.margin)       # a watch: the fresh shadow does better
+                again = decisive & rg & (ms > mc + cfg.stay_margin)    # healing: the reset state does better
+                strikes = np.where(close & ~rg, np.where(strike, cols["strikes"] + 1, 0), cols["strikes"])
                 new["ratio"] = np.where(decisive, mc / ms, cols["ratio"])
-                heal = close & (strikes >= cfg.patience) if cfg.policy == "heal" else np.zeros(B, bool)
-                release = close & (heal | ~strike)
+                heal = close & ~rg & (strikes >= cfg.patience) if cfg.policy == "heal" else np.zeros(B, bool)
+                zero = heal | again
+                release = close & np.where(rg, ~again, ~heal & ~strike)
                 keep = watched & ~release
                 new["strikes"] = np.where(heal, 0, strikes)
+                new["regime"] = np.where(heal, 1, np.where(release, 0, cols["regime"]))
                 new["win_steps"] = np.where(close, 0, win_n)
                 new["win_pairs"] = np.where(close, 0, win_p)
                 new["win_carried"] = np.where(close, 0.0, win_c)
@@ -284,9 +290,9 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
             else:  # no window closes (most calls): no verdict, the sums go on
                 keep = watched
                 new["win_steps"], new["win_pairs"], new["win_carried"], new["win_shadow"] = win_n, win_p, win_c, win_s
-            new["shadow_age"] = np.where(keep, cols["shadow_age"] + 1, 0)
-            carried[heal] = SHADOW
+            new["shadow_age"] = np.where(keep & ~zero, cols["shadow_age"] + 1, 0)
             shadow[keep] = SHADOW
+            shadow[zero] = CARRIED  # the shadow goes on as the state that was not reset
     room += int(np.count_nonzero(release))  # a released shadow's slot serves a new watch at once
     if cfg.policy == "heal" and room > 0:
         start = want_watch(cfg, ew_now, steps_after) & ~keep
@@ -294,18 +300,18 @@ def decide(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: n
         if len(idx) > room:
             start[idx[room:]] = False
         if start.any():  # a new window: the sums start again (strikes too: no strike survives a restart)
-            for n in ("win_steps", "win_pairs", "strikes", "shadow_age"):
+            for n in ("win_steps", "win_pairs", "strikes", "shadow_age", "regime"):
                 new[n] = np.where(start, 0, new[n])
             for n in ("win_carried", "win_shadow"):
                 new[n] = np.where(start, 0.0, new[n])
             shadow[start] = NEXT
     last_health = health[np.arange(B), counts - 1] if T > 1 else health[:, 0]
     new["last_health"] = last_health
-    heals = [(int(b), int(counts[b]) - 1, SHADOW) for b in np.flatnonzero(heal)]
-    return Verdict(new, health, last_health, carried, shadow, heals)
+    heals = [(int(b), int(counts[b]) - 1, NEXT) for b in np.flatnonzero(zero)]
+    return Verdict(new, health, last_health, carried, shadow, heals, zero, marks)
 
 
-#: ``fresh(requests)`` of :func:`scan`: for each ``(key row, column, run)``, the losses ``[T]`` of a fresh shadow
+#: ``fresh(requests)`` of :func:`scan`: for each ``(key row, column, run)``, the losses ``[T]`` of a fresh run
 #: started after that column over the key's later events (NaN up to and including its first event)
 FreshRuns = Callable[[list[tuple[int, int, int]]], list[np.ndarray]]
 
@@ -313,10 +319,11 @@ FreshRuns = Callable[[list[tuple[int, int, int]]], list[np.ndarray]]
 def scan(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: np.ndarray | None,
          counts: np.ndarray, steps_before: np.ndarray, watched: np.ndarray, room: int, fresh: FreshRuns) -> Verdict:
     """The rule event by event over a call of several events per key (policy ``heal``): a window closes at its
-    ``window``-th shadow step wherever that falls in the call, a heal switches the key to its shadow's run at
-    that event (its later events are the shadow's), and a watch that starts after an event runs a fresh shadow
-    over the key's later events of the call (``fresh`` runs them, batched over keys). So a key's verdicts,
-    heals and outputs do not depend on how its events are split into calls.
+    last step wherever that falls in the call, a heal resets the key's state after that event (its later events
+    of the call are a fresh run's, and its shadow goes on as the state that was not reset), and a watch that
+    starts after an event runs a fresh shadow over the key's later events of the call (``fresh`` runs the
+    fresh runs, batched over keys). So a key's verdicts, heals and outputs do not depend on how its events are
+    split into calls.
 
     Keys that are not watched and whose EW loss (:func:`want_watch`) asks for no watch anywhere in the call
     take :func:`decide`'s vectorised update; the others are stepped in Python, a few microseconds an event."""
@@ -342,18 +349,19 @@ def scan(cfg: HealthConfig, cols: dict[str, np.ndarray], lc: np.ndarray, ls: np.
         todo, asks = asks, []
         for (b, _, _), loss in zip(todo, fresh(todo), strict=True):
             _advance(gens, results, asks, b, loss)
-    for b, (c, health, carried, shadow, heals) in results.items():
+    for b, (c, health, carried, shadow, heals, zero, marks) in results.items():
         for n, val in c.items():
             v.cols[n][b] = val
         v.health[b, :len(health)] = health
+        v.marks[b, :len(marks)] = marks
         v.last_health[b] = health[-1]
-        v.carried[b], v.shadow[b] = carried, shadow
+        v.carried[b], v.shadow[b], v.zero[b] = carried, shadow, zero
         v.heals += [(b, t, r) for t, r in heals]
     return v
 
 
 def _advance(gens: dict, results: dict, asks: list, b: int, value: Any) -> None:
-    """Run key ``b``'s scan to its next request for a fresh shadow (queued in ``asks``) or to its end."""
+    """Run key ``b``'s scan to its next request for a fresh run (queued in ``asks``) or to its end."""
     try:
         t, run = gens[b].send(value)
         asks.append((b, t, run))
@@ -365,21 +373,29 @@ def _advance(gens: dict, results: dict, asks: list, b: int, value: Any) -> None:
 def _key_scan(cfg: HealthConfig, c: dict, lc: np.ndarray, ls: np.ndarray | None, n: int, steps_before: int,
               watched: bool, room: list[int]) -> Generator[tuple[int, int], np.ndarray, tuple]:
     """One key's rule over its ``n`` events of a call, in the operations (and so the bits) of ``n`` calls of one
-    event through :func:`decide`. Yields ``(column, run)`` to ask for a fresh shadow after that column (and
-    receives its losses); returns the key's new columns, per-event health, final carried and shadow runs and
-    heals. ``room`` is the call's shared count of free watches."""
+    event through :func:`decide`. Yields ``(column, run)`` to ask for a fresh run after that column (and
+    receives its losses); returns the key's new columns, per-event health, final carried and shadow runs,
+    heals, whether the state is reset after the last event, and the events that ran from a reset state.
+    ``room`` is the call's shared count of free watches."""
     alpha, ref = cfg.alpha, cfg.reference
     d = 1.0 - alpha
     heal_policy = cfg.policy == "heal"
     num, den = float(c["ew_num"]), float(c["ew_den"])
     ws, wp, wc, wsh = int(c["win_steps"]), int(c["win_pairs"]), float(c["win_carried"]), float(c["win_shadow"])
-    strikes, age, ratio = int(c["strikes"]), int(c["shadow_age"]), float(c["ratio"])
+    strikes, age, ratio, regime = int(c["strikes"]), int(c["shadow_age"]), float(c["ratio"]), int(c["regime"])
     losses: dict[int, np.ndarray | None] = {CARRIED: lc, SHADOW: ls}
     carried, shadow, next_run = CARRIED, SHADOW if watched else UNWATCHED, SHADOW + 1
     health = np.empty(n)
+    marks = np.zeros(n, bool)
     heals: list[tuple[int, int]] = []
+    zero = False
     for t in range(n):
-        lcar = float(losses[carried][t])
+        just_reset = shadow >= 0 and regime and age == 0
+        if just_reset:  # the first event from a reset state: predicted by the output before the reset, the shadow's
+            marks[t] = True
+            lcar = float(losses[shadow][t])
+        else:
+            lcar = float(losses[carried][t])
         if lcar == lcar:  # scored (as ew_one)
             num, den = d * num + alpha * lcar, d * den + alpha
         ew_now = num / den if den != 0 else math.nan
@@ -388,33 +404,43 @@ def _key_scan(cfg: HealthConfig, c: dict, lc: np.ndarray, ls: np.ndarray | None,
             lsh = float(losses[shadow][t])
             age += 1
             ws += 1
-            if lcar == lcar and lsh == lsh and age > cfg.warmup:
+            if lcar == lcar and lsh == lsh and (regime or age > cfg.warmup):
                 wp += 1
                 wc += lcar
                 wsh += lsh
             if wp > 0:
                 h = wc / wsh if wsh != 0 else math.copysign(math.inf, wc) if wc else math.nan
-            if ws >= cfg.window:
-                strike = False
+            if ws >= (cfg.reset_window if regime else cfg.window):
+                strike = again = False
                 if wp > 0:
                     mc, ms = wc / wp, wsh / wp
-                    strike = mc > ms + cfg.margin
+                    if regime:
+                        again = ms > mc + cfg.stay_margin
+                    else:
+                        strike = mc > ms + cfg.margin
                     ratio = mc / ms if ms != 0 else (math.copysign(math.inf, mc) if mc else math.nan)
-                strikes = strikes + 1 if strike else 0
+                if not regime:
+                    strikes = strikes + 1 if strike else 0
                 ws = wp = 0
                 wc = wsh = 0.0
-                healed = heal_policy and strikes >= cfg.patience
-                if healed:
-                    strikes = 0
-                    carried = shadow
-                    heals.append((t, shadow))
-                if healed or not strike:
-                    shadow, age = UNWATCHED, 0
+                healed = not regime and heal_policy and strikes >= cfg.patience
+                if healed or again:  # reset the state after this event; the shadow goes on without the reset
+                    strikes, regime, age = 0, 1, 0
+                    shadow = carried
+                    if t < n - 1:
+                        heals.append((t, next_run))
+                        losses[next_run] = yield t, next_run
+                        carried, next_run = next_run, next_run + 1
+                    else:
+                        heals.append((t, NEXT))
+                        zero = True
+                elif regime or not strike:
+                    shadow, age, regime = UNWATCHED, 0, 0
                     room[0] += 1
         health[t] = h
         if (shadow == UNWATCHED and heal_policy and room[0] > 0
                 and want_watch(cfg, ew_now, steps_before + t + 1)):
-            ws = wp = strikes = age = 0
+            ws = wp = strikes = age = regime = 0
             wc = wsh = 0.0
             room[0] -= 1
             if t < n - 1:
@@ -423,9 +449,9 @@ def _key_scan(cfg: HealthConfig, c: dict, lc: np.ndarray, ls: np.ndarray | None,
             else:
                 shadow = NEXT
     new = {"ew_num": num, "ew_den": den, "win_steps": ws, "win_pairs": wp, "win_carried": wc, "win_shadow": wsh,
-           "strikes": strikes, "shadow_age": age if shadow != NEXT else 0, "ratio": ratio,
+           "strikes": strikes, "shadow_age": age if shadow != NEXT else 0, "ratio": ratio, "regime": regime,
            "last_health": health[-1]}
-    return new, health, carried, shadow, heals
+    return new, health, carried, shadow, heals, zero, marks
 
 
 def want_watch(cfg: HealthConfig, ew_now: np.ndarray, steps_after: np.ndarray) -> np.ndarray:

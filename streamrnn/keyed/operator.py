@@ -188,8 +188,10 @@ class KeyedOperator:
                              "state on the device; use health='flag' there")
         self.health = cfg
         self._health_on = cfg.policy != "off"
-        self._alpha = cfg.alpha
+        self._alpha, self._d = cfg.alpha, 1.0 - cfg.alpha  # the EW weights (hl.ew_one's)
+        self._bad_above = 1.0 + cfg.watch_margin
         self._loss = hl.task_loss(model.spec) if self._health_on else None  # the task's health loss
+        self._lm_loss = self._loss is hl.lm_loss
         self._keep_last = self.keep_last_output or self._health_on
         self.model = model
         spec = model.spec
@@ -441,8 +443,12 @@ class KeyedOperator:
         for n in names:
             slab[n][:, at] = new.raw(n)[:, :N]
         if self._keep_last:
-            for n, v in outs.items():
-                last[n][at] = v
+            if N == 1:  # a row by int index: cheaper than a slice of one row
+                for n, v in outs.items():
+                    last[n][s] = v[0]
+            else:
+                for n, v in outs.items():
+                    last[n][at] = v
         steps = store.steps
         if N == 1:
             pos = steps[at].copy()
@@ -458,11 +464,7 @@ class KeyedOperator:
                       "last": {n: v[N:, 0] for n, v in o.items()}}
             shadow["row_of"][watched] = np.arange(len(watched))
             self._commit_health(verdict, at, shadow, sh)
-            healed = np.flatnonzero(verdict.heal)
-            if len(healed):  # the key's output is now the shadow's (the state's), as in the general path
-                reset[healed] = hl.HEALTH
-                for n, a in shadow["last"].items():
-                    outs[n][healed] = a[shadow["row_of"][healed]]
+            reset[verdict.marks[:, 0]] = hl.HEALTH  # ran from a state that health reset after the key's last event
             return KeyedResult(outs, pos, fresh, prev, reset, verdict.health[:, 0],
                                int(np.count_nonzero(hl.bad(self.health, verdict.last_health))))
         if health is None:
@@ -471,8 +473,8 @@ class KeyedOperator:
         state_health = health[2]
         if N == 1:
             h["ew_num"][s], h["ew_den"][s], h["last_health"][s] = health
-            bad = int(state_health > 1.0 + self.health.watch_margin)
-            state_health = np.array([state_health])
+            bad = int(state_health > self._bad_above)
+            state_health = np.array(state_health, ndmin=1)
         else:
             h["ew_num"][at], h["ew_den"][at], h["last_health"][at] = health
             bad = int(np.count_nonzero(hl.bad(self.health, state_health)))
@@ -487,31 +489,32 @@ class KeyedOperator:
         h = store.health
         heal = cfg.policy == "heal"
         ref = cfg.reference
-        if isinstance(at, slice):  # one key: scalar arithmetic, the same operations as hl.ew_one
+        if isinstance(at, slice):  # one key (the latency path): Python floats, the operations of hl.ew_one
             s = at.start
-            if heal and h["shadow_slot"][s] >= 0:
+            if heal and h["shadow_slot"].item(s) >= 0:
                 return None
-            lc = (-float(store.last["logprobs"][s, x[0]]) if self._loss is hl.lm_loss  # the LM's loss, in floats
+            lc = (-store.last["logprobs"].item(s, x.item(0)) if self._lm_loss  # the LM's loss, in floats
                   else float(self._loss(store.last, (np.array([s]),), x[:1])[0]))
-            num, den = hl.ew_scalar(float(h["ew_num"][s]), float(h["ew_den"][s]), lc, self._alpha)
+            if lc == lc:  # scored
+                num, den = self._d * h["ew_num"].item(s) + self._alpha * lc, self._d * h["ew_den"].item(s) + self._alpha
+            else:
+                num, den = h["ew_num"].item(s), h["ew_den"].item(s)
             if not den > 0:
                 return None
             ew_now = num / den
-            steps_after = int(store.steps[s]) + 1
             health = ew_now / ref if ref is not None else math.nan
-        else:
-            if heal and (h["shadow_slot"][at] >= 0).any():
+            if heal and store.shadow.used < cfg.max_watch and hl.want_watch(cfg, ew_now, store.steps.item(s) + 1):
                 return None
-            lc = self._loss(store.last, (at,), x)
-            num, den = hl.ew_one(h["ew_num"][at], h["ew_den"][at], lc, self._alpha)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ew_now = num / den
-            steps_after = store.steps[at] + 1
-            health = ew_now / ref if ref is not None else np.full(len(at), np.nan)
-        if heal and store.shadow.used < cfg.max_watch:
-            want = hl.want_watch(cfg, ew_now, steps_after)  # a bool for one key (np.any of one costs ~7 us)
-            if want.any() if isinstance(want, np.ndarray) else want:
-                return None
+            return num, den, health
+        if heal and (h["shadow_slot"][at] >= 0).any():
+            return None
+        lc = self._loss(store.last, (at,), x)
+        num, den = hl.ew_one(h["ew_num"][at], h["ew_den"][at], lc, self._alpha)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ew_now = num / den
+        health = ew_now / ref if ref is not None else np.full(len(at), np.nan)
+        if heal and store.shadow.used < cfg.max_watch and hl.want_watch(cfg, ew_now, store.steps[at] + 1).any():
+            return None
         return num, den, health
 
     def _known_verdict(self, at: np.ndarray, x: np.ndarray) -> tuple[hl.Verdict, np.ndarray | None, np.ndarray]:
@@ -588,8 +591,10 @@ class KeyedOperator:
         reset[first] = why[g.rows[first]]
         if verdict is None:
             return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset)
-        if verdict.heals:  # from a heal's event on, the key's outputs are its shadow's (now its state's)
-            self._healed_outputs(g, verdict, shadow, outs, prev, reset)
+        if verdict.heals:  # after a heal's event, the key's outputs are its reset state's run
+            self._healed_outputs(g, verdict, shadow, outs, prev)
+        if verdict.marks.any():
+            reset[self._event_of(g)[verdict.marks]] = hl.HEALTH
         return KeyedResult(outs, steps_before[g.rows] + g.cols, first, prev, reset,
                            verdict.health[g.rows, g.cols], int(np.count_nonzero(hl.bad(self.health,
                                                                                         verdict.last_health))))
@@ -601,23 +606,23 @@ class KeyedOperator:
         out[g.rows, g.cols] = np.arange(len(g.rows))
         return out
 
-    def _healed_outputs(self, g, v: hl.Verdict, shadow: dict, outs: dict, prev: dict, reset: np.ndarray) -> None:
-        """Outputs of healed keys: from each heal's event on, the run the key switched to (a shadow that ran from
-        the call's start, or a fresh one the call started); ``reset="health"`` at the heal's event; the
-        prediction of the event after it is the healed output."""
+    def _healed_outputs(self, g, v: hl.Verdict, shadow: dict, outs: dict, prev: dict) -> None:
+        """Outputs of keys healed within a call: after each heal's event, the fresh run that started there from the
+        initial state (the event after the heal is predicted by the output before it, as after any reset)."""
         ev_of = shadow.get("event_of")
         if ev_of is None:
             ev_of = self._event_of(g)
         after, before = [], []
         for b, t, run in sorted(v.heals):  # a key's later heals overwrite its later events
             n_ev = int(g.counts[b])
-            ev = ev_of[b, t:n_ev]
-            reset[ev[0]] = hl.HEALTH
+            if run == hl.NEXT or t + 1 >= n_ev:
+                continue
+            ev = ev_of[b, t + 1:n_ev]
             for n in outs:
-                outs[n][ev] = self._run_outputs(shadow, b, t, n_ev, run, n)
+                outs[n][ev] = self._run_outputs(shadow, b, t + 1, n_ev, run, n)
             after.append(ev[1:])
             before.append(ev[:-1])
-        if prev:
+        if prev and after:
             ev, bev = np.concatenate(after), np.concatenate(before)
             for n in prev:
                 prev[n][ev] = outs[n][bev]
@@ -692,16 +697,11 @@ class KeyedOperator:
         return out
 
     def _commit_health(self, v: hl.Verdict, slots: np.ndarray, shadow, sh) -> None:
-        """Write a verdict (after the carried state was written): healed keys take their run's state and last
-        output; shadows go on, end, or start (a pool slot each)."""
+        """Write a verdict (after the carried state was written): shadows go on, end, or start (a pool slot each;
+        a healed key's shadow goes on as the state that was not reset); then healed keys take their run's
+        state and last output, or the initial state after the call (last output kept)."""
         store = self._store
         self.health_counts.heals += len(v.heals)
-        for b in np.flatnonzero(v.carried != hl.CARRIED):
-            st, last = self._run_state(shadow, int(b), int(v.carried[b]))
-            for n, a in st.items():
-                store.slab[n][:, slots[b]] = a
-            for n, a in last.items():
-                store.last[n][slots[b]] = a
         cols = v.cols
         if sh is not None:
             pool = store.shadow
@@ -720,18 +720,35 @@ class KeyedOperator:
                     pool.slab[n][:, slot[keep]] = a[:, rows]
                 for n, a in shadow["last"].items():
                     pool.last[n][slot[keep]] = a[rows]
+            own = np.flatnonzero(fin == hl.CARRIED)  # the key's state as the call left it, before any reset
+            if len(own):
+                for n, a in store.slab.items():
+                    pool.slab[n][:, slot[own]] = a[:, slots[own]]
+                for n, a in store.last.items():
+                    if n in pool.last:
+                        pool.last[n][slot[own]] = a[slots[own]]
             for b in np.flatnonzero(had & (fin == hl.NEXT)):  # ended and started again at the last event
                 for a in pool.slab.values():
                     a[:, slot[b]] = 0.0
                 for a in pool.last.values():
                     a[slot[b]] = np.nan
-            for b in np.flatnonzero(fin > hl.SHADOW):  # a fresh shadow the call started, going on
+            for b in np.flatnonzero(fin > hl.SHADOW):  # a run the call started, going on as the shadow
                 st, last = self._run_state(shadow, int(b), int(fin[b]))
                 for n, a in st.items():
                     pool.slab[n][:, slot[b]] = a
                 for n, a in last.items():
                     pool.last[n][slot[b]] = a
             cols["shadow_slot"] = slot
+        for b in np.flatnonzero(v.carried != hl.CARRIED):
+            st, last = self._run_state(shadow, int(b), int(v.carried[b]))
+            for n, a in st.items():
+                store.slab[n][:, slots[b]] = a
+            for n, a in last.items():
+                store.last[n][slots[b]] = a
+        zero = np.flatnonzero(v.zero)
+        if len(zero):
+            for a in store.slab.values():
+                a[:, slots[zero]] = 0.0
         for n, a in cols.items():
             store.health[n][slots] = a
 

@@ -192,7 +192,7 @@ HEALTH_FILL = {
     "ew_num": (np.float64, 0.0), "ew_den": (np.float64, 0.0),
     "win_steps": (np.int64, 0), "win_pairs": (np.int64, 0),
     "win_carried": (np.float64, 0.0), "win_shadow": (np.float64, 0.0),
-    "strikes": (np.int64, 0), "shadow_age": (np.int64, 0),
+    "strikes": (np.int64, 0), "shadow_age": (np.int64, 0), "regime": (np.int64, 0),
     "ratio": (np.float64, np.nan), "last_health": (np.float64, np.nan),
     "shadow_slot": (np.int64, -1),
 }

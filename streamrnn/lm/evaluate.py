@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -118,6 +118,7 @@ class HealthEval:
     bits_per_char: dict  # carried, reset64 (reset_every), flag, heal
     heals: int
     heal_rate_per_kib: float
+    max_watch: int  # keys that heal may watch (or heal) at once
     max_bad_share: float
     seconds: float
 
@@ -187,13 +188,24 @@ def eval_health(model: Model, data: bytes, *, text: str = "text", streams: int =
                 reset_every: int = 64, heal: Any = "heal", progress: Progress = _quiet) -> HealthEval:
     """Bits/char of carried state, reset-every-N, ``flag`` and ``heal`` on ``data`` split into ``streams``
     contiguous streams (keys), ``step`` bytes per key per call. Each stream's first byte is not scored by
-    any policy (nothing predicted it); reset-every-N scores a window's first byte by the previous window."""
+    any policy (nothing predicted it); reset-every-N scores a window's first byte by the previous window.
+
+    ``heal`` may watch every stream at once unless its config says otherwise (``max_watch``): the measure is of
+    the rule; the operator's default bound (``max_keys // 4``) would let only a quarter of the streams heal
+    when all of them are out of domain."""
     if model.spec.task != "lm":
         raise InputError(f"eval health: model task: expected 'lm', got {model.spec.task!r}")
     L = len(data) // streams
     if L < 2:
         raise InputError(f"eval health: text: expected at least {2 * streams} bytes, got {len(data)}")
     step = min(step, L)  # more bytes per call than a stream holds: the whole stream in one call
+    from ..keyed.health import HealthConfig
+
+    if heal == "heal":
+        heal = HealthConfig("heal")
+    if isinstance(heal, HealthConfig) and heal.max_watch is None:
+        heal = replace(heal, max_watch=streams)
+    max_watch = heal.max_watch if isinstance(heal, HealthConfig) else max(1, streams // 4)
     t = time.perf_counter()
     segs = np.frombuffer(data[:L * streams], np.uint8).astype(np.int64).reshape(streams, L)
     lps, heals = {}, 0
@@ -210,5 +222,5 @@ def eval_health(model: Model, data: bytes, *, text: str = "text", streams: int =
     bits = {k: -float(np.mean(v)) / math.log(2) for k, v in lps.items()}
     scored = streams * (L - 1)
     return HealthEval(text=text, n_bytes=L * streams, streams=streams, step=step, scored_bytes=scored,
-                      bits_per_char=bits, heals=heals, heal_rate_per_kib=heals / (scored / 1024),
+                      bits_per_char=bits, heals=heals, heal_rate_per_kib=heals / (scored / 1024), max_watch=max_watch,
                       max_bad_share=worst, seconds=time.perf_counter() - t)
