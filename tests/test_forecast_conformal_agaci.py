@@ -129,7 +129,7 @@ def live_arrow(snap, kw):
 
 def test_coverage_converges_on_an_iid_series_with_a_wrong_scale():
     # small (AgACI runs every expert per bar): 32 keys x 800 bars; the raw band is 14 points off, the calibrated
-    # one within 2 (the tail within 1.5)
+    # one within 2 (the 5% tail too)
     rng = np.random.default_rng(11)
     S, T = 32, 800
     y = rng.standard_t(5, (S, T, 1)) * 1.4  # the model's scale is 1.0: its bands are too narrow
@@ -138,7 +138,7 @@ def test_coverage_converges_on_an_iid_series_with_a_wrong_scale():
     p2, lower = conformal.pit(y[..., 0], 0.0, 1.0, 5.0)
     assert abs((p2 >= 0.2).mean() - 0.8) > 0.1  # the raw band is off
     assert abs((p2 >= conformal.issued(a[..., 0, 0])).mean() - 0.8) < 0.02
-    assert abs((lower < conformal.issued(a[..., 0, 1])).mean() - 0.05) < 0.015
+    assert abs((lower < conformal.issued(a[..., 0, 1])).mean() - 0.05) < 0.02
 
 
 @pytest.mark.parametrize("kw, message", [
