@@ -29,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from streamrnn.cli.logs import guard_imports, quiet_job_logging
+from streamrnn.cli.logs import guard_imports, imports_done, quiet_job_logging
 
 guard_imports()  # before apache_beam: no import-time warnings on the user's terminal
 
@@ -83,6 +83,8 @@ FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
 DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")
 DAY = 86400.0
 
+imports_done()  # the placeholder goes: a program importing this module configures logging itself
+
 
 def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The job's flags and Beam's; JobError (one line) for a bad value, an unknown flag or runner."""
@@ -103,8 +105,8 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--window", type=at_least(0.001), default=7 * DAY,
                     help="event-time window (s): bars are applied when the watermark passes a window's end plus "
                          "the allowed lateness (default: %(default)s, a week)")
-    ap.add_argument("--step", type=non_negative, default=0.0, help="replay: event-time seconds per watermark step "
-                                                             "(default: the window)")
+    ap.add_argument("--step", type=non_negative, default=0.0, help="replay: event-time seconds per watermark step, "
+                                                             "at most the window (default: the window)")
     ap.add_argument("--allowed-lateness", type=non_negative, default=0.0,
                     help="seconds a window's bars may still arrive out of order (default: %(default)s)")
     ap.add_argument("--ttl", type=non_negative, default=0.0,
@@ -184,9 +186,8 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
             args.live, BarParser(columns), watermark_step=args.window,
             drain=2 * args.window + args.allowed_lateness)  # the features step holds a bar until then
     elif args.replay:
-        bars, unread = p | "ReplayBars" >> ReplayBars(
-            files, columns, step=args.step or args.window,
-            drain=2 * args.window + args.allowed_lateness)  # as for live input: the features step holds a bar
+        bars, unread = p | "ReplayBars" >> ReplayBars(files, columns, step=args.step or args.window,
+                                                      window=args.window, lateness=args.allowed_lateness)
     else:
         bars, unread = p | "ReadBars" >> ReadBars(files, columns)
     cfg = FeatureConfig(**meta["features"])

@@ -48,7 +48,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from ..beam.job.io import ParseFiles
 from ..beam.job.live import LiveParser, Message, Parsed, message_rows
-from ..beam.job.replay import drain_marks, play, step_bounds, stepped_stream
+from ..beam.job.replay import drain_marks, gap_marks, play, step_bounds, stepped_stream
 from ..beam.postprocess import Postprocess
 from ..beam.records import DEAD, Event
 from ..beam.step.clock import TS_LIMIT, release_micros, timestamp, to_micros
@@ -211,24 +211,33 @@ def _sort_ts(bar: dict) -> float:
 class ReplayBars(beam.PTransform):
     """Play bar files as an unbounded stream (TestStream, DirectRunner ``--streaming``), in time order.
 
-    Bars are cut into steps of ``step`` event-time seconds; after each step the watermark
-    advances to the step's end. After the last bar it goes on in steps through ``drain`` seconds
-    (:func:`~streamrnn.beam.job.replay.drain_marks`): give the seconds the steps after it hold a bar
-    (:class:`Features` holds one for its window plus lateness, then the forecast step's window ends;
-    the job passes ``2 * window + allowed_lateness``), or the last window's forecasts are lost on the
-    DirectRunner. The files are read when the pipeline is built (a TestStream holds its elements from
-    the start). Returns ``(bars, dead_letters)``.
+    Bars are cut into steps of ``step`` event-time seconds; after each step the watermark advances to the
+    step's end. The files are read when the pipeline is built (a TestStream holds its elements from the
+    start). Returns ``(bars, dead_letters)``.
+
+    ``window`` and ``lateness``: those of the :class:`Features` step this feeds. That step holds a bar until its
+    window's end plus the lateness, and the DirectRunner holds no watermark for a timer's output, so what it
+    releases reaches the next windowed step as late as the watermark has moved past it. With ``window`` given,
+    the watermark therefore never moves more than one window at a time (``step`` is capped at it, and the steps
+    of a gap without bars are crossed a window at a time: a weekend under a one-day window), and after
+    the last bar it goes on, a window at a time, through ``2 * window + lateness``
+    (:func:`~streamrnn.beam.job.replay.drain_marks`), so the forecasts of the last windows are released
+    too. Without it, a step longer than the window made bars late (dead letters, or silently dropped past
+    the dedupe horizon) and the last window's forecasts were lost.
     """
 
     def __init__(self, files: list[str], columns: Mapping[str, str] | None = None, *, step: float = 86400.0,
-                 drain: float = 0.0, label: str | None = None):
+                 window: float | None = None, lateness: float = 0.0, label: str | None = None):
         super().__init__(label)
         if not step > 0:
             raise InputError(f"ReplayBars: step: expected seconds > 0, got {step!r}")
-        if not (isinstance(drain, (int, float)) and 0 <= drain < 1e11):
-            raise InputError(f"ReplayBars: drain: expected seconds >= 0, got {drain!r}")
-        self.files, self.columns, self.step = list(files), dict(columns or {}), float(step)
-        self.drain = float(drain)
+        if window is not None and not (isinstance(window, (int, float)) and 0 < window < 1e11):
+            raise InputError(f"ReplayBars: window: expected seconds > 0, got {window!r}")
+        if not (isinstance(lateness, (int, float)) and 0 <= lateness < 1e11):
+            raise InputError(f"ReplayBars: lateness: expected seconds >= 0, got {lateness!r}")
+        self.files, self.columns = list(files), dict(columns or {})
+        self.step = float(step) if window is None else min(float(step), float(window))
+        self.window, self.lateness = window, float(lateness)
 
     def expand(self, pbegin):
         bars, dead = [], []
@@ -241,10 +250,16 @@ class ReplayBars(beam.PTransform):
         finite = [_sort_ts(b) for b in bars if math.isfinite(_sort_ts(b))]
         t0 = finite[0] if finite else 0.0
         at = np.array([max(_sort_ts(b), t0) for b in bars], np.float64)  # a bar without a usable time: first
-        steps = [([TimestampedValue(b, float(t)) for b, t in zip(bars[a:e], at[a:e], strict=True)],
-                  t0 + (k + 1) * self.step) for a, e, k in step_bounds(at, t0, self.step)]
-        if steps:
-            steps += [([], wm) for wm in drain_marks(steps[-1][1], self.step, self.drain)]
+        steps = []
+        for a, e, k in step_bounds(at, t0, self.step):
+            if steps and self.window is not None:  # a gap without bars: crossed a window at a time
+                steps += [([], wm) for wm in gap_marks(steps[-1][1], t0 + k * self.step, t0 + (k + 1) * self.step,
+                                                         float(self.window))]
+            steps.append(([TimestampedValue(b, float(t)) for b, t in zip(bars[a:e], at[a:e], strict=True)],
+                          t0 + (k + 1) * self.step))
+        if steps and self.window is not None:
+            drain = 2 * self.window + self.lateness
+            steps += [([], wm) for wm in drain_marks(steps[-1][1], float(self.window), drain)]
         return play(pbegin, stepped_stream(steps, dead, t0), "bars")
 
 

@@ -52,6 +52,16 @@ def drain_marks(last: float, step: float, drain: float) -> list[float]:
     return [last + step * j for j in range(1, n + 1)]
 
 
+def gap_marks(last: float, start: float, end: float, most: float) -> list[float]:
+    """The watermarks (s) to play between a step that ended at ``last`` and the next non-empty step
+    ``[start, end)``, so that the watermark never moves more than ``most`` at a time (``end - start <= most``):
+    none if ``end - last <= most``, else marks at most ``most`` apart up to ``start``."""
+    if end - last <= most or not start > last:
+        return []
+    n = math.ceil((start - last) / most)
+    return [last + (start - last) * j / n for j in range(1, n + 1)]
+
+
 def stepped_stream(steps: Sequence[tuple[list[TimestampedValue], float]], dead: Sequence[DeadLetter],
                    t0: float) -> TestStream:
     """A TestStream of ``steps`` (each: its timestamped items, then the watermark in s), ``dead`` in the first."""
