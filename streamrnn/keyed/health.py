@@ -16,19 +16,27 @@ snapshot carries them as ``health_*`` columns, exactly):
   ``max_watch`` keys are watched at once.
 * **shadow**: a watched key also runs a fresh state (zeros) over its next events, as extra rows of the
   same model calls as the carried states. Over a window of ``window`` shadow steps the carried and shadow
-  losses are summed over the events both scored, leaving out the shadow's first ``warmup`` steps (the
-  question is whether the shadow state, once it has some context, predicts better than the carried). The
-  window closes at its ``window``-th shadow step: a **strike** when the carried mean exceeds the shadow's by
-  more than ``margin`` nats (per event). A strike keeps the shadow running into the next window (it gains context);
-  no strike ends the watch (the rule above may start a new, fresh shadow at once, from the next event).
-  ``patience`` consecutive strikes **heal** (policy ``heal``): the key's state and last output become the
-  shadow's at that event, which says ``reset="health"``; the key's later events run from the healed state.
+  losses are summed over the events both scored, leaving out the shadow's first ``warmup`` steps (default 0:
+  the question is whether a reset would have helped, young state included). The window closes at its
+  ``window``-th shadow step: a **strike** when the carried mean exceeds the shadow's by more than ``margin``
+  nats (per event). A strike keeps the shadow running; no strike ends the watch (the rule above may start a
+  new, fresh shadow at once, from the next event).
+* **heal** (policy ``heal``): ``patience`` consecutive strikes reset the key's state to the initial state after
+  the event that closed the window (its last output is kept: it predicts the next event, as after any
+  reset); the shadow goes on as the state the key would have had without the reset. The key is then
+  **healing** (column ``regime``): every ``reset_window`` events it compares its state (reset at the window's
+  start) with that shadow, and resets again (the shadow again becoming the state without this reset) while
+  the shadow's mean loss exceeds its own by more than ``stay_margin``; else it stops healing (the shadow
+  ends; the watch rule may start a new one). Why reset rather than take the shadow's state: out of domain a
+  young state predicts better than any state with context (docs/operator.md), so the gain is in serving
+  young states while that keeps beating not resetting. The first event that runs from a reset state says
+  ``reset="health"``. A healing key holds one of the ``max_watch`` watches.
 * **splits**: every rule acts at an event, not at a call's end, so a key's verdicts, heals and outputs do
   not depend on how its events are split into calls (one call of 200 events or 200 calls of one; the
   floating-point EW sums may differ in the last bits). A call of several events per key runs the rule
-  event by event (:func:`scan`): a heal within the call switches the key to its shadow's run, and a watch
-  that starts after an event runs a fresh shadow over the key's later events of the call (one extra model
-  call for all such keys). Only ``max_watch`` makes keys depend on each other: when it binds, which keys
+  event by event (:func:`scan`): a heal within the call runs a fresh state over the key's later events of the
+  call, and so does a watch that starts after an event, for its shadow (one extra model call for all such
+  keys of a round). Only ``max_watch`` makes keys depend on each other: when it binds, which keys
   get a shadow depends on the order of the events of different keys.
 * ``state_health`` of an event: the carried / shadow loss over the current window for a watched key with
   scored pairs, else the EW loss / reference (NaN without a reference); a key is in **bad health** when
