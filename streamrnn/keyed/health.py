@@ -70,7 +70,7 @@ from ..forecast.distribution import nll
 from ..forecast.scale import JUMP, previous_forecast
 
 POLICIES = ("off", "flag", "heal")
-HEALTH = "health"  #: ``reset`` of the event after which a key's state was replaced by its shadow's
+HEALTH = "health"  #: ``reset`` of the first event a key runs from a state the health rule reset
 
 
 @dataclass(frozen=True)

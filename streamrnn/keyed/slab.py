@@ -23,7 +23,7 @@ class SlotStore:
         self.state_tail = state_tail
         self.out_tail = out_tail  # None: no last outputs kept
         self.max_keys = max_keys
-        # per-key health columns (streamrnn.keyed.health.COLUMNS), and the shadow pool: state of watched keys only
+        # per-key health columns (HEALTH_FILL below), and the shadow pool: state of watched keys only
         self.health: dict[str, np.ndarray] = {}
         self.health_fill = dict(HEALTH_FILL) if health else {}
         self.shadow = ShadowPool(state_tail, out_tail or {}) if health else None

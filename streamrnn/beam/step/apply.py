@@ -346,7 +346,7 @@ def _call(plan: _Plan, segs: np.ndarray, store: ShardStore, cfg: Config, m: Coun
     for j in np.flatnonzero(r.fresh):
         res.reset[rows[j]] = reasons.get(ok[rows[j]], "")
     if r.state_health is not None:
-        healed = rows[r.reset == HEALTH]  # the key's state became its fresh shadow's at this event
+        healed = rows[r.reset == HEALTH]  # the first event run from a state the rule reset (streamrnn.keyed.health)
         res.reset[healed] = HEALTH
         m.health_resets.inc(len(healed))
     res.ver[rows] = version
