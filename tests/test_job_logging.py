@@ -59,6 +59,7 @@ def test_the_cli_leaves_no_handler_on_the_stream_it_ran_with(capsys):
     saved, level = list(root.handlers), root.level
     first = io.StringIO()
     try:
+        root.handlers = []  # a process starting the command (an earlier test's job may have left its own)
         with contextlib.redirect_stderr(first), contextlib.redirect_stdout(io.StringIO()):
             assert main(["info"]) == 0
         first.close()

@@ -299,12 +299,14 @@ def test_counts_made_before_the_first_scrape_reach_rate(run):
     # near, not equal to, the share of the totals (seen: 0.0155-0.0164 against 0.0147)
     assert 0 <= share <= 1 and share == pytest.approx(dead / (dead + applied), rel=0.2)
     # the recorded series is that expression at its own evaluation time (up to 1 s before the last scrape,
-    # when fewer events had been applied: compared at `at` it would lag the totals)
+    # when fewer events had been applied: compared at `at` it would lag the totals). Not bit for bit: a scrape
+    # still in flight when the rule ran is stamped with its start, before the rule's time, so the expression
+    # evaluated now at that time may see one sample more (seen under load: 0.01436 recorded, 0.01466 now)
     recorded = prom.query(f"timestamp(job:streamrnn_dead_letter_share:rate5m{{{sel}}})", at)
     assert len(recorded) == 1, recorded
     t_rule = float(recorded[0]["value"][1])
     assert _one(prom, f"job:streamrnn_dead_letter_share:rate5m{{{sel}}}", at) == pytest.approx(
-        _one(prom, f"({rule['expr']})", t_rule), rel=1e-9)
+        _one(prom, f"({rule['expr']})", t_rule), rel=0.05)
 
 
 def _dashboard_exprs() -> list[str]:

@@ -5,7 +5,7 @@ snapshot carries them as ``health_*`` columns, exactly):
 
 * **online loss** of the carried state, exponentially weighted: every scored event (an event whose token
   the key's previous output had predicted; a key's first event is not scored) adds its loss ``l`` (next-token:
-  ``-logprob``, nats/byte; forecasts: the bar's NLL; see the loss below) as ``num = d * num + a * l``,
+  ``-logprob``, nats/char; forecasts: the bar's NLL; see the loss below) as ``num = d * num + a * l``,
   ``den = d * den + a`` with
   ``a = 1 - 2 ** (-1 / half_life)``, ``d = 1 - a``; the EW loss is ``num / den`` (bias-corrected: exact
   mean of the first events, then forgetting with the half-life).
@@ -46,7 +46,7 @@ Policies: ``off`` (nothing kept, results as before), ``flag`` (EW loss, ``state_
 no shadow, so nothing runs but a few vector operations), ``heal`` (the shadow, the strikes, the heals).
 
 **The loss, per task** (:func:`task_loss`, the one place the operator takes it from): a next-token model's is
-``-logprob`` of the event's token under the previous output (nats/byte); a forecaster's (task ``forecast`` with a
+``-logprob`` of the event's token under the previous output (nats/char); a forecaster's (task ``forecast`` with a
 ``training.forecast`` block) is the NLL of the realised bar's % log return under the previous bar's one-bar-ahead
 Student-t forecast, the model's own location, the anchored scale recovered from the bar's features
 (:func:`streamrnn.forecast.scale.previous_forecast`, the market job's rule) and the first horizon's df (nats/bar;
@@ -139,7 +139,7 @@ Loss = Callable[[Mapping[str, np.ndarray], tuple, np.ndarray], np.ndarray]
 
 
 def lm_loss(outputs: Mapping[str, np.ndarray], at: tuple, x: np.ndarray) -> np.ndarray:
-    """A next-token model's loss: ``-logprob`` of the token (nats/byte)."""
+    """A next-token model's loss: ``-logprob`` of the token (nats/char)."""
     return -outputs["logprobs"][(*at, x)].astype(np.float64)
 
 
