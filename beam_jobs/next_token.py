@@ -128,7 +128,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--speedup", type=non_negative, default=0.0,
                     help="replay pace: event-time seconds per wall second (0: as fast as possible)")
     ap.add_argument("--step", type=seconds, default=30.0, help="replay: event-time seconds per watermark step")
-    ap.add_argument("--window", type=at_least(0.001), default=60.0,
+    ap.add_argument("--window", type=at_least(0.001, below=1e8), default=60.0,
                     help="event-time window (s): flush cadence and output file windows (default: %(default)s)")
     ap.add_argument("--allowed-lateness", type=non_negative, default=0.0, help="seconds (default: %(default)s)")
     ap.add_argument("--ttl", type=non_negative, default=1800.0,

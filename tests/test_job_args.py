@@ -53,7 +53,8 @@ NEXT_TOKEN = [
     (["--speedup", "-1"], "--speedup: expected a number >= 0.0, got '-1'"),
     (["--speedup", "nan"], "--speedup: expected a finite number, got 'nan'"),
     (["--speedup", "inf"], "--speedup: expected a finite number, got 'inf'"),
-    (["--window", "0"], "--window: expected a number >= 0.001, got '0'"),
+    (["--window", "0"], "--window: expected a number >= 0.001 and < 1e+08, got '0'"),
+    (["--window", "1e11"], "--window: expected a number >= 0.001 and < 1e+08, got '1e11'"),
     (["--window=-inf"], "--window: expected a finite number, got '-inf'"),
     (["--allowed-lateness", "-100"], "--allowed-lateness: expected a number >= 0.0, got '-100'"),
     (["--ttl", "-1"], "--ttl: expected a number >= 0.0"),
@@ -102,6 +103,7 @@ def _plot_under_file(tmp_path: pathlib.Path) -> str:
 MARKET = [
     (["--window", "inf"], "--window: expected a finite number, got 'inf'"),
     (["--window", "0"], "--window: expected a number >= 0.001"),
+    (["--window", "1e11"], "--window: expected a number >= 0.001 and < 1e+08, got '1e11'"),
     (["--allowed-lateness", "-100"], "--allowed-lateness: expected a number >= 0.0, got '-100'"),
     (["--step", "-1"], "--step: expected a number >= 0.0"),
     (["--ttl", "nan"], "--ttl: expected a finite number"),

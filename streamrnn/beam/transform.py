@@ -158,7 +158,7 @@ class StatefulInference(beam.PTransform):
         _check(isinstance(num_shards, int) and not isinstance(num_shards, bool) and num_shards >= 1,
                "num_shards", "an int >= 1", num_shards)
         _check(num(window_size) and to_micros(window_size) >= 1000 and window_size < 1e9, "window_size",
-               "seconds >= 0.001", window_size)
+               "seconds in [0.001, 1e9)", window_size)
         _check(num(allowed_lateness) and 0 <= allowed_lateness < 1e9, "allowed_lateness", "seconds >= 0",
                allowed_lateness)
         _check(ttl is None or (num(ttl) and 0 < ttl < 1e11), "ttl", "seconds > 0 or None", ttl)

@@ -36,15 +36,17 @@ def _number(s: str, integer: bool) -> float:
     return v
 
 
-def at_least(lo: float, *, open_: bool = False) -> Callable[[str], float]:
-    """An argparse ``type``: an int (if ``lo`` is an int) or a number ``>= lo`` (``> lo`` if ``open_``)."""
+def at_least(lo: float, *, open_: bool = False, below: float | None = None) -> Callable[[str], float]:
+    """An argparse ``type``: an int (if ``lo`` is an int) or a number ``>= lo`` (``> lo`` if ``open_``), and
+    ``< below`` when given."""
     integer = isinstance(lo, int)
 
     def parse(s: str) -> float:
         v = _number(s, integer)
-        if v < lo or (open_ and v == lo):
+        if v < lo or (open_ and v == lo) or (below is not None and not v < below):
             kind = "an int" if integer else "a number"
-            raise argparse.ArgumentTypeError(f"expected {kind} {'>' if open_ else '>='} {lo}, got {s!r}")
+            bound = f"{'>' if open_ else '>='} {lo}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"expected {kind} {bound}, got {s!r}")
         return v
 
     parse.__name__ = f"at_least_{lo}"
