@@ -154,12 +154,14 @@ class Scenario:
 class Harness:
     def __init__(self, model_path: str, sc: Scenario, *, mode: str = "warm", fail_at=(), check_every_flush=True,
                  bounded: bool = False, save_state: bool = False, initial_state: str | None = None,
-                 fail_in: dict | None = None, timer_order: str = "time", pane_seed: int | None = None):
+                 fail_in: dict | None = None, timer_order: str = "time", pane_seed: int | None = None,
+                 health="off"):
         """mode: "warm" (cache kept), "cold" (no cache: every flush rebuilds), "retry-warm" / "retry-cold"
         (failures injected at ``fail_at`` state writes or as ``fail_in`` says; the retry keeps or drops the
         cache). ``bounded``: the batch runner's path (``flush_all``; the scenario's watermark steps are not
         seen); ``timer_order``: "time" or "end-first" (bounded only); ``pane_seed``: deliver a bounded run's
-        panes in a shuffled order. ``save_state`` / ``initial_state``: see the module doc."""
+        panes in a shuffled order. ``save_state`` / ``initial_state``: see the module doc. ``health``: the
+        carried-state health policy, as ``StatefulInference(health=...)`` passes it."""
         assert timer_order in ("time", "end-first")
         self.sc, self.mode = sc, mode
         self.bounded, self.timer_order, self.pane_seed = bounded, timer_order, pane_seed
@@ -182,7 +184,7 @@ class Harness:
                               keep_last_output=post is not None, output="arrow", providers=[CPU],
                               flush_all=bounded, next_fields=sc.next_fields, fault_injector=None,
                               cache_bytes=0 if mode == "cold" else 1 << 30, save_state=save_state,
-                              initial_state=initial_state, manifest=self.manifest)
+                              initial_state=initial_state, manifest=self.manifest, health=health)
         self.step.setup()
         self.intake = Intake(tokens=tokens, vocab=model.spec.input.vocab_size or 0, n_features=n_features,
                              num_shards=sc.num_shards, size_micros=self.size, lateness_micros=self.late)
@@ -390,6 +392,22 @@ class Harness:
         if self.save_state:
             r["snapshots"] = self.snapshot_contents()
         return r
+
+
+def runs_in_every_mode(model_path: str, sc: Scenario, *, fail_every: int = 3, fail_in: dict | None = None,
+                       **kw) -> dict[str, Harness]:
+    """The scenario run warm (checking warm == rebuilt after every flush), cold, and failed-then-retried on this
+    worker (retry-warm) or another (retry-cold). The retry modes fail after every ``fail_every``-th state write
+    of the clean run's count (0: none) and as ``fail_in`` says; the failures are asserted to have happened where
+    anything was written. ``kw``: the other :class:`Harness` options, the same in every mode."""
+    clean = Harness(model_path, sc, mode="warm", **kw).run()
+    fails = range(1, clean.w.n + 1, fail_every) if fail_every else ()
+    out = {"warm": clean, "cold": Harness(model_path, sc, mode="cold", **kw).run()}
+    for mode in ("retry-warm", "retry-cold"):
+        h = Harness(model_path, sc, mode=mode, fail_at=fails, fail_in=fail_in, **kw).run()
+        assert h.w.failed > 0 or clean.w.n == 0, mode
+        out[mode] = h
+    return out
 
 
 def snapshot_files(root: str) -> dict[str, bytes]:

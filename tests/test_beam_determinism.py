@@ -19,7 +19,7 @@ from apache_beam.transforms.window import TimestampedValue
 from beam_gather import Gather
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shard_harness import Harness, Scenario
+from shard_harness import Scenario, runs_in_every_mode
 
 from streamrnn.beam import Event, StatefulInference
 from streamrnn.beam.records import END_OF_INPUT
@@ -29,15 +29,8 @@ beam_models = tbt.beam_models  # the session fixture of tiny models
 
 
 def _runs(model: str, sc: Scenario, fail_every: int = 3) -> dict[str, dict]:
-    """The scenario in every mode; the retry modes fail after every ``fail_every``-th state write."""
-    clean = Harness(model, sc, mode="warm").run()
-    fails = range(1, clean.w.n + 1, fail_every)
-    out = {"warm": clean.result(), "cold": Harness(model, sc, mode="cold").run().result()}
-    for mode in ("retry-warm", "retry-cold"):
-        h = Harness(model, sc, mode=mode, fail_at=fails).run()
-        assert h.w.failed > 0 or clean.w.n == 0  # the failures really happened (where anything was written)
-        out[mode] = h.result()
-    return out
+    """The scenario's results in every mode (:func:`shard_harness.runs_in_every_mode`)."""
+    return {m: h.result() for m, h in runs_in_every_mode(model, sc, fail_every=fail_every).items()}
 
 
 def _assert_same(runs: dict[str, dict]) -> None:

@@ -19,7 +19,7 @@ import pytest
 import test_beam_transform as tbt
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from shard_harness import Harness, Scenario, snapshot_files
+from shard_harness import Harness, Scenario, runs_in_every_mode, snapshot_files
 
 from streamrnn.beam import Event
 from streamrnn.model.loaded import load
@@ -33,19 +33,6 @@ MODES = ("warm", "cold", "retry-warm", "retry-cold")
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
                  phases=[Phase.explicit, Phase.reuse, Phase.generate])
 _KEYS = ["a", "a", "a", "b", "b", "c", "d", "e"]  # skewed
-
-
-def _runs(model: str, sc: Scenario, *, fail_every: int = 3, fail_in=None, **kw) -> dict[str, Harness]:
-    """The scenario in every mode; the retry modes fail after every ``fail_every``-th state write of the clean
-    run's count (0: none) and as ``fail_in`` says."""
-    clean = Harness(model, sc, mode="warm", **kw).run()
-    fails = range(1, clean.w.n + 1, fail_every) if fail_every else ()
-    out = {"warm": clean, "cold": Harness(model, sc, mode="cold", **kw).run()}
-    for mode in ("retry-warm", "retry-cold"):
-        h = Harness(model, sc, mode=mode, fail_at=fails, fail_in=fail_in, **kw).run()
-        assert h.w.failed > 0 or clean.w.n == 0, mode  # the failures really happened (where anything was written)
-        out[mode] = h
-    return out
 
 
 def _assert_same(runs: dict[str, Harness], parts=("outputs", "dead", "stores", "dropped")) -> dict:
@@ -129,7 +116,7 @@ def test_bounded_runs_agree_warm_cold_and_retried(beam_models, sc, fail_every, o
     and stores, whatever the order of the panes and of the timers; and, per event, what the streaming path
     gives with the watermark held to the end (nothing late there either)."""
     _models(sc, beam_models)
-    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"first": (1, 2)}, bounded=True,
+    runs = runs_in_every_mode(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"first": (1, 2)}, bounded=True,
                  timer_order=order, pane_seed=pane_seed, save_state=save)
     base = _assert_same(runs)
     if save:
@@ -159,7 +146,7 @@ def test_bounded_runs_equal_the_offline_model(beam_models, sc, fail_every):
     """Unique ids, no TTL, no updates: every run of the bounded path gives each key's events, in (ts, seq, sub)
     order, the offline model's log-probs from the initial state."""
     sc.ttl, sc.next_fields = None, ()
-    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, bounded=True)
+    runs = runs_in_every_mode(beam_models["tiny"], sc, fail_every=fail_every, bounded=True)
     base = _assert_same(runs)
     evs = [e for k, a in sc.steps if k == "add" for e in a]
     want = tbt.offline(load(beam_models["tiny"], providers=[CPU]), evs)
@@ -185,8 +172,8 @@ def test_a_saved_snapshot_is_the_same_warm_cold_and_after_a_failed_final_flush(b
     after a state write and retried (on this worker or another), and failures elsewhere, every run gives the
     same outputs, dead letters, stores, and snapshot: the same tables, row for row."""
     _models(sc, beam_models)
-    runs = _runs(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"end": end_fail}, bounded=bounded,
-                 save_state=True)
+    runs = runs_in_every_mode(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"end": end_fail},
+                              bounded=bounded, save_state=True)
     for mode in ("retry-warm", "retry-cold"):
         assert runs[mode].w.failed_in.get("end", 0) > 0 or not runs["warm"].snapshots, mode
     base = _assert_same(runs)
@@ -305,7 +292,8 @@ def test_a_then_b_through_a_snapshot_equals_one_run_warm_cold_and_retried(beam_m
     bounded_a, (whole_sc, a_sc, b_sc) = scs
     tiny = beam_models["tiny"]
     whole = Harness(tiny, whole_sc, mode="warm").run().result()
-    a_runs = _runs(tiny, a_sc, fail_every=fail_every, fail_in={"end": (2,)}, save_state=True, bounded=bounded_a)
+    a_runs = runs_in_every_mode(tiny, a_sc, fail_every=fail_every, fail_in={"end": (2,)}, save_state=True,
+                                bounded=bounded_a)
     _assert_same(a_runs)
     _assert_same_snapshots(a_runs)
     roots = {}

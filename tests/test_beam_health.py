@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import test_beam_transform as tbt
 from beam_gather import Gather
-from shard_harness import Harness, Scenario, assert_warm_equals_rebuilt
+from shard_harness import Harness, Scenario, assert_warm_equals_rebuilt, runs_in_every_mode
 
 from streamrnn.beam import Event, StatefulInference
 from streamrnn.beam.step.store import KeyMeta, ShardStore
@@ -48,12 +48,6 @@ def _scenario(seed: int, windows: int = 6) -> Scenario:
     return Scenario(steps=steps, window=10.0, num_shards=2)
 
 
-def _harness(model: str, sc: Scenario, health, **kw) -> Harness:
-    h = Harness(model, sc, **kw)
-    h.step.health = health  # what StatefulInference(health=...) passes to its ShardStep
-    return h
-
-
 def _rows(result: dict) -> list[dict]:
     return [dict(o[:-1]) for o in result["outputs"]]
 
@@ -63,13 +57,7 @@ def runs(beam_models):
     """Per config: the scenario in every mode (the retry modes fail after every third state write)."""
     model, sc, out = beam_models["tiny"], _scenario(0), {}
     for name, cfg in CONFIGS.items():
-        clean = _harness(model, sc, cfg, mode="warm").run()  # checks warm == rebuilt after every flush
-        r = {"warm": clean.result(), "cold": _harness(model, sc, cfg, mode="cold").run().result()}
-        for mode in ("retry-warm", "retry-cold"):
-            h = _harness(model, sc, cfg, mode=mode, fail_at=range(1, clean.w.n + 1, 3)).run()
-            assert h.w.failed > 0
-            r[mode] = h.result()
-        out[name] = r
+        out[name] = {m: h.result() for m, h in runs_in_every_mode(model, sc, health=cfg).items()}
     return sc, out
 
 
@@ -166,7 +154,7 @@ def test_bad_health_is_one_line_at_construction(beam_models, health, which, says
 
 def test_warm_store_equals_its_rebuild_after_every_flush(beam_models):
     """The harness's own check (warm mode asserts it after every flush), here with heals in every window."""
-    h = _harness(beam_models["tiny"], _scenario(5, windows=4), CONFIGS["sampled"], mode="warm").run()
+    h = Harness(beam_models["tiny"], _scenario(5, windows=4), mode="warm", health=CONFIGS["sampled"]).run()
     assert h.flushes > 0
     for s in h.shards:
         assert_warm_equals_rebuilt(h, s)

@@ -13,7 +13,7 @@ import pathlib
 import numpy as np
 import pytest
 from scipy import stats
-from shard_harness import Harness, Scenario
+from shard_harness import Scenario, runs_in_every_mode
 from test_health_splits import _run, reference
 
 from streamrnn.beam import Event, StatefulInference
@@ -193,24 +193,11 @@ def _scenario(feats: dict, windows: int = 5) -> Scenario:
     return Scenario(steps=steps, window=10.0, num_shards=2)
 
 
-def _harness(sc: Scenario, cfg, **kw) -> Harness:
-    h = Harness(MODEL, sc, **kw)
-    h.step.health = cfg  # what StatefulInference(health=...) passes to its ShardStep
-    return h
-
-
 @pytest.fixture(scope="module")
 def beam_runs(feats):
     sc, out = _scenario(feats), {}
     for name in ("sampled", "real"):
-        cfg = CONFIGS[name]
-        clean = _harness(sc, cfg, mode="warm").run()  # checks warm == rebuilt after every flush
-        r = {"warm": clean.result(), "cold": _harness(sc, cfg, mode="cold").run().result()}
-        for mode in ("retry-warm", "retry-cold"):
-            h = _harness(sc, cfg, mode=mode, fail_at=range(1, clean.w.n + 1, 3)).run()
-            assert h.w.failed > 0
-            r[mode] = h.result()
-        out[name] = r
+        out[name] = {m: h.result() for m, h in runs_in_every_mode(MODEL, sc, health=CONFIGS[name]).items()}
     return sc, out
 
 
