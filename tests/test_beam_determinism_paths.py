@@ -116,8 +116,8 @@ def test_bounded_runs_agree_warm_cold_and_retried(beam_models, sc, fail_every, o
     and stores, whatever the order of the panes and of the timers; and, per event, what the streaming path
     gives with the watermark held to the end (nothing late there either)."""
     _models(sc, beam_models)
-    runs = runs_in_every_mode(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"first": (1, 2)}, bounded=True,
-                 timer_order=order, pane_seed=pane_seed, save_state=save)
+    runs = runs_in_every_mode(beam_models["tiny"], sc, fail_every=fail_every, fail_in={"first": (1, 2)},
+                              bounded=True, timer_order=order, pane_seed=pane_seed, save_state=save)
     base = _assert_same(runs)
     if save:
         _assert_same_snapshots(runs)
