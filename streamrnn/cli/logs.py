@@ -72,6 +72,14 @@ def _implicit(h: logging.Handler) -> bool:
             and (stream in (sys.stderr, sys.__stderr__) or bool(getattr(stream, "closed", False))))
 
 
+def _drop_noise_on_root() -> logging.Logger:
+    """The root logger, with one :class:`DropNoise` filter (Beam's root-logger lines at import)."""
+    root = logging.getLogger()
+    if not any(isinstance(f, DropNoise) for f in root.filters):
+        root.addFilter(DropNoise())
+    return root
+
+
 def _terminal_handler(fmt: str) -> logging.Handler:
     """The root's one stderr handler (replacing an earlier one of ours and the implicit one): it writes to whatever
     ``sys.stderr`` is when a line is logged, so it never holds a stream that was replaced and closed since."""
@@ -91,10 +99,8 @@ def cli_logging(*, verbose: bool = False) -> logging.Handler:
     """The ``streamrnn`` command's terminal: plain messages, WARNING and up (INFO with ``verbose``); Beam's
     import-time noise dropped."""
     handler = _terminal_handler("%(message)s")
-    root = logging.getLogger()
-    if not any(isinstance(f, DropNoise) for f in root.filters):
-        root.addFilter(DropNoise())  # also when Beam is imported after the command (in-process callers)
-    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    _drop_noise_on_root()  # also when Beam is imported after the command (in-process callers)
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     return handler
 
 
@@ -119,9 +125,7 @@ def guard_imports() -> None:
     placeholder (so ``logging.warning`` does not install one on stderr); :func:`quiet_job_logging`
     replaces the placeholder when the job runs.
     """
-    root = logging.getLogger()
-    if not any(isinstance(f, DropNoise) for f in root.filters):
-        root.addFilter(DropNoise())
+    root = _drop_noise_on_root()
     if not root.handlers:
         h = logging.NullHandler()
         h._streamrnn_job = True  # type: ignore[attr-defined]
