@@ -20,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODEL = str(ROOT / "exported" / "market.onnx")
 DATA = ROOT.parent / "shared" / "data" / "market"
 MINUTE = DATA / "intraday_backtrader_2006" / "2006-01-02-volume-min-001.txt"
+needs_minute_bars = pytest.mark.skipif(not MINUTE.is_file(), reason="the shared intraday bars are not on this machine")
 DAILY = DATA / "sp500_daily_2013_2018" / "AAPL_data.csv"
 
 
@@ -49,6 +50,7 @@ def test_served_location_rule(location):
         ForecastPostprocess(df, location="drift")
 
 
+@needs_minute_bars
 def test_bar_frequency_checked_at_launch():
     with pytest.raises(InputError, match=r"input: frequency: expected bars every 86400 s .* got a median interval "
                                          r"of 60 s .*--allow-frequency"):
@@ -57,6 +59,7 @@ def test_bar_frequency_checked_at_launch():
     assert check_bar_frequency([str(DAILY)], {}, 86400.0) == 86400.0
 
 
+@needs_minute_bars
 def test_job_refuses_minute_bars_for_a_daily_model_in_one_line(tmp_path, capsys):
     code = market_forecast.main(["--input", str(MINUTE), "--output", str(tmp_path / "o"), "--model", MODEL,
                                  "--quiet", "--metrics-port", "0"])
