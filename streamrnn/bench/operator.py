@@ -26,6 +26,7 @@ the same run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -320,6 +321,17 @@ def _human(res: dict) -> str:
     return "\n".join(lines)
 
 
+def shapes_arg(s: str) -> tuple[tuple[int, int], ...]:
+    """An argparse ``type``: ``BxT`` shapes, comma-separated (``1x1,256x1``)."""
+    out = []
+    for part in s.split(","):
+        b, _, t = part.strip().lower().partition("x")
+        if not (b.isdigit() and t.isdigit() and int(b) >= 1 and int(t) >= 1):
+            raise argparse.ArgumentTypeError(f"expected BxT shapes such as 1x1,256x1 (B, T >= 1), got {part!r}")
+        out.append((int(b), int(t)))
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="streamrnn bench operator", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -333,9 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zipf-s", type=at_least(1.0, open_=True), default=1.1, help="Zipf exponent of the keys")
     p.add_argument("--universe", type=at_least(1), default=1000, help="keys the Zipf draw picks from")
     p.add_argument("--no-skew", action="store_true", help="skip the skewed-keys section")
+    p.add_argument("--shapes", type=shapes_arg, default=SHAPES,
+                   help="the (B, T) shapes of the overhead section, e.g. 1x1,256x1 (default: all four)")
     a = p.parse_args(argv)
     with Heartbeat("streamrnn bench operator") as hb:
         res = run(hidden=a.hidden, layers=a.layers, seconds=a.seconds, min_calls=a.min_calls, threads=a.threads,
-                  events=a.events, zipf_s=a.zipf_s, universe=a.universe, with_skew=not a.no_skew, progress=hb.update)
+                  events=a.events, zipf_s=a.zipf_s, universe=a.universe, with_skew=not a.no_skew, shapes=a.shapes,
+                  progress=hb.update)
     print(json.dumps(res, indent=2) if a.json else _human(res), file=sys.stdout)
     return 0

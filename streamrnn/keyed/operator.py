@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..model.loaded import ORT_ERRORS, Model, State, inference_error
+from ..model.loaded import ORT_ERRORS, Binding, Model, State, inference_error
 from . import health as hl
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
@@ -43,6 +43,9 @@ REMEMBER_ENDED = 65_536
 #: a packed group of at most this many rows and at least this many steps runs beside the others when they
 #: hold at least SIDE_REST padded key-steps (``KeyedOperator._side_groups``)
 SIDE_ROWS, SIDE_STEPS, SIDE_REST = 16, 32, 256
+#: known-keys calls of at most this many keys run on bound buffers (``Model.binding``), at most BIND_SIZES
+#: call sizes kept per operator
+BIND_MAX_KEYS, BIND_SIZES = 256, 8
 
 
 @dataclass
@@ -177,6 +180,7 @@ class KeyedOperator:
         self._initial_capacity = int(initial_capacity)
         self._on_device_arg = state_on_device
         self._ended: OrderedDict[Key, str] = OrderedDict()  # dropped key -> why (bounded: REMEMBER_ENDED)
+        self._bindings: tuple[Model | None, dict[int, Binding]] = (None, {})  # the known path's, by call size
         self._use_model(model)
 
     def _use_model(self, model: Model) -> None:
@@ -433,11 +437,18 @@ class KeyedOperator:
             pool = store.shadow.slab
             st = {n: np.concatenate([slab[n].take(at, axis=1), pool[n][:, sh[watched]]], axis=1) for n in names}
             xb = np.concatenate([x, x[watched]])[:, None]
-        else:  # one key: views of its slab columns (ONNX Runtime copies them); more: one gather per tensor
-            st = {n: slab[n][:, at] for n in names} if N == 1 else {n: slab[n].take(at, axis=1) for n in names}
-            xb = x[:, None]
-        o, new = self.model.run_unchecked(xb, self.model._lengths(None, len(xb), 1), State(st, names))
-        outs = {n: v[:N, 0] for n, v in o.items()}
+            o, new = self.model.run_unchecked(xb, self.model._lengths(None, len(xb), 1), State(st, names))
+            outs = {n: v[:N, 0] for n, v in o.items()}
+        elif N <= BIND_MAX_KEYS:  # bound buffers: one key's slab columns copied in; more: gathered into them
+            b = self._binding(N)
+            st = ({n: slab[n][:, at] for n in names} if N == 1
+                  else {n: np.take(slab[n], at, axis=1, out=b.state_in(n), mode="clip") for n in names})
+            o, new = self.model.run_unchecked(x[:, None], b.lengths, State(st, names), binding=b)
+            outs = {n: v[:, 0].copy() for n, v in o.items()}  # the binding's buffers: the next call reuses them
+        else:  # one gather per tensor
+            st = {n: slab[n].take(at, axis=1) for n in names}
+            o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
+            outs = {n: v[:, 0] for n, v in o.items()}
         prev = {n: last[n][at].copy() if N == 1 else last[n][at] for n in outs} if self.keep_last_output else {}
         # -- commit (nothing below can fail on valid data)
         for n in names:
@@ -479,6 +490,19 @@ class KeyedOperator:
             h["ew_num"][at], h["ew_den"][at], h["last_health"][at] = health
             bad = int(np.count_nonzero(hl.bad(self.health, state_health)))
         return KeyedResult(outs, pos, fresh, prev, reset, state_health, bad)
+
+    def _binding(self, n: int) -> Binding:
+        """The model's bound buffers for a known-keys call of ``n`` keys, one step each (made on first use; the
+        caller holds the lock, so one call uses them at a time)."""
+        model, cache = self._bindings
+        if model is not self.model:
+            model, cache = self._bindings = (self.model, {})
+        b = cache.get(n)
+        if b is None:
+            if len(cache) >= BIND_SIZES:
+                cache.clear()
+            b = cache[n] = model.binding(n, 1)
+        return b
 
     def _known_health(self, at: slice | np.ndarray, x: np.ndarray) -> tuple | None:
         """The known-keys path's health update, computed before the model runs (one step per key: its loss
