@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 
+import background
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -41,19 +42,38 @@ TEXTS = {  # English, then random letters (out of domain: the EW loss passes the
 }
 
 
-@pytest.fixture(scope="module")
-def lm_runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lm_health")
-    events = d / "events.jsonl"
+@background.job("next_token and market_forecast runs of test_health_jobs", file=__file__)
+def _job_runs(folder: pathlib.Path) -> dict:
+    """Both jobs with health off and heal, on inputs written here, run one after another in a process of their own
+    (tests/run_jobs.py), beside the other tests (tests/background.py): {(job, health): output folder}."""
+    events = folder / "events.jsonl"
     events.write_text("".join(json.dumps({"key": k, "ts": 1000.0 + i, "seq": 0, "text": t}) + "\n"
                               for i, (k, t) in enumerate(TEXTS.items())))
-    out = {}
+    files = [str(p) for p in write_sp500_layout(market_bars(), folder / "bars")]
+    runs = {}
     for health in ("off", "heal"):
-        out[health] = d / health
-        argv = ["--input", str(events), "--output", str(out[health]), "--model", LM, "--providers", "cpu", "--quiet",
-                "--shards", "2", "--metrics-port", "0", *(["--health", health] if health != "off" else [])]
-        assert next_token.main(argv) == 0
-    return {h: _table(f, next_token.PREDICTIONS) for h, f in out.items()}
+        flag = ["--health", health] if health != "off" else []
+        runs["lm", health] = ("beam_jobs.next_token", [
+            "--input", str(events), "--output", str(folder / f"lm-{health}"), "--model", LM, "--providers", "cpu",
+            "--quiet", "--shards", "2", "--metrics-port", "0", *flag])
+        runs["market", health] = ("beam_jobs.market_forecast", [
+            "--input", ",".join(files), "--output", str(folder / f"market-{health}"), "--model", MARKET, "--quiet",
+            "--metrics-port", "0", "--shards", "2", "--location", "model", *flag])
+    ran = background.run_jobs(folder, {f"{job}/{health}": run for (job, health), run in runs.items()})
+    for name, r in ran.items():
+        assert r["rc"] == 0, f"{name}: {r['stderr'][-3000:]}"
+    return {key: pathlib.Path(argv[argv.index("--output") + 1]) for key, (_, argv) in runs.items()}
+
+
+def market_bars():
+    """Two simulated symbols of ~630 daily bars (the forecaster samples a watch in one 64-bar window of 8)."""
+    return simulate(["AAA", "BBB"], start="2014-01-01", end="2016-06-01", seed=11)
+
+
+@pytest.fixture(scope="module")
+def lm_runs():
+    out = background.result("next_token and market_forecast runs of test_health_jobs")
+    return {h: _table(out["lm", h], next_token.PREDICTIONS) for h in ("off", "heal")}
 
 
 def test_next_token_off_writes_the_schema_before(lm_runs):
@@ -85,19 +105,9 @@ def test_next_token_heal_writes_the_operators_state_health_and_heals(lm_runs):
 
 # -- market_forecast -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def market_runs(tmp_path_factory):
-    """Two simulated symbols of ~630 daily bars (the forecaster samples a watch in one 64-bar window of 8)."""
-    d = tmp_path_factory.mktemp("market_health")
-    bars = simulate(["AAA", "BBB"], start="2014-01-01", end="2016-06-01", seed=11)
-    files = [str(p) for p in write_sp500_layout(bars, d / "bars")]
-    out = {}
-    for health in ("off", "heal"):
-        out[health] = d / health
-        argv = ["--input", ",".join(files), "--output", str(out[health]), "--model", MARKET, "--quiet",
-                "--metrics-port", "0", "--shards", "2", "--location", "model",
-                *(["--health", health] if health != "off" else [])]
-        assert market_forecast.main(argv) == 0
-    return bars, {h: _table(f, market_forecast.FORECASTS) for h, f in out.items()}
+def market_runs():
+    out = background.result("next_token and market_forecast runs of test_health_jobs")
+    return market_bars(), {h: _table(out["market", h], market_forecast.FORECASTS) for h in ("off", "heal")}
 
 
 def test_market_off_writes_the_schema_before(market_runs):
