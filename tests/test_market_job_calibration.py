@@ -3,9 +3,10 @@
 References, computed here from the job's own output rows (its closes and the model's own forecasts,
 ``h{h}_ret_loc`` / ``h{h}_ret_scale``): the h-bar targets from the closes (invalid across a corporate-action
 jump), an offline :class:`OnlineConformal` run over each symbol's rows from its first one, and scipy's
-Student-t for the scores. Three job runs share them (module fixtures): the demo (batch, default levels), a
-``--replay`` of the demo's bars (DirectRunner ``--streaming``, other levels, tails and gamma), and a batch run
-of the same bars split over several files in shuffled row order, with a corporate action injected.
+Student-t for the scores. Three job runs share them (a background job, tests/background.py): the demo (batch,
+default levels), a ``--replay`` of the demo's bars (DirectRunner ``--streaming``, other levels, tails and
+gamma), and a batch run of the same bars split over several files in shuffled row order, with a corporate
+action injected.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pathlib
 import random
 
 import apache_beam as beam
+import background
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,8 +52,12 @@ def df() -> list[float]:
     return [float(d) for d in forecast_meta(load(MODEL, providers=[CPU]))["df"]]
 
 
+def _argv(*argv: str) -> list[str]:
+    return [*argv, "--quiet", "--metrics-port", "0", "--model", MODEL]
+
+
 def _main(*argv: str) -> int:
-    return market_forecast.main([*argv, "--quiet", "--metrics-port", "0", "--model", MODEL])
+    return market_forecast.main(_argv(*argv))
 
 
 def _table(out: pathlib.Path) -> pa.Table:
@@ -59,32 +65,70 @@ def _table(out: pathlib.Path) -> pa.Table:
     return t.sort_by([("symbol", "ascending"), ("bar", "ascending")])
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("demo")
-    assert _main("--demo", "--output", str(out)) == 0
-    return {"out": out, "t": _table(out), "summary": json.loads((out / "summary.json").read_text()), **DEFAULT}
+JOB = "market_forecast runs of test_market_job_calibration"
+
+
+@background.job(JOB, file=__file__)
+def _job_runs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The demo, then a replay and a split batch run of its bars (below), run in processes of their own
+    (tests/run_jobs.py) beside the other tests (tests/background.py): {run: output folder}."""
+    out = {name: folder / name for name in ("demo", "replay", "split")}
+    for step in ("first", "then"):
+        (folder / step).mkdir()
+    _ran(background.run_jobs(folder / "first", {"demo": ("beam_jobs.market_forecast",
+                                                         _argv("--demo", "--output", str(out["demo"])))}))
+    bars = sorted((out["demo"] / "simulated_bars").glob("*.csv"))
+    _ran(background.run_jobs(folder / "then", {
+        "replay": ("beam_jobs.market_forecast", _argv(
+            "--input", str(_replay_bars(bars, folder / "replay_bars")), "--output", str(out["replay"]), "--replay",
+            "--window", str(28 * DAY), "--levels", ",".join(map(str, CUSTOM["levels"])),
+            "--var", ",".join(map(str, CUSTOM["tails"])), "--gamma", str(CUSTOM["gamma"]),
+            "--gamma-scaling", CUSTOM["scaling"])),
+        "split": ("beam_jobs.market_forecast", _argv(
+            "--input", str(_split_bars(bars, folder / "split_bars")), "--output", str(out["split"]),
+            "--location", "model"))}))
+    return out
+
+
+def _ran(runs: dict[str, dict]) -> None:
+    for name, r in runs.items():
+        assert r["rc"] == 0, f"{name}: {r['stderr'][-3000:]}"
+
+
+def _run(name: str, settings: dict) -> dict:
+    out = background.result(JOB)[name]
+    return {"out": out, "t": _table(out), "summary": json.loads((out / "summary.json").read_text()), **settings}
 
 
 @pytest.fixture(scope="module")
-def replay(demo, tmp_path_factory) -> dict:
-    """The demo's first four months (a replay costs about a second per window step)."""
-    folder, out = tmp_path_factory.mktemp("replay_bars"), tmp_path_factory.mktemp("replay")
-    for path in sorted((demo["out"] / "simulated_bars").glob("*.csv")):
+def demo() -> dict:
+    return _run("demo", DEFAULT)
+
+
+@pytest.fixture(scope="module")
+def replay() -> dict:
+    """The demo's first four months (a replay costs about a second per window step), other levels and gamma."""
+    return _run("replay", CUSTOM)
+
+
+@pytest.fixture(scope="module")
+def split() -> dict:
+    """The demo's bars in 3 files per symbol, rows shuffled; SIMC halves from 2016-09-01 (a corporate action)."""
+    return _run("split", DEFAULT)
+
+
+def _replay_bars(bars: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir()
+    for path in bars:
         head, *rows = path.read_text().splitlines()
         (folder / path.name).write_text("\n".join([head, *(r for r in rows if r[:10] < "2016-05-01")]) + "\n")
-    assert _main("--input", str(folder), "--output", str(out), "--replay", "--window", str(28 * DAY),
-                 "--levels", ",".join(map(str, CUSTOM["levels"])), "--var", ",".join(map(str, CUSTOM["tails"])),
-                 "--gamma", str(CUSTOM["gamma"]), "--gamma-scaling", CUSTOM["scaling"]) == 0
-    return {"out": out, "t": _table(out), "summary": json.loads((out / "summary.json").read_text()), **CUSTOM}
+    return folder
 
 
-@pytest.fixture(scope="module")
-def split(demo, tmp_path_factory) -> dict:
-    """The demo's bars in 3 files per symbol, rows shuffled; SIMC halves from 2016-09-01 (a corporate action)."""
-    folder = tmp_path_factory.mktemp("split_bars")
+def _split_bars(bars: list[pathlib.Path], folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir()
     rng = random.Random(0)
-    for path in sorted((demo["out"] / "simulated_bars").glob("*.csv")):
+    for path in bars:
         head, *rows = path.read_text().splitlines()
         if path.name.startswith("SIMC"):
             rows = [_halved(r) if r[:10] >= "2016-09-01" else r for r in rows]
@@ -92,9 +136,7 @@ def split(demo, tmp_path_factory) -> dict:
             part = rows[k * len(rows) // 3:(k + 1) * len(rows) // 3]
             rng.shuffle(part)
             (folder / f"{path.stem}_{k}.csv").write_text("\n".join([head, *part]) + "\n")
-    out = tmp_path_factory.mktemp("split")
-    assert _main("--input", str(folder), "--output", str(out), "--location", "model") == 0
-    return {"out": out, "t": _table(out), "summary": json.loads((out / "summary.json").read_text()), **DEFAULT}
+    return folder
 
 
 def _halved(row: str) -> str:
@@ -199,7 +241,7 @@ def _check_summary(run: dict) -> None:
 
 
 # -- the job runs -----------------------------------------------------------------------------------------
-def test_demo_calibrated_columns_equal_offline_aci_and_scores(demo, df, capsys):
+def test_demo_calibrated_columns_equal_offline_aci_and_scores(demo, df):
     assert demo["summary"]["simulated"] is True
     assert _check_against_offline(demo, df) > 4 * 1000
     _check_summary(demo)
