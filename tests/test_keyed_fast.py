@@ -6,6 +6,7 @@ once runs without grouping or planning. It must be indistinguishable from the ge
 from __future__ import annotations
 
 import threading
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,8 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_atomic import Boom, _assert_same, _everything, _fail_on_call
 
+import streamrnn.keyed.operator as keyed_operator
 from streamrnn import InputError, KeyedOperator
 from streamrnn.keyed.health import HealthConfig
+from streamrnn.model.loaded import load
+from streamrnn.model.runtime import CPU
 
 KEYS = ["a", "b", "c", "d", "e"]
 #: health settings that exercise every branch: off, flag, heal watching everything it may (2 at once, so some
@@ -28,6 +32,9 @@ HEALTH = {
 }
 calls_st = st.lists(st.tuples(st.lists(st.sampled_from(KEYS), min_size=1, max_size=5),
                               st.sampled_from([0.0, 0.5, 6.0, -3.0])), min_size=1, max_size=14)
+#: (BIND_MAX_KEYS, BIND_SIZES): the default, and limits that send some known calls past the bound buffers and
+#: make the operator drop and rebuild its bindings between calls of other sizes
+BINDS = [(keyed_operator.BIND_MAX_KEYS, keyed_operator.BIND_SIZES), (3, 1), (0, 1)]
 
 
 def _general_only(op: KeyedOperator) -> KeyedOperator:
@@ -66,26 +73,40 @@ def _assert_same_result(a, b) -> None:
 
 
 @given(calls=calls_st, max_keys=st.integers(2, 5), ttl=st.sampled_from([None, 10.0]),
-       health=st.sampled_from(sorted(HEALTH)), keep=st.booleans(), seed=st.integers(0, 2**16))
+       health=st.sampled_from(sorted(HEALTH)), keep=st.booleans(), seed=st.integers(0, 2**16),
+       bind=st.sampled_from(BINDS))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_known_path_equals_the_general_path(lstm, calls, max_keys, ttl, health, keep, seed):
+def test_known_path_equals_the_general_path(lstm, calls, max_keys, ttl, health, keep, seed, bind):
     """Mixes of new, known, repeated, expired and evicted keys: the operator with the known-keys path and one
     without give equal results, snapshots (state, steps, last_seen, health columns, shadows), recency and
-    counters after every call."""
+    counters after every call; with the known path's calls on bound buffers, past them, and with its bindings
+    dropped and rebuilt between calls."""
+    with mock.patch.multiple(keyed_operator, BIND_MAX_KEYS=bind[0], BIND_SIZES=bind[1]):
+        _known_equals_general(lstm, calls, max_keys, ttl, health, keep, seed)
+
+
+def _known_equals_general(lstm, calls, max_keys, ttl, health, keep, seed) -> None:
     clocks = FakeClock(100.0), FakeClock(100.0)
     a, b = (KeyedOperator(lstm, max_keys=max_keys, ttl=ttl, clock=c, keep_last_output=keep,
                           health=HEALTH[health], initial_capacity=1) for c in clocks)
     _general_only(b)
     rng = np.random.default_rng(seed)
+    kept = []
     for keys, dt in calls:
         for c in clocks:
             c.advance(dt)
         if len(set(keys)) > max_keys:
             continue
         x = rng.integers(0, 256, len(keys))
-        _assert_same_result(a.process(keys, x), b.process(keys, x))
+        ra = a.process(keys, x)
+        _assert_same_result(ra, b.process(keys, x))
+        kept.append((ra, [{n: v.copy() for n, v in d.items()} for d in (ra.outputs, ra.prev_outputs)]))
         assert a.snapshot().equals(b.snapshot(), check_metadata=True)
         assert a.keys() == b.keys() and a.evictions == b.evictions and a.health_counts == b.health_counts
+    for r, copies in kept:  # no result shares memory with a later call's (bound buffers are reused)
+        for d, c in zip((r.outputs, r.prev_outputs), copies, strict=True):
+            for n, v in d.items():
+                np.testing.assert_array_equal(v, c[n])
 
 
 @given(calls=calls_st, seed=st.integers(0, 2**16))
@@ -109,6 +130,52 @@ def test_outputs_equal_model_step_key_by_key(lstm, calls, seed):
     for k, s in state.items():
         np.testing.assert_allclose(op.state_of(k)["h"], s["h"], atol=1e-5)
         np.testing.assert_allclose(op.state_of(k)["c"], s["c"], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def models(nets_and_paths):
+    return {ck: load(path, providers=[CPU]) for ck, (_, path) in nets_and_paths.items()}
+
+
+@given(which=st.sampled_from([("lstm", "tokens"), ("gru", "tokens"), ("rnn", "tokens"), ("lstm", "features"),
+                              ("gru", "features")]),
+       B=st.integers(1, 4), T=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_a_binding_runs_as_session_run(models, which, B, T, seed):
+    """``Model.binding``: two runs on the same bound buffers, each with other inputs, rows of other lengths and
+    a random state, give what ``run_unchecked`` (session.run on a feed dict) gives, bit for bit."""
+    m = models[which]
+    b = m.binding(B, T)
+    rng = np.random.default_rng(seed)
+    for _ in range(2):
+        x = (rng.integers(0, 256, (B, T)) if which[1] == "tokens"
+             else rng.standard_normal((B, T, 3)).astype(np.float32))
+        lengths = rng.integers(1, T + 1, B).astype(np.int32)
+        state = m.as_state({n: rng.standard_normal(a.shape).astype(np.float32)
+                            for n, a in m.initial_state(B)._t.items()}, B)
+        want_o, want_s = m.run_unchecked(x, lengths, state)
+        o, s = m.run_unchecked(x, lengths, state, binding=b)
+        assert o.keys() == want_o.keys() and s.names == want_s.names
+        for n in want_o:
+            np.testing.assert_array_equal(o[n], want_o[n])
+        for n in want_s.names:
+            np.testing.assert_array_equal(s[n], want_s[n])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_known_path_of_a_feature_model_equals_the_general_path(models, cell, rng):
+    """Feature inputs ``[N, F]`` on the bound buffers (one key, three, and a call past BIND_MAX_KEYS)."""
+    m = models[(cell, "features")]
+    clock = FakeClock()
+    a, b = (KeyedOperator(m, keep_last_output=True, clock=clock) for _ in range(2))
+    _general_only(b)
+    served = _spy(a)
+    keys = [f"k{i}" for i in range(70)]
+    for ks in (keys, keys[:1], keys[3:6], keys[:1], keys, keys[5:2:-1]):
+        x = rng.standard_normal((len(ks), 3)).astype(np.float32)
+        _assert_same_result(a.process(ks, x), b.process(ks, x))
+    assert served == [False, True, True, True, True, True] and len(keys) > keyed_operator.BIND_MAX_KEYS
+    assert a.snapshot().equals(b.snapshot(), check_metadata=True)
 
 
 def test_steady_state_calls_take_the_known_path(lstm):

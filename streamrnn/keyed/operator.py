@@ -45,7 +45,7 @@ REMEMBER_ENDED = 65_536
 SIDE_ROWS, SIDE_STEPS, SIDE_REST = 16, 32, 256
 #: known-keys calls of at most this many keys run on bound buffers (``Model.binding``), at most BIND_SIZES
 #: call sizes kept per operator
-BIND_MAX_KEYS, BIND_SIZES = 256, 8
+BIND_MAX_KEYS, BIND_SIZES = 64, 8
 
 
 @dataclass
@@ -446,7 +446,7 @@ class KeyedOperator:
             o, new = self.model.run_unchecked(x[:, None], b.lengths, State(st, names), binding=b)
             outs = {n: v[:, 0].copy() for n, v in o.items()}  # the binding's buffers: the next call reuses them
         else:  # one gather per tensor
-            st = {n: slab[n].take(at, axis=1) for n in names}
+            st = {n: slab[n][:, at] if N == 1 else slab[n].take(at, axis=1) for n in names}
             o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
             outs = {n: v[:, 0] for n, v in o.items()}
         prev = {n: last[n][at].copy() if N == 1 else last[n][at] for n in outs} if self.keep_last_output else {}
