@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ class _Job:
         self.value: Any = None
         self.error: BaseException | None = None
         self.folder: Path | None = None
+        self.ran: tuple[float, float] | None = None  # (start, end), time.monotonic()
 
     def run(self) -> None:
+        t0 = time.monotonic()
         try:
             slug = re.sub(r"[^A-Za-z0-9._]+", "-", self.name).strip("-")  # (a venv refuses ':' in its path)
             self.folder = Path(tempfile.mkdtemp(prefix=f"streamrnn-{slug}-"))
@@ -53,6 +56,7 @@ class _Job:
         except BaseException as e:  # raised again by result(), in the test that needs it
             self.error = e
         finally:
+            self.ran = (t0, time.monotonic())
             self.done.set()
 
 
@@ -145,6 +149,21 @@ def run_jobs(folder: Path, runs: dict[str, tuple[str, list[str]]], *, timeout: f
         got[name] = json.loads(out.read_text()) if out.exists() else {"rc": None, "stdout": r.stdout,
                                                                         "stderr": r.stderr[-4000:]}
     return got
+
+
+def summary(since: float) -> list[str]:
+    """How the jobs ran, for the run's end: one line in all, then a line per job that ran (its start and end, in
+    seconds after ``since``, a time.monotonic() reading)."""
+    ran = [j for j in _JOBS.values() if j.ran is not None]
+    if not ran:
+        return []
+    busy = sum(j.ran[1] - j.ran[0] for j in ran)
+    last = max(j.ran[1] for j in ran) - since
+    lines = [f"background jobs: {len(ran)} ran, {busy:.0f} s in all, the last done {last:.0f} s into the run"]
+    for j in sorted(ran, key=lambda j: j.ran[0]):
+        lines.append(f"  {j.ran[0] - since:6.0f} s to {j.ran[1] - since:4.0f} s  {j.name}"
+                     f"{'  (failed)' if j.error is not None else ''}")
+    return lines
 
 
 def stop() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -114,6 +116,9 @@ def pytest_collection_modifyitems(session, config, items):
     items[:] = [i for i in items if str(i.path) not in late] + [i for i in items if str(i.path) in late]
 
 
+_RUN_START = time.monotonic()
+
+
 def pytest_collection_finish(session):
     """The background jobs of the collected test files start now (tests/background.py)."""
     import background
@@ -132,6 +137,14 @@ def pytest_runtest_setup(item):
 
         _STARTED_FILES.add(str(item.path))
         background.file_starts(str(item.path))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """How the background jobs ran (a line each): to see whether they or the other tests make the run's time."""
+    import background
+
+    for line in background.summary(_RUN_START):
+        terminalreporter.write_line(line)
 
 
 def pytest_unconfigure(config):
