@@ -13,7 +13,7 @@ window's release) and then the forecaster's carried LSTM state in ``StatefulInfe
 ``DIR/forecasts-*.parquet`` (one row per bar: symbol, ts, close, per-horizon median and interval prices,
 return distribution, and the realised next-bar return, error, NLL and interval hits once the next bar
 arrives), ``DIR/dead_letters-*.parquet`` (bad bars with the reason), ``DIR/summary.json`` (live NLL and
-coverage per symbol). ``--health flag|heal`` adds ``state_health`` to the forecasts. A missing input, a
+coverage per symbol). ``--health flag|heal`` adds ``state_health`` to the forecasts (default off). A missing input, a
 missing model, an unwritable output or ``--plot`` file, or a bad flag (a value out of range, a flag neither
 this job nor Beam knows, a model of another task, ``--replay`` off the DirectRunner) is a one-line error with
 exit code 2, found before any pipeline runs. ``--replay`` plays the bars as an unbounded stream. ``--watch``,
@@ -56,6 +56,7 @@ from streamrnn.beam.job import (  # noqa: E402
     load_model,
     read_summary,
 )
+from streamrnn.cli.args import add_health_args, health_arg  # noqa: E402
 from streamrnn.forecast.bars import parse_columns  # noqa: E402
 from streamrnn.forecast.beam import (  # noqa: E402
     LOCATIONS,
@@ -75,9 +76,10 @@ from streamrnn.forecast.beam_output import (  # noqa: E402
     print_market_summary,
 )
 from streamrnn.forecast.calibrate_step import Calibrate  # noqa: E402
-from streamrnn.forecast.conformal import GAMMA, LEVELS, SCALINGS, TAILS, label  # noqa: E402
+from streamrnn.forecast.conformal import GAMMA, LEVELS, METHOD, METHODS, SCALINGS, TAILS, label  # noqa: E402
 from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
 from streamrnn.forecast.features import FeatureConfig  # noqa: E402
+from streamrnn.keyed.health import policy_of  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
 DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")
@@ -133,14 +135,14 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "(default: 0.01,0.05)")
     ap.add_argument("--gamma", type=fraction(0, 1, lo_open=True, hi_open=True), default=GAMMA,
                     help="the ACI step of the 80%% level: about 1/gamma bars to correct a shift (default: %(default)s)")
+    ap.add_argument("--calibration", choices=METHODS, default=METHOD,
+                    help="online calibration of the bands per symbol: aci (one step), agaci (ACI experts at several "
+                         "steps aggregated online: reacts faster to a regime shift) or none (the calibrated columns "
+                         "are the raw model's bands); docs/market.md (default: %(default)s)")
     ap.add_argument("--gamma-scaling", choices=SCALINGS, default=SCALINGS[0],
                     help="each level's step: proportional to its miscoverage, or the same constant step for all "
                          "(default: %(default)s)")
-    ap.add_argument("--health", choices=("off", "flag", "heal"), default="off",
-                    help="carried-state health (docs/operator.md): 'flag' adds state_health to the forecasts and "
-                         "counts symbols in bad health, 'heal' also watches a sample of symbols with a fresh shadow "
-                         "state and replaces a symbol's state by it when the shadow forecasts better for long "
-                         "enough, reset 'health' (default: %(default)s)")
+    add_health_args(ap, "symbols", "off: a forecaster has no reference loss to flag against, docs/operator.md")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -153,6 +155,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
         if len({label(v) for v in vals}) != len(vals):
             ap.error(f"{flag}: expected values distinct in their column names, got {','.join(map(str, vals))}")
     args.live = live_source(args, beam_args)
+    args.health_arg = health_arg(ap, args)
     return args, beam_args
 
 
@@ -170,9 +173,10 @@ def _inference(args: argparse.Namespace) -> tuple[StatefulInference, dict]:
             # df, and for a volatility-anchored model its EWMA anchor: absolute scales, as eval forecast's
             postprocess=ForecastPostprocess.for_model(meta, location=args.location), next_fields=("ret", "jump"),
             output="arrow",
-            providers=args.providers, health=args.health)
+            providers=args.providers, health=args.health_arg)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
+    args.health = policy_of(inf.health, model.spec)  # the policy taken (the default: off for a forecaster)
     return inf, meta
 
 
@@ -194,10 +198,11 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
     events, bad_bars = bars | "Features" >> Features(cfg, window=args.window, lateness=args.allowed_lateness)
     out, dead = events | "Forecast" >> inference
     df, gap_bars = [float(d) for d in meta["df"]], cfg.gap_bars
-    cal = Calibration(int(meta["horizons"]), tuple(args.levels), tuple(args.var), float(args.gamma), args.gamma_scaling)
+    cal = Calibration(int(meta["horizons"]), tuple(args.levels), tuple(args.var), float(args.gamma), args.gamma_scaling,
+                      args.calibration)
     rows = (out | "JobColumns" >> beam.Map(job_columns, df, gap_bars)
             | "Calibrate" >> Calibrate(df, levels=cal.levels, tails=cal.tails, gamma=cal.gamma, scaling=cal.scaling,
-                                       num_shards=args.shards))
+                                       method=cal.method, num_shards=args.shards))
     dead_all = (unread, bad_bars, dead) | "AllDeadLetters" >> beam.Flatten()
     schema = output_schema(cal.horizons, cal.levels, cal.tails, health=args.health != "off")
     rows | "WriteForecasts" >> WriteParquet(args.output, prefix=FORECASTS, schema=schema, temp_directory=temp_dir)

@@ -84,7 +84,8 @@ def test_aggregation_equals_a_per_expert_loop_reference(series):
     cal = OnlineConformal(df, levels=LEVELS, tails=TAILS, method="agaci", gammas=GAMMAS)
     got = cal.run(["A"], y[None], np.zeros_like(y)[None], np.ones_like(y)[None], valid[None])[0]
     want = _reference(y, valid, df, LEVELS, TAILS, GAMMAS)
-    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+    # float32 state and the edge tables (conformal.EdgeTable): within 2e-5 of the float64 scipy loop
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
     assert np.abs(got - got[:1]).max() > 0.05  # it moved
 
 
@@ -118,7 +119,7 @@ def test_learn_per_bar_equals_run_bit_for_bit_and_snapshot_restore_midstream(ser
     for f in conformal.ConformalConfig(2, LEVELS, TAILS, method="agaci", gammas=GAMMAS).fields:
         np.testing.assert_array_equal(again.snapshot()[f], whole.snapshot()[f])
     w = whole.weights("A")
-    np.testing.assert_allclose(w.sum(-1), 1.0)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)  # float32
 
 
 def live_arrow(snap, kw):
@@ -137,12 +138,13 @@ def test_coverage_converges_on_an_iid_series_with_a_wrong_scale():
     a = cal.run([f"k{i}" for i in range(S)], y, np.zeros_like(y), np.ones_like(y), np.ones_like(y, bool))
     p2, lower = conformal.pit(y[..., 0], 0.0, 1.0, 5.0)
     assert abs((p2 >= 0.2).mean() - 0.8) > 0.1  # the raw band is off
-    assert abs((p2 >= conformal.issued(a[..., 0, 0])).mean() - 0.8) < 0.02
-    assert abs((lower < conformal.issued(a[..., 0, 1])).mean() - 0.05) < 0.02
+    late = slice(T // 4, None)  # after the first 200 bars (the experts start at the nominal)
+    assert abs((p2 >= conformal.issued(a[..., 0, 0]))[:, late].mean() - 0.8) < 0.02
+    assert abs((lower < conformal.issued(a[..., 0, 1]))[:, late].mean() - 0.05) < 0.02
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(method="boa"), "conformal: method: expected one of ['aci', 'agaci'], got 'boa'"),
+    (dict(method="boa"), "conformal: method: expected one of ['aci', 'agaci', 'none'], got 'boa'"),
     (dict(method="agaci", gammas=()), "conformal: gammas: expected distinct steps in (0, 1), got []"),
     (dict(method="agaci", gammas=(0.1, 0.1)), "conformal: gammas: expected distinct steps in (0, 1), got [0.1, 0.1]"),
     (dict(method="agaci", gammas=(0.1, 1.5)), "conformal: gammas: expected distinct steps in (0, 1), got [0.1, 1.5]"),
@@ -171,7 +173,7 @@ def test_restore_refuses_another_method_or_grid_and_keeps_the_state(series):
     with pytest.raises(SnapshotError, match="^conformal restore: sq: expected finite values >= 0"):
         ag.restore(bad)
     assert ag.keys() == ["Z"]
-    for f in ("alpha", "ealpha", "eedge"):
+    for f in conformal.AGACI_FIELDS:
         np.testing.assert_array_equal(ag.snapshot()[f], before[f])
 
 

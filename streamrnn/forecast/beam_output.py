@@ -37,7 +37,7 @@ from apache_beam.transforms.window import GlobalWindows
 from ..beam.job.summary import SUMMARY, dead_letter_line, write_json
 from .beam import QUANTILES, close_of
 from .calibrate_step import calibrated_fields, horizon_summary, score_sums, scored_fields, sum_names
-from .conformal import GAMMA, LEVELS, TAILS
+from .conformal import GAMMA, LEVELS, METHOD, TAILS
 from .distribution import nll
 
 PRICE_NAMES = ("median", *QUANTILES)
@@ -161,6 +161,7 @@ class Calibration(NamedTuple):
     tails: tuple[float, ...] = TAILS
     gamma: float = GAMMA
     scaling: str = "proportional"
+    method: str = METHOD  # conformal.METHODS: aci, agaci or none (the raw bands)
 
     def scores(self, flat: Sequence[float] | None) -> dict:
         n = len(sum_names(self.levels, self.tails))
@@ -213,7 +214,8 @@ class _Write(beam.DoFn):
                 symbols[k]["horizons"] = c.scores(per_h.get(k))
             overall = {"horizons": c.scores(_add_vectors(per_h.values())),
                        "calibration": {"levels": list(c.levels), "var": list(c.tails), "gamma": c.gamma,
-                                       "gamma_scaling": c.scaling}}
+                                       "gamma_scaling": c.scaling,
+                                       **({"method": c.method} if c.method != METHOD else {})}}
         write_json(FileSystems.join(self.root, SUMMARY), {
             "simulated": self.simulated, "symbols": symbols, **_scores(total), **overall,
             "dead_letters": dict(sorted(dead.items())), "model_version": sorted(versions)})

@@ -66,7 +66,7 @@ from ..beam.step.clock import END_OF_INPUT_MICROS, timestamp
 from ..beam.step.counters import Counters
 from ..beam.step.intake import REL
 from ..metrics.catalogue import guarded
-from .conformal import GAMMA, LEVELS, TAILS, OnlineConformal, bands, label, misses, pit
+from .conformal import GAMMA, LEVELS, METHOD, TAILS, OnlineConformal, bands, label, misses, pit
 from .distribution import nll
 
 #: score sums per horizon, in this order, then per level raw and calibrated hits, per tail raw and calibrated
@@ -123,15 +123,17 @@ class Calibrator:
     new state: pure, no Beam. ``df``: the model's Student-t degrees of freedom per horizon."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional"):
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD):
         self.df = np.asarray(df, np.float64)
         self.levels, self.tails, self.gamma, self.scaling = tuple(levels), tuple(tails), float(gamma), scaling
+        self.method = method
         self.config = self._calibrator().config  # checks them (InputError, one line)
         self.H = int(self.config.horizons)
         self.ring = ring_schema(self.H)
 
     def _calibrator(self) -> OnlineConformal:
-        return OnlineConformal(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling)
+        return OnlineConformal(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling,
+                               method=self.method)
 
     def fields(self) -> list[pa.Field]:
         """The columns :meth:`apply` appends."""
@@ -191,18 +193,18 @@ class Calibrator:
         # the a issued at each row: the ring's from the calibrator's ring of issued a (slot: bar count mod H);
         # each new row's after learning its targets (the calibrator's order: learn, then issue)
         issued = np.zeros((m + n, H, K))
-        snap = cal.snapshot()
-        at = {k: r for r, k in enumerate(snap["keys"].tolist())}
+        at = {k: r for r, k in enumerate(cal.keys())}
+        seq, ring_a = cal.seq, cal.issued
         count = np.bincount(g[~is_new], minlength=len(names))
         for k, name in enumerate(names.tolist()):
-            seq0 = int(snap["seq"][at[name]]) if name in at else 0
+            seq0 = int(seq[at[name]]) if name in at else 0
             if count[k] != min(seq0, H):
                 raise RuntimeError(f"calibration state of {name!r}: a ring of {count[k]} rows for {seq0} bars learned")
         old_pos = np.flatnonzero(~is_new)
         if len(old_pos):
             r = np.array([at[nm] for nm in names[g[old_pos]].tolist()], np.int64)
-            slot = (snap["seq"][r] - count[g[old_pos]] + rank[old_pos]) % H
-            issued[old_pos] = snap["issued"][r, slot]
+            slot = (seq[r] - count[g[old_pos]] + rank[old_pos]) % H
+            issued[old_pos] = ring_a[r, slot]
         fresh = np.array([nm not in at for nm in names[g[pos]].tolist()], bool)
         local = rank[pos] - count[g[pos]]  # the new row's index among its symbol's new rows
         if fresh.any():  # new symbols: each whole chunk at once (run == learn per bar, bit for bit)
@@ -221,9 +223,8 @@ class Calibrator:
                 sel = np.flatnonzero(~fresh & (local == step))
                 keys = names[g[pos[sel]]].tolist()
                 cal.learn(keys, y[sel], loc_o[sel], scale_o[sel], valid[sel])
-                snap = cal.snapshot()
-                at = {k: r for r, k in enumerate(snap["keys"].tolist())}
-                issued[pos[sel]] = snap["alpha"][[at[k] for k in keys]]
+                at = {k: r for r, k in enumerate(cal.keys())}
+                issued[pos[sel]] = cal.alpha[[at[k] for k in keys]]
 
         # scores of the completed targets: raw (the nominal a) and calibrated (the a issued at the origin)
         p2, lower = pit(y, loc_o, scale_o, self.df)
@@ -336,8 +337,8 @@ class CalibrateShard(beam.DoFn):
     per horizon (:meth:`streamrnn.metrics.catalogue.Recorder.forecast_horizons`) count the scores this step emits."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional", flush_all: bool = False):
-        self.calibrator = Calibrator(df, levels=levels, tails=tails, gamma=gamma, scaling=scaling)
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, flush_all: bool = False):
+        self.calibrator = Calibrator(df, levels=levels, tails=tails, gamma=gamma, scaling=scaling, method=method)
         self.flush_all = flush_all
 
     def setup(self) -> None:
@@ -407,18 +408,21 @@ class Calibrate(beam.PTransform):
     are spread over (each holds its symbols' state)."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional", num_shards: int = 16, label: str | None = None):
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, num_shards: int = 16,
+                 label: str | None = None):
         super().__init__(label)
         self.df, self.levels, self.tails, self.gamma = list(df), tuple(levels), tuple(tails), float(gamma)
-        self.scaling, self.num_shards = scaling, int(num_shards)
-        Calibrator(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=scaling)  # InputError now
+        self.scaling, self.method, self.num_shards = scaling, method, int(num_shards)
+        Calibrator(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=scaling,
+                   method=method)  # InputError now
 
     def expand(self, rows):
         flush_all = bool(getattr(rows, "is_bounded", True))
         keyed = rows | "ByShard" >> beam.ParDo(_ByShard(self.num_shards)).with_output_types(
             beam.typehints.Tuple[int, bytes])
         return keyed | "CalibrateShard" >> beam.ParDo(CalibrateShard(
-            self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling, flush_all=flush_all))
+            self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling, method=self.method,
+            flush_all=flush_all))
 
 
 def horizon_summary(sums: np.ndarray, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS) -> dict:

@@ -84,6 +84,7 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -95,13 +96,15 @@ ALPHA_MIN = 1e-6
 STATE_BOUNDS = (-1.0, 2.0)
 REFERENCE_ALPHA = 0.2
 SCALINGS = ("proportional", "constant")
-METHODS = ("aci", "agaci")
+METHODS = ("aci", "agaci", "none")
 METHOD = "aci"
-GAMMAS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+#: AgACI's experts (80% steps): 4 steps geometric over the training-years scan's range 0.002..0.1 (module doc)
+GAMMAS = (0.002, 0.007, 0.025, 0.1)
 LEVELS = (0.5, 0.8, 0.95, 0.99)
 TAILS = (0.01, 0.05)
 STATE_FIELDS = ("alpha", "issued", "seq")
-EXPERT_FIELDS = ("ealpha", "eedge", "regret", "sq", "bound")
+#: ``agaci``'s state per key (module doc, AgACI): the issued ring and the experts, float32 deviations from the nominal
+AGACI_FIELDS = ("seq", "dissued", "dealpha", "ecount", "regret", "sq", "bound")
 
 
 def label(x: float) -> str:
@@ -118,7 +121,8 @@ class ConformalConfig:
     tails: tuple[float, ...] = TAILS
     gamma: float = GAMMA
     scaling: str = "proportional"  # or "constant" (module doc, Steps)
-    method: str = METHOD  # "aci" (one step) or "agaci" (experts at ``gammas``, aggregated online; module doc)
+    method: str = METHOD  # "aci" (one step), "agaci" (experts at ``gammas``, aggregated online; module doc) or
+    # "none" (the raw model's bands: ``a`` stays at the nominal; the state is the bar count only)
     gammas: tuple[float, ...] = GAMMAS  # the experts' 80% steps (``agaci`` only)
 
     def __post_init__(self) -> None:
@@ -180,31 +184,34 @@ class ConformalConfig:
 
     @property
     def fields(self) -> tuple[str, ...]:
-        """The state arrays per key: :data:`STATE_FIELDS`, plus :data:`EXPERT_FIELDS` for ``agaci``."""
-        return STATE_FIELDS + (EXPERT_FIELDS if self.method == "agaci" else ())
+        """The state arrays per key: :data:`STATE_FIELDS` (``aci``) or :data:`AGACI_FIELDS` (``agaci``)."""
+        return {"agaci": AGACI_FIELDS, "none": ("seq",)}.get(self.method, STATE_FIELDS)
 
     def shapes(self, n: int) -> dict[str, tuple[int, ...]]:
         """The shape of each state array for ``n`` keys."""
         H, K, E = self.horizons, len(self.nominal), len(self.gammas)
-        out = {"alpha": (n, H, K), "issued": (n, H, H, K), "seq": (n,)}
+        if self.method == "none":
+            return {"seq": (n,)}
         if self.method == "agaci":
-            out.update(ealpha=(n, H, K, E), eedge=(n, H, H, K, E), regret=(n, H, K, E), sq=(n, H, K, E),
-                       bound=(n, H, K))
-        return out
+            return {"seq": (n,), "dissued": (n, H, H, K), "dealpha": (n, H, K, E), "ecount": (n, H, H, K, E),
+                    "regret": (n, H, K, E), "sq": (n, H, K, E), "bound": (n, H, K)}
+        return {"alpha": (n, H, K), "issued": (n, H, H, K), "seq": (n,)}
+
+    def dtype(self, field: str) -> np.dtype:
+        """The dtype of a state array: ``seq`` int64; ACI's float64; AgACI's float32, its ``ecount`` the smallest
+        unsigned int that holds ``H * H - 1``."""
+        if field == "seq":
+            return np.dtype(np.int64)
+        if self.method != "agaci":
+            return np.dtype(np.float64)
+        return np.dtype(np.uint8 if self.horizons <= 16 else np.uint16) if field == "ecount" else np.dtype(np.float32)
 
     def fresh(self, n: int) -> dict[str, np.ndarray]:
         """The state of ``n`` new keys: every ``a`` (and every expert's) at the nominal, no regret."""
-        out = {}
-        for f, shape in self.shapes(n).items():
-            if f == "seq":
-                out[f] = np.zeros(shape, np.int64)
-            elif f in ("regret", "sq", "bound"):
-                out[f] = np.zeros(shape)
-            elif f == "eedge":
-                out[f] = np.zeros(shape)  # set with the df (OnlineConformal._fresh)
-            else:
-                nom = self.nominal[:, None] if f == "ealpha" else self.nominal
-                out[f] = np.array(np.broadcast_to(nom, shape), np.float64)
+        out = {f: np.zeros(shape, self.dtype(f)) for f, shape in self.shapes(n).items()}
+        if self.method == "aci":
+            for f in ("alpha", "issued"):
+                out[f][:] = self.nominal
         return out
 
 
@@ -235,58 +242,139 @@ def _step(alpha: np.ndarray, miss: np.ndarray, valid: np.ndarray, cfg: Conformal
     return np.where(valid[..., None], new, alpha)
 
 
-def _edge(alpha: np.ndarray, two_sided: np.ndarray, df: np.ndarray) -> np.ndarray:
-    """The band edge in scale units at miscoverage ``alpha [n, H, K, ...]`` (drawn at the clip): the half-width
-    ``t^-1(1 - a/2)`` of a central interval, the quantile ``t^-1(a)`` of a left tail. ``df [H]``."""
-    a = issued(alpha)
-    ts = two_sided.reshape((1, 1, -1) + (1,) * (a.ndim - 3))
-    d = np.broadcast_to(df.reshape((1, -1) + (1,) * (a.ndim - 2)), a.shape)
-    return std_quantiles(np.where(ts, 1.0 - 0.5 * a, a), d)
+#: the edge tables (:class:`EdgeTable`): nodes uniform in ``log p`` from ``ALPHA_MIN / 2`` to ``1/2`` (edges), and
+#: uniform in ``log(edge + _EDGE_SHIFT)`` (the way back)
+_TABLE_NODES = 1 << 13
+_X0, _X1 = math.log(0.5 * ALPHA_MIN), math.log(0.5)
+_EDGE_SHIFT = 0.05
 
 
-def _advance(st: dict[str, np.ndarray], z: np.ndarray, p2: np.ndarray, lower: np.ndarray, v: np.ndarray,
-             cfg: ConformalConfig, df: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+class EdgeTable:
+    """AgACI's map between a miscoverage ``a`` and its band edge in scale units, per horizon (Student-t ``df [H]``):
+    the half-width ``t^-1(1 - a/2)`` of a central interval, the quantile ``t^-1(a)`` of a left tail; and back.
+
+    Two tables of ``2^15`` nodes per horizon, linear in between, float32: the edge at tail masses uniform in
+    ``log p`` (``p`` from ``ALPHA_MIN / 2`` to 1/2; exact quantiles, :func:`~.distribution.std_quantiles`), and
+    ``log p`` at edges uniform in ``log(edge + 0.05)`` (exact tail masses, :func:`~.distribution.tail2`). Both agree
+    with scipy to about 1e-6 relative (float32; the tests measure it). It replaces an iterative quantile per
+    expert and bar and a CDF per target and bar by a gather; every path (learn, run, a restored state) uses the same
+    tables, so they agree bit for bit."""
+
+    def __init__(self, df: Sequence[float]):
+        self.df = np.asarray(df, np.float64).reshape(-1)
+        H, N = len(self.df), _TABLE_NODES
+        self.dx = (_X1 - _X0) / (N - 1)
+        v = -std_quantiles(np.exp(_X0 + self.dx * np.arange(N))[None, :], self.df[:, None])  # [H, N], decreasing
+        v[:, -1] = 0.0
+        self.v = v.astype(np.float32).reshape(-1)
+        self.w0 = math.log(_EDGE_SHIFT)
+        self.dw = (math.log(float(v.max()) + _EDGE_SHIFT) - self.w0) / (N - 1)
+        edge = np.exp(self.w0 + self.dw * np.arange(N)) - _EDGE_SHIFT
+        edge[0] = 0.0
+        with np.errstate(divide="ignore"):
+            logp = np.log(0.5 * tail2(edge[None, :], self.df[:, None]))  # [H, N]
+        self.logp = np.maximum(logp, _X0 - 1.0).astype(np.float32).reshape(-1)
+        self.base = (np.arange(H, dtype=np.int32) * N).reshape(1, -1, 1)
+
+    def _lerp(self, tab: np.ndarray, u: np.ndarray) -> np.ndarray:
+        """``tab`` (one row of nodes per horizon) at fractional node ``u [n, H, ...]`` (float32), linear."""
+        u = np.clip(u, np.float32(0.0), np.float32(_TABLE_NODES - 1.001))
+        i = u.astype(np.int32)
+        f = u - i.astype(np.float32)
+        i += self.base.reshape(self.base.shape + (1,) * (u.ndim - 3))
+        lo = np.take(tab, i)
+        return lo + f * (np.take(tab, i + 1) - lo)
+
+    def edges(self, a: np.ndarray, two_sided: np.ndarray) -> np.ndarray:
+        """Band edges (float32) at miscoverages ``a [n, H, K, ...]`` (drawn at the clip), ``two_sided [K]``."""
+        a = np.clip(a, ALPHA_MIN, 1.0 - ALPHA_MIN, dtype=np.float32)
+        ts = two_sided.reshape((1, 1, -1) + (1,) * (a.ndim - 3))
+        p = np.where(ts, np.float32(0.5) * a, np.minimum(a, np.float32(1.0) - a))
+        e = self._lerp(self.v, (np.log(p) - np.float32(_X0)) * np.float32(1.0 / self.dx))
+        return np.where(ts | (a > 0.5), e, -e)
+
+    def alphas(self, q: np.ndarray, two_sided: np.ndarray) -> np.ndarray:
+        """The miscoverage (float32) whose band edge is ``q [n, H, K]`` (:meth:`edges` backwards)."""
+        u = (np.log(np.abs(q) + np.float32(_EDGE_SHIFT)) - np.float32(self.w0)) * np.float32(1.0 / self.dw)
+        p = np.exp(self._lerp(self.logp, u))
+        return np.where(two_sided, np.float32(2.0) * p, np.where(q > 0, np.float32(1.0) - p, p))
+
+
+def _advance(st: dict[str, np.ndarray], p2: np.ndarray, lower: np.ndarray, v: np.ndarray, cfg: ConformalConfig,
+             table: EdgeTable | None) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """One bar of ``n`` keys: the state rows ``st`` (:meth:`ConformalConfig.shapes`) learn the targets whose
     scores (``p2``, ``lower [n, H]``) are ``valid [n, H]`` (horizon ``h``'s from the origin ``h + 1`` bars back,
     whose ``a`` is in the ring at slot ``(seq - 1 - h) % H``), then open this bar's origin. Returns the new
-    rows (new arrays) and the misses of the issued (aggregate) bands ``[n, H, K]``. ``z [n, H]``: the outcomes in
-    scale units (``agaci``: an expert missed when ``|z|`` is beyond its interval's edge, ``z`` below its VaR's)."""
+    rows (new arrays), the misses of the issued (aggregate) bands ``[n, H, K]`` and the ``a`` issued now."""
+    if cfg.method == "agaci":
+        return _advance_agaci(st, p2, lower, v, cfg, table)
+    if cfg.method == "none":
+        return {"seq": st["seq"] + 1}, misses(p2, lower, cfg.nominal, cfg.two_sided) & v[..., None], \
+            np.broadcast_to(cfg.nominal, (*v.shape, len(cfg.nominal)))
     n, H = v.shape
     slot = (st["seq"][:, None] - 1 - np.arange(H)[None, :]) % H
-    ni, hi = np.arange(n)[:, None], np.arange(H)[None, :]
-    a_iss = st["issued"][ni, slot, hi]
+    a_iss = st["issued"][np.arange(n)[:, None], slot, np.arange(H)[None, :]]
     miss = misses(p2, lower, a_iss, cfg.two_sided) & v[..., None]
     out = dict(st)
-    if cfg.method == "aci":
-        out["alpha"] = _step(st["alpha"], miss, v, cfg)
-    else:
-        vv = v[..., None, None]
-        q_e = st["eedge"][ni, slot, hi]  # [n, H, K, E]: each expert's edge issued at the origin
-        ts = cfg.two_sided[:, None]
-        emiss = np.where(ts, np.abs(z)[..., None, None] > q_e, z[..., None, None] < q_e) & vv
-        ealpha = np.clip(st["ealpha"] + cfg.expert_steps * (cfg.nominal[:, None] - emiss), *STATE_BOUNDS)
-        out["ealpha"] = np.where(vv, ealpha, st["ealpha"])
-        # BOA with the gradient trick: the pinball loss of the aggregate edge, linearised there
-        grad = np.where(cfg.two_sided, cfg.nominal - miss, miss - cfg.nominal)  # d pinball / d edge
-        q_a = _edge(a_iss, cfg.two_sided, df)
-        r = np.where(vv, grad[..., None] * (q_a[..., None] - q_e), 0.0)  # regret against each expert
-        eta = _eta(st["sq"], st["bound"], r.shape[-1])
-        out["regret"] = st["regret"] + r - np.where(np.isfinite(eta), eta, 0.0) * r * r
-        out["sq"] = st["sq"] + r * r
-        out["bound"] = np.maximum(st["bound"], np.abs(r).max(-1))
-        w = boa_weights(out["regret"], out["sq"], out["bound"])
-        edges = _edge(out["ealpha"], cfg.two_sided, df)
-        q = (w * edges).sum(-1)
-        p2q, lowq = pit(q, 0.0, 1.0, df[None, :, None])
-        agg = np.where(cfg.two_sided, p2q, lowq)
-        out["alpha"] = np.where(v[..., None], agg, st["alpha"])
+    out["alpha"] = _step(st["alpha"], miss, v, cfg)
     out["issued"] = st["issued"].copy()
     out["issued"][np.arange(n), st["seq"] % H] = out["alpha"]
-    if cfg.method == "agaci":
-        out["eedge"] = st["eedge"].copy()
-        out["eedge"][np.arange(n), st["seq"] % H] = edges
     out["seq"] = st["seq"] + 1
-    return out, miss
+    return out, miss, out["alpha"]
+
+
+def _agaci_last(st: dict[str, np.ndarray], H: int) -> np.ndarray:
+    """AgACI: the deviation from the nominal of the ``a`` each key issued last ``[n, H, K]`` (0 before its first
+    bar), float32 as stored."""
+    n = len(st["seq"])
+    last = st["dissued"][np.arange(n), (st["seq"] - 1) % H]
+    return np.where((st["seq"] > 0)[:, None, None], last, np.float32(0.0))
+
+
+def _advance_agaci(st: dict[str, np.ndarray], p2: np.ndarray, lower: np.ndarray, v: np.ndarray,
+                   cfg: ConformalConfig, table: EdgeTable) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """:func:`_advance` for ``agaci`` (module doc, AgACI): every array over keys, horizons, targets and experts at
+    once, in float32 (the state's dtype; ``a`` kept as deviations from the nominal). The experts' ``a`` at a
+    pending origin are rebuilt from their current ``a`` and the count of steps taken since (``ecount``)."""
+    n, H = v.shape
+    E = len(cfg.gammas)
+    f32 = np.float32
+    nom, nom32 = cfg.nominal, cfg.nominal.astype(f32)
+    enom, steps = nom32[:, None], cfg.expert_steps.astype(f32)
+    rows, hs = np.arange(n)[:, None], np.arange(H)[None, :]
+    slot = (st["seq"][:, None] - 1 - hs) % H
+    vv = v[..., None, None]
+    score = np.where(cfg.two_sided, p2[..., None], lower[..., None])  # [n, H, K]
+    d_iss = st["dissued"][rows, slot, hs]
+    miss = (score < issued(nom + d_iss.astype(np.float64))) & v[..., None]  # the aggregate's, as ``issued`` reads it
+    code = st["ecount"][rows, slot, hs]  # [n, H, K, E]: steps taken since the origin, H * taken + missed
+    taken, missed = np.divmod(code, np.asarray(H, code.dtype))
+    ea = enom + st["dealpha"]
+    ea_o = ea - steps * (taken * enom - missed)  # each expert's a at the origin
+    emiss = (score[..., None] < np.clip(ea_o, ALPHA_MIN, 1.0 - ALPHA_MIN)) & vv
+    stepped = ea + steps * (enom - emiss)
+    ok = vv & (stepped >= STATE_BOUNDS[0]) & (stepped <= STATE_BOUNDS[1])  # a step out of the guard is not taken
+    dealpha = np.where(ok, stepped - enom, st["dealpha"])
+    e = table.edges(np.concatenate([ea_o, (nom32 + d_iss)[..., None], enom + dealpha], -1), cfg.two_sided)
+    q_e, q_a, e_new = e[..., :E], e[..., E:E + 1], e[..., E + 1:]
+    # BOA with the gradient trick: the pinball loss of the aggregate edge, linearised there
+    grad = np.where(cfg.two_sided, nom32 - miss, miss - nom32)[..., None]  # d pinball / d edge
+    r = np.where(vv, grad * (q_a - q_e), f32(0.0))  # regret against each expert
+    eta = _eta(st["sq"], st["bound"], E)
+    r2 = r * r
+    regret = st["regret"] + r - np.where(np.isfinite(eta), eta, f32(0.0)) * r2
+    sq = st["sq"] + r2
+    bound = np.maximum(st["bound"], _last(np.maximum, np.abs(r)))
+    w = boa_weights(regret, sq, bound)
+    agg = table.alphas(_last(np.add, w * e_new), cfg.two_sided)
+    d = np.where(v[..., None], agg - nom32, _agaci_last(st, H))  # no target this bar: a as it was
+    now = st["seq"] % H
+    out = {"dealpha": dealpha, "regret": regret, "sq": sq, "bound": bound, "dissued": st["dissued"].copy(),
+           "ecount": st["ecount"] + (ok * H + (ok & emiss)).astype(st["ecount"].dtype)[:, None],  # every pending one
+           "seq": st["seq"] + 1}
+    out["dissued"][np.arange(n), now] = d
+    out["ecount"][np.arange(n), now] = 0
+    return out, miss, nom + d.astype(np.float64)
 
 
 def _eta(sq: np.ndarray, bound: np.ndarray, experts: int) -> np.ndarray:
@@ -304,9 +392,17 @@ def boa_weights(regret: np.ndarray, sq: np.ndarray, bound: np.ndarray) -> np.nda
     live = bound[..., None] > 0
     eta = np.where(live, eta, 1.0)
     logw = np.where(live, np.log(eta) + eta * regret, 0.0)
-    logw = logw - logw.max(-1, keepdims=True)
-    w = np.exp(logw)
-    return w / w.sum(-1, keepdims=True)
+    w = np.exp(logw - _last(np.maximum, logw)[..., None])
+    return w / _last(np.add, w)[..., None]
+
+
+def _last(op: np.ufunc, a: np.ndarray) -> np.ndarray:
+    """``op`` reduced over the last (short: the experts) axis, one slice at a time: numpy's own reduction over a
+    short last axis costs several times more."""
+    out = a[..., 0].copy()
+    for e in range(1, a.shape[-1]):
+        op(out, a[..., e], out=out)
+    return out
 
 
 def bands(alpha, loc, scale, df, cfg: ConformalConfig) -> dict[str, np.ndarray]:
@@ -339,26 +435,35 @@ class OnlineConformal:
             raise InputError(f"conformal: df: expected one value > 0 per horizon, got {list(self.df)}")
         self.config = ConformalConfig(len(self.df), tuple(levels), tuple(tails), gamma, scaling, method,
                                       tuple(gammas) if isinstance(gammas, (list, tuple)) else gammas)
+        self.table = _edge_table(tuple(self.df.tolist())) if method == "agaci" else None
         self._keys: dict[str, int] = {}
         self._st = self._fresh(0)
 
     def _fresh(self, n: int) -> dict[str, np.ndarray]:
-        """:meth:`ConformalConfig.fresh` with the experts' edges at the nominal ``a`` (``agaci``)."""
-        st = self.config.fresh(n)
-        if "eedge" in st:
-            c = self.config
-            nom = np.broadcast_to(c.nominal[:, None], (1, c.horizons, len(c.nominal), len(c.gammas)))
-            st["eedge"][:] = _edge(nom, c.two_sided, self.df)[:, None]
-        return st
+        return self.config.fresh(n)
 
     @property
     def alpha(self) -> np.ndarray:
-        """The ``a`` each key's next band is drawn at ``[S, H, K]`` (``agaci``: the aggregate's)."""
-        return self._st["alpha"]
+        """The ``a`` each key's next band is drawn at ``[S, H, K]`` (``agaci``: the aggregate's, the one it issued
+        last)."""
+        return self._alpha_rows(self._st)
+
+    def _alpha_rows(self, st: dict[str, np.ndarray]) -> np.ndarray:
+        c = self.config
+        if c.method == "none":
+            return np.broadcast_to(c.nominal, (len(st["seq"]), c.horizons, len(c.nominal)))
+        if self.config.method == "agaci":
+            return self.config.nominal + _agaci_last(st, self.config.horizons).astype(np.float64)
+        return st["alpha"]
 
     @property
     def issued(self) -> np.ndarray:
-        """The ring of the ``a`` issued at the last ``H`` origins ``[S, H, H, K]``."""
+        """The ring of the ``a`` issued at the last ``H`` origins ``[S, H, H, K]`` (slot: origin mod ``H``)."""
+        c = self.config
+        if c.method == "none":
+            return np.broadcast_to(c.nominal, (len(self), c.horizons, c.horizons, len(c.nominal)))
+        if c.method == "agaci":
+            return c.nominal + self._st["dissued"].astype(np.float64)
         return self._st["issued"]
 
     @property
@@ -467,8 +572,7 @@ class OnlineConformal:
                                  f"(key {key!r}, h{h + 1})")
         z_ok = np.where(valid_m, y_m, 0.0), np.where(valid_m, loc_m, 0.0), np.where(valid_m, scale_m, 1.0)
         p2, lower = pit(*z_ok, self.df)
-        z = (z_ok[0] - z_ok[1]) / z_ok[2]
-        got, miss = _advance({f: a[rows] for f, a in st.items()}, z, p2, lower, valid_m, self.config, self.df)
+        got, miss, _ = _advance({f: a[rows] for f, a in st.items()}, p2, lower, valid_m, self.config, self.table)
         for f, a in got.items():
             st[f][rows] = a
         self._commit(new, st)
@@ -480,7 +584,7 @@ class OnlineConformal:
         rows, new = self._rows(keys, "predict")
         n = len(rows)
         loc_m, scale_m = self._matrix("predict", "loc", loc, n), self._matrix("predict", "scale", scale, n)
-        alpha = np.concatenate([self.alpha, self._fresh(len(new))["alpha"]])
+        alpha = np.concatenate([self.alpha, np.broadcast_to(self.config.nominal, (len(new), *self.alpha.shape[1:]))])
         a = alpha[rows]
         return {"alpha": a, **bands(a, loc_m, scale_m, self.df, self.config)}
 
@@ -524,29 +628,23 @@ class OnlineConformal:
         st = self._grown(new)
         yv, lv, sv = np.where(valid, y, 0.0), np.where(valid, loc, 0.0), np.where(valid, scale, 1.0)
         p2, lower = pit(yv, lv, sv, self.df)
-        zz = (yv - lv) / sv
+        # the scores each bar completes: horizon h's target of origin t - 1 - h, at bar t (none before its origin)
+        pp, lw, vv = np.zeros((S, T, H)), np.zeros((S, T, H)), np.zeros((S, T, H), bool)
+        for h in range(min(H, T - 1)):
+            pp[:, h + 1:, h], lw[:, h + 1:, h], vv[:, h + 1:, h] = (a[:, :T - h - 1, h] for a in (p2, lower, valid))
         out = np.empty((S, T, H, K))
         cur = {f: a[rows] for f, a in st.items()}
+        # every key steps every bar (a bar past a key's end completes nothing); its state is kept at its end
+        ends, kept = np.unique(lengths), {}
         for t in range(T):
-            live = t < lengths
-            o = t - 1 - np.arange(H)  # the origin each horizon's target completes at bar t
-            ok = o >= 0
-            v = np.zeros((S, H), bool)
-            pp, lw, zt = np.zeros((S, H)), np.zeros((S, H)), np.zeros((S, H))
-            v[:, ok] = valid[:, o[ok], np.flatnonzero(ok)]
-            zt[:, ok] = zz[:, o[ok], np.flatnonzero(ok)]
-            pp[:, ok] = p2[:, o[ok], np.flatnonzero(ok)]
-            lw[:, ok] = lower[:, o[ok], np.flatnonzero(ok)]
-            v &= live[:, None]
-            if live.all():
-                cur, _ = _advance(cur, zt, pp, lw, v, self.config, self.df)
-            else:
-                got, _ = _advance({f: a[live] for f, a in cur.items()}, zt[live], pp[live], lw[live], v[live],
-                                  self.config, self.df)
-                for f, a in got.items():
-                    cur[f] = cur[f].copy()
-                    cur[f][live] = a
-            out[:, t] = cur["alpha"]
+            if t in ends:
+                kept[t] = {f: a[lengths == t].copy() for f, a in cur.items()}
+            cur, _, out[:, t] = _advance(cur, pp[:, t], lw[:, t], vv[:, t], self.config, self.table)
+        for t, part in kept.items():
+            done = lengths == t
+            for f, a in part.items():
+                cur[f][done] = a
+            out[done, t:] = self._alpha_rows(part)[:, None]
         for f, a in cur.items():
             st[f][rows] = a
         self._commit(new, st)
@@ -555,20 +653,23 @@ class OnlineConformal:
     # ---- snapshot / restore -------------------------------------------------------------------------------
     def snapshot(self) -> dict[str, np.ndarray]:
         """The whole state as plain arrays (copies): ``keys`` (str), the :attr:`ConformalConfig.fields` (``alpha``,
-        ``issued``, ``seq``; ``agaci`` also ``ealpha``, ``eissued``, ``regret``, ``sq``, ``bound``), and ``config``
-        (a JSON string: :meth:`ConformalConfig.to_dict`)."""
+        ``issued``, ``seq``; ``agaci``: :data:`AGACI_FIELDS`), and ``config`` (a JSON string:
+        :meth:`ConformalConfig.to_dict`)."""
         return {"keys": np.array(list(self._keys), dtype=object), **{f: a.copy() for f, a in self._st.items()},
                 "config": json.dumps(self.config.to_dict())}
 
     def to_arrow(self):
         """The state as an Arrow table, one row per key: ``key`` string, ``seq`` int64, every other state array a
-        fixed-size list of float64 (its per-key shape, row-major); the config in the schema metadata."""
+        fixed-size list of its dtype (:meth:`ConformalConfig.dtype`; its per-key shape, row-major); the config in
+        the schema metadata."""
         import pyarrow as pa
 
         cols = {"key": pa.array(list(self._keys), pa.string()), "seq": pa.array(self.seq, pa.int64())}
         for f, shape in self.config.shapes(len(self)).items():
             if f != "seq":
-                cols[f] = pa.FixedSizeListArray.from_arrays(pa.array(self._st[f].reshape(-1)), math.prod(shape[1:]))
+                cols[f] = pa.FixedSizeListArray.from_arrays(pa.array(self._st[f].reshape(-1),
+                                                                     pa.from_numpy_dtype(self.config.dtype(f))),
+                                                            math.prod(shape[1:]))
         return pa.table(cols).replace_schema_metadata({"streamrnn.conformal": json.dumps(self.config.to_dict())})
 
     def restore(self, snap) -> None:
@@ -626,16 +727,22 @@ class OnlineConformal:
             if a is None or a.shape != shape:
                 raise SnapshotError(f"conformal restore: {f}: expected shape {shape}, got "
                                     f"{None if a is None else a.shape}")
-            out[f] = a.astype(np.int64 if f == "seq" else np.float64, copy=True)
-        for f in ("alpha", "issued", "ealpha"):
-            if f not in out:
-                continue
-            a = out[f]
+            out[f] = a.astype(self.config.dtype(f), copy=True)
+        absolute = {f: out[f] for f in ("alpha", "issued") if f in out}
+        if "dealpha" in out:  # AgACI: deviations from the nominal
+            nom = self.config.nominal
+            absolute.update(issued=nom + out["dissued"].astype(np.float64),
+                            ealpha=nom[:, None] + out["dealpha"].astype(np.float64))
+            big = out["ecount"] >= self.config.horizons ** 2
+            if big.any():
+                raise SnapshotError(f"conformal restore: ecount: expected counts < {self.config.horizons ** 2}, got "
+                                    f"{int(out['ecount'][big][0])}")
+        for f, a in absolute.items():
             ok = np.isfinite(a) & (a >= STATE_BOUNDS[0]) & (a <= STATE_BOUNDS[1])
             if not ok.all():
                 raise SnapshotError(f"conformal restore: {f}: expected values in [{STATE_BOUNDS[0]:g}, "
                                     f"{STATE_BOUNDS[1]:g}], got {float(a[~ok][0])!r}")
-        for f in ("regret", "eedge", "sq", "bound"):
+        for f in ("regret", "sq", "bound"):
             pos = f in ("sq", "bound")
             if f in out and not (np.isfinite(out[f]).all() and (not pos or (out[f] >= 0).all())):
                 bad = out[f][~(np.isfinite(out[f]) & ((out[f] >= 0) | (not pos)))][0]
@@ -648,11 +755,18 @@ class OnlineConformal:
 
 
 def state_bytes(horizons: int, targets: int, experts: int = 0) -> int:
-    """Bytes of one key's state: ``alpha``, ``issued`` (float64) and ``seq`` (int64); with ``experts`` (``agaci``)
-    also ``ealpha``, ``eissued``, ``regret``, ``sq`` per expert and ``bound``."""
+    """Bytes of one key's state. ACI (``experts`` 0): ``alpha``, ``issued`` (float64) and ``seq`` (int64). AgACI:
+    ``seq``, and float32 ``dissued [H, H, K]``, ``dealpha``, ``regret``, ``sq [H, K, E]``, ``bound [H, K]``, and
+    ``ecount [H, H, K, E]`` (one byte each up to H = 16)."""
     H, K, E = horizons, targets, experts
-    agg = (H * K * E + H * H * K * E + 2 * H * K * E + H * K) if E else 0
-    return 8 * (H * K + H * H * K + 1 + agg)
+    if not E:
+        return 8 * (H * K + H * H * K + 1)
+    return 8 + 4 * (H * H * K + 3 * H * K * E + H * K) + (1 if H <= 16 else 2) * H * H * K * E
+
+
+@lru_cache(maxsize=16)
+def _edge_table(df: tuple[float, ...]) -> EdgeTable:
+    return EdgeTable(df)
 
 
 def kupiec(n: int, x: int, p: float) -> tuple[float, float]:

@@ -135,7 +135,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                   end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
                   tails: Sequence[float] = conformal.TAILS,
                   gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional",
-                  regime_window: int = backtest.REGIME_WINDOW) -> dict:
+                  regime_window: int = backtest.REGIME_WINDOW, method: str = conformal.METHOD) -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
     interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
@@ -146,7 +146,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
-    cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling)
+    cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling, method)
     for g in gammas[1:]:
         conformal.ConformalConfig(1, gamma=g)
     if isinstance(regime_window, bool) or not isinstance(regime_window, int) or regime_window < 2:
@@ -360,7 +360,8 @@ def _aci_alphas(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]]
     locs = [whole[k][0] for k, _ in scored]
     scales = [np.exp(whole[k][1]) for k, _ in scored]
     valids = [data[k].valid for k, _ in scored]
-    cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=gamma, scaling=cfg.scaling)
+    cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=gamma, scaling=cfg.scaling,
+                                    method=cfg.method)
     a = calibration.conformal_alphas(cal, syms, ys, locs, scales, valids)
     return np.concatenate([a[i][o] for i, (_, o) in enumerate(scored)])
 
@@ -578,7 +579,8 @@ def render_table(r: dict) -> str:
 def render_conformal(c: Mapping, horizon: str = "h1") -> list[str]:
     """Text lines of the raw vs ACI-calibrated table (coverage per level, worst year and quarter, VaR
     exceedances and Kupiec's test, coverage by year) for one horizon, and the gamma scan."""
-    lines = [f"\nonline calibration: ACI per symbol (gamma {c['gamma']:g} {c.get('scaling', '')}, from each symbol's "
+    lines = [f"\nonline calibration: {c.get('method', 'aci')} per symbol (gamma {c['gamma']:g} {c.get('scaling', '')}, "
+             f"from each symbol's "
              f"first bar), {horizon}, raw -> calibrated; coverage % (deviation from the level, points)"]
 
     def cov(x: Mapping) -> str:
