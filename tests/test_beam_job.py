@@ -7,6 +7,7 @@ import io
 import json
 import math
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -113,6 +114,9 @@ def _job_runs(folder: pathlib.Path) -> dict:
         runs[t0] = ("beam_jobs.next_token", ["--input", str(path), "--output", str(outs[t0]), "--model", model,
                                              "--replay", "--providers", "cpu", "--quiet", "--shards", "2", "--step",
                                              "10"])
+    for case in MEMFS_CASES:  # on the memfs:// scheme, in the job process (memfs_job)
+        outs[case] = folder / f"memfs-{case}.pickle"
+        runs[case] = ("test_beam_job:memfs_job", [case, model, str(outs[case]), str(folder / f"{case}.jsonl")])
     ran = background.run_jobs(folder, runs)
     return {"model": model, "runs": {name: {**r, "out": outs.get(name)} for name, r in ran.items()}}
 
@@ -220,11 +224,38 @@ def test_read_events_reasons(tmp_path):
 
 # ---- remote paths, user errors, retries ---------------------------------------------------------
 
-@pytest.fixture()
-def memfs():
+MEMFS_CASES = ("memfs batch", "memfs replay", "memfs retried writes")
+
+
+def memfs_job(argv: list[str]) -> int:
+    """A job process's run on the memfs:// scheme (tests/run_jobs.py; the scheme is in-process):
+    ``[case, model, dump, local events file]``. The case's input and model are put on memfs:// (the retried
+    case: input and model local, data file writes failing half-way on their first 3 tries), the job runs, and
+    memfs's files, the failed writes and the failures left are pickled to ``dump``. Returns the job's exit code."""
+    case, model, dump, local = argv
     beam_memfs.reset()
-    yield beam_memfs.FILES
-    beam_memfs.reset()
+    flags = ["--providers", "cpu", "--quiet", "--shards", "2"]
+    faults = [None, 0]
+    if case == "memfs retried writes":
+        pathlib.Path(local).write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+        faults = beam_memfs.fail_writes(lambda p: p.startswith("memfs://out/") and (
+            "/.temp-" in p or p.endswith(".parquet")), times=3)  # data files, temporary or final
+        argv = ["--input", local, "--output", "memfs://out/run", "--model", model, *flags, "--replay", "--step", "40"]
+    else:
+        _put_rows(beam_memfs.FILES)
+        beam_memfs.FILES["memfs://models/tiny.onnx"] = pathlib.Path(model).read_bytes()
+        argv = ["--input", "memfs://in/events-*", "--output", "memfs://out/run", "--model", "memfs://models/tiny.onnx",
+                *flags, *(["--replay", "--step", "40"] if case == "memfs replay" else [])]
+    rc = next_token.main(argv)
+    pathlib.Path(dump).write_bytes(pickle.dumps({"files": dict(beam_memfs.FILES), "faulted": list(beam_memfs.FAULTED),
+                                                 "left": faults[1]}))
+    return rc
+
+
+def _memfs_run(case: str) -> tuple[dict, str]:
+    """(what the memfs case left: its files, failed writes and failures left; the model it ran)."""
+    r, model = _ran(case)
+    return pickle.loads(r["out"].read_bytes()), model
 
 
 def _memfs_table(files: dict, prefix: str) -> list[dict]:
@@ -241,40 +272,30 @@ def _put_rows(memfs: dict) -> None:
     memfs["memfs://in/events-1.parquet"] = sink.getvalue()
 
 
-@pytest.mark.parametrize("replay", [False, True])
-def test_job_on_a_remote_filesystem(beam_models, memfs, replay):
+@pytest.mark.parametrize("case", MEMFS_CASES[:2])
+def test_job_on_a_remote_filesystem(case):
     """Input (a glob), model and output all on a scheme that is not the local one."""
-    _put_rows(memfs)
-    with open(beam_models["tiny"], "rb") as f:
-        memfs["memfs://models/tiny.onnx"] = f.read()
-    argv = ["--input", "memfs://in/events-*", "--output", "memfs://out/run", "--model", "memfs://models/tiny.onnx",
-            "--providers", "cpu", "--quiet", "--shards", "2"]
-    assert next_token.main([*argv, "--replay", "--step", "40"] if replay else argv) == 0
-    _assert_offline(_memfs_table(memfs, "memfs://out/run/predictions-"),
-                    _reference(load(beam_models["tiny"], providers=[CPU]), ROWS))
+    got, model = _memfs_run(case)
+    memfs = got["files"]
+    want = _reference(load(model, providers=[CPU]), ROWS)
+    _assert_offline(_memfs_table(memfs, "memfs://out/run/predictions-"), want)
     dead = _memfs_table(memfs, "memfs://out/run/dead_letters-")
     assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"] * 2
-    assert json.loads(memfs["memfs://out/run/summary.json"])["events"] == len(_reference(
-        load(beam_models["tiny"], providers=[CPU]), ROWS))
+    assert json.loads(memfs["memfs://out/run/summary.json"])["events"] == len(want)
     assert not [p for p in memfs if "/.temp-" in p or "/.write-check" in p]  # no temporary files left
 
 
-def test_retried_writes_leave_one_copy_of_every_row(beam_models, memfs, tmp_path):
+def test_retried_writes_leave_one_copy_of_every_row():
     """Writes of data files fail half-way on their first tries; the DirectRunner (--streaming replay)
     retries the bundles; every row is in exactly one final file, and no partial file is ever under a
     final name. (The legacy batch runner cannot run the job; batch retries are tested on the sink in
     test_beam_sinks.py.)"""
-    path = tmp_path / "events.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
-    want = _reference(load(beam_models["tiny"], providers=[CPU]), ROWS)
-    faults = beam_memfs.fail_writes(lambda p: p.startswith("memfs://out/") and ("/.temp-" in p or p.endswith(
-        ".parquet")), times=3)  # data files, temporary or final
-    assert next_token.main(["--input", str(path), "--output", "memfs://out", "--model", beam_models["tiny"],
-                            "--providers", "cpu", "--quiet", "--shards", "2", "--replay", "--step", "40"]) == 0
-    assert faults[1] == 0 and len(beam_memfs.FAULTED) == 3  # the failures did happen
-    assert not [f for f in beam_memfs.FAULTED if "/.temp-" not in f]  # never under a final name
-    _assert_offline(_memfs_table(memfs, "memfs://out/predictions-"), want)
-    dead = _memfs_table(memfs, "memfs://out/dead_letters-")
+    got, model = _memfs_run("memfs retried writes")
+    memfs = got["files"]
+    assert got["left"] == 0 and len(got["faulted"]) == 3  # the failures did happen
+    assert not [f for f in got["faulted"] if "/.temp-" not in f]  # never under a final name
+    _assert_offline(_memfs_table(memfs, "memfs://out/run/predictions-"), _reference(load(model, providers=[CPU]), ROWS))
+    dead = _memfs_table(memfs, "memfs://out/run/dead_letters-")
     assert sorted(d["kind"] for d in dead) == ["duplicate"] * len("Hello, ") + ["invalid"] * 2
     assert not [p for p in memfs if "/.temp-" in p]  # the partial files of the failed tries are gone
 
