@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import background
 import pytest
 import yaml
 
@@ -35,11 +36,31 @@ def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
+@background.job("promtool check and test rules", file=__file__)
+def _promtool_runs(folder: Path) -> dict[str, subprocess.CompletedProcess]:
+    """The rules checked and tested as shipped, and the batch-shaped test on the old dead-letter share (below):
+    promtool processes, beside the other tests (tests/background.py)."""
+    if PROMTOOL is None:
+        return {}
+    rules = yaml.safe_load((RULES_DIR / "rules.yml").read_text())
+    for g in rules["groups"]:
+        for r in g["rules"]:
+            if r.get("record") == "job:streamrnn_dead_letter_share:rate5m":
+                r["expr"] = ("sum by (job) (rate(streamrnn_dead_letters_total[5m])) / "
+                             "clamp_min(sum by (job) (rate(streamrnn_events_in_total[5m])), 1e-9)")
+    (folder / "rules.yml").write_text(yaml.safe_dump(rules))
+    shutil.copy(RULES_DIR / "rules_test.yml", folder)
+    return {"check": _promtool("check", "rules", "rules.yml", cwd=RULES_DIR),
+            "test": _promtool("test", "rules", *TESTS, cwd=RULES_DIR),
+            "old share": _promtool("test", "rules", "rules_test.yml", cwd=folder)}
+
+
 def test_rules_pass_promtool_check_and_their_unit_tests():
-    check = _promtool("check", "rules", "rules.yml", cwd=RULES_DIR)
+    runs = background.result("promtool check and test rules")
+    check = runs["check"]
     assert check.returncode == 0, check.stdout + check.stderr
     assert f"SUCCESS: {len(_rules())} rules found" in check.stdout
-    run = _promtool("test", "rules", *TESTS, cwd=RULES_DIR)
+    run = runs["test"]
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.count("SUCCESS") == len(TESTS), run.stdout
 
@@ -58,18 +79,10 @@ def test_every_rule_has_a_test():
             assert any(not a["exp_alerts"] for a in mine), f"alert {r['alert']} is never shown silent"
 
 
-def test_the_batch_shaped_test_fails_the_old_dead_letter_share(tmp_path):
+def test_the_batch_shaped_test_fails_the_old_dead_letter_share():
     """The old share, dead letters over input events, explodes on a batch run (input counted before the first
     scrape, dead letters at flush time): the tests must catch it."""
-    rules = yaml.safe_load((RULES_DIR / "rules.yml").read_text())
-    for g in rules["groups"]:
-        for r in g["rules"]:
-            if r.get("record") == "job:streamrnn_dead_letter_share:rate5m":
-                r["expr"] = ("sum by (job) (rate(streamrnn_dead_letters_total[5m])) / "
-                             "clamp_min(sum by (job) (rate(streamrnn_events_in_total[5m])), 1e-9)")
-    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
-    shutil.copy(RULES_DIR / "rules_test.yml", tmp_path)
-    run = _promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    run = background.result("promtool check and test rules")["old share"]
     out = run.stdout + run.stderr
     assert run.returncode != 0
     assert "batch-shaped input" in out or 'job="batch"' in out, out
