@@ -10,7 +10,8 @@
 hdfs://); workers read it, the launcher only lists it. The pipeline writes, through Beam's file sinks
 (temporary files, finalized per event-time window, so a retried bundle never leaves a second copy):
 ``DIR/predictions-*.parquet`` (one row per input byte: key, ts, seq, offset, pos, topk_tokens, topk_probs,
-logprob, logprob_next, [state_health with ``--health flag|heal``], model_version, fresh, reset),
+logprob, logprob_next, state_health [with ``--health flag|heal``; flag is the default for a model with a reference
+loss, as the shipped charlm], model_version, fresh, reset),
 ``DIR/dead_letters-*.parquet`` (original row + reason) and ``DIR/summary.json`` (per-key online bits/char,
 combined in the pipeline). Rows that cannot be read are dead letters; a missing or empty input, a missing
 model or an unwritable output is a one-line error with exit code 2, as is a bad flag (a value out of range, a
@@ -62,6 +63,8 @@ from streamrnn.beam.job import (  # noqa: E402
     print_summary,
     read_summary,
 )
+from streamrnn.cli.args import add_health_args, health_arg  # noqa: E402
+from streamrnn.keyed.health import policy_of  # noqa: E402
 
 PREDICTIONS, DEAD_LETTERS = "predictions", "dead_letters"
 BITS_PER_CHAR = MeanMetric("bits_per_char", "logprob_next", scale=-1.0 / math.log(2.0), count_name="bytes")
@@ -70,7 +73,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("key", pa.string()), ("ts", pa.float64()), ("seq", pa.int64()), ("offset", pa.int64()), ("pos", pa.int64()),
     ("topk_tokens", pa.list_(pa.int64())), ("topk_probs", pa.list_(pa.float32())), ("logprob", pa.float64()),
     ("logprob_next", pa.float64()), ("model_version", pa.string()), ("fresh", pa.bool_()), ("reset", pa.string())])
-HEALTH_FIELD = pa.field("state_health", pa.float64())  #: with --health flag or heal only, before model_version
+HEALTH_FIELD = pa.field("state_health", pa.float64())  #: with health flag (the default) or heal, before model_version
 
 imports_done()  # the placeholder goes: a program importing this module configures logging itself
 
@@ -143,10 +146,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
                          "filesystem) for a later run's --initial-state; streams are kept, not ended")
     ap.add_argument("--initial-state", metavar="DIR", default=None,
                     help="start from a --save-state snapshot (of the same model), with any --shards")
-    ap.add_argument("--health", choices=("off", "flag", "heal"), default="off",
-                    help="carried-state health (docs/beam.md): 'flag' counts keys in bad health, 'heal' also replaces "
-                         "a key's state by a fresh shadow's when that does better for long enough, reset 'health' "
-                         "(default: %(default)s)")
+    add_health_args(ap, "keys", "flag for a model with a reference loss, such as the shipped charlm; else off")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
     add_live_args(ap)
@@ -157,6 +157,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     beam_args = launcher.beam_flags(ap, beam_args, replay="--demo" if args.demo else "--replay" if args.replay
                                     else None)
     args.live = live_source(args, beam_args)
+    args.health_arg = health_arg(ap, args)
     return args, beam_args
 
 
@@ -188,9 +189,10 @@ def _inference(args: argparse.Namespace) -> StatefulInference:
             model=args.model, num_shards=args.shards, window_size=args.window,
             allowed_lateness=args.allowed_lateness, ttl=args.ttl or None, postprocess=NextTokenPostprocess(args.topk),
             next_fields=("logprob",), output="arrow", providers=args.providers, save_state=args.save_state,
-            initial_state=args.initial_state, health=args.health)
+            initial_state=args.initial_state, health=args.health_arg)
     except (InputError, ModelLoadError) as e:
         raise JobError(str(e).splitlines()[0]) from None
+    args.health = policy_of(inference.health, inference.spec)  # the policy taken (the default: the model's)
     launcher.require_task(args.model, inference.spec, "lm", "a language model")
     if args.save_state and launcher.is_local(args.save_state):  # before the pipeline runs, not when it ends
         launcher.require_writable_file("--save-state", os.path.join(args.save_state, "manifest.json"))

@@ -1,6 +1,9 @@
 """``--health`` on both jobs (issue 17), through their ``main()``: with ``flag`` or ``heal`` the Parquet outputs gain
 ``state_health`` (null where unknown), equal to ``KeyedOperator(health=...)`` over each key's events, with the heals
-as ``reset="health"``; with ``off`` (the default) the column is absent and the schema is the one before."""
+as ``reset="health"``; with ``off`` the column is absent and the schema is the one before. The default is the
+model's (``health.default_policy``): ``flag`` for charlm (it has a reference loss), ``off`` for the forecaster. The
+``heal`` runs pass the tuning flags (``--health-reset-window``, ``--health-stay-margin``), compared with the
+operator under the same ``HealthConfig``."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from streamrnn.forecast.beam_output import output_schema
 from streamrnn.forecast.evaluate import forecast_meta
 from streamrnn.forecast.features import FeatureConfig, offline_features
 from streamrnn.forecast.synthetic import simulate, write_sp500_layout
-from streamrnn.keyed.health import HEALTH
+from streamrnn.keyed.health import HEALTH, HealthConfig
 from streamrnn.keyed.operator import KeyedOperator
 from streamrnn.model.loaded import load
 from streamrnn.model.runtime import CPU
@@ -44,15 +47,16 @@ TEXTS = {  # English, then random letters (out of domain: the EW loss passes the
 
 @background.job("next_token and market_forecast runs of test_health_jobs", file=__file__)
 def _job_runs(folder: pathlib.Path) -> dict:
-    """Both jobs with health off and heal, on inputs written here, run one after another in a process of their own
-    (tests/run_jobs.py), beside the other tests (tests/background.py): {(job, health): output folder}."""
+    """Both jobs with their default health policy and with heal, on inputs written here, run one after another in
+    a process of their own (tests/run_jobs.py), beside the other tests (tests/background.py): {(job, health):
+    output folder}."""
     events = folder / "events.jsonl"
     events.write_text("".join(json.dumps({"key": k, "ts": 1000.0 + i, "seq": 0, "text": t}) + "\n"
                               for i, (k, t) in enumerate(TEXTS.items())))
     files = [str(p) for p in write_sp500_layout(market_bars(), folder / "bars")]
     runs = {}
-    for health in ("off", "heal"):
-        flag = ["--health", health] if health != "off" else []
+    for health in ("default", "heal"):
+        flag = [] if health == "default" else ["--health", health, *HEAL_FLAGS]
         runs["lm", health] = ("beam_jobs.next_token", [
             "--input", str(events), "--output", str(folder / f"lm-{health}"), "--model", LM, "--providers", "cpu",
             "--quiet", "--shards", "2", "--metrics-port", "0", *flag])
@@ -65,6 +69,11 @@ def _job_runs(folder: pathlib.Path) -> dict:
     return {key: pathlib.Path(argv[argv.index("--output") + 1]) for key, (_, argv) in runs.items()}
 
 
+#: the heal runs' tuning flags, and the operator's config they make
+HEAL_FLAGS = ["--health-reset-window", "24", "--health-stay-margin", "0.01"]
+HEAL = HealthConfig("heal", reset_window=24, stay_margin=0.01)
+
+
 def market_bars():
     """Two simulated symbols of ~630 daily bars (the forecaster samples a watch in one 64-bar window of 8)."""
     return simulate(["AAA", "BBB"], start="2014-01-01", end="2016-06-01", seed=11)
@@ -73,19 +82,30 @@ def market_bars():
 @pytest.fixture(scope="module")
 def lm_runs():
     out = background.result("next_token and market_forecast runs of test_health_jobs")
-    return {h: _table(out["lm", h], next_token.PREDICTIONS) for h in ("off", "heal")}
+    return {h: _table(out["lm", h], next_token.PREDICTIONS) for h in ("default", "heal")}
 
 
-def test_next_token_off_writes_the_schema_before(lm_runs):
-    t = lm_runs["off"]
-    assert t.schema.equals(next_token.PREDICTION_SCHEMA) and "state_health" not in t.column_names
+def test_next_token_flags_by_default_as_the_operator(lm_runs):
+    """No --health: charlm's default policy, flag: state_health is the operator's (EW loss / reference), no heal."""
+    t = lm_runs["default"]
+    assert t.schema.equals(next_token.prediction_schema(True)) and not t.schema.equals(next_token.PREDICTION_SCHEMA)
+    op = KeyedOperator(load(LM, providers=[CPU]), health="flag")
+    rows = t.to_pylist()
+    for k, text in TEXTS.items():
+        mine = sorted((r for r in rows if r["key"] == k), key=lambda r: r["offset"])
+        r = op.process([k] * len(text), np.frombuffer(text.encode(), np.uint8).astype(np.int64))
+        np.testing.assert_allclose([_nan(x["state_health"]) for x in mine], r.state_health, rtol=1e-5,
+                                   equal_nan=True)
+    assert HEALTH not in {x["reset"] for x in rows}
+    noise = [x["state_health"] for x in rows if x["key"] == "noise"]
+    assert noise[0] is None and min(noise[1:]) > 1.15  # out of domain: in bad health from its second byte
 
 
 def test_next_token_heal_writes_the_operators_state_health_and_heals(lm_runs):
     t = lm_runs["heal"]
     assert t.schema.equals(next_token.prediction_schema(True))
     assert t.schema.names.index("state_health") == t.schema.names.index("model_version") - 1
-    op = KeyedOperator(load(LM, providers=[CPU]), health="heal")
+    op = KeyedOperator(load(LM, providers=[CPU]), health=HEAL)
     rows = t.to_pylist()
     for k, text in TEXTS.items():
         mine = sorted((r for r in rows if r["key"] == k), key=lambda r: r["offset"])
@@ -107,13 +127,14 @@ def test_next_token_heal_writes_the_operators_state_health_and_heals(lm_runs):
 @pytest.fixture(scope="module")
 def market_runs():
     out = background.result("next_token and market_forecast runs of test_health_jobs")
-    return market_bars(), {h: _table(out["market", h], market_forecast.FORECASTS) for h in ("off", "heal")}
+    return market_bars(), {h: _table(out["market", h], market_forecast.FORECASTS) for h in ("default", "heal")}
 
 
-def test_market_off_writes_the_schema_before(market_runs):
+def test_market_default_is_off_and_writes_the_schema_before(market_runs):
+    """No --health: a forecaster has no reference loss, so its default policy is off (no state_health column)."""
     _, t = market_runs
-    assert "state_health" not in t["off"].column_names
-    assert t["off"].schema.names == output_schema(5).names
+    assert "state_health" not in t["default"].column_names
+    assert t["default"].schema.names == output_schema(5).names
     assert t["heal"].schema.names == output_schema(5, health=True).names
     assert t["heal"].schema.names.index("state_health") == t["heal"].schema.names.index("model_version") - 1
 
@@ -124,7 +145,7 @@ def test_market_health_is_the_operators(market_runs):
     bars, t = market_runs
     model = load(MARKET, providers=[CPU])
     cfg = FeatureConfig(**forecast_meta(model)["features"])
-    op = KeyedOperator(model, health="heal")
+    op = KeyedOperator(model, health=HEAL)
     rows = t["heal"].to_pylist()
     known = 0
     for b in bars:

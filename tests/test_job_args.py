@@ -72,6 +72,19 @@ NEXT_TOKEN = [
     (["--windw=5"], "unrecognized arguments: --windw=5"),
     (["stray"], "unrecognized arguments: stray"),
     (["--direct_num_workers", "two"], "--direct_num_workers: invalid int value: 'two'"),
+    *[  # the heal tuning flags (streamrnn.cli.args.add_health_args), as market_forecast's below
+        (["--health", "heal", "--health-reset-window", "0"], "--health-reset-window: expected an int >= 1, got '0'"),
+        (["--health", "heal", "--health-reset-window", "2.5"], "--health-reset-window: expected an int, got '2.5'"),
+        (["--health", "heal", "--health-stay-margin", "nan"], "--health-stay-margin: expected a finite number, "
+                                                              "got 'nan'"),
+        (["--health", "heal", "--health-stay-margin", "x"], "--health-stay-margin: expected a number, got 'x'"),
+        (["--health", "heal", "--health-max-watch", "0"], "--health-max-watch: expected an int >= 1, got '0'"),
+        (["--health-max-watch", "4"], "--health-max-watch: expected --health heal (it tunes heal), got no --health "
+                                      "(the default policy)"),
+        (["--health", "flag", "--health-stay-margin", "0.1"], "--health-stay-margin: expected --health heal (it tunes "
+                                                              "heal), got --health flag"),
+        (["--health", "maybe"], "--health: invalid choice: 'maybe'"),
+    ],
 ]
 
 
@@ -117,6 +130,10 @@ MARKET = [
     ([_plot_under_file], "--plot: expected a writable file path"),
     (["--plot", "/proc/streamrnn-no-such-dir/f.png"], "--plot: expected a writable file path"),
     (["--plot", "gs://bucket/f.png"], "--plot: expected a local file path"),
+    (["--health", "heal", "--health-reset-window", "-1"], "--health-reset-window: expected an int >= 1, got '-1'"),
+    (["--health", "off", "--health-reset-window", "8"], "--health-reset-window: expected --health heal (it tunes "
+                                                        "heal), got --health off"),
+    (["--health", "heal", "--health-stay-margin=-inf"], "--health-stay-margin: expected a finite number"),
 ]
 
 
@@ -196,3 +213,29 @@ def test_a_summary_of_one_key_says_1_key():
     print_summary(summary, metric, title="loss", unit="bits/char", out=out)
     text = out.getvalue()
     assert "loss, 1 key\n" in text and "dead letters: 1 row (late 1 row)" in text and "1 keys" not in text
+
+
+@pytest.mark.parametrize("job, model, default", [(next_token, "shipped:charlm", "flag"),
+                                                  (market_forecast, "shipped:market", "off")])
+def test_health_flags_reach_the_transform(job, model, default, events, bars, tmp_path):
+    """The health flags as the transform takes them: no --health is the model's default policy (charlm has a
+    reference loss: flag; a forecaster: off), and the heal tuning flags make the HealthConfig the shards run."""
+    from streamrnn.keyed.health import HealthConfig
+
+    base = ["--input", events if job is next_token else bars, "--output", str(tmp_path / "out"), "--model", model,
+            "--providers", "cpu", "--quiet"]
+    args, _ = job._parse(base)
+    assert args.health is None and args.health_arg is None
+
+    def inference(a):
+        got = job._inference(a)
+        return got[0] if isinstance(got, tuple) else got
+
+    assert inference(args).health == default and args.health == default  # what the job's schema follows
+    args, _ = job._parse([*base, "--health", "heal", "--health-reset-window", "8", "--health-stay-margin", "-0.5",
+                          "--health-max-watch", "3"])
+    want = HealthConfig("heal", reset_window=8, stay_margin=-0.5, max_watch=3)
+    assert args.health_arg == want and inference(args).health == want and args.health == "heal"
+    args, _ = job._parse([*base, "--health", "flag"])
+    assert args.health_arg == "flag" and inference(args).health == "flag"
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming, WindowedValue
 
 from ..errors import InputError
-from ..keyed.health import HealthConfig
+from ..keyed.health import HealthConfig, default_policy
 from ..keyed.health import resolve as resolve_health
 from ..model.runtime import CPU, resolve_providers
 from .models import load_model, model_version
@@ -131,10 +131,12 @@ class StatefulInference(beam.PTransform):
         first flush. Another model or state signature is refused here, in one line.
       shard_cache_bytes: bytes of decoded shard state a worker process keeps between flushes (default
         1 GiB, or ``STREAMRNN_SHARD_CACHE_BYTES``); 0 rebuilds each flush from Beam state (same results).
-      health: carried-state health, as ``KeyedOperator(health=...)`` (:mod:`streamrnn.keyed.health`): ``"off"``
-        (default), ``"flag"`` (outputs gain ``state_health``; the ``streamrnn_health_bad_keys`` gauge) or
+      health: carried-state health, as ``KeyedOperator(health=...)`` (:mod:`streamrnn.keyed.health`): ``"off"``,
+        ``"flag"`` (outputs gain ``state_health``; the ``streamrnn_health_bad_keys`` gauge) or
         ``"heal"`` (also a fresh shadow per watched key, and a key whose shadow does better for long enough takes
         its state: ``reset="health"``, counted in ``streamrnn_health_resets_total``), or a ``HealthConfig``.
+        Default (None): ``flag`` for a next-token model with a reference loss (the shipped ``charlm``), else
+        ``off`` (:func:`streamrnn.keyed.health.default_policy`); ``self.health`` is the policy taken.
         Next-token models and forecasters (the loss per task: :func:`streamrnn.keyed.health.task_loss`). The
         health columns (and shadows) are part of each key's state in the shard store, so warm, rebuilt and retried
         flushes give the same results.
@@ -148,7 +150,7 @@ class StatefulInference(beam.PTransform):
                  flush_bounded_at_once: bool = True, next_fields: Sequence[str] = (),
                  fault_injector: Callable[[int, list[str]], None] | None = None,
                  shard_cache_bytes: int | None = None, save_state: str | os.PathLike | None = None,
-                 initial_state: str | os.PathLike | None = None, health: str | HealthConfig = "off",
+                 initial_state: str | os.PathLike | None = None, health: str | HealthConfig | None = None,
                  label: str | None = None):
         super().__init__(label)
 
@@ -210,7 +212,7 @@ class StatefulInference(beam.PTransform):
             resolve_health(health, SimpleNamespace(spec=self.spec), 1)
         except InputError as e:
             raise InputError(str(e).replace("KeyedOperator:", "StatefulInference:", 1)) from None
-        self.health = health
+        self.health = default_policy(self.spec) if health is None else health
         self._id = uuid.uuid4().hex  # names this transform's shard caches in worker processes
 
     def expand(self, events: beam.PCollection) -> StatefulResult:

@@ -14,9 +14,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import IO, NoReturn
+from typing import IO, TYPE_CHECKING, NoReturn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..keyed.health import HealthConfig
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -113,6 +116,53 @@ def fractions(lo: float, hi: float, what: str) -> Callable[[str], list[float]]:
 
     parse.__name__ = "fractions"
     return parse
+
+
+def finite(s: str) -> float:
+    """An argparse ``type``: a finite number of any sign."""
+    return _number(s, False)
+
+
+#: ``--health``'s choices (:data:`streamrnn.keyed.health.POLICIES`; not imported here: a job's flags parse without
+#: numpy)
+HEALTH_POLICIES = ("off", "flag", "heal")
+#: the ``--health-*`` flags that tune ``heal``: flag suffix -> :class:`~streamrnn.keyed.health.HealthConfig` field
+HEAL_FLAGS = {"reset-window": "reset_window", "stay-margin": "stay_margin", "max-watch": "max_watch"}
+
+
+def add_health_args(ap: argparse.ArgumentParser, what: str, default: str) -> None:
+    """A job's carried-state health flags (docs/operator.md): ``--health`` (None: the model's default policy,
+    :func:`streamrnn.keyed.health.default_policy`) and the ``heal`` tuning flags of :data:`HEAL_FLAGS`. ``what``
+    names the job's keys (``keys``, ``symbols``); ``default`` says what ``--health``'s default is for its models."""
+    ap.add_argument("--health", choices=HEALTH_POLICIES, default=None,
+                    help=f"carried-state health (docs/operator.md): 'flag' adds state_health to the outputs and counts "
+                         f"{what} in bad health, 'heal' also watches {what} with a fresh shadow state and resets a "
+                         f"{what[:-1]}'s state while a fresh one does better, reset 'health' (default: {default})")
+    ap.add_argument("--health-reset-window", type=at_least(1), default=None, metavar="N",
+                    help=f"heal: events per verdict of a healing {what[:-1]}: reset again, or stop (default: 32)")
+    ap.add_argument("--health-stay-margin", type=finite, default=None, metavar="NATS",
+                    help=f"heal: nats/event by which the reset state must beat not resetting for a healing "
+                         f"{what[:-1]} to reset again (default: 0)")
+    ap.add_argument("--health-max-watch", type=at_least(1), default=None, metavar="N",
+                    help=f"heal: most {what} watched or healing at once per shard, each one more row per model call "
+                         f"(default: no bound; the watch rule keeps them few while {what} are in domain)")
+
+
+def health_arg(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str | HealthConfig | None:
+    """``health=`` for ``StatefulInference`` from :func:`add_health_args`' flags: the policy name (None: the
+    model's default), or a ``HealthConfig`` when a ``heal`` tuning flag is given. A tuning flag without
+    ``--health heal`` is a usage error naming it (``ap.error``: one line)."""
+    given = {field: getattr(args, "health_" + field) for field in HEAL_FLAGS.values()}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return args.health
+    if args.health != "heal":
+        flag = next(f for f, field in HEAL_FLAGS.items() if field in given)
+        got = f"--health {args.health}" if args.health else "no --health (the default policy)"
+        ap.error(f"--health-{flag}: expected --health heal (it tunes heal), got {got}")
+    from ..keyed.health import HealthConfig
+
+    return HealthConfig("heal", **given)
 
 
 def read_file(flag: str, path: str | os.PathLike) -> bytes:

@@ -43,7 +43,13 @@ snapshot carries them as ``health_*`` columns, exactly):
   it exceeds ``1 + watch_margin``.
 
 Policies: ``off`` (nothing kept, results as before), ``flag`` (EW loss, ``state_health``, bad-health counts;
-no shadow, so nothing runs but a few vector operations), ``heal`` (the shadow, the strikes, the heals).
+no shadow, so nothing runs but a few vector operations), ``heal`` (the shadow, the strikes, the heals). The
+default (``health=None``, :func:`default_policy`) is ``flag`` for a next-token model with a reference loss (the
+shipped ``charlm``) and ``off`` for any other model: without a reference ``flag`` would only write unknown
+``state_health``, and a task without a loss cannot flag at all (an explicit ``"flag"`` there is refused in one
+line). ``max_watch`` (default: ``max_keys``, every key may be watched) caps ``heal``'s cost: at most that many
+extra rows per call. The watch rule itself keeps the watched keys few while keys are in domain; when most keys
+go out of domain at once, a lower cap leaves most of them unhealed (docs/operator.md).
 
 **The loss, per task** (:func:`task_loss`, the one place the operator takes it from): a next-token model's is
 ``-logprob`` of the event's token under the previous output (nats/char); a forecaster's (task ``forecast`` with a
@@ -88,17 +94,45 @@ class HealthConfig:
     watch_margin: float = 0.15    # watch (and bad health) above reference * (1 + watch_margin)
     reference: float | None = None  # nats/event; None: a next-token model's val_nats_per_char, else sampling
     sample_every: int = 8         # without a reference: watch one window in this many
-    max_watch: int | None = None  # most keys watched at once (None: max_keys // 4, at least 1)
+    max_watch: int | None = None  # most keys watched (or healing) at once (None: max_keys, every key may be)
 
     @property
     def alpha(self) -> float:
         return 1.0 - 2.0 ** (-1.0 / self.half_life)
 
 
-def resolve(health, model, max_keys: int) -> HealthConfig:
-    """The operator's config from ``health=`` (None: ``off``, until flag's cost meets its goal)."""
+def reference_loss(spec: Any) -> Any:
+    """A model's own reference loss for ``state_health`` (nats/event), as its spec states it: a next-token model's
+    validation ``val_nats_per_char``; None for any other model (module doc: a forecaster's ``val_nll`` is no
+    reference)."""
+    return (spec.metrics or {}).get("val_nats_per_char") if spec.task == "lm" else None
+
+
+def _valid_reference(ref: Any) -> bool:
+    return isinstance(ref, (int, float)) and not isinstance(ref, bool) and 0 < ref < math.inf
+
+
+def default_policy(spec: Any) -> str:
+    """The policy of ``health=None`` (the default): ``flag`` where it can judge a key's state by itself, a
+    next-token model with a reference loss (:func:`reference_loss`; the shipped ``charlm``), else ``off``. Under
+    ``flag`` a model without a reference (a forecaster, an LM without ``val_nats_per_char``) would only write
+    unknown (NaN) ``state_health`` and count no key in bad health; a model of another task has no loss at all
+    (:func:`task_loss`)."""
+    return "flag" if _valid_reference(reference_loss(spec)) else "off"
+
+
+def policy_of(health: Any, spec: Any) -> str:
+    """The policy name that ``health=`` (None, a name or a :class:`HealthConfig`) means for a model of ``spec``."""
     if health is None:
-        health = "off"
+        return default_policy(spec)
+    return health.policy if isinstance(health, HealthConfig) else health
+
+
+def resolve(health, model, max_keys: int) -> HealthConfig:
+    """The operator's config from ``health=`` (None: :func:`default_policy`, ``flag`` for a next-token model with a
+    reference loss, else ``off``)."""
+    if health is None:
+        health = default_policy(model.spec)
     if isinstance(health, str):
         if health not in POLICIES:
             raise InputError(f"KeyedOperator: health: expected one of {', '.join(POLICIES)}, got {health!r}")
@@ -121,13 +155,13 @@ def resolve(health, model, max_keys: int) -> HealthConfig:
         v = getattr(cfg, name)
         if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1):
             raise InputError(f"KeyedOperator: health.{name}: expected an int >= 1, got {v!r}")
-    ref = cfg.reference
-    if ref is None and model.spec.task == "lm":
-        ref = (model.spec.metrics or {}).get("val_nats_per_char")
-    if ref is not None and not (isinstance(ref, (int, float)) and 0 < ref < math.inf):
+    ref = cfg.reference if cfg.reference is not None else reference_loss(model.spec)
+    if cfg.policy == "off" and not _valid_reference(ref):  # unused: a spec's odd metric does not stop the operator
+        ref = None
+    if ref is not None and not _valid_reference(ref):
         raise InputError(f"KeyedOperator: health.reference: expected a positive number of nats, got {ref!r}")
-    mw = cfg.max_watch if cfg.max_watch is not None else max(1, max_keys // 4)
-    if not (isinstance(mw, (int, np.integer)) and mw >= 0):
+    mw = cfg.max_watch if cfg.max_watch is not None else max_keys
+    if not (isinstance(mw, (int, np.integer)) and not isinstance(mw, bool) and mw >= 0):
         raise InputError(f"KeyedOperator: health.max_watch: expected an int >= 0, got {mw!r}")
     return replace(cfg, reference=None if ref is None else float(ref), max_watch=int(mw))
 
