@@ -17,10 +17,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import apache_beam as beam
+import background
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import test_beam_transform as tbt
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.utils.timestamp import Timestamp
 
@@ -28,8 +28,6 @@ from beam_jobs import next_token
 from streamrnn.beam.job import live
 from streamrnn.beam.job.event_files import parse_events
 from streamrnn.beam.job.live import EventClock, EventParser, LiveSource, Message, ParseRecords, ReadLive
-
-beam_models = tbt.beam_models
 
 WORDS = ["to be", " or not", " to be:", " that is", " the question", "\n", "whether 'tis", " nobler"]
 
@@ -82,16 +80,39 @@ def _wait(pred, timeout: float, what: str) -> None:
 ARGS = ["--window", "60", "--allowed-lateness", "60", "--providers", "cpu", "--shards", "2"]
 
 
+JOB = "next_token and market_forecast live runs of test_live_input"
+
+
+@background.job(JOB, file=__file__)
+def _job_runs(folder: Path) -> dict:
+    """The live runs below (a watched folder, a fake Pub/Sub subscription, the market job's watched folder) and the
+    batch runs they are compared with, one after another in a process of their own (tests/run_jobs.py; the live
+    runs' threads and fake subscription live there: :func:`watched_run`, :func:`pubsub_run`,
+    :func:`market_runs`), beside the other tests (tests/background.py): {run: its result and folder}."""
+    model = str(folder / "tiny.onnx")
+    _write(folder / "all.jsonl", [r for b in batches() for f in b for r in f])
+    runs = {"model": ("conftest:export_tiny_lm", [model]),
+            "batch": ("beam_jobs.next_token", ["--input", str(folder / "all.jsonl"), "--output", str(folder / "batch"),
+                                              "--model", model, *ARGS, "--quiet"]),
+            "watched": ("test_live_input:watched_run", [str(folder / "watched"), model]),
+            "pubsub": ("test_live_input:pubsub_run", [str(folder / "pubsub"), model]),
+            "market": ("test_live_input:market_runs", [str(folder / "market")])}
+    ran = background.run_jobs(folder, runs)
+    return {name: {**r, "folder": folder / name} for name, r in ran.items()}
+
+
+def _ran(name: str) -> dict:
+    """The background run ``name``, which succeeded (with the model), with its folder as "folder"."""
+    got = background.result(JOB)
+    for n in ("model", name):
+        assert got[n]["rc"] == 0, got[n]["stderr"][-3000:]
+    return got[name]
+
+
 @pytest.fixture(scope="module")
-def batch_run(beam_models, tmp_path_factory):
+def batch_run() -> dict:
     """One batch run over the batches' files concatenated: predictions by event, dead letters, summary."""
-    d = tmp_path_factory.mktemp("batch")
-    rows = [r for b in batches() for f in b for r in f]
-    _write(d / "all.jsonl", rows)
-    out = d / "out"
-    assert next_token.main(["--input", str(d / "all.jsonl"), "--output", str(out), "--model", beam_models["tiny"],
-                            *ARGS, "--quiet"]) == 0
-    return _result(out)
+    return _result(_ran("batch")["folder"])
 
 
 def _result(out: Path) -> dict:
@@ -117,16 +138,17 @@ def _assert_same(live_run: dict, batch: dict) -> float:
     return worst
 
 
-def test_watched_folder_equals_one_batch_run(beam_models, tmp_path, batch_run, capsys):
-    """Three batches dropped into a watched folder (a late row, a duplicate across batches, a bad row) give the
-    batch run's predictions per event; windows close before the stop; the job stops by itself."""
-    folder, out = tmp_path / "in", tmp_path / "out"
-    folder.mkdir()
+def watched_run(argv: list[str]) -> int:
+    """In the job process: three batches dropped into a watched folder (a late row, a duplicate across batches, a
+    bad row), each once the job took the one before; ``[folder, model]``: the folder's ``in`` (watched), ``out``
+    and ``marks.json`` (when the first predictions were written and the input ended, in s from the start)."""
+    folder, model = Path(argv[0]), argv[1]
+    src, out = folder / "in", folder / "out"
+    src.mkdir(parents=True)
     b1, b2, b3 = batches()
-    assert 255.0 < max(r["ts"] for r in b1[0])  # batch 2's late row is behind the watermark batch 1 leaves
-    _write(folder / "01.jsonl", b1[0])
-    (folder / "notes.txt").write_text("not an events file: never read")
-    marks: dict[str, float] = {}
+    _write(src / "01.jsonl", b1[0])
+    (src / "notes.txt").write_text("not an events file: never read")
+    marks: dict[str, float | str] = {}
 
     def drop() -> None:
         try:
@@ -134,38 +156,48 @@ def test_watched_folder_equals_one_batch_run(beam_models, tmp_path, batch_run, c
             progress = next(iter(live._PROGRESS.values()))
             _wait(lambda: progress.files >= 1, 60, "the first file taken")
             for i, f in enumerate(b2):
-                _write(folder / f"02-{i}.jsonl", f)
+                _write(src / f"02-{i}.jsonl", f)
             _wait(lambda: progress.files >= 3, 60, "batch 2 taken")
-            _write(folder / "03.jsonl", b3[0])
+            _write(src / "03.jsonl", b3[0])
             # windows close while the job runs: predictions are written before the input ends
             _wait(lambda: any(out.glob("predictions-*.parquet")) or progress.ended, 60, "predictions or the end")
-            marks["predictions"] = time.monotonic() if not progress.ended else math.inf
+            marks["predictions"] = time.monotonic() - t0 if not progress.ended else math.inf
             _wait(lambda: progress.ended, 60, "the end of the input")
-            marks["ended"] = time.monotonic()
+            marks["ended"] = time.monotonic() - t0
         except AssertionError as e:
             marks["error"] = str(e)
 
     t = threading.Thread(target=drop, daemon=True)
     t0 = time.monotonic()
     t.start()
-    assert next_token.main(["--input", str(folder / "*.jsonl"), "--watch", "--watch-interval", "200ms",
-                            "--watch-stop-after", "6s", "--output", str(out), "--model", beam_models["tiny"],
-                            *ARGS, "--log-every", "1"]) == 0
-    took = time.monotonic() - t0
+    rc = next_token.main(["--input", str(src / "*.jsonl"), "--watch", "--watch-interval", "200ms",
+                          "--watch-stop-after", "6s", "--output", str(out), "--model", model, *ARGS,
+                          "--log-every", "1"])
+    marks["took"] = time.monotonic() - t0
     t.join(5)
+    (folder / "marks.json").write_text(json.dumps(marks))
+    return rc
+
+
+def test_watched_folder_equals_one_batch_run(batch_run):
+    """Three batches dropped into a watched folder (:func:`watched_run`) give the batch run's predictions per event;
+    windows close before the stop; the job stops by itself."""
+    assert 255.0 < max(r["ts"] for r in batches()[0][0])  # batch 2's late row is behind the watermark batch 1 leaves
+    r = _ran("watched")
+    marks = json.loads((r["folder"] / "marks.json").read_text())
     assert "error" not in marks, marks
     assert marks["predictions"] < marks["ended"]
-    err = capsys.readouterr().err
+    err = r["stderr"]
     assert "live (streaming)" in err and "(watched every 200 ms, stopping after 6 s)" in err
     assert "4 file(s) taken (2,945 bytes), watermark 1970-01-01 00:11:03 UTC" in err  # the newest row: 663 s
-    got = _result(out)
+    got = _result(r["folder"] / "out")
     worst = _assert_same(got, batch_run)
     assert got["dead"] == batch_run["dead"]
     assert got["summary"]["dead_letter_rows"] == batch_run["summary"]["dead_letter_rows"] == {"duplicate": 1,
                                                                                                "invalid": 1}
     assert math.isclose(got["summary"]["bits_per_char"], batch_run["summary"]["bits_per_char"], rel_tol=1e-9)
-    print(f"\nwatched folder: {took:.1f} s, max |diff| {worst:.2e}, first predictions "
-          f"{marks['predictions'] - t0:.1f} s in, input ended {marks['ended'] - t0:.1f} s in")
+    print(f"\nwatched folder: {marks['took']:.1f} s, max |diff| {worst:.2e}, first predictions "
+          f"{marks['predictions']:.1f} s in, input ended {marks['ended']:.1f} s in")
 
 
 # -- Pub/Sub: a fake subscription with SubscriberClient's pull / acknowledge -------------------------------------
@@ -213,31 +245,45 @@ def _messages(rows_batches: list[list[dict]]) -> list[list[bytes]]:
     return [[json.dumps(r).encode() for r in rows] for rows in rows_batches]
 
 
-def test_pubsub_subscription_equals_one_batch_run(beam_models, tmp_path, batch_run, monkeypatch):
-    """The same rows as messages of a (fake) subscription, a batch per round, give the batch run's predictions;
-    a message that is not JSON and a row later than the allowed lateness are dead letters; all are acked."""
-    rows = [[r for f in b for r in f] for b in batches()]
-    too_late = {"key": "u3", "ts": 150.0, "seq": 77, "text": " too late"}  # its window closed with round 1
-    msgs = _messages(rows)
-    msgs[2] += [b"{not json", json.dumps(too_late).encode()]
+TOO_LATE = {"key": "u3", "ts": 150.0, "seq": 77, "text": " too late"}  # its window closed with round 1
+
+
+def pubsub_run(argv: list[str]) -> int:
+    """In the job process: the batches' rows as messages of a fake subscription, a batch per round, with a message
+    that is not JSON and a row later than the allowed lateness; ``[folder, model]``: the folder's ``out`` and
+    ``subscription.json`` (the messages published and acked, the batches left)."""
+    folder, model = Path(argv[0]), argv[1]
+    msgs = _messages([[r for f in b for r in f] for b in batches()])
+    msgs[2] += [b"{not json", json.dumps(TOO_LATE).encode()]
     fake = FakeSubscription(msgs)
-    monkeypatch.setattr(live, "default_subscriber", lambda: fake)
-    out = tmp_path / "out"
-    assert next_token.main(["--input", "projects/p/subscriptions/s", "--watch-interval", "200ms",
-                            "--watch-stop-after", "3s", "--output", str(out), "--model", beam_models["tiny"],
-                            *ARGS, "--quiet"]) == 0
-    got = _result(out)
+    before, live.default_subscriber = live.default_subscriber, lambda: fake
+    try:
+        rc = next_token.main(["--input", "projects/p/subscriptions/s", "--watch-interval", "200ms",
+                              "--watch-stop-after", "3s", "--output", str(folder / "out"), "--model", model, *ARGS,
+                              "--quiet"])
+    finally:
+        live.default_subscriber = before
+    (folder / "subscription.json").write_text(json.dumps({"published": fake.published, "acked": fake.acked,
+                                                          "left": len(fake.batches)}))
+    return rc
+
+
+def test_pubsub_subscription_equals_one_batch_run(batch_run):
+    """The same rows as messages of a (fake) subscription (:func:`pubsub_run`) give the batch run's predictions;
+    a message that is not JSON and a row later than the allowed lateness are dead letters; all are acked."""
+    r = _ran("pubsub")
+    fake = json.loads((r["folder"] / "subscription.json").read_text())
+    got = _result(r["folder"] / "out")
     _assert_same(got, batch_run)
     extra = [d for d in got["dead"] if d not in batch_run["dead"]]
     assert sorted((d[:3] for d in extra), key=repr) == [("invalid", None, None)] + [("late", "u3", 77)] * len(
-        " too late")
+        TOO_LATE["text"])
     assert [d[3] for d in extra if d[0] == "invalid"] == [
-        f"message {fake.published[-2]}: expected a JSON object, got invalid JSON (Expecting property name enclosed "
-        "in double quotes)"]
-    assert sorted(fake.acked) == sorted(fake.published) and not fake.batches
+        f"message {fake['published'][-2]}: expected a JSON object, got invalid JSON (Expecting property name "
+        "enclosed in double quotes)"]
+    assert sorted(fake["acked"]) == sorted(fake["published"]) and not fake["left"]
 
 
-# -- every other runner's driver: the splittable DoFn, here on the FnApiRunner -----------------------------------
 def _event_rows(items) -> list[tuple]:
     return sorted(t for b in items for t in zip(*(b.column(c).to_pylist() for c in ("key", "ts", "seq", "sub", "x")),
                                                 strict=True))
@@ -440,14 +486,38 @@ def test_durations_and_inputs():
 
 
 # -- the market job: a watched folder of bar files -----------------------------------------------------------------
-def test_market_watched_folder_equals_one_batch_run(tmp_path):
-    """Bars (CSV, two batches, a bar repeated across them and a broken bar) dropped into a watched folder give
-    the batch run's forecasts; a JSON bar message takes the market's columns and its message's time."""
+def market_runs(argv: list[str]) -> int:
+    """In the job process: bars (CSV, two batches, a bar repeated across them and a broken bar) in one batch run
+    (``b``) and dropped into a watched folder (``l``), the second once the job took the first; ``[folder]``."""
     from beam_jobs import market_forecast
-    from streamrnn.forecast.beam import BarParser
+
+    folder = Path(argv[0])
+    first, second = _market_files()
+    batch_in, src = folder / "batch", folder / "in"
+    batch_in.mkdir(parents=True)
+    src.mkdir()
+    (batch_in / "1.csv").write_text(first)
+    (batch_in / "2.csv").write_text(second)
+    (src / "1.csv").write_text(first)
+    model = str(Path(__file__).resolve().parent.parent / "exported" / "market.onnx")
+    common = ["--model", model, "--quiet", "--metrics-port", "0", "--shards", "1", "--window", str(35 * 86400)]
+    if market_forecast.main(["--input", str(batch_in), "--output", str(folder / "b"), *common]) != 0:
+        return 1
+
+    def drop() -> None:
+        _wait(lambda: any(p.files >= 1 for p in list(live._PROGRESS.values())), 60, "the first file taken")
+        _write(src / "2.csv", [])  # (a name in the glob first: an empty file is left for a later round)
+        (src / "2.csv").write_text(second)
+
+    threading.Thread(target=drop, daemon=True).start()
+    return market_forecast.main(["--input", str(src), "--watch", "--watch-interval", "200ms",
+                                 "--watch-stop-after", "3s", "--output", str(folder / "l"), *common])
+
+
+def _market_files() -> tuple[str, str]:
+    """Two symbols' daily bars as two CSV files, the second with the first's last bar again and a broken bar."""
     from streamrnn.forecast.synthetic import simulate
 
-    model = str(Path(__file__).resolve().parent.parent / "exported" / "market.onnx")
     sims = simulate(["AAA", "BBB"], start="2016-01-01", end="2016-02-20", seed=3)
     lines = sorted((float(b.ts[i]), b.symbol, i, b) for b in sims for i in range(len(b)))
     cut = len(lines) // 2
@@ -458,39 +528,31 @@ def test_market_watched_folder_equals_one_batch_run(tmp_path):
                 for t, s, i, b in part]
         return "date,open,high,low,close,volume,Name\n" + "\n".join(rows) + "\n"
 
-    first = csv_of(lines[:cut])
-    second = csv_of(lines[cut - 1:]) + "2016-02-19,10.0,9.0,11.0,10.0,1000,AAA\n"  # a repeat and a broken bar
-    batch_in, folder = tmp_path / "batch", tmp_path / "in"
-    batch_in.mkdir()
-    folder.mkdir()
-    (batch_in / "1.csv").write_text(first)
-    (batch_in / "2.csv").write_text(second)
-    (folder / "1.csv").write_text(first)
-    common = ["--model", model, "--quiet", "--metrics-port", "0", "--shards", "1", "--window", str(35 * 86400)]
-    assert market_forecast.main(["--input", str(batch_in), "--output", str(tmp_path / "b"), *common]) == 0
+    return csv_of(lines[:cut]), csv_of(lines[cut - 1:]) + "2016-02-19,10.0,9.0,11.0,10.0,1000,AAA\n"
 
-    def drop() -> None:
-        _wait(lambda: any(p.files >= 1 for p in list(live._PROGRESS.values())), 60, "the first file taken")
-        _write(folder / "2.csv", [])  # (a name in the glob first: an empty file is left for a later round)
-        (folder / "2.csv").write_text(second)
 
-    threading.Thread(target=drop, daemon=True).start()
-    assert market_forecast.main(["--input", str(folder), "--watch", "--watch-interval", "200ms",
-                                 "--watch-stop-after", "3s", "--output", str(tmp_path / "l"), *common]) == 0
+def test_market_watched_folder_equals_one_batch_run():
+    """Bars dropped into a watched folder (:func:`market_runs`) give the batch run's forecasts; a JSON bar message
+    takes the market's columns and its message's time."""
+    from streamrnn.forecast.beam import BarParser
+
+    folder = _ran("market")["folder"]
     key = ("symbol", "ts")
 
     def rows(out: str) -> dict:
-        return {tuple(r[k] for k in key): r for r in _table(tmp_path / out, "forecasts")}
+        return {tuple(r[k] for k in key): r for r in _table(folder / out, "forecasts")}
 
     b, got = rows("b"), rows("l")
-    assert b.keys() == got.keys() and len(b) == len(lines)
+    first, second = _market_files()
+    bars = first.count("\n") + second.count("\n") - 4  # less 2 headers, a repeated bar and a broken one
+    assert b.keys() == got.keys() and len(b) == bars
     for k, r in b.items():
         for c, v in r.items():
             if isinstance(v, float) and not math.isnan(v):
                 assert abs(got[k][c] - v) <= 1e-6, (k, c)
             elif not isinstance(v, float):
                 assert got[k][c] == v, (k, c)
-    dead = {out: sorted((d["kind"], d["reason"].split(":")[0]) for d in _table(tmp_path / out, "dead_letters"))
+    dead = {out: sorted((d["kind"], d["reason"].split(":")[0]) for d in _table(folder / out, "dead_letters"))
             for out in ("b", "l")}
     assert dead["b"] == dead["l"] and [k for k, _ in dead["l"]] == ["duplicate", "invalid"]
     # a message's bar: the same columns, its time from the message, no symbol a dead letter
