@@ -318,6 +318,28 @@ def test_side_calls_equal_calls_in_turn_and_each_key_alone(lstm, rng, health):
                 np.testing.assert_allclose(a.state_of(k)[n], want[n], atol=2e-5)
 
 
+@given(n_side=st.integers(1, 4), rest=st.integers(0, 6), turns=st.lists(st.booleans(), max_size=12),
+       stop_at=st.integers(0, 12))
+@settings(max_examples=60, deadline=None)
+def test_shared_groups_are_each_taken_once(n_side, rest, turns, stop_at):
+    """The side thread takes its groups, then the rest from the front, the main thread from the back: in any
+    interleaving of their takes, every group is taken exactly once (by one of them), until a stop."""
+    q = keyed_operator._Shared(n_side, n_side + rest)
+    front, back = q.front(), q.back()
+    taken: dict[str, list[int]] = {"side": [], "main": []}
+    for i, side_turn in enumerate([*turns, *[True] * (n_side + rest), *[False] * (n_side + rest)]):
+        if i == stop_at:
+            q.stop()
+        gi = next(front if side_turn else back, None)
+        if gi is not None:
+            taken["side" if side_turn else "main"].append(gi)
+    every = sorted(taken["side"] + taken["main"])
+    assert len(every) == len(set(every))  # nothing twice
+    if stop_at >= len(turns) + 2 * (n_side + rest):  # never stopped: everything, the side's own groups by the side
+        assert every == list(range(n_side + rest)) and taken["side"][:n_side] == list(range(n_side))
+    assert all(gi >= n_side for gi in taken["main"]) and taken["main"] == sorted(taken["main"], reverse=True)
+
+
 def _fail_beside(monkeypatch, op: KeyedOperator, where: str) -> list[str]:
     """Make the side thread's call (``side``: the busy key's, 100+ steps) or a main-thread call made while the
     side runs (``main``: a wide one) raise. For ``main`` the side call waits until that call has failed, so

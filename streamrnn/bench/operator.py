@@ -140,11 +140,27 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
         for fn in variants.values():
             fn()
         built[name] = (keys, x, g, ops, variants)
+    # the physical bound of the Zipf call: its packed groups as bare model calls (the session's threads, no
+    # operator), the ones the operator runs on its side thread (the busiest keys' chain) and the others in turn
+    zg = built["zipf"][2]
+    zgroups = pack(zg.counts, step_cost=built["zipf"][3]["packed"].pack_step_cost)
+    n_side = max(1, built["zipf"][3]["packed"]._side_groups(zgroups, zg.counts))
+
+    def bare(groups: list) -> Callable[[], object]:
+        calls = []
+        for gr in groups:
+            counts = zg.counts[gr]
+            calls.append((rng.integers(0, 256, (len(gr), int(counts.max()))), counts.astype(np.int32), len(gr)))
+        return lambda: [model.run_unchecked(x, n, model.initial_state(b)) for x, n, b in calls]
+
+    bound = {"zipf_chain_alone": bare(zgroups[:n_side]), "zipf_rest_in_turn": bare(zgroups[n_side:])}
+    for fn in bound.values():
+        fn()
     # the packed variants of every case interleaved call by call (the Zipf / uniform ratio is a ratio of
     # calls timed under the same load); the unpacked ones can be ~30x slower: a few calls each, apart
     progress(f"skewed keys, {len(cases)} cases interleaved")
-    packed = interleaved({name: b[4]["packed"] for name, b in built.items()}, seconds * len(cases), min_calls,
-                          seed)
+    packed = interleaved({**{name: b[4]["packed"] for name, b in built.items()}, **bound},
+                         seconds * (len(cases) + len(bound)), min_calls, seed)
     for i, (name, (keys, x, g, ops, variants)) in enumerate(built.items()):
         progress(f"skewed keys, case {i + 1}/{len(cases)} ({name}) unpacked")
         samples = {"packed": packed[name], **interleaved({"unpacked": variants["unpacked"]}, 0.0, 3, seed)}
@@ -166,6 +182,14 @@ def skew(model, *, events: int, zipf_s: float, universe: int, seconds: float, mi
     c = out["cases"]
     out["ratio_zipf_vs_uniform_key_steps"] = (c["zipf"]["packed"]["key_steps_per_s"]
                                               / c["uniform"]["packed"]["key_steps_per_s"])
+    # a Zipf call takes at least its chain's time (the chain's steps run one after another): key-steps/s at most
+    # uniform's x zipf_bound; the rest's groups in turn are the other thread's share when the chain overlaps
+    uni, chain = c["uniform"]["packed"]["median_s_per_call"], statistics.median(packed["zipf_chain_alone"])
+    rest = statistics.median(packed["zipf_rest_in_turn"])
+    out["zipf_bound"] = {"side_groups": [[len(gr), int(zg.counts[gr].max())] for gr in zgroups[:n_side]],
+                         "chain_alone_s": chain, "rest_in_turn_s": rest, "uniform_s": uni,
+                         "uniform_over_chain": uni / chain, "uniform_over_rest_in_turn": uni / rest,
+                         "uniform_over_chain_plus_rest": uni / (chain + rest)}
     out["ratio_zipf_vs_uniform_peak_memory"] = (c["zipf"]["packed"]["peak_numpy_bytes"]
                                                 / c["uniform"]["packed"]["peak_numpy_bytes"])
     if fresh_model is not None:
@@ -316,6 +340,11 @@ def _human(res: dict) -> str:
                          f"{c['packed']['peak_rss_delta_bytes_fresh_session'] / 1e6:>8.1f} MB  unpacked "
                          f"{c['unpacked']['key_steps_per_s']:>10.0f} key-steps/s "
                          f"{c['unpacked']['peak_rss_delta_bytes_fresh_session'] / 1e6:>8.1f} MB")
+    if sk:
+        b = sk["zipf_bound"]
+        lines.append(f"  Zipf bound: uniform / chain alone {b['uniform_over_chain']:.3f}, uniform / rest in turn "
+                     f"{b['uniform_over_rest_in_turn']:.3f}, uniform / (chain + rest) "
+                     f"{b['uniform_over_chain_plus_rest']:.3f}")
     for k, g in res["goals"].items():
         lines.append(f"goal {k}: {g['value']:.3f} {'MET' if g['met'] else 'MISSED'}")
     return "\n".join(lines)

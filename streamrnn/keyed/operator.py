@@ -885,22 +885,40 @@ class KeyedOperator:
                                                   device_id=self._dev.device_id)
             return self.model.run_unchecked(xb, lengths, st)
 
-        # the longest, narrowest groups may run on a thread of their own meanwhile (see _side_groups)
+        # the longest, narrowest groups may run on a thread of their own meanwhile (see _side_groups); that
+        # thread then takes the remaining groups from the front (narrow, long) while this one takes them from
+        # the back (wide, short), so that a narrow call overlaps a wide one until none is left
         n_side = self._side_groups(groups, g.counts)
-        side, side_inputs = None, []
-        if n_side:
-            side_inputs = [inputs(grp) for grp in groups[:n_side]]
-            side = _Background(lambda: [self.model.run_unchecked(xb, lengths, st)
-                                        for _, _, _, _, _, xb, _, _, lengths, _, st in side_inputs])
+        queue = _Shared(n_side, len(groups)) if n_side else None
+        side = None
+        if queue is not None:
+            run = self.model.run_unchecked
+
+            def side_calls() -> dict:
+                done = {}
+                try:
+                    for gi in queue.front():
+                        inp = inputs(groups[gi])
+                        done[gi] = inp, run(inp[5], inp[8], inp[10])
+                except BaseException:
+                    queue.stop()  # the main thread takes no more groups either
+                    raise
+                return done
+
+            side = _Background(side_calls)
+
+        def results():
+            """(group index, its inputs, its call's outputs) of every group, whichever thread ran it."""
+            for gi in (range(len(groups)) if queue is None else queue.back()):
+                inp = inputs(groups[gi])
+                yield gi, inp, call(inp[5], inp[8], inp[6], inp[7], inp[10])
+            if side is not None:
+                for gi, (inp, res) in side.result().items():
+                    yield gi, inp, res
+
         try:
-            for gi in [*range(n_side, len(groups)), *range(n_side)]:
+            for gi, (counts, T, ev, lr, c, _, gh, gf, _, wrow, _), (o, new) in results():
                 grp = groups[gi]
-                if gi < n_side:
-                    counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st = side_inputs[gi]
-                    o, new = side.result()[gi]
-                else:
-                    counts, T, ev, lr, c, xb, gh, gf, lengths, wrow, st = inputs(grp)
-                    o, new = call(xb, lengths, gh, gf, st)
                 nb = len(counts)
                 for n, v in o.items():
                     if len(wrow):
@@ -956,6 +974,10 @@ class KeyedOperator:
                     new_state.append((grp, {n: new.raw(n)[:, :nb] for n in self._state_names}))
                 else:
                     new_state.append((grp, {n: new.raw(n) for n in self._state_names}))
+        except BaseException:
+            if queue is not None:
+                queue.stop()
+            raise
         finally:
             if side is not None:
                 side.join()  # a failure in the main thread's calls: the side call ends before the error goes up
@@ -1170,6 +1192,42 @@ class _Background:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _Shared:
+    """The packed groups of one call shared by two threads: the side thread runs groups ``0 .. n_side - 1`` and
+    then takes the rest from the front (:meth:`front`), the main thread from the back (:meth:`back`), until
+    none is left or :meth:`stop` (a failure on either thread)."""
+
+    def __init__(self, n_side: int, n: int):
+        self._lock = threading.Lock()
+        self._n_side, self._lo, self._hi = n_side, n_side, n - 1
+        self._stopped = False
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def _take(self, from_front: bool) -> int | None:
+        with self._lock:
+            if self._stopped or self._lo > self._hi:
+                return None
+            if from_front:
+                self._lo += 1
+                return self._lo - 1
+            self._hi -= 1
+            return self._hi + 1
+
+    def front(self):
+        for gi in range(self._n_side):
+            if self._stopped:
+                return
+            yield gi
+        while (gi := self._take(True)) is not None:
+            yield gi
+
+    def back(self):
+        while (gi := self._take(False)) is not None:
+            yield gi
 
 
 _PLAIN_KEYS = frozenset((str, bytes))
