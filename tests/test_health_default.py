@@ -86,3 +86,27 @@ def test_the_transform_takes_the_models_default(market):
     assert StatefulInference(model=streamrnn.DEFAULT_MODEL, providers=[CPU]).health == "flag"
     assert StatefulInference(model=shipped("shipped:market"), providers=[CPU]).health == "off"
     assert StatefulInference(model=streamrnn.DEFAULT_MODEL, providers=[CPU], health="off").health == "off"
+
+
+def test_bad_health_counts_keys_above_one_plus_bad_margin_not_the_watch_level(charlm):
+    """Bad health (the result's count, the gauge) is state_health above 1 + bad_margin (1.5), not the watch level
+    1.15: English text of varying difficulty puts keys between the two, and they are not counted; bytes charlm
+    never saw are. Counted against the results' own state_health, under both the defaults and other margins."""
+    english = (b"Whether 'tis nobler in the mind to suffer the slings and arrows of outrageous fortune, or to "
+               b"take arms against a sea of troubles. ZQXJ KVWY qzxj 1987 ^^ {} ~~ 0x7f " * 3)
+    odd = bytes(range(160, 256)) * 3
+    streams = {"en": english, "odd": odd, **{f"w{i}": english[i * 7:] for i in range(6)}}
+    for cfg in (HealthConfig("flag"), HealthConfig("flag", bad_margin=0.2), HealthConfig("flag", bad_margin=3.0)):
+        op = KeyedOperator(charlm, max_keys=16, health=cfg)
+        seen_between = False
+        for t0 in range(0, 240, 16):
+            keys = [k for k, s in streams.items() for _ in s[t0:t0 + 16]]
+            x = np.frombuffer(b"".join(s[t0:t0 + 16] for s in streams.values()), np.uint8).astype(np.int64)
+            r = op.process(keys, x)
+            last = {k: h for k, h in zip(keys, r.state_health, strict=True)}  # each key's last event of the call
+            want = sum(1 for h in last.values() if h > 1.0 + cfg.bad_margin)
+            assert r.bad_health == want == op.bad_health_keys(), (cfg.bad_margin, t0)
+            seen_between |= any(1.15 < h <= 1.5 for h in last.values())
+        assert seen_between  # the threshold matters: some English key sat between the watch level and bad health
+    with pytest.raises(InputError, match="health.bad_margin: expected a finite number > -1.0"):
+        KeyedOperator(charlm, health=HealthConfig("flag", bad_margin=float("nan")))

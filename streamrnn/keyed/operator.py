@@ -193,7 +193,7 @@ class KeyedOperator:
         self.health = cfg
         self._health_on = cfg.policy != "off"
         self._alpha, self._d = cfg.alpha, 1.0 - cfg.alpha  # the EW weights (hl.ew_one's)
-        self._bad_above = 1.0 + cfg.watch_margin
+        self._bad_above = 1.0 + cfg.bad_margin
         self._loss = hl.task_loss(model.spec) if self._health_on else None  # the task's health loss
         self._lm_loss = self._loss is hl.lm_loss
         self._keep_last = self.keep_last_output or self._health_on
@@ -337,7 +337,7 @@ class KeyedOperator:
 
     def bad_health_keys(self) -> int:
         """How many held (unexpired) keys are in bad health now: ``state_health`` of their last event above
-        ``1 + watch_margin`` (0 with health off); what the ``streamrnn_health_bad_keys`` gauge reports."""
+        ``1 + bad_margin`` (0 with health off); what the ``streamrnn_health_bad_keys`` gauge reports."""
         if not self._health_on:
             return 0
         with self._lock:

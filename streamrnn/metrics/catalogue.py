@@ -95,7 +95,7 @@ CATALOGUE: tuple[MetricDef, ...] = (
     MetricDef("streamrnn_state_bytes", "gauge", "Bytes of recurrent state held for the active keys.", JOB,
               mode="livesum"),
     MetricDef("streamrnn_health_bad_keys", "gauge",
-              "Keys whose carried state is in bad health (state_health above 1 + watch_margin at their last event; "
+              "Keys whose carried state is in bad health (state_health above 1 + bad_margin at their last event; "
               "0 with health off): the sum over shards of each shard's latest report.", JOB, mode="livesum"),
     MetricDef("streamrnn_health_resets_total", "counter",
               "Key states replaced by their fresh shadow's state (health='heal': reset='health').", JOB),
