@@ -579,9 +579,10 @@ def render_table(r: dict) -> str:
 def render_conformal(c: Mapping, horizon: str = "h1") -> list[str]:
     """Text lines of the raw vs ACI-calibrated table (coverage per level, worst year and quarter, VaR
     exceedances and Kupiec's test, coverage by year) for one horizon, and the gamma scan."""
-    lines = [f"\nonline calibration: {c.get('method', 'aci')} per symbol (gamma {c['gamma']:g} {c.get('scaling', '')}, "
-             f"from each symbol's "
-             f"first bar), {horizon}, raw -> calibrated; coverage % (deviation from the level, points)"]
+    method = c.get("method", "aci")
+    method = {"aci": "ACI", "agaci": "AgACI", "none": "none (the raw bands)"}.get(method, method)
+    lines = [f"\nonline calibration: {method} per symbol (gamma {c['gamma']:g} {c.get('scaling', '')}, from each "
+             f"symbol's first bar), {horizon}, raw -> calibrated; coverage % (deviation from the level, points)"]
 
     def cov(x: Mapping) -> str:
         return f"{x['coverage']:6.2f} ({x['dev']:+5.2f})"
