@@ -78,7 +78,7 @@ def test_a_short_eval_lm_prints_no_progress(capsys, lstm_path, tmp_path):
 def test_bench_operator_tells_its_shapes_on_stderr(monkeypatch, capsys, json_flag):
     monkeypatch.setattr(cliargs, "_clock", FakeClock(11.0))
     assert main(["bench", "operator", "--hidden", "8", "--layers", "1", "--seconds", "0.01", "--min-calls", "1",
-                 "--no-skew", *json_flag]) == 0
+                 "--no-skew", "--no-charlm", *json_flag]) == 0
     out, err = capsys.readouterr()
     if json_flag:
         assert json.loads(out)["benchmark"] == "operator"
