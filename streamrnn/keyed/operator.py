@@ -31,7 +31,7 @@ from . import health as hl
 from . import snapshot as snap
 from .device_slab import DeviceSlabs
 from .packing import group, pack
-from .slab import SlotStore
+from .slab import HEALTH_FILL, SlotStore
 
 Key = str | bytes
 SNAPSHOT_KEY = snap.SNAPSHOT_KEY
@@ -46,6 +46,9 @@ SIDE_ROWS, SIDE_STEPS, SIDE_REST = 16, 32, 256
 #: known-keys calls of at most this many keys run on bound buffers (``Model.binding``), at most BIND_SIZES
 #: call sizes kept per operator
 BIND_MAX_KEYS, BIND_SIZES = 64, 8
+#: the health columns that ``flag`` reads and changes (with ``last_health``, which it writes); the others keep
+#: their fill values
+_FLAG_FILL = tuple((n, HEALTH_FILL[n]) for n in ("ew_num", "ew_den"))
 
 
 @dataclass
@@ -664,12 +667,15 @@ class KeyedOperator:
         store, cfg = self._store, self.health
         B = len(g.keys)
         cols = {}
-        for n, (_, fill) in store.health_fill.items():
+        # flag changes only the EW sums and last_health (a fresh key's slot holds the fill values already)
+        for n, (_, fill) in (store.health_fill.items() if cfg.policy == "heal" else _FLAG_FILL):
             a = store.health[n][hs]
             a[fresh] = fill
             cols[n] = a
         T = int(g.counts.max())
-        if T == 1 and len(g.rows) == B and (g.rows == np.arange(B)).all():
+        if B == 1:  # one key: its events are the columns, in order
+            lcp = lc[None, :]
+        elif T == 1 and len(g.rows) == B and (g.rows == np.arange(B)).all():
             lcp = lc[:, None]
         else:
             lcp = np.full((B, T), np.nan)
