@@ -769,16 +769,17 @@ class KeyedOperator:
                 for n, a in last.items():
                     pool.last[n][slot[b]] = a
             cols["shadow_slot"] = slot
-        for b in np.flatnonzero(v.carried != hl.CARRIED):
-            st, last = self._run_state(shadow, int(b), int(v.carried[b]))
-            for n, a in st.items():
-                store.slab[n][:, slots[b]] = a
-            for n, a in last.items():
-                store.last[n][slots[b]] = a
-        zero = np.flatnonzero(v.zero)
-        if len(zero):
-            for a in store.slab.values():
-                a[:, slots[zero]] = 0.0
+        if v.heals:  # a key carries another run, or the initial state, only after a heal (none under flag)
+            for b in np.flatnonzero(v.carried != hl.CARRIED):
+                st, last = self._run_state(shadow, int(b), int(v.carried[b]))
+                for n, a in st.items():
+                    store.slab[n][:, slots[b]] = a
+                for n, a in last.items():
+                    store.last[n][slots[b]] = a
+            zero = np.flatnonzero(v.zero)
+            if len(zero):
+                for a in store.slab.values():
+                    a[:, slots[zero]] = 0.0
         for n, a in cols.items():
             store.health[n][slots] = a
 
