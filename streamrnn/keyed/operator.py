@@ -141,11 +141,13 @@ class KeyedOperator:
         follows the order events are processed, by each key's last event.
       keep_last_output: also keep each key's last task output (needed to score or sample
         the next token between calls).
-      health: ``"off"`` (the default), ``"flag"``, ``"heal"`` or a :class:`~streamrnn.keyed.health.HealthConfig`:
+      health: ``"off"``, ``"flag"``, ``"heal"`` or a :class:`~streamrnn.keyed.health.HealthConfig`:
         watch each key's carried-state loss (the task's: next-token or forecast,
         :func:`~streamrnn.keyed.health.task_loss`) against the model's reference loss and, under ``heal``, against
         a fresh shadow state, replacing the carried state when the shadow does better for long enough
-        (:mod:`streamrnn.keyed.health`). ``heal`` needs host state.
+        (:mod:`streamrnn.keyed.health`). ``heal`` needs host state. The default (None) is the model's
+        (:func:`~streamrnn.keyed.health.default_policy`): ``flag`` for a next-token model with a reference
+        loss (the shipped charlm), ``off`` for any other.
       pack_step_cost: keys of one call are packed into model calls by length (see
         :func:`streamrnn.keyed.packing.pack`), so one busy key does not make every other key pay
         for its length; the fixed cost of one recurrent step in key-steps. ``math.inf``
