@@ -125,7 +125,7 @@ def test_hysteresis_does_not_flap():
         v = scan(cfg, cols, np.full((1, 2), carried), np.full((1, 2), shadow), np.array([2]), np.array([10]),
                  np.array([True]), 9, _no_fresh)
         heals.append(bool(v.heal[0]))
-        assert v.shadow[0] != UNWATCHED  # watched again at once (ew 5 > 1.15): a fresh shadow with the next call
+        assert v.shadow[0] != UNWATCHED  # watched again at once (ew 5 > 1.3): a fresh shadow with the next call
         cols = v.cols
     assert heals == [False, False, False, False, False, True]
 
