@@ -140,6 +140,31 @@ def test_a_row_ended_by_a_model_update_has_one_timestamp_bounded_and_streaming(b
     assert dict(b)["@"] == dict(s)["@"]
 
 
+@pytest.mark.parametrize("back_to", ["other", "tiny"])
+@pytest.mark.parametrize("flush_between", [False, True])
+def test_an_update_passed_without_events_still_ends_streams_whatever_the_shards(beam_models, back_to, flush_between):
+    """tiny -> wide (other state shapes) at 42 -> ``back_to`` (tiny's shapes: other weights, or a rollback to tiny
+    itself) at 46 or 56. a's stream ends at the wide update even where a's shard had no event under wide: b's
+    event at 44 is on a's shard for some shard counts only, and once one flush took both updates (the shard went
+    straight from tiny to a same-shaped model, so a's state went on). Every shard count, bounded and streaming,
+    and a flush between the updates or not: a's event at 60 starts fresh (``model_update``) and a's first row
+    ends at the wide update's release (50)."""
+    second = 56.0 if flush_between else 46.0
+    runs = {}
+    for n in (1, 2, 3, 4):
+        sc = Scenario(steps=[("add", [Event("a", 1.0, 0, 7), Event("b", 44.0, 0, 9), Event("a", 60.0, 1, 5)]),
+                             ("update", (beam_models["wide"], 42.0)), ("update", (beam_models[back_to], second)),
+                             ("wm", 100.0)], window=10.0, num_shards=n, next_fields=("logprob",))
+        for bounded in (False, True):
+            runs[n, bounded] = _per_event(Harness(beam_models["tiny"], sc, mode="warm", bounded=bounded)
+                                          .run().result()["outputs"])
+    base = runs[1, False]
+    assert {k: v for k, v in runs.items() if v != base} == {}
+    first, later = base[("a", 0, 0, 1.0)], base[("a", 1, 0, 60.0)]
+    assert first["logprob_next"] is None and first["@"] == 50_000_000
+    assert later["fresh"] and later["reset"] == "model_update" and later["pos"] == 0
+
+
 @given(sc=scenarios(updates=False, unique_ids=True), fail_every=st.integers(1, 4))
 @settings(max_examples=6, **_SETTINGS)
 def test_bounded_runs_equal_the_offline_model(beam_models, sc, fail_every):

@@ -16,7 +16,7 @@ Rules, each in one place here:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +27,7 @@ from ...keyed.health import HEALTH
 from ...model.loaded import Model
 from ..postprocess import Postprocess
 from ..records import EVENT, KEY, SEQ, SUB, TS, event_json, original_text
-from .clock import NEVER, release_micros, to_micros
+from .clock import EARLIEST, NEVER, release_micros, to_micros
 from .counters import Counters
 from .intake import REL, TSU
 from .store import KeyMeta, ShardStore
@@ -165,9 +165,7 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, ep
     res = _Results(plan.n)
     plan.horizon = horizon / 1e6
     for e in np.unique(plan.seg_epoch):
-        if plan.paths[e] != store.model_path:
-            out.ended += switch_model(store, plan.paths[e], load_model(plan.paths[e]), m, at=plan.effs[e],
-                                      ttl=cfg.ttl)
+        out.ended += switch_model(store, plan.paths, plan.effs, int(e), load_model, m, ttl=cfg.ttl)
         v = version(store.op.model)
         in_e = np.flatnonzero(plan.seg_epoch == e)
         for r in np.unique(plan.rank[in_e]):
@@ -197,21 +195,37 @@ def apply_due(due: pa.Table, store: ShardStore, cfg: Config, *, horizon: int, ep
     return out
 
 
-def switch_model(store: ShardStore, path: str, model: Model, m: Counters, *, at: int | None = None,
-                 ttl: float | None = None) -> list[str]:
-    """Serve ``store`` with the model at ``path`` from now on (counted); the keys whose stream ended.
+def switch_model(store: ShardStore, paths: Sequence[str], effs: Sequence[int | None], e: int,
+                 load_model: Callable[[str], Model], m: Counters, *, ttl: float | None = None) -> list[str]:
+    """Serve ``store`` with epoch ``e``'s model (``paths[e]``; ``effs[e]``: its update's effective time, micros;
+    epoch 0, the pipeline's own model, has None); the keys whose stream ended. Nothing when the store serves it.
 
-    A switch to other state shapes at ``at`` (micros, the update's effective time) ends every live stream
-    (``model_update``), except those idle past ``ttl`` before it: they had ended already (``expired``), whether
-    their expiry ran in an earlier flush (streaming) or not yet (a bounded input applied at once).
+    The store passes every update since its own (``store.model_eff``) up to ``e``, in order, so what ends a
+    stream does not depend on which flushes a runner made: the first of them whose model has other state shapes
+    than the model before it ends every live stream at its effective time (``model_update``), except those idle
+    past ``ttl`` before it, which had ended already (``expired``), whether their expiry ran in an earlier flush
+    (streaming) or not yet (a bounded input applied at once). Through same-shaped models only, state goes on.
+    Each update passed counts as a switch.
     """
+    passed = [k for k in range(1, e + 1) if effs[k] > store.model_eff]
+    if not passed:
+        if paths[e] == store.model_path:
+            return []
+        passed = [e]  # (back to an earlier epoch's model: an event before the store's update)
+    sig, at = store.op.model.spec.state_signature, None
+    for k in passed:
+        s = load_model(paths[k]).spec.state_signature
+        if s != sig and at is None:
+            at = effs[k] if effs[k] is not None else store.model_eff
+        sig = s
     expired: list[str] = []
-    if at is not None and ttl is not None and model.spec.state_signature != store.op.model.spec.state_signature:
+    if at is not None and ttl is not None:
         expired = [k for k, mk in store.meta.items() if mk.live and k in store.op and at / 1e6 - mk.last_ts > ttl]
         store.expire(expired)
         m.expired.inc(len(expired))
-    m.model_switches.inc()
-    ended = store.switch_model(model, path)
+    m.model_switches.inc(len(passed))
+    ended = store.switch_model(load_model(paths[e]), paths[e], effs[e] if effs[e] is not None else EARLIEST,
+                               end=at is not None)
     m.model_resets.inc(len(ended))
     return [*expired, *ended]
 

@@ -446,11 +446,11 @@ class ShardStep(beam.DoFn):
 
     def _switch_due_updates(self, ctrl: Ctrl, store: ShardStore, T: int) -> list[str]:
         """An update whose effective time has passed takes effect even if no event of this shard needed it."""
-        due = [u for u in ctrl.updates if u[1] <= T]
-        if due and due[-1][0] != store.model_path:
-            return switch_model(store, due[-1][0], self._model(due[-1][0]), self.m, at=int(due[-1][1]),
-                                ttl=self.cfg.ttl)
-        return []
+        _, paths, effs = self._epochs(ctrl, np.zeros(0, np.int64))
+        e = sum(1 for u in ctrl.updates if u[1] <= T)
+        if not e:
+            return []
+        return switch_model(store, paths, effs, e, self._model, self.m, ttl=self.cfg.ttl)
 
     # -- TTL ------------------------------------------------------------------------------------
     def _expire(self, store: ShardStore, T: int) -> list[str]:

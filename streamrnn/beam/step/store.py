@@ -97,6 +97,8 @@ class ShardStore:
     def __init__(self, op: KeyedOperator, model_path: str, health: str | HealthConfig = "off"):
         self.op = op
         self.model_path = model_path
+        #: the effective time (micros) of the model update the store serves; EARLIEST: the pipeline's own model
+        self.model_eff = EARLIEST
         #: the carried-state health policy (``StatefulInference(health=...)``); its columns are part of each key's
         #: state rows (``health_*``, and the shadow's state under ``heal``), so the log carries them
         self.health = health
@@ -136,16 +138,17 @@ class ShardStore:
             mk = self.meta[k]
             self.set_meta(k, KeyMeta(mk.last_ts, mk.expiry, "expired", False))
 
-    def switch_model(self, model: Model, path: str) -> list[str]:
-        """Serve the key streams with ``model`` from now on. Same state shapes: every key's state goes on;
-        other shapes: every live key's stream ends (``model_update``). Returns the keys whose stream ended."""
+    def switch_model(self, model: Model, path: str, eff: int, *, end: bool) -> list[str]:
+        """Serve the key streams with ``model``, the update effective at ``eff`` (micros), from now on. ``end``
+        (an update on the way changed the state shapes): every live key's stream ends (``model_update``); else
+        every key's state goes on. Returns the keys whose stream ended."""
         ended: list[str] = []
         fresh = ShardStore.new(model, path, keep_last_output=self.op.keep_last_output, health=self.health)
-        if model.spec.state_signature == self.op.model.spec.state_signature:
-            fresh.op.restore(self.op.snapshot(), allow_other_model=True)
-        else:
+        if end:
             ended = self.end_streams(list(self.op.keys()), "model_update")
-        self.op, self.model_path, self.log.full = fresh.op, path, True
+        else:
+            fresh.op.restore(self.op.snapshot(), allow_other_model=True)
+        self.op, self.model_path, self.model_eff, self.log.full = fresh.op, path, eff, True
         return ended
 
     def forget(self, key: str) -> None:
@@ -250,7 +253,7 @@ class ShardStore:
         return len(self.op) * state_bytes_per_key(self.op.model) + held + 128 * (len(self.meta) + len(self.ids))
 
     def _scalars(self) -> dict[str, int]:
-        return {"ids_floor": self.ids_floor, "swept": self.swept}
+        return {"ids_floor": self.ids_floor, "swept": self.swept, "model_eff": self.model_eff}
 
     # -- what a rebuild must reproduce -------------------------------------------------------
     def lasting(self) -> dict[str, Any]:
@@ -369,6 +372,7 @@ class ShardStore:
             scalars = head.get("scalars", {})
             store.ids_floor = scalars.get("ids_floor", store.ids_floor)
             store.swept = scalars.get("swept", store.swept)
+            store.model_eff = scalars.get("model_eff", store.model_eff)
         # ids that a prune forgot after they were logged: the floor says which (see forget_old)
         store.ids = {i: at for i, at in store.ids.items() if at >= store.ids_floor}
         change = None
