@@ -203,6 +203,34 @@ def test_model_update_carries_state_or_ends_every_stream(lstm, other_lstm_path, 
     assert op.model is wide and op.keys() == ["a", "z"]
 
 
+@pytest.mark.parametrize("health", [None, "off", "flag"])
+def test_a_failed_model_update_leaves_the_operator_as_it_was(lstm, other_lstm_path, rng, monkeypatch, health):
+    """update_model fails after the new model was set up (the state restore runs out of memory): every attribute
+    is the object it was (the policy the new model would have had by default, its output tails, its store), and
+    the operator then gives exactly what a twin that never saw the update gives, call for call."""
+    other = load(other_lstm_path, providers=[CPU])
+    monkeypatch.setitem(other.spec.metrics, "val_nats_per_char", 2.0)
+    assert other.spec.metrics["val_nats_per_char"] == 2.0  # (the new model's default policy: flag)
+    op, twin = KeyedOperator(lstm, health=health), KeyedOperator(lstm, health=health)
+    x = rng.integers(0, 256, 6)
+    for o in (op, twin):
+        o.process(["a", "b", "a", "b", "a", "c"], x)
+    before = dict(vars(op))
+
+    def fail(*a, **k):
+        raise MemoryError("restore")
+    with monkeypatch.context() as m:
+        m.setattr(KeyedOperator, "_restore_locked", fail)
+        with pytest.raises(MemoryError):
+            op.update_model(other)
+    assert {k for k, v in vars(op).items() if before.get(k) is not v} == set()
+    for keys in (["a", "b"], ["c"], ["a", "z", "a"]):
+        xs = rng.integers(0, 256, len(keys))
+        r, t = op.process(keys, xs), twin.process(keys, xs)
+        assert r.pos.tolist() == t.pos.tolist() and r.reset.tolist() == t.reset.tolist()
+        assert np.array_equal(r.outputs["logprobs"], t.outputs["logprobs"])
+
+
 # -- item 4: a snapshot is one file --------------------------------------------------------------------------
 def test_restore_of_a_directory_is_refused(lstm, other_lstm_path, tmp_path):
     """A folder with a valid snapshot and one of another model restored both (only one file was checked)."""

@@ -43,6 +43,9 @@ REMEMBER_ENDED = 65_536
 #: a packed group of at most this many rows and at least this many steps runs beside the others when they
 #: hold at least SIDE_REST padded key-steps (``KeyedOperator._side_groups``)
 SIDE_ROWS, SIDE_STEPS, SIDE_REST = 16, 32, 256
+#: what :meth:`KeyedOperator._use_model` sets: a failed ``update_model`` puts each back as it was
+_MODEL_FIELDS = ("health", "_health_on", "_alpha", "_d", "_bad_above", "_loss", "_lm_loss", "_keep_last", "model",
+                 "_tokens", "_vocab", "_state_names", "_state_tail", "_out_tail", "_store", "_dev")
 #: known-keys calls of at most this many keys run on bound buffers (``Model.binding``), at most BIND_SIZES
 #: call sizes kept per operator
 BIND_MAX_KEYS, BIND_SIZES = 64, 8
@@ -189,7 +192,8 @@ class KeyedOperator:
         self._use_model(model)
 
     def _use_model(self, model: Model) -> None:
-        """Serve ``model`` with an empty store (construction, and the new side of :meth:`update_model`)."""
+        """Serve ``model`` with an empty store (construction, and the new side of :meth:`update_model`). Sets
+        exactly :data:`_MODEL_FIELDS` (what a failed update puts back)."""
         cfg = hl.resolve(self._health_arg, model, self.max_keys)
         on_device = model.on_cuda if self._on_device_arg is None else bool(self._on_device_arg)
         if cfg.policy == "heal" and on_device:
@@ -1156,7 +1160,7 @@ class KeyedOperator:
             live = self._live(limit)
             carry = model.spec.state_signature == self.model.spec.state_signature
             table = self._snapshot_locked(live) if carry else None
-            before = (self.model, self._state_names, self._state_tail, self._out_tail, self._store, self._dev)
+            before = {f: getattr(self, f) for f in _MODEL_FIELDS}
             try:
                 same_outputs = {o.name: o.shape for o in model.spec.outputs} == {
                     o.name: o.shape for o in self.model.spec.outputs}
@@ -1166,8 +1170,8 @@ class KeyedOperator:
                         table = table.drop_columns([c for c in table.column_names if c.startswith("last_")])
                     self._restore_locked(table, allow_other_model=True)
             except BaseException:
-                (self.model, self._state_names, self._state_tail, self._out_tail, self._store,
-                 self._dev) = before
+                for f, v in before.items():
+                    setattr(self, f, v)
                 raise
             self.evictions.ttl += len(expired)
             self._remember_ended(expired, EXPIRED)
