@@ -182,6 +182,50 @@ def test_bounded_runs_equal_the_offline_model(beam_models, sc, fail_every):
         assert np.allclose(np.asarray(got[ev]["logprobs"], np.float64), lp, atol=1e-5), ev
 
 
+
+@pytest.mark.parametrize("bounded", [False, True])
+def test_updates_at_one_time_apply_in_the_same_order_whatever_order_they_arrive_in(beam_models, bounded):
+    """Two updates effective at the same time (wide, other): the one a pane delivers last used to win. Now they
+    are ordered by path, so every shard serves the same model whichever order they arrive in."""
+    def run(ups):
+        sc = Scenario(steps=[("add", [Event("a", 1.0, 0, 7), Event("a", 60.0, 1, 5)]),
+                             *[("update", (beam_models[u], 42.0)) for u in ups], ("wm", 100.0)],
+                      window=10.0, num_shards=1, next_fields=("logprob",))
+        return _per_event(Harness(beam_models["tiny"], sc, mode="warm", bounded=bounded).run().result()["outputs"])
+
+    one, other = run(["wide", "other"]), run(["other", "wide"])
+    assert one == other and one[("a", 1, 0, 60.0)]["model_version"].startswith("tiny-wide")
+
+
+def test_a_log_written_before_model_eff_was_recorded_rebuilds_to_the_update_it_serves(beam_models):
+    """A shard that passed tiny -> wide (42) -> other (46, tiny's shapes) and whose log has no ``model_eff`` (an
+    earlier version wrote it), rebuilt by the new code: it serves ``other`` from 46 and a's stream goes on, as
+    on a log that has it (taking the store for the base model's would pass both updates again and end it)."""
+    from streamrnn.beam.step import store as S
+    from streamrnn.beam.step.clock import END_OF_INPUT_MICROS, to_micros
+
+    def run(strip: bool):
+        h = Harness(beam_models["tiny"], Scenario(steps=[], window=10.0, num_shards=1), mode="warm")
+        h.add([Event("a", 1.0, 0, 7), Event("a", 50.0, 1, 5)])
+        h.update(beam_models["wide"], 42.0)
+        h.update(beam_models["other"], 46.0)
+        h.advance(to_micros(60.0))
+        if strip:
+            st, old = h.shards[0], []
+            for b in st.log:
+                head, parts = S._unpack(b)
+                head.pop("parts")
+                assert head["scalars"].pop("model_eff") is not None
+                old.append(S._pack(head, {k: S._ipc(v) for k, v in parts.items()}))
+            st.log = old
+            S.CACHE.drop(h.tid)  # the job restarted on the new code
+        h.add([Event("a", 70.0, 2, 9)])
+        h.advance(END_OF_INPUT_MICROS)
+        return sorted((dict(o)["ts"], dict(o)["pos"], dict(o)["reset"]) for o in h.outputs)
+
+    new, old = run(False), run(True)
+    assert new == old and new[-1] == (70.0, 1, "")
+
 # ============================================================================ (2) save_state: the snapshot
 def _write(h: Harness) -> tuple[str, dict]:
     root = tempfile.mkdtemp(prefix="snap-")

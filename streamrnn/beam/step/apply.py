@@ -205,9 +205,13 @@ def switch_model(store: ShardStore, paths: Sequence[str], effs: Sequence[int | N
     than the model before it ends every live stream at its effective time (``model_update``), except those idle
     past ``ttl`` before it, which had ended already (``expired``), whether their expiry ran in an earlier flush
     (streaming) or not yet (a bounded input applied at once). Through same-shaped models only, state goes on.
-    Each update passed counts as a switch.
+    Each update passed counts as a switch. A store whose log did not record its update (``model_eff`` None:
+    written by an earlier version) is taken to serve the latest update up to ``e`` with its model's path.
     """
-    passed = [k for k in range(1, e + 1) if effs[k] > store.model_eff]
+    cur = store.model_eff
+    if cur is None:
+        cur = max((effs[k] for k in range(1, e + 1) if paths[k] == store.model_path), default=EARLIEST)
+    passed = [k for k in range(1, e + 1) if effs[k] > cur]
     if not passed:
         if paths[e] == store.model_path:
             return []
@@ -216,7 +220,7 @@ def switch_model(store: ShardStore, paths: Sequence[str], effs: Sequence[int | N
     for k in passed:
         s = load_model(paths[k]).spec.state_signature
         if s != sig and at is None:
-            at = effs[k] if effs[k] is not None else store.model_eff
+            at = effs[k] if effs[k] is not None else cur
         sig = s
     expired: list[str] = []
     if at is not None and ttl is not None:

@@ -71,7 +71,7 @@ class Ctrl:
         self.num_shards: int | None = d.get("num_shards")
         self.armed: int | None = d.get("armed")
         self.model: str = d.get("model", model_path)
-        self.updates: list[list] = d.get("updates", [])  # [[path, effective micros], ...] sorted
+        self.updates: list[list] = d.get("updates", [])  # [[path, effective micros], ...] sorted by time, path
         self.seen: list[list] = d.get("seen", [])
         self.applied_max: int = d.get("applied_max", EARLIEST)
         self.end_set: bool = d.get("end_set", False)
@@ -261,7 +261,7 @@ class ShardStep(beam.DoFn):
         # Applied events are final; an update (even a late one) serves the events after it that are
         # applied from now on, as the newest update at or before their time: the same on every shard.
         ctrl.updates.append([u["path"], int(u["effective_micros"])])
-        ctrl.updates.sort(key=lambda p: p[1])
+        ctrl.updates.sort(key=lambda p: (p[1], p[0]))  # (updates at one time: by path, not by arrival)
 
     def _late(self, shard: int, t: pa.Table, ctrl: Ctrl, pending, log_state) -> Iterator:
         """Events of windows the watermark had passed: duplicates of applied/pending rows, else late."""

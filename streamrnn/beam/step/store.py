@@ -97,8 +97,9 @@ class ShardStore:
     def __init__(self, op: KeyedOperator, model_path: str, health: str | HealthConfig = "off"):
         self.op = op
         self.model_path = model_path
-        #: the effective time (micros) of the model update the store serves; EARLIEST: the pipeline's own model
-        self.model_eff = EARLIEST
+        #: the effective time (micros) of the model update the store serves; EARLIEST: the pipeline's own model;
+        #: None: not recorded (a log written before it was), so ``apply.switch_model`` infers it from the path
+        self.model_eff: int | None = EARLIEST
         #: the carried-state health policy (``StatefulInference(health=...)``); its columns are part of each key's
         #: state rows (``health_*``, and the shadow's state under ``heal``), so the log carries them
         self.health = health
@@ -372,7 +373,7 @@ class ShardStore:
             scalars = head.get("scalars", {})
             store.ids_floor = scalars.get("ids_floor", store.ids_floor)
             store.swept = scalars.get("swept", store.swept)
-            store.model_eff = scalars.get("model_eff", store.model_eff)
+            store.model_eff = scalars.get("model_eff")
         # ids that a prune forgot after they were logged: the floor says which (see forget_old)
         store.ids = {i: at for i, at in store.ids.items() if at >= store.ids_floor}
         change = None
