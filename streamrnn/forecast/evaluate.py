@@ -234,7 +234,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         codes = np.unique(G, return_inverse=True)[1]
         everything = np.ones(len(Y), bool)
         sels = (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))
-        bar.update("online calibration (ACI) of every symbol from its first bar")
+        bar.update(f"online calibration ({_METHOD_NAME[cal_cfg.method]}) of every symbol from its first bar")
         aci = _aci_alphas(data, whole, scored, df_model, cal_cfg, gammas[0])
         # the model's ACI-calibrated bands beside its raw ones in every table: hit iff the two-sided tail mass of
         # the outcome is at least the a issued at its origin (conformal.misses)
@@ -317,6 +317,10 @@ def _backtest_block(pts: Mapping[str, Mapping[str, np.ndarray]], table, M: np.nd
     }
 
 
+#: the calibrators' names in progress lines
+_METHOD_NAME = {"aci": "ACI", "agaci": "AgACI", "none": "no calibration"}
+
+
 def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]], scored: list[tuple[int, np.ndarray]],
                df: np.ndarray, Y: np.ndarray, M: np.ndarray, D: np.ndarray, G: np.ndarray, HO: np.ndarray,
                cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress, first: np.ndarray) -> dict:
@@ -338,7 +342,7 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
 
     scan, groups = [], {}
     for i, g in enumerate(gammas):
-        bar.tick(i, len(gammas), "ACI runs", f"gamma {g:g}")
+        bar.tick(i, len(gammas), f"{_METHOD_NAME[cfg.method]} runs", f"gamma {g:g}")
         if i == 0:
             groups = tables(first, sels)
             tabs = groups["all"]
