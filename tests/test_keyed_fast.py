@@ -11,7 +11,7 @@ from unittest import mock
 import numpy as np
 import pytest
 from conftest import FakeClock
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_atomic import Boom, _assert_same, _everything, _fail_on_call
 
@@ -107,6 +107,27 @@ def _known_equals_general(lstm, calls, max_keys, ttl, health, keep, seed) -> Non
         for d, c in zip((r.outputs, r.prev_outputs), copies, strict=True):
             for n, v in d.items():
                 np.testing.assert_array_equal(v, c[n])
+
+
+ORDERED = [f"k{i}" for i in range(8)]
+#: calls of keys in the order they first came (held in consecutive slots: a wide known call copies by slice)
+runs_st = st.lists(st.tuples(st.tuples(st.integers(0, 7), st.integers(2, 8)).map(lambda t: ORDERED[t[0]:t[0] + t[1]]),
+                             st.sampled_from([0.0, 0.5, 6.0, -3.0])), min_size=1, max_size=14)
+
+
+@given(calls=runs_st, max_keys=st.integers(4, 8), ttl=st.sampled_from([None, 10.0]),
+       health=st.sampled_from(sorted(HEALTH)), keep=st.booleans(), seed=st.integers(0, 2**16),
+       bind=st.sampled_from(BINDS[1:]))
+@example(calls=[(ORDERED[:6], 0.0)] * 4, max_keys=6, ttl=None, health="off", keep=True, seed=1, bind=(0, 1))  # whole
+@example(calls=[(ORDERED[:6], 0.0)] * 4, max_keys=6, ttl=10.0, health="flag", keep=False, seed=2, bind=(3, 1))  # slab
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_known_calls_of_consecutive_slots_equal_the_general_path(lstm, calls, max_keys, ttl, health, keep, seed,
+                                                                 bind):
+    """Wide known calls (past the bound buffers) whose keys hold consecutive slots in order, so their state and
+    last outputs are copied by slice (the whole slab where the call has every slot), among evictions, expiries and
+    health: equal to the general path, call for call, and no result shares memory with a later call's."""
+    with mock.patch.multiple(keyed_operator, BIND_MAX_KEYS=bind[0], BIND_SIZES=bind[1]):
+        _known_equals_general(lstm, calls, max_keys, ttl, health, keep, seed)
 
 
 @given(calls=calls_st, seed=st.integers(0, 2**16))

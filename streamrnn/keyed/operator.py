@@ -432,6 +432,10 @@ class KeyedOperator:
             if None in held or len(set(held)) < N:
                 return None
             at = np.array(held, np.int64)
+        # a wide call whose keys hold consecutive slots in order (a steady stream's keys, in the order they first
+        # came): the bulk copies of state and last outputs go by slice, not by index
+        run = (slice(held[0], held[0] + N) if N > max(BIND_MAX_KEYS, 1) and held[-1] - held[0] == N - 1
+               and bool((at[1:] - at[:-1] == 1).all()) else None)
         if self.ttl is not None and not store.none_expired(now - self.ttl):
             return None
         health = verdict = None
@@ -454,21 +458,24 @@ class KeyedOperator:
                   else {n: np.take(slab[n], at, axis=1, out=b.state_in(n), mode="clip") for n in names})
             o, new = self.model.run_unchecked(x[:, None], b.lengths, State(st, names), binding=b)
             outs = {n: v[:, 0].copy() for n, v in o.items()}  # the binding's buffers: the next call reuses them
-        else:  # one gather per tensor
-            st = {n: slab[n][:, at] if N == 1 else slab[n].take(at, axis=1) for n in names}
+        else:  # one gather per tensor (none where the call's run is the whole slab)
+            st = {n: slab[n][:, at] if N == 1 else np.ascontiguousarray(slab[n][:, run]) if run is not None
+                  else slab[n].take(at, axis=1) for n in names}
             o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
             outs = {n: v[:, 0] for n, v in o.items()}
-        prev = {n: last[n][at].copy() if N == 1 else last[n][at] for n in outs} if self.keep_last_output else {}
+        put = at if run is None else run
+        prev = ({n: last[n][at].copy() if N == 1 or run is not None else last[n][at] for n in outs}
+                if self.keep_last_output else {})
         # -- commit (nothing below can fail on valid data)
         for n in names:
-            slab[n][:, at] = new.raw(n)[:, :N]
+            slab[n][:, put] = new.raw(n)[:, :N]
         if self._keep_last:
             if N == 1:  # a row by int index: cheaper than a slice of one row
                 for n, v in outs.items():
                     last[n][s] = v[0]
             else:
                 for n, v in outs.items():
-                    last[n][at] = v
+                    last[n][put] = v
         steps = store.steps
         if N == 1:
             pos = steps[at].copy()
