@@ -133,8 +133,9 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--var", type=fractions(0, 0.5, "tail probabilities"), default=list(TAILS),
                     help="value-at-risk / expected-shortfall tail probabilities, calibrated like the levels "
                          "(default: 0.01,0.05)")
-    ap.add_argument("--gamma", type=fraction(0, 1, lo_open=True, hi_open=True), default=GAMMA,
-                    help="the ACI step of the 80%% level: about 1/gamma bars to correct a shift (default: %(default)s)")
+    ap.add_argument("--gamma", type=fraction(0, 1, lo_open=True, hi_open=True),
+                    help=f"the ACI step of the 80%% level: about 1/gamma bars to correct a shift; --calibration aci "
+                         f"only (default: {GAMMA})")
     ap.add_argument("--calibration", choices=METHODS, default=METHOD,
                     help="online calibration of the bands per symbol: aci (one step), agaci (ACI experts at several "
                          "steps aggregated online: reacts faster to a regime shift) or none (the calibrated columns "
@@ -154,6 +155,11 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     for flag, vals in (("--levels", args.levels), ("--var", args.var)):
         if len({label(v) for v in vals}) != len(vals):
             ap.error(f"{flag}: expected values distinct in their column names, got {','.join(map(str, vals))}")
+    if args.gamma is not None and args.calibration != "aci":
+        ap.error(f"--gamma: expected it with --calibration aci (the one step it sets), got --calibration "
+                 f"{args.calibration}" + (": its experts run fixed steps (docs/market.md, AgACI)"
+                                          if args.calibration == "agaci" else ""))
+    args.gamma = GAMMA if args.gamma is None else args.gamma
     args.live = live_source(args, beam_args)
     args.health_arg = health_arg(ap, args)
     return args, beam_args

@@ -213,7 +213,8 @@ class _Write(beam.DoFn):
             for k in symbols:
                 symbols[k]["horizons"] = c.scores(per_h.get(k))
             overall = {"horizons": c.scores(_add_vectors(per_h.values())),
-                       "calibration": {"levels": list(c.levels), "var": list(c.tails), "gamma": c.gamma,
+                       "calibration": {"levels": list(c.levels), "var": list(c.tails),
+                                       **({"gamma": c.gamma} if c.method == "aci" else {}),
                                        "gamma_scaling": c.scaling,
                                        **({"method": c.method} if c.method != METHOD else {})}}
         write_json(FileSystems.join(self.root, SUMMARY), {

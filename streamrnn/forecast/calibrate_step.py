@@ -65,6 +65,7 @@ from ..beam.records import from_ipc, shard_of, to_ipc
 from ..beam.step.clock import END_OF_INPUT_MICROS, timestamp
 from ..beam.step.counters import Counters
 from ..beam.step.intake import REL
+from ..errors import SnapshotError
 from ..metrics.catalogue import guarded
 from .conformal import GAMMA, LEVELS, METHOD, TAILS, OnlineConformal, bands, label, misses, pit
 from .distribution import nll
@@ -146,7 +147,12 @@ class Calibrator:
         K, L = len(cfg.nominal), len(self.levels)
         cal = self._calibrator()
         if aci is not None:
-            cal.restore(aci)
+            try:
+                cal.restore(aci)
+            except SnapshotError as e:
+                raise SnapshotError(f"calibration state: {e}: the state this job carries was written with other "
+                                    "--levels, --var or --calibration (or a model of other horizons); run with the "
+                                    "settings that wrote it, or start without it") from None
         rows = rows.sort_by([("symbol", "ascending"), ("bar", "ascending")])
         ring = self.ring.empty_table() if ring is None else ring
         n = rows.num_rows
@@ -161,11 +167,18 @@ class Calibrator:
         order = np.lexsort((bar, g))
         g, bar = g[order], bar[order]
         same = g[1:] == g[:-1]
-        if (same & (np.diff(bar) <= 0)).any():
-            k = int(np.flatnonzero(same & (np.diff(bar) <= 0))[0])
-            raise RuntimeError(f"calibration of {names[g[k]]!r}: bar {int(bar[k + 1])} after bar {int(bar[k])}: rows "
-                               "out of bar order (the upstream step emits each symbol's rows in bar order)")
         is_new = (np.arange(m + n) >= m)[order]
+        # each new row after its symbol's ring (its last applied bars) and its previous new row
+        after = np.full(len(names), np.iinfo(np.int64).min)
+        np.maximum.at(after, g[~is_new], bar[~is_new])
+        nw = np.flatnonzero(is_new)
+        prev = after[g[nw]]
+        inner = (nw > 0) & same[np.maximum(nw - 1, 0)] & is_new[np.maximum(nw - 1, 0)]
+        prev[inner] = np.maximum(prev[inner], bar[nw[inner] - 1])
+        if (bar[nw] <= prev).any():
+            k = int(np.flatnonzero(bar[nw] <= prev)[0])
+            raise RuntimeError(f"calibration of {names[g[nw[k]]]!r}: bar {int(bar[nw[k]])} after bar {int(prev[k])}: "
+                               "rows out of bar order (the upstream step emits each symbol's rows in bar order)")
         close = np.concatenate([_np(old, "close"), _np(rows, "close")])[order]
         ts = np.concatenate([_np(old, "ts"), _np(rows, "ts")])[order]
         jump = np.concatenate([_np(old, "jump").astype(bool), pc.match_substring(rows.column("flags"), "jump")
@@ -175,6 +188,10 @@ class Calibrator:
             np.float64)
         loc = np.concatenate([_fixed(old, "loc", H), loc_new])[order]
         scale = np.concatenate([_fixed(old, "scale", H), scale_new])[order]
+        # a forecast the model gave as NaN, inf or a scale <= 0 is no distribution: it gets no bands and
+        # issues no target (its row flows on, its band and score columns null)
+        with np.errstate(invalid="ignore"):
+            usable = np.isfinite(loc) & np.isfinite(scale) & (scale > 0)
         first = np.searchsorted(g, g)  # each row's group start
         rank = np.arange(m + n) - first  # its index within its symbol's rows here
         pos = np.flatnonzero(is_new)  # the new rows, in (symbol, bar) order: rows' order
@@ -184,7 +201,7 @@ class Calibrator:
         hh = np.arange(1, H + 1)[None, :]
         o = np.maximum(i - hh, 0)
         cj = np.cumsum(jump)
-        valid = (rank[i] - hh >= 0) & (bar[i] - bar[o] == hh) & (cj[i] - cj[o] == 0)
+        valid = (rank[i] - hh >= 0) & (bar[i] - bar[o] == hh) & (cj[i] - cj[o] == 0) & usable[o, hh - 1]
         with np.errstate(divide="ignore", invalid="ignore"):
             y = np.where(valid, 100.0 * np.log(close[i] / close[o]), 0.0)
         loc_o = np.where(valid, loc[o, hh - 1], 0.0)
@@ -235,20 +252,25 @@ class Calibrator:
         with np.errstate(invalid="ignore", divide="ignore"):
             loss = nll(y, loc_o, scale_o, np.broadcast_to(self.df, y.shape))
 
-        # this bar's calibrated bands
+        # this bar's calibrated bands (null where its forecast is unusable)
         c_new = close[pos]
-        b = bands(issued[pos], loc_new, scale_new, self.df, cfg)
+        ok = usable[pos]
+        b = bands(issued[pos], np.where(ok, loc[pos], 0.0), np.where(ok, scale[pos], 1.0), self.df, cfg)
         out = rows
         for h in range(H):
+            null = ~ok[:, h]
+
+            def col(v, null=null):
+                return pa.array(v, pa.float64(), mask=null)
             for lv in self.levels:
                 for side in ("lo", "hi"):
                     q = b[f"{side}{label(lv)}"][:, h]
-                    out = out.append_column(f"h{h + 1}_cal_{side}{label(lv)}", pa.array(c_new * np.exp(q / 100.0)))
+                    out = out.append_column(f"h{h + 1}_cal_{side}{label(lv)}", col(c_new * np.exp(q / 100.0)))
             for p in self.tails:
                 var = b[f"var{label(p)}"][:, h]
-                out = out.append_column(f"h{h + 1}_var{label(p)}", pa.array(var))
-                out = out.append_column(f"h{h + 1}_es{label(p)}", pa.array(b[f"es{label(p)}"][:, h]))
-                out = out.append_column(f"h{h + 1}_var{label(p)}_price", pa.array(c_new * np.exp(-var / 100.0)))
+                out = out.append_column(f"h{h + 1}_var{label(p)}", col(var))
+                out = out.append_column(f"h{h + 1}_es{label(p)}", col(b[f"es{label(p)}"][:, h]))
+                out = out.append_column(f"h{h + 1}_var{label(p)}_price", col(c_new * np.exp(-var / 100.0)))
         for h in range(H):
             s, mask = f"scored_h{h + 1}_", ~valid[:, h]
             for name, v in (("origin_ts", ts[o[:, h]]), ("ret", y[:, h]), ("error", err[:, h]), ("nll", loss[:, h])):

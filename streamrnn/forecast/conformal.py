@@ -684,6 +684,7 @@ class OnlineConformal:
         else:
             meta = (snap.schema.metadata or {}).get(b"streamrnn.conformal")
             cfg = meta.decode() if meta is not None else None
+            self._check_config(cfg)  # before the columns: other settings show as other widths there
             names = set(snap.column_names)
             miss = [f for f in ("key", *fields) if f not in names]
             if miss:
@@ -701,19 +702,7 @@ class OnlineConformal:
                     raise SnapshotError(f"conformal restore: {f}: expected {width} values per key, got "
                                         f"{len(flat) / max(S, 1):g}")
                 arrays[f] = flat.reshape(shape)
-        try:
-            got = json.loads(cfg) if cfg is not None else None
-        except (TypeError, ValueError):
-            got = cfg
-        want = self.config.to_dict()
-        if isinstance(got, dict):
-            got = {"method": "aci", **got}  # snapshots from before the method field are ACI's
-        for meaning in (("horizons", "levels", "tails"),
-                        ("method", "gammas") if self.config.method == "agaci" else ("method",)):
-            if not isinstance(got, dict) or any(got.get(k) != want[k] for k in meaning):
-                shown = [got.get(k) for k in meaning] if isinstance(got, dict) else got
-                raise SnapshotError(f"conformal restore: config: expected {'/'.join(meaning)} "
-                                    f"{[want[k] for k in meaning]}, got {shown!r}")
+        self._check_config(cfg)
         if keys is None:
             raise SnapshotError("conformal restore: keys: expected the key names, got none")
         keys = [str(k) for k in keys]
@@ -752,6 +741,24 @@ class OnlineConformal:
             raise SnapshotError(f"conformal restore: seq: expected counts >= 0, got {int(out['seq'].min())}")
         self._keys = {k: i for i, k in enumerate(keys)}
         self._st = out
+
+
+    def _check_config(self, cfg) -> None:
+        """A snapshot's config (JSON) against this calibrator's: the same horizons, levels, tails and method
+        (``agaci``: and expert steps), else :class:`~streamrnn.errors.SnapshotError` naming them."""
+        try:
+            got = json.loads(cfg) if cfg is not None else None
+        except (TypeError, ValueError):
+            got = cfg
+        want = self.config.to_dict()
+        if isinstance(got, dict):
+            got = {"method": "aci", **got}  # snapshots from before the method field are ACI's
+        for meaning in (("horizons", "levels", "tails"),
+                        ("method", "gammas") if self.config.method == "agaci" else ("method",)):
+            if not isinstance(got, dict) or any(got.get(k) != want[k] for k in meaning):
+                shown = [got.get(k) for k in meaning] if isinstance(got, dict) else got
+                raise SnapshotError(f"conformal restore: config: expected {'/'.join(meaning)} "
+                                    f"{[want[k] for k in meaning]}, got {shown!r}")
 
 
 def state_bytes(horizons: int, targets: int, experts: int = 0) -> int:
