@@ -33,7 +33,8 @@ def expected(what: str, want: object, got: object) -> str:
 
 
 class DeployError(StreamRNNError):
-    """A worker runs something other than what the launcher built the pipeline with (versions, model file)."""
+    """A worker runs something other than what the launcher built the pipeline with (versions, model file), or
+    carries state written under other settings (the market job's calibration state)."""
 
 
 class InferenceError(StreamRNNError, RuntimeError):

@@ -14,7 +14,7 @@ import pytest
 from test_forecast_agaci_job import DF, KW, MODEL, _ipc_roundtrip
 
 from beam_jobs import market_forecast
-from streamrnn.errors import SnapshotError
+from streamrnn.errors import DeployError
 from streamrnn.forecast.calibrate_step import Calibrator
 from streamrnn.forecast.conformal import OnlineConformal, bands
 
@@ -115,9 +115,10 @@ def test_an_unusable_forecast_gets_null_bands_and_issues_no_target(method, bad):
 
 
 def test_state_of_other_settings_is_refused_naming_the_flags():
+    """A deploy mismatch (the job launcher's one line and exit 2), naming the flags and both configs."""
     _, state, ring = Calibrator(DF, method="aci", **KW).apply(None, None, _rows("A", range(10)))
     for other in (dict(KW, levels=(0.5, 0.8, 0.95)), dict(KW, method="agaci"), dict(KW, tails=(0.01,))):
-        with pytest.raises(SnapshotError, match=r"--levels, --var or --calibration"):
+        with pytest.raises(DeployError, match=r"expected .* got .*--levels, --var or --calibration"):
             Calibrator(DF, **other).apply(state, ring, _rows("A", range(10, 12)))
 
 

@@ -65,7 +65,7 @@ from ..beam.records import from_ipc, shard_of, to_ipc
 from ..beam.step.clock import END_OF_INPUT_MICROS, timestamp
 from ..beam.step.counters import Counters
 from ..beam.step.intake import REL
-from ..errors import SnapshotError
+from ..errors import DeployError, SnapshotError
 from ..metrics.catalogue import guarded
 from .conformal import GAMMA, LEVELS, METHOD, TAILS, OnlineConformal, bands, label, misses, pit
 from .distribution import nll
@@ -149,8 +149,8 @@ class Calibrator:
         if aci is not None:
             try:
                 cal.restore(aci)
-            except SnapshotError as e:
-                raise SnapshotError(f"calibration state: {e}: the state this job carries was written with other "
+            except SnapshotError as e:  # a deploy mismatch: the launcher's one line, exit 2
+                raise DeployError(f"calibration state: {e}: the state this job carries was written with other "
                                     "--levels, --var or --calibration (or a model of other horizons); run with the "
                                     "settings that wrote it, or start without it") from None
         rows = rows.sort_by([("symbol", "ascending"), ("bar", "ascending")])
