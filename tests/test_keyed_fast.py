@@ -109,6 +109,21 @@ def _known_equals_general(lstm, calls, max_keys, ttl, health, keep, seed) -> Non
                 np.testing.assert_array_equal(v, c[n])
 
 
+def test_a_known_call_holding_every_slot_takes_the_models_new_state_as_the_slab(lstm, rng):
+    """Calls of the same 64+ keys in first-seen order once they fill the operator: the slab arrays are replaced by
+    the model's (no scatter) on every such call, and the results and snapshot equal the general path's."""
+    keys = [f"k{i}" for i in range(128)]
+    a, b = (KeyedOperator(lstm, max_keys=128, clock=FakeClock(100.0)) for _ in range(2))
+    _general_only(b)
+    for i in range(4):
+        x = rng.integers(0, 256, len(keys))
+        before = {n: id(v) for n, v in a._store.slab.items()}
+        _assert_same_result(a.process(keys, x), b.process(keys, x))
+        assert a.snapshot().equals(b.snapshot())
+        if i:  # (the first call makes the keys)
+            assert all(id(v) != before[n] for n, v in a._store.slab.items())
+
+
 ORDERED = [f"k{i}" for i in range(8)]
 #: calls of keys in the order they first came (held in consecutive slots: a wide known call copies by slice)
 runs_st = st.lists(st.tuples(st.tuples(st.integers(0, 7), st.integers(2, 8)).map(lambda t: ORDERED[t[0]:t[0] + t[1]]),
