@@ -14,6 +14,7 @@ import pytest
 from test_forecast_agaci_job import DF, KW, MODEL, _ipc_roundtrip
 
 from beam_jobs import market_forecast
+from streamrnn.cli.commands import main
 from streamrnn.errors import DeployError
 from streamrnn.forecast.calibrate_step import Calibrator
 from streamrnn.forecast.conformal import OnlineConformal, bands
@@ -129,3 +130,7 @@ def test_gamma_is_only_for_aci_one_line(tmp_path, capsys, method):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--gamma" in err[0] and method in err[0], err
     assert not (tmp_path / "o").exists()
+    code = main(["eval", "forecast", "--model", MODEL, "--bars", str(tmp_path), "--calibration", method,
+                 "--gamma", "0.05"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--gamma" in err[0] and method in err[0], err

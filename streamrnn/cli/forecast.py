@@ -99,6 +99,9 @@ def _eval(a: argparse.Namespace) -> int:
                          f"and --{'start' if a.start else 'end'}")
     if a.end and not a.start:
         raise InputError(f"--end: expected --start with it, got --end {a.end} alone")
+    if a.gamma is not None and a.calibration != "aci":
+        raise InputError(f"--gamma: expected it with --calibration aci (the steps it sets and scans), got "
+                         f"--calibration {a.calibration}")
     if a.start and a.end and not np_secs(a.start) < np_secs(a.end):
         raise InputError(f"--end: expected a date after --start {a.start}, got {a.end}")
 
