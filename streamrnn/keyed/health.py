@@ -180,7 +180,10 @@ Loss = Callable[[Mapping[str, np.ndarray], tuple, np.ndarray], np.ndarray]
 
 def lm_loss(outputs: Mapping[str, np.ndarray], at: tuple, x: np.ndarray) -> np.ndarray:
     """A next-token model's loss: ``-logprob`` of the token (nats/char)."""
-    return -outputs["logprobs"][(*at, x)].astype(np.float64)
+    lp = outputs["logprobs"]
+    if len(at) == 1 and lp.ndim == 2 and lp.flags.c_contiguous:  # rows of a [n, V] array: one flat take
+        return np.negative(lp.reshape(-1).take(at[0] * lp.shape[1] + x), dtype=np.float64)
+    return -lp[(*at, x)].astype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,10 @@ def _powers(d: float, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def ew_one(num0: np.ndarray, den0: np.ndarray, loss: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
     """:func:`ew_padded` for one event per key (``loss [B]``)."""
-    v = ~np.isnan(loss)
     d = 1.0 - alpha
+    if not np.isnan(loss.sum()):  # every event scored (most calls): the same numbers, without the masks
+        return d * num0 + alpha * loss, d * den0 + alpha
+    v = ~np.isnan(loss)
     return (np.where(v, d * num0 + alpha * np.where(v, loss, 0.0), num0), np.where(v, d * den0 + alpha, den0))
 
 

@@ -509,7 +509,7 @@ class KeyedOperator:
             bad = int(state_health > self._bad_above)
             state_health = np.array(state_health, ndmin=1)
         else:
-            h["ew_num"][at], h["ew_den"][at], h["last_health"][at] = health
+            h["ew_num"][put], h["ew_den"][put], h["last_health"][put] = health
             bad = int(np.count_nonzero(hl.bad(self.health, state_health)))
         return KeyedResult(outs, pos, fresh, prev, reset, state_health, bad)
 
@@ -556,8 +556,11 @@ class KeyedOperator:
             return None
         lc = self._loss(store.last, (at,), x)
         num, den = hl.ew_one(h["ew_num"][at], h["ew_den"][at], lc, self._alpha)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        if den.min() > 0:  # (every key has an EW loss: most calls)
             ew_now = num / den
+        else:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                ew_now = num / den
         health = ew_now / ref if ref is not None else np.full(len(at), np.nan)
         if heal and store.shadow.used < cfg.max_watch and hl.want_watch(cfg, ew_now, store.steps[at] + 1).any():
             return None
