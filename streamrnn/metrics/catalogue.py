@@ -81,7 +81,7 @@ CATALOGUE: tuple[MetricDef, ...] = (
     MetricDef("streamrnn_dead_letters_total", "counter",
               "Events sent to dead letters, by reason (invalid, late, duplicate, error).", DEAD),
     MetricDef("streamrnn_expired_keys_total", "counter", "Key states dropped after the idle TTL (event time).", JOB),
-    MetricDef("streamrnn_model_switches_total", "counter", "Model updates taken into use by a shard.", JOB),
+    MetricDef("streamrnn_model_switches_total", "counter", "Model updates a shard took into use, each once, whether or not its events used it.", JOB),
     MetricDef("streamrnn_model_update_resets_total", "counter",
               "Key states restarted because an update's state layout differed.", JOB),
     MetricDef("streamrnn_state_compactions_total", "counter", "Shard state logs rewritten as one full snapshot.", JOB),
