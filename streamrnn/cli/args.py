@@ -145,7 +145,9 @@ def add_health_args(ap: argparse.ArgumentParser, what: str, default: str) -> Non
                          f"{what[:-1]} to reset again (default: 0)")
     ap.add_argument("--health-max-watch", type=at_least(1), default=None, metavar="N",
                     help=f"heal: most {what} watched or healing at once per shard, each one more row per model call "
-                         f"(default: no bound; the watch rule keeps them few while {what} are in domain)")
+                         f"(default: no bound; the watch rule keeps them few while {what} are in domain). A bound "
+                         f"that binds makes which {what} are healed depend on how the input is cut into flushes "
+                         f"(docs/beam.md)")
 
 
 def health_arg(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str | HealthConfig | None:
