@@ -680,6 +680,7 @@ class OnlineConformal:
         fields = self.config.fields
         if isinstance(snap, Mapping):
             cfg, keys = snap.get("config"), snap.get("keys")
+            self._check_config(cfg)
             arrays = {f: snap.get(f) for f in fields}
         else:
             meta = (snap.schema.metadata or {}).get(b"streamrnn.conformal")
@@ -702,7 +703,6 @@ class OnlineConformal:
                     raise SnapshotError(f"conformal restore: {f}: expected {width} values per key, got "
                                         f"{len(flat) / max(S, 1):g}")
                 arrays[f] = flat.reshape(shape)
-        self._check_config(cfg)
         if keys is None:
             raise SnapshotError("conformal restore: keys: expected the key names, got none")
         keys = [str(k) for k in keys]

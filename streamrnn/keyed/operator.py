@@ -464,7 +464,8 @@ class KeyedOperator:
             o, new = self.model.run_unchecked(x[:, None], self.model._lengths(None, N, 1), State(st, names))
             outs = {n: v[:, 0] for n, v in o.items()}
         put = at if run is None else run
-        prev = ({n: last[n][put].copy() if N == 1 or run is not None else last[n][at] for n in outs}
+        # (a slice is a view of the store's rows: copied; an index array gathers a copy already)
+        prev = ({n: last[n][put].copy() if isinstance(put, slice) else last[n][put] for n in outs}
                 if self.keep_last_output else {})
         # -- commit (nothing below can fail on valid data)
         whole = run is not None and run.start == 0 and N == store.cap
