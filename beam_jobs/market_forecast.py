@@ -143,6 +143,10 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--gamma-scaling", choices=SCALINGS, default=SCALINGS[0],
                     help="each level's step: proportional to its miscoverage, or the same constant step for all "
                          "(default: %(default)s)")
+    ap.add_argument("--pool", type=fraction(0, 1), default=0.0, metavar="W",
+                    help="weight of a market-wide scale term learned from every symbol's surprises at once, so a "
+                         "shock common to all symbols widens every band within days; 0: off. With it on, the "
+                         "calibration runs as one Beam key (docs/market.md, pooled; default: %(default)s)")
     add_health_args(ap, "symbols", "off: a forecaster has no reference loss to flag against, docs/operator.md")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     ap.add_argument("--verbose", action="store_true", help="Beam's INFO log lines too")
@@ -205,10 +209,10 @@ def build(p: beam.Pipeline, args: argparse.Namespace, files: list[str], inferenc
     out, dead = events | "Forecast" >> inference
     df, gap_bars = [float(d) for d in meta["df"]], cfg.gap_bars
     cal = Calibration(int(meta["horizons"]), tuple(args.levels), tuple(args.var), float(args.gamma), args.gamma_scaling,
-                      args.calibration)
+                      args.calibration, float(args.pool))
     rows = (out | "JobColumns" >> beam.Map(job_columns, df, gap_bars)
             | "Calibrate" >> Calibrate(df, levels=cal.levels, tails=cal.tails, gamma=cal.gamma, scaling=cal.scaling,
-                                       method=cal.method, num_shards=args.shards))
+                                       method=cal.method, num_shards=args.shards, pool=cal.pool))
     dead_all = (unread, bad_bars, dead) | "AllDeadLetters" >> beam.Flatten()
     schema = output_schema(cal.horizons, cal.levels, cal.tails, health=args.health != "off")
     rows | "WriteForecasts" >> WriteParquet(args.output, prefix=FORECASTS, schema=schema, temp_directory=temp_dir)

@@ -45,6 +45,7 @@ MODEL = str(ROOT / "exported" / "market.onnx")
 DAY = 86400.0
 CUSTOM = {"levels": (0.6, 0.9), "tails": (0.02, 0.1), "gamma": 0.05, "scaling": "constant"}
 DEFAULT = {"levels": LEVELS, "tails": TAILS, "gamma": GAMMA}
+POOL = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +73,22 @@ JOB = "market_forecast runs of test_market_job_calibration"
 def _job_runs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """The demo, then a replay and a split batch run of its bars (below), run in processes of their own
     (tests/run_jobs.py) beside the other tests (tests/background.py): {run: output folder}."""
-    out = {name: folder / name for name in ("demo", "replay", "split")}
+    out = {name: folder / name for name in ("demo", "replay", "split", "pool_batch", "pool_replay")}
     for step in ("first", "then"):
         (folder / step).mkdir()
     _ran(background.run_jobs(folder / "first", {"demo": ("beam_jobs.market_forecast",
                                                          _argv("--demo", "--output", str(out["demo"])))}))
     bars = sorted((out["demo"] / "simulated_bars").glob("*.csv"))
+    replay_bars = _replay_bars(bars, folder / "replay_bars")
+    # the market-wide scale term (--pool): bounded and streaming, on other shard counts, must agree
+    pooled = ("--input", str(replay_bars), "--window", str(28 * DAY), "--pool", str(POOL))
     _ran(background.run_jobs(folder / "then", {
+        "pool_batch": ("beam_jobs.market_forecast", _argv(*pooled, "--output", str(out["pool_batch"]),
+                                                          "--shards", "5")),
+        "pool_replay": ("beam_jobs.market_forecast", _argv(*pooled, "--output", str(out["pool_replay"]),
+                                                           "--shards", "2", "--replay")),
         "replay": ("beam_jobs.market_forecast", _argv(
-            "--input", str(_replay_bars(bars, folder / "replay_bars")), "--output", str(out["replay"]), "--replay",
+            "--input", str(replay_bars), "--output", str(out["replay"]), "--replay",
             "--window", str(28 * DAY), "--levels", ",".join(map(str, CUSTOM["levels"])),
             "--var", ",".join(map(str, CUSTOM["tails"])), "--gamma", str(CUSTOM["gamma"]),
             "--gamma-scaling", CUSTOM["scaling"])),
@@ -267,6 +275,21 @@ def test_replay_equals_offline_with_other_levels_and_the_batch_scores(demo, repl
     may = float(np.datetime64("2016-05-01", "s").astype(np.int64))
     d = demo["t"].filter(pc.less(demo["t"].column("ts"), may)).select(cols)
     assert r.num_rows > 4 * 70 and r.equals(d)
+
+
+def test_pooled_scale_bounded_equals_streaming_on_other_shard_counts(df):
+    """``--pool``: a batch run on 5 shards and a streaming replay on 2 give the same bands and scores, bit for
+    bit (the term reads every symbol, so the step is one Beam key whatever --shards is), and the term moved them
+    (the per-symbol calibrator alone gives other bands on the same rows)."""
+    b, r = _run("pool_batch", DEFAULT), _run("pool_replay", DEFAULT)
+    cols = [c for c in b["t"].column_names if "_cal_" in c or c.startswith(("scored_", "symbol", "bar"))
+            or "_var" in c or "_es" in c]
+    assert b["t"].num_rows > 4 * 70 and b["t"].select(cols).equals(r["t"].select(cols))
+    assert b["summary"]["calibration"]["pool"] == r["summary"]["calibration"]["pool"] == POOL
+    base = b["t"].select([c for c in b["t"].column_names if c in set(output_schema(len(df)).names)
+                          and not any(k in c for k in ("_cal_", "scored_", "_var", "_es"))])
+    alone = Calibrator(df).apply(None, None, base)[0]
+    assert not alone.column("h1_cal_lo80").equals(b["t"].column("h1_cal_lo80"))
 
 
 def test_split_shuffled_files_with_a_corporate_action_equal_offline(demo, split, df):

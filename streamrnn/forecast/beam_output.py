@@ -162,6 +162,7 @@ class Calibration(NamedTuple):
     gamma: float = GAMMA
     scaling: str = "proportional"
     method: str = METHOD  # conformal.METHODS: aci, agaci or none (the raw bands)
+    pool: float = 0.0  # the market-wide scale term's weight (.pooled; 0: off)
 
     def scores(self, flat: Sequence[float] | None) -> dict:
         n = len(sum_names(self.levels, self.tails))
@@ -216,7 +217,8 @@ class _Write(beam.DoFn):
                        "calibration": {"levels": list(c.levels), "var": list(c.tails),
                                        **({"gamma": c.gamma} if c.method == "aci" else {}),
                                        "gamma_scaling": c.scaling,
-                                       **({"method": c.method} if c.method != METHOD else {})}}
+                                       **({"method": c.method} if c.method != METHOD else {}),
+                                       **({"pool": c.pool} if c.pool else {})}}
         write_json(FileSystems.join(self.root, SUMMARY), {
             "simulated": self.simulated, "symbols": symbols, **_scores(total), **overall,
             "dead_letters": dict(sorted(dead.items())), "model_version": sorted(versions)})

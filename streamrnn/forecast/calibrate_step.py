@@ -57,18 +57,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from apache_beam.coders import BytesCoder, VarIntCoder
+from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.transforms.window import TimestampedValue
 
 from ..beam.records import from_ipc, shard_of, to_ipc
 from ..beam.step.clock import END_OF_INPUT_MICROS, timestamp
-from ..beam.step.counters import Counters
+from ..beam.step.counters import NAMESPACE, Counters
 from ..beam.step.intake import REL
 from ..errors import DeployError, SnapshotError
 from ..metrics.catalogue import guarded
 from .conformal import GAMMA, LEVELS, METHOD, TAILS, OnlineConformal, bands, label, misses, pit
 from .distribution import nll
+from .pooled import MarketScale
+
+#: the calibrator state table's metadata key of the pooled scale term's state (:mod:`.pooled`)
+POOL_META = b"streamrnn.pool"
 
 #: score sums per horizon, in this order, then per level raw and calibrated hits, per tail raw and calibrated
 #: breaches (:func:`score_sums`)
@@ -104,10 +109,11 @@ def scored_fields(horizons: int, levels: Sequence[float] = LEVELS, tails: Sequen
 
 
 def ring_schema(horizons: int) -> pa.Schema:
-    """The ring of each symbol's last ``H`` rows (module doc, State)."""
+    """The ring of each symbol's last ``H`` rows (module doc, State); ``pool``: the pooled scale multiplier each
+    row's forecast was issued with (:mod:`.pooled`; 1 with ``pool`` off, and for a ring written before it)."""
     return pa.schema([("symbol", pa.string()), ("bar", pa.int64()), ("ts", pa.float64()), ("close", pa.float64()),
                       ("jump", pa.bool_()), ("loc", pa.list_(pa.float64(), horizons)),
-                      ("scale", pa.list_(pa.float64(), horizons))])
+                      ("scale", pa.list_(pa.float64(), horizons)), ("pool", pa.list_(pa.float64(), horizons))])
 
 
 def _np(t: pa.Table, name: str) -> np.ndarray:
@@ -124,13 +130,16 @@ class Calibrator:
     new state: pure, no Beam. ``df``: the model's Student-t degrees of freedom per horizon."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD):
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, pool: float = 0.0):
         self.df = np.asarray(df, np.float64)
         self.levels, self.tails, self.gamma, self.scaling = tuple(levels), tuple(tails), float(gamma), scaling
         self.method = method
         self.config = self._calibrator().config  # checks them (InputError, one line)
+        self.pool = MarketScale(pool, self.df).weight  # checks it (InputError, one line)
         self.H = int(self.config.horizons)
         self.ring = ring_schema(self.H)
+        #: rows the last :meth:`apply` took after their release time's step was applied (:mod:`.pooled`)
+        self.late_rows = 0
 
     def _calibrator(self) -> OnlineConformal:
         return OnlineConformal(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling,
@@ -142,10 +151,18 @@ class Calibrator:
 
     def apply(self, aci: pa.Table | None, ring: pa.Table | None, rows: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
         """Rows (job columns, any symbols, each symbol's after its state's last bar) -> (the rows sorted by
-        ``(symbol, bar)`` with :meth:`fields` appended, the calibrators' new state, the new ring)."""
+        ``(symbol, bar)`` with :meth:`fields` appended, the calibrators' new state, the new ring). With ``pool``,
+        the rows' release times are their ``_rel`` column (all equal without one) and the pooled term's state
+        rides in the calibrator state's schema metadata."""
         H, cfg = self.H, self.config
         K, L = len(cfg.nominal), len(self.levels)
         cal = self._calibrator()
+        market = MarketScale(self.pool, self.df)
+        if aci is not None and self.pool:
+            try:
+                market.restore((aci.schema.metadata or {}).get(POOL_META))
+            except SnapshotError as e:
+                raise DeployError(f"calibration state: {e}") from None
         if aci is not None:
             try:
                 cal.restore(aci)
@@ -188,6 +205,7 @@ class Calibrator:
             np.float64)
         loc = np.concatenate([_fixed(old, "loc", H), loc_new])[order]
         scale = np.concatenate([_fixed(old, "scale", H), scale_new])[order]
+        old_pool = _fixed(old, "pool", H) if "pool" in old.column_names else np.ones((m, H))
         # a forecast the model gave as NaN, inf or a scale <= 0 is no distribution: it gets no bands and
         # issues no target (its row flows on, its band and score columns null)
         with np.errstate(invalid="ignore"):
@@ -206,6 +224,18 @@ class Calibrator:
             y = np.where(valid, 100.0 * np.log(close[i] / close[o]), 0.0)
         loc_o = np.where(valid, loc[o, hh - 1], 0.0)
         scale_o = np.where(valid, scale[o, hh - 1], 1.0)
+        # the pooled scale term (off: every multiplier 1): the targets' raw surprises, step by step; each row's
+        # forecast is then issued (and later scored by the calibrator) at its scale times its step's multiplier
+        if self.pool:
+            rel = _np(rows, REL).astype(np.int64) if REL in rows.column_names else np.zeros(n, np.int64)
+            absz = np.abs(y - loc_o) / scale_o
+            f_new, self.late_rows = market.advance(rel, _np(rows, "ts"), absz, valid)
+            pool = np.concatenate([old_pool, f_new])[order]
+            scale_eff = scale * pool
+            scale_o_eff = np.where(valid, scale_eff[o, hh - 1], 1.0)
+        else:
+            pool, scale_eff, scale_o_eff, self.late_rows = np.concatenate([old_pool, np.ones((n, H))])[order], \
+                scale, scale_o, 0
 
         # the a issued at each row: the ring's from the calibrator's ring of issued a (slot: bar count mod H);
         # each new row's after learning its targets (the calibrator's order: learn, then issue)
@@ -232,21 +262,22 @@ class Calibrator:
             rr, cc = np.nonzero(valid[fresh])
             s_, t_ = fidx[rr], local[fresh][rr] - (cc + 1)  # the origin: a new row of the same symbol
             yo[s_, t_, cc], vo[s_, t_, cc] = y[fresh][rr, cc], True
-            lo[s_, t_, cc], so[s_, t_, cc] = loc_o[fresh][rr, cc], scale_o[fresh][rr, cc]
+            lo[s_, t_, cc], so[s_, t_, cc] = loc_o[fresh][rr, cc], scale_o_eff[fresh][rr, cc]
             got = cal.run(names[fk].tolist(), yo, lo, so, vo, lens)
             issued[pos[fresh]] = got[fidx, local[fresh]]
         if (~fresh).any():  # symbols with state: one learn per step, all of them at once
             for step in range(int(local[~fresh].max()) + 1):
                 sel = np.flatnonzero(~fresh & (local == step))
                 keys = names[g[pos[sel]]].tolist()
-                cal.learn(keys, y[sel], loc_o[sel], scale_o[sel], valid[sel])
+                cal.learn(keys, y[sel], loc_o[sel], scale_o_eff[sel], valid[sel])
                 at = {k: r for r, k in enumerate(cal.keys())}
                 issued[pos[sel]] = cal.alpha[[at[k] for k in keys]]
 
         # scores of the completed targets: raw (the nominal a) and calibrated (the a issued at the origin)
         p2, lower = pit(y, loc_o, scale_o, self.df)
+        p2e, lowere = pit(y, loc_o, scale_o_eff, self.df) if self.pool else (p2, lower)
         a_origin = issued[o, hh - 1]
-        cal_miss = misses(p2, lower, a_origin, cfg.two_sided) & valid[..., None]
+        cal_miss = misses(p2e, lowere, a_origin, cfg.two_sided) & valid[..., None]
         raw_miss = misses(p2, lower, np.broadcast_to(cfg.nominal, a_origin.shape), cfg.two_sided) & valid[..., None]
         err = y - loc_o
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -255,7 +286,7 @@ class Calibrator:
         # this bar's calibrated bands (null where its forecast is unusable)
         c_new = close[pos]
         ok = usable[pos]
-        b = bands(issued[pos], np.where(ok, loc[pos], 0.0), np.where(ok, scale[pos], 1.0), self.df, cfg)
+        b = bands(issued[pos], np.where(ok, loc[pos], 0.0), np.where(ok, scale_eff[pos], 1.0), self.df, cfg)
         out = rows
         for h in range(H):
             null = ~ok[:, h]
@@ -286,10 +317,18 @@ class Calibrator:
         tail = pa.table({"symbol": pa.array(names[g[last]].tolist(), pa.string()), "bar": pa.array(bar[last]),
                          "ts": pa.array(ts[last]), "close": pa.array(close[last]), "jump": pa.array(jump[last]),
                          "loc": pa.FixedSizeListArray.from_arrays(pa.array(loc[last].reshape(-1)), H),
-                         "scale": pa.FixedSizeListArray.from_arrays(pa.array(scale[last].reshape(-1)), H)},
+                         "scale": pa.FixedSizeListArray.from_arrays(pa.array(scale[last].reshape(-1)), H),
+                         "pool": pa.FixedSizeListArray.from_arrays(pa.array(pool[last].reshape(-1)), H)},
                         schema=self.ring)
-        new_ring = pa.concat_tables([keep, tail]).sort_by([("symbol", "ascending"), ("bar", "ascending")])
-        return out, cal.to_arrow(), new_ring
+        if "pool" not in keep.column_names:  # a ring written before the pooled term: its rows issued at 1
+            keep = keep.append_column("pool", pa.FixedSizeListArray.from_arrays(
+                pa.array(np.ones(keep.num_rows * H)), H))
+        new_ring = pa.concat_tables([keep.select(self.ring.names).cast(self.ring), tail]).sort_by(
+            [("symbol", "ascending"), ("bar", "ascending")])
+        state = cal.to_arrow()
+        if self.pool:
+            state = state.replace_schema_metadata({**state.schema.metadata, POOL_META: market.to_json()})
+        return out, state, new_ring
 
 
 def sum_names(levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS) -> list[str]:
@@ -359,12 +398,15 @@ class CalibrateShard(beam.DoFn):
     per horizon (:meth:`streamrnn.metrics.catalogue.Recorder.forecast_horizons`) count the scores this step emits."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
-                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, flush_all: bool = False):
-        self.calibrator = Calibrator(df, levels=levels, tails=tails, gamma=gamma, scaling=scaling, method=method)
+                 gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, pool: float = 0.0,
+                 flush_all: bool = False):
+        self.calibrator = Calibrator(df, levels=levels, tails=tails, gamma=gamma, scaling=scaling, method=method,
+                                     pool=pool)
         self.flush_all = flush_all
 
     def setup(self) -> None:
         self.m = Counters()
+        self.pool_late = Metrics.counter(NAMESPACE, "calibration_pool_late_rows")
 
     def process(self, kv, now=beam.DoFn.TimestampParam, rows=_ROWS, due=_DUE, flush=_FLUSH, end=_END) -> None:
         rows.add(kv[1])
@@ -413,6 +455,8 @@ class CalibrateShard(beam.DoFn):
                                                   None if r is None else from_ipc(r), cur)
         aci.write(to_ipc(a_new))
         ring.write(to_ipc(r_new))
+        if self.calibrator.late_rows:
+            self.pool_late.inc(self.calibrator.late_rows)
         if self.m.prom is not None:
             c = self.calibrator
             for v, sums in score_sums(out, c.H, c.levels, c.tails, by="model_version").items():
@@ -427,16 +471,19 @@ class CalibrateShard(beam.DoFn):
 class Calibrate(beam.PTransform):
     """Job rows -> the same rows with the calibrated bands and live scores of every horizon appended (module doc),
     in :meth:`Calibrator.fields` order after the input's columns. ``num_shards``: the Beam keys the symbols
-    are spread over (each holds its symbols' state)."""
+    are spread over (each holds its symbols' state). ``pool``: the weight of the market-wide scale term
+    (:mod:`.pooled`; 0, the default: off); it reads every symbol at once, so with it on the step runs as one Beam
+    key whatever ``num_shards`` is (its bands do not depend on the sharding)."""
 
     def __init__(self, df: Sequence[float], *, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS,
                  gamma: float = GAMMA, scaling: str = "proportional", method: str = METHOD, num_shards: int = 16,
-                 label: str | None = None):
+                 pool: float = 0.0, label: str | None = None):
         super().__init__(label)
         self.df, self.levels, self.tails, self.gamma = list(df), tuple(levels), tuple(tails), float(gamma)
-        self.scaling, self.method, self.num_shards = scaling, method, int(num_shards)
-        Calibrator(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=scaling,
-                   method=method)  # InputError now
+        self.scaling, self.method = scaling, method
+        self.pool = Calibrator(self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=scaling,
+                               method=method, pool=pool).pool  # InputError now
+        self.num_shards = 1 if self.pool else int(num_shards)
 
     def expand(self, rows):
         flush_all = bool(getattr(rows, "is_bounded", True))
@@ -444,7 +491,7 @@ class Calibrate(beam.PTransform):
             beam.typehints.Tuple[int, bytes])
         return keyed | "CalibrateShard" >> beam.ParDo(CalibrateShard(
             self.df, levels=self.levels, tails=self.tails, gamma=self.gamma, scaling=self.scaling, method=self.method,
-            flush_all=flush_all))
+            pool=self.pool, flush_all=flush_all))
 
 
 def horizon_summary(sums: np.ndarray, levels: Sequence[float] = LEVELS, tails: Sequence[float] = TAILS) -> dict:

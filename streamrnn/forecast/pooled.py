@@ -1,0 +1,139 @@
+"""A market-wide scale term for the market job's calibration (issue 15, ``--pool``): one multiplier per horizon,
+shared by every symbol, learned from the cross-section's surprises.
+
+Per-symbol ACI (:mod:`.conformal`) learns of a shock common to every symbol only from each symbol's own misses, so
+a market-wide selloff is half over before a band widens. This term reads all symbols at once: after each *step*
+(the rows of one release time and bar time, below) it moves ``u_h`` towards the log of how large the step's
+horizon-``h`` surprises were against what the model's Student-t expects,
+
+    u_h <- (1 - w_n) u_h + w_n log(mean |z| / E|T_df|),     w_n = w n / (n + N0),
+
+over the ``n`` horizon-``h`` targets the step completes (``z = (y - loc) / scale``, the model's raw standardised
+error; ``w`` the weight, ``--pool``; ``N0`` = :data:`POOL_N0`, so a step of few symbols moves it little). The
+forecast each row issues is then the model's with its scale times ``exp(u_h)``; per-symbol ACI calibrates that
+forecast as usual (its misses are of the band issued), so its long-run coverage guarantee holds, ``u`` being
+bounded (``|u_h| <= ln 10``, :data:`POOL_BOUND`).
+
+**Steps and order.** Rows are taken in order of ``(release time, bar time)``: the release time is the row's
+timestamp upstream (``_rel``: when its next bar made it final; data-defined, the same in a bounded and a streaming
+run), so a symbol's row held back for its next bar joins a later step instead of rewriting an earlier one. Within
+a step every target is learned first, then every row of the step is issued at the new ``u``: no row sees a bar
+later than its own (a step holds one bar time). Rows reach the calibration step by release time; a row whose
+release time is not after the last step already applied (a runner that delivers a row behind the watermark)
+is still applied, as a step of its own, and counted (``late``): only then could a rerun differ.
+
+The state is ``u`` per horizon, the steps taken and the last step's release time: JSON (floats by ``repr``, exact).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError, SnapshotError
+
+#: the step count at which a step's weight is half of ``w`` (module doc)
+POOL_N0 = 20.0
+#: the bound on ``|u_h|``: the pooled multiplier stays within [1/10, 10]
+POOL_BOUND = math.log(10.0)
+
+
+def expected_abs_t(df) -> np.ndarray:
+    """``E|T|`` of a standard Student-t per ``df`` (> 1; Gaussian at inf)."""
+    df = np.asarray(df, np.float64)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        lg = np.array([math.lgamma((d + 1) / 2) - math.lgamma(d / 2) if math.isfinite(d) else 0.0
+                       for d in df.reshape(-1)]).reshape(df.shape)
+        finite = 2.0 * np.sqrt(df / math.pi) * np.exp(lg) / (df - 1.0)
+    return np.where(np.isfinite(df), finite, math.sqrt(2.0 / math.pi))
+
+
+def check_weight(w: float, df) -> float:
+    """The weight ``w`` in [0, 1] (0: off); InputError (one line) otherwise or for a ``df <= 1`` (no ``E|T|``)."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
+        raise InputError(f"calibration: pool: expected a weight in [0, 1] (0: off), got {w!r}")
+    d = np.asarray(df, np.float64)
+    if float(w) > 0 and not (d > 1).all():
+        raise InputError(f"calibration: pool: expected a model whose Student-t df are all > 1, got {d.tolist()}")
+    return float(w)
+
+
+@dataclass
+class MarketScale:
+    """The pooled term's state and update (module doc)."""
+
+    weight: float
+    df: np.ndarray
+    u: np.ndarray = field(default=None)  # type: ignore[assignment]
+    steps: int = 0
+    last_rel: int | None = None
+
+    def __post_init__(self) -> None:
+        self.df = np.asarray(self.df, np.float64)
+        self.weight = check_weight(self.weight, self.df)
+        self.u = np.zeros(len(self.df)) if self.u is None else np.asarray(self.u, np.float64)
+        self._eabs = expected_abs_t(self.df)
+
+    def to_json(self) -> str:
+        return json.dumps({"u": [float(x) for x in self.u], "steps": self.steps, "last_rel": self.last_rel})
+
+    def restore(self, text: str | bytes | None) -> None:
+        """Replace the state by :meth:`to_json`'s (None: a fresh one); SnapshotError naming the field."""
+        if text is None:
+            self.u, self.steps, self.last_rel = np.zeros(len(self.df)), 0, None
+            return
+        try:
+            got = json.loads(text)
+        except (TypeError, ValueError):
+            raise SnapshotError(f"pooled scale restore: expected JSON, got {text!r:.60}") from None
+        u = np.asarray(got.get("u") if isinstance(got, dict) else None, np.float64)
+        if u.shape != self.df.shape or not (np.abs(u) <= POOL_BOUND).all():
+            raise SnapshotError(f"pooled scale restore: u: expected {len(self.df)} values within ±ln 10, got "
+                                f"{got.get('u') if isinstance(got, dict) else got!r}")
+        steps, rel = got.get("steps"), got.get("last_rel")
+        if not isinstance(steps, int) or steps < 0 or not (rel is None or isinstance(rel, int)):
+            raise SnapshotError(f"pooled scale restore: steps/last_rel: expected a count and a time, got {steps!r}, "
+                                f"{rel!r}")
+        self.u, self.steps, self.last_rel = u, steps, rel
+
+    def advance(self, rel: np.ndarray, ts: np.ndarray, absz: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
+        """Rows (any order) with their release times ``rel [n]`` (int), bar times ``ts [n]``, the ``|z|`` of the
+        targets they complete ``absz [n, H]`` where ``valid [n, H]``: learn them step by step (module doc) and
+        return each row's multiplier ``exp(u) [n, H]`` (after its step) and how many rows came late."""
+        n = len(rel)
+        factor = np.ones((n, len(self.df)))
+        if not self.weight or not n:
+            return factor, 0
+        rel = np.asarray(rel, np.int64)
+        late = int((rel <= self.last_rel).sum()) if self.last_rel is not None else 0
+        order = np.lexsort((ts, rel))
+        r, t = rel[order], np.asarray(ts, np.float64)[order]
+        cut = np.flatnonzero((r[1:] != r[:-1]) | (t[1:] != t[:-1])) + 1
+        bounds = np.concatenate([[0], cut, [n]])
+        z = np.where(valid, absz, 0.0)[order]
+        v = np.asarray(valid, bool)[order]
+        cnt = np.add.reduceat(v, bounds[:-1], axis=0)
+        tot = np.add.reduceat(z, bounds[:-1], axis=0)
+        u = self.u.copy()
+        out = np.empty((len(bounds) - 1, len(u)))
+        for k in range(len(bounds) - 1):
+            c = cnt[k]
+            seen = c > 0
+            if seen.any():
+                wn = self.weight * c[seen] / (c[seen] + POOL_N0)
+                mean = tot[k, seen] / c[seen]
+                with np.errstate(divide="ignore"):
+                    target = np.clip(np.log(mean / self._eabs[seen]), -POOL_BOUND, POOL_BOUND)
+                u[seen] = np.clip((1.0 - wn) * u[seen] + wn * target, -POOL_BOUND, POOL_BOUND)
+            out[k] = u
+        step_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+        factor[order] = np.exp(out[step_of])
+        self.u, self.steps = u, self.steps + len(bounds) - 1
+        self.last_rel = int(r[-1]) if self.last_rel is None else max(self.last_rel, int(r[-1]))
+        return factor, late
+
+
+__all__ = ["POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t"]

@@ -1,0 +1,209 @@
+"""The market-wide scale term of the market job's calibration (issue 15, ``--pool``; streamrnn.forecast.pooled).
+
+Reference: a plain loop over the steps in ``(release time, bar time)`` order, with ``E|T|`` from scipy, the
+per-symbol calibrator ``OnlineConformal`` fed one bar at a time (``learn_one`` / ``predict_one``) at the pooled
+scales. The job's vectorised step must equal it; chunks through Arrow IPC (a cold worker) must equal one pass;
+a row behind an applied step is applied and counted, never lost."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import stats
+from test_forecast_agaci_job import DF, KW, _ipc_roundtrip
+
+from streamrnn.beam.step.clock import END_OF_INPUT_MICROS
+from streamrnn.beam.step.intake import REL
+from streamrnn.errors import DeployError, InputError
+from streamrnn.forecast.calibrate_step import POOL_META, Calibrator
+from streamrnn.forecast.conformal import OnlineConformal, label
+from streamrnn.forecast.pooled import POOL_BOUND, POOL_N0, MarketScale, expected_abs_t
+
+DAY = 86400.0
+H = 2
+
+
+def _table(rng: np.random.Generator, symbols: int = 5, days: int = 70, gaps: dict | None = None) -> pa.Table:
+    """Daily rows of ``symbols`` symbols with a common shock (days 30..40 at 4x the forecast scale, every symbol),
+    each row released at its symbol's next bar (the last ones at the end of the input); ``gaps``: symbol index ->
+    days it has no bar (a halt: its row before the gap is released only after it)."""
+    gaps = gaps or {}
+    common = rng.standard_t(5, days) * np.where((np.arange(days) >= 30) & (np.arange(days) < 40), 4.0, 0.7)
+    cols: dict[str, list] = {k: [] for k in ("symbol", "ts", "close", "bar", REL)}
+    locs = {f"h{h}_ret_{w}": [] for h in range(1, H + 1) for w in ("loc", "scale")}
+    for s in range(symbols):
+        days_s = [d for d in range(days) if d not in gaps.get(s, ())]
+        ret = common[days_s] + rng.standard_t(5, len(days_s)) * 0.7
+        close = 40.0 * np.exp(np.cumsum(ret) / 100)
+        for i, d in enumerate(days_s):
+            cols["symbol"].append(f"S{s}")
+            cols["ts"].append(d * DAY)
+            cols["close"].append(close[i])
+            cols["bar"].append(i)
+            nxt = days_s[i + 1] * DAY * 1e6 if i + 1 < len(days_s) else END_OF_INPUT_MICROS
+            cols[REL].append(int(nxt))
+            for h in range(1, H + 1):
+                locs[f"h{h}_ret_loc"].append(0.02 * h)
+                locs[f"h{h}_ret_scale"].append(math.sqrt(h) * (0.9 + 0.1 * (s % 3)))
+    n = len(cols["symbol"])
+    return pa.table({**cols, **locs, "flags": [""] * n, "model_version": ["m"] * n})
+
+
+def _reference(t: pa.Table, w: float) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """Each row's calibrated bands (prices) by (symbol, bar), from the plain loop (module doc)."""
+    rows = t.to_pylist()
+    eabs = [stats.t(d).expect(abs) for d in DF]
+    hist: dict[str, list[dict]] = {}
+    cal = OnlineConformal(DF, **KW)
+    u = [0.0] * H
+    out = {}
+    steps: dict[tuple[int, float], list[dict]] = {}
+    for r in rows:
+        steps.setdefault((r[REL], r["ts"]), []).append(r)
+    for key in sorted(steps):
+        step = steps[key]
+        learned = []
+        for r in step:
+            past = hist.setdefault(r["symbol"], [])
+            y, loc, scale, valid, absz = [0.0] * H, [0.0] * H, [1.0] * H, [False] * H, [None] * H
+            for h in range(1, H + 1):
+                if len(past) >= h:
+                    o = past[-h]
+                    y[h - 1] = 100 * math.log(r["close"] / o["close"])
+                    loc[h - 1] = o[f"h{h}_ret_loc"]
+                    scale[h - 1] = o[f"h{h}_ret_scale"] * o["mult"][h - 1]
+                    valid[h - 1] = True
+                    absz[h - 1] = abs(y[h - 1] - o[f"h{h}_ret_loc"]) / o[f"h{h}_ret_scale"]
+            learned.append((r, y, loc, scale, valid, absz))
+        for h in range(H):
+            zs = [a[h] for *_, a in learned if a[h] is not None]
+            if zs:
+                wn = w * len(zs) / (len(zs) + POOL_N0)
+                target = min(max(math.log(sum(zs) / len(zs) / eabs[h]), -POOL_BOUND), POOL_BOUND)
+                u[h] = min(max((1 - wn) * u[h] + wn * target, -POOL_BOUND), POOL_BOUND)
+        for r, y, loc, scale, valid, _ in learned:
+            if any(valid):
+                cal.learn_one(r["symbol"], y, loc, scale, valid)
+            else:
+                cal.learn_one(r["symbol"])
+            mult = [math.exp(x) for x in u]
+            b = cal.predict_one(r["symbol"], [r[f"h{h}_ret_loc"] for h in range(1, H + 1)],
+                                [r[f"h{h}_ret_scale"] * mult[h - 1] for h in range(1, H + 1)])
+            out[(r["symbol"], r["bar"])] = {k: r["close"] * np.exp(v / 100) if k[:2] in ("lo", "hi") else v
+                                            for k, v in b.items() if k != "alpha"}
+            hist[r["symbol"]].append({**r, "mult": mult})
+    return out
+
+
+def _check(out: pa.Table, ref: dict) -> None:
+    got = out.to_pydict()
+    assert len(got["symbol"]) == len(ref)
+    for i, key in enumerate(zip(got["symbol"], got["bar"], strict=True)):
+        want = ref[key]
+        for h in range(1, H + 1):
+            for lv in KW["levels"]:
+                for side in ("lo", "hi"):
+                    np.testing.assert_allclose(got[f"h{h}_cal_{side}{label(lv)}"][i], want[f"{side}{label(lv)}"][h - 1],
+                                               rtol=1e-12, err_msg=f"{key} h{h} {side}{lv}")
+            for p in KW["tails"]:
+                np.testing.assert_allclose(got[f"h{h}_var{label(p)}"][i], want[f"var{label(p)}"][h - 1], rtol=1e-12)
+                np.testing.assert_allclose(got[f"h{h}_es{label(p)}"][i], want[f"es{label(p)}"][h - 1], rtol=1e-12)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.1, 0.6])
+@pytest.mark.parametrize("gaps", [None, {1: (20, 21, 22), 3: (35,)}])
+def test_one_pass_equals_the_plain_loop(w, gaps):
+    t = _table(np.random.default_rng(3), gaps=gaps)
+    out, state, _ = Calibrator(DF, pool=w, **KW).apply(None, None, t)
+    _check(out, _reference(t, w))
+    meta = state.schema.metadata or {}
+    assert (POOL_META in meta) == bool(w)
+
+
+def test_a_common_shock_widens_the_bands_within_days():
+    """The common shock (days 30..40, every symbol at 4x the forecast scale): with the term, the bands widen
+    against per-symbol ACI's alone (small step, so ACI itself barely moves) within days of its start, by the
+    multiplier (40 symbols: each day's step is 2/3 of ``w``)."""
+    t = _table(np.random.default_rng(5), symbols=40, days=50)
+    kw = {**KW, "gamma": 0.005}
+    on = Calibrator(DF, pool=0.3, **kw).apply(None, None, t)[0].to_pydict()
+    off = Calibrator(DF, **kw).apply(None, None, t)[0].to_pydict()
+    day = np.array(on["ts"]) / DAY
+    ratio = (np.array(on["h1_cal_hi80"]) - np.array(on["h1_cal_lo80"])) / (
+        np.array(off["h1_cal_hi80"]) - np.array(off["h1_cal_lo80"]))
+    calm, shock = np.median(ratio[(day >= 20) & (day < 30)]), np.median(ratio[(day >= 34) & (day < 40)])
+    assert shock / calm > 1.5
+    assert np.median(ratio[(day >= 48)]) < shock  # and it decays after
+
+
+@pytest.mark.parametrize("w", [0.1, 0.6])
+def test_chunks_through_arrow_ipc_equal_one_pass(w):
+    """Firings cut at release times (what the streaming path applies), the state and ring through IPC between
+    them (a cold worker): the same columns, bit for bit."""
+    t = _table(np.random.default_rng(11), gaps={2: (10, 11), 4: (50,)})
+    c = Calibrator(DF, pool=w, **KW)
+    whole = c.apply(None, None, t)[0]
+    rel = t.column(REL).to_numpy()
+    cuts = np.unique(rel)[[5, 17, 40, 60]]
+    state = ring = None
+    parts = []
+    lo = -1
+    for hi in [*cuts.tolist(), END_OF_INPUT_MICROS]:
+        sel = (rel > lo) & (rel <= hi)
+        out, state, ring = c.apply(state, ring, t.filter(pa.array(sel)))
+        assert c.late_rows == 0
+        state, ring = _ipc_roundtrip(state), _ipc_roundtrip(ring)
+        parts.append(out)
+        lo = hi
+    got = pa.concat_tables(parts).sort_by([("symbol", "ascending"), ("bar", "ascending")])
+    assert got.equals(whole)
+
+
+def test_a_row_behind_an_applied_step_is_applied_and_counted():
+    """A runner that delivers a row after its release time's step: the row is applied (its bands and scores are
+    there), as a step of its own, and counted; nothing is lost or raised."""
+    t = _table(np.random.default_rng(2), symbols=3, days=30)
+    rel = t.column(REL).to_numpy()
+    r10 = np.unique(rel)[10]
+    held = (rel == r10) & (np.array(t.column("symbol").to_pylist()) == "S1")
+    c = Calibrator(DF, pool=0.2, **KW)
+    first, state, ring = c.apply(None, None, t.filter(pa.array((rel <= r10) & ~held)))
+    second, _, _ = c.apply(state, ring, t.filter(pa.array((rel > r10) | held)))
+    assert c.late_rows == 1
+    assert first.num_rows + second.num_rows == t.num_rows
+    assert second.filter(pa.array(np.isin(second.column("bar").to_numpy(), t.filter(pa.array(held))
+                                          .column("bar").to_numpy()))).num_rows >= 1
+
+
+def test_pooled_state_survives_restore_and_a_bad_one_is_refused():
+    t = _table(np.random.default_rng(4), symbols=3, days=20)
+    c = Calibrator(DF, pool=0.2, **KW)
+    _, state, ring = c.apply(None, None, t)
+    ms = MarketScale(0.2, DF)
+    ms.restore(state.schema.metadata[POOL_META])
+    assert ms.steps > 0 and np.abs(ms.u).max() > 0
+    bad = state.replace_schema_metadata({**state.schema.metadata, POOL_META: b'{"u": [99, 0], "steps": 1, '
+                                                                              b'"last_rel": 5}'})
+    with pytest.raises(DeployError, match="pooled scale restore: u: expected 2 values within"):
+        c.apply(bad, ring, _table(np.random.default_rng(4), symbols=3, days=22).slice(60))
+
+
+@pytest.mark.parametrize("w", [-0.1, 1.5, True, "0.2", float("nan")])
+def test_a_bad_weight_is_one_line(w):
+    with pytest.raises(InputError, match=r"calibration: pool: expected a weight in \[0, 1\]"):
+        Calibrator(DF, pool=w, **KW)
+
+
+def test_a_model_without_a_finite_abs_mean_is_refused():
+    with pytest.raises(InputError, match="df are all > 1"):
+        Calibrator([1.0, 6.0], pool=0.1, **KW)
+    Calibrator([1.0, 6.0], pool=0.0, **KW)  # off: no E|T| needed
+
+
+def test_expected_abs_t_against_scipy():
+    for d in (1.5, 2.5, 4.0, 30.0):
+        assert expected_abs_t([d])[0] == pytest.approx(stats.t(d).expect(abs), rel=1e-9)
+    assert expected_abs_t([np.inf])[0] == pytest.approx(math.sqrt(2 / math.pi))
