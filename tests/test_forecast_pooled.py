@@ -1,6 +1,7 @@
 """The market-wide scale term of the market job's calibration (issue 15, ``--pool``; streamrnn.forecast.pooled).
 
-Reference: a plain loop over the steps in ``(release time, bar time)`` order, with ``E|T|`` from scipy, the
+Reference: a plain loop over the steps in ``(release time, bar time)`` order (a row released late issued at the
+``u`` of its bar time), with ``E|T|`` from scipy, the
 per-symbol calibrator ``OnlineConformal`` fed one bar at a time (``learn_one`` / ``predict_one``) at the pooled
 scales. The job's vectorised step must equal it; chunks through Arrow IPC (a cold worker) must equal one pass;
 a row behind an applied step is applied and counted, never lost."""
@@ -20,7 +21,7 @@ from streamrnn.beam.step.intake import REL
 from streamrnn.errors import DeployError, InputError
 from streamrnn.forecast.calibrate_step import POOL_META, Calibrator
 from streamrnn.forecast.conformal import OnlineConformal, label
-from streamrnn.forecast.pooled import POOL_BOUND, POOL_N0, MarketScale, expected_abs_t
+from streamrnn.forecast.pooled import HISTORY, POOL_BOUND, POOL_N0, MarketScale, expected_abs_t
 
 DAY = 86400.0
 H = 2
@@ -59,6 +60,7 @@ def _reference(t: pa.Table, w: float) -> dict[tuple[str, int], dict[str, np.ndar
     hist: dict[str, list[dict]] = {}
     cal = OnlineConformal(DF, **KW)
     u = [0.0] * H
+    clock, seen_u = None, {}  # the latest bar time of a step; u at the end of each bar time's steps
     out = {}
     steps: dict[tuple[int, float], list[dict]] = {}
     for r in rows:
@@ -84,12 +86,19 @@ def _reference(t: pa.Table, w: float) -> dict[tuple[str, int], dict[str, np.ndar
                 wn = w * len(zs) / (len(zs) + POOL_N0)
                 target = min(max(math.log(sum(zs) / len(zs) / eabs[h]), -POOL_BOUND), POOL_BOUND)
                 u[h] = min(max((1 - wn) * u[h] + wn * target, -POOL_BOUND), POOL_BOUND)
+        ts = key[1]
+        if clock is None or ts >= clock:
+            clock, issue = ts, list(u)
+            seen_u[ts] = issue
+        else:  # released late: u as it was when the clock was at its bar time
+            before = [c for c in seen_u if c <= ts]
+            issue = seen_u[max(before)] if before else [0.0] * H
         for r, y, loc, scale, valid, _ in learned:
             if any(valid):
                 cal.learn_one(r["symbol"], y, loc, scale, valid)
             else:
                 cal.learn_one(r["symbol"])
-            mult = [math.exp(x) for x in u]
+            mult = [math.exp(x) for x in issue]
             b = cal.predict_one(r["symbol"], [r[f"h{h}_ret_loc"] for h in range(1, H + 1)],
                                 [r[f"h{h}_ret_scale"] * mult[h - 1] for h in range(1, H + 1)])
             out[(r["symbol"], r["bar"])] = {k: r["close"] * np.exp(v / 100) if k[:2] in ("lo", "hi") else v
@@ -187,7 +196,7 @@ def test_pooled_state_survives_restore_and_a_bad_one_is_refused():
     assert ms.steps > 0 and np.abs(ms.u).max() > 0
     bad = state.replace_schema_metadata({**state.schema.metadata, POOL_META: b'{"u": [99, 0], "steps": 1, '
                                                                               b'"last_rel": 5}'})
-    with pytest.raises(DeployError, match="pooled scale restore: u: expected 2 values within"):
+    with pytest.raises(DeployError, match="pooled scale restore: u: expected 2 numbers within"):
         c.apply(bad, ring, _table(np.random.default_rng(4), symbols=3, days=22).slice(60))
 
 
@@ -207,3 +216,70 @@ def test_expected_abs_t_against_scipy():
     for d in (1.5, 2.5, 4.0, 30.0):
         assert expected_abs_t([d])[0] == pytest.approx(stats.t(d).expect(abs), rel=1e-9)
     assert expected_abs_t([np.inf])[0] == pytest.approx(math.sqrt(2 / math.pi))
+
+
+# -- a halt: a row released late (found by review) ----------------------------------------------------------
+def _halt_rows(b_close: list[float]) -> pa.Table:
+    """Symbol A: bars at days 0 and 10 (a halt in between: its day-0 row is released at day 10). Symbols B, C:
+    a bar every day 0..10 (each released at its next bar), B's closes ``b_close``."""
+    cols: dict[str, list] = {k: [] for k in ("symbol", "ts", "close", "bar", REL)}
+
+    def add(sym, days, closes):
+        for i, (d, c) in enumerate(zip(days, closes, strict=True)):
+            cols["symbol"].append(sym)
+            cols["ts"].append(d * DAY)
+            cols["close"].append(c)
+            cols["bar"].append(i)
+            cols[REL].append(int(days[i + 1] * DAY * 1_000_000) if i + 1 < len(days) else END_OF_INPUT_MICROS)
+
+    add("A", [0, 10], [50.0, 50.0])
+    add("B", list(range(11)), b_close)
+    add("C", list(range(11)), [30.0 * (1.0 + 0.001 * (d % 2)) for d in range(11)])
+    n = len(cols["symbol"])
+    extra = {f"h{h}_ret_{w}": [0.0 if w == "loc" else float(h)] * n for h in (1, 2) for w in ("loc", "scale")}
+    return pa.table({**cols, **extra, "flags": [""] * n, "model_version": ["m"] * n})
+
+
+def test_a_row_released_late_does_not_see_bars_after_its_own():
+    """pooled.py: "no row sees a bar later than its own". A's day-0 row is released at day 10 (its next bar), so
+    it is issued after the steps of B's and C's days 1..8: its band must not depend on B's closes on days 1..8
+    (they lie inside A's own forecast horizon)."""
+    calm = [40.0 * (1.0 + 0.001 * (d % 2)) for d in range(11)]
+    shock = [40.0 * np.exp(0.3 * (d % 2)) for d in range(11)]  # +-30% log moves on days 1..10
+    c = Calibrator(DF, pool=0.5, **KW)
+    a_calm = c.apply(None, None, _halt_rows(calm))[0].filter(pa.compute.equal(pa.compute.field("symbol"), "A"))
+    a_shock = c.apply(None, None, _halt_rows(shock))[0].filter(pa.compute.equal(pa.compute.field("symbol"), "A"))
+    day0 = lambda t: t.filter(pa.compute.equal(t.column("bar"), 0))  # noqa: E731
+    assert day0(a_calm).column("h1_cal_hi80").to_pylist() == day0(a_shock).column("h1_cal_hi80").to_pylist()
+
+
+@pytest.mark.parametrize("u", ['["x", 0]', '{"a": 1}', '[true, 0]', '[0.1]', '"0"'])
+def test_a_pooled_state_of_non_numbers_is_one_line(u):
+    """A corrupt pooled state (the calibrator state's metadata) is a DeployError naming the field, like a
+    ``u`` out of bounds, never a ValueError / TypeError traceback."""
+    t = _halt_rows([40.0] * 11)
+    c = Calibrator(DF, pool=0.2, **KW)
+    first = pa.array(t.column(REL).to_numpy() <= 3 * DAY * 1_000_000)
+    _, state, ring = c.apply(None, None, t.filter(first))
+    bad = state.replace_schema_metadata({**state.schema.metadata,
+                                         POOL_META: f'{{"u": {u}, "steps": 1, "last_rel": 5}}'.encode()})
+    with pytest.raises(DeployError, match="pooled scale restore: u"):
+        c.apply(bad, ring, t.filter(pa.compute.invert(first)))
+
+
+def test_a_row_older_than_the_history_is_issued_at_the_model_scale_and_the_history_round_trips():
+    """MarketScale directly: after HISTORY + 10 bar times, a row released late at bar time 5 (out of the kept
+    history) gets multiplier 1; one at a kept bar time gets that time's u; the JSON state restores exactly."""
+    ms = MarketScale(0.5, DF)
+    n = HISTORY + 10
+    absz = np.full((n, H), 3.0)  # every surprise 3 |z|: u rises
+    f, late = ms.advance(np.arange(1, n + 1) * 10, np.arange(n, dtype=float), absz, np.ones((n, H), bool))
+    assert late == 0 and len(ms.history) == HISTORY and (np.diff(f[:, 0]) >= 0).all()
+    back = MarketScale(0.5, DF)
+    back.restore(ms.to_json())
+    assert back.to_json() == ms.to_json()
+    g, late = ms.advance(np.array([10 * n + 5, 10 * n + 5]), np.array([5.0, n - 3.0]), np.zeros((2, H)),
+                         np.zeros((2, H), bool))
+    assert late == 0
+    np.testing.assert_array_equal(g[0], np.ones(H))
+    np.testing.assert_array_equal(g[1], f[n - 3])

@@ -152,7 +152,7 @@ class Calibrator:
     def apply(self, aci: pa.Table | None, ring: pa.Table | None, rows: pa.Table) -> tuple[pa.Table, pa.Table, pa.Table]:
         """Rows (job columns, any symbols, each symbol's after its state's last bar) -> (the rows sorted by
         ``(symbol, bar)`` with :meth:`fields` appended, the calibrators' new state, the new ring). With ``pool``,
-        the rows' release times are their ``_rel`` column (all equal without one) and the pooled term's state
+        the rows' release times are their ``_rel`` column (the bar time without one) and the pooled term's state
         rides in the calibrator state's schema metadata."""
         H, cfg = self.H, self.config
         K, L = len(cfg.nominal), len(self.levels)
@@ -227,7 +227,8 @@ class Calibrator:
         # the pooled scale term (off: every multiplier 1): the targets' raw surprises, step by step; each row's
         # forecast is then issued (and later scored by the calibrator) at its scale times its step's multiplier
         if self.pool:
-            rel = _np(rows, REL).astype(np.int64) if REL in rows.column_names else np.zeros(n, np.int64)
+            rel = (_np(rows, REL).astype(np.int64) if REL in rows.column_names  # without it: the bar time
+                   else np.round(_np(rows, "ts") * 1e6).astype(np.int64))
             absz = np.abs(y - loc_o) / scale_o
             f_new, self.late_rows = market.advance(rel, _np(rows, "ts"), absz, valid)
             pool = np.concatenate([old_pool, f_new])[order]

@@ -16,17 +16,28 @@ bounded (``|u_h| <= ln 10``, :data:`POOL_BOUND`).
 
 **Steps and order.** Rows are taken in order of ``(release time, bar time)``: the release time is the row's
 timestamp upstream (``_rel``: when its next bar made it final; data-defined, the same in a bounded and a streaming
-run), so a symbol's row held back for its next bar joins a later step instead of rewriting an earlier one. Within
-a step every target is learned first, then every row of the step is issued at the new ``u``: no row sees a bar
-later than its own (a step holds one bar time). Rows reach the calibration step by release time; a row whose
-release time is not after the last step already applied (a runner that delivers a row behind the watermark)
-is still applied, as a step of its own, and counted (``late``): only then could a rerun differ.
+run; without the column, the bar time), so a symbol's row held back for its next bar joins a later step instead
+of rewriting an earlier one. Within a step every target is learned first, then the step's rows are issued.
 
-The state is ``u`` per horizon, the steps taken and the last step's release time: JSON (floats by ``repr``, exact).
+**No row sees a bar after its own.** The *clock* is the latest bar time any step has held. A step at or after the
+clock issues its rows at the new ``u``. A row released late (a halted symbol's last bar before the halt, released
+with its next bar after other symbols' later days were applied) is issued at the ``u`` in force when the clock
+was at its bar time: the history keeps ``u`` at each clock value, the last :data:`HISTORY` of them; a row older
+than that is issued at ``u = 0`` (the model's own scale). Its targets still move the current ``u`` (they are
+in the past of every later step).
+
+Rows reach the calibration step by release time; a row whose release time is not after the last step already
+applied (a runner that delivers a row behind the watermark) is still applied, as a step of its own, and counted
+(``late``): only then could a rerun differ.
+
+The state is ``u`` per horizon, the steps taken, the last step's release time, the clock and the history: JSON
+(floats by ``repr``, exact). A target whose surprise is not finite (a bad close) is left out of the term (the
+symbol's own calibrator still sees it).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass, field
@@ -39,6 +50,8 @@ from ..errors import InputError, SnapshotError
 POOL_N0 = 20.0
 #: the bound on ``|u_h|``: the pooled multiplier stays within [1/10, 10]
 POOL_BOUND = math.log(10.0)
+#: clock values whose ``u`` the state keeps for rows released late (module doc)
+HISTORY = 512
 
 
 def expected_abs_t(df) -> np.ndarray:
@@ -61,6 +74,12 @@ def check_weight(w: float, df) -> float:
     return float(w)
 
 
+def _u_at(history: list, t: float, H: int) -> np.ndarray:
+    """``u`` when the clock was at bar time ``t``: the history's last entry at or before it (0 before it)."""
+    i = bisect.bisect_right([c for c, _ in history], t) - 1
+    return history[i][1] if i >= 0 else np.zeros(H)
+
+
 @dataclass
 class MarketScale:
     """The pooled term's state and update (module doc)."""
@@ -70,6 +89,9 @@ class MarketScale:
     u: np.ndarray = field(default=None)  # type: ignore[assignment]
     steps: int = 0
     last_rel: int | None = None
+    clock: float | None = None
+    #: ``(clock, u at the end of the last step at that clock)``, oldest first, at most :data:`HISTORY`
+    history: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.df = np.asarray(self.df, np.float64)
@@ -78,26 +100,47 @@ class MarketScale:
         self._eabs = expected_abs_t(self.df)
 
     def to_json(self) -> str:
-        return json.dumps({"u": [float(x) for x in self.u], "steps": self.steps, "last_rel": self.last_rel})
+        return json.dumps({"u": [float(x) for x in self.u], "steps": self.steps, "last_rel": self.last_rel,
+                           "clock": self.clock, "history": [[c, [float(x) for x in u]] for c, u in self.history]})
+
+    def _u(self, v, what: str) -> np.ndarray:
+        H = len(self.df)
+        if not (isinstance(v, list) and len(v) == H and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and abs(x) <= POOL_BOUND for x in v)):
+            raise SnapshotError(f"pooled scale restore: {what}: expected {H} numbers within ±ln 10, got {v!r:.80}")
+        return np.array(v, np.float64)
 
     def restore(self, text: str | bytes | None) -> None:
-        """Replace the state by :meth:`to_json`'s (None: a fresh one); SnapshotError naming the field."""
+        """Replace the state by :meth:`to_json`'s (None: a fresh one); SnapshotError naming the field, the state
+        then unchanged."""
         if text is None:
-            self.u, self.steps, self.last_rel = np.zeros(len(self.df)), 0, None
+            self.u, self.steps, self.last_rel, self.clock, self.history = np.zeros(len(self.df)), 0, None, None, []
             return
         try:
             got = json.loads(text)
         except (TypeError, ValueError):
             raise SnapshotError(f"pooled scale restore: expected JSON, got {text!r:.60}") from None
-        u = np.asarray(got.get("u") if isinstance(got, dict) else None, np.float64)
-        if u.shape != self.df.shape or not (np.abs(u) <= POOL_BOUND).all():
-            raise SnapshotError(f"pooled scale restore: u: expected {len(self.df)} values within ±ln 10, got "
-                                f"{got.get('u') if isinstance(got, dict) else got!r}")
-        steps, rel = got.get("steps"), got.get("last_rel")
-        if not isinstance(steps, int) or steps < 0 or not (rel is None or isinstance(rel, int)):
+        if not isinstance(got, dict):
+            raise SnapshotError(f"pooled scale restore: expected a JSON object, got {got!r:.60}")
+        u = self._u(got.get("u"), "u")
+        steps, rel, clock, hist = got.get("steps"), got.get("last_rel"), got.get("clock"), got.get("history", [])
+
+        def count(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+        if not (count(steps) and steps >= 0 and (rel is None or count(rel))):
             raise SnapshotError(f"pooled scale restore: steps/last_rel: expected a count and a time, got {steps!r}, "
                                 f"{rel!r}")
-        self.u, self.steps, self.last_rel = u, steps, rel
+        if not (clock is None or (isinstance(clock, (int, float)) and not isinstance(clock, bool)
+                                  and math.isfinite(clock))):
+            raise SnapshotError(f"pooled scale restore: clock: expected a bar time, got {clock!r}")
+        if not (isinstance(hist, list) and len(hist) <= HISTORY and all(
+                isinstance(e, list) and len(e) == 2 and isinstance(e[0], (int, float)) and not isinstance(e[0], bool)
+                for e in hist)) or [e[0] for e in hist] != sorted({e[0] for e in hist}):
+            raise SnapshotError(f"pooled scale restore: history: expected at most {HISTORY} [clock, u] pairs in "
+                                f"clock order, got {hist!r:.80}")
+        history = [(float(c), self._u(v, "history")) for c, v in hist]
+        self.u, self.steps, self.last_rel, self.clock, self.history = u, steps, rel, clock, history
+
 
     def advance(self, rel: np.ndarray, ts: np.ndarray, absz: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
         """Rows (any order) with their release times ``rel [n]`` (int), bar times ``ts [n]``, the ``|z|`` of the
@@ -113,11 +156,13 @@ class MarketScale:
         r, t = rel[order], np.asarray(ts, np.float64)[order]
         cut = np.flatnonzero((r[1:] != r[:-1]) | (t[1:] != t[:-1])) + 1
         bounds = np.concatenate([[0], cut, [n]])
-        z = np.where(valid, absz, 0.0)[order]
-        v = np.asarray(valid, bool)[order]
+        with np.errstate(invalid="ignore"):
+            v = (np.asarray(valid, bool) & np.isfinite(absz))[order]
+        z = np.where(v, np.asarray(absz, np.float64)[order], 0.0)
         cnt = np.add.reduceat(v, bounds[:-1], axis=0)
         tot = np.add.reduceat(z, bounds[:-1], axis=0)
         u = self.u.copy()
+        clock, history = self.clock, list(self.history)
         out = np.empty((len(bounds) - 1, len(u)))
         for k in range(len(bounds) - 1):
             c = cnt[k]
@@ -128,12 +173,22 @@ class MarketScale:
                 with np.errstate(divide="ignore"):
                     target = np.clip(np.log(mean / self._eabs[seen]), -POOL_BOUND, POOL_BOUND)
                 u[seen] = np.clip((1.0 - wn) * u[seen] + wn * target, -POOL_BOUND, POOL_BOUND)
-            out[k] = u
+            tk = float(t[bounds[k]])
+            if clock is None or tk >= clock:  # on time: the step's rows are issued at the new u
+                out[k] = u
+                if history and history[-1][0] == tk:
+                    history[-1] = (tk, u.copy())
+                else:
+                    history.append((tk, u.copy()))
+                    del history[:-HISTORY]
+                clock = tk
+            else:  # released late: the u in force when the clock was at its bar time
+                out[k] = _u_at(history, tk, len(u))
         step_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
         factor[order] = np.exp(out[step_of])
-        self.u, self.steps = u, self.steps + len(bounds) - 1
+        self.u, self.steps, self.clock, self.history = u, self.steps + len(bounds) - 1, clock, history
         self.last_rel = int(r[-1]) if self.last_rel is None else max(self.last_rel, int(r[-1]))
         return factor, late
 
 
-__all__ = ["POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t"]
+__all__ = ["HISTORY", "POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t"]
