@@ -310,11 +310,12 @@ def test_split_shuffled_files_with_a_corporate_action_equal_offline(demo, split,
         assert a.column("h3_ret_scale").equals(b.column("h3_ret_scale"))
 
 
-def test_levels_var_gamma_errors_are_one_line(tmp_path, capsys):
+def test_levels_var_gamma_pool_errors_are_one_line(tmp_path, capsys):
     for flags, words in ((["--levels", "0.8,1.2"], ("--levels", "interval levels", "0.8,1.2")),
                          (["--levels", "0.8,0.8"], ("--levels",)), (["--levels", "abc"], ("--levels", "abc")),
                          (["--levels", "0.8,0.80000000001"], ("--levels", "distinct")),
-                         (["--var", "0.6"], ("--var", "tail")), (["--gamma", "0"], ("--gamma", "fraction"))):
+                         (["--var", "0.6"], ("--var", "tail")), (["--gamma", "0"], ("--gamma", "fraction")),
+                         (["--pool", "1.5"], ("--pool", "fraction", "1.5")), (["--pool", "x"], ("--pool", "x"))):
         code = _main("--demo", "--output", str(tmp_path / "o"), *flags)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("market_forecast: "), (flags, err)
