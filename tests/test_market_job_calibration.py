@@ -35,7 +35,7 @@ from beam_jobs import market_forecast
 from streamrnn.forecast.beam_output import output_schema
 from streamrnn.forecast.calibrate_step import Calibrate, Calibrator, score_sums
 from streamrnn.forecast.conformal import GAMMA, LEVELS, TAILS, OnlineConformal, bands, label
-from streamrnn.forecast.evaluate import forecast_meta
+from streamrnn.forecast.evaluate import eval_forecast, forecast_meta
 from streamrnn.metrics.catalogue import Recorder
 from streamrnn.model.loaded import load
 from streamrnn.model.runtime import CPU
@@ -73,7 +73,7 @@ JOB = "market_forecast runs of test_market_job_calibration"
 def _job_runs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """The demo, then a replay and a split batch run of its bars (below), run in processes of their own
     (tests/run_jobs.py) beside the other tests (tests/background.py): {run: output folder}."""
-    out = {name: folder / name for name in ("demo", "replay", "split", "pool_batch", "pool_replay")}
+    out = {name: folder / name for name in ("demo", "replay", "split", "pool_batch", "pool_replay", "pool_demo")}
     for step in ("first", "then"):
         (folder / step).mkdir()
     _ran(background.run_jobs(folder / "first", {"demo": ("beam_jobs.market_forecast",
@@ -87,6 +87,10 @@ def _job_runs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
                                                           "--shards", "5")),
         "pool_replay": ("beam_jobs.market_forecast", _argv(*pooled, "--output", str(out["pool_replay"]),
                                                            "--shards", "2", "--replay")),
+        # the default window (one daily bar per window) and the model's location: eval forecast's setting
+        "pool_demo": ("beam_jobs.market_forecast", _argv(
+            "--input", str(out["demo"] / "simulated_bars"), "--output", str(out["pool_demo"]), "--pool", str(POOL),
+            "--location", "model")),
         "replay": ("beam_jobs.market_forecast", _argv(
             "--input", str(replay_bars), "--output", str(out["replay"]), "--replay",
             "--window", str(28 * DAY), "--levels", ",".join(map(str, CUSTOM["levels"])),
@@ -290,6 +294,30 @@ def test_pooled_scale_bounded_equals_streaming_on_other_shard_counts(df):
                           and not any(k in c for k in ("_cal_", "scored_", "_var", "_es"))])
     alone = Calibrator(df).apply(None, None, base)[0]
     assert not alone.column("h1_cal_lo80").equals(b["t"].column("h1_cal_lo80"))
+
+
+def test_pooled_scale_in_the_job_equals_eval_forecast(demo):
+    """``eval forecast --pool`` (the pooled multipliers computed offline over every symbol's bars) scores the
+    calibrated bands the job serves with ``--pool`` and the model's location: the same coverage at every horizon
+    and level, to the last point; with the term off, eval gives other numbers (the term is not a no-op)."""
+    job = _table(background.result(JOB)["pool_demo"])
+    start = "2017-01-02"
+    on = eval_forecast(MODEL, str(demo["out"] / "simulated_bars"), start=start, garch=False, pool=POOL)
+    off = eval_forecast(MODEL, str(demo["out"] / "simulated_bars"), start=start, garch=False)
+    assert on["conformal"]["pool"] == POOL and off["conformal"]["pool"] == 0.0
+    s0 = float(np.datetime64(start, "s").astype(np.int64))
+    differ = 0
+    for h in range(1, 6):
+        origin = np.array([np.nan if v is None else v for v in job.column(f"scored_h{h}_origin_ts").to_pylist()])
+        sel = origin >= s0
+        g = on["conformal"]["groups"]["all"][f"h{h}"]
+        assert g["n"] == int(sel.sum()) > 400
+        for lv in LEVELS:
+            hits = np.array(job.column(f"scored_h{h}_cal_in{label(lv)}").to_pylist(), dtype=object)[sel].astype(bool)
+            assert g["levels"][label(lv)]["aci"]["coverage"] == pytest.approx(100 * hits.mean(), abs=1e-9), (h, lv)
+            differ += off["conformal"]["groups"]["all"][f"h{h}"]["levels"][label(lv)]["aci"]["coverage"] != \
+                g["levels"][label(lv)]["aci"]["coverage"]
+    assert differ >= 10
 
 
 def test_split_shuffled_files_with_a_corporate_action_equal_offline(demo, split, df):

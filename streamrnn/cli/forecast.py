@@ -110,7 +110,7 @@ def _eval(a: argparse.Namespace) -> int:
         r = eval_forecast(a.model, a.bars, columns=columns, tcn=_tcn(a.tcn), symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
-                          scaling=a.gamma_scaling, regime_window=a.regime_window, method=a.calibration,
+                          scaling=a.gamma_scaling, regime_window=a.regime_window, method=a.calibration, pool=a.pool,
                           **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
                              if v is not None})
     if a.json:
@@ -201,6 +201,9 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                    help="online calibration of the model's bands per symbol (conformal.METHODS): aci (default), agaci "
                         "(ACI experts at several steps aggregated online) or none (the calibrated columns are the raw "
                         "bands)")
+    e.add_argument("--pool", type=fraction(0, 1), default=0.0, metavar="W",
+                   help="weight of the market-wide scale term the calibrated bands are issued with, as the market "
+                        "job's --pool (pooled over every symbol of --bars from its first bar); 0: off (default)")
     e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",
                    help="ACI step per target: proportional to its miscoverage (default) or gamma for every target")
     e.add_argument("--regime-window", type=at_least(2), default=21,

@@ -163,11 +163,13 @@ def _pct(v: float) -> float:
 
 
 def conformal_points(cfg, df: np.ndarray, y: np.ndarray, loc: np.ndarray, scale: np.ndarray,
-                     alpha: np.ndarray, widths: bool = True) -> dict[str, np.ndarray]:
+                     alpha: np.ndarray, widths: bool = True, cal_scale: np.ndarray | None = None
+                     ) -> dict[str, np.ndarray]:
     """Per scored point ``[N, H]`` (``y`` NaN: not scored): the misses of the raw and the ACI targets ``[N, H, K]``
     and whether the issued ``a`` sat at the clip; with ``widths`` also, per level ``[N, H, L]``, each interval's
     width and interval score (Gneiting and Raftery 2007, at the nominal level), and per tail ``[N, H, P]`` the
-    VaR's pinball loss and the ES (positive loss), for :func:`conformal_table`."""
+    VaR's pinball loss and the ES (positive loss), for :func:`conformal_table`. ``cal_scale``: the scales the
+    calibrated bands are issued at (the pooled term's, :mod:`.pooled`; default ``scale``)."""
     from .conformal import issued, misses, pit
     from .distribution import expected_shortfall, std_quantiles
 
@@ -175,17 +177,20 @@ def conformal_points(cfg, df: np.ndarray, y: np.ndarray, loc: np.ndarray, scale:
     ok = np.isfinite(y)
     y0 = np.where(ok, y, 0.0)
     p2, lower = pit(y0, np.where(ok, loc, 0.0), np.where(ok, scale, 1.0), df)
+    p2c, lowerc = (p2, lower) if cal_scale is None else pit(y0, np.where(ok, loc, 0.0), np.where(ok, cal_scale, 1.0),
+                                                            df)
     nominal = np.broadcast_to(cfg.nominal, alpha.shape)
     two = cfg.two_sided
     out = {"ok": ok, "raw_miss": misses(p2, lower, nominal, two) & ok[..., None],
-           "aci_miss": misses(p2, lower, alpha, two) & ok[..., None],
+           "aci_miss": misses(p2c, lowerc, alpha, two) & ok[..., None],
            "clipped": (issued(alpha) != alpha) & ok[..., None]}
     if not widths:
         return out
     sel = np.broadcast_to(ok[..., None], alpha.shape)
     dfk = np.broadcast_to(np.asarray(df, np.float64)[None, :, None], alpha.shape)
-    sck, lck, yk = (np.broadcast_to(a[..., None], alpha.shape) for a in (scale, loc, y0))
+    lck, yk = (np.broadcast_to(a[..., None], alpha.shape) for a in (loc, y0))
     for kind, a in (("raw", nominal), ("aci", issued(alpha))):
+        sck = np.broadcast_to((scale if kind == "raw" or cal_scale is None else cal_scale)[..., None], alpha.shape)
         # only the points scored (the quantiles cost ~5 us each); the raw ones are one value per horizon and target
         t = np.full(alpha.shape, np.nan)
         if kind == "raw":

@@ -40,12 +40,13 @@ from ..dead_letters import DeadLetter
 from ..errors import InputError
 from ..keyed.operator import KeyedOperator
 from ..model.loaded import Model, load
-from . import backtest, calibration, conformal, scale
+from . import backtest, calibration, conformal, pooled, scale
 from .dataset import Prepared, Split, check_frequency
 from .dataset import load as load_data
 from .features import FeatureConfig, OnlineFeatures
 from .metrics import LEVELS as COVERAGE_LEVELS
 from .metrics import nll
+from .pooled import check_weight
 from .progress import Progress
 
 MIN_TRAIN = 250
@@ -135,18 +136,22 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                   end: str | None = None, levels: Sequence[float] = conformal.LEVELS,
                   tails: Sequence[float] = conformal.TAILS,
                   gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional",
-                  regime_window: int = backtest.REGIME_WINDOW, method: str = conformal.METHOD) -> dict:
+                  regime_window: int = backtest.REGIME_WINDOW, method: str = conformal.METHOD,
+                  pool: float = 0.0) -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
     interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
     tables, every one gets a ``conformal.gamma_scan`` entry); ``scaling``: the steps per target
     (:class:`~.conformal.ConformalConfig`); ``regime_window``: the bars of the realised volatility that
-    sorts origins into regimes (:mod:`.backtest`). ``progress``: plain lines on stderr once it runs 10 s.
+    sorts origins into regimes (:mod:`.backtest`). ``pool``: the weight of the market-wide scale term the
+    calibrated bands are issued with (:mod:`.pooled`, the job's ``--pool``; 0: off), over every symbol of the bars
+    from its first. ``progress``: plain lines on stderr once it runs 10 s.
     ``tcn``: a second model's outputs (:data:`TcnOutputs`), scored as ``tcn``."""
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
     cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling, method)
+    pool = check_weight(pool, [2.0])  # (the model's df is checked once it is loaded)
     for g in gammas[1:]:
         conformal.ConformalConfig(1, gamma=g)
     if isinstance(regime_window, bool) or not isinstance(regime_window, int) or regime_window < 2:
@@ -183,6 +188,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         test_ts = _secs(start)
         bar.update("running the model over every symbol")
         whole = model_outputs(model, data)
+        check_weight(pool, df_model)
+        # the calibrated bands' scales: the model's times the pooled multiplier (1 with pool off)
+        mult = pooled.offline_multipliers(pool, df_model, [p.series.ts for p in data], [p.y for p in data],
+                                          [w[0] for w in whole], [np.exp(w[1]) for w in whole],
+                                          [p.valid for p in data])
         parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
         tcn_out = tcn(data, H, meta) if tcn is not None else None
         cuts = backtest.yearly_origins(start, end, max(float(p.series.ts[-1]) for p in data if len(p.series)))
@@ -235,10 +245,12 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         everything = np.ones(len(Y), bool)
         sels = (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))
         bar.update(f"online calibration ({_METHOD_NAME[cal_cfg.method]}) of every symbol from its first bar")
-        aci = _aci_alphas(data, whole, scored, df_model, cal_cfg, gammas[0])
+        aci = _aci_alphas(data, whole, scored, df_model, cal_cfg, gammas[0], mult)
         # the model's ACI-calibrated bands beside its raw ones in every table: hit iff the two-sided tail mass of
-        # the outcome is at least the a issued at its origin (conformal.misses)
-        aci_in = {lv: pts["lstm"]["p2"] >= conformal.issued(aci[..., k]) for k, lv in enumerate(cal_cfg.levels)}
+        # the outcome (under the pooled scale, if any) is at least the a issued at its origin (conformal.misses)
+        p2_cal = pts["lstm"]["p2"] if not pool else conformal.pit(
+            Yf, cat["lstm"][0], cat["lstm"][1] * np.concatenate([mult[k][o] for k, o in scored]), cat["lstm"][2])[0]
+        aci_in = {lv: p2_cal >= conformal.issued(aci[..., k]) for k, lv in enumerate(cal_cfg.levels)}
 
         def table(sel: np.ndarray) -> dict:
             return {m: backtest.aggregate(pts[m], Yf, M & sel[:, None], codes, cov_levels,
@@ -281,7 +293,8 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
             "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
                                                      D[sel & M[:, 0]]) for m in cat}
                         for grp, sel in sels},
-            "conformal": _conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar, aci),
+            "conformal": {**_conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar, aci, mult),
+                          "pool": pool},
             "known_sd": calibration.known_sd_table(model, meta),
             "shocks": calibration.shock_response(model, meta),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -323,20 +336,24 @@ _METHOD_NAME = {"aci": "ACI", "agaci": "AgACI", "none": "no calibration"}
 
 def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]], scored: list[tuple[int, np.ndarray]],
                df: np.ndarray, Y: np.ndarray, M: np.ndarray, D: np.ndarray, G: np.ndarray, HO: np.ndarray,
-               cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress, first: np.ndarray) -> dict:
+               cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress, first: np.ndarray,
+               mult: list[np.ndarray]) -> dict:
     """The model's intervals and VaR raw and ACI-calibrated (:mod:`.conformal`), per group and horizon
-    (``first``: :func:`_aci_alphas` at ``gammas[0]``; every other gamma is run here for the scan)."""
+    (``first``: :func:`_aci_alphas` at ``gammas[0]``; every other gamma is run here for the scan; ``mult``: the
+    pooled scale multipliers the calibrated bands are issued with)."""
     H = len(df)
     loc = np.concatenate([whole[k][0][o] for k, o in scored])
     sc = np.concatenate([np.exp(whole[k][1][o]) for k, o in scored])
+    sc_cal = sc * np.concatenate([mult[k][o] for k, o in scored])
     Ym = np.where(M, Y, np.nan)
     sels = (("all", np.ones(len(Y), bool)), ("seen_symbols", ~HO), ("heldout_symbols", HO))
     codes = np.unique(G, return_inverse=True)[1]  # symbols as ints: the per-symbol Kupiec counts are bincounts
 
     def tables(a: np.ndarray, groups) -> dict:
         # widths, interval scores, VaR losses and ES at h1 only (each costs a quantile per point and target)
-        p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1])
-        pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False) if H > 1 else p1
+        p1 = calibration.conformal_points(cfg, df[:1], Ym[:, :1], loc[:, :1], sc[:, :1], a[:, :1],
+                                          cal_scale=sc_cal[:, :1])
+        pn = calibration.conformal_points(cfg, df, Ym, loc, sc, a, widths=False, cal_scale=sc_cal) if H > 1 else p1
         return {g: {f"h{h + 1}": calibration.conformal_table(cfg, p1 if h == 0 else pn, h, sel, Y, D, codes)
                     for h in range(H)} for g, sel in groups}
 
@@ -347,7 +364,7 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
             groups = tables(first, sels)
             tabs = groups["all"]
         else:
-            tabs = tables(_aci_alphas(data, whole, scored, df, cfg, g), sels[:1])["all"]
+            tabs = tables(_aci_alphas(data, whole, scored, df, cfg, g, mult), sels[:1])["all"]
         scan.append({"gamma": g, **{h: _scan_row(t) for h, t in tabs.items()}})
     return {**cfg.to_dict(), "horizons": H, "gamma": gammas[0], "warm_up": "each symbol's bars from its first",
             "groups": groups, "gamma_scan": scan}
@@ -355,14 +372,15 @@ def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
 
 def _aci_alphas(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]],
                 scored: list[tuple[int, np.ndarray]], df: np.ndarray, cfg: conformal.ConformalConfig,
-                gamma: float) -> np.ndarray:
+                gamma: float, mult: list[np.ndarray]) -> np.ndarray:
     """The ``a`` the online calibrator (:mod:`.conformal`, step ``gamma``) issued at every scored origin
     ``[N, H, K]``, in the order of the scored points. It runs over each scored symbol's whole history from its
-    first bar (causal: the ``a`` at an origin has seen only the targets completed by then), as the job does."""
+    first bar (causal: the ``a`` at an origin has seen only the targets completed by then), as the job does, on
+    the model's scales times the pooled multipliers ``mult`` (:mod:`.pooled`)."""
     syms = [data[k].symbol for k, _ in scored]
     ys = [np.where(data[k].valid, data[k].y, 0.0) for k, _ in scored]
     locs = [whole[k][0] for k, _ in scored]
-    scales = [np.exp(whole[k][1]) for k, _ in scored]
+    scales = [np.exp(whole[k][1]) * mult[k] for k, _ in scored]
     valids = [data[k].valid for k, _ in scored]
     cal = conformal.OnlineConformal(df, levels=cfg.levels, tails=cfg.tails, gamma=gamma, scaling=cfg.scaling,
                                     method=cfg.method)

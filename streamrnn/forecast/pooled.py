@@ -191,4 +191,38 @@ class MarketScale:
         return factor, late
 
 
-__all__ = ["HISTORY", "POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t"]
+def offline_multipliers(weight: float, df, ts: list[np.ndarray], y: list[np.ndarray], loc: list[np.ndarray],
+                        scale: list[np.ndarray], valid: list[np.ndarray], end_micros: int = np.iinfo(np.int64).max
+                        ) -> list[np.ndarray]:
+    """The multiplier each origin of each series is issued at ``[n, H]``, as the market job computes it with the
+    bars of every series from their first: series ``k`` has bar times ``ts[k] [n]`` (seconds) and origin-indexed
+    targets ``y``, ``loc``, ``scale``, ``valid [n, H]``; the row of bar ``i`` completes the horizon-``h`` target of
+    origin ``i - h`` and is released with the next bar (the last at ``end_micros``: the end of the input). The
+    job's release times are those of its windows; for bars one per window (daily bars, the default window) their
+    order is this one."""
+    if not weight:
+        return [np.ones_like(np.asarray(s, np.float64)) for s in scale]
+    H = len(np.asarray(df).reshape(-1))
+    rel, bar_ts, absz, ok = [], [], [], []
+    for t, yk, lk, sk, vk in zip(ts, y, loc, scale, valid, strict=True):
+        n = len(t)
+        r = np.full(n, end_micros, np.int64)
+        r[:-1] = np.round(np.asarray(t[1:], np.float64) * 1e6).astype(np.int64)
+        z, v = np.zeros((n, H)), np.zeros((n, H), bool)
+        for h in range(1, H + 1):
+            o = np.arange(n) - h
+            has = o >= 0
+            oo = o[has]
+            v[has, h - 1] = vk[oo, h - 1]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                z[has, h - 1] = np.abs(yk[oo, h - 1] - lk[oo, h - 1]) / sk[oo, h - 1]
+        rel.append(r)
+        bar_ts.append(np.asarray(t, np.float64))
+        absz.append(z)
+        ok.append(v)
+    f, _ = MarketScale(weight, df).advance(np.concatenate(rel), np.concatenate(bar_ts), np.concatenate(absz),
+                                           np.concatenate(ok))
+    return np.split(f, np.cumsum([len(t) for t in ts])[:-1])
+
+
+__all__ = ["HISTORY", "POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t", "offline_multipliers"]
