@@ -195,7 +195,7 @@ def test_pooled_state_survives_restore_and_a_bad_one_is_refused():
     ms.restore(state.schema.metadata[POOL_META])
     assert ms.steps > 0 and np.abs(ms.u).max() > 0
     bad = state.replace_schema_metadata({**state.schema.metadata, POOL_META: b'{"u": [99, 0], "steps": 1, '
-                                                                              b'"last_rel": 5}'})
+                                         b'"last_rel": 5, "clock": null, "history": []}'})
     with pytest.raises(DeployError, match="pooled scale restore: u: expected 2 numbers within"):
         c.apply(bad, ring, _table(np.random.default_rng(4), symbols=3, days=22).slice(60))
 
@@ -262,7 +262,8 @@ def test_a_pooled_state_of_non_numbers_is_one_line(u):
     first = pa.array(t.column(REL).to_numpy() <= 3 * DAY * 1_000_000)
     _, state, ring = c.apply(None, None, t.filter(first))
     bad = state.replace_schema_metadata({**state.schema.metadata,
-                                         POOL_META: f'{{"u": {u}, "steps": 1, "last_rel": 5}}'.encode()})
+                                         POOL_META: f'{{"u": {u}, "steps": 1, "last_rel": 5, "clock": null, '
+                                                    f'"history": []}}'.encode()})
     with pytest.raises(DeployError, match="pooled scale restore: u"):
         c.apply(bad, ring, t.filter(pa.compute.invert(first)))
 

@@ -122,22 +122,30 @@ class MarketScale:
             raise SnapshotError(f"pooled scale restore: expected JSON, got {text!r:.60}") from None
         if not isinstance(got, dict):
             raise SnapshotError(f"pooled scale restore: expected a JSON object, got {got!r:.60}")
-        u = self._u(got.get("u"), "u")
-        steps, rel, clock, hist = got.get("steps"), got.get("last_rel"), got.get("clock"), got.get("history", [])
+        missing = [k for k in ("u", "steps", "last_rel", "clock", "history") if k not in got]
+        if missing:
+            raise SnapshotError(f"pooled scale restore: {missing[0]}: expected a field of the state, got fields "
+                                f"{sorted(got)}")
+        u = self._u(got["u"], "u")
+        steps, rel, clock, hist = got["steps"], got["last_rel"], got["clock"], got["history"]
 
         def count(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
+
+        def time(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
         if not (count(steps) and steps >= 0 and (rel is None or count(rel))):
             raise SnapshotError(f"pooled scale restore: steps/last_rel: expected a count and a time, got {steps!r}, "
                                 f"{rel!r}")
-        if not (clock is None or (isinstance(clock, (int, float)) and not isinstance(clock, bool)
-                                  and math.isfinite(clock))):
-            raise SnapshotError(f"pooled scale restore: clock: expected a bar time, got {clock!r}")
         if not (isinstance(hist, list) and len(hist) <= HISTORY and all(
-                isinstance(e, list) and len(e) == 2 and isinstance(e[0], (int, float)) and not isinstance(e[0], bool)
-                for e in hist)) or [e[0] for e in hist] != sorted({e[0] for e in hist}):
-            raise SnapshotError(f"pooled scale restore: history: expected at most {HISTORY} [clock, u] pairs in "
-                                f"clock order, got {hist!r:.80}")
+                isinstance(e, list) and len(e) == 2 and time(e[0]) for e in hist)) \
+                or [e[0] for e in hist] != sorted({e[0] for e in hist}):
+            raise SnapshotError(f"pooled scale restore: history: expected at most {HISTORY} [bar time, u] pairs in "
+                                f"time order, got {hist!r:.80}")
+        # the clock is the last on-time step's bar time: the history's last entry (none before the first step)
+        if not ((clock is None and not hist) or (time(clock) and hist and clock == hist[-1][0])):
+            raise SnapshotError(f"pooled scale restore: clock: expected the history's last bar time "
+                                f"{hist[-1][0] if hist else None!r}, got {clock!r}")
         history = [(float(c), self._u(v, "history")) for c, v in hist]
         self.u, self.steps, self.last_rel, self.clock, self.history = u, steps, rel, clock, history
 

@@ -1,4 +1,4 @@
-"""Review of 4af9e5a (the pooled scale term's late-row rule, streamrnn/forecast/pooled.py): adversarial cases.
+"""The pooled scale term's late-row rule (streamrnn/forecast/pooled.py), adversarially (found in review):
 
 Properties: (1) no row's multiplier (and no row's calibrated band) depends on a bar after its own bar time,
 whatever the release pattern; (2) chunks cut at release times, the state through JSON / Arrow IPC, equal one
@@ -45,7 +45,7 @@ def _random_rows(seed: int, n_sym: int = 6, days: int = 40, window: int = 1):
 @pytest.mark.parametrize("window", [1, 3, 7])
 def test_no_multiplier_depends_on_a_later_bar(seed, window):
     """Perturb every surprise completed at a bar time after ``t*``: no row at or before ``t*`` may change."""
-    rel, ts, sym, absz, valid = _random_rows(seed, window=window)
+    rel, ts, _sym, absz, valid = _random_rows(seed, window=window)
     base, _ = MarketScale(0.6, DF).advance(rel, ts, absz, valid)
     for t_star in np.unique(ts)[::5]:
         z2 = absz.copy()
@@ -56,7 +56,7 @@ def test_no_multiplier_depends_on_a_later_bar(seed, window):
 
 @pytest.mark.parametrize("seed", range(8))
 def test_chunks_at_release_times_through_json_equal_one_pass(seed):
-    rel, ts, sym, absz, valid = _random_rows(seed, window=2)
+    rel, ts, _sym, absz, valid = _random_rows(seed, window=2)
     whole = MarketScale(0.4, DF)
     f1, _ = whole.advance(rel, ts, absz, valid)
     rng = np.random.default_rng(seed)
@@ -130,7 +130,7 @@ def test_calibrator_halt_band_ignores_later_closes_chunked(cut_day):
             o2 = c.apply(_ipc_roundtrip(st), _ipc_roundtrip(rg), t.filter(pa.array(~first)))[0]
             out = pa.concat_tables([o1, o2])
         d = out.to_pydict()
-        i = [k for k, (s, bar) in enumerate(zip(d["symbol"], d["bar"], strict=True)) if s == "A" and bar == 1][0]
+        i = next(k for k, (s, bar) in enumerate(zip(d["symbol"], d["bar"], strict=True)) if s == "A" and bar == 1)
         bands.append([d[f"h{h}_cal_hi80"][i] for h in range(1, H + 1)])
     assert bands[0] == bands[1]
 
