@@ -80,8 +80,16 @@ def _job_runs(folder: pathlib.Path) -> dict[str, pathlib.Path]:
                                                          _argv("--demo", "--output", str(out["demo"])))}))
     bars = sorted((out["demo"] / "simulated_bars").glob("*.csv"))
     replay_bars = _replay_bars(bars, folder / "replay_bars")
-    # the market-wide scale term (--pool): bounded and streaming, on other shard counts, must agree
-    pooled = ("--input", str(replay_bars), "--window", str(28 * DAY), "--pool", str(POOL))
+    # the market-wide scale term (--pool): bounded and streaming, on other shard counts, must agree; SIMB halts
+    # across a 28-day window's end (2016-02-25), so its last row before the halt is released late, after
+    # the other symbols' later days
+    halted = folder / "halted_bars"
+    halted.mkdir()
+    for path in replay_bars.glob("*.csv"):
+        head, *rows = path.read_text().splitlines()
+        keep = [r for r in rows if not (path.name.startswith("SIMB") and "2016-02-22" <= r[:10] <= "2016-03-01")]
+        (halted / path.name).write_text("\n".join([head, *keep]) + "\n")
+    pooled = ("--input", str(halted), "--window", str(28 * DAY), "--pool", str(POOL))
     _ran(background.run_jobs(folder / "then", {
         "pool_batch": ("beam_jobs.market_forecast", _argv(*pooled, "--output", str(out["pool_batch"]),
                                                           "--shards", "5")),
@@ -283,9 +291,13 @@ def test_replay_equals_offline_with_other_levels_and_the_batch_scores(demo, repl
 
 def test_pooled_scale_bounded_equals_streaming_on_other_shard_counts(df):
     """``--pool``: a batch run on 5 shards and a streaming replay on 2 give the same bands and scores, bit for
-    bit (the term reads every symbol, so the step is one Beam key whatever --shards is), and the term moved them
+    bit, with one symbol's row released late by a halt (the term reads every symbol, so the step is one Beam key
+    whatever --shards is), and the term moved them
     (the per-symbol calibrator alone gives other bands on the same rows)."""
     b, r = _run("pool_batch", DEFAULT), _run("pool_replay", DEFAULT)
+    simb = b["t"].filter(pc.equal(b["t"].column("symbol"), "SIMB")).column("ts").to_numpy()
+    assert not ((simb >= np.datetime64("2016-02-22", "s").astype(np.int64))
+                & (simb < np.datetime64("2016-03-02", "s").astype(np.int64))).any()  # the halt is there
     cols = [c for c in b["t"].column_names if "_cal_" in c or c.startswith(("scored_", "symbol", "bar"))
             or "_var" in c or "_es" in c]
     assert b["t"].num_rows > 4 * 70 and b["t"].select(cols).equals(r["t"].select(cols))
