@@ -149,7 +149,6 @@ class MarketScale:
         history = [(float(c), self._u(v, "history")) for c, v in hist]
         self.u, self.steps, self.last_rel, self.clock, self.history = u, steps, rel, clock, history
 
-
     def advance(self, rel: np.ndarray, ts: np.ndarray, absz: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, int]:
         """Rows (any order) with their release times ``rel [n]`` (int), bar times ``ts [n]``, the ``|z|`` of the
         targets they complete ``absz [n, H]`` where ``valid [n, H]``: learn them step by step (module doc) and
