@@ -79,6 +79,7 @@ from streamrnn.forecast.calibrate_step import Calibrate  # noqa: E402
 from streamrnn.forecast.conformal import GAMMA, LEVELS, METHOD, METHODS, SCALINGS, TAILS, label  # noqa: E402
 from streamrnn.forecast.evaluate import forecast_meta  # noqa: E402
 from streamrnn.forecast.features import FeatureConfig  # noqa: E402
+from streamrnn.forecast.pooled import WINDOW  # noqa: E402
 from streamrnn.keyed.health import policy_of  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
@@ -104,7 +105,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--columns", help="column mapping for other layouts, e.g. ts=When,symbol=Ticker")
     ap.add_argument("--replay", action="store_true",
                     help="play the bars as an unbounded stream in time order (DirectRunner --streaming)")
-    ap.add_argument("--window", type=at_least(0.001, below=1e8), default=7 * DAY,
+    ap.add_argument("--window", type=at_least(0.001, below=1e8), default=WINDOW,
                     help="event-time window (s): bars are applied when the watermark passes a window's end plus "
                          "the allowed lateness (default: %(default)s, a week)")
     ap.add_argument("--step", type=non_negative, default=0.0, help="replay: event-time seconds per watermark step, "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..forecast.bars import parse_columns
+from ..forecast.pooled import WINDOW
 from .args import at_least, fraction, fractions, inputs_checked, out_file, seed, utf8
 
 SP500 = "../shared/data/market/sp500_daily_2013_2018"
@@ -110,7 +111,8 @@ def _eval(a: argparse.Namespace) -> int:
         r = eval_forecast(a.model, a.bars, columns=columns, tcn=_tcn(a.tcn), symbols=a.symbols,
                           allow_frequency=a.allow_frequency, garch=not a.no_garch, progress=True,
                           period=a.period or "test", start=a.start, end=a.end,
-                          scaling=a.gamma_scaling, regime_window=a.regime_window, method=a.calibration, pool=a.pool,
+                          scaling=a.gamma_scaling, regime_window=a.regime_window, method=a.calibration,
+                          pool=a.pool, window=a.window,
                           **{k: v for k, v in (("levels", a.levels), ("tails", a.var), ("gamma", a.gamma))
                              if v is not None})
     if a.json:
@@ -203,7 +205,11 @@ def register(train_sub: argparse._SubParsersAction, eval_sub: argparse._SubParse
                         "bands)")
     e.add_argument("--pool", type=fraction(0, 1), default=0.0, metavar="W",
                    help="weight of the market-wide scale term the calibrated bands are issued with, as the market "
-                        "job's --pool (pooled over every symbol of --bars from its first bar); 0: off (default)")
+                        "job's --pool (pooled over the symbols loaded, from their first bar; with --symbols those "
+                        "only); 0: off (default)")
+    e.add_argument("--window", type=at_least(0.001, below=1e8), default=WINDOW,
+                   help="with --pool: the market job's --window (s), whose release order the term follows "
+                        "(default: %(default)s, the job's)")
     e.add_argument("--gamma-scaling", choices=["proportional", "constant"], default="proportional",
                    help="ACI step per target: proportional to its miscoverage (default) or gamma for every target")
     e.add_argument("--regime-window", type=at_least(2), default=21,

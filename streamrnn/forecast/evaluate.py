@@ -137,21 +137,25 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
                   tails: Sequence[float] = conformal.TAILS,
                   gamma: float | Sequence[float] = conformal.GAMMA, scaling: str = "proportional",
                   regime_window: int = backtest.REGIME_WINDOW, method: str = conformal.METHOD,
-                  pool: float = 0.0) -> dict:
+                  pool: float = 0.0, window: float = pooled.WINDOW) -> dict:
     """Score the model and the baselines; returns the JSON-ready result (see module doc). ``levels``: the
     interval levels scored (coverage per level in every table, raw and ACI-calibrated in ``conformal``);
     ``tails``: the VaR / ES tail probabilities; ``gamma``: the ACI step, or several (the first makes the
     tables, every one gets a ``conformal.gamma_scan`` entry); ``scaling``: the steps per target
     (:class:`~.conformal.ConformalConfig`); ``regime_window``: the bars of the realised volatility that
     sorts origins into regimes (:mod:`.backtest`). ``pool``: the weight of the market-wide scale term the
-    calibrated bands are issued with (:mod:`.pooled`, the job's ``--pool``; 0: off), over every symbol of the bars
-    from its first. ``progress``: plain lines on stderr once it runs 10 s.
+    calibrated bands are issued with (:mod:`.pooled`, the job's ``--pool``; 0: off), over every symbol loaded
+    (``symbols``: those only, as a job run on their files) from its first bar, in the release order of the job's
+    ``--window`` ``window`` (s). ``progress``: plain lines on stderr once it runs 10 s.
     ``tcn``: a second model's outputs (:data:`TcnOutputs`), scored as ``tcn``."""
     gammas = [float(gamma)] if isinstance(gamma, (int, float)) else [float(g) for g in gamma]
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
     cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling, method)
     pool = check_weight(pool, [2.0])  # (the model's df is checked once it is loaded)
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0.001 <= window < 1e8:
+        raise InputError(f"eval forecast: window: expected seconds in [0.001, 1e8) (the job's --window), got "
+                         f"{window!r}")
     for g in gammas[1:]:
         conformal.ConformalConfig(1, gamma=g)
     if isinstance(regime_window, bool) or not isinstance(regime_window, int) or regime_window < 2:
@@ -192,7 +196,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         # the calibrated bands' scales: the model's times the pooled multiplier (1 with pool off)
         mult = pooled.offline_multipliers(pool, df_model, [p.series.ts for p in data], [p.y for p in data],
                                           [w[0] for w in whole], [np.exp(w[1]) for w in whole],
-                                          [p.valid for p in data])
+                                          [p.valid for p in data], window)
         parity, parity_n = streaming_parity(model, data[:parity_symbols], whole[:parity_symbols], fcfg, bar)
         tcn_out = tcn(data, H, meta) if tcn is not None else None
         cuts = backtest.yearly_origins(start, end, max(float(p.series.ts[-1]) for p in data if len(p.series)))

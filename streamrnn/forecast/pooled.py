@@ -52,6 +52,8 @@ POOL_N0 = 20.0
 POOL_BOUND = math.log(10.0)
 #: clock values whose ``u`` the state keeps for rows released late (module doc)
 HISTORY = 512
+#: the market job's default event-time window (s, ``--window``): its release times, and so the pooled term's steps
+WINDOW = 7 * 86400.0
 
 
 def expected_abs_t(df) -> np.ndarray:
@@ -199,14 +201,14 @@ class MarketScale:
 
 
 def offline_multipliers(weight: float, df, ts: list[np.ndarray], y: list[np.ndarray], loc: list[np.ndarray],
-                        scale: list[np.ndarray], valid: list[np.ndarray], end_micros: int = np.iinfo(np.int64).max
-                        ) -> list[np.ndarray]:
+                        scale: list[np.ndarray], valid: list[np.ndarray], window: float = WINDOW,
+                        end_micros: int = np.iinfo(np.int64).max) -> list[np.ndarray]:
     """The multiplier each origin of each series is issued at ``[n, H]``, as the market job computes it with the
-    bars of every series from their first: series ``k`` has bar times ``ts[k] [n]`` (seconds) and origin-indexed
-    targets ``y``, ``loc``, ``scale``, ``valid [n, H]``; the row of bar ``i`` completes the horizon-``h`` target of
-    origin ``i - h`` and is released with the next bar (the last at ``end_micros``: the end of the input). The
-    job's release times are those of its windows; for bars one per window (daily bars, the default window) their
-    order is this one."""
+    bars of every series from their first and ``--window window``: series ``k`` has bar times ``ts[k] [n]``
+    (seconds) and origin-indexed targets ``y``, ``loc``, ``scale``, ``valid [n, H]``; the row of bar ``i``
+    completes the horizon-``h`` target of origin ``i - h``. The job releases that row with its next bar's window
+    (``[k window, (k + 1) window)`` from the epoch; plus a lateness, the same for every row, so it does not change
+    the order), the last one at ``end_micros`` (the end of the input)."""
     if not weight:
         return [np.ones_like(np.asarray(s, np.float64)) for s in scale]
     H = len(np.asarray(df).reshape(-1))
@@ -214,7 +216,8 @@ def offline_multipliers(weight: float, df, ts: list[np.ndarray], y: list[np.ndar
     for t, yk, lk, sk, vk in zip(ts, y, loc, scale, valid, strict=True):
         n = len(t)
         r = np.full(n, end_micros, np.int64)
-        r[:-1] = np.round(np.asarray(t[1:], np.float64) * 1e6).astype(np.int64)
+        size = round(window * 1e6)
+        r[:-1] = np.round(np.asarray(t[1:], np.float64) * 1e6).astype(np.int64) // size
         z, v = np.zeros((n, H)), np.zeros((n, H), bool)
         for h in range(1, H + 1):
             o = np.arange(n) - h
@@ -232,4 +235,5 @@ def offline_multipliers(weight: float, df, ts: list[np.ndarray], y: list[np.ndar
     return np.split(f, np.cumsum([len(t) for t in ts])[:-1])
 
 
-__all__ = ["HISTORY", "POOL_BOUND", "POOL_N0", "MarketScale", "check_weight", "expected_abs_t", "offline_multipliers"]
+__all__ = ["HISTORY", "POOL_BOUND", "POOL_N0", "WINDOW", "MarketScale", "check_weight", "expected_abs_t",
+           "offline_multipliers"]
