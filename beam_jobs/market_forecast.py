@@ -84,7 +84,6 @@ from streamrnn.keyed.health import policy_of  # noqa: E402
 
 FORECASTS, DEAD_LETTERS = "forecasts", "dead_letters"
 DEFAULT_MODEL = os.environ.get("STREAMRNN_MARKET_MODEL", "shipped:market")
-DAY = 86400.0
 
 imports_done()  # the placeholder goes: a program importing this module configures logging itself
 

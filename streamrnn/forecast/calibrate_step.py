@@ -226,17 +226,14 @@ class Calibrator:
         scale_o = np.where(valid, scale[o, hh - 1], 1.0)
         # the pooled scale term (off: every multiplier 1): the targets' raw surprises, step by step; each row's
         # forecast is then issued (and later scored by the calibrator) at its scale times its step's multiplier
+        f_new, self.late_rows = np.ones((n, H)), 0
         if self.pool:
             rel = (_np(rows, REL).astype(np.int64) if REL in rows.column_names  # without it: the bar time
                    else np.round(_np(rows, "ts") * 1e6).astype(np.int64))
-            absz = np.abs(y - loc_o) / scale_o
-            f_new, self.late_rows = market.advance(rel, _np(rows, "ts"), absz, valid)
-            pool = np.concatenate([old_pool, f_new])[order]
-            scale_eff = scale * pool
-            scale_o_eff = np.where(valid, scale_eff[o, hh - 1], 1.0)
-        else:
-            pool, scale_eff, scale_o_eff, self.late_rows = np.concatenate([old_pool, np.ones((n, H))])[order], \
-                scale, scale_o, 0
+            f_new, self.late_rows = market.advance(rel, _np(rows, "ts"), np.abs(y - loc_o) / scale_o, valid)
+        pool = np.concatenate([old_pool, f_new])[order]
+        scale_eff = scale * pool if self.pool else scale
+        scale_o_eff = np.where(valid, scale_eff[o, hh - 1], 1.0) if self.pool else scale_o
 
         # the a issued at each row: the ring's from the calibrator's ring of issued a (slot: bar count mod H);
         # each new row's after learning its targets (the calibrator's order: learn, then issue)

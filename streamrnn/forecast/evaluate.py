@@ -152,7 +152,7 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
     if not gammas:
         raise InputError("eval forecast: gamma: expected at least one ACI step, got none")
     cal_cfg = conformal.ConformalConfig(1, tuple(levels), tuple(tails), gammas[0], scaling, method)
-    pool = check_weight(pool, [2.0])  # (the model's df is checked once it is loaded)
+    pool = check_weight(pool, [2.0])  # the weight now; the model's df once loaded (offline_multipliers)
     if isinstance(window, bool) or not isinstance(window, (int, float)) or not 0.001 <= window < 1e8:
         raise InputError(f"eval forecast: window: expected seconds in [0.001, 1e8) (the job's --window), got "
                          f"{window!r}")
@@ -192,7 +192,6 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         test_ts = _secs(start)
         bar.update("running the model over every symbol")
         whole = model_outputs(model, data)
-        check_weight(pool, df_model)
         # the calibrated bands' scales: the model's times the pooled multiplier (1 with pool off)
         mult = pooled.offline_multipliers(pool, df_model, [p.series.ts for p in data], [p.y for p in data],
                                           [w[0] for w in whole], [np.exp(w[1]) for w in whole],
@@ -250,10 +249,11 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
         sels = (("all", everything), ("seen_symbols", ~HO), ("heldout_symbols", HO))
         bar.update(f"online calibration ({_METHOD_NAME[cal_cfg.method]}) of every symbol from its first bar")
         aci = _aci_alphas(data, whole, scored, df_model, cal_cfg, gammas[0], mult)
+        mult_scored = np.concatenate([mult[k][o] for k, o in scored])  # the scored points' multipliers
         # the model's ACI-calibrated bands beside its raw ones in every table: hit iff the two-sided tail mass of
         # the outcome (under the pooled scale, if any) is at least the a issued at its origin (conformal.misses)
         p2_cal = pts["lstm"]["p2"] if not pool else conformal.pit(
-            Yf, cat["lstm"][0], cat["lstm"][1] * np.concatenate([mult[k][o] for k, o in scored]), cat["lstm"][2])[0]
+            Yf, cat["lstm"][0], cat["lstm"][1] * mult_scored, cat["lstm"][2])[0]
         aci_in = {lv: p2_cal >= conformal.issued(aci[..., k]) for k, lv in enumerate(cal_cfg.levels)}
 
         def table(sel: np.ndarray) -> dict:
@@ -297,8 +297,8 @@ def eval_forecast(model_path: str, bars: str, *, columns: Mapping[str, str] | No
             "by_year": {grp: {m: calibration.by_year(Y[sel & M[:, 0], 0], *(a[sel & M[:, 0], 0] for a in cat[m]),
                                                      D[sel & M[:, 0]]) for m in cat}
                         for grp, sel in sels},
-            "conformal": {**_conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar, aci, mult),
-                          "pool": pool},
+            "conformal": {**_conformal(data, whole, scored, df_model, Y, M, D, G, HO, cal_cfg, gammas, bar, aci, mult,
+                                       mult_scored), "pool": pool},
             "known_sd": calibration.known_sd_table(model, meta),
             "shocks": calibration.shock_response(model, meta),
             "seconds": round(time.perf_counter() - t0, 1),
@@ -341,14 +341,14 @@ _METHOD_NAME = {"aci": "ACI", "agaci": "AgACI", "none": "no calibration"}
 def _conformal(data: list[Prepared], whole: list[tuple[np.ndarray, np.ndarray]], scored: list[tuple[int, np.ndarray]],
                df: np.ndarray, Y: np.ndarray, M: np.ndarray, D: np.ndarray, G: np.ndarray, HO: np.ndarray,
                cfg: conformal.ConformalConfig, gammas: list[float], bar: Progress, first: np.ndarray,
-               mult: list[np.ndarray]) -> dict:
+               mult: list[np.ndarray], mult_scored: np.ndarray) -> dict:
     """The model's intervals and VaR raw and ACI-calibrated (:mod:`.conformal`), per group and horizon
     (``first``: :func:`_aci_alphas` at ``gammas[0]``; every other gamma is run here for the scan; ``mult``: the
-    pooled scale multipliers the calibrated bands are issued with)."""
+    pooled scale multipliers the calibrated bands are issued with, per symbol and at the scored points)."""
     H = len(df)
     loc = np.concatenate([whole[k][0][o] for k, o in scored])
     sc = np.concatenate([np.exp(whole[k][1][o]) for k, o in scored])
-    sc_cal = sc * np.concatenate([mult[k][o] for k, o in scored])
+    sc_cal = sc * mult_scored
     Ym = np.where(M, Y, np.nan)
     sels = (("all", np.ones(len(Y), bool)), ("seen_symbols", ~HO), ("heldout_symbols", HO))
     codes = np.unique(G, return_inverse=True)[1]  # symbols as ints: the per-symbol Kupiec counts are bincounts
