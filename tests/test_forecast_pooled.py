@@ -284,3 +284,36 @@ def test_a_row_older_than_the_history_is_issued_at_the_model_scale_and_the_histo
     assert late == 0
     np.testing.assert_array_equal(g[0], np.ones(H))
     np.testing.assert_array_equal(g[1], f[n - 3])
+
+
+@pytest.mark.parametrize("runner", [
+    [], ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+    ["--runner=PortableRunner", "--job_endpoint=embed", "--environment_type=LOOPBACK"]],
+    ids=["direct", "multi_processing", "portable"])
+def test_the_transform_on_every_runner_equals_one_pass(runner):
+    """``Calibrate(pool=...)`` in a pipeline (blocks of rows at their release times, with sub-millisecond
+    fractions, on 4 requested shards: one Beam key) equals the calibrator applied in one pass to the rows with
+    those release times, on the DirectRunner, its multi_processing mode and the PortableRunner (LOOPBACK)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.testing.util import assert_that, equal_to
+    from apache_beam.transforms.window import TimestampedValue
+    from apache_beam.utils.timestamp import Timestamp
+
+    from streamrnn.forecast.calibrate_step import Calibrate
+
+    t = _table(np.random.default_rng(9), symbols=4, days=40, gaps={1: (12, 13), 2: (25,)})
+    rel = t.column(REL).to_numpy()
+    rel = np.where(rel == END_OF_INPUT_MICROS, rel.max(where=rel < END_OF_INPUT_MICROS, initial=0) + 86_400_000_000,
+                   rel) + 237  # a finite end, and a sub-millisecond fraction on every time
+    t = t.set_column(t.column_names.index(REL), REL, pa.array(rel))
+    blocks = [(t.filter(pa.array(rel == r)).drop_columns([REL]), int(r)) for r in np.unique(rel)]
+    want_t = Calibrator(DF, pool=0.4, **KW).apply(None, None, t)[0]
+    cols = ["symbol", "bar", "h1_cal_lo80", "h2_cal_hi50", "h1_var5", "scored_h1_cal_in80"]
+    want = [tuple(r[c] for c in cols) for r in want_t.select(cols).to_pylist()]
+    with beam.Pipeline(options=PipelineOptions(runner)) as p:
+        got = (p | beam.Create([TimestampedValue(b.combine_chunks().to_batches()[0], Timestamp(micros=r))
+                                for b, r in blocks])
+               | Calibrate(DF, num_shards=4, pool=0.4, **KW)
+               | beam.FlatMap(lambda b, cols=cols: [tuple(r[c] for c in cols) for r in b.to_pylist()]))
+        assert_that(got, equal_to(want))
