@@ -317,3 +317,25 @@ def test_the_transform_on_every_runner_equals_one_pass(runner):
                | Calibrate(DF, num_shards=4, pool=0.4, **KW)
                | beam.FlatMap(lambda b, cols=cols: [tuple(r[c] for c in cols) for r in b.to_pylist()]))
         assert_that(got, equal_to(want))
+
+
+def test_a_failed_firing_retried_from_the_same_state_equals_one_pass():
+    """A firing that fails (a row out of bar order) returns nothing and leaves the caller's state as it was; the
+    retried firing from that state (through IPC: a cold worker) gives one pass's rows and pooled state."""
+    t = _table(np.random.default_rng(13), symbols=3, days=30, gaps={0: (9,)})
+    c = Calibrator(DF, pool=0.3, **KW)
+    whole, whole_state, _ = c.apply(None, None, t)
+    rel = t.column(REL).to_numpy()
+    cut = np.unique(rel)[12]
+    first, state, ring = c.apply(None, None, t.filter(pa.array(rel <= cut)))
+    state, ring = _ipc_roundtrip(state), _ipc_roundtrip(ring)
+    before = (state.schema.metadata[POOL_META], ring.to_pydict())
+    rest = t.filter(pa.array(rel > cut))
+    stale = t.filter(pa.array((rel <= cut) & (np.array(t.column("symbol").to_pylist()) == "S1")))
+    with pytest.raises(RuntimeError, match="rows out of bar order"):
+        c.apply(state, ring, pa.concat_tables([rest, stale.slice(0, 1)]))
+    assert (state.schema.metadata[POOL_META], ring.to_pydict()) == before
+    second, state2, _ = c.apply(state, ring, rest)
+    got = pa.concat_tables([first, second]).sort_by([("symbol", "ascending"), ("bar", "ascending")])
+    assert got.equals(whole)
+    assert state2.schema.metadata[POOL_META] == whole_state.schema.metadata[POOL_META]
